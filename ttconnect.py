@@ -163,6 +163,7 @@ class AuthMode(str, enum.Enum):
 
 # Cash segment that holds the underlying of each derivative segment.
 _UNDERLYING_EXCHANGE = {Exchange.NFO: Exchange.NSE, Exchange.BFO: Exchange.BSE}
+_UNDERLYING_CODE = {k.value: v.value for k, v in _UNDERLYING_EXCHANGE.items()}
 _CASH_EXCHANGES = frozenset({Exchange.NSE, Exchange.BSE})
 _DERIVATIVE_EXCHANGES = frozenset({Exchange.NFO, Exchange.BFO, Exchange.CDS, Exchange.BCD, Exchange.MCX})
 # Segments whose instrument rows are parsed into the store. The rest are counted and skipped
@@ -381,6 +382,19 @@ class Margin:
 
 
 @_model
+class OrderLeg:
+    """One leg of a basket for ``calculate_margin``."""
+
+    instrument: "Instrument"
+    qty: int
+    side: Side
+    product: ProductType
+    order_type: OrderType
+    price: Optional[float] = None
+    trigger_price: Optional[float] = None
+
+
+@_model
 class DepthLevel:
     price: float
     qty: int
@@ -427,14 +441,14 @@ class SessionData:
 # ============================================================================
 
 
-def _instrument_id(key: str) -> int:
+def _instrument_id(key: str, _blake2b: Any = hashlib.blake2b, _from_bytes: Any = int.from_bytes) -> int:
     """Return the broker-independent row id of a canonical instrument key.
 
     The id is a 63-bit digest of the key, so every broker's loader files the same canonical
     instrument under the same id without a lookup table, and two brokers' rows merge by key.
     (A collision needs ~4e9 instruments to become likely; a master has ~1e5.)
     """
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+    return _from_bytes(_blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
 
 
 def _as_enum(enum_cls: Any, value: Any, what: str) -> Any:
@@ -656,9 +670,13 @@ def _unregister_store(store: "_InstrumentStore") -> None:
 
 _SCHEMA_VERSION = 1
 
+# Rows are appended in load order and every key is a unique index built after the bulk load:
+# inserting ~1e5 hashed ids into a keyed b-tree row by row is ~3x slower than appending and
+# sorting once. ``id`` is the canonical identity (see _instrument_id), the same in every
+# broker's rows.
 _SCHEMA = """
 CREATE TABLE instruments (
-    id        INTEGER PRIMARY KEY,
+    id        INTEGER NOT NULL,
     exchange  TEXT    NOT NULL,
     symbol    TEXT    NOT NULL,
     name      TEXT    NOT NULL,
@@ -666,19 +684,19 @@ CREATE TABLE instruments (
     tick_size REAL    NOT NULL
 );
 CREATE TABLE indices (
-    instrument_id INTEGER PRIMARY KEY REFERENCES instruments(id)
+    instrument_id INTEGER NOT NULL REFERENCES instruments(id)
 );
 CREATE TABLE equities (
-    instrument_id INTEGER PRIMARY KEY REFERENCES instruments(id),
-    isin          TEXT NOT NULL  -- '' where the master does not carry it (Kite, AngelOne)
+    instrument_id INTEGER NOT NULL REFERENCES instruments(id),
+    isin          TEXT    NOT NULL  -- '' while no loaded master carries it (Kite and AngelOne do not)
 );
 CREATE TABLE futures (
-    instrument_id INTEGER PRIMARY KEY REFERENCES instruments(id),
+    instrument_id INTEGER NOT NULL REFERENCES instruments(id),
     underlying_id INTEGER NOT NULL REFERENCES instruments(id),
     expiry        TEXT    NOT NULL
 );
 CREATE TABLE options (
-    instrument_id INTEGER PRIMARY KEY REFERENCES instruments(id),
+    instrument_id INTEGER NOT NULL REFERENCES instruments(id),
     underlying_id INTEGER NOT NULL REFERENCES instruments(id),
     expiry        TEXT    NOT NULL,
     strike        REAL    NOT NULL,
@@ -688,9 +706,8 @@ CREATE TABLE broker_tokens (
     instrument_id INTEGER NOT NULL REFERENCES instruments(id),
     broker_id     TEXT    NOT NULL,
     token         TEXT    NOT NULL,
-    broker_symbol TEXT    NOT NULL,
-    PRIMARY KEY (broker_id, instrument_id)
-) WITHOUT ROWID;
+    broker_symbol TEXT    NOT NULL
+);
 CREATE TABLE _meta (
     broker_id    TEXT PRIMARY KEY,
     refreshed_at TEXT    NOT NULL,
@@ -701,15 +718,62 @@ CREATE TABLE _meta (
 );
 """
 
-# Built after the bulk load: inserting into indexed tables row by row is several times slower.
-_INDEXES = """
-CREATE INDEX ix_instruments_exchange_symbol ON instruments(exchange, symbol);
-CREATE INDEX ix_futures_underlying_expiry ON futures(underlying_id, expiry);
-CREATE INDEX ix_options_chain ON options(underlying_id, expiry, strike, option_type);
-CREATE INDEX ix_broker_tokens_token ON broker_tokens(broker_id, token);
-"""
+# Derivative ids are unique to their type (the key spells FUT or strike and CE/PE), so the
+# unique key of ``instruments`` covers futures and options; only cash ids, shared by the
+# index and the equity spelling of one symbol, need the type tables to tell them apart.
+_DEDUPE_KEYS = (
+    ("instruments", "id"),
+    ("indices", "instrument_id"),
+    ("equities", "instrument_id"),
+    ("futures", "instrument_id"),
+    ("options", "instrument_id"),
+    ("broker_tokens", "instrument_id, broker_id"),
+)
+_INDEXES = (
+    "CREATE UNIQUE INDEX ix_indices_key ON indices(instrument_id)",
+    "CREATE UNIQUE INDEX ix_equities_key ON equities(instrument_id)",
+    "CREATE UNIQUE INDEX ix_broker_tokens_key ON broker_tokens(instrument_id, broker_id)",
+    "CREATE INDEX ix_instruments_exchange_symbol ON instruments(exchange, symbol)",
+    "CREATE INDEX ix_futures_underlying_expiry ON futures(underlying_id, expiry)",
+    "CREATE INDEX ix_options_chain ON options(underlying_id, expiry, strike, option_type)",
+    "CREATE INDEX ix_broker_tokens_token ON broker_tokens(broker_id, token)",
+)
 
-_TYPE_TABLE = {Index: "indices", Equity: "equities", Future: "futures", Option: "options"}
+
+def _create_indexes(conn: sqlite3.Connection) -> int:
+    """Build every index, first dropping duplicate canonical rows (the first one of each key
+    stays) if the master had any. Return how many broker rows were dropped as duplicates."""
+    dropped = 0
+    try:
+        conn.execute(f"CREATE UNIQUE INDEX ix_instruments_key ON instruments(id)")
+    except sqlite3.IntegrityError:
+        for table, cols in _DEDUPE_KEYS:
+            gone = conn.execute(
+                f"DELETE FROM {table} WHERE rowid NOT IN (SELECT MIN(rowid) FROM {table} GROUP BY {cols})"
+            ).rowcount
+            dropped += gone if table == "broker_tokens" else 0
+        conn.execute(f"CREATE UNIQUE INDEX ix_instruments_key ON instruments(id)")
+    for statement in _INDEXES:
+        conn.execute(statement)
+    return dropped
+
+
+# Cash ids are shared by the index and the equity spelling of a symbol, so cash look-ups
+# also check the type table; a derivative's id already names its type.
+_EXISTS_SQL = {
+    Index: "SELECT 1 FROM indices WHERE instrument_id = ?",
+    Equity: "SELECT 1 FROM equities WHERE instrument_id = ?",
+    Future: "SELECT 1 FROM instruments WHERE id = ?",
+    Option: "SELECT 1 FROM instruments WHERE id = ?",
+}
+_TOKEN_SQL = {
+    Index: "SELECT t.token, t.broker_symbol FROM broker_tokens t JOIN indices x ON x.instrument_id = t.instrument_id"
+           " WHERE t.instrument_id = ? AND t.broker_id = ?",
+    Equity: "SELECT t.token, t.broker_symbol FROM broker_tokens t JOIN equities x ON x.instrument_id = t.instrument_id"
+            " WHERE t.instrument_id = ? AND t.broker_id = ?",
+    Future: "SELECT token, broker_symbol FROM broker_tokens WHERE instrument_id = ? AND broker_id = ?",
+    Option: "SELECT token, broker_symbol FROM broker_tokens WHERE instrument_id = ? AND broker_id = ?",
+}
 
 
 class _CorruptStore(Exception):
@@ -742,88 +806,83 @@ class _LoadStats:
 # ``symbol`` of a derivative is its underlying's canonical symbol; ``und_kind`` is "I" or "E".
 _MasterRow = Tuple[Any, ...]
 
-_BATCH = 20_000
 
 
 class _Loader:
-    """Files canonical master rows into a fresh database, in batches (bounded memory)."""
+    """Files canonical master rows into a fresh database with bounded memory.
+
+    Rows are appended to one wide staging table as they are parsed (one insert per row),
+    then fanned out to the normalised tables by ``INSERT ... SELECT`` inside SQLite.
+    A derivative may come before its underlying (Kite lists NSE last): the underlying's id is
+    known from its key alone, and a placeholder row is filed at the end only for underlyings
+    the master never lists itself.
+    """
+
+    STAGE = (
+        "CREATE TEMP TABLE stage (id INTEGER, kind TEXT, exchange TEXT, symbol TEXT, name TEXT,"
+        " lot_size INTEGER, tick_size REAL, token TEXT, broker_symbol TEXT, underlying_id INTEGER,"
+        " expiry TEXT, strike REAL, option_type TEXT)"
+    )
+    FAN_OUT = (
+        "INSERT INTO instruments SELECT id, exchange, symbol, name, lot_size, tick_size FROM temp.stage",
+        "INSERT INTO indices SELECT id FROM temp.stage WHERE kind = 'I'",
+        "INSERT INTO equities SELECT id, '' FROM temp.stage WHERE kind = 'E'",
+        "INSERT INTO futures SELECT id, underlying_id, expiry FROM temp.stage WHERE kind = 'F'",
+        "INSERT INTO options SELECT id, underlying_id, expiry, strike, option_type FROM temp.stage WHERE kind = 'O'",
+        "INSERT INTO broker_tokens SELECT id, ?, token, broker_symbol FROM temp.stage",
+    )
 
     def __init__(self, conn: sqlite3.Connection, broker_id: str, stats: _LoadStats) -> None:
         self.conn, self.broker_id, self.stats = conn, broker_id, stats
-        self.cash: List[tuple] = []
-        self.derivs: List[tuple] = []
-        self.indices: List[tuple] = []
-        self.equities: List[tuple] = []
-        self.futures: List[tuple] = []
-        self.options: List[tuple] = []
-        self.tokens: List[tuple] = []
-        self.known: Dict[int, str] = {}  # cash instrument id -> "I"/"E"
-        self.placeholders: Dict[int, str] = {}  # underlyings filed before their own row
-        self.retype: List[Tuple[str, int]] = []
-        self.attempted = 0
+        self.cash_seen: set = set()
+        self.pending: Dict[int, Tuple[str, str, str]] = {}  # id -> (kind, exchange, symbol)
 
     def load(self, rows: Iterable[_MasterRow]) -> None:
+        conn = self.conn
+        conn.execute(self.STAGE)
+        conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._staged(rows))
+        self.stats.rows = conn.execute("SELECT COUNT(*) FROM temp.stage").fetchone()[0]
+        for sql in self.FAN_OUT[:-1]:
+            conn.execute(sql)
+        conn.execute(self.FAN_OUT[-1], (self.broker_id,))
+        conn.execute("DROP TABLE temp.stage")
+        # Underlyings the master never listed itself get a row (no token) so that every
+        # derivative points at an instrument.
+        for uid, (kind, exchange, symbol) in self.pending.items():
+            if uid not in self.cash_seen:
+                conn.execute("INSERT INTO instruments VALUES (?,?,?,?,?,?)", (uid, exchange, symbol, symbol, 0, 0.0))
+                if kind == "I":
+                    conn.execute("INSERT INTO indices VALUES (?)", (uid,))
+                else:
+                    conn.execute("INSERT INTO equities VALUES (?, '')", (uid,))
+
+    def _staged(self, rows: Iterable[_MasterRow]) -> Iterator[tuple]:
+        iid_of = _instrument_id
+        underlyings: Dict[Tuple[str, str], int] = {}
         for row in rows:
-            kind = row[0]
-            if kind == "O" or kind == "F":
-                self._derivative(row)
+            kind, exchange, symbol = row[0], row[1], row[2]
+            if kind == "O":
+                uid = underlyings.get((exchange, symbol))
+                if uid is None:
+                    uid = self._underlying(underlyings, row)
+                yield (iid_of(f"{exchange}|{symbol}|{row[8]}|{row[10]!r}|{row[11]}"),  # = _option_key
+                       kind, exchange, symbol, row[3], row[4], row[5], row[6], row[7], uid, row[8], row[10], row[11])
+            elif kind == "F":
+                uid = underlyings.get((exchange, symbol))
+                if uid is None:
+                    uid = self._underlying(underlyings, row)
+                yield (iid_of(f"{exchange}|{symbol}|{row[8]}|FUT"),
+                       kind, exchange, symbol, row[3], row[4], row[5], row[6], row[7], uid, row[8], None, None)
             else:
-                self._cash(kind, row)
-            if len(self.tokens) >= _BATCH:
-                self.flush()
-        self.flush()
+                iid = iid_of(f"{exchange}|{symbol}")
+                self.cash_seen.add(iid)
+                yield (iid, kind, exchange, symbol, row[3], row[4], row[5], row[6], row[7], None, None, None, None)
 
-    def _cash(self, kind: str, row: _MasterRow) -> None:
-        _, exchange, symbol, name, lot, tick, token, bsym = row
-        iid = _instrument_id(f"{exchange}|{symbol}")
-        prior = self.placeholders.pop(iid, None)
-        if prior is not None and prior != kind:
-            self.retype.append(("equities" if prior == "E" else "indices", iid))
-        self.known[iid] = kind
-        self.cash.append((iid, exchange, symbol, name, lot, tick))
-        if kind == "I":
-            self.indices.append((iid,))
-        else:
-            self.equities.append((iid, ""))
-        self.tokens.append((iid, self.broker_id, token, bsym))
-
-    def _derivative(self, row: _MasterRow) -> None:
-        exchange, symbol = row[1], row[2]
-        und_exchange = _UNDERLYING_EXCHANGE[Exchange(exchange)].value
-        uid = _instrument_id(f"{und_exchange}|{symbol}")
-        if uid not in self.known:
-            und_kind = row[9]
-            self.known[uid] = self.placeholders[uid] = und_kind
-            self.cash.append((uid, und_exchange, symbol, symbol, 0, 0.0))
-            (self.indices.append((uid,)) if und_kind == "I" else self.equities.append((uid, "")))
-        expiry = row[8]
-        if row[0] == "F":
-            iid = _instrument_id(f"{exchange}|{symbol}|{expiry}|FUT")
-            self.futures.append((iid, uid, expiry))
-        else:
-            strike, otype = row[10], row[11]
-            iid = _instrument_id(_option_key(exchange, symbol, expiry, strike, otype))
-            self.options.append((iid, uid, expiry, strike, otype))
-        self.derivs.append((iid, exchange, symbol, row[3], row[4], row[5]))
-        self.tokens.append((iid, self.broker_id, row[6], row[7]))
-
-    def flush(self) -> None:
-        ex = self.conn.executemany
-        # A cash row replaces the placeholder an earlier derivative filed for it.
-        ex("INSERT OR REPLACE INTO instruments VALUES (?,?,?,?,?,?)", self.cash)
-        ex("INSERT OR IGNORE INTO instruments VALUES (?,?,?,?,?,?)", self.derivs)
-        ex("INSERT OR IGNORE INTO indices VALUES (?)", self.indices)
-        ex("INSERT OR IGNORE INTO equities VALUES (?,?)", self.equities)
-        ex("INSERT OR IGNORE INTO futures VALUES (?,?,?)", self.futures)
-        ex("INSERT OR IGNORE INTO options VALUES (?,?,?,?,?)", self.options)
-        filed = ex("INSERT OR IGNORE INTO broker_tokens VALUES (?,?,?,?)", self.tokens).rowcount
-        for table, iid in self.retype:
-            self.conn.execute(f"DELETE FROM {table} WHERE instrument_id = ?", (iid,))
-        self.attempted += len(self.tokens)
-        self.stats.rows += filed
-        self.stats.duplicates = self.attempted - self.stats.rows
-        for batch in (self.cash, self.derivs, self.indices, self.equities, self.futures, self.options, self.tokens, self.retype):
-            batch.clear()
+    def _underlying(self, underlyings: Dict[Tuple[str, str], int], row: _MasterRow) -> int:
+        und_exchange = _UNDERLYING_CODE[row[1]]
+        uid = underlyings[(row[1], row[2])] = _instrument_id(f"{und_exchange}|{row[2]}")
+        self.pending[uid] = (row[9], und_exchange, row[2])
+        return uid
 
 
 class _InstrumentStore:
@@ -890,17 +949,11 @@ class _InstrumentStore:
     # -- lookups -----------------------------------------------------------------------------
 
     def has_type(self, instrument: Instrument) -> bool:
-        table = _TYPE_TABLE[type(instrument)]
-        sql = f"SELECT 1 FROM {table} WHERE instrument_id = ?"
+        sql = _EXISTS_SQL[type(instrument)]
         return self.conn().execute(sql, (instrument._iid,)).fetchone() is not None
 
     def token(self, broker_id: str, instrument: Instrument) -> Optional[Tuple[str, str]]:
-        table = _TYPE_TABLE[type(instrument)]
-        sql = (
-            f"SELECT t.token, t.broker_symbol FROM broker_tokens t JOIN {table} x"
-            " ON x.instrument_id = t.instrument_id WHERE t.broker_id = ? AND t.instrument_id = ?"
-        )
-        return self.conn().execute(sql, (broker_id, instrument._iid)).fetchone()
+        return self.conn().execute(_TOKEN_SQL[type(instrument)], (instrument._iid, broker_id)).fetchone()
 
     def info(self, instrument: Instrument) -> Optional[Tuple[str, int, float]]:
         if not self.has_type(instrument):
@@ -1033,9 +1086,10 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
     _remove_quietly(tmp)
     conn = sqlite3.connect(tmp, isolation_level=None)
     try:
-        # The file is private until the rename below, so it needs no journal; it is fsynced
-        # before being published.
-        conn.execute("PRAGMA journal_mode = OFF")
+        # The file is private until the rename below and fsynced before it, so it needs no
+        # durable journal; an in-memory one still lets a failed statement roll back (and
+        # costs nothing for pages a fresh file adds).
+        conn.execute("PRAGMA journal_mode = MEMORY")
         conn.execute("PRAGMA synchronous = OFF")
         conn.executescript(_SCHEMA)
         carry = os.path.exists(path)
@@ -1043,6 +1097,8 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
             conn.execute("ATTACH DATABASE ? AS old", (path,))
         conn.execute("BEGIN")
         _Loader(conn, broker_id, stats).load(rows)
+        stats.duplicates = _create_indexes(conn)
+        stats.rows -= stats.duplicates
         if stats.rows == 0:
             raise _MasterFormatError("the master holds no usable instrument rows")
         if stats.rows * 2 < previous_rows:
@@ -1054,8 +1110,6 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
             raise _MasterFormatError(f"{stats.malformed} of {stats.malformed + stats.rows} rows are malformed")
         if carry:
             _carry_over(conn, broker_id)
-        for statement in _INDEXES.strip().split(";\n"):
-            conn.execute(statement)
         conn.execute(
             "INSERT OR REPLACE INTO _meta VALUES (?,?,?,?,?,?)",
             (broker_id, refreshed_at, stats.rows, sum(stats.skipped.values()), stats.malformed, source),
@@ -1076,18 +1130,21 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
 
 
 _CARRY_OVER = (
-    "INSERT OR IGNORE INTO main.instruments SELECT * FROM old.instruments WHERE id IN temp.keep",
-    "INSERT OR IGNORE INTO main.indices SELECT * FROM old.indices WHERE instrument_id IN temp.keep"
-    " AND instrument_id NOT IN (SELECT instrument_id FROM main.equities)",
-    "INSERT OR IGNORE INTO main.equities SELECT * FROM old.equities WHERE instrument_id IN temp.keep"
-    " AND instrument_id NOT IN (SELECT instrument_id FROM main.indices)",
-    "INSERT OR IGNORE INTO main.futures SELECT * FROM old.futures WHERE instrument_id IN temp.keep",
-    "INSERT OR IGNORE INTO main.options SELECT * FROM old.options WHERE instrument_id IN temp.keep",
+    "INSERT INTO main.instruments SELECT * FROM old.instruments WHERE id IN temp.keep",
+    "INSERT INTO main.indices SELECT * FROM old.indices WHERE instrument_id IN temp.keep",
+    "INSERT INTO main.equities SELECT * FROM old.equities WHERE instrument_id IN temp.keep",
+    "INSERT INTO main.futures SELECT * FROM old.futures WHERE instrument_id IN temp.keep",
+    "INSERT INTO main.options SELECT * FROM old.options WHERE instrument_id IN temp.keep",
 )
 
 
 def _carry_over(conn: sqlite3.Connection, broker_id: str) -> None:
-    """Copy the other brokers' tokens (and the instruments they need) from the old file."""
+    """Copy the other brokers' tokens, and the instruments only they list, from the old file.
+
+    All or nothing: on a damaged old file the new one simply holds this broker alone (the
+    others refresh on their next start).
+    """
+    conn.execute("SAVEPOINT carry_over")
     try:
         if conn.execute("PRAGMA old.user_version").fetchone()[0] != _SCHEMA_VERSION:
             return
@@ -1097,13 +1154,17 @@ def _carry_over(conn: sqlite3.Connection, broker_id: str) -> None:
             return
         for table in ("futures", "options"):
             conn.execute(f"INSERT OR IGNORE INTO keep SELECT underlying_id FROM old.{table} WHERE instrument_id IN keep")
+        # Instruments the new master lists keep the new master's row.
+        conn.execute("DELETE FROM keep WHERE id IN (SELECT id FROM main.instruments)")
         for statement in _CARRY_OVER:
             conn.execute(statement)
         conn.execute("INSERT OR IGNORE INTO main.broker_tokens SELECT * FROM old.broker_tokens WHERE broker_id != ?", (broker_id,))
         conn.execute("INSERT OR IGNORE INTO main._meta SELECT * FROM old._meta WHERE broker_id != ?", (broker_id,))
     except sqlite3.DatabaseError as exc:
+        conn.execute("ROLLBACK TO carry_over")
         log.warning("instrument store: could not carry other brokers' data over (%s); they will refresh on their next start", exc)
     finally:
+        conn.execute("RELEASE carry_over")
         conn.execute("DROP TABLE IF EXISTS temp.keep")
 
 
@@ -1227,6 +1288,7 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
     width = len(header)
     loaded = {e.value for e in _LOADED_EXCHANGES}
     expiries = _ExpiryCache(_kite_iso_date)
+    underlyings: Dict[str, Tuple[str, str]] = {}
     line = 1
     for row in reader:
         line += 1
@@ -1245,27 +1307,35 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
                 raise ValueError(f"bad instrument_token {token!r} or tradingsymbol {tsym!r}")
             lot = int(row[c_lot])
             tick = float(row[c_tick])
-            if row[c_seg] == "INDICES":
+            if itype == "CE" or itype == "PE" or itype == "FUT":
+                name = row[c_name]
+                underlying = underlyings.get(name)
+                if underlying is None:
+                    underlying = underlyings[name] = _kite_underlying(name)
+                if itype == "FUT":
+                    yield ("F", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]], underlying[1])
+                else:
+                    strike = float(row[c_strike])
+                    if not strike > 0:
+                        raise ValueError(f"strike {row[c_strike]!r}")
+                    yield ("O", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]],
+                           underlying[1], strike, itype)
+            elif row[c_seg] == "INDICES":
                 yield ("I", exchange, _canonical_index_symbol(tsym), row[c_name] or tsym, lot, tick, token, tsym)
             elif itype == "EQ":
                 yield ("E", exchange, tsym.upper(), row[c_name] or tsym, lot, tick, token, tsym)
             else:
-                underlying = row[c_name].strip().upper()
-                if not underlying:
-                    raise ValueError("derivative row without an underlying name")
-                expiry = expiries[row[c_exp]]
-                und_kind = "I" if underlying in _INDEX_UNDERLYINGS else "E"
-                if itype == "FUT":
-                    yield ("F", exchange, underlying, row[c_name], lot, tick, token, tsym, expiry, und_kind)
-                elif itype == "CE" or itype == "PE":
-                    strike = float(row[c_strike])
-                    if not strike > 0:
-                        raise ValueError(f"strike {row[c_strike]!r}")
-                    yield ("O", exchange, underlying, row[c_name], lot, tick, token, tsym, expiry, und_kind, strike, itype)
-                else:
-                    raise ValueError(f"unknown instrument_type {itype!r}")
+                raise ValueError(f"unknown instrument_type {itype!r}")
         except ValueError as exc:
             stats.bad(line, f"{tsym or token}: {exc}")
+
+
+def _kite_underlying(name: str) -> Tuple[str, str]:
+    """Kite's derivative ``name`` -> (canonical underlying symbol, "I" index or "E" equity)."""
+    symbol = name.strip().upper()
+    if not symbol:
+        raise ValueError("derivative row without an underlying name")
+    return symbol, ("I" if symbol in _INDEX_UNDERLYINGS else "E")
 
 
 _ZERODHA: BrokerSpec = {
@@ -1474,7 +1544,8 @@ class _Transport:
                 return self._download_once(url, dest, headers)
             except requests.RequestException as exc:
                 if attempt >= self.max_retries:
-                    raise NetworkError(f"download of {url} failed: {exc.__class__.__name__}: {_short(str(exc))}") from exc
+                    cut = " (the body was cut short: truncated)" if isinstance(exc, requests.exceptions.ChunkedEncodingError) else ""
+                    raise NetworkError(f"download of {url} failed{cut}: {exc.__class__.__name__}: {_short(str(exc))}") from exc
                 delay = min(8.0, 0.5 * 2 ** attempt)
                 log.warning("download of %s failed (%s); retrying in %.1f s", url, exc.__class__.__name__, delay)
                 self.sleep(delay)
@@ -1631,10 +1702,11 @@ class TTConnect:
             return
         os.makedirs(self._cache_dir, exist_ok=True)
         with _FileLock(self._store.path + ".lock"):
-            # Another process may have refreshed (or repaired) while this one waited.
+            # Another process may have replaced the file while this one waited: look again
+            # through a new connection (an open one still reads the old file).
+            self._store.reopen()
             state = self._store_state(repair=True)
             if self._is_fresh(state):
-                self._store.reopen()
                 return
             try:
                 self.refresh_instruments(_state=state)
