@@ -1,0 +1,202 @@
+"""Benchmark ttconnect against floors measured in the same run (machines are noisy).
+
+Run ``python bench_ttconnect.py`` (``--quick`` for fewer repetitions). Everything is offline:
+the full-size masters are generated here (bench_masters.py) and served from 127.0.0.1.
+
+Sections:
+  instruments  cold refresh of each master vs its floor, peak memory, warm start, resolve,
+               import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import py_compile
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_masters  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+
+
+def _serve_files(routes: Dict[str, str]) -> Tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve local files on 127.0.0.1 (streamed, with Content-Length) from a thread."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = routes.get(self.path)
+            if path is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(os.path.getsize(path)))
+            self.end_headers()
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, self.wfile, 1 << 20)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _child_refresh(broker: str, url: str, cache_dir: str) -> None:
+    """In a fresh process: one cold refresh; print seconds and memory as JSON."""
+    import requests  # noqa: F401 - part of the baseline: the refresh needs it anyway
+
+    import ttconnect
+
+    base = _proc_status_kib("VmRSS")
+    started = time.perf_counter()
+    client = ttconnect.TTConnect(broker, cache_dir=cache_dir, instruments_url=url, on_stale="fail")
+    seconds = time.perf_counter() - started
+    peak = _proc_status_kib("VmHWM")
+    client.close()
+    print(json.dumps({"seconds": seconds, "base_kib": base, "peak_kib": peak}))
+
+
+def _run_child(args: List[str]) -> Dict[str, Any]:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args],
+                         capture_output=True, text=True, check=True, cwd=HERE)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _per_call(fn: Callable[[], Any], n: int) -> float:
+    started = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - started) / n
+
+
+def _median_subprocess(code: str, env: Dict[str, str], n: int) -> float:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, check=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _ratio_line(label: str, ours: float, floor: float, unit: str, limit: float) -> str:
+    ratio = ours / floor
+    verdict = "ok" if ratio <= limit else f"OVER {limit:g}x"
+    return f"  {label:<34} {ours:9.3f} {unit}  floor {floor:9.3f} {unit}  ratio {ratio:5.2f}x  ({verdict})"
+
+
+# ----------------------------------------------------------------------------------------
+# instruments
+
+
+def bench_instruments(reps: int) -> None:
+    import ttconnect
+
+    work = tempfile.mkdtemp(prefix="ttbench-")
+    try:
+        kite_csv = os.path.join(work, "kite.csv")
+        angel_json = os.path.join(work, "angel.json")
+        kite_rows = bench_masters.make_kite_csv(kite_csv)
+        angel_rows = bench_masters.make_angel_json(angel_json)
+        print(f"masters: kite {kite_rows:,} rows {os.path.getsize(kite_csv) / 2**20:.1f} MiB, "
+              f"angelone {angel_rows:,} rows {os.path.getsize(angel_json) / 2**20:.1f} MiB")
+        server, root = _serve_files({"/kite.csv": kite_csv, "/angel.json": angel_json})
+        masters = {"zerodha": (kite_csv, root + "/kite.csv", bench_masters.floor_kite),
+                   "angelone": (angel_json, root + "/angel.json", bench_masters.floor_angel)}
+        print("cold refresh (download from 127.0.0.1 + parse + build + atomic swap), best of", reps)
+        for broker, (path, url, floor_fn) in masters.items():
+            ours, floors, mem = [], [], []
+            for i in range(reps):
+                floors.append(floor_fn(path, os.path.join(work, f"floor-{broker}-{i}.db")))
+                cache = os.path.join(work, f"cache-{broker}-{i}")
+                result = _run_child(["refresh", broker, url, cache])
+                ours.append(result["seconds"])
+                mem.append((result["peak_kib"] - result["base_kib"]) * 1024)
+            size = os.path.getsize(path)
+            print(_ratio_line(f"{broker} refresh", min(ours), min(floors), "s ", 3.0))
+            worst = max(mem)
+            print(f"  {broker + ' peak memory over baseline':<34} {worst / 2**20:9.1f} MiB  master {size / 2**20:.1f} MiB"
+                  f"  ratio {worst / size:5.2f}x  ({'ok' if worst <= 2 * size else 'OVER 2x'})")
+
+        # Warm start and resolve, in this process, against the zerodha DB built above.
+        cache = os.path.join(work, "cache-zerodha-0")
+        url = masters["zerodha"][1]
+
+        def warm() -> None:
+            ttconnect.TTConnect("zerodha", cache_dir=cache, instruments_url=url).close()
+
+        warm()
+        starts = sorted(_per_call(warm, 1) for _ in range(20))
+        median = starts[len(starts) // 2]
+        print(f"  {'warm start TTConnect(...)':<34} {median * 1e3:9.2f} ms  (limit 50 ms: {'ok' if median < 0.05 else 'OVER'})")
+
+        client = ttconnect.TTConnect("zerodha", cache_dir=cache, instruments_url=url)
+        instruments: List[Any] = []
+        for symbol in ("NIFTY", "BANKNIFTY", "RELIANCE", "SBIN", "INFY"):
+            for expiry in client.expiries(symbol)[:3]:
+                instruments.extend(client.option_chain(symbol, expiry))
+        instruments = instruments[:5000]
+        started = time.perf_counter()
+        for inst in instruments:
+            client.resolve(inst)
+        uncached = (time.perf_counter() - started) / len(instruments)
+        cached = min(_per_call(lambda: [client.resolve(i) for i in instruments], 1) for _ in range(5)) / len(instruments)
+        client.close()
+        print(f"  {'resolve, uncached':<34} {uncached * 1e6:9.2f} us  over {len(instruments)} options (limit 100 us: {'ok' if uncached < 100e-6 else 'OVER'})")
+        print(f"  {'resolve, cached':<34} {cached * 1e6:9.2f} us  (limit 5 us: {'ok' if cached < 5e-6 else 'OVER'})")
+        server.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # Import time, as an installed module runs it: from compiled bytecode.
+    py_compile.compile(os.path.join(HERE, "ttconnect.py"), doraise=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = HERE
+    bare = _median_subprocess("pass", env, 21)
+    ours = _median_subprocess("import ttconnect", env, 21)
+    with_requests = _median_subprocess("import requests", env, 21)
+    added = (ours - bare) * 1e3
+    print(f"  {'import ttconnect adds':<34} {added:9.1f} ms  (bare start {bare * 1e3:.1f} ms; "
+          f"import requests adds {(with_requests - bare) * 1e3:.1f} ms; limit 35 ms: {'ok' if added <= 35 else 'OVER'})")
+
+
+def main(argv: List[str]) -> int:
+    if argv[:1] == ["--child"]:
+        if argv[1] == "refresh":
+            _child_refresh(*argv[2:5])
+            return 0
+        raise SystemExit(f"unknown child task {argv[1:]}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args(argv)
+    reps = 1 if args.quick else 3
+    print(f"ttconnect benchmark on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    bench_instruments(reps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
