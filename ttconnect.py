@@ -344,7 +344,7 @@ class Order:
     filled_qty: int
     pending_qty: int
     order_type: OrderType
-    product: ProductType
+    product: Optional[ProductType]  # None for products outside the canonical set (MTF, CO...)
     status: OrderStatus
     price: Optional[float] = None
     trigger_price: Optional[float] = None
@@ -372,12 +372,12 @@ class Trade:
 
 @_model
 class Margin:
-    total: float
-    span: float = 0.0
-    exposure: float = 0.0
-    option_premium: float = 0.0
-    final_total: float = 0.0
-    benefit: float = 0.0
+    total: float  # before any spread/hedge benefit
+    span: Optional[float] = None
+    exposure: Optional[float] = None
+    option_premium: Optional[float] = None
+    final_total: float = 0.0  # after the benefit: what the basket blocks
+    benefit: float = 0.0  # total - final_total
     raw: Mapping[str, Any] = _raw_field()
 
 
@@ -736,7 +736,11 @@ _INDEXES = (
     "CREATE INDEX ix_instruments_exchange_symbol ON instruments(exchange, symbol)",
     "CREATE INDEX ix_futures_underlying_expiry ON futures(underlying_id, expiry)",
     "CREATE INDEX ix_options_chain ON options(underlying_id, expiry, strike, option_type)",
-    "CREATE INDEX ix_broker_tokens_token ON broker_tokens(token)",
+    "CREATE UNIQUE INDEX ix_futures_key ON futures(instrument_id)",
+    "CREATE UNIQUE INDEX ix_options_key ON options(instrument_id)",
+    # Broker payloads name instruments by trading symbol (AngelOne's trade book carries
+    # nothing else), so that is the reverse key; the streamer maps tokens from its own set.
+    "CREATE INDEX ix_broker_tokens_symbol ON broker_tokens(broker_symbol)",
 )
 
 
@@ -953,6 +957,28 @@ class _InstrumentStore:
 
     def token(self, broker_id: str, instrument: Instrument) -> Optional[Tuple[str, str]]:
         return self.conn().execute(_TOKEN_SQL[type(instrument)], (instrument._iid, broker_id)).fetchone()
+
+    def by_broker_symbol(self, broker_id: str, exchange: str, broker_symbol: str) -> Optional[Instrument]:
+        """Reverse look-up: a broker's (exchange, trading symbol) -> canonical instrument."""
+        conn = self.conn()
+        row = conn.execute(
+            "SELECT i.id, i.symbol FROM broker_tokens t JOIN instruments i ON i.id = t.instrument_id"
+            " WHERE t.broker_symbol = ? AND t.broker_id = ? AND i.exchange = ?",
+            (broker_symbol, broker_id, exchange),
+        ).fetchone()
+        if row is None:
+            return None
+        iid, symbol = row
+        exch = Exchange(exchange)
+        opt = conn.execute("SELECT expiry, strike, option_type FROM options WHERE instrument_id = ?", (iid,)).fetchone()
+        if opt is not None:
+            return _make(Option, iid, exchange=exch, symbol=symbol, expiry=_dt.date.fromisoformat(opt[0]),
+                         strike=opt[1], option_type=OptionType(opt[2]))
+        fut = conn.execute("SELECT expiry FROM futures WHERE instrument_id = ?", (iid,)).fetchone()
+        if fut is not None:
+            return _make(Future, iid, exchange=exch, symbol=symbol, expiry=_dt.date.fromisoformat(fut[0]))
+        is_index = conn.execute("SELECT 1 FROM indices WHERE instrument_id = ?", (iid,)).fetchone() is not None
+        return _make(Index if is_index else Equity, iid, exchange=exch, symbol=symbol)
 
     def info(self, instrument: Instrument) -> Optional[Tuple[str, int, float]]:
         if not self.has_type(instrument):
@@ -1239,7 +1265,102 @@ class BrokerSpec(TypedDict):
     instruments_published: Tuple[int, int]  # (hour, minute) IST of the daily dump
     auth_modes: Tuple[AuthMode, ...]
     default_auth_mode: AuthMode
+    credentials: Mapping[AuthMode, Tuple[str, ...]]  # config keys each mode needs
+    secrets: Tuple[str, ...]  # config keys never to be shown anywhere
+    session_expiry: Tuple[int, int]  # (hour, minute) IST at which a day's session dies
+    # unified name -> (verb, path template, body encoding, rate-limit class)
+    routes: Mapping[str, Tuple[str, str, Optional[str], str]]
+    rate_limits: Mapping[str, Sequence[Tuple[int, float]]]  # class -> [(calls, per seconds)]
+    errors: Mapping[str, type]  # broker error code -> exception class
+    order_errors: Mapping[str, type]  # refinements for order routes
+    error_messages: Sequence[Tuple[str, type]]  # lower-case message fragment -> class
+    rate_limit_texts: Sequence[str]  # non-JSON bodies that mean "slow down"
+    empty_codes: frozenset  # codes a list endpoint uses for "nothing to list"
+    retryable_codes: frozenset  # codes that mean "try again later"
+    exchanges: frozenset  # segments it trades
+    products: Mapping[ProductType, str]
+    order_types: Mapping[OrderType, str]
+    validities: Tuple[str, ...]
+    max_tag_len: int
     hooks: Mapping[str, Callable[..., Any]]
+
+
+class _Ctx:
+    """What a broker's parse hooks may ask of the client: canonical instruments and the date."""
+
+    def __init__(self, client: "TTConnect") -> None:
+        self._client = client
+
+    def instrument(self, exchange: str, broker_symbol: str) -> Instrument:
+        return self._client._instrument_for(exchange, broker_symbol)
+
+    def today(self) -> _dt.date:
+        return _dt.datetime.fromtimestamp(self._client._clock(), IST).date()
+
+
+def _num(value: Any) -> Optional[float]:
+    """A broker number (float, int or string, possibly "- 2235.80") -> float; blank -> None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).replace(" ", "").replace(",", "")
+    return float(text) if text else None
+
+
+def _int(value: Any) -> int:
+    number = _num(value)
+    return 0 if number is None else int(round(number))
+
+
+def _ist(text: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> Optional[_dt.datetime]:
+    """Parse a naive IST timestamp; blank and the "0001-01-01" placeholder give None."""
+    if not text or not isinstance(text, str) or text.startswith("0001-01-01"):
+        return None
+    try:
+        return _dt.datetime.strptime(text, fmt).replace(tzinfo=IST)
+    except ValueError:
+        log.warning("unparsed timestamp %r (expected %s)", text, fmt)
+        return None
+
+
+def _reverse(mapping: Mapping[Any, str]) -> Dict[str, Any]:
+    return {raw: canonical for canonical, raw in mapping.items()}
+
+
+_LIVE_STATUSES = frozenset({OrderStatus.PENDING, OrderStatus.OPEN, OrderStatus.TRIGGER_PENDING, OrderStatus.PARTIALLY_FILLED})
+
+
+def _order_status(raw: str, table: Mapping[str, OrderStatus], filled: int, qty: int) -> OrderStatus:
+    """Map a raw status; a live order with some fills is PARTIALLY_FILLED; unknown is PENDING."""
+    status = table.get(raw.strip().upper() if isinstance(raw, str) else "")
+    if status is None:
+        log.warning("unknown order status %r; treating it as PENDING (not terminal)", raw)
+        status = OrderStatus.PENDING
+    if status is OrderStatus.OPEN and 0 < filled < qty:
+        return OrderStatus.PARTIALLY_FILLED
+    return status
+
+
+def _price_text(value: Optional[Decimal]) -> str:
+    return "0" if value is None else format(value.normalize(), "f")
+
+
+@dataclass(frozen=True)
+class _OrderRequest:
+    """A validated order, ready for a broker hook to encode."""
+
+    instrument: Instrument
+    token: str
+    broker_symbol: str
+    qty: int
+    side: Side
+    product: ProductType
+    order_type: OrderType
+    price: Optional[Decimal]
+    trigger_price: Optional[Decimal]
+    tag: str
+    validity: str
 
 
 class _ExpiryCache(dict):
@@ -1340,6 +1461,195 @@ def _kite_underlying(name: str) -> Tuple[str, str]:
     return symbol, ("I" if symbol in _INDEX_UNDERLYINGS else "E")
 
 
+_KITE_PRODUCTS = {ProductType.CNC: "CNC", ProductType.MIS: "MIS", ProductType.NRML: "NRML"}
+_KITE_ORDER_TYPES = {OrderType.MARKET: "MARKET", OrderType.LIMIT: "LIMIT", OrderType.SL: "SL", OrderType.SL_M: "SL-M"}
+_KITE_PRODUCT_OF = _reverse(_KITE_PRODUCTS)
+_KITE_ORDER_TYPE_OF = _reverse(_KITE_ORDER_TYPES)
+# Kite's OMS states (notes section 5); in-flight modify/cancel states are still live orders.
+_KITE_STATUSES = {
+    "PUT ORDER REQ RECEIVED": OrderStatus.PENDING,
+    "VALIDATION PENDING": OrderStatus.PENDING,
+    "OPEN PENDING": OrderStatus.PENDING,
+    "AMO REQ RECEIVED": OrderStatus.PENDING,
+    "OPEN": OrderStatus.OPEN,
+    "MODIFY VALIDATION PENDING": OrderStatus.OPEN,
+    "MODIFY PENDING": OrderStatus.OPEN,
+    "MODIFIED": OrderStatus.OPEN,
+    "CANCEL PENDING": OrderStatus.OPEN,
+    "UPDATE": OrderStatus.OPEN,
+    "TRIGGER PENDING": OrderStatus.TRIGGER_PENDING,
+    "COMPLETE": OrderStatus.COMPLETE,
+    "CANCELLED": OrderStatus.CANCELLED,
+    "CANCELLED AMO": OrderStatus.CANCELLED,
+    "REJECTED": OrderStatus.REJECTED,
+}
+
+
+def _zerodha_headers(config: Mapping[str, Any], session: Optional[SessionData]) -> Dict[str, str]:
+    headers = {"X-Kite-Version": "3"}
+    if session is not None:
+        headers["Authorization"] = f"token {config['api_key']}:{session.access_token}"
+    return headers
+
+
+def _zerodha_envelope(status: int, body: Any) -> Tuple[bool, Any, str, str]:
+    """Kite: ``{"status": "success", "data": ...}`` or ``{"status": "error", "error_type", "message"}``."""
+    if not isinstance(body, dict):
+        return False, None, "", f"unexpected body {str(body)[:80]!r}"
+    if status < 400 and body.get("status") == "success" and "error_type" not in body:
+        return True, body.get("data"), "", ""
+    return False, None, str(body.get("error_type") or ""), str(body.get("message") or "no message")
+
+
+def _zerodha_exchange_token(call: Callable[..., Any], config: Mapping[str, Any], now: float) -> SessionData:
+    """Turn a login redirect's request_token into an access token (Kite notes 2.1)."""
+    api_key, request_token = config["api_key"], config["request_token"]
+    checksum = hashlib.sha256((api_key + request_token + config["api_secret"]).encode()).hexdigest()
+    data = call("login", body={"api_key": api_key, "request_token": request_token, "checksum": checksum})
+    return SessionData(broker="zerodha", mode=AuthMode.MANUAL, access_token=str(data["access_token"]),
+                       refresh_token=data.get("refresh_token") or None,
+                       obtained_at=_dt.datetime.fromtimestamp(now, IST))
+
+
+def _zerodha_login_url(config: Mapping[str, Any], base: str) -> str:
+    from urllib.parse import urlencode
+
+    return f"{base}?{urlencode({'v': '3', 'api_key': config['api_key']})}"
+
+
+def _zerodha_reauth_hint(config: Mapping[str, Any], base: str) -> str:
+    key = config.get("api_key")
+    where = _zerodha_login_url(config, base) if key else base
+    return (f"Kite access tokens die at 06:00 IST and on logout: log in at {where}, then pass the "
+            "redirect's request_token with api_secret (or a fresh access_token) in the config")
+
+
+def _zerodha_profile(ctx: _Ctx, data: Mapping[str, Any]) -> Profile:
+    return Profile(
+        user_id=str(data["user_id"]), name=str(data.get("user_name") or ""), email=data.get("email") or None,
+        broker="zerodha", exchanges=tuple(Exchange(e) for e in data.get("exchanges") or () if e in Exchange.__members__),
+        products=tuple(ProductType(p) for p in data.get("products") or () if p in ProductType.__members__), raw=data,
+    )
+
+
+def _zerodha_funds(ctx: _Ctx, data: Mapping[str, Any]) -> Fund:
+    equity = data.get("equity") or data  # /user/margins gives segments; /user/margins/equity one
+    available, utilised = equity.get("available") or {}, equity.get("utilised") or {}
+    net, debits = _num(equity.get("net")) or 0.0, _num(utilised.get("debits")) or 0.0
+    return Fund(
+        available=net, used=debits, total=net + debits, collateral=_num(available.get("collateral")),
+        m2m_unrealized=_num(utilised.get("m2m_unrealised")), m2m_realized=_num(utilised.get("m2m_realised")),
+        utilised_debits=debits, raw=data,
+    )
+
+
+def _zerodha_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
+    # ``quantity`` is settled; shares bought in the last session sit in ``t1_quantity``.
+    qty = _int(row.get("quantity")) + _int(row.get("t1_quantity"))
+    avg, ltp = _num(row.get("average_price")) or 0.0, _num(row.get("last_price"))
+    pnl_pct = (ltp - avg) / avg * 100 if avg and ltp is not None else None
+    return Holding(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=qty, avg_price=avg,
+                   ltp=ltp, pnl=_num(row.get("pnl")), pnl_percent=pnl_pct, raw=row)
+
+
+def _zerodha_position_rows(data: Any) -> List[Mapping[str, Any]]:
+    return list((data or {}).get("net") or ())  # "net" is the whole book; "day" only today's part
+
+
+def _zerodha_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
+    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_int(row.get("quantity")),
+                    avg_price=_num(row.get("average_price")) or 0.0, ltp=_num(row.get("last_price")),
+                    pnl=_num(row.get("pnl")), product=_KITE_PRODUCT_OF.get(row.get("product")), raw=row)
+
+
+def _list_rows(data: Any) -> List[Any]:
+    return list(data or ())
+
+
+def _zerodha_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
+    qty, filled = _int(row.get("quantity")), _int(row.get("filled_quantity"))
+    status = _order_status(row.get("status") or "", _KITE_STATUSES, filled, qty)
+    pending = _int(row.get("pending_quantity")) if status in _LIVE_STATUSES else 0
+    placed = _ist(row.get("exchange_timestamp")) or _ist(row.get("order_timestamp"))
+    return Order(
+        id=str(row["order_id"]), instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]),
+        side=Side(row["transaction_type"]), qty=qty, filled_qty=filled, pending_qty=pending,
+        order_type=_KITE_ORDER_TYPE_OF[row["order_type"]], product=_KITE_PRODUCT_OF.get(row.get("product")),
+        status=status, price=_num(row.get("price")) or None, trigger_price=_num(row.get("trigger_price")) or None,
+        average_price=_num(row.get("average_price")) or None, tag=row.get("tag") or None,
+        status_message=row.get("status_message") or None, placed_at=placed,
+        updated_at=_ist(row.get("exchange_update_timestamp")) or _ist(row.get("order_timestamp")), raw=row,
+    )
+
+
+def _zerodha_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
+    qty, price = _int(row.get("quantity")), _num(row.get("average_price")) or 0.0
+    return Trade(
+        trade_id=str(row["trade_id"]), order_id=str(row["order_id"]),
+        instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), side=Side(row["transaction_type"]),
+        qty=qty, avg_price=price, trade_value=qty * price, product=_KITE_PRODUCT_OF.get(row.get("product")),
+        timestamp=_ist(row.get("fill_timestamp")) or _ist(row.get("exchange_timestamp")), raw=row,
+    )
+
+
+def _zerodha_margin(ctx: _Ctx, data: Mapping[str, Any]) -> Margin:
+    initial, final = data.get("initial") or {}, data.get("final") or {}
+    total, final_total = _num(initial.get("total")) or 0.0, _num(final.get("total")) or 0.0
+    return Margin(total=total, span=_num(initial.get("span")) or 0.0, exposure=_num(initial.get("exposure")) or 0.0,
+                  option_premium=_num(initial.get("option_premium")) or 0.0, final_total=final_total,
+                  benefit=total - final_total, raw=data)
+
+
+def _zerodha_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str, str]]:
+    body = {
+        "tradingsymbol": req.broker_symbol, "exchange": req.instrument.exchange.value,
+        "transaction_type": req.side.value, "order_type": _KITE_ORDER_TYPES[req.order_type],
+        "quantity": str(req.qty), "product": _KITE_PRODUCTS[req.product], "validity": req.validity, "tag": req.tag,
+    }
+    if req.price is not None:
+        body["price"] = _price_text(req.price)
+    if req.trigger_price is not None:
+        body["trigger_price"] = _price_text(req.trigger_price)
+    if req.order_type in (OrderType.MARKET, OrderType.SL_M):
+        # Kite rejects API MARKET/SL-M orders without it; -1 asks for its automatic protection.
+        body["market_protection"] = "-1"
+    return {"variety": "regular"}, body
+
+
+def _zerodha_placed(data: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    # An autoslice placement answers {order_id: parent, children: [...]}: the parent is the id.
+    return str(data["order_id"]), {}
+
+
+def _zerodha_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional[Decimal],
+                          trigger_price: Optional[Decimal], token: str, broker_symbol: str
+                          ) -> Tuple[Dict[str, str], Dict[str, str]]:
+    body = {"order_type": _KITE_ORDER_TYPES[order_type], "quantity": str(qty)}
+    if price is not None:
+        body["price"] = _price_text(price)
+    if trigger_price is not None:
+        body["trigger_price"] = _price_text(trigger_price)
+    if order_type in (OrderType.MARKET, OrderType.SL_M):
+        body["market_protection"] = "-1"
+    return {"variety": current.raw.get("variety") or "regular", "order_id": current.id}, body
+
+
+def _zerodha_cancel_order(current: Order) -> Tuple[Dict[str, str], None]:
+    # The URL's variety must be the one the order was placed with (notes 3.3).
+    return {"variety": current.raw.get("variety") or "regular", "order_id": current.id}, None
+
+
+def _zerodha_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[Dict[str, str], List[Dict[str, Any]]]:
+    body = [
+        {"exchange": leg.instrument.exchange.value, "tradingsymbol": leg.broker_symbol,
+         "transaction_type": leg.side.value, "variety": "regular", "product": _KITE_PRODUCTS[leg.product],
+         "order_type": _KITE_ORDER_TYPES[leg.order_type], "quantity": leg.qty,
+         "price": float(leg.price or 0), "trigger_price": float(leg.trigger_price or 0)}
+        for leg in legs
+    ]
+    return {"consider_positions": "true"}, body
+
+
 _ZERODHA: BrokerSpec = {
     "id": "zerodha",
     "name": "Zerodha Kite Connect",
@@ -1353,7 +1663,76 @@ _ZERODHA: BrokerSpec = {
     "instruments_published": (8, 30),
     "auth_modes": (AuthMode.MANUAL,),
     "default_auth_mode": AuthMode.MANUAL,
-    "hooks": {"parse_master": _zerodha_parse_master},
+    "credentials": {AuthMode.MANUAL: ("api_key", "access_token")},
+    "secrets": ("access_token", "api_secret", "request_token"),
+    "session_expiry": (6, 0),
+    "routes": {
+        "login": ("POST", "/session/token", "form", "default"),
+        "get_profile": ("GET", "/user/profile", None, "default"),
+        "get_funds": ("GET", "/user/margins", None, "default"),
+        "get_holdings": ("GET", "/portfolio/holdings", None, "default"),
+        "get_positions": ("GET", "/portfolio/positions", None, "default"),
+        "get_orders": ("GET", "/orders", None, "default"),
+        "get_order_history": ("GET", "/orders/{order_id}", None, "default"),
+        "get_trades": ("GET", "/trades", None, "default"),
+        "place_order": ("POST", "/orders/{variety}", "form", "orders"),
+        "modify_order": ("PUT", "/orders/{variety}/{order_id}", "form", "orders"),
+        "cancel_order": ("DELETE", "/orders/{variety}/{order_id}", None, "orders"),
+        "calculate_margin": ("POST", "/margins/basket", "json", "default"),
+    },
+    # Kite notes section 6: 10/s per api_key; orders 10/s and 200/min.
+    "rate_limits": {"default": [(10, 1.0)], "orders": [(10, 1.0), (200, 60.0)]},
+    "errors": {
+        "TokenException": AuthenticationError,
+        "PermissionException": AuthenticationError,
+        "UserException": AuthenticationError,
+        "TwoFAException": AuthenticationError,
+        "InputException": BrokerError,
+        "OrderException": OrderError,
+        "MarginException": InsufficientFundsError,
+        "HoldingException": InsufficientFundsError,
+        "NetworkException": NetworkError,
+        "DataException": BrokerError,
+        "GeneralException": BrokerError,
+    },
+    "order_errors": {"InputException": InvalidOrderError},
+    "error_messages": (
+        ("too many requests", RateLimitError),
+        ("insufficient funds", InsufficientFundsError),
+        ("couldn't find that", OrderNotFoundError),
+        ("order not found", OrderNotFoundError),
+        ("invalid order_id", OrderNotFoundError),
+    ),
+    "rate_limit_texts": ("too many requests",),
+    "empty_codes": frozenset(),
+    "retryable_codes": frozenset({"NetworkException", "DataException"}),
+    "exchanges": frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
+    "products": _KITE_PRODUCTS,
+    "order_types": _KITE_ORDER_TYPES,
+    "validities": ("DAY", "IOC"),
+    "max_tag_len": 20,
+    "hooks": {
+        "parse_master": _zerodha_parse_master,
+        "headers": _zerodha_headers,
+        "envelope": _zerodha_envelope,
+        "exchange_token": _zerodha_exchange_token,
+        "login_url": _zerodha_login_url,
+        "reauth_hint": _zerodha_reauth_hint,
+        "profile": _zerodha_profile,
+        "funds": _zerodha_funds,
+        "holding_rows": _list_rows,
+        "holding": _zerodha_holding,
+        "position_rows": _zerodha_position_rows,
+        "position": _zerodha_position,
+        "order": _zerodha_order,
+        "trade": _zerodha_trade,
+        "margin": _zerodha_margin,
+        "margin_body": _zerodha_margin_body,
+        "place_order": _zerodha_place_order,
+        "placed": _zerodha_placed,
+        "modify_order": _zerodha_modify_order,
+        "cancel_order": _zerodha_cancel_order,
+    },
 }
 
 
@@ -1487,6 +1866,236 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
             stats.bad(line, f"{exc.__class__.__name__}: {exc}")
 
 
+_ANGEL_PRODUCTS = {ProductType.CNC: "DELIVERY", ProductType.MIS: "INTRADAY", ProductType.NRML: "CARRYFORWARD"}
+_ANGEL_ORDER_TYPES = {OrderType.MARKET: "MARKET", OrderType.LIMIT: "LIMIT", OrderType.SL: "STOPLOSS_LIMIT",
+                      OrderType.SL_M: "STOPLOSS_MARKET"}
+_ANGEL_PRODUCT_OF = _reverse(_ANGEL_PRODUCTS)
+_ANGEL_ORDER_TYPE_OF = _reverse(_ANGEL_ORDER_TYPES)
+# AngelOne's (NEST) order states, lower case with spaces (notes 5.2); keys are upper-cased here.
+_ANGEL_STATUSES = {
+    "PUT ORDER REQ RECEIVED": OrderStatus.PENDING,
+    "VALIDATION PENDING": OrderStatus.PENDING,
+    "OPEN PENDING": OrderStatus.PENDING,
+    "AFTER MARKET ORDER REQ RECEIVED": OrderStatus.PENDING,
+    "OPEN": OrderStatus.OPEN,
+    "MODIFY VALIDATION PENDING": OrderStatus.OPEN,
+    "MODIFY PENDING": OrderStatus.OPEN,
+    "MODIFIED": OrderStatus.OPEN,
+    "NOT MODIFIED": OrderStatus.OPEN,
+    "CANCEL PENDING": OrderStatus.OPEN,
+    "NOT CANCELLED": OrderStatus.OPEN,
+    "MODIFY AFTER MARKET ORDER REQ RECEIVED": OrderStatus.PENDING,
+    "TRIGGER PENDING": OrderStatus.TRIGGER_PENDING,
+    "COMPLETE": OrderStatus.COMPLETE,
+    "CANCELLED": OrderStatus.CANCELLED,
+    "CANCELLED AFTER MARKET ORDER": OrderStatus.CANCELLED,
+    "REJECTED": OrderStatus.REJECTED,
+}
+_ANGEL_TIME = "%d-%b-%Y %H:%M:%S"  # "20-Oct-2020 13:10:59"
+_MAC_ADDRESS: List[str] = []
+
+
+def _angelone_mac() -> str:
+    if not _MAC_ADDRESS:  # computed once per process: uuid's node lookup can touch the system
+        import uuid
+
+        node = uuid.getnode()
+        _MAC_ADDRESS.append(":".join(f"{(node >> shift) & 0xFF:02x}" for shift in range(40, -8, -8)))
+    return _MAC_ADDRESS[0]
+
+
+def _angelone_headers(config: Mapping[str, Any], session: Optional[SessionData]) -> Dict[str, str]:
+    # AngelOne requires these on every call but does not validate the address values (notes 1).
+    headers = {
+        "Content-Type": "application/json", "Accept": "application/json", "X-UserType": "USER", "X-SourceID": "WEB",
+        "X-ClientLocalIP": config.get("client_local_ip") or "127.0.0.1",
+        "X-ClientPublicIP": config.get("client_public_ip") or "127.0.0.1",
+        "X-MACAddress": config.get("mac_address") or _angelone_mac(),
+        "X-PrivateKey": config.get("api_key") or "",
+    }
+    if session is not None:
+        headers["Authorization"] = f"Bearer {session.access_token}"
+    return headers
+
+
+def _angelone_envelope(status: int, body: Any) -> Tuple[bool, Any, str, str]:
+    """Two dialects: ``status``/``errorcode`` and the gateway's ``success``/``errorCode`` (notes 3.1)."""
+    if not isinstance(body, dict):
+        return False, None, "", f"unexpected body {str(body)[:80]!r}"
+    ok = body.get("status", body.get("success"))
+    code = str(body.get("errorcode") or body.get("errorCode") or "")
+    if ok is True and status < 400 and not code:
+        return True, body.get("data"), "", ""
+    message = str(body.get("message") or "no message")
+    if ok is None:  # e.g. a static-IP refusal: no status key at all
+        message = f"unexpected reply without a status: {message}"
+    return False, None, code, message
+
+
+def _angelone_session(data: Mapping[str, Any], now: float) -> SessionData:
+    jwt = str(data["jwtToken"])
+    if jwt.startswith("Bearer "):  # the SDK-prefixed form circulates; store the raw JWT
+        jwt = jwt[len("Bearer "):]
+    return SessionData(broker="angelone", mode=AuthMode.AUTO, access_token=jwt,
+                       refresh_token=data.get("refreshToken") or None, feed_token=data.get("feedToken") or None,
+                       obtained_at=_dt.datetime.fromtimestamp(now, IST))
+
+
+def _angelone_login(call: Callable[..., Any], config: Mapping[str, Any], now: float) -> SessionData:
+    """Log in with client code + PIN + TOTP (notes 2.1)."""
+    try:
+        import pyotp
+    except ImportError:
+        raise UnsupportedFeatureError("AngelOne auto login needs pyotp: pip install pyotp") from None
+    try:
+        code = pyotp.TOTP(config["totp_secret"].replace(" ", "")).at(now)
+    except (ValueError, TypeError) as exc:  # binascii.Error (bad base32) is a ValueError
+        raise ConfigurationError("config 'totp_secret' is not a base32 TOTP secret (the text under the QR code)") from exc
+    data = call("login", body={"clientcode": config["client_id"], "password": config["pin"], "totp": code})
+    return _angelone_session(data, now)
+
+
+def _angelone_renew(call: Callable[..., Any], config: Mapping[str, Any], session: SessionData, now: float) -> SessionData:
+    """Trade the refresh token for a new JWT/feed token (notes 2.4)."""
+    data = call("renew_token", body={"refreshToken": session.refresh_token}, session=session)
+    return _angelone_session(data, now)
+
+
+def _angelone_reauth_hint(config: Mapping[str, Any], base: str) -> str:
+    return ("AngelOne sessions end at midnight IST: pass a fresh JWT as 'access_token', or give 'client_id', "
+            "'pin' and 'totp_secret' (auth_mode='auto') and ttconnect logs in by itself")
+
+
+def _angelone_profile(ctx: _Ctx, data: Mapping[str, Any]) -> Profile:
+    # AngelOne lists segments as nse_cm, nse_fo, bse_cm, bse_fo, mcx_fo, cde_fo...
+    segments = {"nse_cm": Exchange.NSE, "bse_cm": Exchange.BSE, "nse_fo": Exchange.NFO, "bse_fo": Exchange.BFO,
+                "mcx_fo": Exchange.MCX, "cde_fo": Exchange.CDS}
+    exchanges = tuple(dict.fromkeys(segments[e] for e in data.get("exchanges") or () if e in segments))
+    products = tuple(dict.fromkeys(_ANGEL_PRODUCT_OF.get(p) or ProductType(p) for p in data.get("products") or ()
+                                   if p in _ANGEL_PRODUCT_OF or p in ProductType.__members__))
+    return Profile(user_id=str(data["clientcode"]), name=str(data.get("name") or "").strip(),
+                   email=data.get("email") or None, broker="angelone", exchanges=exchanges, products=products, raw=data)
+
+
+def _angelone_funds(ctx: _Ctx, data: Mapping[str, Any]) -> Fund:
+    available, debits = _num(data.get("net")) or 0.0, _num(data.get("utiliseddebits")) or 0.0
+    return Fund(available=available, used=debits, total=available + debits, collateral=_num(data.get("collateral")),
+                m2m_unrealized=_num(data.get("m2munrealized")), m2m_realized=_num(data.get("m2mrealized")),
+                utilised_debits=debits, raw=data)
+
+
+def _angelone_holding_rows(data: Any) -> List[Mapping[str, Any]]:
+    return list((data or {}).get("holdings") or ()) if isinstance(data, Mapping) else list(data or ())
+
+
+def _angelone_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
+    qty = _int(row.get("quantity")) + _int(row.get("t1quantity"))
+    return Holding(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=qty,
+                   avg_price=_num(row.get("averageprice")) or 0.0, ltp=_num(row.get("ltp")),
+                   pnl=_num(row.get("profitandloss")), pnl_percent=_num(row.get("pnlpercentage")), raw=row)
+
+
+def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
+    pnl = _num(row.get("pnl"))
+    if pnl is None and (row.get("realised") is not None or row.get("unrealised") is not None):
+        pnl = (_num(row.get("realised")) or 0.0) + (_num(row.get("unrealised")) or 0.0)
+    avg = _num(row.get("avgnetprice")) or _num(row.get("netprice")) or 0.0
+    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_int(row.get("netqty")),
+                    avg_price=avg, ltp=_num(row.get("ltp")), pnl=pnl,
+                    product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), raw=row)
+
+
+def _angelone_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
+    qty, filled = _int(row.get("quantity")), _int(row.get("filledshares"))
+    status = _order_status(row.get("orderstatus") or row.get("status") or "", _ANGEL_STATUSES, filled, qty)
+    return Order(
+        id=str(row["orderid"]), instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]),
+        side=Side(row["transactiontype"]), qty=qty, filled_qty=filled,
+        pending_qty=_int(row.get("unfilledshares")) if status in _LIVE_STATUSES else 0,
+        order_type=_ANGEL_ORDER_TYPE_OF[row["ordertype"]], product=_ANGEL_PRODUCT_OF.get(row.get("producttype")),
+        status=status, price=_num(row.get("price")) or None, trigger_price=_num(row.get("triggerprice")) or None,
+        average_price=_num(row.get("averageprice")) or None, tag=row.get("ordertag") or None,
+        status_message=row.get("text") or None,
+        placed_at=_ist(row.get("exchtime"), _ANGEL_TIME) or _ist(row.get("updatetime"), _ANGEL_TIME),
+        updated_at=_ist(row.get("exchorderupdatetime"), _ANGEL_TIME) or _ist(row.get("updatetime"), _ANGEL_TIME),
+        raw=row,
+    )
+
+
+def _angelone_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
+    qty, price = _int(row.get("fillsize")), _num(row.get("fillprice")) or 0.0
+    stamp = None
+    if row.get("filltime"):  # time only ("13:27:53"): the trade book holds today's fills only
+        when = _dt.datetime.strptime(row["filltime"], "%H:%M:%S").time()
+        stamp = _dt.datetime.combine(ctx.today(), when, IST)
+    return Trade(trade_id=str(row["fillid"]), order_id=str(row["orderid"]),
+                 instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), side=Side(row["transactiontype"]),
+                 qty=qty, avg_price=price, trade_value=_num(row.get("tradevalue")) or qty * price,
+                 product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), timestamp=stamp, raw=row)
+
+
+def _angelone_margin(ctx: _Ctx, data: Mapping[str, Any]) -> Margin:
+    parts = data.get("marginComponents") or {}
+    final_total = _num(data.get("totalMarginRequired")) or 0.0
+    benefit = _num(parts.get("marginBenefit")) or 0.0
+    return Margin(total=final_total + benefit, span=_num(parts.get("spanMargin")) or 0.0, exposure=None,
+                  option_premium=_num(parts.get("totOptionsPremium")) or 0.0, final_total=final_total,
+                  benefit=benefit, raw=data)
+
+
+def _angelone_variety(order_type: OrderType) -> str:
+    return "STOPLOSS" if order_type in (OrderType.SL, OrderType.SL_M) else "NORMAL"
+
+
+def _angelone_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str, str]]:
+    body = {
+        "variety": _angelone_variety(req.order_type), "tradingsymbol": req.broker_symbol, "symboltoken": req.token,
+        "transactiontype": req.side.value, "exchange": req.instrument.exchange.value,
+        "ordertype": _ANGEL_ORDER_TYPES[req.order_type], "producttype": _ANGEL_PRODUCTS[req.product],
+        "duration": req.validity, "price": _price_text(req.price), "triggerprice": _price_text(req.trigger_price),
+        "quantity": str(req.qty), "squareoff": "0", "stoploss": "0", "ordertag": req.tag,
+    }
+    return {}, body
+
+
+def _angelone_placed(data: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    return str(data["orderid"]), {"uniqueorderid": data.get("uniqueorderid"), "tradingsymbol": data.get("script")}
+
+
+def _angelone_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional[Decimal],
+                           trigger_price: Optional[Decimal], token: str, broker_symbol: str
+                           ) -> Tuple[Dict[str, str], Dict[str, str]]:
+    # AngelOne wants the whole order restated, under the variety it was placed with (notes 4.2).
+    raw = current.raw
+    body = {
+        "variety": raw.get("variety") or _angelone_variety(current.order_type), "orderid": current.id,
+        "ordertype": _ANGEL_ORDER_TYPES[order_type],
+        "producttype": raw.get("producttype") or _ANGEL_PRODUCTS[current.product or ProductType.MIS],
+        "duration": raw.get("duration") or "DAY", "price": _price_text(price), "quantity": str(qty),
+        "tradingsymbol": broker_symbol, "symboltoken": token, "exchange": current.instrument.exchange.value,
+    }
+    if trigger_price is not None:
+        body["triggerprice"] = _price_text(trigger_price)
+    return {}, body
+
+
+def _angelone_cancel_order(current: Order) -> Tuple[Dict[str, str], Dict[str, str]]:
+    variety = current.raw.get("variety") or _angelone_variety(current.order_type)
+    return {}, {"variety": variety, "orderid": current.id}
+
+
+def _angelone_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[None, Dict[str, Any]]:
+    positions = [
+        {"exchange": leg.instrument.exchange.value, "qty": leg.qty, "price": float(leg.price or 0),
+         "productType": _ANGEL_PRODUCTS[leg.product], "token": leg.token, "tradeType": leg.side.value,
+         "orderType": _ANGEL_ORDER_TYPES[leg.order_type]}
+        for leg in legs
+    ]
+    return None, {"positions": positions}
+
+
+_ANGEL_API = "/rest/secure/angelbroking"
+
 _ANGELONE: BrokerSpec = {
     "id": "angelone",
     "name": "AngelOne SmartAPI",
@@ -1499,7 +2108,87 @@ _ANGELONE: BrokerSpec = {
     "instruments_published": (8, 0),
     "auth_modes": (AuthMode.AUTO, AuthMode.MANUAL),
     "default_auth_mode": AuthMode.AUTO,
-    "hooks": {"parse_master": _angelone_parse_master},
+    "credentials": {AuthMode.AUTO: ("api_key", "client_id", "pin", "totp_secret"), AuthMode.MANUAL: ("api_key", "access_token")},
+    "secrets": ("access_token", "pin", "totp_secret", "feed_token"),
+    "session_expiry": (0, 0),
+    "routes": {
+        "login": ("POST", "/rest/auth/angelbroking/user/v1/loginByPassword", "json", "login"),
+        "renew_token": ("POST", "/rest/auth/angelbroking/jwt/v1/generateTokens", "json", "renew"),
+        "get_profile": ("GET", _ANGEL_API + "/user/v1/getProfile", None, "profile"),
+        "get_funds": ("GET", _ANGEL_API + "/user/v1/getRMS", None, "funds"),
+        "get_holdings": ("GET", _ANGEL_API + "/portfolio/v1/getAllHolding", None, "holdings"),
+        "get_positions": ("GET", _ANGEL_API + "/order/v1/getPosition", None, "positions"),
+        "get_orders": ("GET", _ANGEL_API + "/order/v1/getOrderBook", None, "order_book"),
+        "get_trades": ("GET", _ANGEL_API + "/order/v1/getTradeBook", None, "trade_book"),
+        "place_order": ("POST", _ANGEL_API + "/order/v1/placeOrder", "json", "orders"),
+        "modify_order": ("POST", _ANGEL_API + "/order/v1/modifyOrder", "json", "orders"),
+        "cancel_order": ("POST", _ANGEL_API + "/order/v1/cancelOrder", "json", "orders"),
+        "calculate_margin": ("POST", _ANGEL_API + "/margin/v1/batch", "json", "margin"),
+    },
+    # Per client code, from AngelOne's rate-limit table (notes 3.4); place, modify and cancel
+    # share one budget.
+    "rate_limits": {
+        "default": [(1, 1.0)],
+        "login": [(1, 1.0)],
+        "renew": [(1, 1.0), (1000, 3600.0)],
+        "profile": [(3, 1.0), (1000, 3600.0)],
+        "funds": [(2, 1.0)],
+        "holdings": [(1, 1.0)],
+        "positions": [(1, 1.0)],
+        "order_book": [(1, 1.0)],
+        "trade_book": [(1, 1.0)],
+        "orders": [(9, 1.0), (500, 60.0), (1000, 3600.0)],
+        "margin": [(10, 1.0), (500, 60.0), (5000, 3600.0)],
+    },
+    "errors": {
+        "AG8001": AuthenticationError, "AG8002": AuthenticationError, "AG8003": AuthenticationError,
+        "AG8004": AuthenticationError, "AB8050": AuthenticationError, "AB8051": AuthenticationError,
+        "AB1000": AuthenticationError, "AB1001": AuthenticationError, "AB1002": AuthenticationError,
+        "AB1010": AuthenticationError, "AB1011": AuthenticationError, "AB1031": AuthenticationError,
+        "AB1032": AuthenticationError, "AB1050": AuthenticationError,
+        "AB1005": ConfigurationError,
+        "AB1003": BrokerError, "AB1004": BrokerError, "AB1006": BrokerError, "AB1007": BrokerError,
+        "AB2000": BrokerError, "AB2001": BrokerError,
+        "AB1008": InvalidOrderError, "AB1012": InvalidOrderError, "AB4008": InvalidOrderError,
+        "AB1009": InstrumentNotFoundError, "AB1018": InstrumentNotFoundError, "AB4018": InstrumentNotFoundError,
+        "AB1013": OrderNotFoundError, "AB1014": BrokerError, "AB1015": BrokerError, "AB1016": BrokerError,
+        "AB1017": OrderError, "AB2002": OrderError,
+        "AB1021": RateLimitError,
+    },
+    "order_errors": {},
+    "error_messages": (("exceeding access rate", RateLimitError), ("too many requests", RateLimitError),
+                       ("insufficient fund", InsufficientFundsError)),
+    "rate_limit_texts": ("exceeding access rate", "exceeding rate limit", "too many requests"),
+    # "Order/Trade/Holding/Position not found" is how AngelOne says "the list is empty".
+    "empty_codes": frozenset({"AB1013", "AB1014", "AB1015", "AB1016"}),
+    "retryable_codes": frozenset({"AB1004", "AB2001"}),
+    "exchanges": frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
+    "products": _ANGEL_PRODUCTS,
+    "order_types": _ANGEL_ORDER_TYPES,
+    "validities": ("DAY", "IOC"),
+    "max_tag_len": 19,  # "ordertag length should be less than 20 characters" (AB4008)
+    "hooks": {
+        "parse_master": _angelone_parse_master,
+        "headers": _angelone_headers,
+        "envelope": _angelone_envelope,
+        "login": _angelone_login,
+        "renew": _angelone_renew,
+        "reauth_hint": _angelone_reauth_hint,
+        "profile": _angelone_profile,
+        "funds": _angelone_funds,
+        "holding_rows": _angelone_holding_rows,
+        "holding": _angelone_holding,
+        "position_rows": _list_rows,
+        "position": _angelone_position,
+        "order": _angelone_order,
+        "trade": _angelone_trade,
+        "margin": _angelone_margin,
+        "margin_body": _angelone_margin_body,
+        "place_order": _angelone_place_order,
+        "placed": _angelone_placed,
+        "modify_order": _angelone_modify_order,
+        "cancel_order": _angelone_cancel_order,
+    },
 }
 
 
@@ -1518,8 +2207,49 @@ def _spec_for(broker: Any) -> BrokerSpec:
 # ============================================================================
 
 
+class _RateLimiter:
+    """Client-side pacing per endpoint class: sliding windows, e.g. [(9, 1.0), (500, 60.0)].
+
+    ``acquire`` reserves the earliest slot every window allows and sleeps until it (FIFO), so
+    threads share the budget fairly and the broker never sees a burst over its limit.
+    """
+
+    def __init__(self, limits: Mapping[str, Sequence[Tuple[int, float]]], clock: Callable[[], float],
+                 sleep: Callable[[float], None]) -> None:
+        import collections
+
+        self._limits = {name: tuple(windows) for name, windows in limits.items()}
+        self._log = {name: collections.deque(maxlen=max(n for n, _ in windows)) for name, windows in self._limits.items()}
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+
+    def acquire(self, name: str) -> None:
+        windows = self._limits.get(name) or self._limits["default"]
+        stamps = self._log.get(name) if name in self._limits else self._log["default"]
+        with self._lock:
+            now = self._clock()
+            slot = max(now, stamps[-1]) if stamps else now
+            for calls, per in windows:
+                if len(stamps) >= calls:
+                    slot = max(slot, stamps[-calls] + per)
+            stamps.append(slot)
+        if slot > now:
+            self._sleep(slot - now)
+
+
+class _Response:
+    __slots__ = ("status", "headers", "text")
+
+    def __init__(self, status: int, headers: Mapping[str, str], text: str) -> None:
+        self.status, self.headers, self.text = status, headers, text
+
+
 class _Transport:
-    """The one HTTP path: a pooled ``requests.Session`` (imported on first use), timeouts."""
+    """The one HTTP path: a pooled, kept-alive ``requests.Session`` (imported on first use).
+
+    It knows HTTP, not brokers: one request in, status/headers/text out, or a NetworkError
+    that says whether the request may have reached the server (``maybe_sent``).
+    """
 
     def __init__(self, timeout: float, max_retries: int, sleep: Callable[[float], None]) -> None:
         self.timeout = timeout
@@ -1533,8 +2263,29 @@ class _Transport:
             if self._session is None:
                 import requests
 
-                self._session = requests.Session()
+                session = requests.Session()
+                adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+                session.mount("https://", adapter)
+                session.mount("http://", adapter)
+                self._session = session
             return self._session
+
+    def request(self, method: str, url: str, headers: Mapping[str, str], params: Optional[Mapping[str, Any]],
+                form: Optional[Mapping[str, Any]], json_body: Any) -> _Response:
+        import requests
+
+        started = time.perf_counter()
+        try:
+            resp = self.session().request(method, url, headers=headers, params=params, data=form, json=json_body,
+                                          timeout=self.timeout)
+        except requests.RequestException as exc:
+            sent = not _never_sent(exc)
+            err = NetworkError(f"{method} {_path_of(url)} failed: {exc.__class__.__name__}: {_short(str(exc))}"
+                               + (" (the request may have reached the broker)" if sent else ""))
+            err.maybe_sent = sent  # type: ignore[attr-defined]
+            raise err from exc
+        log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.perf_counter() - started) * 1e3)
+        return _Response(resp.status_code, resp.headers, resp.text)
 
     def download(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
         """Stream ``url`` into ``dest``; retry connection failures; return the byte count."""
@@ -1548,7 +2299,7 @@ class _Transport:
                 if attempt >= self.max_retries:
                     cut = " (the body was cut short: truncated)" if isinstance(exc, requests.exceptions.ChunkedEncodingError) else ""
                     raise NetworkError(f"download of {url} failed{cut}: {exc.__class__.__name__}: {_short(str(exc))}") from exc
-                delay = min(8.0, 0.5 * 2 ** attempt)
+                delay = _backoff(attempt)
                 log.warning("download of %s failed (%s); retrying in %.1f s", url, exc.__class__.__name__, delay)
                 self.sleep(delay)
                 attempt += 1
@@ -1578,16 +2329,274 @@ class _Transport:
                 self._session = None
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """True when a requests failure happened before any byte of the request left this host."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
+        import urllib3
+
+        reason = getattr(exc.args[0], "reason", exc.args[0])
+        return isinstance(reason, urllib3.exceptions.NewConnectionError)
+    return False
+
+
+def _path_of(url: str) -> str:
+    """The path of a URL, for logs and messages (no host, no query: queries can hold secrets)."""
+    rest = url.split("://", 1)[-1]
+    return "/" + rest.split("/", 1)[1].split("?", 1)[0] if "/" in rest else "/"
+
+
+def _backoff(attempt: int, retry_after: Optional[float] = None) -> float:
+    """Exponential backoff (0.5 s, 1 s, 2 s ... capped at 8 s), or the server's Retry-After."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), 60.0)
+    return min(8.0, 0.5 * 2 ** attempt)
+
+
 def _short(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
+    value = headers.get("Retry-After") if headers else None
+    if value and value.strip().replace(".", "", 1).isdigit():
+        return float(value)
+    return None
+
+
+def _check_response(spec: BrokerSpec, route: str, resp: _Response) -> Any:
+    """The one check every broker response passes: return the payload or raise the right error."""
+    text = resp.text or ""
+    try:
+        body = json.loads(text) if text.strip() else None
+    except ValueError:
+        body = None
+    where = f"{spec['id']} {route}"
+    if body is None:
+        lowered = text.lower()
+        retry_after = _retry_after(resp.headers)
+        if resp.status == 429 or any(t in lowered for t in spec["rate_limit_texts"]):
+            err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(text, 80)}); slow down and retry",
+                                                 http_status=resp.status)
+        elif not text.strip():
+            err = BrokerError(f"{where}: empty response body with HTTP {resp.status}", http_status=resp.status,
+                              retryable=resp.status >= 500)
+        else:
+            err = BrokerError(f"{where}: HTTP {resp.status} with a non-JSON body: {_short(text, 120)}",
+                              http_status=resp.status, retryable=resp.status >= 500)
+        err.retry_after = retry_after  # type: ignore[attr-defined]
+        raise err
+    ok, data, code, message = spec["hooks"]["envelope"](resp.status, body)
+    if ok:
+        return data
+    cls = _error_class(spec, route, resp.status, code, message)
+    if code in spec["empty_codes"] and route in _LIST_ROUTES:
+        return None
+    retryable = cls in (RateLimitError, NetworkError) or resp.status >= 500 or code in spec["retryable_codes"]
+    err = cls(f"{where}: {message} ({code or 'no code'}, HTTP {resp.status})", broker_code=code or None,
+              http_status=resp.status, retryable=retryable)
+    err.retry_after = _retry_after(resp.headers)  # type: ignore[attr-defined]
+    raise err
+
+
+_ORDER_ROUTES = frozenset({"place_order", "modify_order", "cancel_order", "get_order_history", "get_order"})
+_LIST_ROUTES = frozenset({"get_orders", "get_trades", "get_holdings", "get_positions"})
+
+
+def _error_class(spec: BrokerSpec, route: str, status: int, code: str, message: str) -> type:
+    if route in _ORDER_ROUTES and code in spec["order_errors"]:
+        return spec["order_errors"][code]
+    lowered = message.lower()
+    for fragment, cls in spec["error_messages"]:
+        if fragment in lowered:
+            return cls
+    if code in spec["errors"]:
+        cls = spec["errors"][code]
+        if cls is NetworkError and status == 429:
+            return RateLimitError
+        return cls
+    if status == 429:
+        return RateLimitError
+    if status in (401, 403):
+        return AuthenticationError
+    if status == 404 and route in _ORDER_ROUTES:
+        return OrderNotFoundError
+    return BrokerError
 
 
 # ============================================================================
 # 8. Auth & session stores
 # ============================================================================
 
-# (The next issue fills this section: manual/auto auth, session stores, expiry rules.)
+
+class _MemoryStore:
+    """Keeps the session for the life of the client (the default)."""
+
+    def __init__(self) -> None:
+        self._session: Optional[SessionData] = None
+
+    def load(self) -> Optional[SessionData]:
+        return self._session
+
+    def save(self, session: SessionData) -> None:
+        self._session = session
+
+    def clear(self) -> None:
+        self._session = None
+
+
+class _FileStore:
+    """``<cache_dir>/<broker>_session.json``: written atomically, readable by the owner only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> Optional[SessionData]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                raw = json.load(f)
+            return SessionData(
+                broker=raw["broker"], mode=AuthMode(raw["mode"]), access_token=raw["access_token"],
+                refresh_token=raw.get("refresh_token"), feed_token=raw.get("feed_token"),
+                obtained_at=_dt.datetime.fromisoformat(raw["obtained_at"]) if raw.get("obtained_at") else None,
+                expires_at=_dt.datetime.fromisoformat(raw["expires_at"]) if raw.get("expires_at") else None,
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Say what kind of damage, never the content (it holds tokens).
+            log.warning("ignoring unreadable session file %s (%s)", self.path, exc.__class__.__name__)
+            return None
+
+    def save(self, session: SessionData) -> None:
+        data = {
+            "broker": session.broker, "mode": session.mode.value, "access_token": session.access_token,
+            "refresh_token": session.refresh_token, "feed_token": session.feed_token,
+            "obtained_at": session.obtained_at.isoformat() if session.obtained_at else None,
+            "expires_at": session.expires_at.isoformat() if session.expires_at else None,
+        }
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def clear(self) -> None:
+        _remove_quietly(self.path)
+
+
+def _session_expiry(obtained: _dt.datetime, rule: Tuple[int, int]) -> _dt.datetime:
+    """The first ``rule`` (hour, minute) IST strictly after ``obtained``."""
+    local = obtained.astimezone(IST)
+    cut = local.replace(hour=rule[0], minute=rule[1], second=0, microsecond=0)
+    return cut if cut > local else cut + _dt.timedelta(days=1)
+
+
+class _Auth:
+    """Owns the session: where it comes from, when it expires, and refreshing it once."""
+
+    def __init__(self, spec: BrokerSpec, config: Mapping[str, Any], mode: AuthMode, store: Any,
+                 clock: Callable[[], float], call: Callable[..., Any]) -> None:
+        self.spec, self.config, self.mode, self.store = spec, config, mode, store
+        self._clock, self._call = clock, call
+        self._lock = threading.RLock()
+        self._session: Optional[SessionData] = None
+        self._expires = 0.0
+        self.generation = 0
+
+    def current(self) -> SessionData:
+        """Return a usable session, obtaining one if there is none or it expired."""
+        session = self._session
+        if session is not None and self._clock() < self._expires:
+            return session
+        with self._lock:
+            if self._session is None or self._clock() >= self._expires:
+                self._install(self._obtain())
+            assert self._session is not None
+            return self._session
+
+    def _install(self, session: SessionData) -> None:
+        if session.expires_at is None:
+            obtained = session.obtained_at or _dt.datetime.fromtimestamp(self._clock(), IST)
+            session = dataclasses.replace(session, obtained_at=obtained,
+                                          expires_at=_session_expiry(obtained, self.spec["session_expiry"]))
+        self._session = session
+        self._expires = session.expires_at.timestamp()  # type: ignore[union-attr]
+        self.generation += 1
+
+    def _usable(self, session: Optional[SessionData]) -> bool:
+        return (session is not None and session.broker == self.spec["id"] and session.expires_at is not None
+                and session.expires_at.timestamp() > self._clock())
+
+    def _obtain(self) -> SessionData:
+        stored = self.store.load()
+        config_token = self.config.get("access_token")
+        if self._usable(stored) and (config_token is None or stored.access_token == config_token):
+            return stored
+        now = _dt.datetime.fromtimestamp(self._clock(), IST)
+        if self.mode is AuthMode.AUTO:
+            return self._save(self.spec["hooks"]["login"](self._call, self.config, self._clock()))
+        if config_token and (self._session is None or self._session.access_token != config_token):
+            session = SessionData(broker=self.spec["id"], mode=AuthMode.MANUAL, access_token=config_token,
+                                  feed_token=self.config.get("feed_token"), obtained_at=now)
+            return self._save(session)
+        if self._session is not None or stored is not None:
+            raise AuthenticationError(f"the {self.spec['id']} session has expired; {self.hint()}")
+        raise ConfigurationError(f"{self.spec['id']} needs a session: {self.hint()}")
+
+    def _save(self, session: SessionData) -> SessionData:
+        if session.expires_at is None:
+            obtained = session.obtained_at or _dt.datetime.fromtimestamp(self._clock(), IST)
+            session = dataclasses.replace(session, obtained_at=obtained,
+                                          expires_at=_session_expiry(obtained, self.spec["session_expiry"]))
+        self.store.save(session)
+        return session
+
+    def adopt(self, session: SessionData) -> None:
+        """Install and store a session obtained elsewhere (the Kite request-token exchange)."""
+        with self._lock:
+            self._install(self._save(session))
+
+    def recover(self, generation: int) -> bool:
+        """After the broker refused the session seen at ``generation``: refresh it once.
+
+        Returns True when the caller should retry. Threads that failed on the same session
+        wait here and then retry with the one the first of them obtained.
+        """
+        with self._lock:
+            if self.generation != generation:
+                return True  # another thread already replaced the session
+            if self.mode is not AuthMode.AUTO:
+                self.store.clear()
+                return False
+            old = self._session
+            renew = self.spec["hooks"].get("renew")
+            fresh = None
+            if renew is not None and old is not None and old.refresh_token:
+                try:
+                    fresh = renew(self._call, self.config, old, self._clock())
+                except AuthenticationError as exc:
+                    log.info("%s token renewal refused (%s); logging in again", self.spec["id"], exc.broker_code)
+            if fresh is None:
+                fresh = self.spec["hooks"]["login"](self._call, self.config, self._clock())
+            self._install(self._save(fresh))
+            return True
+
+    def hint(self) -> str:
+        hint = self.spec["hooks"].get("reauth_hint")
+        return hint(self.config, self.spec["login_url"]) if hint else "log in again"
 
 
 # ============================================================================
@@ -1602,6 +2611,36 @@ def _latest_publication(now: float, published: Tuple[int, int]) -> _dt.datetime:
     local = _dt.datetime.fromtimestamp(now, IST)
     pub = local.replace(hour=published[0], minute=published[1], second=0, microsecond=0)
     return pub if local >= pub else pub - _dt.timedelta(days=1)
+
+
+def _order_enum(enum_cls: Any, value: Any, what: str) -> Any:
+    try:
+        return _as_enum(enum_cls, value, what)
+    except ValueError as exc:
+        raise InvalidOrderError(str(exc)) from None
+
+
+def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional[Decimal]:
+    """Check a price (rupees) is positive and on the instrument's tick, exactly."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+        raise InvalidOrderError(f"{what} must be a number, got {value!r}")
+    try:
+        price = Decimal(str(value))
+    except InvalidOperation:
+        raise InvalidOrderError(f"{what} {value!r} is not a number") from None
+    if not price.is_finite() or price <= 0:
+        raise InvalidOrderError(f"{what} must be positive, got {value!r}")
+    if tick > 0:
+        step = Decimal(repr(tick))
+        if price % step:
+            below = (price // step) * step
+            raise InvalidOrderError(
+                f"{what} {price} is not a multiple of the tick size {step} for {instrument}; "
+                f"use {below.normalize():f} or {(below + step).normalize():f}"
+            )
+    return price
 
 
 class TTConnect:
@@ -1652,9 +2691,17 @@ class TTConnect:
         self._cache_dir = self._cache_dir_option(cfg)
         self._transport = _Transport(float(timeout), retries, self._sleep)
         self._tokens: Dict[int, Tuple[str, str]] = {}
+        self._by_symbol: Dict[Tuple[str, str], Instrument] = {}
+        self._placed: Dict[str, Order] = {}  # orders this client placed: variety & ids for modify/cancel
+        self._ctx = _Ctx(self)
+        mode = self._auth_mode_option(cfg)
+        self._limiter = _RateLimiter(self._rate_limits_option(cfg), self._clock, self._sleep)
+        self._auth = _Auth(self._spec, cfg, mode, self._session_store_option(cfg), self._clock, self._hook_call)
         self._store = _InstrumentStore(os.path.join(self._cache_dir, "instruments.db"))
         self._ensure_instruments()
         _register_store(self._store)
+        if cfg.get("request_token"):
+            self._auth.adopt(self._spec["hooks"]["exchange_token"](self._hook_call, cfg, self._clock()))
 
     # -- config --------------------------------------------------------------------------
 
@@ -1663,6 +2710,56 @@ class TTConnect:
         if not isinstance(value, str) or (value and not value.split("://", 1)[0] in ("http", "https", "ws", "wss")):
             raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL, got {value!r}")
         return value
+
+    def _auth_mode_option(self, cfg: Mapping[str, Any]) -> AuthMode:
+        spec = self._spec
+        for key in set(k for keys in spec["credentials"].values() for k in keys) | {"api_secret", "request_token", "feed_token"}:
+            value = cfg.get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigurationError(f"config {key!r} must be a non-empty string")
+        raw = cfg.get("auth_mode")
+        if raw is not None:
+            try:
+                mode = AuthMode(raw.lower() if isinstance(raw, str) else raw)
+            except ValueError:
+                raise ConfigurationError(f"config 'auth_mode' must be 'manual' or 'auto', got {raw!r}") from None
+            if mode not in spec["auth_modes"]:
+                modes = ", ".join(m.value for m in spec["auth_modes"])
+                raise UnsupportedFeatureError(f"{spec['id']} does not support auth_mode {mode.value!r}; it supports: {modes}")
+        elif AuthMode.AUTO in spec["credentials"] and all(cfg.get(k) for k in spec["credentials"][AuthMode.AUTO]):
+            mode = AuthMode.AUTO
+        elif cfg.get("access_token") or cfg.get("request_token"):
+            mode = AuthMode.MANUAL
+        else:
+            mode = spec["default_auth_mode"]
+        if cfg.get("request_token") and not (cfg.get("api_key") and cfg.get("api_secret")):
+            raise ConfigurationError("config 'request_token' needs 'api_key' and 'api_secret' to be exchanged for an access token")
+        return mode
+
+    def _rate_limits_option(self, cfg: Mapping[str, Any]) -> Dict[str, Sequence[Tuple[int, float]]]:
+        limits: Dict[str, Sequence[Tuple[int, float]]] = dict(self._spec["rate_limits"])
+        extra = cfg.get("rate_limits") or {}
+        if not isinstance(extra, Mapping):
+            raise ConfigurationError("config 'rate_limits' must map an endpoint class to calls per second or [(calls, seconds)]")
+        for name, value in extra.items():
+            windows = [(value, 1.0)] if isinstance(value, (int, float)) else value
+            try:
+                limits[name] = [(int(n), float(per)) for n, per in windows]
+            except (TypeError, ValueError):
+                raise ConfigurationError(f"config 'rate_limits'[{name!r}] must be calls per second or [(calls, seconds)], got {value!r}") from None
+            if any(n <= 0 or per <= 0 for n, per in limits[name]):
+                raise ConfigurationError(f"config 'rate_limits'[{name!r}] must be positive, got {value!r}")
+        return limits
+
+    def _session_store_option(self, cfg: Mapping[str, Any]) -> Any:
+        store = cfg.get("session_store")
+        if store is not None:
+            if not all(callable(getattr(store, m, None)) for m in ("load", "save", "clear")):
+                raise ConfigurationError("config 'session_store' must have load(), save(session) and clear() methods")
+            return store
+        if cfg.get("cache_session"):
+            return _FileStore(os.path.join(self._cache_dir, f"{self._spec['id']}_session.json"))
+        return _MemoryStore()
 
     @staticmethod
     def _cache_dir_option(cfg: Mapping[str, Any]) -> str:
@@ -1827,6 +2924,336 @@ class TTConnect:
             self._store.check_exists(instrument)
             raise InstrumentNotFoundError(f"{instrument} not found")  # pragma: no cover - check_exists raised
         return info
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _send(self, route: str, session: Optional[SessionData], path_args: Optional[Mapping[str, str]] = None,
+              params: Optional[Mapping[str, Any]] = None, body: Any = None) -> Any:
+        """One request through the limiter and the transport, then the central check."""
+        method, template, encoding, rate = self._spec["routes"][route]
+        url = self._urls["root_url"] + (template.format(**path_args) if path_args else template)
+        headers = self._spec["hooks"]["headers"](self._config, session)
+        self._limiter.acquire(rate)
+        resp = self._transport.request(method, url, headers, params, body if encoding == "form" else None,
+                                       body if encoding == "json" else None)
+        return _check_response(self._spec, route, resp)
+
+    def _hook_call(self, route: str, body: Any = None, session: Optional[SessionData] = None) -> Any:
+        """The ``call`` handed to auth hooks: no session unless given, no auth recovery."""
+        return self._send(route, session, body=body)
+
+    def _call(self, route: str, path_args: Optional[Mapping[str, str]] = None, params: Optional[Mapping[str, Any]] = None,
+              body: Any = None, idempotent: bool = True) -> Any:
+        """An authenticated call: retries what is safe to retry, recovers the session once."""
+        attempt, recovered = 0, False
+        while True:
+            session = self._auth.current()
+            generation = self._auth.generation
+            try:
+                return self._send(route, session, path_args, params, body)
+            except AuthenticationError as exc:
+                if recovered or not self._auth.recover(generation):
+                    raise AuthenticationError(f"{exc}; {self._auth.hint()}", broker_code=exc.broker_code,
+                                              http_status=exc.http_status) from exc
+                recovered = True
+            except (RateLimitError, NetworkError, BrokerError) as exc:
+                # A rate-limit refusal was not processed; a connection that never opened sent
+                # nothing. Anything else may have reached the broker: only idempotent calls retry.
+                safe = idempotent or isinstance(exc, RateLimitError) or not getattr(exc, "maybe_sent", True)
+                if not (exc.retryable and safe) or attempt >= self._transport.max_retries:
+                    raise
+                delay = _backoff(attempt, getattr(exc, "retry_after", None))
+                log.warning("%s %s failed (%s); retry %d in %.1f s", self.broker, route, exc.__class__.__name__, attempt + 1, delay)
+                self._sleep(delay)
+                attempt += 1
+
+    def _instrument_for(self, exchange: str, broker_symbol: str) -> Instrument:
+        key = (exchange, broker_symbol)
+        found = self._by_symbol.get(key)
+        if found is None:
+            found = self._store.by_broker_symbol(self.broker, exchange, broker_symbol)
+            if found is None:
+                raise InstrumentNotFoundError(
+                    f"{self.broker} reported {exchange}:{broker_symbol}, which is not in the loaded instrument master "
+                    "(an unloaded segment, or a contract listed after the last refresh)"
+                )
+            self._by_symbol[key] = found
+        return found
+
+    def _rows(self, route: str, hook: str, rows: Any) -> List[Any]:
+        """Parse list rows; a row naming an instrument outside the master is logged and skipped."""
+        parse = self._spec["hooks"][hook]
+        out = []
+        for row in rows or ():
+            try:
+                out.append(parse(self._ctx, row))
+            except InstrumentNotFoundError as exc:
+                log.warning("%s %s: skipped a row: %s", self.broker, route, exc)
+        return out
+
+    # -- account ---------------------------------------------------------------------------
+
+    @staticmethod
+    def login_url(broker: str, config: Optional[Mapping[str, Any]] = None) -> str:
+        """Return the browser login URL for ``broker`` (needs ``api_key``)."""
+        spec = _spec_for(broker)
+        cfg = dict(config or {})
+        hook = spec["hooks"].get("login_url")
+        if hook is None or not spec["login_url"]:
+            raise UnsupportedFeatureError(f"{spec['id']} has no browser login")
+        if not isinstance(cfg.get("api_key"), str) or not cfg["api_key"]:
+            raise ConfigurationError(f"config 'api_key' is needed for the {spec['id']} login URL")
+        return hook(cfg, cfg.get("login_url") or spec["login_url"])
+
+    def get_profile(self) -> Profile:
+        """Return the account's profile."""
+        return self._spec["hooks"]["profile"](self._ctx, self._call("get_profile"))
+
+    def get_funds(self) -> Fund:
+        """Return the equity-segment funds (rupees)."""
+        return self._spec["hooks"]["funds"](self._ctx, self._call("get_funds"))
+
+    def get_holdings(self) -> List[Holding]:
+        """Return delivery holdings."""
+        return self._rows("get_holdings", "holding", self._spec["hooks"]["holding_rows"](self._call("get_holdings")))
+
+    def get_positions(self) -> List[Position]:
+        """Return net positions with a non-zero quantity (closed rows are skipped)."""
+        rows = self._spec["hooks"]["position_rows"](self._call("get_positions"))
+        return [p for p in self._rows("get_positions", "position", rows) if p.qty != 0]
+
+    def get_orders(self) -> List[Order]:
+        """Return today's orders."""
+        return self._rows("get_orders", "order", self._call("get_orders"))
+
+    def get_trades(self) -> List[Trade]:
+        """Return today's fills."""
+        return self._rows("get_trades", "trade", self._call("get_trades"))
+
+    def get_order(self, order_id: str) -> Order:
+        """Return the current state of one order."""
+        return self.get_order_history(order_id)[-1]
+
+    def get_order_history(self, order_id: str) -> List[Order]:
+        """Return an order's states, oldest first (one state where the broker keeps no history)."""
+        order_id = self._order_id(order_id)
+        if "get_order_history" in self._spec["routes"]:
+            rows = self._call("get_order_history", path_args={"order_id": order_id})
+            history = [self._spec["hooks"]["order"](self._ctx, row) for row in rows or ()]
+            if history:
+                return history
+        else:
+            for order in self.get_orders():
+                if order.id == order_id:
+                    return [order]
+        raise OrderNotFoundError(f"{self.broker} has no order {order_id} today")
+
+    @staticmethod
+    def _order_id(order_id: Any) -> str:
+        if not isinstance(order_id, str) or not order_id.strip():
+            raise InvalidOrderError(f"order_id must be the broker's order id as a non-empty string, got {order_id!r}")
+        return order_id.strip()
+
+    # -- orders ----------------------------------------------------------------------------
+
+    def _order_request(self, instrument: Instrument, qty: Any, side: Any, product: Any, order_type: Any,
+                       price: Any, trigger_price: Any, tag: Any, validity: Any) -> _OrderRequest:
+        """Validate an order completely before anything is sent."""
+        spec = self._spec
+        if not isinstance(instrument, _Instrument):
+            raise InvalidOrderError(f"instrument must be an Equity, Future or Option, got {instrument!r}")
+        if isinstance(instrument, Index):
+            raise InvalidOrderError(f"{instrument} is an index: indices cannot be traded; trade its futures or options")
+        if instrument.exchange not in spec["exchanges"]:
+            raise UnsupportedFeatureError(f"{self.broker} does not trade the {instrument.exchange.value} segment through ttconnect")
+        side_e = _order_enum(Side, side, "side")
+        product_e = _order_enum(ProductType, product, "product")
+        type_e = _order_enum(OrderType, order_type, "order_type")
+        if product_e not in spec["products"]:
+            raise UnsupportedFeatureError(f"{self.broker} does not support product {product_e.value}")
+        if type_e not in spec["order_types"]:
+            raise UnsupportedFeatureError(f"{self.broker} does not support order type {type_e.value}")
+        cash = instrument.exchange in _CASH_EXCHANGES
+        if product_e is ProductType.CNC and not cash:
+            raise InvalidOrderError(f"product CNC is for cash equities; {instrument} needs NRML (carry) or MIS (intraday)")
+        if product_e is ProductType.NRML and cash:
+            raise InvalidOrderError(f"product NRML is for derivatives; {instrument} needs CNC (delivery) or MIS (intraday)")
+        if validity not in spec["validities"]:
+            raise InvalidOrderError(f"validity {validity!r} is not supported by {self.broker}; use one of {', '.join(spec['validities'])}")
+        if isinstance(qty, bool) or not isinstance(qty, int) or qty <= 0:
+            raise InvalidOrderError(f"qty must be a positive whole number of units, got {qty!r}")
+        token, bsym = self._lookup(instrument)
+        _, lot, tick = self._info(instrument)
+        if lot > 1 and qty % lot:
+            raise InvalidOrderError(
+                f"qty {qty} is not a multiple of the lot size {lot} for {instrument}; "
+                f"use {max(lot, qty // lot * lot)} or {(qty // lot + 1) * lot}"
+            )
+        price_d = _order_price(price, "price", tick, instrument)
+        trigger_d = _order_price(trigger_price, "trigger_price", tick, instrument)
+        if type_e in (OrderType.LIMIT, OrderType.SL) and price_d is None:
+            raise InvalidOrderError(f"{type_e.value} orders need a price")
+        if type_e in (OrderType.MARKET, OrderType.SL_M) and price_d is not None:
+            raise InvalidOrderError(f"{type_e.value} orders take no price (got {price!r}); use LIMIT or SL to set one")
+        if type_e in (OrderType.SL, OrderType.SL_M) and trigger_d is None:
+            raise InvalidOrderError(f"{type_e.value} orders need a trigger_price")
+        if type_e in (OrderType.MARKET, OrderType.LIMIT) and trigger_d is not None:
+            raise InvalidOrderError(f"{type_e.value} orders take no trigger_price (got {trigger_price!r}); use SL or SL_M")
+        if type_e is OrderType.SL and price_d is not None and trigger_d is not None:
+            if side_e is Side.BUY and trigger_d > price_d:
+                raise InvalidOrderError(f"a stop-loss BUY triggers at or below its limit price: trigger {trigger_d} > price {price_d}")
+            if side_e is Side.SELL and trigger_d < price_d:
+                raise InvalidOrderError(f"a stop-loss SELL triggers at or above its limit price: trigger {trigger_d} < price {price_d}")
+        return _OrderRequest(instrument, token, bsym, qty, side_e, product_e, type_e, price_d, trigger_d,
+                             self._order_tag(tag), validity)
+
+    def _order_tag(self, tag: Any) -> str:
+        limit = self._spec["max_tag_len"]
+        if tag is None:
+            # Unique per order: after an ambiguous failure the order is found again by it.
+            return "tt" + os.urandom(7).hex()
+        if not isinstance(tag, str) or not tag or len(tag) > limit or not all(c.isalnum() or c in "-_" for c in tag):
+            raise InvalidOrderError(f"tag must be 1-{limit} letters, digits, '-' or '_' for {self.broker}, got {tag!r}")
+        return tag
+
+    def place_order(self, instrument: Instrument, qty: int, side: Side, product: ProductType, order_type: OrderType,
+                    price: Optional[float] = None, trigger_price: Optional[float] = None, tag: Optional[str] = None,
+                    validity: str = "DAY") -> str:
+        """Place an order and return the broker's order id.
+
+        Everything is validated before a request is sent. The order is never sent twice: after
+        an ambiguous failure (timeout, dropped connection, 5xx) it is looked up by its tag.
+        """
+        req = self._order_request(instrument, qty, side, product, order_type, price, trigger_price, tag, validity)
+        path_args, body = self._spec["hooks"]["place_order"](req)
+        try:
+            data = self._call("place_order", path_args=path_args, body=body, idempotent=False)
+        except (NetworkError, BrokerError) as exc:
+            if not (exc.retryable and getattr(exc, "maybe_sent", True)):
+                raise
+            return self._find_placed(req, exc)
+        order_id, meta = self._spec["hooks"]["placed"](data)
+        self._remember(order_id, req, path_args, meta)
+        return order_id
+
+    def _remember(self, order_id: str, req: _OrderRequest, path_args: Mapping[str, str], meta: Mapping[str, Any]) -> None:
+        raw = {**path_args, **meta}
+        self._placed[order_id] = Order(
+            id=order_id, instrument=req.instrument, side=req.side, qty=req.qty, filled_qty=0, pending_qty=req.qty,
+            order_type=req.order_type, product=req.product, status=OrderStatus.PENDING, tag=req.tag, raw=raw)
+
+    def _find_placed(self, req: _OrderRequest, cause: TTConnectError) -> str:
+        """After an ambiguous failure: find the order by its tag instead of sending it again."""
+        log.warning("%s place_order outcome unknown (%s); looking for tag %s", self.broker, cause.__class__.__name__, req.tag)
+        for attempt in range(3):
+            try:
+                for order in self.get_orders():
+                    if order.tag == req.tag:
+                        self._placed[order.id] = order
+                        log.info("%s order with tag %s was placed: %s", self.broker, req.tag, order.id)
+                        return order.id
+            except TTConnectError as exc:
+                log.warning("%s order book look-up failed (%s)", self.broker, exc.__class__.__name__)
+            if attempt < 2:
+                self._sleep(_backoff(attempt))
+        raise OrderError(
+            f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause}) and no order tagged "
+            f"{req.tag!r} is in the order book; it was most likely not placed. Check the order book before placing again",
+            retryable=False,
+        ) from cause
+
+    def _live_order(self, order_id: str, action: str) -> Order:
+        order_id = self._order_id(order_id)
+        order = self.get_order(order_id)
+        if order.status not in _LIVE_STATUSES:
+            raise OrderError(f"order {order_id} is {order.status.value}: only open orders can be {action}")
+        return order
+
+    def modify_order(self, order_id: str, qty: Optional[int] = None, price: Optional[float] = None,
+                     trigger_price: Optional[float] = None, order_type: Optional[OrderType] = None) -> str:
+        """Change an open order; unspecified fields keep their current values. Returns the order id."""
+        current = self._live_order(order_id, "modified")
+        new_type = current.order_type if order_type is None else _order_enum(OrderType, order_type, "order_type")
+        if new_type not in self._spec["order_types"]:
+            raise UnsupportedFeatureError(f"{self.broker} does not support order type {new_type.value}")
+        new_qty = current.qty if qty is None else qty
+        if isinstance(new_qty, bool) or not isinstance(new_qty, int) or new_qty <= 0:
+            raise InvalidOrderError(f"qty must be a positive whole number of units, got {qty!r}")
+        token, bsym = self._lookup(current.instrument)
+        _, lot, tick = self._info(current.instrument)
+        if lot > 1 and new_qty % lot:
+            raise InvalidOrderError(f"qty {new_qty} is not a multiple of the lot size {lot} for {current.instrument}")
+        keep_price = new_type in (OrderType.LIMIT, OrderType.SL)
+        keep_trigger = new_type in (OrderType.SL, OrderType.SL_M)
+        price_d = _order_price(price if price is not None else (current.price if keep_price else None), "price", tick, current.instrument)
+        trigger_d = _order_price(trigger_price if trigger_price is not None else (current.trigger_price if keep_trigger else None),
+                                 "trigger_price", tick, current.instrument)
+        if keep_price and price_d is None:
+            raise InvalidOrderError(f"{new_type.value} orders need a price")
+        if not keep_price and price is not None:
+            raise InvalidOrderError(f"{new_type.value} orders take no price")
+        if keep_trigger and trigger_d is None:
+            raise InvalidOrderError(f"{new_type.value} orders need a trigger_price")
+        if not keep_trigger and trigger_price is not None:
+            raise InvalidOrderError(f"{new_type.value} orders take no trigger_price")
+        path_args, body = self._spec["hooks"]["modify_order"](current, new_type, new_qty, price_d if keep_price else None,
+                                                            trigger_d if keep_trigger else None, token, bsym)
+        self._call("modify_order", path_args=path_args, body=body)
+        return current.id
+
+    def cancel_order(self, order_id: str) -> str:
+        """Cancel an open order; returns its id."""
+        return self._cancel(self._live_order(order_id, "cancelled"))
+
+    def _cancel(self, order: Order) -> str:
+        path_args, body = self._spec["hooks"]["cancel_order"](order)
+        self._call("cancel_order", path_args=path_args, body=body)
+        return order.id
+
+    def cancel_all_orders(self) -> Tuple[List[str], List[str]]:
+        """Cancel every open and trigger-pending order: returns (cancelled ids, failed ids)."""
+        cancelled, failed = [], []
+        for order in self.get_orders():
+            if order.status in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED, OrderStatus.TRIGGER_PENDING):
+                try:
+                    cancelled.append(self._cancel(order))
+                except TTConnectError as exc:
+                    log.warning("%s: cancelling order %s failed: %s", self.broker, order.id, exc)
+                    failed.append(order.id)
+        return cancelled, failed
+
+    def close_all_positions(self) -> Tuple[List[str], List[str]]:
+        """Offset every open position with a MARKET order of the same product.
+
+        Returns (placed order ids, positions that could not be closed, as instrument labels).
+        """
+        placed, failed = [], []
+        for pos in self.get_positions():
+            side = Side.SELL if pos.qty > 0 else Side.BUY
+            try:
+                if pos.product is None:
+                    raise UnsupportedFeatureError(f"position in {pos.instrument} has a product outside CNC/MIS/NRML")
+                placed.append(self.place_order(pos.instrument, abs(pos.qty), side, pos.product, OrderType.MARKET))
+            except TTConnectError as exc:
+                log.warning("%s: closing %s failed: %s", self.broker, pos.instrument, exc)
+                failed.append(str(pos.instrument))
+        return placed, failed
+
+    def calculate_margin(self, legs: Sequence[Union[OrderLeg, Mapping[str, Any]]]) -> Margin:
+        """Return the margin a basket needs, before and after the spread benefit."""
+        if not legs:
+            raise InvalidOrderError("calculate_margin needs at least one leg")
+        checked = []
+        for leg in legs:
+            if isinstance(leg, Mapping):
+                leg = OrderLeg(**leg)
+            if not isinstance(leg, OrderLeg):
+                raise InvalidOrderError(f"a margin leg must be an OrderLeg or a dict of its fields, got {leg!r}")
+            req = self._order_request(leg.instrument, leg.qty, leg.side, leg.product, leg.order_type, leg.price,
+                                      leg.trigger_price, "margin", "DAY")
+            checked.append(req)
+        params, body = self._spec["hooks"]["margin_body"](checked)
+        return self._spec["hooks"]["margin"](self._ctx, self._call("calculate_margin", params=params, body=body))
 
     # -- lifecycle -----------------------------------------------------------------------
 
