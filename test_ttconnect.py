@@ -4,6 +4,7 @@ server bound to 127.0.0.1, and time is injected."""
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import hashlib
 import http.server
 import json
@@ -577,6 +578,802 @@ def test_json_array_stream_survives_any_chunk_boundary() -> None:
 
 
 # ============================================================================
+# 6. Broker specs (REST: shared fixtures and one mocked API per broker)
+# ============================================================================
+
+TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+CREDS = {
+    "zerodha": {"api_key": "kitekey01", "access_token": "kite-access-SECRET-1"},
+    "angelone": {"api_key": "angelkey01", "client_id": "A123456", "pin": "4321", "totp_secret": TOTP_SECRET},
+}
+SCENARIO_DAY = ist(2026, 11, 23, 10, 0)
+
+
+def fixture_text(broker: str, name: str) -> str:
+    return (FIXTURES / broker / name).read_text()
+
+
+def route_regex(broker: str, route: str) -> Any:
+    import re
+
+    method, path, _, _ = tt._BROKERS[broker]["routes"][route]
+    pattern = re.escape(tt._BROKERS[broker]["root_url"] + path)
+    pattern = re.sub(r"\\\{[a-z_]+\\\}", "[^/?]+", pattern)
+    return method, re.compile(pattern + r"(\?.*)?$")
+
+
+class MockApi:
+    """A broker's REST API on ``responses``: each route answers its fixture unless told otherwise."""
+
+    def __init__(self, rs: responses.RequestsMock, broker: str) -> None:
+        self.rs, self.broker = rs, broker
+        self.spec = tt._BROKERS[broker]
+
+    def on(self, route: str, body: Any = None, status: int = 200, fixture: Optional[str] = None,
+           callback: Any = None, **kwargs: Any) -> None:
+        method, url = route_regex(self.broker, route)
+        if callback is not None:
+            self.rs.add_callback(method, url, callback=callback)
+            return
+        if body is None:
+            body = fixture_text(self.broker, fixture or f"{route}.json")
+        elif not isinstance(body, (str, bytes, Exception)):
+            body = json.dumps(body)
+        self.rs.add(method, url, body=body, status=status, **kwargs)
+
+    def all(self, *skip: str) -> "MockApi":
+        for route in self.spec["routes"]:
+            if route not in skip and (FIXTURES / self.broker / f"{route}.json").exists():
+                self.on(route)
+        return self
+
+    def calls(self, route: str) -> List[Any]:
+        method, url = route_regex(self.broker, route)
+        return [c for c in self.rs.calls if c.request.method == method and url.match(c.request.url)]
+
+
+@pytest.fixture
+def day_clock() -> FakeClock:
+    return FakeClock(SCENARIO_DAY)
+
+
+def rest_client(clients: list, broker: str, tmp_path: Path, clock: FakeClock, **config: Any) -> tt.TTConnect:
+    body = KITE_CSV if broker == "zerodha" else ANGEL_JSON
+    cfg = {**CREDS[broker], **config}
+    return open_client(clients, broker, tmp_path, clock, body, **cfg)
+
+
+def run_strategy(client: tt.TTConnect) -> Dict[str, Any]:
+    """One broker-agnostic strategy: the same code for every broker."""
+    ce = tt.Option(exchange=tt.Exchange.NFO, symbol="NIFTY", expiry="2026-11-24", strike=23500, option_type=tt.OptionType.CE)
+    ce_hi = tt.Option(exchange=tt.Exchange.NFO, symbol="NIFTY", expiry="2026-11-24", strike=23600, option_type=tt.OptionType.CE)
+    out: Dict[str, Any] = {}
+    order_id = client.place_order(ce, 65, tt.Side.BUY, tt.ProductType.NRML, tt.OrderType.LIMIT, price=120.50, tag="tt-strategy-1")
+    out["placed"] = order_id
+    out["modified"] = client.modify_order(order_id, price=121.0)
+    out["order"] = client.get_order(order_id)
+    out["cancelled"] = client.cancel_order(order_id)
+    out["holdings"] = client.get_holdings()
+    out["positions"] = client.get_positions()
+    out["funds"] = client.get_funds()
+    out["orders"] = client.get_orders()
+    out["trades"] = client.get_trades()
+    out["margin"] = client.calculate_margin([
+        tt.OrderLeg(ce, 65, tt.Side.BUY, tt.ProductType.NRML, tt.OrderType.LIMIT, price=120.50),
+        {"instrument": ce_hi, "qty": 65, "side": "SELL", "product": "NRML", "order_type": "LIMIT", "price": 80.0},
+    ])
+    out["profile"] = client.get_profile()
+    return out
+
+
+def canonical(value: Any) -> Any:
+    """Drop what is broker-specific by nature (ids, raw payloads) so results compare across brokers."""
+    import dataclasses
+
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    if isinstance(value, tuple) and all(isinstance(v, enum.Enum) for v in value):
+        return sorted(v.value for v in value)  # a set in all but type
+    if dataclasses.is_dataclass(value) and not isinstance(value, tt._Instrument):
+        skip = {"raw", "id", "order_id", "trade_id", "user_id", "broker", "exchanges"}
+        return {f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in skip}
+    return value
+
+
+def test_same_strategy_runs_unchanged_on_both_brokers(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    results = {}
+    for broker in ("zerodha", "angelone"):
+        client = rest_client(clients, broker, tmp_path / broker, day_clock)
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            api = MockApi(rs, broker).all()
+            results[broker] = run_strategy(client)
+    kite, angel = results["zerodha"], results["angelone"]
+    assert kite["placed"] == kite["modified"] == kite["cancelled"] == "1993504512367362048"
+    assert angel["placed"] == angel["modified"] == angel["cancelled"] == "261123000104562"
+    # Real values from the real-shaped payloads, the same on both brokers.
+    for res in (kite, angel):
+        assert res["funds"] == tt.Fund(available=100000.0, used=25000.0, total=125000.0, collateral=5000.0,
+                                       m2m_unrealized=1200.5, m2m_realized=-300.25, utilised_debits=25000.0)
+        assert [(str(h.instrument), h.qty, h.avg_price, h.ltp, h.pnl) for h in res["holdings"]] == [
+            ("NSE:RELIANCE", 10, 2400.0, 2450.0, 500.0), ("NSE:SBIN", 5, 800.0, 790.0, -50.0)]
+        assert res["holdings"][0].pnl_percent == pytest.approx(2.0833333)
+        assert [(str(p.instrument), p.qty, p.avg_price, p.product) for p in res["positions"]] == [
+            ("NFO:NIFTY 2026-11-24 23500 CE", 65, 120.5, tt.ProductType.NRML),
+            ("NFO:BANKNIFTY FUT 2026-11-24", -30, 52100.0, tt.ProductType.NRML)]
+        assert [o.status for o in res["orders"]] == [
+            tt.OrderStatus.OPEN, tt.OrderStatus.COMPLETE, tt.OrderStatus.TRIGGER_PENDING, tt.OrderStatus.REJECTED,
+            tt.OrderStatus.PARTIALLY_FILLED, tt.OrderStatus.CANCELLED]
+        sl = res["orders"][2]
+        assert (sl.order_type, sl.price, sl.trigger_price, sl.product) == (tt.OrderType.SL, 2500.0, 2495.0, tt.ProductType.MIS)
+        partial = res["orders"][4]
+        assert (partial.qty, partial.filled_qty, partial.pending_qty) == (130, 65, 65)
+        assert res["orders"][0].placed_at == ist(2026, 11, 23, 9, 20, 5)
+        assert [(t.qty, t.avg_price, t.trade_value, t.timestamp) for t in res["trades"]] == [
+            (5, 790.0, 3950.0, ist(2026, 11, 23, 9, 25, 10)), (65, 90.0, 5850.0, ist(2026, 11, 23, 9, 41, 2))]
+        m = res["margin"]
+        assert (m.total, m.final_total, m.benefit, m.span, m.option_premium) == (96504.98, 34786.73, 61718.25, 66832.5, 521.25)
+        assert res["order"].tag == "tt-strategy-1" and res["order"].status is tt.OrderStatus.OPEN
+        assert res["profile"].name == "Test User" and tt.Exchange.NFO in res["profile"].exchanges
+    assert kite["margin"].exposure == 29151.23 and angel["margin"].exposure is None  # AngelOne gives no exposure
+    for key in kite:
+        if key not in ("placed", "modified", "cancelled", "margin"):
+            assert canonical(kite[key]) == canonical(angel[key]), key
+
+
+def test_request_shapes_follow_each_broker(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    from urllib.parse import parse_qs
+
+    kite = rest_client(clients, "zerodha", tmp_path / "k", day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha").all()
+        sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+        kite.place_order(sbin, 5, "SELL", "CNC", "MARKET", tag="exit1")
+        kite.place_order(sbin, 5, "BUY", "MIS", "SL", price=801.05, trigger_price=800.5)
+        market, stop = [parse_qs(c.request.body) for c in api.calls("place_order")]
+        assert market == {"tradingsymbol": ["SBIN"], "exchange": ["NSE"], "transaction_type": ["SELL"],
+                          "order_type": ["MARKET"], "quantity": ["5"], "product": ["CNC"], "validity": ["DAY"],
+                          "tag": ["exit1"], "market_protection": ["-1"]}
+        assert stop["order_type"] == ["SL"] and stop["price"] == ["801.05"] and stop["trigger_price"] == ["800.5"]
+        assert "market_protection" not in stop and len(stop["tag"][0]) <= 20
+        req = api.calls("place_order")[0].request
+        assert req.url.endswith("/orders/regular")
+        assert req.headers["Authorization"] == "token kitekey01:kite-access-SECRET-1"
+        assert req.headers["X-Kite-Version"] == "3"
+        kite.calculate_margin([tt.OrderLeg(sbin, 5, tt.Side.BUY, tt.ProductType.CNC, tt.OrderType.LIMIT, price=800.0)])
+        margin_req = api.calls("calculate_margin")[0].request
+        assert "consider_positions=true" in margin_req.url
+        assert json.loads(margin_req.body) == [{"exchange": "NSE", "tradingsymbol": "SBIN", "transaction_type": "BUY",
+                                                "variety": "regular", "product": "CNC", "order_type": "LIMIT",
+                                                "quantity": 5, "price": 800.0, "trigger_price": 0.0}]
+    angel = rest_client(clients, "angelone", tmp_path / "a", day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "angelone").all()
+        opt = tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=23500, option_type="CE")
+        angel.place_order(opt, 130, "SELL", "NRML", "SL_M", trigger_price=99.95, tag="stop-1")
+        body = json.loads(api.calls("place_order")[0].request.body)
+        assert body == {"variety": "STOPLOSS", "tradingsymbol": "NIFTY24NOV2623500CE", "symboltoken": "52207",
+                        "transactiontype": "SELL", "exchange": "NFO", "ordertype": "STOPLOSS_MARKET",
+                        "producttype": "CARRYFORWARD", "duration": "DAY", "price": "0", "triggerprice": "99.95",
+                        "quantity": "130", "squareoff": "0", "stoploss": "0", "ordertag": "stop-1"}
+        login = api.calls("login")[0].request
+        import pyotp
+
+        assert json.loads(login.body) == {"clientcode": "A123456", "password": "4321",
+                                          "totp": pyotp.TOTP(TOTP_SECRET).at(day_clock())}
+        headers = api.calls("place_order")[0].request.headers
+        assert headers["X-PrivateKey"] == "angelkey01" and headers["X-UserType"] == "USER"
+        assert headers["Authorization"].startswith("Bearer eyJ") and not headers["Authorization"].startswith("Bearer Bearer")
+        assert "Authorization" not in login.headers
+
+
+INVALID_ORDERS = [
+    (dict(instrument=tt.Index(exchange="NSE", symbol="NIFTY")), tt.InvalidOrderError, "indices cannot be traded"),
+    (dict(product="CNC"), tt.InvalidOrderError, "CNC is for cash"),
+    (dict(qty=100), tt.InvalidOrderError, "multiple of the lot size 65"),
+    (dict(qty=0), tt.InvalidOrderError, "positive whole number"),
+    (dict(qty=65.0), tt.InvalidOrderError, "positive whole number"),
+    (dict(price=120.52), tt.InvalidOrderError, "not a multiple of the tick size 0.05"),
+    (dict(price=None), tt.InvalidOrderError, "LIMIT orders need a price"),
+    (dict(price=-1), tt.InvalidOrderError, "must be positive"),
+    (dict(order_type="MARKET"), tt.InvalidOrderError, "MARKET orders take no price"),
+    (dict(trigger_price=119.0), tt.InvalidOrderError, "LIMIT orders take no trigger_price"),
+    (dict(order_type="SL"), tt.InvalidOrderError, "SL orders need a trigger_price"),
+    (dict(order_type="SL", trigger_price=125.0), tt.InvalidOrderError, "trigger 125.0 > price"),
+    (dict(tag="x" * 21), tt.InvalidOrderError, "tag must be 1-"),
+    (dict(tag="has space"), tt.InvalidOrderError, "tag must be 1-"),
+    (dict(side="HOLD"), tt.InvalidOrderError, "side 'HOLD' is not valid"),
+    (dict(validity="GTC"), tt.InvalidOrderError, "validity 'GTC'"),
+    (dict(product="BO"), tt.InvalidOrderError, "product 'BO' is not valid"),
+]
+
+
+@pytest.mark.parametrize("broker", ["zerodha", "angelone"])
+@pytest.mark.parametrize("change, error, words", INVALID_ORDERS)
+def test_invalid_orders_fail_before_any_request(broker: str, change: Dict[str, Any], error: type, words: str,
+                                                tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    client = rest_client(clients, broker, tmp_path, day_clock)
+    order = dict(instrument=tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=23500, option_type="CE"),
+                 qty=65, side="BUY", product="NRML", order_type="LIMIT", price=120.5)
+    order.update(change)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(error) as info:
+            client.place_order(**order)
+        assert len(rs.calls) == 0
+    assert words in str(info.value)
+
+
+def test_unsupported_segment_fails_before_any_request(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    gold = tt.Future(exchange="MCX", symbol="GOLD", expiry="2026-12-04")  # built before any client is open
+    client = rest_client(clients, "zerodha", tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(tt.UnsupportedFeatureError, match="MCX"):
+            client.place_order(gold, 1, "BUY", "NRML", "MARKET")
+        assert len(rs.calls) == 0
+
+
+def test_kite_tag_limit_is_20_and_angel_19(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+    kite = rest_client(clients, "zerodha", tmp_path / "k", day_clock)
+    angel = rest_client(clients, "angelone", tmp_path / "a", day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, "zerodha").all()
+        assert kite.place_order(sbin, 1, "BUY", "CNC", "MARKET", tag="a" * 20) == "1993504512367362048"
+        with pytest.raises(tt.InvalidOrderError):
+            angel.place_order(sbin, 1, "BUY", "CNC", "MARKET", tag="a" * 20)
+
+
+# ============================================================================
+# 7. Transport
+# ============================================================================
+
+KITE_ERRORS = [
+    ("TokenException", 403, "get_profile", tt.AuthenticationError),
+    ("PermissionException", 403, "get_profile", tt.AuthenticationError),
+    ("UserException", 403, "get_profile", tt.AuthenticationError),
+    ("TwoFAException", 403, "get_profile", tt.AuthenticationError),
+    ("InputException", 400, "get_profile", tt.BrokerError),
+    ("InputException", 400, "place_order", tt.InvalidOrderError),
+    ("OrderException", 500, "place_order", tt.OrderError),
+    ("MarginException", 400, "place_order", tt.InsufficientFundsError),
+    ("HoldingException", 400, "place_order", tt.InsufficientFundsError),
+    ("NetworkException", 429, "get_orders", tt.RateLimitError),
+    ("NetworkException", 503, "get_orders", tt.NetworkError),
+    ("DataException", 502, "get_orders", tt.BrokerError),
+    ("GeneralException", 500, "get_orders", tt.BrokerError),
+    ("SomethingNewException", 400, "get_orders", tt.BrokerError),
+]
+ANGEL_ERRORS = [
+    ("AG8001", "get_positions", tt.AuthenticationError), ("AG8002", "get_positions", tt.AuthenticationError),
+    ("AG8003", "get_positions", tt.AuthenticationError), ("AG8004", "get_positions", tt.AuthenticationError),
+    ("AB8050", "renew_token", tt.AuthenticationError), ("AB8051", "renew_token", tt.AuthenticationError),
+    ("AB1000", "login", tt.AuthenticationError), ("AB1001", "login", tt.AuthenticationError),
+    ("AB1002", "login", tt.AuthenticationError), ("AB1003", "login", tt.BrokerError),
+    ("AB1004", "get_positions", tt.BrokerError), ("AB1005", "get_positions", tt.ConfigurationError),
+    ("AB1006", "login", tt.BrokerError), ("AB1007", "place_order", tt.BrokerError),
+    ("AB1008", "place_order", tt.InvalidOrderError), ("AB1009", "place_order", tt.InstrumentNotFoundError),
+    ("AB1010", "get_positions", tt.AuthenticationError), ("AB1011", "get_positions", tt.AuthenticationError),
+    ("AB1012", "place_order", tt.InvalidOrderError), ("AB1013", "cancel_order", tt.OrderNotFoundError),
+    ("AB1014", "get_profile", tt.BrokerError), ("AB1015", "get_profile", tt.BrokerError),
+    ("AB1016", "get_profile", tt.BrokerError), ("AB1017", "place_order", tt.OrderError),
+    ("AB1018", "place_order", tt.InstrumentNotFoundError), ("AB1031", "login", tt.AuthenticationError),
+    ("AB1032", "login", tt.AuthenticationError), ("AB2000", "get_positions", tt.BrokerError),
+    ("AB2001", "get_positions", tt.BrokerError), ("AB2002", "place_order", tt.OrderError),
+    ("AB4008", "place_order", tt.InvalidOrderError), ("AB1050", "login", tt.AuthenticationError),
+    ("AB1021", "get_positions", tt.RateLimitError), ("AB4018", "place_order", tt.InstrumentNotFoundError),
+]
+
+
+@pytest.mark.parametrize("code, status, route, expected", KITE_ERRORS)
+def test_kite_error_types_map_to_documented_exceptions(code: str, status: int, route: str, expected: type) -> None:
+    body = json.dumps({"status": "error", "message": "Something went wrong", "data": None, "error_type": code})
+    with pytest.raises(tt.TTConnectError) as info:
+        tt._check_response(tt._ZERODHA, route, tt._Response(status, {}, body))
+    assert type(info.value) is expected
+    assert info.value.broker_code == code and info.value.http_status == status
+    assert f"HTTP {status}" in str(info.value) and "Something went wrong" in str(info.value)
+
+
+@pytest.mark.parametrize("code, route, expected", ANGEL_ERRORS)
+def test_angel_error_codes_map_to_documented_exceptions(code: str, route: str, expected: type) -> None:
+    for body in ({"status": False, "message": "Some failure", "errorcode": code, "data": None},
+                 {"success": False, "message": "Some failure", "errorCode": code, "data": ""}):
+        with pytest.raises(tt.TTConnectError) as info:
+            tt._check_response(tt._ANGELONE, route, tt._Response(200, {}, json.dumps(body)))
+        assert type(info.value) is expected and info.value.broker_code == code
+    assert tt._ANGELONE["errors"].get(code, expected) is expected
+
+
+def test_every_documented_code_has_a_mapping() -> None:
+    documented_kite = {"TokenException", "PermissionException", "UserException", "TwoFAException", "InputException",
+                       "OrderException", "MarginException", "HoldingException", "NetworkException", "DataException",
+                       "GeneralException"}
+    assert documented_kite <= set(tt._ZERODHA["errors"])
+    documented_angel = {"AG8001", "AG8002", "AG8003", "AG8004", "AB8050", "AB8051"} | {
+        f"AB{n}" for n in (1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+                           1015, 1016, 1017, 1018, 1031, 1032, 2000, 2001, 2002, 4008, 1050, 1021, 4018)}
+    assert documented_angel <= set(tt._ANGELONE["errors"])
+
+
+def test_fixture_error_bodies_map(tmp_path: Path) -> None:
+    cases = [
+        ("zerodha", "error.token_exception.json", 403, "get_orders", tt.AuthenticationError),
+        ("zerodha", "place_order.margin_exception.json", 400, "place_order", tt.InsufficientFundsError),
+        ("zerodha", "place_order.input_exception.json", 400, "place_order", tt.InvalidOrderError),
+        ("zerodha", "get_order_history.order_not_found.json", 500, "get_order_history", tt.OrderNotFoundError),
+        ("angelone", "error.AG8001.json", 200, "get_orders", tt.AuthenticationError),
+        ("angelone", "place_order.AB4008.json", 200, "place_order", tt.InvalidOrderError),
+        ("angelone", "login.AB1050.json", 200, "login", tt.AuthenticationError),
+    ]
+    for broker, name, status, route, expected in cases:
+        with pytest.raises(expected):
+            tt._check_response(tt._BROKERS[broker], route, tt._Response(status, {}, fixture_text(broker, name)))
+
+
+@pytest.mark.parametrize("status, body, headers, expected, words", [
+    (502, "<html><body><h1>502 Bad Gateway</h1></body></html>", {}, tt.BrokerError, "HTTP 502 with a non-JSON body: <html>"),
+    (200, "", {}, tt.BrokerError, "empty response body with HTTP 200"),
+    (503, "", {}, tt.BrokerError, "empty response body with HTTP 503"),
+    (403, "Access denied because of exceeding access rate", {}, tt.RateLimitError, "rate limited (HTTP 403"),
+    (429, "Too many requests", {"Retry-After": "3"}, tt.RateLimitError, "rate limited (HTTP 429"),
+    (200, '{"status": false, "message": "Internal Error", "errorcode": "AB2001", "data": null}', {}, tt.BrokerError, "AB2001"),
+    (200, '{"message": "IP not allowed", "data": null}', {}, tt.BrokerError, "without a status"),
+])
+def test_non_json_and_odd_bodies_become_clear_errors(status: int, body: str, headers: Dict[str, str], expected: type, words: str) -> None:
+    with pytest.raises(tt.TTConnectError) as info:
+        tt._check_response(tt._ANGELONE, "get_orders", tt._Response(status, headers, body))
+    assert type(info.value) is expected and words in str(info.value)
+    assert info.value.http_status == status
+    assert info.value.retryable is (expected is tt.RateLimitError or status >= 500 or "AB2001" in body)
+    if headers:
+        assert info.value.retry_after == 3.0
+
+
+def test_safe_calls_retry_with_backoff_and_retry_after(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, max_retries=3)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("get_positions", body=requests.ConnectionError("connection reset"))
+        api.on("get_positions", body="<html>503</html>", status=503)
+        api.on("get_positions", body=json.dumps({"status": "error", "error_type": "NetworkException",
+                                                  "message": "Too many requests"}), status=429, headers={"Retry-After": "3"})
+        api.on("get_positions")
+        positions = kite.get_positions()
+    assert len(positions) == 2
+    assert day_clock.slept == [0.5, 1.0, 3.0]  # backoff, backoff, then the server's Retry-After
+
+
+def test_errors_that_are_not_transient_are_not_retried(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("get_holdings", fixture="error.permission_exception.json", status=403)
+        with pytest.raises(tt.AuthenticationError) as info:
+            kite.get_holdings()
+        assert len(api.calls("get_holdings")) == 1
+    assert "kite.zerodha.com/connect/login?v=3&api_key=kitekey01" in str(info.value)
+
+
+def test_rate_limiter_windows(day_clock: FakeClock) -> None:
+    limiter = tt._RateLimiter({"default": [(1, 1.0)], "orders": [(9, 1.0), (500, 60.0)]}, day_clock, day_clock.sleep)
+    start = day_clock()
+    for _ in range(10):
+        limiter.acquire("orders")
+    assert day_clock.slept == [pytest.approx(1.0)]  # the 10th call waits for the 1-second window
+    assert day_clock() - start == pytest.approx(1.0)
+    for _ in range(3):
+        limiter.acquire("unknown-class")  # falls back to default: 1/s
+    assert sum(day_clock.slept) == pytest.approx(3.0)
+
+
+def test_angel_place_modify_cancel_share_one_budget(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock)
+    routes = {spec[3] for name, spec in tt._ANGELONE["routes"].items() if name in ("place_order", "modify_order", "cancel_order")}
+    assert routes == {"orders"} and tt._ANGELONE["rate_limits"]["orders"][0] == (9, 1.0)
+    sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, "angelone").all()
+        angel.get_profile()  # logs in first
+        day_clock.slept.clear()
+        for _ in range(12):
+            angel.place_order(sbin, 1, "BUY", "CNC", "MARKET")
+    assert sum(day_clock.slept) == pytest.approx(1.0)  # calls 10-12 wait for the next second
+
+
+# -- orders are never placed twice ---------------------------------------------------------
+
+
+def _accept_then(failure: Any, book: List[Dict[str, Any]], broker: str) -> Any:
+    """A broker that files the order, then fails to answer."""
+
+    def callback(request: Any) -> Any:
+        if broker == "zerodha":
+            from urllib.parse import parse_qs
+
+            tag = parse_qs(request.body)["tag"][0]
+        else:
+            tag = json.loads(request.body)["ordertag"]
+        book.append({"tag": tag})
+        if isinstance(failure, Exception):
+            raise failure
+        return failure
+
+    return callback
+
+
+def _book_with(broker: str, tags: List[str]) -> str:
+    payload = json.loads(fixture_text(broker, "get_orders.json"))
+    rows = payload["data"]
+    for row, tag in zip(rows, tags):
+        row["tag" if broker == "zerodha" else "ordertag"] = tag
+    return json.dumps(payload)
+
+
+@pytest.mark.parametrize("broker", ["zerodha", "angelone"])
+@pytest.mark.parametrize("failure", ["timeout", "connection_drop", "http_502"])
+def test_an_accepted_order_that_times_out_is_found_not_resent(broker: str, failure: str, tmp_path: Path,
+                                                              day_clock: FakeClock, clients: list) -> None:
+    client = rest_client(clients, broker, tmp_path, day_clock)
+    book: List[Dict[str, Any]] = []
+    kind = {"timeout": requests.exceptions.ReadTimeout("read timed out"),
+            "connection_drop": requests.exceptions.ConnectionError("Connection aborted: RemoteDisconnected"),
+            "http_502": (502, {}, "<html>Bad Gateway</html>")}[failure]
+    sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.all("place_order", "get_orders")
+        api.on("place_order", callback=_accept_then(kind, book, broker))
+
+        def order_book(request: Any) -> Any:
+            return 200, {}, _book_with(broker, [row["tag"] for row in book])
+
+        api.on("get_orders", callback=order_book)
+        order_id = client.place_order(sbin, 5, "SELL", "CNC", "MARKET")
+        assert len(api.calls("place_order")) == 1  # sent once, never again
+    assert len(book) == 1 and book[0]["tag"].startswith("tt")
+    expected = json.loads(fixture_text(broker, "get_orders.json"))["data"][0]
+    assert order_id == str(expected["order_id" if broker == "zerodha" else "orderid"])
+
+
+def test_an_ambiguous_failure_with_no_order_found_is_not_resent(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("place_order", body=requests.exceptions.ReadTimeout("read timed out"))
+        api.on("get_orders")  # the order book does not hold our tag
+        with pytest.raises(tt.OrderError) as info:
+            kite.place_order(tt.Equity(exchange="NSE", symbol="SBIN"), 5, "SELL", "CNC", "MARKET", tag="mytag1")
+        assert len(api.calls("place_order")) == 1 and len(api.calls("get_orders")) == 3
+    assert "mytag1" in str(info.value) and "Check the order book" in str(info.value)
+    assert info.value.retryable is False
+
+
+def test_a_connection_that_never_opened_is_retried_for_orders(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    import urllib3
+
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    refused = requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(
+        None, "/orders/regular", urllib3.exceptions.NewConnectionError(None, "Connection refused")))
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("place_order", body=refused)
+        api.on("place_order")
+        assert kite.place_order(tt.Equity(exchange="NSE", symbol="SBIN"), 5, "SELL", "CNC", "MARKET") == "1993504512367362048"
+        assert len(api.calls("place_order")) == 2
+
+
+def test_cancel_all_and_close_all(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    from urllib.parse import parse_qs
+
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("get_orders")
+        api.on("get_positions")
+        cancelled_urls: List[str] = []
+
+        def cancel(request: Any) -> Any:
+            cancelled_urls.append(request.url)
+            if request.url.endswith("1993509757441089536"):
+                return 400, {}, fixture_text("zerodha", "cancel_order.order_exception.json")
+            return 200, {}, json.dumps({"status": "success", "data": {"order_id": request.url.rsplit("/", 1)[1]}})
+
+        api.on("cancel_order", callback=cancel)
+        api.on("place_order")
+        cancelled, failed = kite.cancel_all_orders()
+        assert cancelled == ["1993504512367362048", "1993507134982946816"]  # OPEN and TRIGGER PENDING
+        assert failed == ["1993509757441089536"]  # the partly filled one, refused by the broker
+        assert all("/orders/regular/" in url for url in cancelled_urls)
+        placed, failed = kite.close_all_positions()
+        assert placed == ["1993504512367362048", "1993504512367362048"] and failed == []
+        bodies = [parse_qs(c.request.body) for c in api.calls("place_order")]
+        assert [(b["tradingsymbol"][0], b["transaction_type"][0], b["quantity"][0], b["product"][0], b["order_type"][0])
+                for b in bodies] == [("NIFTY26NOV23500CE", "SELL", "65", "NRML", "MARKET"),
+                                     ("BANKNIFTY26NOVFUT", "BUY", "30", "NRML", "MARKET")]
+        assert all(b["market_protection"] == ["-1"] for b in bodies)
+
+
+def test_modify_checks_the_new_price_and_keeps_the_rest(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    from urllib.parse import parse_qs
+
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha").all()
+        with pytest.raises(tt.InvalidOrderError, match="tick"):
+            kite.modify_order("1993504512367362048", price=121.03)
+        assert api.calls("modify_order") == []
+        kite.modify_order("1993504512367362048", qty=130)
+        body = parse_qs(api.calls("modify_order")[0].request.body)
+        assert body == {"order_type": ["LIMIT"], "quantity": ["130"], "price": ["120.5"]}
+        kite.modify_order("1993504512367362048", order_type=tt.OrderType.MARKET)
+        body = parse_qs(api.calls("modify_order")[1].request.body)
+        assert body == {"order_type": ["MARKET"], "quantity": ["65"], "market_protection": ["-1"]}
+
+
+# ============================================================================
+# 8. Auth & session stores
+# ============================================================================
+
+
+def test_zerodha_request_token_is_exchanged_and_stored(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        api = MockApi(rs, "zerodha")
+        api.on("login")
+        client = tt.TTConnect("zerodha", {"api_key": "kitekey01", "api_secret": "kite-api-SECRET",
+                                          "request_token": "req-TOKEN-1", "cache_dir": str(tmp_path),
+                                          "cache_session": True}, clock=day_clock, sleep=day_clock.sleep)
+        clients.append(client)
+        from urllib.parse import parse_qs
+
+        sent = parse_qs(api.calls("login")[0].request.body)
+    checksum = hashlib.sha256(b"kitekey01req-TOKEN-1kite-api-SECRET").hexdigest()
+    assert sent == {"api_key": ["kitekey01"], "request_token": ["req-TOKEN-1"], "checksum": [checksum]}
+    path = tmp_path / "zerodha_session.json"
+    stored = json.loads(path.read_text())
+    login = json.loads(fixture_text("zerodha", "login.json"))["data"]
+    assert stored["access_token"] == login["access_token"] and stored["broker"] == "zerodha" and stored["mode"] == "manual"
+    assert stored["expires_at"] == "2026-11-24T06:00:00+05:30"  # 06:00 IST the next day
+    assert stored["obtained_at"] == "2026-11-23T10:00:00+05:30"
+    assert (path.stat().st_mode & 0o777) == 0o600
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("get_profile")
+        client.get_profile()
+        assert api.calls("get_profile")[0].request.headers["Authorization"] == f"token kitekey01:{login['access_token']}"
+
+
+def test_login_url() -> None:
+    assert tt.TTConnect.login_url("zerodha", {"api_key": "abc"}) == "https://kite.zerodha.com/connect/login?v=3&api_key=abc"
+    with pytest.raises(tt.ConfigurationError, match="api_key"):
+        tt.TTConnect.login_url("zerodha", {})
+
+
+@pytest.mark.parametrize("obtained, rule, expected", [
+    (ist(2026, 11, 23, 10, 0), (6, 0), ist(2026, 11, 24, 6, 0)),
+    (ist(2026, 11, 23, 5, 0), (6, 0), ist(2026, 11, 23, 6, 0)),  # a token made before 06:00 dies that morning
+    (ist(2026, 11, 23, 10, 0), (0, 0), ist(2026, 11, 24, 0, 0)),  # AngelOne: midnight
+    (ist(2026, 11, 23, 2, 0), (3, 30), ist(2026, 11, 23, 3, 30)),  # Upstox: 03:30
+])
+def test_session_expiry_rules(obtained: dt.datetime, rule: Any, expected: dt.datetime) -> None:
+    assert tt._session_expiry(obtained, rule) == expected
+
+
+def test_auth_mode_the_broker_lacks_is_refused_at_init(tmp_path: Path) -> None:
+    with responses.RequestsMock(assert_all_requests_are_fired=False):
+        with pytest.raises(tt.UnsupportedFeatureError, match="zerodha does not support auth_mode 'auto'"):
+            tt.TTConnect("zerodha", {"auth_mode": "auto", "cache_dir": str(tmp_path)})
+        with pytest.raises(tt.ConfigurationError, match="'pin' must be a non-empty string"):
+            tt.TTConnect("angelone", {"pin": 1234, "cache_dir": str(tmp_path)})
+
+
+def test_manual_token_refused_says_how_to_get_a_new_one(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("get_positions", fixture="error.token_exception.json", status=403)
+        with pytest.raises(tt.AuthenticationError) as info:
+            kite.get_positions()
+        assert len(api.calls("get_positions")) == 1
+    assert info.value.broker_code == "TokenException" and "request_token" in str(info.value)
+
+
+def test_angel_expired_token_is_renewed_once_and_the_call_retried(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_positions", fixture="error.AG8001.json")
+        api.on("renew_token")
+        api.on("get_positions")
+        assert len(angel.get_positions()) == 2
+        renew = api.calls("renew_token")[0].request
+        login = json.loads(fixture_text("angelone", "login.json"))["data"]
+        renewed = json.loads(fixture_text("angelone", "renew_token.json"))["data"]
+        assert json.loads(renew.body) == {"refreshToken": login["refreshToken"]}
+        assert renew.headers["Authorization"] == f"Bearer {login['jwtToken']}"
+        assert api.calls("get_positions")[1].request.headers["Authorization"] == f"Bearer {renewed['jwtToken']}"
+    stored = json.loads((tmp_path / "angelone_session.json").read_text())
+    assert stored["access_token"] == renewed["jwtToken"] and stored["feed_token"] == renewed["feedToken"]
+    assert stored["expires_at"] == "2026-11-24T00:00:00+05:30"
+
+
+def test_angel_refused_renewal_falls_back_to_a_full_login(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_orders", fixture="error.AG8002.json")
+        api.on("renew_token", fixture="renew_token.AB8050.json")
+        api.on("login")
+        api.on("get_orders")
+        assert len(angel.get_orders()) == 6
+        assert len(api.calls("login")) == 2 and len(api.calls("get_orders")) == 2
+
+
+def test_auth_failure_after_recovery_is_raised_not_looped(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_orders", fixture="error.AG8001.json")
+        api.on("renew_token")
+        api.on("get_orders", fixture="error.AG8001.json")
+        with pytest.raises(tt.AuthenticationError, match="AG8001"):
+            angel.get_orders()
+        assert len(api.calls("get_orders")) == 2
+
+
+def _write_session(path: Path, **fields: Any) -> None:
+    base = {"broker": "angelone", "mode": "auto", "access_token": "old-jwt-SECRET", "refresh_token": "old-refresh-SECRET",
+            "feed_token": "old-feed-SECRET", "obtained_at": "2026-11-22T10:00:00+05:30", "expires_at": "2026-11-23T00:00:00+05:30"}
+    base.update(fields)
+    path.write_text(json.dumps(base))
+
+
+@pytest.mark.parametrize("content", ["expired", "corrupt"])
+def test_expired_or_corrupt_session_file_means_a_fresh_login(content: str, tmp_path: Path, day_clock: FakeClock,
+                                                            clients: list, caplog: Any) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
+    path = tmp_path / "angelone_session.json"
+    if content == "expired":
+        _write_session(path)
+    else:
+        path.write_text('{"broker": "angelone", "access_tok')
+    caplog.set_level(logging.DEBUG, logger="ttconnect")
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_profile")
+        angel.get_profile()
+        assert api.calls("get_profile")[0].request.headers["Authorization"] != "Bearer old-jwt-SECRET"
+    assert json.loads(path.read_text())["expires_at"] == "2026-11-24T00:00:00+05:30"
+    if content == "corrupt":
+        assert any("ignoring unreadable session file" in r.getMessage() for r in caplog.records)
+
+
+def test_a_valid_session_file_is_reused_without_login(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    path = tmp_path / "angelone_session.json"
+    tmp_path.mkdir(exist_ok=True)
+    _write_session(path, obtained_at="2026-11-23T09:00:00+05:30", expires_at="2026-11-24T00:00:00+05:30")
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("get_funds")
+        assert angel.get_funds().available == 100000.0
+        assert api.calls("get_funds")[0].request.headers["Authorization"] == "Bearer old-jwt-SECRET"
+
+
+def test_manual_mode_with_a_corrupt_session_file_and_no_token_is_a_clear_error(tmp_path: Path, day_clock: FakeClock,
+                                                                               clients: list) -> None:
+    (tmp_path / "zerodha_session.json").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "zerodha_session.json").write_text("not json at all")
+    kite = open_client(clients, "zerodha", tmp_path, day_clock, KITE_CSV, api_key="kitekey01", cache_session=True)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(tt.ConfigurationError) as info:
+            kite.get_profile()
+        assert len(rs.calls) == 0
+    assert "log in at https://kite.zerodha.com/connect/login?v=3&api_key=kitekey01" in str(info.value)
+
+
+def test_pluggable_session_store(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    class Vault:
+        def __init__(self) -> None:
+            self.saved: List[tt.SessionData] = []
+
+        def load(self) -> Optional[tt.SessionData]:
+            return self.saved[-1] if self.saved else None
+
+        def save(self, session: tt.SessionData) -> None:
+            self.saved.append(session)
+
+        def clear(self) -> None:
+            self.saved.clear()
+
+    vault = Vault()
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, session_store=vault)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_profile")
+        angel.get_profile()
+    assert len(vault.saved) == 1 and vault.saved[0].feed_token and vault.saved[0].mode is tt.AuthMode.AUTO
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(tt.ConfigurationError, match="session_store"):
+            tt.TTConnect("angelone", {**CREDS["angelone"], "cache_dir": str(tmp_path), "session_store": object()})
+        assert len(rs.calls) == 0
+
+
+def test_no_secret_reaches_logs_reprs_or_errors(tmp_path: Path, day_clock: FakeClock, clients: list, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG)
+    errors: List[str] = []
+    angel = rest_client(clients, "angelone", tmp_path / "a", day_clock, cache_session=True)
+    kite = rest_client(clients, "zerodha", tmp_path / "k", day_clock, api_secret="kite-api-SECRET")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_positions", fixture="error.AG8001.json")
+        api.on("renew_token")
+        api.on("get_positions")
+        api.on("place_order", fixture="place_order.AB4008.json")
+        angel.get_positions()
+        try:
+            angel.place_order(tt.Equity(exchange="NSE", symbol="SBIN"), 1, "BUY", "CNC", "MARKET")
+        except tt.TTConnectError as exc:
+            errors.append(str(exc) + repr(exc))
+        kapi = MockApi(rs, "zerodha")
+        kapi.on("get_orders", fixture="error.token_exception.json", status=403)
+        try:
+            kite.get_orders()
+        except tt.TTConnectError as exc:
+            errors.append(str(exc) + repr(exc))
+        session = angel._auth.current()
+    login = json.loads(fixture_text("angelone", "login.json"))["data"]
+    renewed = json.loads(fixture_text("angelone", "renew_token.json"))["data"]
+    secrets = [TOTP_SECRET, "4321", "kite-access-SECRET-1", "kite-api-SECRET", login["jwtToken"], login["refreshToken"],
+               login["feedToken"], renewed["jwtToken"], renewed["refreshToken"], renewed["feedToken"]]
+    import pyotp
+
+    secrets.append(pyotp.TOTP(TOTP_SECRET).at(day_clock()))
+    texts = [r.getMessage() + repr(r.args) for r in caplog.records] + errors
+    texts += [repr(angel), repr(kite), repr(session), str(session), repr(angel._auth.current())]
+    assert len(caplog.records) > 3  # the run did log (requests at DEBUG)
+    for secret in secrets:
+        for text in texts:
+            assert secret not in text, f"secret leaked into: {text[:120]}"
+
+
+def test_an_expired_token_is_refreshed_once_across_threads(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, rate_limits={"positions": 1000, "renew": 1000})
+    login = json.loads(fixture_text("angelone", "login.json"))["data"]
+    barrier = threading.Barrier(4)
+
+    def positions(request: Any) -> Any:
+        if request.headers["Authorization"] == f"Bearer {login['jwtToken']}":
+            return 200, {}, fixture_text("angelone", "error.AG8001.json")
+        return 200, {}, fixture_text("angelone", "get_positions.json")
+
+    results: List[Any] = []
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("renew_token")
+        api.on("get_positions", callback=positions)
+        angel._auth.current()  # the first session: the one the broker will refuse
+
+        def worker() -> None:
+            barrier.wait(timeout=5)
+            results.append(len(angel.get_positions()))
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert results == [2, 2, 2, 2]
+        assert len(api.calls("renew_token")) == 1 and len(api.calls("login")) == 1
+
+
+# ============================================================================
 # 9. Client
 # ============================================================================
 
@@ -619,6 +1416,62 @@ def test_cache_dir_precedence(tmp_path: Path, clock: FakeClock, clients: list, m
 def test_instruments_url_override(tmp_path: Path, clock: FakeClock, clients: list) -> None:
     kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV, instruments_url="http://127.0.0.1:9/kite.csv")
     assert kite.resolve(tt.Equity(exchange="NSE", symbol="SBIN")) == "779521"
+
+
+def test_async_facade_runs_the_same_calls_off_the_loop(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    import asyncio
+
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    seen_threads: List[str] = []
+
+    def positions(request: Any) -> Any:
+        seen_threads.append(threading.current_thread().name)
+        return 200, {}, fixture_text("zerodha", "get_positions.json")
+
+    async def main() -> Any:
+        client = tt.AsyncTTConnect(kite)
+        eq = tt.Equity(exchange="NSE", symbol="SBIN")
+        got = await asyncio.gather(client.get_positions(), client.get_funds(),
+                                   client.place_order(eq, 5, tt.Side.SELL, tt.ProductType.CNC, tt.OrderType.MARKET))
+        return got, client.resolve(eq), threading.current_thread().name
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha").all("get_positions")
+        api.on("get_positions", callback=positions)
+        (positions_, funds, order_id), token, loop_thread = asyncio.run(main())
+    assert len(positions_) == 2 and funds.available == 100000.0 and order_id == "1993504512367362048"
+    assert token == "779521"
+    assert seen_threads and loop_thread not in seen_threads  # the request ran on a worker thread
+    with pytest.raises(TypeError):
+        tt.AsyncTTConnect("zerodha")  # type: ignore[arg-type]
+
+
+def test_async_open_builds_the_client_on_a_worker(tmp_path: Path, day_clock: FakeClock) -> None:
+    import asyncio
+
+    async def main() -> str:
+        async with await tt.AsyncTTConnect.open("zerodha", {"cache_dir": str(tmp_path), **CREDS["zerodha"]},
+                                                clock=day_clock) as client:
+            return client.resolve(tt.Equity(exchange="NSE", symbol="INFY"))
+
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        assert asyncio.run(main()) == "408065"
+    assert tt._validation_store() is None  # closed by the context manager
+
+
+def test_concurrent_calls_from_threads(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, rate_limits={"default": 1000})
+    out: List[Any] = []
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, "zerodha").all()
+        calls = [kite.get_positions, kite.get_holdings, kite.get_funds, kite.get_orders] * 3
+        threads = [threading.Thread(target=lambda f=f: out.append(f())) for f in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+    assert len(out) == 12 and sum(1 for o in out if isinstance(o, tt.Fund)) == 3
 
 
 # ============================================================================

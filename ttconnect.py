@@ -16,6 +16,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncTTConnect",
     "AuthMode",
     "AuthenticationError",
     "BrokerError",
@@ -1342,6 +1343,19 @@ def _order_status(raw: str, table: Mapping[str, OrderStatus], filled: int, qty: 
     return status
 
 
+def _pnl_percent(avg: float, ltp: Optional[float], given: Any) -> Optional[float]:
+    """Percent gain on cost, computed the same way for every broker (their own figures are rounded
+    differently, and Kite gives none); the broker's figure only when price data is missing."""
+    if avg and ltp is not None:
+        return (ltp - avg) / avg * 100
+    return _num(given)
+
+
+def _paise(value: float) -> float:
+    """Round a rupee amount computed here to whole paise (broker floats carry binary noise)."""
+    return round(value, 2)
+
+
 def _price_text(value: Optional[Decimal]) -> str:
     return "0" if value is None else format(value.normalize(), "f")
 
@@ -1547,9 +1561,8 @@ def _zerodha_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
     # ``quantity`` is settled; shares bought in the last session sit in ``t1_quantity``.
     qty = _int(row.get("quantity")) + _int(row.get("t1_quantity"))
     avg, ltp = _num(row.get("average_price")) or 0.0, _num(row.get("last_price"))
-    pnl_pct = (ltp - avg) / avg * 100 if avg and ltp is not None else None
     return Holding(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=qty, avg_price=avg,
-                   ltp=ltp, pnl=_num(row.get("pnl")), pnl_percent=pnl_pct, raw=row)
+                   ltp=ltp, pnl=_num(row.get("pnl")), pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
 
 
 def _zerodha_position_rows(data: Any) -> List[Mapping[str, Any]]:
@@ -1595,9 +1608,9 @@ def _zerodha_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
 def _zerodha_margin(ctx: _Ctx, data: Mapping[str, Any]) -> Margin:
     initial, final = data.get("initial") or {}, data.get("final") or {}
     total, final_total = _num(initial.get("total")) or 0.0, _num(final.get("total")) or 0.0
-    return Margin(total=total, span=_num(initial.get("span")) or 0.0, exposure=_num(initial.get("exposure")) or 0.0,
-                  option_premium=_num(initial.get("option_premium")) or 0.0, final_total=final_total,
-                  benefit=total - final_total, raw=data)
+    return Margin(total=total, span=_num(initial.get("span")), exposure=_num(initial.get("exposure")),
+                  option_premium=_num(initial.get("option_premium")), final_total=final_total,
+                  benefit=_paise(total - final_total), raw=data)
 
 
 def _zerodha_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str, str]]:
@@ -1990,9 +2003,9 @@ def _angelone_holding_rows(data: Any) -> List[Mapping[str, Any]]:
 
 def _angelone_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
     qty = _int(row.get("quantity")) + _int(row.get("t1quantity"))
-    return Holding(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=qty,
-                   avg_price=_num(row.get("averageprice")) or 0.0, ltp=_num(row.get("ltp")),
-                   pnl=_num(row.get("profitandloss")), pnl_percent=_num(row.get("pnlpercentage")), raw=row)
+    avg, ltp = _num(row.get("averageprice")) or 0.0, _num(row.get("ltp"))
+    return Holding(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=qty, avg_price=avg, ltp=ltp,
+                   pnl=_num(row.get("profitandloss")), pnl_percent=_pnl_percent(avg, ltp, row.get("pnlpercentage")), raw=row)
 
 
 def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
@@ -2038,9 +2051,10 @@ def _angelone_margin(ctx: _Ctx, data: Mapping[str, Any]) -> Margin:
     parts = data.get("marginComponents") or {}
     final_total = _num(data.get("totalMarginRequired")) or 0.0
     benefit = _num(parts.get("marginBenefit")) or 0.0
-    return Margin(total=final_total + benefit, span=_num(parts.get("spanMargin")) or 0.0, exposure=None,
-                  option_premium=_num(parts.get("totOptionsPremium")) or 0.0, final_total=final_total,
-                  benefit=benefit, raw=data)
+    # AngelOne reports the requirement after the benefit plus the benefit itself; it has no
+    # exposure figure.
+    return Margin(total=_paise(final_total + benefit), span=_num(parts.get("spanMargin")), exposure=None,
+                  option_premium=_num(parts.get("totOptionsPremium")), final_total=final_total, benefit=benefit, raw=data)
 
 
 def _angelone_variety(order_type: OrderType) -> str:
@@ -3268,6 +3282,92 @@ class TTConnect:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class AsyncTTConnect:
+    """The blocking client for asyncio code: every call runs on a worker thread.
+
+    There is no second implementation: each method awaits the same ``TTConnect`` method via
+    ``asyncio.to_thread``. Open it with ``await AsyncTTConnect.open(broker, config)`` so the
+    instrument refresh stays off the event loop too.
+    """
+
+    def __init__(self, client: TTConnect) -> None:
+        if not isinstance(client, TTConnect):
+            raise TypeError("AsyncTTConnect wraps a TTConnect; use 'await AsyncTTConnect.open(broker, config)'")
+        self.sync = client
+
+    @classmethod
+    async def open(cls, broker: str, config: Optional[Mapping[str, Any]] = None, **options: Any) -> "AsyncTTConnect":
+        """Create the client on a worker thread (it may download the instrument master)."""
+        import asyncio
+
+        return cls(await asyncio.to_thread(TTConnect, broker, config, **options))
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        import asyncio
+
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def resolve(self, instrument: Instrument) -> str:
+        """Return the broker token (a local, in-memory look-up: no need to await)."""
+        return self.sync.resolve(instrument)
+
+    async def get_profile(self) -> Profile:
+        return await self._run(self.sync.get_profile)
+
+    async def get_funds(self) -> Fund:
+        return await self._run(self.sync.get_funds)
+
+    async def get_holdings(self) -> List[Holding]:
+        return await self._run(self.sync.get_holdings)
+
+    async def get_positions(self) -> List[Position]:
+        return await self._run(self.sync.get_positions)
+
+    async def get_orders(self) -> List[Order]:
+        return await self._run(self.sync.get_orders)
+
+    async def get_order(self, order_id: str) -> Order:
+        return await self._run(self.sync.get_order, order_id)
+
+    async def get_order_history(self, order_id: str) -> List[Order]:
+        return await self._run(self.sync.get_order_history, order_id)
+
+    async def get_trades(self) -> List[Trade]:
+        return await self._run(self.sync.get_trades)
+
+    async def place_order(self, instrument: Instrument, qty: int, side: Side, product: ProductType,
+                          order_type: OrderType, price: Optional[float] = None, trigger_price: Optional[float] = None,
+                          tag: Optional[str] = None, validity: str = "DAY") -> str:
+        return await self._run(self.sync.place_order, instrument, qty, side, product, order_type, price=price,
+                               trigger_price=trigger_price, tag=tag, validity=validity)
+
+    async def modify_order(self, order_id: str, qty: Optional[int] = None, price: Optional[float] = None,
+                           trigger_price: Optional[float] = None, order_type: Optional[OrderType] = None) -> str:
+        return await self._run(self.sync.modify_order, order_id, qty=qty, price=price, trigger_price=trigger_price,
+                               order_type=order_type)
+
+    async def cancel_order(self, order_id: str) -> str:
+        return await self._run(self.sync.cancel_order, order_id)
+
+    async def cancel_all_orders(self) -> Tuple[List[str], List[str]]:
+        return await self._run(self.sync.cancel_all_orders)
+
+    async def close_all_positions(self) -> Tuple[List[str], List[str]]:
+        return await self._run(self.sync.close_all_positions)
+
+    async def calculate_margin(self, legs: Sequence[Union[OrderLeg, Mapping[str, Any]]]) -> Margin:
+        return await self._run(self.sync.calculate_margin, legs)
+
+    async def close(self) -> None:
+        await self._run(self.sync.close)
+
+    async def __aenter__(self) -> "AsyncTTConnect":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
 
 
 # ============================================================================
