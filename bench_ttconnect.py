@@ -6,6 +6,8 @@ the full-size masters are generated here (bench_masters.py) and served from 127.
 Sections:
   instruments  cold refresh of each master vs its floor, peak memory, warm start, resolve,
                import time.
+  rest         per-call cost of get_positions and place_order against a Kite-like server on
+               127.0.0.1, vs the same request on a bare kept-alive requests.Session.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import py_compile
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -183,18 +186,122 @@ def bench_instruments(reps: int) -> None:
           f"import requests adds {(with_requests - bare) * 1e3:.1f} ms; limit 35 ms: {'ok' if added <= 35 else 'OVER'})")
 
 
+# ----------------------------------------------------------------------------------------
+# rest
+
+
+def _child_serve() -> None:
+    """A Kite-like REST server on 127.0.0.1 (own process, so it does not share our GIL)."""
+    fixtures = os.path.join(HERE, "fixtures", "zerodha")
+    bodies = {
+        ("GET", "/portfolio/positions"): "get_positions.json",
+        ("POST", "/orders/regular"): "place_order.json",
+        ("GET", "/instruments"): "instruments.csv",
+    }
+    payload = {key: open(os.path.join(fixtures, name), "rb").read() for key, name in bodies.items()}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like the real API
+
+        def setup(self) -> None:
+            super().setup()
+            # headers and body go out as two writes: without this, Nagle + delayed ACK add 40 ms
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def _answer(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            body = payload.get((method, self.path.split("?", 1)[0]))
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self._answer("GET")
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self._answer("POST")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # a thread per kept-alive connection
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+def bench_rest(rounds: int) -> None:
+    import logging
+
+    import requests
+
+    import ttconnect
+
+    logging.getLogger("ttconnect").setLevel(logging.ERROR)  # the fixture master has one malformed row on purpose
+    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", "serve"], stdout=subprocess.PIPE,
+                              text=True, cwd=HERE)
+    work = tempfile.mkdtemp(prefix="ttbench-rest-")
+    try:
+        assert server.stdout is not None
+        root = f"http://127.0.0.1:{server.stdout.readline().strip()}"
+        client = ttconnect.TTConnect("zerodha", {
+            "api_key": "benchkey", "access_token": "bench-token", "cache_dir": work, "root_url": root,
+            "instruments_url": root + "/instruments", "rate_limits": {"default": 1e6, "orders": 1e6}})
+        bare = requests.Session()
+        headers = {"X-Kite-Version": "3", "Authorization": "token benchkey:bench-token"}
+        opt = ttconnect.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=23500, option_type="CE")
+        form = {"tradingsymbol": "NIFTY26NOV23500CE", "exchange": "NFO", "transaction_type": "BUY", "order_type": "LIMIT",
+                "quantity": "65", "product": "NRML", "validity": "DAY", "tag": "bench", "price": "120.5"}
+
+        cases = {
+            "get_positions": (lambda: client.get_positions(),
+                              lambda: bare.get(root + "/portfolio/positions", headers=headers, timeout=7).json()),
+            "place_order": (lambda: client.place_order(opt, 65, "BUY", "NRML", "LIMIT", price=120.5, tag="bench"),
+                            lambda: bare.post(root + "/orders/regular", headers=headers, data=form, timeout=7).json()),
+        }
+        print(f"REST per call against a Kite-like server on 127.0.0.1 (median of {rounds} rounds x 200 calls; floor = "
+              "the same request on a bare kept-alive requests.Session, .json() included)")
+        for name, (ours_fn, bare_fn) in cases.items():
+            for _ in range(50):  # warm both connections and caches
+                ours_fn()
+                bare_fn()
+            ours, floor = [], []
+            for _ in range(rounds):  # interleaved, so drift hits both alike
+                floor.append(_per_call(bare_fn, 200))
+                ours.append(_per_call(ours_fn, 200))
+            print(_ratio_line(name, statistics.median(ours) * 1e6, statistics.median(floor) * 1e6, "us", 1.1))
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=5)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: List[str]) -> int:
     if argv[:1] == ["--child"]:
         if argv[1] == "refresh":
             _child_refresh(*argv[2:5])
             return 0
+        if argv[1] == "serve":
+            _child_serve()
+            return 0
         raise SystemExit(f"unknown child task {argv[1:]}")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("sections", nargs="*", default=["instruments", "rest"], help="instruments, rest")
     args = parser.parse_args(argv)
     reps = 1 if args.quick else 3
     print(f"ttconnect benchmark on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    bench_instruments(reps)
+    if "instruments" in args.sections:
+        bench_instruments(reps)
+    if "rest" in args.sections:
+        bench_rest(3 if args.quick else 9)
     return 0
 
 

@@ -928,6 +928,15 @@ def test_non_json_and_odd_bodies_become_clear_errors(status: int, body: str, hea
         assert info.value.retry_after == 3.0
 
 
+def test_environment_proxies_are_honoured_once_per_host(monkeypatch: Any) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "api.kite.trade")
+    transport = tt._Transport(7.0, 2, lambda s: None)
+    assert transport._proxies("https://apiconnect.angelone.in/rest/x")["https"] == "http://proxy.example:3128"
+    assert transport._proxies("https://api.kite.trade/orders") == {}  # NO_PROXY
+    assert transport.session().trust_env is False  # ~/.netrc can never replace the broker's Authorization
+
+
 def test_safe_calls_retry_with_backoff_and_retry_after(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     kite = rest_client(clients, "zerodha", tmp_path, day_clock, max_retries=3)
     with responses.RequestsMock() as rs:

@@ -2270,6 +2270,7 @@ class _Transport:
         self.max_retries = max_retries
         self.sleep = sleep
         self._session: Optional["requests.Session"] = None
+        self._proxy_cache: Dict[str, Dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def session(self) -> "requests.Session":
@@ -2278,11 +2279,26 @@ class _Transport:
                 import requests
 
                 session = requests.Session()
+                # The environment (proxy variables, CA bundle) is read once here instead of on
+                # every request, which costs requests ~100 us a call; and ~/.netrc is never
+                # consulted, so it cannot replace the broker's Authorization header.
+                session.trust_env = False
+                session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
                 adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
                 session.mount("https://", adapter)
                 session.mount("http://", adapter)
                 self._session = session
             return self._session
+
+    def _proxies(self, url: str) -> Dict[str, str]:
+        """Environment proxies for ``url``'s host (honouring NO_PROXY), looked up once per host."""
+        host = url.split("://", 1)[-1].split("/", 1)[0]
+        proxies = self._proxy_cache.get(host)
+        if proxies is None:
+            import requests
+
+            proxies = self._proxy_cache[host] = requests.utils.get_environ_proxies(url)
+        return proxies
 
     def request(self, method: str, url: str, headers: Mapping[str, str], params: Optional[Mapping[str, Any]],
                 form: Optional[Mapping[str, Any]], json_body: Any) -> _Response:
@@ -2291,15 +2307,17 @@ class _Transport:
         started = time.perf_counter()
         try:
             resp = self.session().request(method, url, headers=headers, params=params, data=form, json=json_body,
-                                          timeout=self.timeout)
+                                          timeout=self.timeout, proxies=self._proxies(url))
         except requests.RequestException as exc:
             sent = not _never_sent(exc)
             err = NetworkError(f"{method} {_path_of(url)} failed: {exc.__class__.__name__}: {_short(str(exc))}"
                                + (" (the request may have reached the broker)" if sent else ""))
             err.maybe_sent = sent  # type: ignore[attr-defined]
             raise err from exc
-        log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.perf_counter() - started) * 1e3)
-        return _Response(resp.status_code, resp.headers, resp.text)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.perf_counter() - started) * 1e3)
+        # Decoded here: Response.text would guess the charset (slowly) when none is declared.
+        return _Response(resp.status_code, resp.headers, resp.content.decode(resp.encoding or "utf-8", "replace"))
 
     def download(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
         """Stream ``url`` into ``dest``; retry connection failures; return the byte count."""
@@ -2319,7 +2337,8 @@ class _Transport:
                 attempt += 1
 
     def _download_once(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
-        with self.session().get(url, headers=dict(headers), stream=True, timeout=self.timeout) as resp:
+        with self.session().get(url, headers=dict(headers), stream=True, timeout=self.timeout,
+                                proxies=self._proxies(url)) as resp:
             if resp.status_code != 200:
                 snippet = _short(resp.text)
                 raise BrokerError(
@@ -2705,6 +2724,7 @@ class TTConnect:
         self._cache_dir = self._cache_dir_option(cfg)
         self._transport = _Transport(float(timeout), retries, self._sleep)
         self._tokens: Dict[int, Tuple[str, str]] = {}
+        self._infos: Dict[int, Tuple[str, int, float]] = {}  # name, lot, tick: fixed until the next refresh
         self._by_symbol: Dict[Tuple[str, str], Instrument] = {}
         self._placed: Dict[str, Order] = {}  # orders this client placed: variety & ids for modify/cancel
         self._ctx = _Ctx(self)
@@ -2871,6 +2891,8 @@ class TTConnect:
             _remove_quietly(part)
         self._store.reopen()
         self._tokens.clear()
+        self._infos.clear()
+        self._by_symbol.clear()
         log.info(
             "%s instruments refreshed: %d rows, %d skipped by segment %s, %d malformed, %d duplicates, %.2f s",
             self.broker, stats.rows, sum(stats.skipped.values()), stats.skipped, stats.malformed,
@@ -2933,10 +2955,13 @@ class TTConnect:
         return self._info(instrument)[2]
 
     def _info(self, instrument: Instrument) -> Tuple[str, int, float]:
-        info = self._store.info(instrument)
+        info = self._infos.get(instrument._iid)
         if info is None:
-            self._store.check_exists(instrument)
-            raise InstrumentNotFoundError(f"{instrument} not found")  # pragma: no cover - check_exists raised
+            info = self._store.info(instrument)
+            if info is None:
+                self._store.check_exists(instrument)
+                raise InstrumentNotFoundError(f"{instrument} not found")  # pragma: no cover - check_exists raised
+            self._infos[instrument._iid] = info
         return info
 
     # -- requests ------------------------------------------------------------------------
