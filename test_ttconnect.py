@@ -17,7 +17,7 @@ import textwrap
 import threading
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import requests
@@ -1481,6 +1481,548 @@ def test_concurrent_calls_from_threads(tmp_path: Path, day_clock: FakeClock, cli
         for t in threads:
             t.join(timeout=10)
     assert len(out) == 12 and sum(1 for o in out if isinstance(o, tt.Fund)) == 3
+
+
+# ============================================================================
+# 10. Streamer
+# ============================================================================
+
+import base64
+import queue
+import socket
+import struct as _struct
+
+
+class WsServer:
+    """A small RFC 6455 server on 127.0.0.1 (stdlib only) that can misbehave on purpose.
+
+    It records every handshake and every text message clients send, answers pings (and, if
+    asked, text pings), sends a heartbeat while not silenced, and can refuse, drop, go silent.
+    """
+
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, heartbeat: Optional[bytes] = b"\x00", text_replies: Optional[Dict[str, str]] = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.heartbeat, self.text_replies = heartbeat, text_replies or {}
+        self.handshakes: "queue.Queue[Dict[str, Any]]" = queue.Queue()
+        self.messages: "queue.Queue[str]" = queue.Queue()
+        self.conns: List[socket.socket] = []
+        self.refuse = 0
+        self.refuse_status = "503 Service Unavailable"
+        self.silent = threading.Event()
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def send(self, payload: bytes, opcode: int = 2) -> None:
+        frame = self.frame(payload, opcode)
+        with self.lock:
+            for conn in list(self.conns):
+                try:
+                    conn.sendall(frame)
+                except OSError:
+                    pass
+
+    def send_raw(self, data: bytes) -> None:
+        with self.lock:
+            for conn in list(self.conns):
+                conn.sendall(data)
+
+    def drop(self) -> None:
+        with self.lock:
+            for conn in self.conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+            self.conns.clear()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.drop()
+        self.sock.close()
+        for thread in self.threads:
+            thread.join(timeout=2)
+
+    def wait_message(self, timeout: float = 3.0, skip: Tuple[str, ...] = ()) -> str:
+        while True:
+            message = self.messages.get(timeout=timeout)
+            if message not in skip:
+                return message
+
+    @staticmethod
+    def frame(payload: bytes, opcode: int = 2) -> bytes:
+        head = bytes([0x80 | opcode])
+        n = len(payload)
+        if n < 126:
+            head += bytes([n])
+        elif n < 65536:
+            head += bytes([126]) + _struct.pack(">H", n)
+        else:
+            head += bytes([127]) + _struct.pack(">Q", n)
+        return head + payload
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _recv_exact(self, conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            lines = request.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+            self.handshakes.put({"path": lines[0].split(" ")[1], "headers": headers})
+            if self.refuse > 0:
+                self.refuse -= 1
+                conn.sendall(f"HTTP/1.1 {self.refuse_status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+                conn.close()
+                return
+            accept = base64.b64encode(hashlib.sha1((headers["sec-websocket-key"] + self.GUID).encode()).digest()).decode()
+            conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+            with self.lock:
+                self.conns.append(conn)
+            if self.heartbeat is not None:
+                beat = threading.Thread(target=self._beat, args=(conn,), daemon=True)
+                self.threads.append(beat)
+                beat.start()
+            while not self.stopped.is_set():
+                b0, b1 = self._recv_exact(conn, 2)
+                n = b1 & 0x7F
+                if n == 126:
+                    n = _struct.unpack(">H", self._recv_exact(conn, 2))[0]
+                elif n == 127:
+                    n = _struct.unpack(">Q", self._recv_exact(conn, 8))[0]
+                mask = self._recv_exact(conn, 4) if b1 & 0x80 else b"\0\0\0\0"
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self._recv_exact(conn, n)))
+                opcode = b0 & 0x0F
+                if opcode == 1:
+                    text = payload.decode()
+                    self.messages.put(text)
+                    if text in self.text_replies and not self.silent.is_set():
+                        with self.lock:
+                            conn.sendall(self.frame(self.text_replies[text].encode(), 1))
+                elif opcode == 9 and not self.silent.is_set():
+                    with self.lock:
+                        conn.sendall(self.frame(payload, 10))
+                elif opcode == 8:
+                    return
+        except (OSError, ConnectionError, ValueError):
+            return
+        finally:
+            with self.lock:
+                if conn in self.conns:
+                    self.conns.remove(conn)
+            conn.close()
+
+    def _beat(self, conn: socket.socket) -> None:
+        while not self.stopped.wait(0.05):
+            if self.silent.is_set():
+                continue
+            try:
+                with self.lock:
+                    if conn not in self.conns:
+                        return
+                    conn.sendall(self.frame(self.heartbeat or b"", 2))
+            except OSError:
+                return
+
+
+# -- frame builders (the exact broker layouts, from field values) ---------------------------
+
+KITE_DIV = {3: 10_000_000, 6: 10_000}
+
+
+def kite_packet(token: int, length: int, **f: Any) -> bytes:
+    div = KITE_DIV.get(token & 0xFF, 100)
+    p = lambda name: int(round(f.get(name, 0) * div))  # noqa: E731 - rupees -> wire integer
+    if length == 8:
+        return _struct.pack(">II", token, p("ltp"))
+    if length in (28, 32):
+        body = _struct.pack(">6Ii", token, p("ltp"), p("high"), p("low"), p("open"), p("close"), f.get("wire_change", 0))
+        return body + (_struct.pack(">I", f.get("exchange_ts", 0)) if length == 32 else b"")
+    quote = _struct.pack(">11I", token, p("ltp"), f.get("last_qty", 0), p("avg_price"), f.get("volume", 0),
+                         f.get("buy_qty", 0), f.get("sell_qty", 0), p("open"), p("high"), p("low"), p("close"))
+    if length == 44:
+        return quote
+    full = quote + _struct.pack(">5I", f.get("ltt", 0), f.get("oi", 0), f.get("oi_high", 0), f.get("oi_low", 0),
+                                f.get("exchange_ts", 0))
+    levels = list(f.get("bids", [])) + [(0, 0, 0)] * (5 - len(f.get("bids", [])))
+    levels += list(f.get("asks", [])) + [(0, 0, 0)] * (5 - len(f.get("asks", [])))
+    for price, qty, orders in levels:
+        full += _struct.pack(">IIH2x", qty, int(round(price * div)), orders)
+    return full
+
+
+def kite_frame(*packets: bytes) -> bytes:
+    return _struct.pack(">H", len(packets)) + b"".join(_struct.pack(">H", len(pk)) + pk for pk in packets)
+
+
+def angel_packet(mode: int, exchange_type: int, token: str, **f: Any) -> bytes:
+    p = lambda name: int(round(f.get(name, 0) * 100))  # noqa: E731 - rupees -> paise
+    data = _struct.pack("<BB25sqqq", mode, exchange_type, token.encode(), f.get("seq", 1), f.get("exchange_ms", 0), p("ltp"))
+    if mode == 1:
+        return data
+    data += _struct.pack("<qqqddqqqq", f.get("last_qty", 0), p("avg_price"), f.get("volume", 0), float(f.get("buy_qty", 0)),
+                         float(f.get("sell_qty", 0)), p("open"), p("high"), p("low"), p("close"))
+    if mode == 2:
+        return data
+    data += _struct.pack("<qqd", f.get("ltt", 0), f.get("oi", 0), f.get("oi_change", 0.0))
+    levels = [(1, q, pr, o) for pr, q, o in f.get("bids", [])] + [(0, q, pr, o) for pr, q, o in f.get("asks", [])]
+    levels += [(0, 0, 0, 0)] * (10 - len(levels))
+    for flag, qty, price, orders in levels:
+        data += _struct.pack("<Hqqh", flag, qty, int(round(price * 100)), orders)
+    return data + _struct.pack("<qqqq", 0, 0, 0, 0)
+
+
+def decode(broker: str, data: bytes, instruments: Dict[Any, Any]) -> List[tt.Tick]:
+    out: List[tt.Tick] = []
+    tt._BROKERS[broker]["hooks"]["stream_decode"](data, instruments, out)
+    return out
+
+
+INT32_MAX = 2**31 - 1
+
+
+@pytest.mark.parametrize("token, ltp, close", [
+    (408065, 1573.70, 1567.80),  # NSE, ltp above close
+    (13364994, 0.05, 120.0),  # NFO, a collapse: negative change
+    (412675, 82.1234, 82.2000),  # CDS: prices scaled by 1e7
+    (3032326, 82.1234, 82.0001),  # BCD: prices scaled by 1e4
+    (779521, INT32_MAX / 100, 1.0),  # the largest wire value
+])
+def test_kite_packets_decode_exactly(token: int, ltp: float, close: float) -> None:
+    inst = object()
+    fields = dict(ltp=ltp, last_qty=INT32_MAX, avg_price=ltp, volume=1192471, buy_qty=0, sell_qty=363009,
+                  open=close, high=ltp, low=close, close=close, ltt=1625461887, oi=INT32_MAX, oi_high=10, oi_low=0,
+                  exchange_ts=1625461888, bids=[(ltp, 5, 1), (close, 7, 65535)], asks=[(ltp, 172, 3)])
+    frame = kite_frame(kite_packet(token, 8, **fields), kite_packet(token, 44, **fields), kite_packet(token, 184, **fields))
+    ltp_t, quote, full = decode("zerodha", frame, {token: inst})
+    assert (ltp_t.mode, ltp_t.ltp, ltp_t.close, ltp_t.bids, ltp_t.last_trade_time) == ("ltp", ltp, None, (), None)
+    change = (ltp - close) * 100 / close
+    for tick, mode in ((quote, "quote"), (full, "full")):
+        assert tick.instrument is inst and tick.mode == mode
+        assert (tick.ltp, tick.last_qty, tick.avg_price, tick.volume, tick.buy_qty, tick.sell_qty) == (
+            ltp, INT32_MAX, ltp, 1192471, 0, 363009)
+        assert (tick.open, tick.high, tick.low, tick.close, tick.change) == (close, ltp, close, close, change)
+    assert (full.oi, full.oi_day_high, full.oi_day_low) == (INT32_MAX, 10, 0)
+    assert full.last_trade_time == dt.datetime(2021, 7, 5, 10, 41, 27, tzinfo=tt.IST)
+    assert full.exchange_time == dt.datetime(2021, 7, 5, 10, 41, 28, tzinfo=tt.IST)
+    assert full.bids == (tt.DepthLevel(price=ltp, qty=5, orders=1), tt.DepthLevel(price=close, qty=7, orders=65535))
+    assert full.asks == (tt.DepthLevel(price=ltp, qty=172, orders=3),)
+    assert quote.bids == () and quote.oi is None and quote.exchange_time is None
+    if token == 13364994:
+        assert full.change < 0
+
+
+def test_kite_index_packets_have_their_own_ohlc_order() -> None:
+    inst = object()
+    token = 256265  # NIFTY 50: segment 9
+    fields = dict(ltp=23512.35, high=23600.0, low=23400.5, open=23450.0, close=23500.0, wire_change=-123, exchange_ts=1795415400)
+    quote, full = decode("zerodha", kite_frame(kite_packet(token, 28, **fields), kite_packet(token, 32, **fields)), {token: inst})
+    for tick in (quote, full):
+        assert (tick.ltp, tick.open, tick.high, tick.low, tick.close) == (23512.35, 23450.0, 23600.0, 23400.5, 23500.0)
+        assert tick.change == (23512.35 - 23500.0) * 100 / 23500.0 and tick.volume is None
+    assert (quote.mode, full.mode) == ("quote", "full")
+    assert quote.exchange_time is None and full.exchange_time == dt.datetime.fromtimestamp(1795415400, tt.IST)
+
+
+def test_kite_frame_edges() -> None:
+    assert decode("zerodha", b"\x00", {}) == []  # heartbeat
+    assert decode("zerodha", kite_frame(kite_packet(779521, 44, ltp=1.0)), {}) == []  # not subscribed
+    for bad in (b"\x00\x02\x00\x08" + bytes(8), kite_frame(kite_packet(779521, 44))[:-3],
+                _struct.pack(">HH", 1, 12) + bytes(12)):
+        with pytest.raises(tt._FrameError):
+            decode("zerodha", bad, {779521: object(), 0: object()})
+
+
+@pytest.mark.parametrize("exchange_type, ltp, close", [(1, 2885.45, 2900.0), (2, 0.05, 0.0), (3, INT32_MAX / 100, 1.0)])
+def test_angel_packets_decode_exactly(exchange_type: int, ltp: float, close: float) -> None:
+    inst = object()
+    key = bytes([exchange_type]) + b"52207".ljust(25, b"\0")
+    fields = dict(ltp=ltp, exchange_ms=1795415400123, last_qty=75, avg_price=ltp, volume=2**40, buy_qty=1500,
+                  sell_qty=0, open=close, high=ltp, low=close, close=close, ltt=1795415399, oi=123456,
+                  bids=[(ltp, 65, 2), (close, 130, 1)], asks=[(ltp, 650, 9)])
+    ticks = [decode("angelone", angel_packet(m, exchange_type, "52207", **fields), {key: inst})[0] for m in (1, 2, 3)]
+    ltp_t, quote, snap = ticks
+    assert (ltp_t.mode, ltp_t.ltp, ltp_t.volume) == ("ltp", ltp, None)
+    assert ltp_t.exchange_time == dt.datetime.fromtimestamp(1795415400.123, tt.IST)
+    change = (ltp - close) * 100 / close if close else None
+    for tick, mode in ((quote, "quote"), (snap, "full")):
+        assert tick.instrument is inst and tick.mode == mode
+        assert (tick.ltp, tick.last_qty, tick.avg_price, tick.volume, tick.buy_qty, tick.sell_qty) == (ltp, 75, ltp, 2**40, 1500, 0)
+        assert (tick.open, tick.high, tick.low, tick.close, tick.change) == (close, ltp, close, close, change)
+        assert tick.exchange_time == dt.datetime.fromtimestamp(1795415400.123, tt.IST)
+    assert snap.oi == 123456 and snap.last_trade_time == dt.datetime.fromtimestamp(1795415399, tt.IST)
+    assert snap.bids == (tt.DepthLevel(price=ltp, qty=65, orders=2), tt.DepthLevel(price=close, qty=130, orders=1))
+    assert snap.asks == (tt.DepthLevel(price=ltp, qty=650, orders=9),)
+    with pytest.raises(tt._FrameError):
+        decode("angelone", angel_packet(3, exchange_type, "52207", **fields)[:-1], {key: inst})
+
+
+# -- the live feed against a real local server ----------------------------------------------
+
+
+def wait_until(predicate: Any, timeout: float = 3.0) -> bool:
+    done = threading.Event()
+    deadline = dt.datetime.now().timestamp() + timeout
+    while dt.datetime.now().timestamp() < deadline:
+        if predicate():
+            return True
+        done.wait(0.01)
+    return predicate()
+
+
+@pytest.fixture
+def ws_server() -> Iterator[WsServer]:
+    server = WsServer()
+    yield server
+    server.close()
+
+
+def kite_feed(clients: list, tmp_path: Path, clock: FakeClock, server: WsServer, **config: Any) -> tt.TTConnect:
+    cfg = dict(ws_url=server.url + "/", stream_silence_timeout=1.0, stream_reconnect_delay=0.01,
+               stream_reconnect_max_delay=0.05)
+    cfg.update(config)
+    return rest_client(clients, "zerodha", tmp_path, clock, **cfg)
+
+
+def kite_subscribed(server: WsServer, expected: int = 2) -> Dict[int, str]:
+    """Read the client's messages until ``expected`` tokens are subscribed with a mode."""
+    subscribed: set = set()
+    modes: Dict[int, str] = {}
+    while not (len(subscribed) >= expected and set(modes) >= subscribed):
+        message = json.loads(server.wait_message())
+        if message["a"] == "subscribe":
+            subscribed.update(message["v"])
+        elif message["a"] == "mode":
+            modes.update({token: message["v"][0] for token in message["v"][1]})
+    assert subscribed == set(modes)
+    return modes
+
+
+def test_kite_stream_ticks_reconnects_and_resubscribes(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                       ws_server: WsServer) -> None:
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    ce = tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=23500, option_type="CE")
+    sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+    kite.subscribe([ce], on_tick=ticks.put, mode="full")
+    kite.subscribe(sbin, mode="ltp")
+    hello = ws_server.handshakes.get(timeout=3)
+    assert hello["path"] == "/?api_key=kitekey01&access_token=kite-access-SECRET-1"
+    assert hello["headers"]["x-kite-version"] == "3"
+    # Depending on timing the two subscriptions go out together (on connect) or apart.
+    assert kite_subscribed(ws_server) == {13364994: "full", 779521: "ltp"}
+    ws_server.send(kite_frame(kite_packet(13364994, 184, ltp=120.5, close=118.0, bids=[(120.45, 65, 1)]),
+                              kite_packet(779521, 8, ltp=801.05)))
+    first, second = ticks.get(timeout=3), ticks.get(timeout=3)
+    assert first.instrument == ce and first.ltp == 120.5 and first.bids == (tt.DepthLevel(120.45, 65, 1),)
+    assert second.instrument == sbin and (second.mode, second.ltp) == ("ltp", 801.05)
+    # The server drops the connection: the client reconnects and subscribes the same set again.
+    ws_server.drop()
+    again = ws_server.handshakes.get(timeout=3)
+    assert again["path"] == hello["path"]
+    resent = [ws_server.wait_message() for _ in range(3)]
+    assert resent == ['{"a": "subscribe", "v": [13364994, 779521]}', '{"a": "mode", "v": ["ltp", [779521]]}',
+                      '{"a": "mode", "v": ["full", [13364994]]}']
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=802.0)))
+    assert ticks.get(timeout=3).ltp == 802.0
+    stats = kite.stream_stats()
+    assert stats["reconnects"] >= 1 and stats["ticks"] == 3 and stats["connected"] is True
+    assert stats["subscriptions"] == 2 and stats["last_frame_at"].tzinfo is tt.IST
+    # Unsubscribe from another thread while streaming.
+    worker = threading.Thread(target=kite.unsubscribe, args=([sbin],))
+    worker.start()
+    worker.join(timeout=3)
+    assert ws_server.wait_message() == '{"a": "unsubscribe", "v": [779521]}'
+
+
+def test_kite_stream_survives_garbage_and_a_raising_handler(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                           ws_server: WsServer, caplog: Any) -> None:
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    got: "queue.Queue[float]" = queue.Queue()
+
+    def handler(tick: tt.Tick) -> None:
+        if tick.ltp == 1.0:
+            raise RuntimeError("strategy bug")
+        got.put(tick.ltp)
+
+    kite.subscribe(tt.Equity(exchange="NSE", symbol="SBIN"), on_tick=handler, mode="ltp")
+    assert wait_until(lambda: kite.stream_stats()["connected"])
+    ws_server.wait_message()
+    ws_server.send(b"\x00\x03\x00\x08garbage!")  # says 3 packets, holds one bad one
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=1.0)))  # the handler raises on this one
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=2.0)))
+    assert got.get(timeout=3) == 2.0
+    stats = kite.stream_stats()
+    assert stats["frames_dropped"] == 1 and stats["handler_errors"] == 1 and stats["reconnects"] == 0
+    assert any("on_tick handler raised" in r.getMessage() for r in caplog.records)
+
+
+def test_kite_stream_outlasts_refusals_and_silence(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                   ws_server: WsServer) -> None:
+    ws_server.refuse = 2
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server, stream_silence_timeout=0.3)
+    got: "queue.Queue[float]" = queue.Queue()
+    kite.subscribe(tt.Equity(exchange="NSE", symbol="SBIN"), on_tick=lambda t: got.put(t.ltp), mode="ltp")
+    for _ in range(3):
+        ws_server.handshakes.get(timeout=3)  # two refused, the third accepted
+    assert wait_until(lambda: kite.stream_stats()["connected"])
+    assert kite.stream_stats()["reconnects"] >= 2
+    # Silence: the socket stays open but nothing arrives; the client must notice and reconnect.
+    ws_server.silent.set()
+    assert wait_until(lambda: kite.stream_stats()["silence_reconnects"] >= 1, timeout=4)
+    assert "no frame for" in kite.stream_stats()["last_error"]
+    ws_server.silent.clear()
+    ws_server.handshakes.get(timeout=3)
+    assert wait_until(lambda: kite.stream_stats()["connected"])
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=5.5)))
+    assert got.get(timeout=3) == 5.5
+
+
+def test_kite_order_updates_and_errors_arrive_as_text(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                      ws_server: WsServer) -> None:
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    orders: "queue.Queue[tt.Order]" = queue.Queue()
+    kite.on_order_update(orders.put)
+    assert wait_until(lambda: kite.stream_stats()["connected"])
+    row = json.loads(fixture_text("zerodha", "get_orders.json"))["data"][1]
+    ws_server.send(json.dumps({"type": "order", "data": row}).encode(), opcode=1)
+    order = orders.get(timeout=3)
+    assert (order.id, order.status, str(order.instrument), order.average_price) == (
+        "1993505823145369600", tt.OrderStatus.COMPLETE, "NSE:SBIN", 790.0)
+    ws_server.send(json.dumps({"type": "error", "data": "Invalid token"}).encode(), opcode=1)
+    assert wait_until(lambda: "Invalid token" in (kite.stream_stats()["last_error"] or ""))
+
+
+def test_close_returns_fast_and_leaves_no_thread(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                 ws_server: WsServer) -> None:
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    kite.subscribe(tt.Equity(exchange="NSE", symbol="SBIN"), on_tick=lambda t: None)
+    assert wait_until(lambda: kite.stream_stats()["connected"])
+    started = dt.datetime.now()
+    kite.close()
+    assert (dt.datetime.now() - started).total_seconds() < 2
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ttconnect-")]
+
+
+def test_stream_limits_and_bad_modes_fail_clearly(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                  monkeypatch: Any) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, ws_url="ws://127.0.0.1:9/")
+    monkeypatch.setitem(tt._ZERODHA, "stream_max_tokens", 2)
+    three = [tt.Equity(exchange="NSE", symbol=s) for s in ("SBIN", "INFY", "IDEA")]
+    with pytest.raises(tt.UnsupportedFeatureError, match="at most 2 instruments per connection; this would make 3"):
+        kite.subscribe(three, on_tick=lambda t: None)
+    with pytest.raises(tt.UnsupportedFeatureError, match="stream mode 'depth'"):
+        kite.subscribe(three[:1], on_tick=lambda t: None, mode="depth")
+    with pytest.raises(tt.ConfigurationError, match="on_tick"):
+        tt.TTConnect.subscribe(kite, three[:1])
+    assert tt._ZERODHA["stream_max_tokens"] == 2 and tt._ANGELONE["stream_max_tokens"] == 1000
+
+
+def test_angel_stream_headers_subscribe_ping_and_order_socket(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    market = WsServer(heartbeat=None, text_replies={"ping": "pong"})
+    orders_srv = WsServer(heartbeat=None)
+    try:
+        angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
+                            feed_token="feed-SECRET-9", ws_url=market.url + "/smart-stream",
+                            order_ws_url=orders_srv.url + "/smart-order-update", stream_silence_timeout=0.5,
+                            stream_reconnect_delay=0.01)
+        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+        updates: "queue.Queue[tt.Order]" = queue.Queue()
+        ce = tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=23500, option_type="CE")
+        sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+        angel.subscribe([ce, sbin], on_tick=ticks.put, mode="full", on_order_update=updates.put)
+        hello = market.handshakes.get(timeout=3)
+        assert hello["path"] == "/smart-stream"
+        assert {k: hello["headers"][k] for k in ("authorization", "x-api-key", "x-client-code", "x-feed-token")} == {
+            "authorization": "Bearer jwt-SECRET-9", "x-api-key": "angelkey01", "x-client-code": "A123456",
+            "x-feed-token": "feed-SECRET-9"}
+        assert json.loads(market.wait_message()) == {"correlationID": "tt31", "action": 1, "params": {"mode": 3, "tokenList": [
+            {"exchangeType": 2, "tokens": ["52207"]}, {"exchangeType": 1, "tokens": ["3045"]}]}}
+        market.send(angel_packet(3, 2, "52207", ltp=120.5, close=118.0, bids=[(120.45, 65, 3)], asks=[(120.5, 130, 1)]))
+        tick = ticks.get(timeout=3)
+        assert tick.instrument == ce and tick.mode == "full" and tick.asks == (tt.DepthLevel(120.5, 130, 1),)
+        assert market.wait_message() == "ping"  # keep-alive, answered with "pong": no silence reconnects
+        assert wait_until(lambda: angel.stream_stats()["frames"] >= 2)
+        assert angel.stream_stats()["silence_reconnects"] == 0
+        # Order updates: AngelOne's separate order-status socket.
+        orders_hello = orders_srv.handshakes.get(timeout=3)
+        assert orders_hello["path"] == "/smart-order-update"
+        assert orders_hello["headers"]["authorization"] == "Bearer jwt-SECRET-9"
+        assert wait_until(lambda: angel.stream_stats()["orders_connected"])
+        orders_srv.send(json.dumps({"user-id": "A123456", "status-code": "200", "order-status": "AB00",
+                                    "error-message": "", "orderData": {}}).encode(), opcode=1)
+        row = json.loads(fixture_text("angelone", "get_orders.json"))["data"][4]
+        orders_srv.send(json.dumps({"user-id": "A123456", "status-code": "200", "order-status": "AB01",
+                                    "error-message": "", "orderData": row}).encode(), opcode=1)
+        update = updates.get(timeout=3)
+        assert (update.id, update.status, update.filled_qty) == ("261123000166902", tt.OrderStatus.PARTIALLY_FILLED, 65)
+        angel.unsubscribe(sbin)
+        assert json.loads(market.wait_message(skip=("ping",))) == {"correlationID": "tt30", "action": 0, "params": {
+            "mode": 3, "tokenList": [{"exchangeType": 1, "tokens": ["3045"]}]}}
+    finally:
+        for client in clients:
+            client.close()
+        market.close()
+        orders_srv.close()
+
+
+def test_angel_feed_refused_renews_the_session_and_reconnects(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    market = WsServer(heartbeat=None, text_replies={"ping": "pong"})
+    market.refuse, market.refuse_status = 1, "401 Unauthorized"
+    try:
+        angel = rest_client(clients, "angelone", tmp_path, day_clock, ws_url=market.url, stream_silence_timeout=0.5,
+                            stream_reconnect_delay=0.01)
+        login = json.loads(fixture_text("angelone", "login.json"))["data"]
+        renewed = json.loads(fixture_text("angelone", "renew_token.json"))["data"]
+        with responses.RequestsMock(assert_all_requests_are_fired=True) as rs:
+            api = MockApi(rs, "angelone")
+            api.on("login")
+            api.on("renew_token")
+            angel.subscribe(tt.Equity(exchange="NSE", symbol="SBIN"), on_tick=lambda t: None, mode="ltp")
+            first = market.handshakes.get(timeout=3)
+            second = market.handshakes.get(timeout=3)
+            assert wait_until(lambda: angel.stream_stats()["connected"])
+        assert first["headers"]["x-feed-token"] == login["feedToken"]
+        assert second["headers"]["x-feed-token"] == renewed["feedToken"]
+        assert second["headers"]["authorization"] == f"Bearer {renewed['jwtToken']}"
+    finally:
+        for client in clients:
+            client.close()
+        market.close()
 
 
 # ============================================================================

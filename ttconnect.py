@@ -65,6 +65,7 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -282,6 +283,10 @@ class _MasterFormatError(Exception):
     """An instrument master download is unusable (wrong format, truncated, too small)."""
 
 
+class _FrameError(Exception):
+    """A streamed frame is malformed or truncated (it is skipped and counted)."""
+
+
 # ============================================================================
 # 3. Models
 # ============================================================================
@@ -404,8 +409,15 @@ class DepthLevel:
 
 @_model
 class Tick:
+    """One market-data update, decoded from the broker's binary feed.
+
+    The numeric fields are set when the tick is decoded; ``last_trade_time``,
+    ``exchange_time``, ``bids`` and ``asks`` are built on first access from the packet's raw
+    values (the feed's hot path stays cheap: most handlers never look at them).
+    """
+
     instrument: "Instrument"
-    mode: str
+    mode: str  # "ltp" | "quote" | "full": the packet this came in
     ltp: float
     last_qty: Optional[int] = None
     avg_price: Optional[float] = None
@@ -415,15 +427,34 @@ class Tick:
     open: Optional[float] = None
     high: Optional[float] = None
     low: Optional[float] = None
-    close: Optional[float] = None
-    change: Optional[float] = None
+    close: Optional[float] = None  # the previous session's close
+    change: Optional[float] = None  # percent vs close
     oi: Optional[int] = None
     oi_day_high: Optional[int] = None
     oi_day_low: Optional[int] = None
-    last_trade_time: Optional[_dt.datetime] = None
-    exchange_time: Optional[_dt.datetime] = None
-    bids: Tuple[DepthLevel, ...] = ()
-    asks: Tuple[DepthLevel, ...] = ()
+    # epoch seconds (0: not given) and the raw depth (decoder, values, divisor), for the
+    # properties below
+    _last_trade_epoch: float = field(default=0, repr=False)
+    _exchange_epoch: float = field(default=0, repr=False)
+    _depth: Optional[Tuple[Callable[..., Any], tuple, float]] = field(default=None, repr=False)
+
+    @property
+    def last_trade_time(self) -> Optional[_dt.datetime]:
+        return _dt.datetime.fromtimestamp(self._last_trade_epoch, IST) if self._last_trade_epoch else None
+
+    @property
+    def exchange_time(self) -> Optional[_dt.datetime]:
+        return _dt.datetime.fromtimestamp(self._exchange_epoch, IST) if self._exchange_epoch else None
+
+    @property
+    def bids(self) -> Tuple["DepthLevel", ...]:
+        """Buy side, best first (empty outside ``full``)."""
+        return self._depth[0](self._depth[1], self._depth[2])[0] if self._depth else ()
+
+    @property
+    def asks(self) -> Tuple["DepthLevel", ...]:
+        """Sell side, best first (empty outside ``full``)."""
+        return self._depth[0](self._depth[1], self._depth[2])[1] if self._depth else ()
 
 
 @_model
@@ -1283,6 +1314,9 @@ class BrokerSpec(TypedDict):
     order_types: Mapping[OrderType, str]
     validities: Tuple[str, ...]
     max_tag_len: int
+    stream_max_tokens: int  # instruments per market-data connection
+    stream_keepalive: Optional[str]  # text the client must send to keep the feed alive
+    stream_silence_timeout: float  # seconds without any frame before the feed counts as dead
     hooks: Mapping[str, Callable[..., Any]]
 
 
@@ -1663,6 +1697,111 @@ def _zerodha_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[Dict[str, str],
     return {"consider_positions": "true"}, body
 
 
+# Kite ticker (notes section 8): big-endian frames of length-prefixed packets; the packet's
+# length says what it is. All fields are unsigned 32-bit; prices are scaled by the segment.
+_KITE_COUNT = struct.Struct(">H")
+_KITE_TOKEN = struct.Struct(">I")
+_KITE_LTP = struct.Struct(">II")
+_KITE_INDEX_QUOTE = struct.Struct(">6I")  # token, ltp, high, low, open, close (then a change field)
+_KITE_INDEX_FULL = struct.Struct(">6I4xI")  # ... + exchange timestamp at 28
+_KITE_QUOTE = struct.Struct(">11I")
+_KITE_FULL = struct.Struct(">16I" + "IIH2x" * 10)  # + 10 depth levels: qty, price, orders, padding
+_KITE_DIVISORS = {3: 10_000_000.0, 6: 10_000.0}  # CDS, BCD; every other segment: 100
+
+
+def _kite_depth(v: tuple, div: float) -> Tuple[Tuple["DepthLevel", ...], Tuple["DepthLevel", ...]]:
+    """Depth of a full packet: 5 bids then 5 asks of (qty, price, orders); empty slots dropped."""
+    bids = tuple(DepthLevel(price=v[i + 1] / div, qty=v[i], orders=v[i + 2]) for i in range(16, 31, 3) if v[i] or v[i + 1])
+    asks = tuple(DepthLevel(price=v[i + 1] / div, qty=v[i], orders=v[i + 2]) for i in range(31, 46, 3) if v[i] or v[i + 1])
+    return bids, asks
+
+
+def _zerodha_decode(data: bytes, instruments: Mapping[Any, Instrument], out: List[Tick]) -> None:
+    """Decode one binary frame into ``out``; raise _FrameError if it is malformed."""
+    size = len(data)
+    if size < 2:
+        return  # the 1-byte heartbeat
+    count = _KITE_COUNT.unpack_from(data, 0)[0]
+    pos = 2
+    for _ in range(count):
+        if pos + 2 > size:
+            raise _FrameError(f"frame ends before packet header at byte {pos}")
+        length = _KITE_COUNT.unpack_from(data, pos)[0]
+        pos += 2
+        if pos + length > size:
+            raise _FrameError(f"packet of {length} bytes runs past the frame end ({size})")
+        if length < 8:
+            raise _FrameError(f"packet of {length} bytes")
+        token = _KITE_TOKEN.unpack_from(data, pos)[0]
+        instrument = instruments.get(token)
+        if instrument is not None:
+            div = _KITE_DIVISORS.get(token & 0xFF, 100.0)
+            if length == 184:
+                v = _KITE_FULL.unpack_from(data, pos)
+                ltp, close = v[1] / div, v[10] / div
+                out.append(Tick(instrument, "full", ltp, v[2], v[3] / div, v[4], v[5], v[6], v[7] / div, v[8] / div,
+                                v[9] / div, close, (ltp - close) * 100 / close if close else None, v[12], v[13], v[14],
+                                v[11], v[15], (_kite_depth, v, div)))
+            elif length == 44:
+                v = _KITE_QUOTE.unpack_from(data, pos)
+                ltp, close = v[1] / div, v[10] / div
+                out.append(Tick(instrument, "quote", ltp, v[2], v[3] / div, v[4], v[5], v[6], v[7] / div, v[8] / div,
+                                v[9] / div, close, (ltp - close) * 100 / close if close else None))
+            elif length == 8:
+                out.append(Tick(instrument, "ltp", _KITE_LTP.unpack_from(data, pos)[1] / div))
+            elif length == 28 or length == 32:
+                # index packets carry high, low, open, close, in that order
+                v = _KITE_INDEX_FULL.unpack_from(data, pos) if length == 32 else _KITE_INDEX_QUOTE.unpack_from(data, pos)
+                ltp, close = v[1] / div, v[5] / div
+                out.append(Tick(instrument, "full" if length == 32 else "quote", ltp, None, None, None, None, None,
+                                v[4] / div, v[2] / div, v[3] / div, close, (ltp - close) * 100 / close if close else None,
+                                None, None, None, 0, v[6] if length == 32 else 0))
+            else:
+                raise _FrameError(f"unknown packet length {length}")
+        pos += length
+
+
+def _zerodha_stream_connect(config: Mapping[str, Any], session: SessionData, url: str) -> Tuple[str, Dict[str, str]]:
+    from urllib.parse import urlencode
+
+    query = urlencode({"api_key": config["api_key"], "access_token": session.access_token})
+    return f"{url}?{query}", {"X-Kite-Version": "3"}
+
+
+def _zerodha_stream_key(instrument: Instrument, token: str) -> int:
+    return int(token)
+
+
+def _zerodha_stream_subscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+    # Subscribe, then set each mode explicitly: Kite's default mode is not documented.
+    messages = [json.dumps({"a": "subscribe", "v": [int(token) for _, token, _ in items]})]
+    for mode in ("ltp", "quote", "full"):
+        tokens = [int(token) for _, token, m in items if m == mode]
+        if tokens:
+            messages.append(json.dumps({"a": "mode", "v": [mode, tokens]}))
+    return messages
+
+
+def _zerodha_stream_unsubscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+    return [json.dumps({"a": "unsubscribe", "v": [int(token) for _, token, _ in items]})]
+
+
+def _zerodha_stream_text(text: str) -> Tuple[str, Any]:
+    """Text frames: ``{"type": "order"|"error"|"message", "data": ...}``."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return "unknown", text
+    if not isinstance(message, dict):
+        return "unknown", text
+    kind = message.get("type")
+    if kind == "order" and isinstance(message.get("data"), dict):
+        return "order", message["data"]
+    if kind in ("error", "message"):
+        return kind, str(message.get("data"))
+    return "unknown", text
+
+
 _ZERODHA: BrokerSpec = {
     "id": "zerodha",
     "name": "Zerodha Kite Connect",
@@ -1724,8 +1863,17 @@ _ZERODHA: BrokerSpec = {
     "order_types": _KITE_ORDER_TYPES,
     "validities": ("DAY", "IOC"),
     "max_tag_len": 20,
+    "stream_max_tokens": 3000,
+    "stream_keepalive": None,  # the server sends a 1-byte heartbeat about every second
+    "stream_silence_timeout": 5.0,
     "hooks": {
         "parse_master": _zerodha_parse_master,
+        "stream_connect": _zerodha_stream_connect,
+        "stream_key": _zerodha_stream_key,
+        "stream_subscribe": _zerodha_stream_subscribe,
+        "stream_unsubscribe": _zerodha_stream_unsubscribe,
+        "stream_decode": _zerodha_decode,
+        "stream_text": _zerodha_stream_text,
         "headers": _zerodha_headers,
         "envelope": _zerodha_envelope,
         "exchange_token": _zerodha_exchange_token,
@@ -2108,6 +2256,126 @@ def _angelone_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[None, Dict[str
     return None, {"positions": positions}
 
 
+# SmartWebSocketV2 (notes section 7): one little-endian packet per binary frame; its length
+# says the mode. Prices in paise; the exchange timestamp in milliseconds.
+_ANGEL_LTP = struct.Struct("<BB25sqqq")
+_ANGEL_QUOTE = struct.Struct("<BB25sqqqqqqddqqqq")
+_ANGEL_SNAP = struct.Struct("<BB25sqqqqqqddqqqqqqd" + "Hqqh" * 10 + "qqqq")
+_ANGEL_EXCHANGE_TYPES = {Exchange.NSE: 1, Exchange.NFO: 2, Exchange.BSE: 3, Exchange.BFO: 4, Exchange.MCX: 5,
+                         Exchange.CDS: 13}
+_ANGEL_MODES = {"ltp": 1, "quote": 2, "full": 3}
+_ANGEL_DIVISORS = {13: 10_000_000.0}  # currency derivatives; everything else is in paise
+
+
+def _angel_depth(v: tuple, div: float) -> Tuple[Tuple["DepthLevel", ...], Tuple["DepthLevel", ...]]:
+    """Best-five block: 10 x (flag 1=buy/0=sell, qty, price, orders); empty slots dropped."""
+    bids, asks = [], []
+    for i in range(18, 58, 4):
+        flag, qty, price, orders = v[i], v[i + 1], v[i + 2], v[i + 3]
+        if qty or price:
+            (bids if flag else asks).append(DepthLevel(price=price / div, qty=qty, orders=orders))
+    return tuple(bids), tuple(asks)
+
+
+def _angelone_decode(data: bytes, instruments: Mapping[Any, Instrument], out: List[Tick]) -> None:
+    """Decode one binary frame (one packet) into ``out``; raise _FrameError if malformed."""
+    size = len(data)
+    if size not in (51, 123, 379):
+        raise _FrameError(f"packet of {size} bytes (expected 51, 123 or 379)")
+    instrument = instruments.get(data[1:27])  # exchange type + 25-byte token: the subscription key
+    if instrument is None:
+        return
+    div = _ANGEL_DIVISORS.get(data[1], 100.0)
+    if size == 379:
+        v = _ANGEL_SNAP.unpack_from(data)
+        ltp, close = v[5] / div, v[14] / div
+        out.append(Tick(instrument, "full", ltp, v[6], v[7] / div, v[8], int(v[9]), int(v[10]), v[11] / div,
+                        v[12] / div, v[13] / div, close, (ltp - close) * 100 / close if close else None, v[16], None,
+                        None, v[15], v[4] / 1000, (_angel_depth, v, div)))
+    elif size == 123:
+        v = _ANGEL_QUOTE.unpack_from(data)
+        ltp, close = v[5] / div, v[14] / div
+        out.append(Tick(instrument, "quote", ltp, v[6], v[7] / div, v[8], int(v[9]), int(v[10]), v[11] / div,
+                        v[12] / div, v[13] / div, close, (ltp - close) * 100 / close if close else None,
+                        None, None, None, 0, v[4] / 1000))
+    else:
+        v = _ANGEL_LTP.unpack_from(data)
+        out.append(Tick(instrument, "ltp", v[5] / div, _exchange_epoch=v[4] / 1000))
+
+
+def _angelone_stream_headers(config: Mapping[str, Any], session: SessionData) -> Dict[str, str]:
+    missing = [k for k, v in (("client_id", config.get("client_id")), ("feed_token", session.feed_token)) if not v]
+    if missing:
+        raise ConfigurationError(f"AngelOne streaming needs {' and '.join(repr(m) for m in missing)} in the config "
+                                 "(auth_mode 'auto' obtains the feed token by itself)")
+    return {"Authorization": f"Bearer {session.access_token}", "x-api-key": config["api_key"],
+            "x-client-code": config["client_id"], "x-feed-token": str(session.feed_token)}
+
+
+def _angelone_stream_connect(config: Mapping[str, Any], session: SessionData, url: str) -> Tuple[str, Dict[str, str]]:
+    return url, _angelone_stream_headers(config, session)
+
+
+def _angelone_order_stream_connect(config: Mapping[str, Any], session: SessionData, url: str
+                                   ) -> Tuple[str, Dict[str, str]]:
+    return url, _angelone_stream_headers(config, session)
+
+
+def _angelone_stream_key(instrument: Instrument, token: str) -> bytes:
+    return bytes([_ANGEL_EXCHANGE_TYPES[instrument.exchange]]) + token.encode().ljust(25, b"\0")
+
+
+def _angelone_stream_requests(action: int, items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+    groups: Dict[Tuple[int, int], List[str]] = {}
+    for instrument, token, mode in items:
+        groups.setdefault((_ANGEL_MODES[mode], _ANGEL_EXCHANGE_TYPES[instrument.exchange]), []).append(token)
+    by_mode: Dict[int, List[Dict[str, Any]]] = {}
+    for (mode_code, exchange_type), tokens in groups.items():
+        by_mode.setdefault(mode_code, []).append({"exchangeType": exchange_type, "tokens": tokens})
+    return [json.dumps({"correlationID": f"tt{mode_code}{action}", "action": action,
+                        "params": {"mode": mode_code, "tokenList": token_list}})
+            for mode_code, token_list in sorted(by_mode.items())]
+
+
+def _angelone_stream_subscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+    return _angelone_stream_requests(1, items)
+
+
+def _angelone_stream_unsubscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+    return _angelone_stream_requests(0, items)
+
+
+def _angelone_stream_text(text: str) -> Tuple[str, Any]:
+    """Market-feed text frames: the ``pong`` heartbeat reply, or a JSON error (E1001, E1002)."""
+    if text.strip() == "pong":
+        return "pong", None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return "unknown", text
+    if isinstance(message, dict) and message.get("errorCode"):
+        return "error", f"{message['errorCode']}: {message.get('errorMessage') or ''}".strip()
+    return "unknown", text
+
+
+def _angelone_order_text(text: str) -> Tuple[str, Any]:
+    """Order-status socket: JSON with ``orderData``; the AB00 greeting has an empty one."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return "unknown", text
+    if not isinstance(message, dict):
+        return "unknown", text
+    data = message.get("orderData")
+    if isinstance(data, dict) and data.get("orderid"):
+        return "order", data
+    if message.get("order-status") == "AB00":
+        return "connected", None
+    if message.get("error-message"):
+        return "error", str(message["error-message"])
+    return "unknown", text
+
+
 _ANGEL_API = "/rest/secure/angelbroking"
 
 _ANGELONE: BrokerSpec = {
@@ -2181,8 +2449,19 @@ _ANGELONE: BrokerSpec = {
     "order_types": _ANGEL_ORDER_TYPES,
     "validities": ("DAY", "IOC"),
     "max_tag_len": 19,  # "ordertag length should be less than 20 characters" (AB4008)
+    "stream_max_tokens": 1000,
+    "stream_keepalive": "ping",  # answered by a text "pong" (notes 7.3)
+    "stream_silence_timeout": 10.0,
     "hooks": {
         "parse_master": _angelone_parse_master,
+        "stream_connect": _angelone_stream_connect,
+        "stream_key": _angelone_stream_key,
+        "stream_subscribe": _angelone_stream_subscribe,
+        "stream_unsubscribe": _angelone_stream_unsubscribe,
+        "stream_decode": _angelone_decode,
+        "stream_text": _angelone_stream_text,
+        "order_stream_connect": _angelone_order_stream_connect,
+        "order_stream_text": _angelone_order_text,
         "headers": _angelone_headers,
         "envelope": _angelone_envelope,
         "login": _angelone_login,
@@ -2728,6 +3007,8 @@ class TTConnect:
         self._by_symbol: Dict[Tuple[str, str], Instrument] = {}
         self._placed: Dict[str, Order] = {}  # orders this client placed: variety & ids for modify/cancel
         self._ctx = _Ctx(self)
+        self._streamer: Optional[_Streamer] = None
+        self._stream_lock = threading.Lock()
         mode = self._auth_mode_option(cfg)
         self._limiter = _RateLimiter(self._rate_limits_option(cfg), self._clock, self._sleep)
         self._auth = _Auth(self._spec, cfg, mode, self._session_store_option(cfg), self._clock, self._hook_call)
@@ -3294,10 +3575,65 @@ class TTConnect:
         params, body = self._spec["hooks"]["margin_body"](checked)
         return self._spec["hooks"]["margin"](self._ctx, self._call("calculate_margin", params=params, body=body))
 
+    # -- streaming -------------------------------------------------------------------------
+
+    def _stream(self) -> "_Streamer":
+        with self._stream_lock:
+            if self._streamer is None:
+                try:
+                    import websocket  # noqa: F401 - fail here, clearly, not on the background thread
+                except ImportError:
+                    raise UnsupportedFeatureError("streaming needs websocket-client: pip install websocket-client") from None
+                self._streamer = _Streamer(self)
+            return self._streamer
+
+    def subscribe(self, instruments: Union[Instrument, Sequence[Instrument]], on_tick: Optional[Callable[[Tick], Any]] = None,
+                  mode: str = "quote", on_order_update: Optional[Callable[[Order], Any]] = None) -> None:
+        """Stream ``instruments`` in ``mode`` ("ltp", "quote" or "full") to ``on_tick``.
+
+        Starts the background feed on first use; safe to call from any thread, any time. The
+        handlers run on the feed's thread (see the README for handing ticks to a queue).
+        """
+        if mode not in _STREAM_MODES:
+            raise UnsupportedFeatureError(f"stream mode {mode!r} is not one of {', '.join(_STREAM_MODES)}")
+        items = [instruments] if isinstance(instruments, _Instrument) else list(instruments)
+        if on_tick is not None and not callable(on_tick):
+            raise ConfigurationError("on_tick must be a callable taking a Tick")
+        streamer = self._stream()
+        if on_tick is None and streamer.on_tick is None:
+            raise ConfigurationError("subscribe needs on_tick=<callable taking a Tick> the first time")
+        streamer.subscribe(items, mode, on_tick)
+        if on_order_update is not None:
+            self.on_order_update(on_order_update)
+
+    def unsubscribe(self, instruments: Union[Instrument, Sequence[Instrument]]) -> None:
+        """Stop streaming ``instruments`` (the feed stays up for the others)."""
+        items = [instruments] if isinstance(instruments, _Instrument) else list(instruments)
+        if self._streamer is not None:
+            self._streamer.unsubscribe(items)
+
+    def on_order_update(self, handler: Callable[[Order], Any]) -> None:
+        """Call ``handler`` with a canonical ``Order`` whenever the broker reports a change."""
+        if not callable(handler):
+            raise ConfigurationError("on_order_update needs a callable taking an Order")
+        streamer = self._stream()
+        streamer.on_order = handler
+        streamer.watch_orders()
+
+    def stream_stats(self) -> Dict[str, Any]:
+        """Ticks, frames (and dropped ones), reconnects, handler errors, last error, last frame time."""
+        if self._streamer is None:
+            return {"connected": False, "orders_connected": False, "subscriptions": 0, "ticks": 0, "frames": 0,
+                    "frames_dropped": 0, "handler_errors": 0, "reconnects": 0, "silence_reconnects": 0,
+                    "order_updates": 0, "last_error": None, "last_frame_at": None}
+        return self._streamer.snapshot()
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release connections and files; the client cannot be used afterwards."""
+        """Stop the feed (within 2 s) and release connections and files."""
+        if self._streamer is not None:
+            self._streamer.close()
         _unregister_store(self._store)
         self._store.close()
         self._transport.close()
@@ -3393,6 +3729,336 @@ class AsyncTTConnect:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+# ============================================================================
+# 10. Streamer
+# ============================================================================
+
+_STREAM_MODES = ("ltp", "quote", "full")
+
+
+class _Connection:
+    """One websocket, owned by one daemon thread: connect, greet, read, watch, reconnect.
+
+    Any drop — an error, a close, or silence longer than ``silence`` seconds (a socket can
+    stay "connected" while nothing arrives) — ends the read loop; the thread then waits an
+    exponentially growing, jittered delay and connects again, greeting the server afresh
+    (the streamer re-sends every subscription). ``stop`` wakes it at once.
+    """
+
+    def __init__(self, streamer: "_Streamer", name: str, url_key: str, connect: Callable[..., Any],
+                 on_text: Callable[[str], None], on_binary: Optional[Callable[[bytes], None]],
+                 greet: Callable[[Any], None], keepalive: Optional[str]) -> None:
+        self.streamer, self.name = streamer, name
+        self._url_key, self._connect_hook = url_key, connect
+        self._on_text, self._on_binary, self._greet = on_text, on_binary, greet
+        self._keepalive = keepalive  # text to send periodically; "" = a protocol ping
+        self._stop = threading.Event()
+        self.ws: Any = None
+        self.connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ttconnect-{streamer.client.broker}-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        ws = self.ws
+        if ws is not None:
+            ws.abort()  # wakes the reader blocked in recv
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        import websocket
+
+        stats = self.streamer.stats
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                ws = self._open(websocket)
+            except (OSError, websocket.WebSocketException, TTConnectError) as exc:
+                self.streamer.failed(self.name, f"connect failed: {_describe(exc)}", exc)
+            else:
+                attempt = 0
+                try:
+                    self._read(ws, websocket)
+                except (OSError, websocket.WebSocketException) as exc:
+                    if not self._stop.is_set():
+                        self.streamer.failed(self.name, f"connection lost: {_describe(exc)}", None)
+                finally:
+                    self.connected.clear()
+                    self.ws = None
+                    ws.abort()
+                    ws.close(timeout=0)
+            if self._stop.is_set():
+                return
+            delay = self.streamer.backoff(attempt)
+            attempt += 1
+            stats["reconnects"] += 1
+            log.info("%s %s stream: reconnecting in %.2f s", self.streamer.client.broker, self.name, delay)
+            self._stop.wait(delay)
+
+    def _open(self, websocket: Any) -> Any:
+        client = self.streamer.client
+        session = client._auth.current()
+        generation = client._auth.generation
+        url, headers = self._connect_hook(client._config, session, client._urls[self._url_key])
+        ws = websocket.WebSocket(enable_multithread=True)
+        try:
+            ws.connect(url, header=[f"{k}: {v}" for k, v in headers.items()], timeout=self.streamer.connect_timeout)
+        except websocket.WebSocketBadStatusException as exc:
+            if getattr(exc, "status_code", None) in (401, 403):
+                # The feed refused the session (expired JWT/feed token): refresh it once, as REST does.
+                if not client._auth.recover(generation):
+                    raise AuthenticationError(f"the {client.broker} feed refused the session (HTTP {exc.status_code}); "
+                                              f"{client._auth.hint()}") from None
+                raise AuthenticationError(f"the {client.broker} feed refused the session (HTTP {exc.status_code}); "
+                                          "the session was renewed, reconnecting") from None
+            raise
+        log.info("%s %s stream connected", client.broker, self.name)
+        self._greet(ws)
+        return ws
+
+    def _read(self, ws: Any, websocket: Any) -> None:
+        streamer = self.streamer
+        stats = streamer.stats
+        silence = streamer.silence
+        ws.settimeout(min(0.5, silence / 4))
+        with streamer.lock:  # from here on subscribe() sends straight to this socket
+            self.ws = ws
+            self.connected.set()
+        last = time.monotonic()
+        ping_every = silence / 2.5
+        next_ping = last + ping_every
+        while not self._stop.is_set():
+            try:
+                opcode, payload = ws.recv_data(control_frame=True)
+            except websocket.WebSocketTimeoutException:
+                opcode = None
+            now = time.monotonic()
+            if opcode is None:
+                if now - last > silence:
+                    stats["silence_reconnects"] += 1
+                    streamer.failed(self.name, f"no frame for {now - last:.1f} s (limit {silence:g} s): reconnecting", None)
+                    return
+            else:
+                last = now
+                stats["last_frame_at"] = time.time()
+                if opcode == websocket.ABNF.OPCODE_BINARY:
+                    stats["frames"] += 1
+                    if self._on_binary is not None:
+                        self._on_binary(payload)
+                elif opcode == websocket.ABNF.OPCODE_TEXT:
+                    stats["frames"] += 1
+                    self._on_text(payload.decode("utf-8", "replace"))
+                elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                    streamer.failed(self.name, "the server closed the connection", None)
+                    return
+            if self._keepalive is not None and now >= next_ping:
+                next_ping = now + ping_every
+                if self._keepalive:
+                    ws.send(self._keepalive)
+                else:
+                    ws.ping()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {_short(str(exc), 160)}" if str(exc) else exc.__class__.__name__
+
+
+class _Streamer:
+    """Live market data (and order updates) for one client, on background threads.
+
+    Handlers run on the streamer's thread: a handler that raises is logged and counted, and
+    the stream goes on. Subscriptions are remembered and re-sent after every reconnect.
+    """
+
+    def __init__(self, client: "TTConnect") -> None:
+        cfg = client._config
+        self.client = client
+        self.spec = client._spec
+        self.lock = threading.RLock()
+        self.subscriptions: Dict[Any, Tuple[Instrument, str, str]] = {}  # stream key -> (instrument, token, mode)
+        self.instruments: Dict[Any, Instrument] = {}  # replaced, never mutated: read lock-free by the decoder
+        self.on_tick: Optional[Callable[[Tick], Any]] = None
+        self.on_order: Optional[Callable[[Order], Any]] = None
+        self.silence = _positive(cfg, "stream_silence_timeout", self.spec["stream_silence_timeout"])
+        self.connect_timeout = _positive(cfg, "stream_connect_timeout", 10.0)
+        self.delay = _positive(cfg, "stream_reconnect_delay", 0.5)
+        self.max_delay = _positive(cfg, "stream_reconnect_max_delay", 30.0)
+        self.stats: Dict[str, Any] = {"ticks": 0, "frames": 0, "frames_dropped": 0, "handler_errors": 0,
+                                      "reconnects": 0, "silence_reconnects": 0, "order_updates": 0,
+                                      "last_error": None, "last_frame_at": None}
+        self.market: Optional[_Connection] = None
+        self.orders: Optional[_Connection] = None
+        self._decode = self.spec["hooks"]["stream_decode"]
+        self._ticks: List[Tick] = []
+        import random
+
+        self._random = random.Random()
+
+    # -- control (any thread) --------------------------------------------------------------
+
+    def subscribe(self, instruments: Sequence[Instrument], mode: str, on_tick: Optional[Callable[[Tick], Any]]) -> None:
+        items = []
+        for instrument in instruments:
+            token = self.client.resolve(instrument)  # local: an unknown instrument never reaches the feed
+            items.append((self.spec["hooks"]["stream_key"](instrument, token), (instrument, token, mode)))
+        with self.lock:
+            keys = set(self.subscriptions) | {key for key, _ in items}
+            limit = self.spec["stream_max_tokens"]
+            if len(keys) > limit:
+                raise UnsupportedFeatureError(
+                    f"{self.client.broker} streams at most {limit} instruments per connection; this would make "
+                    f"{len(keys)}. Unsubscribe some, or split them across clients")
+            if on_tick is not None:
+                self.on_tick = on_tick
+            for key, item in items:
+                self.subscriptions[key] = item
+            self.instruments = {key: item[0] for key, item in self.subscriptions.items()}
+            self._send_market(self.spec["hooks"]["stream_subscribe"]([item for _, item in items]))
+        self._ensure_market()
+
+    def unsubscribe(self, instruments: Sequence[Instrument]) -> None:
+        with self.lock:
+            gone = []
+            for instrument in instruments:
+                token = self.client.resolve(instrument)
+                item = self.subscriptions.pop(self.spec["hooks"]["stream_key"](instrument, token), None)
+                if item is not None:
+                    gone.append(item)
+            self.instruments = {key: item[0] for key, item in self.subscriptions.items()}
+            if gone:
+                self._send_market(self.spec["hooks"]["stream_unsubscribe"](gone))
+
+    def watch_orders(self) -> None:
+        if self.spec["hooks"].get("order_stream_connect") is None:
+            self._ensure_market()  # order updates arrive on the market feed
+            return
+        with self.lock:
+            if self.orders is None:
+                self.orders = _Connection(self, "orders", "order_ws_url", self.spec["hooks"]["order_stream_connect"],
+                                          self._order_text, None, lambda ws: None, "")
+                self.orders.start()
+
+    def _ensure_market(self) -> None:
+        with self.lock:
+            if self.market is None:
+                self.market = _Connection(self, "market", "ws_url", self.spec["hooks"]["stream_connect"],
+                                          self._market_text, self._binary, self._greet_market,
+                                          self.spec["stream_keepalive"])
+                self.market.start()
+
+    def _send_market(self, messages: List[str]) -> None:
+        conn = self.market
+        ws = conn.ws if conn is not None and conn.connected.is_set() else None
+        if ws is None:
+            return  # sent with everything else when the connection (re)opens
+        import websocket
+
+        try:
+            for message in messages:
+                ws.send(message)
+        except (OSError, websocket.WebSocketException) as exc:
+            # The connection is going down; the reconnect greets with every subscription.
+            log.info("%s: subscription will be sent on reconnect (%s)", self.client.broker, exc.__class__.__name__)
+
+    def _greet_market(self, ws: Any) -> None:
+        with self.lock:
+            items = list(self.subscriptions.values())
+        if items:
+            for message in self.spec["hooks"]["stream_subscribe"](items):
+                ws.send(message)
+
+    def close(self, timeout: float = 1.5) -> None:
+        deadline = time.monotonic() + timeout
+        for conn in (self.market, self.orders):
+            if conn is not None:
+                conn.stop(max(0.05, deadline - time.monotonic()))
+
+    # -- the reader thread -----------------------------------------------------------------
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.max_delay, self.delay * 2 ** min(attempt, 16))
+        return delay * (0.5 + self._random.random() / 2)  # jitter: reconnecting clients spread out
+
+    def failed(self, name: str, message: str, exc: Optional[BaseException]) -> None:
+        self.stats["last_error"] = f"{name}: {message}"
+        log.warning("%s %s stream: %s", self.client.broker, name, message)
+
+    def _binary(self, data: bytes) -> None:
+        ticks = self._ticks
+        try:
+            self._decode(data, self.instruments, ticks)
+        except (_FrameError, struct.error, ValueError, IndexError) as exc:
+            self.stats["frames_dropped"] += 1
+            self.stats["last_error"] = f"market: skipped a malformed frame of {len(data)} bytes ({exc})"
+            log.warning("%s stream: skipped a malformed frame of %d bytes: %s", self.client.broker, len(data), exc)
+            ticks.clear()  # a half-decoded frame delivers nothing
+            return
+        if not ticks:
+            return
+        handler = self.on_tick
+        self.stats["ticks"] += len(ticks)
+        for tick in ticks:
+            if handler is not None:
+                try:
+                    handler(tick)
+                except Exception:  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
+                    self.stats["handler_errors"] += 1
+                    log.exception("%s stream: on_tick handler raised; the stream goes on", self.client.broker)
+        ticks.clear()
+
+    def _market_text(self, text: str) -> None:
+        self._text(text, self.spec["hooks"]["stream_text"])
+
+    def _order_text(self, text: str) -> None:
+        self._text(text, self.spec["hooks"]["order_stream_text"])
+
+    def _text(self, text: str, parse: Callable[[str], Tuple[str, Any]]) -> None:
+        kind, data = parse(text)
+        if kind == "order":
+            try:
+                order = self.spec["hooks"]["order"](self.client._ctx, data)
+            except (TTConnectError, KeyError, ValueError, TypeError) as exc:
+                self.stats["frames_dropped"] += 1
+                log.warning("%s stream: could not read an order update (%s)", self.client.broker, _describe(exc))
+                return
+            self.stats["order_updates"] += 1
+            handler = self.on_order
+            if handler is not None:
+                try:
+                    handler(order)
+                except Exception:  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
+                    self.stats["handler_errors"] += 1
+                    log.exception("%s stream: on_order_update handler raised; the stream goes on", self.client.broker)
+        elif kind == "error":
+            self.stats["last_error"] = f"broker: {data}"
+            log.warning("%s stream: the broker reported an error: %s", self.client.broker, data)
+        elif kind == "message":
+            log.info("%s stream: broker message: %s", self.client.broker, data)
+        elif kind == "unknown":
+            log.debug("%s stream: ignored a text frame of %d characters", self.client.broker, len(text))
+
+    def snapshot(self) -> Dict[str, Any]:
+        out = dict(self.stats)
+        if out["last_frame_at"] is not None:
+            out["last_frame_at"] = _dt.datetime.fromtimestamp(out["last_frame_at"], IST)
+        out["connected"] = bool(self.market and self.market.connected.is_set())
+        out["orders_connected"] = bool(self.orders and self.orders.connected.is_set())
+        out["subscriptions"] = len(self.subscriptions)
+        return out
+
+
+def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigurationError(f"config {key!r} must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 # ============================================================================
