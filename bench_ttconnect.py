@@ -8,6 +8,8 @@ Sections:
                import time.
   rest         per-call cost of get_positions and place_order against a Kite-like server on
                127.0.0.1, vs the same request on a bare kept-alive requests.Session.
+  ticks        decode throughput of Kite full packets and AngelOne SnapQuotes into Ticks, vs
+               one precompiled struct.Struct.unpack_from over the same bytes.
 """
 
 from __future__ import annotations
@@ -283,6 +285,77 @@ def bench_rest(rounds: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------------------
+# ticks
+
+
+def bench_ticks(rounds: int) -> None:
+    import struct
+
+    import ttconnect
+
+    n = 20_000
+    # Kite: frames of 10 full packets (the feed batches), every field set, depth on both sides.
+    kite_tokens = [13364994 + 256 * i for i in range(10)]
+    packets = []
+    for token in kite_tokens:
+        values = [token, 12050, 65, 12010, 1_192_471, 256_443, 363_009, 11900, 12100, 11800, 11800, 1_795_415_400,
+                  4_500_000, 4_600_000, 4_400_000, 1_795_415_401]
+        depth = []
+        for i in range(10):
+            depth += [65 * (i + 1), 12050 + (i - 5) * 5, i + 1]
+        body = struct.pack(">16I" + "IIH2x" * 10, *values, *depth)
+        packets.append(struct.pack(">H", len(body)) + body)
+    kite_frame = struct.pack(">H", len(packets)) + b"".join(packets)
+    kite_instruments = {t: object() for t in kite_tokens}
+    kite_floor_struct = struct.Struct(">16I" + "IIH2x" * 10)
+
+    angel_key = bytes([2]) + b"52207".ljust(25, b"\0")
+    levels = []
+    for i in range(10):
+        levels += [1 if i < 5 else 0, 65 * (i + 1), 12050 + (i - 5) * 5, i + 1]
+    snap = struct.pack("<BB25sqqqqqqddqqqqqqd" + "Hqqh" * 10 + "qqqq", 3, 2, b"52207", 1, 1_795_415_400_123, 12050, 65,
+                       12010, 1_192_471, 256_443.0, 363_009.0, 11900, 12100, 11800, 11800, 1_795_415_399, 4_500_000,
+                       0.0, *levels, 13000, 11000, 20000, 9000)
+    angel_instruments = {angel_key: object()}
+    angel_floor_struct = struct.Struct("<BB25sqqqqqqddqqqqqqd" + "Hqqh" * 10 + "qqqq")
+
+    def kite_ours() -> None:
+        out: List[Any] = []
+        decode = ttconnect._zerodha_decode
+        for _ in range(n // 10):
+            decode(kite_frame, kite_instruments, out)
+            out.clear()
+
+    def kite_floor() -> None:
+        unpack = kite_floor_struct.unpack_from
+        for _ in range(n // 10):
+            pos = 4
+            for _ in range(10):
+                unpack(kite_frame, pos)
+                pos += 186
+
+    def angel_ours() -> None:
+        out: List[Any] = []
+        decode = ttconnect._angelone_decode
+        for _ in range(n):
+            decode(snap, angel_instruments, out)
+            out.clear()
+
+    def angel_floor() -> None:
+        unpack = angel_floor_struct.unpack_from
+        for _ in range(n):
+            unpack(snap)
+
+    print(f"tick decode, per tick (best of {rounds} x {n:,}; floor = precompiled Struct.unpack_from over the same bytes, "
+          "no object built)")
+    for name, ours_fn, floor_fn in (("kite full packet (184 B)", kite_ours, kite_floor),
+                                    ("angelone SnapQuote (379 B)", angel_ours, angel_floor)):
+        ours = min(_per_call(ours_fn, 1) for _ in range(rounds)) / n
+        floor = min(_per_call(floor_fn, 1) for _ in range(rounds)) / n
+        print(_ratio_line(name, ours * 1e6, floor * 1e6, "us", 5.0) + f"  = {1 / ours:,.0f} ticks/s")
+
+
 def main(argv: List[str]) -> int:
     if argv[:1] == ["--child"]:
         if argv[1] == "refresh":
@@ -294,7 +367,7 @@ def main(argv: List[str]) -> int:
         raise SystemExit(f"unknown child task {argv[1:]}")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("sections", nargs="*", default=["instruments", "rest"], help="instruments, rest")
+    parser.add_argument("sections", nargs="*", default=["instruments", "rest", "ticks"], help="instruments, rest, ticks")
     args = parser.parse_args(argv)
     reps = 1 if args.quick else 3
     print(f"ttconnect benchmark on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
@@ -302,6 +375,8 @@ def main(argv: List[str]) -> int:
         bench_instruments(reps)
     if "rest" in args.sections:
         bench_rest(3 if args.quick else 9)
+    if "ticks" in args.sections:
+        bench_ticks(3 if args.quick else 7)
     return 0
 
 

@@ -1742,6 +1742,10 @@ def test_kite_packets_decode_exactly(token: int, ltp: float, close: float) -> No
     assert full.bids == (tt.DepthLevel(price=ltp, qty=5, orders=1), tt.DepthLevel(price=close, qty=7, orders=65535))
     assert full.asks == (tt.DepthLevel(price=ltp, qty=172, orders=3),)
     assert quote.bids == () and quote.oi is None and quote.exchange_time is None
+    for tick in (ltp_t, quote, full):  # built through the fast twin, but a real, frozen Tick
+        assert type(tick) is tt.Tick and tick == tt.Tick(**{f: getattr(tick, f) for f in tt.Tick.__dataclass_fields__})
+        with pytest.raises(dataclasses_frozen_error()):
+            tick.ltp = 0.0  # type: ignore[misc]
     if token == 13364994:
         assert full.change < 0
 

@@ -457,6 +457,15 @@ class Tick:
         return self._depth[0](self._depth[1], self._depth[2])[1] if self._depth else ()
 
 
+# The feed builds Ticks through a mutable twin with the same slots, then relabels each one as a
+# Tick (``__class__`` assignment is allowed between identical layouts): a frozen dataclass pays
+# an ``object.__setattr__`` call per field in ``__init__``, ~1.2 us of a ~2.5 us decode.
+_TickBuilder = dataclasses.make_dataclass(
+    "_TickBuilder", [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(Tick)],
+    **({"slots": True} if sys.version_info >= (3, 10) else {}),
+)
+
+
 @_model
 class SessionData:
     broker: str
@@ -1739,25 +1748,27 @@ def _zerodha_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Lis
             if length == 184:
                 v = _KITE_FULL.unpack_from(data, pos)
                 ltp, close = v[1] / div, v[10] / div
-                out.append(Tick(instrument, "full", ltp, v[2], v[3] / div, v[4], v[5], v[6], v[7] / div, v[8] / div,
-                                v[9] / div, close, (ltp - close) * 100 / close if close else None, v[12], v[13], v[14],
-                                v[11], v[15], (_kite_depth, v, div)))
+                tick = _TickBuilder(instrument, "full", ltp, v[2], v[3] / div, v[4], v[5], v[6], v[7] / div,
+                                    v[8] / div, v[9] / div, close, (ltp - close) * 100 / close if close else None,
+                                    v[12], v[13], v[14], v[11], v[15], (_kite_depth, v, div))
             elif length == 44:
                 v = _KITE_QUOTE.unpack_from(data, pos)
                 ltp, close = v[1] / div, v[10] / div
-                out.append(Tick(instrument, "quote", ltp, v[2], v[3] / div, v[4], v[5], v[6], v[7] / div, v[8] / div,
-                                v[9] / div, close, (ltp - close) * 100 / close if close else None))
+                tick = _TickBuilder(instrument, "quote", ltp, v[2], v[3] / div, v[4], v[5], v[6], v[7] / div,
+                                    v[8] / div, v[9] / div, close, (ltp - close) * 100 / close if close else None)
             elif length == 8:
-                out.append(Tick(instrument, "ltp", _KITE_LTP.unpack_from(data, pos)[1] / div))
+                tick = _TickBuilder(instrument, "ltp", _KITE_LTP.unpack_from(data, pos)[1] / div)
             elif length == 28 or length == 32:
                 # index packets carry high, low, open, close, in that order
                 v = _KITE_INDEX_FULL.unpack_from(data, pos) if length == 32 else _KITE_INDEX_QUOTE.unpack_from(data, pos)
                 ltp, close = v[1] / div, v[5] / div
-                out.append(Tick(instrument, "full" if length == 32 else "quote", ltp, None, None, None, None, None,
-                                v[4] / div, v[2] / div, v[3] / div, close, (ltp - close) * 100 / close if close else None,
-                                None, None, None, 0, v[6] if length == 32 else 0))
+                tick = _TickBuilder(instrument, "full" if length == 32 else "quote", ltp, None, None, None, None, None,
+                                    v[4] / div, v[2] / div, v[3] / div, close, (ltp - close) * 100 / close if close else None,
+                                    None, None, None, 0, v[6] if length == 32 else 0)
             else:
                 raise _FrameError(f"unknown packet length {length}")
+            tick.__class__ = Tick
+            out.append(tick)
         pos += length
 
 
@@ -2289,18 +2300,20 @@ def _angelone_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Li
     if size == 379:
         v = _ANGEL_SNAP.unpack_from(data)
         ltp, close = v[5] / div, v[14] / div
-        out.append(Tick(instrument, "full", ltp, v[6], v[7] / div, v[8], int(v[9]), int(v[10]), v[11] / div,
-                        v[12] / div, v[13] / div, close, (ltp - close) * 100 / close if close else None, v[16], None,
-                        None, v[15], v[4] / 1000, (_angel_depth, v, div)))
+        tick = _TickBuilder(instrument, "full", ltp, v[6], v[7] / div, v[8], int(v[9]), int(v[10]), v[11] / div,
+                            v[12] / div, v[13] / div, close, (ltp - close) * 100 / close if close else None, v[16], None,
+                            None, v[15], v[4] / 1000, (_angel_depth, v, div))
     elif size == 123:
         v = _ANGEL_QUOTE.unpack_from(data)
         ltp, close = v[5] / div, v[14] / div
-        out.append(Tick(instrument, "quote", ltp, v[6], v[7] / div, v[8], int(v[9]), int(v[10]), v[11] / div,
-                        v[12] / div, v[13] / div, close, (ltp - close) * 100 / close if close else None,
-                        None, None, None, 0, v[4] / 1000))
+        tick = _TickBuilder(instrument, "quote", ltp, v[6], v[7] / div, v[8], int(v[9]), int(v[10]), v[11] / div,
+                            v[12] / div, v[13] / div, close, (ltp - close) * 100 / close if close else None,
+                            None, None, None, 0, v[4] / 1000)
     else:
         v = _ANGEL_LTP.unpack_from(data)
-        out.append(Tick(instrument, "ltp", v[5] / div, _exchange_epoch=v[4] / 1000))
+        tick = _TickBuilder(instrument, "ltp", v[5] / div, _exchange_epoch=v[4] / 1000)
+    tick.__class__ = Tick
+    out.append(tick)
 
 
 def _angelone_stream_headers(config: Mapping[str, Any], session: SessionData) -> Dict[str, str]:
