@@ -56,11 +56,9 @@ __all__ = [
 ]
 
 import codecs
-import csv
 import dataclasses
 import datetime as _dt
 import enum
-import hashlib
 import json
 import logging
 import os
@@ -71,7 +69,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -82,6 +79,7 @@ from typing import (
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     Tuple,
@@ -90,15 +88,59 @@ from typing import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover - imported for type checkers only
+    from decimal import Decimal
+
     import requests
+
+# blake2b without loading OpenSSL (hashlib pulls in _hashlib: ~3 ms of import time).
+try:
+    from _blake2 import blake2b as _blake2b
+except ImportError:  # pragma: no cover - non-CPython
+    from hashlib import blake2b as _blake2b
 
 log = logging.getLogger("ttconnect")
 
+
+class _Model:
+    """The ``__repr__``, ``__eq__`` and ``__hash__`` every model shares.
+
+    They follow the dataclass rules (fields with ``repr``/``compare`` set), but are written
+    once here instead of generated per class: generating them for every model cost ~10 ms of
+    ``import ttconnect``.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def _shown(cls) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        names = cls.__dict__.get("_field_names")
+        if names is None:
+            fields_ = dataclasses.fields(cls)  # type: ignore[arg-type]
+            names = (tuple(f.name for f in fields_ if f.repr), tuple(f.name for f in fields_ if f.compare))
+            type.__setattr__(cls, "_field_names", names)
+        return names
+
+    def _key_values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._shown()[1])
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._shown()[0])
+        return f"{type(self).__name__}({shown})"
+
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key_values() == other._key_values()
+
+    def __hash__(self) -> int:
+        return hash(self._key_values())
+
+
 # Compat: ``dataclass(slots=True)`` is Python 3.10+. Drop this shim with Python 3.9 support.
 if sys.version_info >= (3, 10):
-    _model = dataclass(frozen=True, slots=True)
+    _model = dataclass(frozen=True, slots=True, repr=False, eq=False)
 else:  # pragma: no cover - exercised on 3.9 only
-    _model = dataclass(frozen=True)
+    _model = dataclass(frozen=True, repr=False, eq=False)
 
 
 # ============================================================================
@@ -297,7 +339,7 @@ def _raw_field() -> Any:
 
 
 @_model
-class Profile:
+class Profile(_Model):
     user_id: str
     name: str
     email: Optional[str]
@@ -308,7 +350,7 @@ class Profile:
 
 
 @_model
-class Fund:
+class Fund(_Model):
     available: float
     used: float
     total: float
@@ -320,7 +362,7 @@ class Fund:
 
 
 @_model
-class Holding:
+class Holding(_Model):
     instrument: "Instrument"
     qty: int
     avg_price: float
@@ -331,7 +373,7 @@ class Holding:
 
 
 @_model
-class Position:
+class Position(_Model):
     instrument: "Instrument"
     qty: int
     avg_price: float
@@ -342,7 +384,7 @@ class Position:
 
 
 @_model
-class Order:
+class Order(_Model):
     id: str
     instrument: "Instrument"
     side: Side
@@ -363,7 +405,7 @@ class Order:
 
 
 @_model
-class Trade:
+class Trade(_Model):
     trade_id: str
     order_id: str
     instrument: "Instrument"
@@ -377,7 +419,7 @@ class Trade:
 
 
 @_model
-class Margin:
+class Margin(_Model):
     total: float  # before any spread/hedge benefit
     span: Optional[float] = None
     exposure: Optional[float] = None
@@ -388,7 +430,7 @@ class Margin:
 
 
 @_model
-class OrderLeg:
+class OrderLeg(_Model):
     """One leg of a basket for ``calculate_margin``."""
 
     instrument: "Instrument"
@@ -401,14 +443,14 @@ class OrderLeg:
 
 
 @_model
-class DepthLevel:
+class DepthLevel(_Model):
     price: float
     qty: int
     orders: int
 
 
 @_model
-class Tick:
+class Tick(_Model):
     """One market-data update, decoded from the broker's binary feed.
 
     The numeric fields are set when the tick is decoded; ``last_trade_time``,
@@ -462,12 +504,12 @@ class Tick:
 # an ``object.__setattr__`` call per field in ``__init__``, ~1.2 us of a ~2.5 us decode.
 _TickBuilder = dataclasses.make_dataclass(
     "_TickBuilder", [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(Tick)],
-    **({"slots": True} if sys.version_info >= (3, 10) else {}),
+    bases=(_Model,), repr=False, eq=False, **({"slots": True} if sys.version_info >= (3, 10) else {}),
 )
 
 
 @_model
-class SessionData:
+class SessionData(_Model):
     broker: str
     mode: AuthMode
     access_token: str = field(repr=False)
@@ -482,7 +524,7 @@ class SessionData:
 # ============================================================================
 
 
-def _instrument_id(key: str, _blake2b: Any = hashlib.blake2b, _from_bytes: Any = int.from_bytes) -> int:
+def _instrument_id(key: str, _blake2b: Any = _blake2b, _from_bytes: Any = int.from_bytes) -> int:
     """Return the broker-independent row id of a canonical instrument key.
 
     The id is a 63-bit digest of the key, so every broker's loader files the same canonical
@@ -526,15 +568,16 @@ def _check_expiry(expiry: Any) -> _dt.date:
 
 
 def _check_strike(strike: Any) -> float:
-    if isinstance(strike, bool) or not isinstance(strike, (int, float, str, Decimal)):
+    # A Decimal is accepted without importing decimal here: it converts through str like the rest.
+    if isinstance(strike, bool) or not (isinstance(strike, (int, float, str)) or type(strike).__name__ == "Decimal"):
         raise TypeError(f"strike must be a number (int, float, str or Decimal), got {strike!r}")
     try:
-        value = Decimal(str(strike).strip())
-    except InvalidOperation:
+        value = float(str(strike).strip())
+    except ValueError:
         raise ValueError(f"strike {strike!r} is not a number") from None
-    if not value.is_finite() or value <= 0:
+    if not (0 < value < float("inf")):
         raise ValueError(f"strike must be a positive number, got {strike!r}")
-    return float(value)
+    return value
 
 
 def _check_exchange(exchange: Any, allowed: frozenset, kind: str) -> Exchange:
@@ -545,7 +588,7 @@ def _check_exchange(exchange: Any, allowed: frozenset, kind: str) -> Exchange:
     return exch
 
 
-class _Instrument:
+class _Instrument(_Model):
     """Shared behaviour of the four instrument types (plain, hashable values)."""
 
     __slots__ = ()
@@ -825,14 +868,14 @@ class _CorruptStore(Exception):
     pass
 
 
-@dataclass
 class _LoadStats:
     """What one master load did: rows filed, rows skipped by segment, malformed rows."""
 
-    rows: int = 0
-    duplicates: int = 0
-    malformed: int = 0
-    skipped: Dict[str, int] = field(default_factory=dict)
+    __slots__ = ("rows", "duplicates", "malformed", "skipped")
+
+    def __init__(self) -> None:
+        self.rows = self.duplicates = self.malformed = 0
+        self.skipped: Dict[str, int] = {}
 
     def skip(self, segment: str) -> None:
         self.skipped[segment] = self.skipped.get(segment, 0) + 1
@@ -1399,12 +1442,11 @@ def _paise(value: float) -> float:
     return round(value, 2)
 
 
-def _price_text(value: Optional[Decimal]) -> str:
+def _price_text(value: Optional["Decimal"]) -> str:
     return "0" if value is None else format(value.normalize(), "f")
 
 
-@dataclass(frozen=True)
-class _OrderRequest:
+class _OrderRequest(NamedTuple):
     """A validated order, ready for a broker hook to encode."""
 
     instrument: Instrument
@@ -1414,8 +1456,8 @@ class _OrderRequest:
     side: Side
     product: ProductType
     order_type: OrderType
-    price: Optional[Decimal]
-    trigger_price: Optional[Decimal]
+    price: Optional["Decimal"]
+    trigger_price: Optional["Decimal"]
     tag: str
     validity: str
 
@@ -1453,6 +1495,7 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
     Kite gives strike and tick size in rupees; index rows carry tick 0 and lot 0; the
     derivative ``name`` column is the underlying's F&O name.
     """
+    import csv
     import io
 
     reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
@@ -1561,6 +1604,8 @@ def _zerodha_envelope(status: int, body: Any) -> Tuple[bool, Any, str, str]:
 def _zerodha_exchange_token(call: Callable[..., Any], config: Mapping[str, Any], now: float) -> SessionData:
     """Turn a login redirect's request_token into an access token (Kite notes 2.1)."""
     api_key, request_token = config["api_key"], config["request_token"]
+    import hashlib
+
     checksum = hashlib.sha256((api_key + request_token + config["api_secret"]).encode()).hexdigest()
     data = call("login", body={"api_key": api_key, "request_token": request_token, "checksum": checksum})
     return SessionData(broker="zerodha", mode=AuthMode.MANUAL, access_token=str(data["access_token"]),
@@ -1677,8 +1722,8 @@ def _zerodha_placed(data: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     return str(data["order_id"]), {}
 
 
-def _zerodha_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional[Decimal],
-                          trigger_price: Optional[Decimal], token: str, broker_symbol: str
+def _zerodha_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional["Decimal"],
+                          trigger_price: Optional["Decimal"], token: str, broker_symbol: str
                           ) -> Tuple[Dict[str, str], Dict[str, str]]:
     body = {"order_type": _KITE_ORDER_TYPES[order_type], "quantity": str(qty)}
     if price is not None:
@@ -2235,8 +2280,8 @@ def _angelone_placed(data: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     return str(data["orderid"]), {"uniqueorderid": data.get("uniqueorderid"), "tradingsymbol": data.get("script")}
 
 
-def _angelone_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional[Decimal],
-                           trigger_price: Optional[Decimal], token: str, broker_symbol: str
+def _angelone_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional["Decimal"],
+                           trigger_price: Optional["Decimal"], token: str, broker_symbol: str
                            ) -> Tuple[Dict[str, str], Dict[str, str]]:
     # AngelOne wants the whole order restated, under the variety it was placed with (notes 4.2).
     raw = current.raw
@@ -2945,10 +2990,12 @@ def _order_enum(enum_cls: Any, value: Any, what: str) -> Any:
         raise InvalidOrderError(str(exc)) from None
 
 
-def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional[Decimal]:
+def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional["Decimal"]:
     """Check a price (rupees) is positive and on the instrument's tick, exactly."""
     if value is None:
         return None
+    from decimal import Decimal, InvalidOperation
+
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise InvalidOrderError(f"{what} must be a number, got {value!r}")
     try:
