@@ -720,6 +720,21 @@ def test_same_strategy_runs_unchanged_on_both_brokers(tmp_path: Path, day_clock:
             assert canonical(kite[key]) == canonical(angel[key]), key
 
 
+def test_reverse_lookup_index_is_built_on_first_use(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    db = sqlite3.connect(tmp_path / "instruments.db")
+    indexes = "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'ix_broker_tokens_symbol'"
+    assert db.execute(indexes).fetchall() == []  # a refresh does not pay for it
+    with responses.RequestsMock() as rs:
+        MockApi(rs, "zerodha").on("get_positions")
+        positions = kite.get_positions()
+    assert db.execute(indexes).fetchall() == [("ix_broker_tokens_symbol",)]
+    assert str(positions[0].instrument) == "NFO:NIFTY 2026-11-24 23500 CE"
+    plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN SELECT instrument_id FROM broker_tokens WHERE broker_symbol = 'X'"))
+    assert "ix_broker_tokens_symbol" in plan
+    db.close()
+
+
 def test_request_shapes_follow_each_broker(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     from urllib.parse import parse_qs
 

@@ -92,11 +92,12 @@ if TYPE_CHECKING:  # pragma: no cover - imported for type checkers only
 
     import requests
 
-# blake2b without loading OpenSSL (hashlib pulls in _hashlib: ~3 ms of import time).
+# CPython's built-in md5, without loading OpenSSL (hashlib pulls in _hashlib: ~3 ms of import).
+# It only spreads instrument keys over 64 bits (no security role), and is twice blake2b's speed.
 try:
-    from _blake2 import blake2b as _blake2b
+    from _md5 import md5 as _md5
 except ImportError:  # pragma: no cover - non-CPython
-    from hashlib import blake2b as _blake2b
+    from hashlib import md5 as _md5
 
 log = logging.getLogger("ttconnect")
 
@@ -524,14 +525,14 @@ class SessionData(_Model):
 # ============================================================================
 
 
-def _instrument_id(key: str, _blake2b: Any = _blake2b, _from_bytes: Any = int.from_bytes) -> int:
+def _instrument_id(key: str, _md5: Any = _md5, _from_bytes: Any = int.from_bytes) -> int:
     """Return the broker-independent row id of a canonical instrument key.
 
-    The id is a 63-bit digest of the key, so every broker's loader files the same canonical
+    The id is 63 bits of the key's digest, so every broker's loader files the same canonical
     instrument under the same id without a lookup table, and two brokers' rows merge by key.
     (A collision needs ~4e9 instruments to become likely; a master has ~1e5.)
     """
-    return _from_bytes(_blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+    return _from_bytes(_md5(key.encode()).digest()[:8], "big") >> 1
 
 
 def _as_enum(enum_cls: Any, value: Any, what: str) -> Any:
@@ -819,12 +820,10 @@ _INDEXES = (
     "CREATE UNIQUE INDEX ix_broker_tokens_key ON broker_tokens(instrument_id, broker_id)",
     "CREATE INDEX ix_instruments_exchange_symbol ON instruments(exchange, symbol)",
     "CREATE INDEX ix_futures_underlying_expiry ON futures(underlying_id, expiry)",
-    "CREATE INDEX ix_options_chain ON options(underlying_id, expiry, strike, option_type)",
     "CREATE UNIQUE INDEX ix_futures_key ON futures(instrument_id)",
-    "CREATE UNIQUE INDEX ix_options_key ON options(instrument_id)",
-    # Broker payloads name instruments by trading symbol (AngelOne's trade book carries
-    # nothing else), so that is the reverse key; the streamer maps tokens from its own set.
-    "CREATE INDEX ix_broker_tokens_symbol ON broker_tokens(broker_symbol)",
+    # The option chain; it also ends in the id, so an option is found within its underlying's
+    # range without a separate id index.
+    "CREATE INDEX ix_options_chain ON options(underlying_id, expiry, strike, option_type, instrument_id)",
 )
 
 
@@ -886,12 +885,12 @@ class _LoadStats:
             log.warning("instrument master: skipped malformed row %d: %s", line, reason)
 
 
-# Row shapes yielded by a broker's master parser (see _zerodha_parse_master):
-#   ("I", exchange, symbol, name, lot_size, tick_size, token, broker_symbol)           index
-#   ("E", exchange, symbol, name, lot_size, tick_size, token, broker_symbol)           equity
-#   ("F", exchange, symbol, name, lot_size, tick_size, token, broker_symbol, expiry, und_kind)
-#   ("O", ... as "F" ..., strike, option_type)                                         option
-# ``symbol`` of a derivative is its underlying's canonical symbol; ``und_kind`` is "I" or "E".
+# The row every broker's master parser yields (see _zerodha_parse_master), always 12 values:
+#   (kind, exchange, symbol, name, lot_size, tick_size, token, broker_symbol,
+#    expiry, und_kind, strike, option_type)
+# kind is "I" index, "E" equity, "F" future or "O" option; the last four are None for cash
+# rows, strike and option_type None for futures. ``symbol`` of a derivative is its
+# underlying's canonical symbol; ``und_kind`` says whether that is an index ("I") or equity.
 _MasterRow = Tuple[Any, ...]
 
 
@@ -907,9 +906,9 @@ class _Loader:
     """
 
     STAGE = (
-        "CREATE TEMP TABLE stage (id INTEGER, kind TEXT, exchange TEXT, symbol TEXT, name TEXT,"
-        " lot_size INTEGER, tick_size REAL, token TEXT, broker_symbol TEXT, underlying_id INTEGER,"
-        " expiry TEXT, strike REAL, option_type TEXT)"
+        "CREATE TEMP TABLE stage (id INTEGER, underlying_id INTEGER, kind TEXT, exchange TEXT, symbol TEXT,"
+        " name TEXT, lot_size INTEGER, tick_size REAL, token TEXT, broker_symbol TEXT, expiry TEXT,"
+        " und_kind TEXT, strike REAL, option_type TEXT)"
     )
     FAN_OUT = (
         "INSERT INTO instruments SELECT id, exchange, symbol, name, lot_size, tick_size FROM temp.stage",
@@ -928,7 +927,7 @@ class _Loader:
     def load(self, rows: Iterable[_MasterRow]) -> None:
         conn = self.conn
         conn.execute(self.STAGE)
-        conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._staged(rows))
+        conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self._staged(rows))
         self.stats.rows = conn.execute("SELECT COUNT(*) FROM temp.stage").fetchone()[0]
         for sql in self.FAN_OUT[:-1]:
             conn.execute(sql)
@@ -944,26 +943,24 @@ class _Loader:
                     conn.execute("INSERT INTO equities VALUES (?, '')", (uid,))
 
     def _staged(self, rows: Iterable[_MasterRow]) -> Iterator[tuple]:
-        iid_of = _instrument_id
+        """Prefix each row with its canonical id and its underlying's (tuple concatenation: C speed)."""
+        digest, from_bytes = _md5, int.from_bytes  # _instrument_id, inlined: this runs per row
         underlyings: Dict[Tuple[str, str], int] = {}
+        cash_seen = self.cash_seen
         for row in rows:
-            kind, exchange, symbol = row[0], row[1], row[2]
+            kind = row[0]
             if kind == "O":
-                uid = underlyings.get((exchange, symbol))
-                if uid is None:
-                    uid = self._underlying(underlyings, row)
-                yield (iid_of(f"{exchange}|{symbol}|{row[8]}|{row[10]!r}|{row[11]}"),  # = _option_key
-                       kind, exchange, symbol, row[3], row[4], row[5], row[6], row[7], uid, row[8], row[10], row[11])
+                uid = underlyings.get((row[1], row[2])) or self._underlying(underlyings, row)
+                key = f"{row[1]}|{row[2]}|{row[8]}|{row[10]!r}|{row[11]}"  # = _option_key
+                yield (from_bytes(digest(key.encode()).digest()[:8], "big") >> 1, uid) + row
             elif kind == "F":
-                uid = underlyings.get((exchange, symbol))
-                if uid is None:
-                    uid = self._underlying(underlyings, row)
-                yield (iid_of(f"{exchange}|{symbol}|{row[8]}|FUT"),
-                       kind, exchange, symbol, row[3], row[4], row[5], row[6], row[7], uid, row[8], None, None)
+                uid = underlyings.get((row[1], row[2])) or self._underlying(underlyings, row)
+                key = f"{row[1]}|{row[2]}|{row[8]}|FUT"
+                yield (from_bytes(digest(key.encode()).digest()[:8], "big") >> 1, uid) + row
             else:
-                iid = iid_of(f"{exchange}|{symbol}")
-                self.cash_seen.add(iid)
-                yield (iid, kind, exchange, symbol, row[3], row[4], row[5], row[6], row[7], None, None, None, None)
+                iid = _instrument_id(f"{row[1]}|{row[2]}")
+                cash_seen.add(iid)
+                yield (iid, None) + row
 
     def _underlying(self, underlyings: Dict[Tuple[str, str], int], row: _MasterRow) -> int:
         und_exchange = _UNDERLYING_CODE[row[1]]
@@ -985,7 +982,8 @@ class _InstrumentStore:
         self.closed = False
         self._local = threading.local()
         self._generation = 0
-        self._lock = threading.Lock()
+        self._symbol_indexed = -1  # the generation whose file is known to have the symbol index
+        self._lock = threading.RLock()
 
     # -- connections -----------------------------------------------------------------------
 
@@ -1042,8 +1040,27 @@ class _InstrumentStore:
     def token(self, broker_id: str, instrument: Instrument) -> Optional[Tuple[str, str]]:
         return self.conn().execute(_TOKEN_SQL[type(instrument)], (instrument._iid, broker_id)).fetchone()
 
+    def _ensure_symbol_index(self) -> None:
+        with self._lock:
+            if self._symbol_indexed == self._generation:
+                return
+            found = self.conn().execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'ix_broker_tokens_symbol'").fetchone()
+            if found is None:
+                try:
+                    writer = sqlite3.connect(self.path, timeout=30)
+                    try:
+                        writer.execute(_SYMBOL_INDEX)
+                        writer.commit()
+                    finally:
+                        writer.close()
+                except sqlite3.Error as exc:  # e.g. a read-only cache dir: look-ups still work, by scanning
+                    log.warning("instrument store: could not index broker symbols (%s); reverse look-ups will scan", exc)
+            self._symbol_indexed = self._generation
+
     def by_broker_symbol(self, broker_id: str, exchange: str, broker_symbol: str) -> Optional[Instrument]:
         """Reverse look-up: a broker's (exchange, trading symbol) -> canonical instrument."""
+        self._ensure_symbol_index()
         conn = self.conn()
         row = conn.execute(
             "SELECT i.id, i.symbol FROM broker_tokens t JOIN instruments i ON i.id = t.instrument_id"
@@ -1054,7 +1071,10 @@ class _InstrumentStore:
             return None
         iid, symbol = row
         exch = Exchange(exchange)
-        opt = conn.execute("SELECT expiry, strike, option_type FROM options WHERE instrument_id = ?", (iid,)).fetchone()
+        # the chain index ends in the id: find the option within its underlying's range
+        uid = self.underlying_id(exch, symbol)
+        opt = conn.execute("SELECT expiry, strike, option_type FROM options WHERE underlying_id = ? AND instrument_id = ?",
+                           (uid, iid)).fetchone() if uid is not None else None
         if opt is not None:
             return _make(Option, iid, exchange=exch, symbol=symbol, expiry=_dt.date.fromisoformat(opt[0]),
                          strike=opt[1], option_type=OptionType(opt[2]))
@@ -1240,6 +1260,12 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
         _remove_quietly(tmp)
         raise
 
+
+# Broker payloads name instruments by trading symbol (AngelOne's trade book carries nothing
+# else), so that is the reverse key; the streamer maps tokens from its own set. Built on the
+# first reverse look-up rather than in every refresh: ~5% of a cold refresh, and a client that
+# only streams or resolves never needs it.
+_SYMBOL_INDEX = "CREATE INDEX IF NOT EXISTS ix_broker_tokens_symbol ON broker_tokens(broker_symbol)"
 
 _CARRY_OVER = (
     "INSERT INTO main.instruments SELECT * FROM old.instruments WHERE id IN temp.keep",
@@ -1462,8 +1488,8 @@ class _OrderRequest(NamedTuple):
     validity: str
 
 
-class _ExpiryCache(dict):
-    """Memoises a broker's expiry spelling -> ISO date (a master repeats a few hundred values)."""
+class _Memo(dict):
+    """Memoises a conversion of master text (expiry spellings, lots, ticks, strikes)."""
 
     def __init__(self, convert: Callable[[str], str]) -> None:
         super().__init__()
@@ -1483,6 +1509,13 @@ _KITE_MASTER_COLUMNS = (
     "instrument_token", "tradingsymbol", "name", "expiry", "strike", "tick_size",
     "lot_size", "instrument_type", "segment", "exchange",
 )
+
+
+def _positive_number(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"{raw!r} is not a positive number")
+    return value
 
 
 def _kite_iso_date(raw: str) -> str:
@@ -1510,7 +1543,9 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
     c_tok, c_sym, c_name, c_exp, c_strike, c_tick, c_lot, c_type, c_seg, c_exch = (cols[c] for c in _KITE_MASTER_COLUMNS)
     width = len(header)
     loaded = {e.value for e in _LOADED_EXCHANGES}
-    expiries = _ExpiryCache(_kite_iso_date)
+    # A master repeats a few hundred distinct expiries, lots, ticks and strikes: convert each once.
+    expiries = _Memo(_kite_iso_date)
+    lots, ticks, strikes = _Memo(int), _Memo(float), _Memo(_positive_number)
     underlyings: Dict[str, Tuple[str, str]] = {}
     line = 1
     for row in reader:
@@ -1528,25 +1563,25 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
         try:
             if not token.isdigit() or not tsym:
                 raise ValueError(f"bad instrument_token {token!r} or tradingsymbol {tsym!r}")
-            lot = int(row[c_lot])
-            tick = float(row[c_tick])
+            lot = lots[row[c_lot]]
+            tick = ticks[row[c_tick]]
             if itype == "CE" or itype == "PE" or itype == "FUT":
                 name = row[c_name]
                 underlying = underlyings.get(name)
                 if underlying is None:
                     underlying = underlyings[name] = _kite_underlying(name)
                 if itype == "FUT":
-                    yield ("F", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]], underlying[1])
+                    yield ("F", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]], underlying[1],
+                           None, None)
                 else:
-                    strike = float(row[c_strike])
-                    if not strike > 0:
-                        raise ValueError(f"strike {row[c_strike]!r}")
+                    strike = strikes[row[c_strike]]
                     yield ("O", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]],
                            underlying[1], strike, itype)
             elif row[c_seg] == "INDICES":
-                yield ("I", exchange, _canonical_index_symbol(tsym), row[c_name] or tsym, lot, tick, token, tsym)
+                yield ("I", exchange, _canonical_index_symbol(tsym), row[c_name] or tsym, lot, tick, token, tsym,
+                       None, None, None, None)
             elif itype == "EQ":
-                yield ("E", exchange, tsym.upper(), row[c_name] or tsym, lot, tick, token, tsym)
+                yield ("E", exchange, tsym.upper(), row[c_name] or tsym, lot, tick, token, tsym, None, None, None, None)
             else:
                 raise ValueError(f"unknown instrument_type {itype!r}")
         except ValueError as exc:
@@ -2025,7 +2060,7 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
     AngelOne gives strike and tick size in paise (x100) as strings; index rows carry the
     canonical name in ``name`` and a display name in ``symbol``.
     """
-    expiries = _ExpiryCache(_angelone_iso_date)
+    expiries = _Memo(_angelone_iso_date)
     derivative = {"FUTIDX": ("F", "I"), "FUTSTK": ("F", "E"), "OPTIDX": ("O", "I"), "OPTSTK": ("O", "E")}
     cash = {"NSE", "BSE"}
     deriv_exchanges = {"NFO", "BFO"}
@@ -2062,17 +2097,18 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
             tick = float(obj["tick_size"]) / 100
             if exchange in cash:
                 if kind == "I":
-                    yield ("I", exchange, _canonical_index_symbol(name or bsym), name or bsym, lot, tick, token, bsym)
+                    yield ("I", exchange, _canonical_index_symbol(name or bsym), name or bsym, lot, tick, token, bsym,
+                           None, None, None, None)
                 else:
                     symbol = bsym[:-3] if exchange == "NSE" and bsym.endswith("-EQ") else bsym
-                    yield ("E", exchange, symbol.upper(), name or symbol, lot, tick, token, bsym)
+                    yield ("E", exchange, symbol.upper(), name or symbol, lot, tick, token, bsym, None, None, None, None)
                 continue
             underlying = name.strip().upper()
             if not underlying:
                 raise ValueError("derivative row without an underlying name")
             expiry = expiries[obj["expiry"]]
             if shape[0] == "F":
-                yield ("F", exchange, underlying, name, lot, tick, token, bsym, expiry, shape[1])
+                yield ("F", exchange, underlying, name, lot, tick, token, bsym, expiry, shape[1], None, None)
             else:
                 strike = float(obj["strike"]) / 100
                 otype = bsym[-2:]
