@@ -1222,7 +1222,6 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
         conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA secure_delete = OFF")  # some builds default it on: no page wiping
         conn.execute("PRAGMA cache_size = -4096")  # 4 MiB: most index sorting stays in memory
-        conn.execute("PRAGMA threads = 2")  # lets SQLite sort an index on a helper thread
         conn.executescript(_SCHEMA)
         carry = os.path.exists(path)
         if carry:  # attached outside the transaction: DETACH is refused inside one
