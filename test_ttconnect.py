@@ -966,17 +966,6 @@ def test_safe_calls_retry_with_backoff_and_retry_after(tmp_path: Path, day_clock
     assert day_clock.slept == [0.5, 1.0, 3.0]  # backoff, backoff, then the server's Retry-After
 
 
-def test_errors_that_are_not_transient_are_not_retried(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
-    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
-    with responses.RequestsMock() as rs:
-        api = MockApi(rs, "zerodha")
-        api.on("get_holdings", fixture="error.permission_exception.json", status=403)
-        with pytest.raises(tt.AuthenticationError) as info:
-            kite.get_holdings()
-        assert len(api.calls("get_holdings")) == 1
-    assert "kite.zerodha.com/connect/login?v=3&api_key=kitekey01" in str(info.value)
-
-
 def test_rate_limiter_windows(day_clock: FakeClock) -> None:
     limiter = tt._RateLimiter({"default": [(1, 1.0)], "orders": [(9, 1.0), (500, 60.0)]}, day_clock, day_clock.sleep)
     start = day_clock()
@@ -1190,15 +1179,19 @@ def test_auth_mode_the_broker_lacks_is_refused_at_init(tmp_path: Path) -> None:
             tt.TTConnect("angelone", {"pin": 1234, "cache_dir": str(tmp_path)})
 
 
-def test_manual_token_refused_says_how_to_get_a_new_one(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+@pytest.mark.parametrize("fixture, code", [("error.token_exception.json", "TokenException"),
+                                           ("error.permission_exception.json", "PermissionException")])
+def test_manual_token_refused_is_not_retried_and_says_how_to_log_in(fixture: str, code: str, tmp_path: Path,
+                                                                     day_clock: FakeClock, clients: list) -> None:
     kite = rest_client(clients, "zerodha", tmp_path, day_clock)
     with responses.RequestsMock() as rs:
         api = MockApi(rs, "zerodha")
-        api.on("get_positions", fixture="error.token_exception.json", status=403)
+        api.on("get_positions", fixture=fixture, status=403)
         with pytest.raises(tt.AuthenticationError) as info:
             kite.get_positions()
         assert len(api.calls("get_positions")) == 1
-    assert info.value.broker_code == "TokenException" and "request_token" in str(info.value)
+    assert info.value.broker_code == code and "request_token" in str(info.value)
+    assert "kite.zerodha.com/connect/login?v=3&api_key=kitekey01" in str(info.value)
 
 
 def test_angel_expired_token_is_renewed_once_and_the_call_retried(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
