@@ -1155,6 +1155,22 @@ def test_zerodha_request_token_is_exchanged_and_stored(tmp_path: Path, day_clock
         assert api.calls("get_profile")[0].request.headers["Authorization"] == f"token kitekey01:{login['access_token']}"
 
 
+def test_a_reused_request_token_config_reuses_the_stored_session(tmp_path: Path, day_clock: FakeClock,
+                                                                  clients: list) -> None:
+    config = {"api_key": "kitekey01", "api_secret": "kite-api-SECRET", "request_token": "req-TOKEN-1",
+              "cache_dir": str(tmp_path), "cache_session": True}
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        MockApi(rs, "zerodha").on("login")
+        clients.append(tt.TTConnect("zerodha", config, clock=day_clock))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:  # a notebook cell run again
+        second = tt.TTConnect("zerodha", config, clock=day_clock)
+        clients.append(second)
+        assert len(rs.calls) == 0  # the single-use request_token is not sent twice
+    login = json.loads(fixture_text("zerodha", "login.json"))["data"]
+    assert second._auth.current().access_token == login["access_token"]
+
+
 def test_login_url() -> None:
     assert tt.TTConnect.login_url("zerodha", {"api_key": "abc"}) == "https://kite.zerodha.com/connect/login?v=3&api_key=abc"
     with pytest.raises(tt.ConfigurationError, match="api_key"):
@@ -1962,6 +1978,14 @@ def test_stream_limits_and_bad_modes_fail_clearly(tmp_path: Path, day_clock: Fak
     with pytest.raises(tt.ConfigurationError, match="on_tick"):
         tt.TTConnect.subscribe(kite, three[:1])
     assert tt._ZERODHA["stream_max_tokens"] == 2 and tt._ANGELONE["stream_max_tokens"] == 1000
+
+
+def test_a_feed_missing_credentials_fails_on_the_callers_thread(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
+                        ws_url="ws://127.0.0.1:9/")
+    with pytest.raises(tt.ConfigurationError, match="'feed_token'"):
+        angel.subscribe(tt.Equity(exchange="NSE", symbol="SBIN"), on_tick=lambda t: None)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ttconnect-")]
 
 
 def test_angel_stream_headers_subscribe_ping_and_order_socket(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:

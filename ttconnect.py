@@ -1751,9 +1751,9 @@ def _zerodha_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str, 
     return {"variety": "regular"}, body
 
 
-def _zerodha_placed(data: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+def _zerodha_placed(data: Mapping[str, Any]) -> str:
     # An autoslice placement answers {order_id: parent, children: [...]}: the parent is the id.
-    return str(data["order_id"]), {}
+    return str(data["order_id"])
 
 
 def _zerodha_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional["Decimal"],
@@ -2311,8 +2311,8 @@ def _angelone_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str,
     return {}, body
 
 
-def _angelone_placed(data: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
-    return str(data["orderid"]), {"uniqueorderid": data.get("uniqueorderid"), "tradingsymbol": data.get("script")}
+def _angelone_placed(data: Mapping[str, Any]) -> str:
+    return str(data["orderid"])
 
 
 def _angelone_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional["Decimal"],
@@ -2969,6 +2969,10 @@ class _Auth:
         self.store.save(session)
         return session
 
+    def has_stored_session(self) -> bool:
+        """True when the store holds a session that is still valid."""
+        return self._usable(self.store.load())
+
     def adopt(self, session: SessionData) -> None:
         """Install and store a session obtained elsewhere (the Kite request-token exchange)."""
         with self._lock:
@@ -3100,7 +3104,6 @@ class TTConnect:
         self._tokens: Dict[int, Tuple[str, str]] = {}
         self._infos: Dict[int, Tuple[str, int, float]] = {}  # name, lot, tick: fixed until the next refresh
         self._by_symbol: Dict[Tuple[str, str], Instrument] = {}
-        self._placed: Dict[str, Order] = {}  # orders this client placed: variety & ids for modify/cancel
         self._ctx = _Ctx(self)
         self._streamer: Optional[_Streamer] = None
         self._stream_lock = threading.Lock()
@@ -3111,7 +3114,12 @@ class TTConnect:
         self._ensure_instruments()
         _register_store(self._store)
         if cfg.get("request_token"):
-            self._auth.adopt(self._spec["hooks"]["exchange_token"](self._hook_call, cfg, self._clock()))
+            if self._auth.has_stored_session():
+                # A request_token is single-use: re-running the same config (a notebook cell)
+                # reuses the session it already produced instead of failing the exchange.
+                log.info("%s: using the stored session; request_token not exchanged again", self.broker)
+            else:
+                self._auth.adopt(self._spec["hooks"]["exchange_token"](self._hook_call, cfg, self._clock()))
 
     # -- config --------------------------------------------------------------------------
 
@@ -3547,15 +3555,7 @@ class TTConnect:
             if not (exc.retryable and getattr(exc, "maybe_sent", True)):
                 raise
             return self._find_placed(req, exc)
-        order_id, meta = self._spec["hooks"]["placed"](data)
-        self._remember(order_id, req, path_args, meta)
-        return order_id
-
-    def _remember(self, order_id: str, req: _OrderRequest, path_args: Mapping[str, str], meta: Mapping[str, Any]) -> None:
-        raw = {**path_args, **meta}
-        self._placed[order_id] = Order(
-            id=order_id, instrument=req.instrument, side=req.side, qty=req.qty, filled_qty=0, pending_qty=req.qty,
-            order_type=req.order_type, product=req.product, status=OrderStatus.PENDING, tag=req.tag, raw=raw)
+        return self._spec["hooks"]["placed"](data)
 
     def _find_placed(self, req: _OrderRequest, cause: TTConnectError) -> str:
         """After an ambiguous failure: find the order by its tag instead of sending it again."""
@@ -3564,7 +3564,6 @@ class TTConnect:
             try:
                 for order in self.get_orders():
                     if order.tag == req.tag:
-                        self._placed[order.id] = order
                         log.info("%s order with tag %s was placed: %s", self.broker, req.tag, order.id)
                         return order.id
             except TTConnectError as exc:
@@ -3768,6 +3767,21 @@ class AsyncTTConnect:
     def resolve(self, instrument: Instrument) -> str:
         """Return the broker token (a local, in-memory look-up: no need to await)."""
         return self.sync.resolve(instrument)
+
+    def subscribe(self, instruments: Union[Instrument, Sequence[Instrument]], on_tick: Optional[Callable[[Tick], Any]] = None,
+                  mode: str = "quote", on_order_update: Optional[Callable[[Order], Any]] = None) -> None:
+        """Start streaming (returns at once). Handlers run on the feed's thread: from asyncio, hand
+        ticks over with ``loop.call_soon_threadsafe(queue.put_nowait, tick)``."""
+        self.sync.subscribe(instruments, on_tick=on_tick, mode=mode, on_order_update=on_order_update)
+
+    def unsubscribe(self, instruments: Union[Instrument, Sequence[Instrument]]) -> None:
+        self.sync.unsubscribe(instruments)
+
+    def on_order_update(self, handler: Callable[[Order], Any]) -> None:
+        self.sync.on_order_update(handler)
+
+    def stream_stats(self) -> Dict[str, Any]:
+        return self.sync.stream_stats()
 
     async def get_profile(self) -> Profile:
         return await self._run(self.sync.get_profile)
@@ -4034,13 +4048,23 @@ class _Streamer:
         if self.spec["hooks"].get("order_stream_connect") is None:
             self._ensure_market()  # order updates arrive on the market feed
             return
+        if self.orders is None:
+            self.preflight("order_stream_connect", "order_ws_url")
         with self.lock:
             if self.orders is None:
                 self.orders = _Connection(self, "orders", "order_ws_url", self.spec["hooks"]["order_stream_connect"],
                                           self._order_text, None, lambda ws: None, "")
                 self.orders.start()
 
+    def preflight(self, hook: str, url_key: str) -> None:
+        """Check on the caller's thread what the feed needs (session, feed token, client id), so
+        a missing credential is an exception here rather than endless retries in the background."""
+        client = self.client
+        self.spec["hooks"][hook](client._config, client._auth.current(), client._urls[url_key])
+
     def _ensure_market(self) -> None:
+        if self.market is None:
+            self.preflight("stream_connect", "ws_url")
         with self.lock:
             if self.market is None:
                 self.market = _Connection(self, "market", "ws_url", self.spec["hooks"]["stream_connect"],
