@@ -781,6 +781,33 @@ def test_request_shapes_follow_each_broker(tmp_path: Path, day_clock: FakeClock,
         assert "Authorization" not in login.headers
 
 
+KITE_STATUSES = {  # Kite notes section 5
+    "OPEN": "OPEN", "TRIGGER PENDING": "TRIGGER_PENDING", "COMPLETE": "COMPLETE", "CANCELLED": "CANCELLED",
+    "REJECTED": "REJECTED", "PUT ORDER REQ RECEIVED": "PENDING", "VALIDATION PENDING": "PENDING",
+    "OPEN PENDING": "PENDING", "MODIFY VALIDATION PENDING": "OPEN", "MODIFY PENDING": "OPEN", "MODIFIED": "OPEN",
+    "CANCEL PENDING": "OPEN", "AMO REQ RECEIVED": "PENDING", "UPDATE": "OPEN",
+}
+ANGEL_STATUSES = {  # AngelOne notes section 5.2 (lower case on the wire)
+    "open": "OPEN", "complete": "COMPLETE", "cancelled": "CANCELLED", "rejected": "REJECTED",
+    "trigger pending": "TRIGGER_PENDING", "open pending": "PENDING", "validation pending": "PENDING",
+    "put order req received": "PENDING", "modify validation pending": "OPEN", "modify pending": "OPEN",
+    "modified": "OPEN", "not modified": "OPEN", "cancel pending": "OPEN", "not cancelled": "OPEN",
+    "after market order req received": "PENDING", "modify after market order req received": "PENDING",
+    "cancelled after market order": "CANCELLED",
+}
+
+
+@pytest.mark.parametrize("table, statuses", [(tt._KITE_STATUSES, KITE_STATUSES), (tt._ANGEL_STATUSES, ANGEL_STATUSES)])
+def test_every_documented_status_maps(table: Any, statuses: Dict[str, str], caplog: Any) -> None:
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    for raw, expected in statuses.items():
+        assert tt._order_status(raw, table, 0, 10).value == expected, raw
+    assert not caplog.records  # none fell through to "unknown"
+    assert tt._order_status("OPEN" if table is tt._KITE_STATUSES else "open", table, 4, 10) is tt.OrderStatus.PARTIALLY_FILLED
+    assert tt._order_status("SOMETHING NEW", table, 0, 10) is tt.OrderStatus.PENDING  # unknown: not terminal
+    assert any("unknown order status" in r.getMessage() for r in caplog.records)
+
+
 INVALID_ORDERS = [
     (dict(instrument=tt.Index(exchange="NSE", symbol="NIFTY")), tt.InvalidOrderError, "indices cannot be traded"),
     (dict(product="CNC"), tt.InvalidOrderError, "CNC is for cash"),
