@@ -1082,9 +1082,24 @@ def test_an_ambiguous_failure_with_no_order_found_is_not_resent(tmp_path: Path, 
         api.on("get_orders")  # the order book does not hold our tag
         with pytest.raises(tt.OrderError) as info:
             kite.place_order(tt.Equity(exchange="NSE", symbol="SBIN"), 5, "SELL", "CNC", "MARKET", tag="mytag1")
-        assert len(api.calls("place_order")) == 1 and len(api.calls("get_orders")) == 3
-    assert "mytag1" in str(info.value) and "Check the order book" in str(info.value)
+        assert len(api.calls("place_order")) == 1 and len(api.calls("get_orders")) == 4
+    assert "mytag1" in str(info.value) and "most likely not placed" in str(info.value)
     assert info.value.retryable is False
+    assert day_clock.slept == [0.5, 1.0, 2.0]  # the book is read over ~3.5 s
+
+
+def test_an_ambiguous_failure_with_an_unreadable_book_says_do_not_replace(tmp_path: Path, day_clock: FakeClock,
+                                                                          clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, max_retries=0)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("place_order", body=requests.exceptions.ReadTimeout("read timed out"))
+        api.on("get_orders", body=requests.exceptions.ConnectionError("network is unreachable"))
+        with pytest.raises(tt.OrderError) as info:
+            kite.place_order(tt.Equity(exchange="NSE", symbol="SBIN"), 5, "SELL", "CNC", "MARKET", tag="mytag2")
+        assert len(api.calls("place_order")) == 1
+    assert "could not be read" in str(info.value) and "Do NOT place it again" in str(info.value)
+    assert "most likely not placed" not in str(info.value)
 
 
 def test_a_connection_that_never_opened_is_retried_for_orders(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
@@ -1130,6 +1145,51 @@ def test_cancel_all_and_close_all(tmp_path: Path, day_clock: FakeClock, clients:
                 for b in bodies] == [("NIFTY26NOV23500CE", "SELL", "65", "NRML", "MARKET"),
                                      ("BANKNIFTY26NOVFUT", "BUY", "30", "NRML", "MARKET")]
         assert all(b["market_protection"] == ["-1"] for b in bodies)
+
+
+def test_kill_switches_cover_pending_orders_and_unloaded_segments(tmp_path: Path, day_clock: FakeClock,
+                                                                   clients: list, caplog: Any) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    orders = json.loads(fixture_text("zerodha", "get_orders.json"))
+    amo = dict(orders["data"][0], order_id="2000000000000000001", status="AMO REQ RECEIVED", variety="amo")
+    gold = dict(orders["data"][0], order_id="2000000000000000002", exchange="MCX", tradingsymbol="GOLD26DECFUT",
+                instrument_token=58424839, status="OPEN", variety="regular")
+    orders["data"] += [amo, gold]
+    positions = json.loads(fixture_text("zerodha", "get_positions.json"))
+    positions["data"]["net"].append(dict(positions["data"]["net"][0], exchange="MCX", tradingsymbol="GOLD26DECFUT",
+                                         quantity=1, product="NRML"))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("get_orders", body=orders)
+        api.on("get_positions", body=positions)
+        api.on("cancel_order", callback=lambda r: (200, {}, json.dumps({"status": "success", "data": {}})))
+        api.on("place_order")
+        cancelled, failed = kite.cancel_all_orders()
+        assert cancelled == ["1993504512367362048", "1993507134982946816", "1993509757441089536",
+                             "2000000000000000001", "2000000000000000002"] and failed == []
+        urls = [c.request.url.split("/orders/")[1] for c in api.calls("cancel_order")]
+        assert "amo/2000000000000000001" in urls and "regular/2000000000000000002" in urls
+        placed, failed = kite.close_all_positions()
+        assert len(placed) == 2 and failed == ["MCX:GOLD26DECFUT"]
+    assert any("close it in the broker's app" in r.getMessage() for r in caplog.records)
+
+
+def test_modify_applies_stop_rules_and_tolerates_broker_float_noise(tmp_path: Path, day_clock: FakeClock,
+                                                                    clients: list) -> None:
+    from urllib.parse import parse_qs
+
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    history = json.loads(fixture_text("zerodha", "get_order_history.json"))
+    history["data"][-1]["price"] = 120.50000000000001  # a float as Kite may send it
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("get_order_history", body=history)
+        api.on("modify_order")
+        kite.modify_order("1993504512367362048", qty=130)
+        assert parse_qs(api.calls("modify_order")[0].request.body)["price"] == ["120.5"]
+        with pytest.raises(tt.InvalidOrderError, match="stop-loss BUY triggers at or below"):
+            kite.modify_order("1993504512367362048", order_type="SL", trigger_price=150.0)
+        assert len(api.calls("modify_order")) == 1
 
 
 def test_modify_checks_the_new_price_and_keeps_the_rest(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
@@ -2053,9 +2113,19 @@ def test_angel_stream_headers_subscribe_ping_and_order_socket(tmp_path: Path, da
                                     "error-message": "", "orderData": row}).encode(), opcode=1)
         update = updates.get(timeout=3)
         assert (update.id, update.status, update.filled_qty) == ("261123000166902", tt.OrderStatus.PARTIALLY_FILLED, 65)
-        angel.unsubscribe(sbin)
+        # A frame that decodes to nonsense (an infinite quantity) is dropped and counted; the feed goes on.
+        market.send(angel_packet(3, 2, "52207", ltp=1.0, buy_qty=float("inf")))
+        market.send(angel_packet(1, 2, "52207", ltp=121.0))
+        assert ticks.get(timeout=3).ltp == 121.0 and angel.stream_stats()["frames_dropped"] == 1
+        # AngelOne counts each (token, mode): moving SBIN to ltp drops its full-mode subscription first.
+        angel.subscribe(sbin, mode="ltp")
         assert json.loads(market.wait_message(skip=("ping",))) == {"correlationID": "tt30", "action": 0, "params": {
             "mode": 3, "tokenList": [{"exchangeType": 1, "tokens": ["3045"]}]}}
+        assert json.loads(market.wait_message(skip=("ping",))) == {"correlationID": "tt11", "action": 1, "params": {
+            "mode": 1, "tokenList": [{"exchangeType": 1, "tokens": ["3045"]}]}}
+        angel.unsubscribe(sbin)
+        assert json.loads(market.wait_message(skip=("ping",))) == {"correlationID": "tt10", "action": 0, "params": {
+            "mode": 1, "tokenList": [{"exchangeType": 1, "tokens": ["3045"]}]}}
     finally:
         for client in clients:
             client.close()

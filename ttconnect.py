@@ -1394,6 +1394,7 @@ class BrokerSpec(TypedDict):
     stream_max_tokens: int  # instruments per market-data connection
     stream_keepalive: Optional[str]  # text the client must send to keep the feed alive
     stream_silence_timeout: float  # seconds without any frame before the feed counts as dead
+    stream_modes_additive: bool  # True: each (token, mode) is a separate subscription
     hooks: Mapping[str, Callable[..., Any]]
 
 
@@ -1692,7 +1693,7 @@ def _zerodha_position_rows(data: Any) -> List[Mapping[str, Any]]:
 
 
 def _zerodha_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
-    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_int(row.get("quantity")),
+    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_zerodha_position_qty(row),
                     avg_price=_num(row.get("average_price")) or 0.0, ltp=_num(row.get("last_price")),
                     pnl=_num(row.get("pnl")), product=_KITE_PRODUCT_OF.get(row.get("product")), raw=row)
 
@@ -1701,9 +1702,21 @@ def _list_rows(data: Any) -> List[Any]:
     return list(data or ())
 
 
+def _zerodha_order_status(row: Mapping[str, Any]) -> OrderStatus:
+    return _order_status(row.get("status") or "", _KITE_STATUSES, _int(row.get("filled_quantity")), _int(row.get("quantity")))
+
+
+def _zerodha_order_id(row: Mapping[str, Any]) -> str:
+    return str(row["order_id"])
+
+
+def _zerodha_position_qty(row: Mapping[str, Any]) -> int:
+    return _int(row.get("quantity"))
+
+
 def _zerodha_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
     qty, filled = _int(row.get("quantity")), _int(row.get("filled_quantity"))
-    status = _order_status(row.get("status") or "", _KITE_STATUSES, filled, qty)
+    status = _zerodha_order_status(row)
     pending = _int(row.get("pending_quantity")) if status in _LIVE_STATUSES else 0
     placed = _ist(row.get("exchange_timestamp")) or _ist(row.get("order_timestamp"))
     return Order(
@@ -1769,9 +1782,9 @@ def _zerodha_modify_order(current: Order, order_type: OrderType, qty: int, price
     return {"variety": current.raw.get("variety") or "regular", "order_id": current.id}, body
 
 
-def _zerodha_cancel_order(current: Order) -> Tuple[Dict[str, str], None]:
+def _zerodha_cancel_order(order_id: str, raw: Mapping[str, Any]) -> Tuple[Dict[str, str], None]:
     # The URL's variety must be the one the order was placed with (notes 3.3).
-    return {"variety": current.raw.get("variety") or "regular", "order_id": current.id}, None
+    return {"variety": raw.get("variety") or "regular", "order_id": order_id}, None
 
 
 def _zerodha_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[Dict[str, str], List[Dict[str, Any]]]:
@@ -1956,6 +1969,7 @@ _ZERODHA: BrokerSpec = {
     "stream_max_tokens": 3000,
     "stream_keepalive": None,  # the server sends a 1-byte heartbeat about every second
     "stream_silence_timeout": 5.0,
+    "stream_modes_additive": False,  # a "mode" message moves a token to the new mode
     "hooks": {
         "parse_master": _zerodha_parse_master,
         "stream_connect": _zerodha_stream_connect,
@@ -1976,6 +1990,9 @@ _ZERODHA: BrokerSpec = {
         "position_rows": _zerodha_position_rows,
         "position": _zerodha_position,
         "order": _zerodha_order,
+        "order_status": _zerodha_order_status,
+        "order_id": _zerodha_order_id,
+        "position_qty": _zerodha_position_qty,
         "trade": _zerodha_trade,
         "margin": _zerodha_margin,
         "margin_body": _zerodha_margin_body,
@@ -2252,14 +2269,27 @@ def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
     if pnl is None and (row.get("realised") is not None or row.get("unrealised") is not None):
         pnl = (_num(row.get("realised")) or 0.0) + (_num(row.get("unrealised")) or 0.0)
     avg = _num(row.get("avgnetprice")) or _num(row.get("netprice")) or 0.0
-    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_int(row.get("netqty")),
+    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_angelone_position_qty(row),
                     avg_price=avg, ltp=_num(row.get("ltp")), pnl=pnl,
                     product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), raw=row)
 
 
+def _angelone_order_status(row: Mapping[str, Any]) -> OrderStatus:
+    return _order_status(row.get("orderstatus") or row.get("status") or "", _ANGEL_STATUSES,
+                         _int(row.get("filledshares")), _int(row.get("quantity")))
+
+
+def _angelone_order_id(row: Mapping[str, Any]) -> str:
+    return str(row["orderid"])
+
+
+def _angelone_position_qty(row: Mapping[str, Any]) -> int:
+    return _int(row.get("netqty"))
+
+
 def _angelone_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
     qty, filled = _int(row.get("quantity")), _int(row.get("filledshares"))
-    status = _order_status(row.get("orderstatus") or row.get("status") or "", _ANGEL_STATUSES, filled, qty)
+    status = _angelone_order_status(row)
     return Order(
         id=str(row["orderid"]), instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]),
         side=Side(row["transactiontype"]), qty=qty, filled_qty=filled,
@@ -2332,9 +2362,9 @@ def _angelone_modify_order(current: Order, order_type: OrderType, qty: int, pric
     return {}, body
 
 
-def _angelone_cancel_order(current: Order) -> Tuple[Dict[str, str], Dict[str, str]]:
-    variety = current.raw.get("variety") or _angelone_variety(current.order_type)
-    return {}, {"variety": variety, "orderid": current.id}
+def _angelone_cancel_order(order_id: str, raw: Mapping[str, Any]) -> Tuple[Dict[str, str], Dict[str, str]]:
+    variety = raw.get("variety") or ("STOPLOSS" if str(raw.get("ordertype", "")).startswith("STOPLOSS") else "NORMAL")
+    return {}, {"variety": variety, "orderid": order_id}
 
 
 def _angelone_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[None, Dict[str, Any]]:
@@ -2545,6 +2575,7 @@ _ANGELONE: BrokerSpec = {
     "stream_max_tokens": 1000,
     "stream_keepalive": "ping",  # answered by a text "pong" (notes 7.3)
     "stream_silence_timeout": 10.0,
+    "stream_modes_additive": True,  # one tick per subscribed mode (notes 7.1)
     "hooks": {
         "parse_master": _angelone_parse_master,
         "stream_connect": _angelone_stream_connect,
@@ -2567,6 +2598,9 @@ _ANGELONE: BrokerSpec = {
         "position_rows": _list_rows,
         "position": _angelone_position,
         "order": _angelone_order,
+        "order_status": _angelone_order_status,
+        "order_id": _angelone_order_id,
+        "position_qty": _angelone_position_qty,
         "trade": _angelone_trade,
         "margin": _angelone_margin,
         "margin_body": _angelone_margin_body,
@@ -2918,19 +2952,25 @@ class _Auth:
         self._clock, self._call = clock, call
         self._lock = threading.RLock()
         self._session: Optional[SessionData] = None
-        self._expires = 0.0
+        self._state: Optional[Tuple[SessionData, int, float]] = None  # session, generation, expiry epoch
         self.generation = 0
 
     def current(self) -> SessionData:
         """Return a usable session, obtaining one if there is none or it expired."""
-        session = self._session
-        if session is not None and self._clock() < self._expires:
-            return session
+        return self.current_with_generation()[0]
+
+    def current_with_generation(self) -> Tuple[SessionData, int]:
+        """The session and the generation it belongs to, read together (for ``recover``)."""
+        state = self._state
+        if state is not None and self._clock() < state[2]:
+            return state[0], state[1]
         with self._lock:
-            if self._session is None or self._clock() >= self._expires:
+            state = self._state
+            if state is None or self._clock() >= state[2]:
                 self._install(self._obtain())
-            assert self._session is not None
-            return self._session
+                state = self._state
+            assert state is not None
+            return state[0], state[1]
 
     def _install(self, session: SessionData) -> None:
         if session.expires_at is None:
@@ -2938,8 +2978,9 @@ class _Auth:
             session = dataclasses.replace(session, obtained_at=obtained,
                                           expires_at=_session_expiry(obtained, self.spec["session_expiry"]))
         self._session = session
-        self._expires = session.expires_at.timestamp()  # type: ignore[union-attr]
         self.generation += 1
+        # one reference, replaced whole: a reader never sees a session with another's generation
+        self._state = (session, self.generation, session.expires_at.timestamp())  # type: ignore[union-attr]
 
     def _usable(self, session: Optional[SessionData]) -> bool:
         return (session is not None and session.broker == self.spec["id"] and session.expires_at is not None
@@ -3027,6 +3068,24 @@ def _order_enum(enum_cls: Any, value: Any, what: str) -> Any:
         return _as_enum(enum_cls, value, what)
     except ValueError as exc:
         raise InvalidOrderError(str(exc)) from None
+
+
+def _check_stop(order_type: OrderType, side: Side, price: Optional["Decimal"], trigger: Optional["Decimal"]) -> None:
+    if order_type is OrderType.SL and price is not None and trigger is not None:
+        if side is Side.BUY and trigger > price:
+            raise InvalidOrderError(f"a stop-loss BUY triggers at or below its limit price: trigger {trigger} > price {price}")
+        if side is Side.SELL and trigger < price:
+            raise InvalidOrderError(f"a stop-loss SELL triggers at or above its limit price: trigger {trigger} < price {price}")
+
+
+def _on_tick(value: Optional[float], tick: float) -> Optional["Decimal"]:
+    """A broker-reported price (a float that may carry binary noise, 120.50000000000001) on its tick."""
+    if value is None:
+        return None
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    step = Decimal(repr(tick)) if tick > 0 else Decimal("0.01")
+    return (Decimal(repr(value)) / step).quantize(Decimal(1), rounding=ROUND_HALF_EVEN) * step
 
 
 def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional["Decimal"]:
@@ -3370,8 +3429,7 @@ class TTConnect:
         """An authenticated call: retries what is safe to retry, recovers the session once."""
         attempt, recovered = 0, False
         while True:
-            session = self._auth.current()
-            generation = self._auth.generation
+            session, generation = self._auth.current_with_generation()
             try:
                 return self._send(route, session, path_args, params, body)
             except AuthenticationError as exc:
@@ -3403,15 +3461,19 @@ class TTConnect:
             self._by_symbol[key] = found
         return found
 
-    def _rows(self, route: str, hook: str, rows: Any) -> List[Any]:
-        """Parse list rows; a row naming an instrument outside the master is logged and skipped."""
+    def _rows(self, route: str, hook: str, rows: Any, skipped: Optional[List[Mapping[str, Any]]] = None) -> List[Any]:
+        """Parse list rows. A row naming an instrument outside the loaded master (an MCX
+        position, a contract listed after the last refresh) is logged and left out, and handed
+        back in ``skipped`` for callers that must not ignore it (the kill switches)."""
         parse = self._spec["hooks"][hook]
         out = []
         for row in rows or ():
             try:
                 out.append(parse(self._ctx, row))
-            except InstrumentNotFoundError as exc:
-                log.warning("%s %s: skipped a row: %s", self.broker, route, exc)
+            except (InstrumentNotFoundError, UnsupportedFeatureError) as exc:
+                log.warning("%s %s: left out a row: %s", self.broker, route, exc)
+                if skipped is not None:
+                    skipped.append(row)
         return out
 
     # -- account ---------------------------------------------------------------------------
@@ -3440,14 +3502,14 @@ class TTConnect:
         """Return delivery holdings."""
         return self._rows("get_holdings", "holding", self._spec["hooks"]["holding_rows"](self._call("get_holdings")))
 
-    def get_positions(self) -> List[Position]:
+    def get_positions(self, _skipped: Optional[List[Mapping[str, Any]]] = None) -> List[Position]:
         """Return net positions with a non-zero quantity (closed rows are skipped)."""
         rows = self._spec["hooks"]["position_rows"](self._call("get_positions"))
-        return [p for p in self._rows("get_positions", "position", rows) if p.qty != 0]
+        return [p for p in self._rows("get_positions", "position", rows, _skipped) if p.qty != 0]
 
-    def get_orders(self) -> List[Order]:
+    def get_orders(self, _skipped: Optional[List[Mapping[str, Any]]] = None) -> List[Order]:
         """Return today's orders."""
-        return self._rows("get_orders", "order", self._call("get_orders"))
+        return self._rows("get_orders", "order", self._call("get_orders"), _skipped)
 
     def get_trades(self) -> List[Trade]:
         """Return today's fills."""
@@ -3522,11 +3584,7 @@ class TTConnect:
             raise InvalidOrderError(f"{type_e.value} orders need a trigger_price")
         if type_e in (OrderType.MARKET, OrderType.LIMIT) and trigger_d is not None:
             raise InvalidOrderError(f"{type_e.value} orders take no trigger_price (got {trigger_price!r}); use SL or SL_M")
-        if type_e is OrderType.SL and price_d is not None and trigger_d is not None:
-            if side_e is Side.BUY and trigger_d > price_d:
-                raise InvalidOrderError(f"a stop-loss BUY triggers at or below its limit price: trigger {trigger_d} > price {price_d}")
-            if side_e is Side.SELL and trigger_d < price_d:
-                raise InvalidOrderError(f"a stop-loss SELL triggers at or above its limit price: trigger {trigger_d} < price {price_d}")
+        _check_stop(type_e, side_e, price_d, trigger_d)
         return _OrderRequest(instrument, token, bsym, qty, side_e, product_e, type_e, price_d, trigger_d,
                              self._order_tag(tag), validity)
 
@@ -3558,23 +3616,34 @@ class TTConnect:
         return self._spec["hooks"]["placed"](data)
 
     def _find_placed(self, req: _OrderRequest, cause: TTConnectError) -> str:
-        """After an ambiguous failure: find the order by its tag instead of sending it again."""
+        """After an ambiguous failure: find the order by its tag instead of sending it again.
+
+        The book is read four times over ~3.5 s (an OMS can take a moment to list an order). Only
+        a book that was actually read and lacks the tag counts as "not placed".
+        """
         log.warning("%s place_order outcome unknown (%s); looking for tag %s", self.broker, cause.__class__.__name__, req.tag)
-        for attempt in range(3):
+        read = False
+        for attempt in range(4):
+            if attempt:
+                self._sleep(_backoff(attempt - 1))
             try:
-                for order in self.get_orders():
-                    if order.tag == req.tag:
-                        log.info("%s order with tag %s was placed: %s", self.broker, req.tag, order.id)
-                        return order.id
+                orders = self.get_orders()
             except TTConnectError as exc:
                 log.warning("%s order book look-up failed (%s)", self.broker, exc.__class__.__name__)
-            if attempt < 2:
-                self._sleep(_backoff(attempt))
+                continue
+            read = True
+            for order in orders:
+                if order.tag == req.tag:
+                    log.info("%s order with tag %s was placed: %s", self.broker, req.tag, order.id)
+                    return order.id
+        what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
+        if not read:
+            raise OrderError(
+                f"{what} and the order book could not be read to find out whether it was placed. Do NOT place it "
+                f"again before checking the order book for tag {req.tag!r}", retryable=False) from cause
         raise OrderError(
-            f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause}) and no order tagged "
-            f"{req.tag!r} is in the order book; it was most likely not placed. Check the order book before placing again",
-            retryable=False,
-        ) from cause
+            f"{what} and no order tagged {req.tag!r} appeared in the order book; it was most likely not placed. "
+            "Check the order book before placing again", retryable=False) from cause
 
     def _live_order(self, order_id: str, action: str) -> Order:
         order_id = self._order_id(order_id)
@@ -3599,9 +3668,13 @@ class TTConnect:
             raise InvalidOrderError(f"qty {new_qty} is not a multiple of the lot size {lot} for {current.instrument}")
         keep_price = new_type in (OrderType.LIMIT, OrderType.SL)
         keep_trigger = new_type in (OrderType.SL, OrderType.SL_M)
-        price_d = _order_price(price if price is not None else (current.price if keep_price else None), "price", tick, current.instrument)
-        trigger_d = _order_price(trigger_price if trigger_price is not None else (current.trigger_price if keep_trigger else None),
-                                 "trigger_price", tick, current.instrument)
+        # New values are checked like a new order's; kept ones are the broker's own, snapped to the tick.
+        price_d = (_order_price(price, "price", tick, current.instrument) if price is not None
+                   else _on_tick(current.price, tick) if keep_price else None)
+        trigger_d = (_order_price(trigger_price, "trigger_price", tick, current.instrument) if trigger_price is not None
+                     else _on_tick(current.trigger_price, tick) if keep_trigger else None)
+        if keep_price and keep_trigger:
+            _check_stop(new_type, current.side, price_d, trigger_d)
         if keep_price and price_d is None:
             raise InvalidOrderError(f"{new_type.value} orders need a price")
         if not keep_price and price is not None:
@@ -3617,32 +3690,43 @@ class TTConnect:
 
     def cancel_order(self, order_id: str) -> str:
         """Cancel an open order; returns its id."""
-        return self._cancel(self._live_order(order_id, "cancelled"))
+        order = self._live_order(order_id, "cancelled")
+        return self._cancel(order.id, order.raw)
 
-    def _cancel(self, order: Order) -> str:
-        path_args, body = self._spec["hooks"]["cancel_order"](order)
+    def _cancel(self, order_id: str, raw: Mapping[str, Any]) -> str:
+        path_args, body = self._spec["hooks"]["cancel_order"](order_id, raw)
         self._call("cancel_order", path_args=path_args, body=body)
-        return order.id
+        return order_id
 
     def cancel_all_orders(self) -> Tuple[List[str], List[str]]:
-        """Cancel every open and trigger-pending order: returns (cancelled ids, failed ids)."""
+        """Cancel every order still working (pending, open, partly filled, trigger-pending).
+
+        Orders in segments ttconnect does not load are cancelled too (from the broker's own
+        fields). Returns (cancelled ids, ids whose cancel failed).
+        """
+        hooks = self._spec["hooks"]
+        skipped: List[Mapping[str, Any]] = []
+        live = [(o.id, o.raw) for o in self.get_orders(skipped) if o.status in _LIVE_STATUSES]
+        live += [(hooks["order_id"](row), row) for row in skipped if hooks["order_status"](row) in _LIVE_STATUSES]
         cancelled, failed = [], []
-        for order in self.get_orders():
-            if order.status in (OrderStatus.OPEN, OrderStatus.PARTIALLY_FILLED, OrderStatus.TRIGGER_PENDING):
-                try:
-                    cancelled.append(self._cancel(order))
-                except TTConnectError as exc:
-                    log.warning("%s: cancelling order %s failed: %s", self.broker, order.id, exc)
-                    failed.append(order.id)
+        for order_id, raw in live:
+            try:
+                cancelled.append(self._cancel(order_id, raw))
+            except TTConnectError as exc:
+                log.warning("%s: cancelling order %s failed: %s", self.broker, order_id, exc)
+                failed.append(order_id)
         return cancelled, failed
 
     def close_all_positions(self) -> Tuple[List[str], List[str]]:
         """Offset every open position with a MARKET order of the same product.
 
-        Returns (placed order ids, positions that could not be closed, as instrument labels).
+        Returns (placed order ids, positions not closed). A position is not closed when its
+        order fails, or when it is in a segment ttconnect does not load (listed as
+        ``EXCHANGE:broker symbol`` — close it in the broker's own app).
         """
         placed, failed = [], []
-        for pos in self.get_positions():
+        skipped: List[Mapping[str, Any]] = []
+        for pos in self.get_positions(skipped):
             side = Side.SELL if pos.qty > 0 else Side.BUY
             try:
                 if pos.product is None:
@@ -3651,6 +3735,12 @@ class TTConnect:
             except TTConnectError as exc:
                 log.warning("%s: closing %s failed: %s", self.broker, pos.instrument, exc)
                 failed.append(str(pos.instrument))
+        for row in skipped:
+            if self._spec["hooks"]["position_qty"](row):
+                label = f"{row.get('exchange')}:{row.get('tradingsymbol')}"
+                log.warning("%s: position %s is in a segment ttconnect does not trade; close it in the broker's app",
+                            self.broker, label)
+                failed.append(label)
         return placed, failed
 
     def calculate_margin(self, legs: Sequence[Union[OrderLeg, Mapping[str, Any]]]) -> Margin:
@@ -3887,20 +3977,23 @@ class _Connection:
         stats = self.streamer.stats
         attempt = 0
         while not self._stop.is_set():
+            ws = None
             try:
                 ws = self._open(websocket)
-            except (OSError, websocket.WebSocketException, TTConnectError) as exc:
-                self.streamer.failed(self.name, f"connect failed: {_describe(exc)}", exc)
-            else:
                 attempt = 0
-                try:
-                    self._read(ws, websocket)
-                except (OSError, websocket.WebSocketException) as exc:
-                    if not self._stop.is_set():
-                        self.streamer.failed(self.name, f"connection lost: {_describe(exc)}", None)
-                finally:
+                self._read(ws, websocket)
+            except (OSError, websocket.WebSocketException, TTConnectError) as exc:
+                if not self._stop.is_set():
+                    what = "connection lost" if self.connected.is_set() else "connect failed"
+                    self.streamer.failed(self.name, f"{what}: {_describe(exc)}")
+            except Exception as exc:  # noqa: BLE001 - the feed thread must outlive any bug; logged with traceback
+                log.exception("%s %s stream: unexpected error; reconnecting", self.streamer.client.broker, self.name)
+                self.streamer.failed(self.name, f"unexpected error: {_describe(exc)}")
+            finally:
+                with self.streamer.lock:
                     self.connected.clear()
                     self.ws = None
+                if ws is not None:
                     ws.abort()
                     ws.close(timeout=0)
             if self._stop.is_set():
@@ -3913,10 +4006,10 @@ class _Connection:
 
     def _open(self, websocket: Any) -> Any:
         client = self.streamer.client
-        session = client._auth.current()
-        generation = client._auth.generation
+        session, generation = client._auth.current_with_generation()
         url, headers = self._connect_hook(client._config, session, client._urls[self._url_key])
         ws = websocket.WebSocket(enable_multithread=True)
+        self.ws = ws  # so that stop() can abort the handshake (a TCP connect in progress finishes by its timeout)
         try:
             ws.connect(url, header=[f"{k}: {v}" for k, v in headers.items()], timeout=self.streamer.connect_timeout)
         except websocket.WebSocketBadStatusException as exc:
@@ -3929,7 +4022,6 @@ class _Connection:
                                           "the session was renewed, reconnecting") from None
             raise
         log.info("%s %s stream connected", client.broker, self.name)
-        self._greet(ws)
         return ws
 
     def _read(self, ws: Any, websocket: Any) -> None:
@@ -3937,8 +4029,12 @@ class _Connection:
         stats = streamer.stats
         silence = streamer.silence
         ws.settimeout(min(0.5, silence / 4))
-        with streamer.lock:  # from here on subscribe() sends straight to this socket
-            self.ws = ws
+        with streamer.lock:
+            # Greet and go live in one step: a subscribe() from another thread either made it
+            # into the greeting or sees the socket live and sends its own message.
+            if self._stop.is_set():
+                return
+            self._greet(ws)
             self.connected.set()
         last = time.monotonic()
         ping_every = silence / 2.5
@@ -3952,7 +4048,7 @@ class _Connection:
             if opcode is None:
                 if now - last > silence:
                     stats["silence_reconnects"] += 1
-                    streamer.failed(self.name, f"no frame for {now - last:.1f} s (limit {silence:g} s): reconnecting", None)
+                    streamer.failed(self.name, f"no frame for {now - last:.1f} s (limit {silence:g} s): reconnecting")
                     return
             else:
                 last = now
@@ -3965,7 +4061,7 @@ class _Connection:
                     stats["frames"] += 1
                     self._on_text(payload.decode("utf-8", "replace"))
                 elif opcode == websocket.ABNF.OPCODE_CLOSE:
-                    streamer.failed(self.name, "the server closed the connection", None)
+                    streamer.failed(self.name, "the server closed the connection")
                     return
             if self._keepalive is not None and now >= next_ping:
                 next_ping = now + ping_every
@@ -4026,6 +4122,12 @@ class _Streamer:
                     f"{len(keys)}. Unsubscribe some, or split them across clients")
             if on_tick is not None:
                 self.on_tick = on_tick
+            if self.spec["stream_modes_additive"]:
+                # Where each (token, mode) is its own subscription, a mode change must drop the old one.
+                moved = [old for key, (inst, token, mode_) in items
+                         for old in [self.subscriptions.get(key)] if old is not None and old[2] != mode_]
+                if moved:
+                    self._send_market(self.spec["hooks"]["stream_unsubscribe"](moved))
             for key, item in items:
                 self.subscriptions[key] = item
             self.instruments = {key: item[0] for key, item in self.subscriptions.items()}
@@ -4105,7 +4207,7 @@ class _Streamer:
         delay = min(self.max_delay, self.delay * 2 ** min(attempt, 16))
         return delay * (0.5 + self._random.random() / 2)  # jitter: reconnecting clients spread out
 
-    def failed(self, name: str, message: str, exc: Optional[BaseException]) -> None:
+    def failed(self, name: str, message: str) -> None:
         self.stats["last_error"] = f"{name}: {message}"
         log.warning("%s %s stream: %s", self.client.broker, name, message)
 
@@ -4113,7 +4215,7 @@ class _Streamer:
         ticks = self._ticks
         try:
             self._decode(data, self.instruments, ticks)
-        except (_FrameError, struct.error, ValueError, IndexError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any undecodable frame (struct, overflow...) is dropped and counted
             self.stats["frames_dropped"] += 1
             self.stats["last_error"] = f"market: skipped a malformed frame of {len(data)} bytes ({exc})"
             log.warning("%s stream: skipped a malformed frame of %d bytes: %s", self.client.broker, len(data), exc)
@@ -4143,7 +4245,7 @@ class _Streamer:
         if kind == "order":
             try:
                 order = self.spec["hooks"]["order"](self.client._ctx, data)
-            except (TTConnectError, KeyError, ValueError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - an unreadable update is dropped and counted, the feed goes on
                 self.stats["frames_dropped"] += 1
                 log.warning("%s stream: could not read an order update (%s)", self.client.broker, _describe(exc))
                 return
