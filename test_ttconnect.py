@@ -1282,6 +1282,27 @@ def test_auth_mode_the_broker_lacks_is_refused_at_init(tmp_path: Path) -> None:
             tt.TTConnect("angelone", {"pin": 1234, "cache_dir": str(tmp_path)})
 
 
+def test_missing_credentials_are_named_before_any_request(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, day_clock, KITE_CSV, access_token="tok-SECRET")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(tt.ConfigurationError, match="needs config 'api_key'"):
+            kite.get_profile()
+        with pytest.raises(tt.ConfigurationError, match="'totp_secret'"):
+            tt.TTConnect("angelone", {"api_key": "k", "client_id": "A1", "pin": "1234", "cache_dir": str(tmp_path)})
+        with pytest.raises(tt.ConfigurationError, match="'client_id', 'pin', 'totp_secret'"):
+            tt.TTConnect("angelone", {"api_key": "k", "auth_mode": "auto", "cache_dir": str(tmp_path)})
+        assert len(rs.calls) == 0
+
+
+def test_an_sdk_style_bearer_jwt_is_sent_with_one_prefix(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="Bearer eyJabc.def")
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("get_funds")
+        angel.get_funds()
+        assert api.calls("get_funds")[0].request.headers["Authorization"] == "Bearer eyJabc.def"
+
+
 @pytest.mark.parametrize("fixture, code", [("error.token_exception.json", "TokenException"),
                                            ("error.permission_exception.json", "PermissionException")])
 def test_manual_token_refused_is_not_retried_and_says_how_to_log_in(fixture: str, code: str, tmp_path: Path,

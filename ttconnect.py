@@ -1375,7 +1375,6 @@ class BrokerSpec(TypedDict):
     auth_modes: Tuple[AuthMode, ...]
     default_auth_mode: AuthMode
     credentials: Mapping[AuthMode, Tuple[str, ...]]  # config keys each mode needs
-    secrets: Tuple[str, ...]  # config keys never to be shown anywhere
     session_expiry: Tuple[int, int]  # (hour, minute) IST at which a day's session dies
     # unified name -> (verb, path template, body encoding, rate-limit class)
     routes: Mapping[str, Tuple[str, str, Optional[str], str]]
@@ -1919,7 +1918,6 @@ _ZERODHA: BrokerSpec = {
     "auth_modes": (AuthMode.MANUAL,),
     "default_auth_mode": AuthMode.MANUAL,
     "credentials": {AuthMode.MANUAL: ("api_key", "access_token")},
-    "secrets": ("access_token", "api_secret", "request_token"),
     "session_expiry": (6, 0),
     "routes": {
         "login": ("POST", "/session/token", "form", "default"),
@@ -2201,10 +2199,14 @@ def _angelone_envelope(status: int, body: Any) -> Tuple[bool, Any, str, str]:
     return False, None, code, message
 
 
+def _angelone_raw_jwt(token: str) -> str:
+    """The SDK hands out ``"Bearer eyJ..."``; the header needs exactly one prefix (notes 9.1)."""
+    token = token.strip()
+    return token[len("Bearer "):].strip() if token.startswith("Bearer ") else token
+
+
 def _angelone_session(data: Mapping[str, Any], now: float) -> SessionData:
-    jwt = str(data["jwtToken"])
-    if jwt.startswith("Bearer "):  # the SDK-prefixed form circulates; store the raw JWT
-        jwt = jwt[len("Bearer "):]
+    jwt = _angelone_raw_jwt(str(data["jwtToken"]))
     return SessionData(broker="angelone", mode=AuthMode.AUTO, access_token=jwt,
                        refresh_token=data.get("refreshToken") or None, feed_token=data.get("feedToken") or None,
                        obtained_at=_dt.datetime.fromtimestamp(now, IST))
@@ -2514,7 +2516,6 @@ _ANGELONE: BrokerSpec = {
     "auth_modes": (AuthMode.AUTO, AuthMode.MANUAL),
     "default_auth_mode": AuthMode.AUTO,
     "credentials": {AuthMode.AUTO: ("api_key", "client_id", "pin", "totp_secret"), AuthMode.MANUAL: ("api_key", "access_token")},
-    "secrets": ("access_token", "pin", "totp_secret", "feed_token"),
     "session_expiry": (0, 0),
     "routes": {
         "login": ("POST", "/rest/auth/angelbroking/user/v1/loginByPassword", "json", "login"),
@@ -2590,6 +2591,7 @@ _ANGELONE: BrokerSpec = {
         "envelope": _angelone_envelope,
         "login": _angelone_login,
         "renew": _angelone_renew,
+        "manual_token": _angelone_raw_jwt,
         "reauth_hint": _angelone_reauth_hint,
         "profile": _angelone_profile,
         "funds": _angelone_funds,
@@ -2986,13 +2988,25 @@ class _Auth:
         return (session is not None and session.broker == self.spec["id"] and session.expires_at is not None
                 and session.expires_at.timestamp() > self._clock())
 
+    def _require(self, keys: Sequence[str]) -> None:
+        missing = [k for k in keys if not self.config.get(k)]
+        if missing:
+            raise ConfigurationError(
+                f"{self.spec['id']} ({self.mode.value} auth) needs config {', '.join(repr(k) for k in missing)}; "
+                f"{self.hint()}")
+
     def _obtain(self) -> SessionData:
+        self._require(("api_key",))  # every call signs with it
         stored = self.store.load()
+        normalise = self.spec["hooks"].get("manual_token")
         config_token = self.config.get("access_token")
+        if config_token and normalise is not None:
+            config_token = normalise(config_token)
         if self._usable(stored) and (config_token is None or stored.access_token == config_token):
             return stored
         now = _dt.datetime.fromtimestamp(self._clock(), IST)
         if self.mode is AuthMode.AUTO:
+            self._require(self.spec["credentials"][AuthMode.AUTO])
             return self._save(self.spec["hooks"]["login"](self._call, self.config, self._clock()))
         if config_token and (self._session is None or self._session.access_token != config_token):
             session = SessionData(broker=self.spec["id"], mode=AuthMode.MANUAL, access_token=config_token,
@@ -3211,6 +3225,13 @@ class TTConnect:
             mode = spec["default_auth_mode"]
         if cfg.get("request_token") and not (cfg.get("api_key") and cfg.get("api_secret")):
             raise ConfigurationError("config 'request_token' needs 'api_key' and 'api_secret' to be exchanged for an access token")
+        # Some login credentials but not all is a mistake worth stopping at now; none at all is a
+        # client used for instruments only (REST calls then say what is missing).
+        needed = spec["credentials"].get(mode, ())
+        given = [k for k in needed if k not in ("api_key", "access_token") and cfg.get(k)]
+        missing = [k for k in needed if not cfg.get(k)]
+        if (given or raw is not None) and mode is AuthMode.AUTO and missing:
+            raise ConfigurationError(f"{spec['id']} auth_mode 'auto' needs config {', '.join(repr(k) for k in missing)}")
         return mode
 
     def _rate_limits_option(self, cfg: Mapping[str, Any]) -> Dict[str, Sequence[Tuple[int, float]]]:
