@@ -489,6 +489,10 @@ def test_a_crash_mid_refresh_leaves_readers_on_the_old_data(tmp_path: Path, cloc
     assert kite.resolve(tt.Equity(exchange="NSE", symbol="INFY")) == "408065"
     reader.close()
     fresh.close()
+    with responses.RequestsMock() as rs:  # the next refresh sweeps what the crash left
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        kite.refresh_instruments()
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
 
 
 def test_a_failed_parse_midway_changes_nothing(tmp_path: Path, clock: FakeClock, clients: list, monkeypatch: Any) -> None:
@@ -1260,6 +1264,8 @@ def test_a_reused_request_token_config_reuses_the_stored_session(tmp_path: Path,
 
 def test_login_url() -> None:
     assert tt.TTConnect.login_url("zerodha", {"api_key": "abc"}) == "https://kite.zerodha.com/connect/login?v=3&api_key=abc"
+    assert tt.TTConnect.login_url("angelone", {"api_key": "k1", "redirect_url": "https://x.example/cb"}) == (
+        "https://smartapi.angelone.in/publisher-login?api_key=k1&redirect_url=https%3A%2F%2Fx.example%2Fcb")
     with pytest.raises(tt.ConfigurationError, match="api_key"):
         tt.TTConnect.login_url("zerodha", {})
 
@@ -1574,6 +1580,7 @@ def test_async_facade_runs_the_same_calls_off_the_loop(tmp_path: Path, day_clock
         eq = tt.Equity(exchange="NSE", symbol="SBIN")
         got = await asyncio.gather(client.get_positions(), client.get_funds(),
                                    client.place_order(eq, 5, tt.Side.SELL, tt.ProductType.CNC, tt.OrderType.MARKET))
+        assert client.expiries("NIFTY")[0] == dt.date(2026, 11, 24) and client.lot_size(eq) == 1
         return got, client.resolve(eq), threading.current_thread().name
 
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:

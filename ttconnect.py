@@ -984,6 +984,7 @@ class _InstrumentStore:
         self._generation = 0
         self._symbol_indexed = -1  # the generation whose file is known to have the symbol index
         self._lock = threading.RLock()
+        self._conns: List[sqlite3.Connection] = []
 
     # -- connections -----------------------------------------------------------------------
 
@@ -992,14 +993,24 @@ class _InstrumentStore:
         conn = getattr(local, "conn", None)
         if conn is None or local.generation != self._generation:
             if conn is not None:
-                conn.close()
+                self._forget(conn)
             conn = self._open_readonly()
             local.conn, local.generation = conn, self._generation
+            with self._lock:
+                self._conns.append(conn)
         return conn
 
     def _open_readonly(self) -> sqlite3.Connection:
         uri = "file:" + _sqlite_uri_path(self.path) + "?mode=ro"
-        return sqlite3.connect(uri, uri=True, check_same_thread=True)
+        # Each connection is used by its own thread only; check_same_thread is off so that
+        # close() can release the other threads' handles too.
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        conn.close()
 
     def reopen(self) -> None:
         """Make every thread open the (replaced) file afresh on its next query."""
@@ -1007,11 +1018,13 @@ class _InstrumentStore:
             self._generation += 1
 
     def close(self) -> None:
+        """Close every thread's connection (call it when those threads are done)."""
         self.closed = True
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+            self._generation += 1  # a thread that queries again opens afresh
+        for conn in conns:
             conn.close()
-            self._local.conn = None
 
     # -- health and metadata -------------------------------------------------------------
 
@@ -2232,6 +2245,15 @@ def _angelone_renew(call: Callable[..., Any], config: Mapping[str, Any], session
     return _angelone_session(data, now)
 
 
+def _angelone_login_url(config: Mapping[str, Any], base: str) -> str:
+    """The publisher login page; it redirects with auth_token (the JWT) and feed_token (notes 1)."""
+    from urllib.parse import urlencode
+
+    params = {"api_key": config["api_key"]}
+    params.update({k: config[k] for k in ("redirect_url", "state") if config.get(k)})
+    return f"{base}?{urlencode(params)}"
+
+
 def _angelone_reauth_hint(config: Mapping[str, Any], base: str) -> str:
     return ("AngelOne sessions end at midnight IST: pass a fresh JWT as 'access_token', or give 'client_id', "
             "'pin' and 'totp_secret' (auth_mode='auto') and ttconnect logs in by itself")
@@ -2592,6 +2614,7 @@ _ANGELONE: BrokerSpec = {
         "login": _angelone_login,
         "renew": _angelone_renew,
         "manual_token": _angelone_raw_jwt,
+        "login_url": _angelone_login_url,
         "reauth_hint": _angelone_reauth_hint,
         "profile": _angelone_profile,
         "funds": _angelone_funds,
@@ -3306,7 +3329,7 @@ class TTConnect:
             if self._is_fresh(state):
                 return
             try:
-                self.refresh_instruments(_state=state)
+                self._refresh_locked(state)
             except (TTConnectError, _MasterFormatError, OSError) as exc:
                 self._refresh_failed(exc, state)
 
@@ -3333,16 +3356,26 @@ class TTConnect:
             return type(exc)(message, retryable=exc.retryable, broker_code=exc.broker_code, http_status=exc.http_status)
         return BrokerError(message)
 
-    def refresh_instruments(self, *, _state: Optional[Dict[str, Tuple[str, int]]] = None) -> Dict[str, Any]:
+    def refresh_instruments(self) -> Dict[str, Any]:
         """Download this broker's master now and rebuild the store from it (atomically).
 
         Returns what was loaded: ``rows``, ``skipped`` (per segment), ``malformed``, ``duplicates``.
         """
-        state = _state if _state is not None else self._store_state(repair=True)
+        os.makedirs(self._cache_dir, exist_ok=True)
+        with _FileLock(self._store.path + ".lock"):
+            self._store.reopen()
+            return self._refresh_locked(self._store_state(repair=True))
+
+    def _refresh_locked(self, state: Optional[Dict[str, Tuple[str, int]]]) -> Dict[str, Any]:
+        """The refresh proper; the caller holds the store's file lock."""
         previous = state.get(self.broker, ("", 0))[1] if state else 0
         url = self._urls["instruments_url"]
-        os.makedirs(self._cache_dir, exist_ok=True)
-        part = os.path.join(self._cache_dir, f"{self.broker}_master.{os.getpid()}.download")
+        # Nobody else builds while the lock is held: what a crashed build left is garbage.
+        prefix = os.path.basename(self._store.path) + ".build-"
+        for name in os.listdir(self._cache_dir):
+            if name.startswith(prefix) or name.endswith(".download"):
+                _remove_quietly(os.path.join(self._cache_dir, name))
+        part = os.path.join(self._cache_dir, f"{self.broker}_master.{os.getpid()}.{threading.get_ident()}.download")
         stats = _LoadStats()
         started = time.perf_counter()
         try:
@@ -3893,6 +3926,23 @@ class AsyncTTConnect:
 
     def stream_stats(self) -> Dict[str, Any]:
         return self.sync.stream_stats()
+
+    # Discovery reads the local instrument DB (microseconds): plain calls, like resolve.
+
+    def expiries(self, symbol: str, exchange: Union[Exchange, str] = Exchange.NFO) -> List[_dt.date]:
+        return self.sync.expiries(symbol, exchange)
+
+    def option_chain(self, symbol: str, expiry: Union[_dt.date, str], exchange: Union[Exchange, str] = Exchange.NFO) -> List[Option]:
+        return self.sync.option_chain(symbol, expiry, exchange)
+
+    def search(self, prefix: str, exchange: Union[Exchange, str, None] = None, limit: int = 50) -> List[Instrument]:
+        return self.sync.search(prefix, exchange, limit)
+
+    def lot_size(self, instrument: Instrument) -> int:
+        return self.sync.lot_size(instrument)
+
+    def tick_size(self, instrument: Instrument) -> float:
+        return self.sync.tick_size(instrument)
 
     async def get_profile(self) -> Profile:
         return await self._run(self.sync.get_profile)
