@@ -1688,6 +1688,10 @@ class WsServer:
     def close(self) -> None:
         self.stopped.set()
         self.drop()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self.sock.close()
         for thread in self.threads:
             thread.join(timeout=2)

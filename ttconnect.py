@@ -483,7 +483,12 @@ class Tick(_Model):
 
     @property
     def last_trade_time(self) -> Optional[_dt.datetime]:
-        return _dt.datetime.fromtimestamp(self._last_trade_epoch, IST) if self._last_trade_epoch else None
+        epoch = self._last_trade_epoch
+        if not epoch:
+            return None
+        # AngelOne does not document this field's unit (seconds in observed data); read a
+        # millisecond value as such rather than fail in a handler.
+        return _dt.datetime.fromtimestamp(epoch / 1000 if epoch > 10**11 else epoch, IST)
 
     @property
     def exchange_time(self) -> Optional[_dt.datetime]:
@@ -3816,6 +3821,8 @@ class TTConnect:
     # -- streaming -------------------------------------------------------------------------
 
     def _stream(self) -> "_Streamer":
+        if self._store.closed:
+            raise ConfigurationError("this client is closed; create a new TTConnect to stream again")
         with self._stream_lock:
             if self._streamer is None:
                 try:
