@@ -59,10 +59,8 @@ import codecs
 import dataclasses
 import datetime as _dt
 import enum
-import json
 import logging
 import os
-import sqlite3
 import struct
 import sys
 import threading
@@ -88,6 +86,7 @@ from typing import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover - imported for type checkers only
+    import sqlite3
     from decimal import Decimal
 
     import requests
@@ -835,6 +834,8 @@ _INDEXES = (
 def _create_indexes(conn: sqlite3.Connection) -> int:
     """Build every index, first dropping duplicate canonical rows (the first one of each key
     stays) if the master had any. Return how many broker rows were dropped as duplicates."""
+    import sqlite3
+
     dropped = 0
     try:
         conn.execute(f"CREATE UNIQUE INDEX ix_instruments_key ON instruments(id)")
@@ -1006,6 +1007,8 @@ class _InstrumentStore:
         return conn
 
     def _open_readonly(self) -> sqlite3.Connection:
+        import sqlite3
+
         uri = "file:" + _sqlite_uri_path(self.path) + "?mode=ro"
         # Each connection is used by its own thread only; check_same_thread is off so that
         # close() can release the other threads' handles too.
@@ -1035,6 +1038,8 @@ class _InstrumentStore:
 
     def check(self) -> Dict[str, Tuple[str, int]]:
         """Return {broker: (refreshed_at, rows)}; raise _CorruptStore if the file is damaged."""
+        import sqlite3
+
         try:
             size = os.path.getsize(self.path)
             conn = self.conn()
@@ -1059,6 +1064,8 @@ class _InstrumentStore:
         return self.conn().execute(_TOKEN_SQL[type(instrument)], (instrument._iid, broker_id)).fetchone()
 
     def _ensure_symbol_index(self) -> None:
+        import sqlite3
+
         with self._lock:
             if self._symbol_indexed == self._generation:
                 return
@@ -1229,6 +1236,8 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
     Other brokers' data is carried over from the current file (if it is healthy). Nothing is
     replaced unless the new file is complete and passes the sanity checks.
     """
+    import sqlite3
+
     tmp = f"{path}.build-{os.getpid()}-{threading.get_ident()}"
     _remove_quietly(tmp)
     conn = sqlite3.connect(tmp, isolation_level=None)
@@ -1299,6 +1308,8 @@ def _carry_over(conn: sqlite3.Connection, broker_id: str) -> None:
     All or nothing: on a damaged old file the new one simply holds this broker alone (the
     others refresh on their next start).
     """
+    import sqlite3
+
     conn.execute("SAVEPOINT carry_over")
     try:
         if conn.execute("PRAGMA old.user_version").fetchone()[0] != _SCHEMA_VERSION:
@@ -1894,6 +1905,8 @@ def _zerodha_stream_key(instrument: Instrument, token: str) -> int:
 
 def _zerodha_stream_subscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
     # Subscribe, then set each mode explicitly: Kite's default mode is not documented.
+    import json
+
     messages = [json.dumps({"a": "subscribe", "v": [int(token) for _, token, _ in items]})]
     for mode in ("ltp", "quote", "full"):
         tokens = [int(token) for _, token, m in items if m == mode]
@@ -1903,11 +1916,15 @@ def _zerodha_stream_subscribe(items: Sequence[Tuple[Instrument, str, str]]) -> L
 
 
 def _zerodha_stream_unsubscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+    import json
+
     return [json.dumps({"a": "unsubscribe", "v": [int(token) for _, token, _ in items]})]
 
 
 def _zerodha_stream_text(text: str) -> Tuple[str, Any]:
     """Text frames: ``{"type": "order"|"error"|"message", "data": ...}``."""
+    import json
+
     try:
         message = json.loads(text)
     except ValueError:
@@ -2041,6 +2058,8 @@ def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
     Each chunk's complete objects are decoded by one ``json.loads`` (C speed); a chunk whose
     cut falls inside a string falls back to decoding object by object.
     """
+    import json
+
     decoder = codecs.getincrementaldecoder("utf-8")()
     raw_decode = json.JSONDecoder().raw_decode
     buf = ""
@@ -2478,6 +2497,8 @@ def _angelone_stream_key(instrument: Instrument, token: str) -> bytes:
 
 
 def _angelone_stream_requests(action: int, items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+    import json
+
     groups: Dict[Tuple[int, int], List[str]] = {}
     for instrument, token, mode in items:
         groups.setdefault((_ANGEL_MODES[mode], _ANGEL_EXCHANGE_TYPES[instrument.exchange]), []).append(token)
@@ -2499,6 +2520,8 @@ def _angelone_stream_unsubscribe(items: Sequence[Tuple[Instrument, str, str]]) -
 
 def _angelone_stream_text(text: str) -> Tuple[str, Any]:
     """Market-feed text frames: the ``pong`` heartbeat reply, or a JSON error (E1001, E1002)."""
+    import json
+
     if text.strip() == "pong":
         return "pong", None
     try:
@@ -2512,6 +2535,8 @@ def _angelone_stream_text(text: str) -> Tuple[str, Any]:
 
 def _angelone_order_text(text: str) -> Tuple[str, Any]:
     """Order-status socket: JSON with ``orderData``; the AB00 greeting has an empty one."""
+    import json
+
     try:
         message = json.loads(text)
     except ValueError:
@@ -2839,6 +2864,8 @@ def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
 
 def _check_response(spec: BrokerSpec, route: str, resp: _Response) -> Any:
     """The one check every broker response passes: return the payload or raise the right error."""
+    import json
+
     text = resp.text or ""
     try:
         body = json.loads(text) if text.strip() else None
@@ -2925,6 +2952,8 @@ class _FileStore:
         self.path = path
 
     def load(self) -> Optional[SessionData]:
+        import json
+
         try:
             with open(self.path, encoding="utf-8") as f:
                 raw = json.load(f)
@@ -2942,6 +2971,8 @@ class _FileStore:
             return None
 
     def save(self, session: SessionData) -> None:
+        import json
+
         data = {
             "broker": session.broker, "mode": session.mode.value, "access_token": session.access_token,
             "refresh_token": session.refresh_token, "feed_token": session.feed_token,
@@ -4367,6 +4398,8 @@ def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line: ``python -m ttconnect <command> ...``."""
+    import json
+
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m ttconnect", description=__doc__.splitlines()[0])
