@@ -1419,6 +1419,7 @@ class BrokerSpec(TypedDict):
     order_types: Mapping[OrderType, str]
     validities: Tuple[str, ...]
     max_tag_len: int
+    row_fields: Mapping[str, str]  # raw row keys the kill switches read: "order_id", "position_qty"
     stream_max_tokens: int  # instruments per market-data connection
     stream_keepalive: Optional[str]  # text the client must send to keep the feed alive
     stream_silence_timeout: float  # seconds without any frame before the feed counts as dead
@@ -1721,7 +1722,7 @@ def _zerodha_position_rows(data: Any) -> List[Mapping[str, Any]]:
 
 
 def _zerodha_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
-    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_zerodha_position_qty(row),
+    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_int(row.get("quantity")),
                     avg_price=_num(row.get("average_price")) or 0.0, ltp=_num(row.get("last_price")),
                     pnl=_num(row.get("pnl")), product=_KITE_PRODUCT_OF.get(row.get("product")), raw=row)
 
@@ -1732,14 +1733,6 @@ def _list_rows(data: Any) -> List[Any]:
 
 def _zerodha_order_status(row: Mapping[str, Any]) -> OrderStatus:
     return _order_status(row.get("status") or "", _KITE_STATUSES, _int(row.get("filled_quantity")), _int(row.get("quantity")))
-
-
-def _zerodha_order_id(row: Mapping[str, Any]) -> str:
-    return str(row["order_id"])
-
-
-def _zerodha_position_qty(row: Mapping[str, Any]) -> int:
-    return _int(row.get("quantity"))
 
 
 def _zerodha_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
@@ -1999,6 +1992,7 @@ _ZERODHA: BrokerSpec = {
     "order_types": _KITE_ORDER_TYPES,
     "validities": ("DAY", "IOC"),
     "max_tag_len": 20,
+    "row_fields": {"order_id": "order_id", "position_qty": "quantity"},
     "stream_max_tokens": 3000,
     "stream_keepalive": None,  # the server sends a 1-byte heartbeat about every second
     "stream_silence_timeout": 5.0,
@@ -2024,8 +2018,6 @@ _ZERODHA: BrokerSpec = {
         "position": _zerodha_position,
         "order": _zerodha_order,
         "order_status": _zerodha_order_status,
-        "order_id": _zerodha_order_id,
-        "position_qty": _zerodha_position_qty,
         "trade": _zerodha_trade,
         "margin": _zerodha_margin,
         "margin_body": _zerodha_margin_body,
@@ -2317,7 +2309,7 @@ def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
     if pnl is None and (row.get("realised") is not None or row.get("unrealised") is not None):
         pnl = (_num(row.get("realised")) or 0.0) + (_num(row.get("unrealised")) or 0.0)
     avg = _num(row.get("avgnetprice")) or _num(row.get("netprice")) or 0.0
-    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_angelone_position_qty(row),
+    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_int(row.get("netqty")),
                     avg_price=avg, ltp=_num(row.get("ltp")), pnl=pnl,
                     product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), raw=row)
 
@@ -2325,14 +2317,6 @@ def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
 def _angelone_order_status(row: Mapping[str, Any]) -> OrderStatus:
     return _order_status(row.get("orderstatus") or row.get("status") or "", _ANGEL_STATUSES,
                          _int(row.get("filledshares")), _int(row.get("quantity")))
-
-
-def _angelone_order_id(row: Mapping[str, Any]) -> str:
-    return str(row["orderid"])
-
-
-def _angelone_position_qty(row: Mapping[str, Any]) -> int:
-    return _int(row.get("netqty"))
 
 
 def _angelone_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
@@ -2625,6 +2609,7 @@ _ANGELONE: BrokerSpec = {
     "order_types": _ANGEL_ORDER_TYPES,
     "validities": ("DAY", "IOC"),
     "max_tag_len": 19,  # "ordertag length should be less than 20 characters" (AB4008)
+    "row_fields": {"order_id": "orderid", "position_qty": "netqty"},
     "stream_max_tokens": 1000,
     "stream_keepalive": "ping",  # answered by a text "pong" (notes 7.3)
     "stream_silence_timeout": 10.0,
@@ -2654,8 +2639,6 @@ _ANGELONE: BrokerSpec = {
         "position": _angelone_position,
         "order": _angelone_order,
         "order_status": _angelone_order_status,
-        "order_id": _angelone_order_id,
-        "position_qty": _angelone_position_qty,
         "trade": _angelone_trade,
         "margin": _angelone_margin,
         "margin_body": _angelone_margin_body,
@@ -3797,7 +3780,8 @@ class TTConnect:
         hooks = self._spec["hooks"]
         skipped: List[Mapping[str, Any]] = []
         live = [(o.id, o.raw) for o in self.get_orders(skipped) if o.status in _LIVE_STATUSES]
-        live += [(hooks["order_id"](row), row) for row in skipped if hooks["order_status"](row) in _LIVE_STATUSES]
+        id_field = self._spec["row_fields"]["order_id"]
+        live += [(str(row[id_field]), row) for row in skipped if hooks["order_status"](row) in _LIVE_STATUSES]
         cancelled, failed = [], []
         for order_id, raw in live:
             try:
@@ -3825,8 +3809,9 @@ class TTConnect:
             except TTConnectError as exc:
                 log.warning("%s: closing %s failed: %s", self.broker, pos.instrument, exc)
                 failed.append(str(pos.instrument))
+        qty_field = self._spec["row_fields"]["position_qty"]
         for row in skipped:
-            if self._spec["hooks"]["position_qty"](row):
+            if _int(row.get(qty_field)):
                 label = f"{row.get('exchange')}:{row.get('tradingsymbol')}"
                 log.warning("%s: position %s is in a segment ttconnect does not trade; close it in the broker's app",
                             self.broker, label)
