@@ -3227,14 +3227,19 @@ class TTConnect:
         self._auth = _Auth(self._spec, cfg, mode, self._session_store_option(cfg), self._clock, self._hook_call)
         self._store = _InstrumentStore(os.path.join(self._cache_dir, "instruments.db"))
         self._ensure_instruments()
-        _register_store(self._store)
         if cfg.get("request_token"):
             if self._auth.has_stored_session():
                 # A request_token is single-use: re-running the same config (a notebook cell)
                 # reuses the session it already produced instead of failing the exchange.
                 log.info("%s: using the stored session; request_token not exchanged again", self.broker)
             else:
-                self._auth.adopt(self._spec["hooks"]["exchange_token"](self._hook_call, cfg, self._clock()))
+                try:
+                    self._auth.adopt(self._spec["hooks"]["exchange_token"](self._hook_call, cfg, self._clock()))
+                except BaseException:
+                    self._store.close()
+                    self._transport.close()
+                    raise
+        _register_store(self._store)  # from here on, instrument construction checks against this DB
 
     # -- config --------------------------------------------------------------------------
 
