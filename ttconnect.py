@@ -82,6 +82,7 @@ from typing import (
     Sequence,
     Tuple,
     TypedDict,
+    TypeVar,
     Union,
 )
 
@@ -137,7 +138,15 @@ class _Model:
 
 
 # Compat: ``dataclass(slots=True)`` is Python 3.10+. Drop this shim with Python 3.9 support.
-if sys.version_info >= (3, 10):
+# Type checkers are told what it is (PEP 681), so models keep their typed constructors.
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import dataclass_transform
+
+    _T = TypeVar("_T")
+
+    @dataclass_transform(frozen_default=True, field_specifiers=(field,))
+    def _model(cls: "type[_T]") -> "type[_T]": ...
+elif sys.version_info >= (3, 10):
     _model = dataclass(frozen=True, slots=True, repr=False, eq=False)
 else:  # pragma: no cover - exercised on 3.9 only
     _model = dataclass(frozen=True, repr=False, eq=False)
@@ -507,10 +516,12 @@ class Tick(_Model):
 # The feed builds Ticks through a mutable twin with the same slots, then relabels each one as a
 # Tick (``__class__`` assignment is allowed between identical layouts): a frozen dataclass pays
 # an ``object.__setattr__`` call per field in ``__init__``, ~1.2 us of a ~2.5 us decode.
-_TickBuilder = dataclasses.make_dataclass(
-    "_TickBuilder", [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(Tick)],
-    bases=(_Model,), repr=False, eq=False, **({"slots": True} if sys.version_info >= (3, 10) else {}),
-)
+_TICK_FIELDS = [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(Tick)]
+if sys.version_info >= (3, 10):
+    _TickBuilder: Any = dataclasses.make_dataclass("_TickBuilder", _TICK_FIELDS, bases=(_Model,), repr=False, eq=False,
+                                                   slots=True)
+else:  # pragma: no cover - exercised on 3.9 only
+    _TickBuilder = dataclasses.make_dataclass("_TickBuilder", _TICK_FIELDS, bases=(_Model,), repr=False, eq=False)
 
 
 @_model
@@ -611,7 +622,7 @@ class _Instrument(_Model):
         object.__setattr__(self, "_iid", _instrument_id(self._key()))
         store = _validation_store()
         if store is not None:
-            store.check_exists(self)
+            store.check_exists(self)  # type: ignore[arg-type]  # self is one of the four concrete types
 
 
 @_model
@@ -1367,7 +1378,7 @@ class _FileLock:
         else:  # pragma: no cover - Windows
             import msvcrt
 
-            msvcrt.locking(self._fd, msvcrt.LK_LOCK, 1)
+            msvcrt.locking(self._fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1379,7 +1390,7 @@ class _FileLock:
         else:  # pragma: no cover - Windows
             import msvcrt
 
-            msvcrt.locking(self._fd, msvcrt.LK_UNLCK, 1)
+            msvcrt.locking(self._fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
         os.close(self._fd)
         self._fd = None
 
@@ -1466,7 +1477,7 @@ def _ist(text: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> Optional[_dt.datetime]:
         return None
 
 
-def _reverse(mapping: Mapping[Any, str]) -> Dict[str, Any]:
+def _reverse(mapping: Mapping[Any, str]) -> Dict[Any, Any]:
     return {raw: canonical for canonical, raw in mapping.items()}
 
 
@@ -1520,11 +1531,11 @@ class _OrderRequest(NamedTuple):
 class _Memo(dict):
     """Memoises a conversion of master text (expiry spellings, lots, ticks, strikes)."""
 
-    def __init__(self, convert: Callable[[str], str]) -> None:
+    def __init__(self, convert: Callable[[str], Any]) -> None:
         super().__init__()
         self.convert = convert
 
-    def __missing__(self, raw: str) -> str:
+    def __missing__(self, raw: str) -> Any:
         iso = self.convert(raw)  # raises ValueError on a bad date; not cached then
         self[raw] = iso
         return iso
@@ -2150,6 +2161,7 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
             if not underlying:
                 raise ValueError("derivative row without an underlying name")
             expiry = expiries[obj["expiry"]]
+            assert shape is not None  # derivative rows only reach here
             if shape[0] == "F":
                 yield ("F", exchange, underlying, name, lot, tick, token, bsym, expiry, shape[1], None, None)
             else:
@@ -2422,7 +2434,8 @@ _ANGEL_DIVISORS = {13: 10_000_000.0}  # currency derivatives; everything else is
 
 def _angel_depth(v: tuple, div: float) -> Tuple[Tuple["DepthLevel", ...], Tuple["DepthLevel", ...]]:
     """Best-five block: 10 x (flag 1=buy/0=sell, qty, price, orders); empty slots dropped."""
-    bids, asks = [], []
+    bids: List[DepthLevel] = []
+    asks: List[DepthLevel] = []
     for i in range(18, 58, 4):
         flag, qty, price, orders = v[i], v[i + 1], v[i + 2], v[i + 3]
         if qty or price:
@@ -2677,13 +2690,14 @@ class _RateLimiter:
         import collections
 
         self._limits = {name: tuple(windows) for name, windows in limits.items()}
-        self._log = {name: collections.deque(maxlen=max(n for n, _ in windows)) for name, windows in self._limits.items()}
+        self._log: Dict[str, "collections.deque[float]"] = {
+            name: collections.deque(maxlen=max(n for n, _ in windows)) for name, windows in self._limits.items()}
         self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
 
     def acquire(self, name: str) -> None:
-        windows = self._limits.get(name) or self._limits["default"]
-        stamps = self._log.get(name) if name in self._limits else self._log["default"]
+        key = name if name in self._limits else "default"
+        windows, stamps = self._limits[key], self._log[key]
         with self._lock:
             now = self._clock()
             slot = max(now, stamps[-1]) if stamps else now
