@@ -1,7 +1,7 @@
 """ttconnect: one typed, broker-agnostic interface to Indian brokers.
 
-Zerodha (Kite Connect v3), AngelOne (SmartAPI) and Upstox behind a single blocking client,
-``TTConnect``. A strategy never contains broker-specific code: the broker is one string in a
+Zerodha (Kite Connect v3) and AngelOne (SmartAPI) — Upstox and an offline paper broker come
+next — behind a single blocking client, ``TTConnect``. A strategy never contains broker-specific code: the broker is one string in a
 config. The whole library is this file; it needs ``requests`` (imported lazily, on the first
 network call), ``pyotp`` (AngelOne auto-login) and ``websocket-client`` (streaming).
 
