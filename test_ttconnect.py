@@ -489,10 +489,12 @@ def test_a_crash_mid_refresh_leaves_readers_on_the_old_data(tmp_path: Path, cloc
     assert kite.resolve(tt.Equity(exchange="NSE", symbol="INFY")) == "408065"
     reader.close()
     fresh.close()
-    with responses.RequestsMock() as rs:  # the next refresh sweeps what the crash left
+    (tmp_path / "report.download").write_text("a user's file")  # the cache dir may be shared
+    (tmp_path / "zerodha_master.999.1.download").write_text("left by a crashed refresh")
+    with responses.RequestsMock() as rs:  # the next refresh sweeps what the crash left, and only that
         rs.get(URLS["zerodha"], body=KITE_CSV)
         kite.refresh_instruments()
-    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock", "report.download"]
 
 
 def test_a_failed_parse_midway_changes_nothing(tmp_path: Path, clock: FakeClock, clients: list, monkeypatch: Any) -> None:
@@ -1106,6 +1108,17 @@ def test_an_ambiguous_failure_with_an_unreadable_book_says_do_not_replace(tmp_pa
     assert "most likely not placed" not in str(info.value)
 
 
+def test_one_early_read_of_the_book_is_not_proof_of_absence(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, max_retries=0)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "zerodha")
+        api.on("place_order", body=requests.exceptions.ReadTimeout("read timed out"))
+        api.on("get_orders")  # read at once, before the OMS lists the order...
+        api.on("get_orders", body=requests.exceptions.ConnectionError("network is unreachable"))  # ...then no more
+        with pytest.raises(tt.OrderError, match="Do NOT place it again"):
+            kite.place_order(tt.Equity(exchange="NSE", symbol="SBIN"), 5, "SELL", "CNC", "MARKET", tag="mytag3")
+
+
 def test_a_connection_that_never_opened_is_retried_for_orders(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     import urllib3
 
@@ -1187,13 +1200,18 @@ def test_modify_applies_stop_rules_and_tolerates_broker_float_noise(tmp_path: Pa
     history["data"][-1]["price"] = 120.50000000000001  # a float as Kite may send it
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
         api = MockApi(rs, "zerodha")
-        api.on("get_order_history", body=history)
+        api.on("get_order_history", callback=lambda request: (200, {}, json.dumps(history)))
         api.on("modify_order")
         kite.modify_order("1993504512367362048", qty=130)
         assert parse_qs(api.calls("modify_order")[0].request.body)["price"] == ["120.5"]
         with pytest.raises(tt.InvalidOrderError, match="stop-loss BUY triggers at or below"):
             kite.modify_order("1993504512367362048", order_type="SL", trigger_price=150.0)
         assert len(api.calls("modify_order")) == 1
+        # A price really off the master's tick (the tick changed since the last refresh) is kept as
+        # the broker has it: changing the quantity must not move the price.
+        history["data"][-1]["price"] = 120.52
+        kite.modify_order("1993504512367362048", qty=65)
+        assert parse_qs(api.calls("modify_order")[1].request.body)["price"] == ["120.52"]
 
 
 def test_modify_checks_the_new_price_and_keeps_the_rest(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
@@ -1355,6 +1373,19 @@ def test_angel_refused_renewal_falls_back_to_a_full_login(tmp_path: Path, day_cl
         api.on("get_orders")
         assert len(angel.get_orders()) == 6
         assert len(api.calls("login")) == 2 and len(api.calls("get_orders")) == 2
+
+
+def test_a_relogin_without_login_credentials_names_them(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    tmp_path.mkdir(exist_ok=True)
+    _write_session(tmp_path / "angelone_session.json", obtained_at="2026-11-23T09:00:00+05:30",
+                   expires_at="2026-11-24T00:00:00+05:30")
+    angel = open_client(clients, "angelone", tmp_path, day_clock, ANGEL_JSON, api_key="angelkey01", cache_session=True)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("get_orders", fixture="error.AG8001.json")
+        api.on("renew_token", fixture="renew_token.AB8051.json")
+        with pytest.raises(tt.ConfigurationError, match="'client_id', 'pin', 'totp_secret'"):
+            angel.get_orders()
 
 
 def test_auth_failure_after_recovery_is_raised_not_looped(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
@@ -2083,6 +2114,21 @@ def test_close_returns_fast_and_leaves_no_thread(tmp_path: Path, day_clock: Fake
     kite.close()
     assert (dt.datetime.now() - started).total_seconds() < 2
     assert not [t.name for t in threading.enumerate() if t.name.startswith("ttconnect-")]
+
+
+def test_streaming_after_close_is_refused(tmp_path: Path, day_clock: FakeClock) -> None:
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        kite = tt.TTConnect("zerodha", {"cache_dir": str(tmp_path), **CREDS["zerodha"]}, clock=day_clock)
+    kite.close()
+    with pytest.raises(tt.ConfigurationError, match="closed"):
+        kite.subscribe(tt.Equity(exchange="NSE", symbol="SBIN"), on_tick=lambda t: None)
+
+
+def test_a_millisecond_trade_time_is_read_as_such() -> None:
+    tick = tt.Tick(instrument=tt.Equity(exchange="NSE", symbol="SBIN"), mode="full", ltp=1.0,
+                   _last_trade_epoch=1795415399123)
+    assert tick.last_trade_time == dt.datetime.fromtimestamp(1795415399.123, tt.IST)
 
 
 def test_stream_limits_and_bad_modes_fail_clearly(tmp_path: Path, day_clock: FakeClock, clients: list,

@@ -3110,6 +3110,7 @@ class _Auth:
                 except AuthenticationError as exc:
                     log.info("%s token renewal refused (%s); logging in again", self.spec["id"], exc.broker_code)
             if fresh is None:
+                self._require(self.spec["credentials"][AuthMode.AUTO])
                 fresh = self.spec["hooks"]["login"](self._call, self.config, self._clock())
             self._install(self._save(fresh))
             return True
@@ -3149,13 +3150,20 @@ def _check_stop(order_type: OrderType, side: Side, price: Optional["Decimal"], t
 
 
 def _on_tick(value: Optional[float], tick: float) -> Optional["Decimal"]:
-    """A broker-reported price (a float that may carry binary noise, 120.50000000000001) on its tick."""
+    """A broker-reported price as an exact decimal, with float noise removed (120.50000000000001
+    -> 120.5). A price genuinely off the master's tick is kept as the broker has it: a modify
+    that only changes the quantity must not move the order's price."""
     if value is None:
         return None
-    from decimal import ROUND_HALF_EVEN, Decimal
+    from decimal import Decimal
 
-    step = Decimal(repr(tick)) if tick > 0 else Decimal("0.01")
-    return (Decimal(repr(value)) / step).quantize(Decimal(1), rounding=ROUND_HALF_EVEN) * step
+    exact = Decimal(repr(value))
+    if tick <= 0:
+        return exact
+    step = Decimal(repr(tick))
+    steps = exact / step
+    nearest = steps.to_integral_value()
+    return nearest * step if abs(steps - nearest) < Decimal("1e-6") else exact
 
 
 def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional["Decimal"]:
@@ -3408,11 +3416,15 @@ class TTConnect:
         """The refresh proper; the caller holds the store's file lock."""
         previous = state.get(self.broker, ("", 0))[1] if state else 0
         url = self._urls["instruments_url"]
-        # Nobody else builds while the lock is held: what a crashed build left is garbage.
-        prefix = os.path.basename(self._store.path) + ".build-"
+        # Nobody else builds while the lock is held: what a crashed build left is garbage. Only
+        # ttconnect's own names are touched (the cache dir may be shared with other files).
+        ours = (os.path.basename(self._store.path) + ".build-",) + tuple(f"{b}_master." for b in _BROKERS)
         for name in os.listdir(self._cache_dir):
-            if name.startswith(prefix) or name.endswith(".download"):
-                _remove_quietly(os.path.join(self._cache_dir, name))
+            if name.startswith(ours) and (".build-" in name or name.endswith(".download")):
+                try:
+                    _remove_quietly(os.path.join(self._cache_dir, name))
+                except OSError as exc:
+                    log.warning("could not remove stale %s (%s)", name, exc.__class__.__name__)
         part = os.path.join(self._cache_dir, f"{self.broker}_master.{os.getpid()}.{threading.get_ident()}.download")
         stats = _LoadStats()
         started = time.perf_counter()
@@ -3714,7 +3726,7 @@ class TTConnect:
         a book that was actually read and lacks the tag counts as "not placed".
         """
         log.warning("%s place_order outcome unknown (%s); looking for tag %s", self.broker, cause.__class__.__name__, req.tag)
-        read = False
+        read = False  # did the last, latest look-up succeed? only then can absence be believed
         for attempt in range(4):
             if attempt:
                 self._sleep(_backoff(attempt - 1))
@@ -3722,6 +3734,7 @@ class TTConnect:
                 orders = self.get_orders()
             except TTConnectError as exc:
                 log.warning("%s order book look-up failed (%s)", self.broker, exc.__class__.__name__)
+                read = False
                 continue
             read = True
             for order in orders:
@@ -3731,7 +3744,8 @@ class TTConnect:
         what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
         if not read:
             raise OrderError(
-                f"{what} and the order book could not be read to find out whether it was placed. Do NOT place it "
+                f"{what} and the order book could not be read (after the broker had time to list it) to find "
+                "out whether it was placed. Do NOT place it "
                 f"again before checking the order book for tag {req.tag!r}", retryable=False) from cause
         raise OrderError(
             f"{what} and no order tagged {req.tag!r} appeared in the order book; it was most likely not placed. "
@@ -4122,7 +4136,12 @@ class _Connection:
         session, generation = client._auth.current_with_generation()
         url, headers = self._connect_hook(client._config, session, client._urls[self._url_key])
         ws = websocket.WebSocket(enable_multithread=True)
-        self.ws = ws  # so that stop() can abort the handshake (a TCP connect in progress finishes by its timeout)
+        # Published so that stop() can abort the upgrade; a TCP connect or TLS handshake in
+        # progress cannot be interrupted and ends by stream_connect_timeout (the thread is a
+        # daemon, and it exits right after: _read checks the stop flag before going live).
+        self.ws = ws
+        if self._stop.is_set():
+            return ws
         try:
             ws.connect(url, header=[f"{k}: {v}" for k, v in headers.items()], timeout=self.streamer.connect_timeout)
         except websocket.WebSocketBadStatusException as exc:
