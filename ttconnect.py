@@ -349,6 +349,8 @@ def _raw_field() -> Any:
 
 @_model
 class Profile(_Model):
+    """The account holder and what the account may trade."""
+
     user_id: str
     name: str
     email: Optional[str]
@@ -360,6 +362,8 @@ class Profile(_Model):
 
 @_model
 class Fund(_Model):
+    """Equity-segment funds in rupees: available to trade, used, and their parts."""
+
     available: float
     used: float
     total: float
@@ -372,6 +376,8 @@ class Fund(_Model):
 
 @_model
 class Holding(_Model):
+    """A delivery holding (settled plus T1 quantity)."""
+
     instrument: "Instrument"
     qty: int
     avg_price: float
@@ -383,6 +389,8 @@ class Holding(_Model):
 
 @_model
 class Position(_Model):
+    """A net position; ``qty`` is signed (negative = short)."""
+
     instrument: "Instrument"
     qty: int
     avg_price: float
@@ -394,6 +402,8 @@ class Position(_Model):
 
 @_model
 class Order(_Model):
+    """One order's current state (or one state of its history)."""
+
     id: str
     instrument: "Instrument"
     side: Side
@@ -415,6 +425,8 @@ class Order(_Model):
 
 @_model
 class Trade(_Model):
+    """One fill of an order."""
+
     trade_id: str
     order_id: str
     instrument: "Instrument"
@@ -429,6 +441,8 @@ class Trade(_Model):
 
 @_model
 class Margin(_Model):
+    """Margin a basket needs, before and after the spread/hedge benefit."""
+
     total: float  # before any spread/hedge benefit
     span: Optional[float] = None
     exposure: Optional[float] = None
@@ -453,6 +467,8 @@ class OrderLeg(_Model):
 
 @_model
 class DepthLevel(_Model):
+    """One level of market depth."""
+
     price: float
     qty: int
     orders: int
@@ -526,6 +542,8 @@ else:  # pragma: no cover - exercised on 3.9 only
 
 @_model
 class SessionData(_Model):
+    """A broker session: its tokens (never shown in reprs) and its lifetime."""
+
     broker: str
     mode: AuthMode
     access_token: str = field(repr=False)
