@@ -59,7 +59,6 @@ import codecs
 import dataclasses
 import datetime as _dt
 import enum
-import logging
 import os
 import struct
 import sys
@@ -99,7 +98,19 @@ try:
 except ImportError:  # pragma: no cover - non-CPython
     from hashlib import md5 as _md5
 
-log = logging.getLogger("ttconnect")
+class _Log:
+    """The ``ttconnect`` logger, fetched on first use: importing ``logging`` is ~5 ms of
+    ``import ttconnect``, and a quiet client may never log. Handlers are never added here."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+
+        return getattr(logging.getLogger("ttconnect"), name)
+
+
+log: Any = _Log()
 
 
 class _Model:
@@ -2790,7 +2801,7 @@ class _Transport:
                                + (" (the request may have reached the broker)" if sent else ""))
             err.maybe_sent = sent  # type: ignore[attr-defined]
             raise err from exc
-        if log.isEnabledFor(logging.DEBUG):
+        if log.isEnabledFor(10):  # logging.DEBUG
             log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.perf_counter() - started) * 1e3)
         # Decoded here: Response.text would guess the charset (slowly) when none is declared.
         return _Response(resp.status_code, resp.headers, resp.content.decode(resp.encoding or "utf-8", "replace"))
@@ -4458,6 +4469,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_exp.add_argument("--exchange", default="NFO")
     args = parser.parse_args(argv)
     cfg = {k: v for k, v in {"cache_dir": args.cache_dir, "instruments_url": args.instruments_url}.items() if v}
+    import logging
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         with TTConnect(args.broker, cfg) as client:
