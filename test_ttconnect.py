@@ -965,6 +965,7 @@ def test_fixture_error_bodies_map(tmp_path: Path) -> None:
     (429, "Too many requests", {"Retry-After": "3"}, tt.RateLimitError, "rate limited (HTTP 429"),
     (200, '{"status": false, "message": "Internal Error", "errorcode": "AB2001", "data": null}', {}, tt.BrokerError, "AB2001"),
     (200, '{"message": "IP not allowed", "data": null}', {}, tt.BrokerError, "without a status"),
+    (200, '["not", "an", "envelope"]', {}, tt.BrokerError, "unexpected JSON body"),
 ])
 def test_non_json_and_odd_bodies_become_clear_errors(status: int, body: str, headers: Dict[str, str], expected: type, words: str) -> None:
     with pytest.raises(tt.TTConnectError) as info:

@@ -1480,6 +1480,17 @@ class _Ctx:
         return _dt.datetime.fromtimestamp(self._client._clock(), IST).date()
 
 
+def _json_object(text: str) -> Optional[Dict[str, Any]]:
+    """A feed's text frame as a JSON object, or None when it is not one."""
+    import json
+
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
 def _num(value: Any) -> Optional[float]:
     """A broker number (float, int or string, possibly "- 2235.80") -> float; blank -> None."""
     if value is None or value == "":
@@ -1698,8 +1709,6 @@ def _zerodha_headers(config: Mapping[str, Any], session: Optional[SessionData]) 
 
 def _zerodha_envelope(status: int, body: Any) -> Tuple[bool, Any, str, str]:
     """Kite: ``{"status": "success", "data": ...}`` or ``{"status": "error", "error_type", "message"}``."""
-    if not isinstance(body, dict):
-        return False, None, "", f"unexpected body {str(body)[:80]!r}"
     if status < 400 and body.get("status") == "success" and "error_type" not in body:
         return True, body.get("data"), "", ""
     return False, None, str(body.get("error_type") or ""), str(body.get("message") or "no message")
@@ -1956,13 +1965,8 @@ def _zerodha_stream_unsubscribe(items: Sequence[Tuple[Instrument, str, str]]) ->
 
 def _zerodha_stream_text(text: str) -> Tuple[str, Any]:
     """Text frames: ``{"type": "order"|"error"|"message", "data": ...}``."""
-    import json
-
-    try:
-        message = json.loads(text)
-    except ValueError:
-        return "unknown", text
-    if not isinstance(message, dict):
+    message = _json_object(text)
+    if message is None:
         return "unknown", text
     kind = message.get("type")
     if kind == "order" and isinstance(message.get("data"), dict):
@@ -2257,8 +2261,6 @@ def _angelone_headers(config: Mapping[str, Any], session: Optional[SessionData])
 
 def _angelone_envelope(status: int, body: Any) -> Tuple[bool, Any, str, str]:
     """Two dialects: ``status``/``errorcode`` and the gateway's ``success``/``errorCode`` (notes 3.1)."""
-    if not isinstance(body, dict):
-        return False, None, "", f"unexpected body {str(body)[:80]!r}"
     ok = body.get("status", body.get("success"))
     code = str(body.get("errorcode") or body.get("errorCode") or "")
     if ok is True and status < 400 and not code:
@@ -2546,28 +2548,18 @@ def _angelone_stream_unsubscribe(items: Sequence[Tuple[Instrument, str, str]]) -
 
 def _angelone_stream_text(text: str) -> Tuple[str, Any]:
     """Market-feed text frames: the ``pong`` heartbeat reply, or a JSON error (E1001, E1002)."""
-    import json
-
     if text.strip() == "pong":
         return "pong", None
-    try:
-        message = json.loads(text)
-    except ValueError:
-        return "unknown", text
-    if isinstance(message, dict) and message.get("errorCode"):
+    message = _json_object(text)
+    if message is not None and message.get("errorCode"):
         return "error", f"{message['errorCode']}: {message.get('errorMessage') or ''}".strip()
     return "unknown", text
 
 
 def _angelone_order_text(text: str) -> Tuple[str, Any]:
     """Order-status socket: JSON with ``orderData``; the AB00 greeting has an empty one."""
-    import json
-
-    try:
-        message = json.loads(text)
-    except ValueError:
-        return "unknown", text
-    if not isinstance(message, dict):
+    message = _json_object(text)
+    if message is None:
         return "unknown", text
     data = message.get("orderData")
     if isinstance(data, dict) and data.get("orderid"):
@@ -2912,6 +2904,9 @@ def _check_response(spec: BrokerSpec, route: str, resp: _Response) -> Any:
                               http_status=resp.status, retryable=resp.status >= 500)
         err.retry_after = retry_after  # type: ignore[attr-defined]
         raise err
+    if not isinstance(body, dict):  # every broker wraps its replies in a JSON object
+        raise BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: {_short(text, 120)}",
+                          http_status=resp.status, retryable=resp.status >= 500)
     ok, data, code, message = spec["hooks"]["envelope"](resp.status, body)
     if ok:
         return data
