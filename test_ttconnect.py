@@ -30,7 +30,7 @@ FIXTURES = HERE / "fixtures"
 KITE_CSV = (FIXTURES / "zerodha" / "instruments.csv").read_bytes()
 ANGEL_JSON = (FIXTURES / "angelone" / "instruments.json").read_bytes()
 MASTERS = {"zerodha": KITE_CSV, "angelone": ANGEL_JSON}
-URLS = {name: spec["instruments_url"] for name, spec in tt._BROKERS.items()}
+URLS = {name: spec["urls"]["instruments_url"] for name, spec in tt._BROKERS.items()}
 
 
 class FakeClock:
@@ -172,7 +172,7 @@ def dataclasses_frozen_error() -> type:
         (lambda: tt.Future(exchange="NSE", symbol="NIFTY", expiry="2025-01-30"), ValueError, "futures"),
         (lambda: tt.Equity(exchange="NSE", symbol="sbin"), ValueError, "'SBIN'"),
         (lambda: tt.Equity(exchange="NSE", symbol=""), TypeError, "non-empty"),
-        (lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry=dt.datetime(2025, 1, 30)), TypeError, "datetime"),
+        (lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry=30), TypeError, "expiry must be a date"),
     ],
 )
 def test_bad_shapes_fail_at_construction(build: Any, error: type, words: str) -> None:
@@ -227,7 +227,7 @@ def test_same_option_resolves_per_broker_from_one_shared_db(tmp_path: Path, cloc
     fut = tt.Future(exchange="BFO", symbol="SENSEX", expiry="2026-11-26")
     assert kite.resolve(fut) == "294482181"
     weekly = tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-12-01", strike=23500, option_type="PE")
-    assert kite._lookup(weekly)[1] == "NIFTY26D0123500PE"
+    assert kite._instruments.lookup(weekly)[1] == "NIFTY26D0123500PE"
 
     db = sqlite3.connect(tmp_path / "instruments.db")
     assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
@@ -317,7 +317,7 @@ def test_resolve_is_cached_per_client(tmp_path: Path, clock: FakeClock, clients:
     kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
     eq = tt.Equity(exchange="NSE", symbol="RELIANCE")
     assert kite.resolve(eq) == "738561"
-    kite._store.close()  # a cached answer needs no database
+    kite._instruments.store.close()  # a cached answer needs no database
     assert kite.resolve(eq) == "738561"
 
 
@@ -507,7 +507,7 @@ def test_a_failed_parse_midway_changes_nothing(tmp_path: Path, clock: FakeClock,
                 raise OSError("disk full")
             yield row
 
-    monkeypatch.setitem(kite._spec["hooks"], "parse_master", exploding)  # type: ignore[arg-type]
+    monkeypatch.setattr(kite._instruments, "master", kite._instruments.master._replace(parse=exploding))
     with responses.RequestsMock() as rs:
         rs.get(URLS["zerodha"], body=KITE_CSV)
         with pytest.raises(OSError, match="disk full"):
@@ -602,8 +602,9 @@ def fixture_text(broker: str, name: str) -> str:
 def route_regex(broker: str, route: str) -> Any:
     import re
 
-    method, path, _, _ = tt._BROKERS[broker]["routes"][route]
-    pattern = re.escape(tt._BROKERS[broker]["root_url"] + path)
+    spec_route = tt._BROKERS[broker]["routes"][route]
+    method, path = spec_route.verb, spec_route.path
+    pattern = re.escape(tt._BROKERS[broker]["urls"][spec_route.host] + path)
     pattern = re.sub(r"\\\{[a-z_]+\\\}", "[^/?]+", pattern)
     return method, re.compile(pattern + r"(\?.*)?$")
 
@@ -874,6 +875,10 @@ def test_kite_tag_limit_is_20_and_angel_19(tmp_path: Path, day_clock: FakeClock,
 # 7. Transport
 # ============================================================================
 
+def check_reply(spec: Any, route: str, resp: Any) -> Any:
+    return tt._check_reply(spec, route, spec["routes"][route], resp)
+
+
 KITE_ERRORS = [
     ("TokenException", 403, "get_profile", tt.AuthenticationError),
     ("PermissionException", 403, "get_profile", tt.AuthenticationError),
@@ -915,7 +920,7 @@ ANGEL_ERRORS = [
 def test_kite_error_types_map_to_documented_exceptions(code: str, status: int, route: str, expected: type) -> None:
     body = json.dumps({"status": "error", "message": "Something went wrong", "data": None, "error_type": code})
     with pytest.raises(tt.TTConnectError) as info:
-        tt._check_response(tt._ZERODHA, route, tt._Response(status, {}, body))
+        check_reply(tt._ZERODHA, route, tt._Response(status, {}, body))
     assert type(info.value) is expected
     assert info.value.broker_code == code and info.value.http_status == status
     assert f"HTTP {status}" in str(info.value) and "Something went wrong" in str(info.value)
@@ -926,7 +931,7 @@ def test_angel_error_codes_map_to_documented_exceptions(code: str, route: str, e
     for body in ({"status": False, "message": "Some failure", "errorcode": code, "data": None},
                  {"success": False, "message": "Some failure", "errorCode": code, "data": ""}):
         with pytest.raises(tt.TTConnectError) as info:
-            tt._check_response(tt._ANGELONE, route, tt._Response(200, {}, json.dumps(body)))
+            check_reply(tt._ANGELONE, route, tt._Response(200, {}, json.dumps(body)))
         assert type(info.value) is expected and info.value.broker_code == code
     assert tt._ANGELONE["errors"].get(code, expected) is expected
 
@@ -954,7 +959,7 @@ def test_fixture_error_bodies_map(tmp_path: Path) -> None:
     ]
     for broker, name, status, route, expected in cases:
         with pytest.raises(expected):
-            tt._check_response(tt._BROKERS[broker], route, tt._Response(status, {}, fixture_text(broker, name)))
+            check_reply(tt._BROKERS[broker], route, tt._Response(status, {}, fixture_text(broker, name)))
 
 
 @pytest.mark.parametrize("status, body, headers, expected, words", [
@@ -969,7 +974,7 @@ def test_fixture_error_bodies_map(tmp_path: Path) -> None:
 ])
 def test_non_json_and_odd_bodies_become_clear_errors(status: int, body: str, headers: Dict[str, str], expected: type, words: str) -> None:
     with pytest.raises(tt.TTConnectError) as info:
-        tt._check_response(tt._ANGELONE, "get_orders", tt._Response(status, headers, body))
+        check_reply(tt._ANGELONE, "get_orders", tt._Response(status, headers, body))
     assert type(info.value) is expected and words in str(info.value)
     assert info.value.http_status == status
     assert info.value.retryable is (expected is tt.RateLimitError or status >= 500 or "AB2001" in body)
@@ -1014,7 +1019,7 @@ def test_rate_limiter_windows(day_clock: FakeClock) -> None:
 
 def test_angel_place_modify_cancel_share_one_budget(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     angel = rest_client(clients, "angelone", tmp_path, day_clock)
-    routes = {spec[3] for name, spec in tt._ANGELONE["routes"].items() if name in ("place_order", "modify_order", "cancel_order")}
+    routes = {spec.rate for name, spec in tt._ANGELONE["routes"].items() if name in ("place_order", "modify_order", "cancel_order")}
     assert routes == {"orders"} and tt._ANGELONE["rate_limits"]["orders"][0] == (9, 1.0)
     sbin = tt.Equity(exchange="NSE", symbol="SBIN")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
@@ -1404,7 +1409,8 @@ def test_auth_failure_after_recovery_is_raised_not_looped(tmp_path: Path, day_cl
 
 def _write_session(path: Path, **fields: Any) -> None:
     base = {"broker": "angelone", "mode": "auto", "access_token": "old-jwt-SECRET", "refresh_token": "old-refresh-SECRET",
-            "feed_token": "old-feed-SECRET", "obtained_at": "2026-11-22T10:00:00+05:30", "expires_at": "2026-11-23T00:00:00+05:30"}
+            "feed_token": "old-feed-SECRET", "obtained_at": "2026-11-22T10:00:00+05:30", "expires_at": "2026-11-23T00:00:00+05:30",
+            "app_key": "angelkey01", "user_id": "A123456"}
     base.update(fields)
     path.write_text(json.dumps(base))
 
@@ -1874,8 +1880,10 @@ def angel_packet(mode: int, exchange_type: int, token: str, **f: Any) -> bytes:
     if mode == 2:
         return data
     data += _struct.pack("<qqd", f.get("ltt", 0), f.get("oi", 0), f.get("oi_change", 0.0))
-    levels = [(1, q, pr, o) for pr, q, o in f.get("bids", [])] + [(0, q, pr, o) for pr, q, o in f.get("asks", [])]
-    levels += [(0, 0, 0, 0)] * (10 - len(levels))
+    # the best-five block: 5 buy levels (flag 1), then 5 sell levels (flag 0); empty ones all zero
+    bids = [(1, q, pr, o) for pr, q, o in f.get("bids", [])]
+    asks = [(0, q, pr, o) for pr, q, o in f.get("asks", [])]
+    levels = bids + [(0, 0, 0, 0)] * (5 - len(bids)) + asks + [(0, 0, 0, 0)] * (5 - len(asks))
     for flag, qty, price, orders in levels:
         data += _struct.pack("<Hqqh", flag, qty, int(round(price * 100)), orders)
     return data + _struct.pack("<qqqq", 0, 0, 0, 0)
@@ -2127,8 +2135,9 @@ def test_streaming_after_close_is_refused(tmp_path: Path, day_clock: FakeClock) 
 
 
 def test_a_millisecond_trade_time_is_read_as_such() -> None:
-    tick = tt.Tick(instrument=tt.Equity(exchange="NSE", symbol="SBIN"), mode="full", ltp=1.0,
-                   _last_trade_epoch=1795415399123)
+    inst = object()
+    key = bytes([1]) + b"3045".ljust(25, b"\0")
+    tick = decode("angelone", angel_packet(3, 1, "3045", ltp=1.0, ltt=1795415399123), {key: inst})[0]
     assert tick.last_trade_time == dt.datetime.fromtimestamp(1795415399.123, tt.IST)
 
 

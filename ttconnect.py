@@ -20,6 +20,7 @@ __all__ = [
     "AuthMode",
     "AuthenticationError",
     "BrokerError",
+    "Capabilities",
     "ConfigurationError",
     "DepthLevel",
     "Equity",
@@ -30,6 +31,7 @@ __all__ = [
     "Index",
     "InstrumentNotFoundError",
     "InsufficientFundsError",
+    "InvalidInstrumentError",
     "InvalidOrderError",
     "Margin",
     "NetworkError",
@@ -66,6 +68,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -247,6 +250,9 @@ _INDEX_ALIASES = {
     "NIFTY MIDCAP SELECT": "MIDCPNIFTY",
     "NIFTY NEXT 50": "NIFTYNXT50",
     "SENSEX 50": "SENSEX50",
+    "SNSX50": "SENSEX50",  # BSE's own code for the index, as Kite and AngelOne list it
+    "BSE SENSEX 50": "SENSEX50",
+    "S&P BSE SENSEX 50": "SENSEX50",
     "BSE SENSEX": "SENSEX",
     "S&P BSE SENSEX": "SENSEX",
     "BSE BANKEX": "BANKEX",
@@ -311,6 +317,14 @@ class NetworkError(TTConnectError):
 
 class InstrumentNotFoundError(TTConnectError):
     """The instrument does not exist in the loaded instrument master."""
+
+
+class InvalidInstrumentError(TTConnectError, ValueError):
+    """An instrument (or a discovery argument) is malformed; also a ``ValueError``."""
+
+
+class _InstrumentTypeError(InvalidInstrumentError, TypeError):
+    """An instrument field of the wrong type; also a ``TypeError``."""
 
 
 class UnsupportedFeatureError(TTConnectError):
@@ -510,34 +524,42 @@ class Tick(_Model):
     oi: Optional[int] = None
     oi_day_high: Optional[int] = None
     oi_day_low: Optional[int] = None
-    # epoch seconds (0: not given) and the raw depth (decoder, values, divisor), for the
-    # properties below
+    # Epoch seconds (0: not given), and the depth as the feed sent it: (bids, asks, divisor),
+    # each side a flat sequence of (qty, price, orders) per level, prices times the divisor.
     _last_trade_epoch: float = field(default=0, repr=False)
     _exchange_epoch: float = field(default=0, repr=False)
-    _depth: Optional[Tuple[Callable[..., Any], tuple, float]] = field(default=None, repr=False)
+    _depth: Optional[Tuple[Sequence[Any], Sequence[Any], float]] = field(default=None, repr=False)
 
     @property
     def last_trade_time(self) -> Optional[_dt.datetime]:
-        epoch = self._last_trade_epoch
-        if not epoch:
-            return None
-        # AngelOne does not document this field's unit (seconds in observed data); read a
-        # millisecond value as such rather than fail in a handler.
-        return _dt.datetime.fromtimestamp(epoch / 1000 if epoch > 10**11 else epoch, IST)
+        return _epoch_time(self._last_trade_epoch)
 
     @property
     def exchange_time(self) -> Optional[_dt.datetime]:
-        return _dt.datetime.fromtimestamp(self._exchange_epoch, IST) if self._exchange_epoch else None
+        return _epoch_time(self._exchange_epoch)
 
     @property
     def bids(self) -> Tuple["DepthLevel", ...]:
         """Buy side, best first (empty outside ``full``)."""
-        return self._depth[0](self._depth[1], self._depth[2])[0] if self._depth else ()
+        return _depth_levels(self._depth[0], self._depth[2]) if self._depth else ()
 
     @property
     def asks(self) -> Tuple["DepthLevel", ...]:
         """Sell side, best first (empty outside ``full``)."""
-        return self._depth[0](self._depth[1], self._depth[2])[1] if self._depth else ()
+        return _depth_levels(self._depth[1], self._depth[2]) if self._depth else ()
+
+
+def _epoch_time(epoch: float) -> Optional[_dt.datetime]:
+    try:
+        return _dt.datetime.fromtimestamp(epoch, IST) if epoch else None
+    except (OverflowError, OSError, ValueError):  # a garbage timestamp is no time at all
+        return None
+
+
+def _depth_levels(flat: Sequence[Any], div: float) -> Tuple["DepthLevel", ...]:
+    """(qty, price, orders) triples -> DepthLevels; empty levels (no qty, no price) dropped."""
+    return tuple(DepthLevel(price=flat[i + 1] / div, qty=flat[i], orders=flat[i + 2])
+                 for i in range(0, len(flat) - 2, 3) if flat[i] or flat[i + 1])
 
 
 # The feed builds Ticks through a mutable twin with the same slots, then relabels each one as a
@@ -562,6 +584,10 @@ class SessionData(_Model):
     feed_token: Optional[str] = field(default=None, repr=False)
     obtained_at: Optional[_dt.datetime] = None
     expires_at: Optional[_dt.datetime] = None
+    # Whose it is: a stored session is used only for the same account, app and login.
+    user_id: Optional[str] = None
+    app_key: Optional[str] = field(default=None, repr=False)  # the app (API key) it was made for
+    source: Optional[str] = field(default=None, repr=False)  # digest of the single-use code that made it
 
 
 # ============================================================================
@@ -588,40 +614,44 @@ def _as_enum(enum_cls: Any, value: Any, what: str) -> Any:
         except ValueError:
             pass
     valid = ", ".join(m.value for m in enum_cls)
-    raise ValueError(f"{what} {value!r} is not valid; expected one of {valid}")
+    raise InvalidInstrumentError(f"{what} {value!r} is not valid; expected one of {valid}")
 
 
 def _check_symbol(symbol: Any) -> str:
     if not isinstance(symbol, str) or not symbol.strip():
-        raise TypeError(f"symbol must be a non-empty string, got {symbol!r}")
+        raise _InstrumentTypeError(f"symbol must be a non-empty string, got {symbol!r}")
     if symbol != symbol.upper() or symbol != symbol.strip():
-        raise ValueError(f"symbol {symbol!r} must be upper case without surrounding spaces, e.g. {symbol.strip().upper()!r}")
+        raise InvalidInstrumentError(f"symbol {symbol!r} must be upper case without surrounding spaces, "
+                                     f"e.g. {symbol.strip().upper()!r}")
     return symbol
 
 
 def _check_expiry(expiry: Any) -> _dt.date:
-    if isinstance(expiry, _dt.datetime):
-        raise TypeError(f"expiry must be a date or an ISO date string 'YYYY-MM-DD', got a datetime {expiry!r}")
+    if isinstance(expiry, _dt.datetime):  # pandas.Timestamp is one too: its date (in IST when aware)
+        return (expiry.astimezone(IST) if expiry.tzinfo is not None else expiry).date()
     if isinstance(expiry, _dt.date):
         return expiry
-    if isinstance(expiry, str) and len(expiry) == 10 and expiry[4] == "-" and expiry[7] == "-":
-        try:
-            return _dt.date.fromisoformat(expiry)
-        except ValueError:
-            pass
-    raise ValueError(f"expiry {expiry!r} is not an ISO date; expected 'YYYY-MM-DD', e.g. '2025-01-30'")
+    if isinstance(expiry, str):
+        text = expiry.strip()
+        if len(text) == 10 and text[4] == "-" and text[7] == "-" and text.replace("-", "").isdigit():
+            try:
+                return _dt.date.fromisoformat(text)
+            except ValueError as exc:
+                raise InvalidInstrumentError(f"expiry {expiry!r} is not a valid date ({exc})") from None
+        raise InvalidInstrumentError(f"expiry {expiry!r} is not an ISO date; expected 'YYYY-MM-DD', e.g. '2025-01-30'")
+    raise _InstrumentTypeError(f"expiry must be a date or an ISO date string 'YYYY-MM-DD', got {expiry!r}")
 
 
 def _check_strike(strike: Any) -> float:
     # A Decimal is accepted without importing decimal here: it converts through str like the rest.
     if isinstance(strike, bool) or not (isinstance(strike, (int, float, str)) or type(strike).__name__ == "Decimal"):
-        raise TypeError(f"strike must be a number (int, float, str or Decimal), got {strike!r}")
+        raise _InstrumentTypeError(f"strike must be a number (int, float, str or Decimal), got {strike!r}")
     try:
         value = float(str(strike).strip())
     except ValueError:
-        raise ValueError(f"strike {strike!r} is not a number") from None
+        raise InvalidInstrumentError(f"strike {strike!r} is not a number") from None
     if not (0 < value < float("inf")):
-        raise ValueError(f"strike must be a positive number, got {strike!r}")
+        raise InvalidInstrumentError(f"strike must be a positive number, got {strike!r}")
     return value
 
 
@@ -629,7 +659,7 @@ def _check_exchange(exchange: Any, allowed: frozenset, kind: str) -> Exchange:
     exch = _as_enum(Exchange, exchange, "exchange")
     if exch not in allowed:
         names = ", ".join(sorted(e.value for e in allowed))
-        raise ValueError(f"{kind} on {exch.value} is not possible; {kind} trade on {names}")
+        raise InvalidInstrumentError(f"{kind} on {exch.value} is not possible; {kind} trade on {names}")
     return exch
 
 
@@ -665,7 +695,7 @@ class Index(_Instrument):
     def __post_init__(self) -> None:
         object.__setattr__(self, "exchange", _check_exchange(self.exchange, _CASH_EXCHANGES, "indices"))
         if not isinstance(self.symbol, str) or not self.symbol.strip():
-            raise TypeError(f"symbol must be a non-empty string, got {self.symbol!r}")
+            raise _InstrumentTypeError(f"symbol must be a non-empty string, got {self.symbol!r}")
         canonical = _canonical_index_symbol(self.symbol)
         if canonical != self.symbol and self.symbol.strip().upper() not in _INDEX_ALIASES:
             _check_symbol(self.symbol)
@@ -793,11 +823,152 @@ def _unregister_store(store: "_InstrumentStore") -> None:
         _OPEN_STORES[:] = [r for r in _OPEN_STORES if r() is not None and r() is not store]
 
 
+# -- order validation: one set of rules for place, modify and margin ------------------------
+
+
+class _OrderRequest(NamedTuple):
+    """A validated order, ready for a broker's route builder to encode."""
+
+    instrument: Instrument
+    token: str
+    broker_symbol: str
+    qty: int
+    side: Side
+    product: Optional[ProductType]  # None only when modifying an order of a product outside the set
+    order_type: OrderType
+    price: Optional["Decimal"]
+    trigger_price: Optional["Decimal"]
+    tag: str
+    validity: str
+
+
+def _order_enum(enum_cls: Any, value: Any, what: str) -> Any:
+    try:
+        return _as_enum(enum_cls, value, what)
+    except ValueError as exc:
+        raise InvalidOrderError(str(exc)) from None
+
+
+def _check_stop(order_type: OrderType, side: Side, price: Optional["Decimal"], trigger: Optional["Decimal"]) -> None:
+    if order_type is OrderType.SL and price is not None and trigger is not None:
+        if side is Side.BUY and trigger > price:
+            raise InvalidOrderError(f"a stop-loss BUY triggers at or below its limit price: trigger {trigger} > price {price}")
+        if side is Side.SELL and trigger < price:
+            raise InvalidOrderError(f"a stop-loss SELL triggers at or above its limit price: trigger {trigger} < price {price}")
+
+
+def _on_tick(value: Optional[float], tick: float) -> Optional["Decimal"]:
+    """A broker-reported price as an exact decimal, with float noise removed (120.50000000000001
+    -> 120.5). A price genuinely off the master's tick is kept as the broker has it: a modify
+    that only changes the quantity must not move the order's price."""
+    if value is None:
+        return None
+    from decimal import Decimal
+
+    exact = Decimal(repr(value))
+    if tick <= 0:
+        return exact
+    step = Decimal(repr(tick))
+    steps = exact / step
+    nearest = steps.to_integral_value()
+    return nearest * step if abs(steps - nearest) < Decimal("1e-6") else exact
+
+
+# Prices beyond this are typing mistakes (no listed instrument trades near it); refusing them
+# also keeps Decimal arithmetic far from its exponent limits.
+_MAX_PRICE = 10_000_000_000
+
+
+def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional["Decimal"]:
+    """Check a price (rupees) is positive and on the instrument's tick, exactly."""
+    if value is None:
+        return None
+    from decimal import Decimal, InvalidOperation
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+        raise InvalidOrderError(f"{what} must be a number, got {value!r}")
+    try:
+        price = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise InvalidOrderError(f"{what} {value!r} is not a number") from None
+    if not price.is_finite() or price <= 0:
+        raise InvalidOrderError(f"{what} must be positive, got {value!r}")
+    if price > _MAX_PRICE:
+        raise InvalidOrderError(f"{what} {value!r} is beyond any listed price (over {_MAX_PRICE:,} rupees)")
+    if tick > 0:
+        step = Decimal(repr(tick))
+        if price % step:
+            below = (price // step) * step
+            options = f"{(below + step).normalize():f}" if below <= 0 else \
+                f"{below.normalize():f} or {(below + step).normalize():f}"
+            raise InvalidOrderError(
+                f"{what} {price} is not a multiple of the tick size {step} for {instrument}; use {options}"
+            )
+    return price
+
+
+def _check_order(spec: "BrokerSpec", instrument: Any, qty: Any, side: Any, product: Any, order_type: Any,
+                 price: Any, trigger_price: Any, validity: Any, lot: int, tick: float,
+                 kept_price: Optional[float] = None, kept_trigger: Optional[float] = None
+                 ) -> Tuple[int, Side, Optional[ProductType], OrderType, Optional["Decimal"], Optional["Decimal"]]:
+    """Validate an order completely before anything is sent.
+
+    ``price`` and ``trigger_price`` are the caller's (checked strictly); when modifying,
+    ``kept_price``/``kept_trigger`` are the broker's current values, kept where the new order
+    type needs them and not given. ``product`` and ``validity`` may be None (modify: unchanged).
+    """
+    broker = spec["id"]
+    if isinstance(instrument, Index):
+        raise InvalidOrderError(f"{instrument} is an index: indices cannot be traded; trade its futures or options")
+    if not isinstance(instrument, (Equity, Future, Option)):
+        raise InvalidOrderError(f"instrument must be an Equity, Future or Option, got {instrument!r}")
+    if instrument.exchange not in spec["exchanges"]:
+        raise UnsupportedFeatureError(f"{broker} does not trade the {instrument.exchange.value} segment through ttconnect")
+    side_e = _order_enum(Side, side, "side")
+    product_e = None if product is None else _order_enum(ProductType, product, "product")
+    type_e = _order_enum(OrderType, order_type, "order_type")
+    if product_e is not None and product_e not in spec["products"]:
+        raise UnsupportedFeatureError(f"{broker} does not support product {product_e.value}")
+    if type_e not in spec["order_types"]:
+        raise UnsupportedFeatureError(f"{broker} does not support order type {type_e.value}")
+    cash = instrument.exchange in _CASH_EXCHANGES
+    if product_e is ProductType.CNC and not cash:
+        raise InvalidOrderError(f"product CNC is for cash equities; {instrument} needs NRML (carry) or MIS (intraday)")
+    if product_e is ProductType.NRML and cash:
+        raise InvalidOrderError(f"product NRML is for derivatives; {instrument} needs CNC (delivery) or MIS (intraday)")
+    if validity is not None and validity not in spec["validities"]:
+        raise InvalidOrderError(f"validity {validity!r} is not supported by {broker}; use one of {', '.join(spec['validities'])}")
+    if isinstance(qty, bool) or not isinstance(qty, int) or qty <= 0:
+        raise InvalidOrderError(f"qty must be a positive whole number of units, got {qty!r}")
+    if lot > 1 and qty % lot:
+        below, above = qty // lot * lot, (qty // lot + 1) * lot
+        options = f"{above}" if below == 0 else f"{below} or {above}"
+        raise InvalidOrderError(f"qty {qty} is not a multiple of the lot size {lot} for {instrument}; use {options}")
+    needs_price = type_e in (OrderType.LIMIT, OrderType.SL)
+    needs_trigger = type_e in (OrderType.SL, OrderType.SL_M)
+    price_d = _order_price(price, "price", tick, instrument)
+    trigger_d = _order_price(trigger_price, "trigger_price", tick, instrument)
+    if price_d is None and needs_price:
+        price_d = _on_tick(kept_price, tick)
+    if trigger_d is None and needs_trigger:
+        trigger_d = _on_tick(kept_trigger, tick)
+    if needs_price and price_d is None:
+        raise InvalidOrderError(f"{type_e.value} orders need a price")
+    if not needs_price and price_d is not None:
+        raise InvalidOrderError(f"{type_e.value} orders take no price (got {price!r}); use LIMIT or SL to set one")
+    if needs_trigger and trigger_d is None:
+        raise InvalidOrderError(f"{type_e.value} orders need a trigger_price")
+    if not needs_trigger and trigger_d is not None:
+        raise InvalidOrderError(f"{type_e.value} orders take no trigger_price (got {trigger_price!r}); use SL or SL_M")
+    _check_stop(type_e, side_e, price_d, trigger_d)
+    return qty, side_e, product_e, type_e, price_d, trigger_d
+
+
 # ============================================================================
 # 5. Instrument store (sqlite3)
 # ============================================================================
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: broker_tokens.freeze_qty
 
 # Rows are appended in load order and every key is a unique index built after the bulk load:
 # inserting ~1e5 hashed ids into a keyed b-tree row by row is ~3x slower than appending and
@@ -835,7 +1006,8 @@ CREATE TABLE broker_tokens (
     instrument_id INTEGER NOT NULL REFERENCES instruments(id),
     broker_id     TEXT    NOT NULL,
     token         TEXT    NOT NULL,
-    broker_symbol TEXT    NOT NULL
+    broker_symbol TEXT    NOT NULL,
+    freeze_qty    INTEGER NOT NULL  -- the exchange's per-order limit as this broker's master gives it; 0: not given
 );
 CREATE TABLE _meta (
     broker_id    TEXT PRIMARY KEY,
@@ -931,9 +1103,9 @@ class _LoadStats:
             log.warning("instrument master: skipped malformed row %d: %s", line, reason)
 
 
-# The row every broker's master parser yields (see _zerodha_parse_master), always 12 values:
+# The row every broker's master parser yields (see _zerodha_parse_master), always 13 values:
 #   (kind, exchange, symbol, name, lot_size, tick_size, token, broker_symbol,
-#    expiry, und_kind, strike, option_type)
+#    expiry, und_kind, strike, option_type, freeze_qty)
 # kind is "I" index, "E" equity, "F" future or "O" option; the last four are None for cash
 # rows, strike and option_type None for futures. ``symbol`` of a derivative is its
 # underlying's canonical symbol; ``und_kind`` says whether that is an index ("I") or equity.
@@ -954,7 +1126,7 @@ class _Loader:
     STAGE = (
         "CREATE TEMP TABLE stage (id INTEGER, underlying_id INTEGER, kind TEXT, exchange TEXT, symbol TEXT,"
         " name TEXT, lot_size INTEGER, tick_size REAL, token TEXT, broker_symbol TEXT, expiry TEXT,"
-        " und_kind TEXT, strike REAL, option_type TEXT)"
+        " und_kind TEXT, strike REAL, option_type TEXT, freeze_qty INTEGER)"
     )
     FAN_OUT = (
         "INSERT INTO instruments SELECT id, exchange, symbol, name, lot_size, tick_size FROM temp.stage",
@@ -962,7 +1134,7 @@ class _Loader:
         "INSERT INTO equities SELECT id, '' FROM temp.stage WHERE kind = 'E'",
         "INSERT INTO futures SELECT id, underlying_id, expiry FROM temp.stage WHERE kind = 'F'",
         "INSERT INTO options SELECT id, underlying_id, expiry, strike, option_type FROM temp.stage WHERE kind = 'O'",
-        "INSERT INTO broker_tokens SELECT id, ?, token, broker_symbol FROM temp.stage",
+        "INSERT INTO broker_tokens SELECT id, ?, token, broker_symbol, freeze_qty FROM temp.stage",
     )
 
     def __init__(self, conn: sqlite3.Connection, broker_id: str, stats: _LoadStats) -> None:
@@ -973,7 +1145,7 @@ class _Loader:
     def load(self, rows: Iterable[_MasterRow]) -> None:
         conn = self.conn
         conn.execute(self.STAGE)
-        conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self._staged(rows))
+        conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self._staged(rows))
         self.stats.rows = conn.execute("SELECT COUNT(*) FROM temp.stage").fetchone()[0]
         for sql in self.FAN_OUT[:-1]:
             conn.execute(sql)
@@ -1103,19 +1275,27 @@ class _InstrumentStore:
     def token(self, broker_id: str, instrument: Instrument) -> Optional[Tuple[str, str]]:
         return self.conn().execute(_TOKEN_SQL[type(instrument)], (instrument._iid, broker_id)).fetchone()
 
-    def _ensure_symbol_index(self) -> None:
+    def freeze_qty(self, instrument: Instrument) -> int:
+        """Any loaded broker's figure: freeze quantities are the exchange's, not a broker's."""
+        row = self.conn().execute("SELECT MAX(freeze_qty) FROM broker_tokens WHERE instrument_id = ?",
+                                  (instrument._iid,)).fetchone()
+        return int(row[0] or 0)
+
+    def _ensure_reverse_indexes(self) -> None:
         import sqlite3
 
         with self._lock:
             if self._symbol_indexed == self._generation:
                 return
             found = self.conn().execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'ix_broker_tokens_symbol'").fetchone()
-            if found is None:
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name IN "
+                "('ix_broker_tokens_symbol', 'ix_broker_tokens_token')").fetchone()[0]
+            if found < 2:
                 try:
                     writer = sqlite3.connect(self.path, timeout=30)
                     try:
-                        writer.execute(_SYMBOL_INDEX)
+                        for statement in _REVERSE_INDEXES:
+                            writer.execute(statement)
                         writer.commit()
                     finally:
                         writer.close()
@@ -1125,17 +1305,27 @@ class _InstrumentStore:
 
     def by_broker_symbol(self, broker_id: str, exchange: str, broker_symbol: str) -> Optional[Instrument]:
         """Reverse look-up: a broker's (exchange, trading symbol) -> canonical instrument."""
-        self._ensure_symbol_index()
-        conn = self.conn()
-        row = conn.execute(
+        self._ensure_reverse_indexes()
+        row = self.conn().execute(
             "SELECT i.id, i.symbol FROM broker_tokens t JOIN instruments i ON i.id = t.instrument_id"
             " WHERE t.broker_symbol = ? AND t.broker_id = ? AND i.exchange = ?",
             (broker_symbol, broker_id, exchange),
         ).fetchone()
-        if row is None:
+        if row is None or exchange not in Exchange.__members__:
             return None
-        iid, symbol = row
-        exch = Exchange(exchange)
+        return self._instrument(row[0], Exchange(exchange), row[1])
+
+    def by_token(self, broker_id: str, token: str) -> Optional[Instrument]:
+        """Reverse look-up by a broker's token, where it is unique across segments (Upstox keys)."""
+        self._ensure_reverse_indexes()
+        row = self.conn().execute(
+            "SELECT i.id, i.exchange, i.symbol FROM broker_tokens t JOIN instruments i ON i.id = t.instrument_id"
+            " WHERE t.token = ? AND t.broker_id = ?", (token, broker_id)).fetchone()
+        return None if row is None else self._instrument(row[0], Exchange(row[1]), row[2])
+
+    def _instrument(self, iid: int, exch: Exchange, symbol: str) -> Instrument:
+        """The canonical instrument filed under ``iid`` (its type tables say which kind)."""
+        conn = self.conn()
         # the chain index ends in the id: find the option within its underlying's range
         uid = self.underlying_id(exch, symbol)
         opt = conn.execute("SELECT expiry, strike, option_type FROM options WHERE underlying_id = ? AND instrument_id = ?",
@@ -1328,10 +1518,11 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
 
 
 # Broker payloads name instruments by trading symbol (AngelOne's trade book carries nothing
-# else), so that is the reverse key; the streamer maps tokens from its own set. Built on the
-# first reverse look-up rather than in every refresh: ~5% of a cold refresh, and a client that
-# only streams or resolves never needs it.
-_SYMBOL_INDEX = "CREATE INDEX IF NOT EXISTS ix_broker_tokens_symbol ON broker_tokens(broker_symbol)"
+# else) or by token (Upstox), so those are the reverse keys; the streamer maps tokens from its
+# own set. Built on the first reverse look-up rather than in every refresh: ~5% of a cold
+# refresh, and a client that only streams or resolves never needs them.
+_REVERSE_INDEXES = ("CREATE INDEX IF NOT EXISTS ix_broker_tokens_symbol ON broker_tokens(broker_symbol)",
+                    "CREATE INDEX IF NOT EXISTS ix_broker_tokens_token ON broker_tokens(token)")
 
 _CARRY_OVER = (
     "INSERT INTO main.instruments SELECT * FROM old.instruments WHERE id IN temp.keep",
@@ -1424,9 +1615,322 @@ class _FileLock:
         self._fd = None
 
 
+
+# -- the master lifecycle and the resolve caches --------------------------------------------
+
+
+def _latest_publication(now: float, published: Tuple[int, int]) -> _dt.datetime:
+    """Return the IST time of the newest daily dump that exists at epoch ``now``."""
+    local = _dt.datetime.fromtimestamp(now, IST)
+    pub = local.replace(hour=published[0], minute=published[1], second=0, microsecond=0)
+    return pub if local >= pub else pub - _dt.timedelta(days=1)
+
+
+class _MasterContext(NamedTuple):
+    """What a spec that makes its master in-process (no download) is given."""
+
+    now: _dt.datetime
+    config: Mapping[str, Any]
+    db_path: str  # the shared DB as it is now (it may hold other brokers' instruments)
+
+
+class _Instruments:
+    """One client's view of the shared instrument DB: keeps its broker's master fresh
+    (staleness, cross-process lock, repair, download, atomic swap) and caches look-ups."""
+
+    def __init__(self, broker_id: str, master: _Master, url: str, cache_dir: str, clock: Callable[[], float],
+                 on_stale: str, download: Callable[[str, str, Mapping[str, str]], int],
+                 config: Mapping[str, Any]) -> None:
+        self.broker, self.master, self.url, self.cache_dir = broker_id, master, url, cache_dir
+        self._clock, self._on_stale, self._download, self._config = clock, on_stale, download, config
+        self.store = _InstrumentStore(os.path.join(cache_dir, "instruments.db"))
+        self._tokens: Dict[int, Tuple[str, str]] = {}
+        self._infos: Dict[int, Tuple[str, int, float]] = {}  # name, lot, tick: fixed until the next refresh
+        self._by_symbol: Dict[Tuple[str, str], Instrument] = {}
+        self._by_token: Dict[str, Instrument] = {}
+        self.loaded: Optional[Dict[str, Any]] = None  # what this client's own refresh loaded, if it made one
+
+    @property
+    def source(self) -> str:
+        return self.url if self.master.build is None else f"built-in ({self.broker})"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _state(self, repair: bool) -> Optional[Dict[str, Tuple[str, int]]]:
+        """Return the store's per-broker metadata, None if there is no usable file."""
+        if not os.path.exists(self.store.path):
+            return None
+        try:
+            return self.store.check()
+        except _CorruptStore as exc:
+            if not repair:
+                return None
+            self._move_aside(str(exc))
+            return None
+
+    def _move_aside(self, why: str) -> None:
+        aside = f"{self.store.path}.corrupt"
+        log.warning("instrument store %s is damaged (%s); moved to %s and rebuilding", self.store.path, why, aside)
+        self.store.close()
+        self.store.closed = False
+        os.replace(self.store.path, aside)
+        self.store.reopen()
+
+    def _is_fresh(self, state: Optional[Dict[str, Tuple[str, int]]]) -> bool:
+        if not state or self.broker not in state:
+            return False
+        refreshed = _dt.datetime.fromisoformat(state[self.broker][0])
+        return refreshed >= _latest_publication(self._clock(), self.master.published)
+
+    def ensure(self) -> None:
+        """Load this broker's master if the DB's copy predates the broker's latest dump."""
+        if self._is_fresh(self._state(repair=False)):
+            return
+        os.makedirs(self.cache_dir, exist_ok=True)
+        with _FileLock(self.store.path + ".lock"):
+            # Another process may have replaced the file while this one waited: look again
+            # through a new connection (an open one still reads the old file).
+            self.store.reopen()
+            state = self._state(repair=True)
+            if self._is_fresh(state):
+                return
+            try:
+                self.loaded = self._refresh_locked(state)
+            except (TTConnectError, _MasterFormatError, OSError) as exc:
+                self._failed(exc, state)
+
+    def _failed(self, exc: BaseException, state: Optional[Dict[str, Tuple[str, int]]]) -> None:
+        cached = state.get(self.broker) if state else None
+        what = f"the {self.broker} instrument master ({self.source}) could not be loaded: {exc}"
+        if cached is None:
+            raise _refresh_error(
+                exc, f"{what}. No instrument DB for {self.broker} is cached in {self.cache_dir!r} yet, so the client "
+                f"cannot start: check the network or config 'instruments_url', then retry"
+            ) from exc
+        if self._on_stale == "warn":
+            log.warning("%s; serving the cached DB refreshed at %s (on_stale='warn')", what, cached[0])
+            return
+        raise _refresh_error(
+            exc, f"{what}. The cached DB (refreshed at {cached[0]}) was kept untouched; pass "
+            f"on_stale='warn' to start with it, or retry later"
+        ) from exc
+
+    def refresh(self) -> Dict[str, Any]:
+        """Load this broker's master now and rebuild the store from it (atomically)."""
+        os.makedirs(self.cache_dir, exist_ok=True)
+        with _FileLock(self.store.path + ".lock"):
+            self.store.reopen()
+            try:
+                return self._refresh_locked(self._state(repair=True))
+            except _MasterFormatError as exc:
+                raise BrokerError(f"the {self.broker} instrument master ({self.source}) is unusable: {exc}; "
+                                  "the instrument DB was kept as it was") from None
+
+    def _refresh_locked(self, state: Optional[Dict[str, Tuple[str, int]]]) -> Dict[str, Any]:
+        """The refresh proper; the caller holds the store's file lock."""
+        previous = state.get(self.broker, ("", 0))[1] if state else 0
+        # Nobody else builds while the lock is held: what a crashed build left is garbage. Only
+        # ttconnect's own names are touched (the cache dir may be shared with other files).
+        build_prefix = os.path.basename(self.store.path) + ".build-"
+        for name in os.listdir(self.cache_dir):
+            if name.startswith(build_prefix) or (name.endswith(".download") and "_master." in name):
+                try:
+                    _remove_quietly(os.path.join(self.cache_dir, name))
+                except OSError as exc:
+                    log.warning("could not remove stale %s (%s)", name, exc.__class__.__name__)
+        stats = _LoadStats()
+        started = time.perf_counter()
+        refreshed_at = _dt.datetime.fromtimestamp(self._clock(), IST)
+        if self.master.build is not None:
+            rows = self.master.build(_MasterContext(refreshed_at, self._config, self.store.path))
+            _build_store(self.store.path, self.broker, rows, stats, self.source, refreshed_at.isoformat(), previous)
+        else:
+            part = os.path.join(self.cache_dir, f"{self.broker}_master.{os.getpid()}.{threading.get_ident()}.download")
+            try:
+                self._download(self.url, part, self.master.headers)
+                refreshed_at = _dt.datetime.fromtimestamp(self._clock(), IST)
+                assert self.master.parse is not None
+                with open(part, "rb") as f:
+                    _build_store(self.store.path, self.broker, self.master.parse(f, stats), stats, self.url,
+                                 refreshed_at.isoformat(), previous)
+            finally:
+                _remove_quietly(part)
+        self.store.reopen()
+        self._tokens.clear()
+        self._infos.clear()
+        self._by_symbol.clear()
+        self._by_token.clear()
+        log.info(
+            "%s instruments refreshed: %d rows, %d skipped by segment %s, %d malformed, %d duplicates, %.2f s",
+            self.broker, stats.rows, sum(stats.skipped.values()), stats.skipped, stats.malformed,
+            stats.duplicates, time.perf_counter() - started,
+        )
+        return {"rows": stats.rows, "skipped": dict(stats.skipped), "malformed": stats.malformed, "duplicates": stats.duplicates}
+
+    # -- look-ups (cached) -----------------------------------------------------------------
+
+    def lookup(self, instrument: Instrument) -> Tuple[str, str]:
+        """(broker token, broker trading symbol) of an instrument this broker lists."""
+        found = self._tokens.get(instrument._iid)
+        if found is not None:
+            return found
+        if not isinstance(instrument, _Instrument):
+            raise InvalidInstrumentError(f"expected an Index, Equity, Future or Option, got {instrument!r}")
+        found = self.store.token(self.broker, instrument)
+        if found is None:
+            self.store.check_exists(instrument)
+            raise InstrumentNotFoundError(f"{instrument} exists but {self.broker} does not list it")
+        self._tokens[instrument._iid] = found
+        return found
+
+    def info(self, instrument: Instrument) -> Tuple[str, int, float]:
+        """(name, lot size, tick size) of an instrument."""
+        info = self._infos.get(instrument._iid)
+        if info is None:
+            if not isinstance(instrument, _Instrument):
+                raise InvalidInstrumentError(f"expected an Index, Equity, Future or Option, got {instrument!r}")
+            info = self.store.info(instrument)
+            if info is None:
+                self.store.check_exists(instrument)
+                raise InstrumentNotFoundError(f"{instrument} not found")  # pragma: no cover - check_exists raised
+            self._infos[instrument._iid] = info
+        return info
+
+    def freeze_qty(self, instrument: Instrument) -> int:
+        """The exchange's freeze quantity for one order (0 where no loaded master gives it)."""
+        return self.store.freeze_qty(instrument)
+
+    def by_broker_symbol(self, exchange: str, broker_symbol: str) -> Instrument:
+        key = (exchange, broker_symbol)
+        found = self._by_symbol.get(key)
+        if found is None:
+            found = self.store.by_broker_symbol(self.broker, exchange, broker_symbol)
+            if found is None:
+                raise InstrumentNotFoundError(
+                    f"{self.broker} reported {exchange}:{broker_symbol}, which is not in the loaded instrument master "
+                    "(an unloaded segment, or a contract listed after the last refresh)"
+                )
+            self._by_symbol[key] = found
+        return found
+
+    def by_token(self, token: str) -> Instrument:
+        found = self._by_token.get(token)
+        if found is None:
+            found = self.store.by_token(self.broker, token)
+            if found is None:
+                raise InstrumentNotFoundError(
+                    f"{self.broker} reported instrument {token!r}, which is not in the loaded instrument master "
+                    "(an unloaded segment, or a contract listed after the last refresh)"
+                )
+            self._by_token[token] = found
+        return found
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _refresh_error(exc: BaseException, message: str) -> TTConnectError:
+    if isinstance(exc, TTConnectError):
+        return type(exc)(message, retryable=exc.retryable, broker_code=exc.broker_code, http_status=exc.http_status)
+    return BrokerError(message)
 # ============================================================================
 # 6. Broker specs
 # ============================================================================
+
+# A broker is one ``BrokerSpec``: data (routes, hosts, limits, error tables, enum maps,
+# capabilities, auth flows) plus the small named hooks a dict cannot express. Each spec is
+# built by ``_broker(...)`` over ``_BASE_SPEC``, so it states only what differs. The client
+# turns every public call into: validate, then ``execute(route, request)``, which builds the
+# request, rate-limits and sends it (or hands it to the spec's local answerer), runs the one
+# central reply check below and the route's parser.
+
+_NO_ARGS: Mapping[str, str] = MappingProxyType({})
+
+
+class _Request(NamedTuple):
+    """One request as a route's builder makes it: path-template arguments, query, body."""
+
+    path: Mapping[str, str] = _NO_ARGS
+    query: Optional[Mapping[str, Any]] = None
+    body: Any = None
+
+
+class _Reply(NamedTuple):
+    """A broker envelope, opened: success flag, payload, the broker's code and message."""
+
+    ok: bool
+    data: Any
+    code: str
+    message: str
+
+
+class _Route(NamedTuple):
+    """The unit of a spec: one broker endpoint and how to build and read it."""
+
+    verb: str
+    path: str  # template: "/orders/{variety}"; ids may also travel in the query
+    encoding: Optional[str] = None  # None | "form" | "json"
+    rate: str = "default"  # rate-limit class
+    host: str = "root_url"  # which configured root it talks to
+    idempotent: bool = True  # False: never re-sent blindly once it may have reached the broker
+    signed: bool = True  # carries the session (False: the login calls that make one)
+    about_order: bool = False  # addresses one order: HTTP 404 and ``order_errors`` mean that order
+    build: Optional[Callable[..., _Request]] = None  # the public call's values -> _Request
+    parse: Optional[Callable[["_Ctx", Any], Any]] = None  # payload -> model
+    rows: Optional[Callable[[Any], Sequence[Any]]] = None  # list routes: payload -> its rows
+    row: Optional[Callable[["_Ctx", Mapping[str, Any]], Any]] = None  # list routes: one row -> model
+    envelope: Optional[Callable[[int, Dict[str, Any]], _Reply]] = None  # where the route has its own
+
+
+class _Flow(NamedTuple):
+    """One way a broker gives a session, with the config keys it takes."""
+
+    name: str
+    mode: AuthMode
+    needs: Tuple[str, ...]  # config keys it cannot do without
+    trigger: Tuple[str, ...]  # keys whose presence picks it
+    obtain: Optional[Callable[..., SessionData]] = None  # login / code exchange; None: the token is given
+    token: str = ""  # config key holding a ready session token
+    single_use: str = ""  # config key of a single-use code: exchanged once, at init
+    session_keys: Mapping[str, str] = _NO_ARGS  # SessionData field <- config key (feed tokens...)
+    user: str = ""  # config key naming the account: a stored session must be that account's
+    signs: Tuple[str, ...] = ()  # config keys every signed call needs besides the session (an app key)
+    app: str = ""  # config key naming the app: a stored session must be that app's
+
+
+class _Master(NamedTuple):
+    """Where a broker's instrument master comes from and when it is renewed."""
+
+    published: Tuple[int, int]  # (hour, minute) IST of the daily dump
+    parse: Optional[Callable[[IO[bytes], "_LoadStats"], Iterator["_MasterRow"]]] = None  # a downloaded file
+    headers: Mapping[str, str] = _NO_ARGS
+    build: Optional[Callable[["_MasterContext"], Iterable["_MasterRow"]]] = None  # made here, no download
+
+
+# The signatures of the hooks a spec may carry; every one is a module-level function named
+# ``_<broker>_*`` in that broker's section.
+_Call = Callable[..., Any]  # call(route_name, request=None, session=None) -> payload
+_Sub = Tuple[Instrument, str, str]  # (instrument, broker token, mode)
+
+
+class _Hooks(TypedDict, total=False):
+    headers: Callable[[Mapping[str, Any], Optional[SessionData], _Route], Dict[str, str]]
+    envelope: Callable[[int, Dict[str, Any]], _Reply]
+    manual_token: Callable[[str], str]  # a token as users paste it -> as it is sent
+    login_url: Callable[[Mapping[str, Any], str], str]
+    reauth_hint: Callable[[Mapping[str, Any], str], str]
+    renew: Callable[[_Call, Mapping[str, Any], SessionData, float], SessionData]
+    raw_status: Callable[[Mapping[str, Any]], OrderStatus]  # status of an order row no model was made of
+    local: Callable[["_LocalContext"], Any]  # answers routes in-process instead of HTTP (paper)
+    stream_connect: Callable[[_Call, Mapping[str, Any], SessionData, str], Tuple[str, Dict[str, str]]]
+    stream_key: Callable[[Instrument, str], Any]
+    stream_subscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
+    stream_unsubscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
+    stream_decode: Callable[[bytes, Mapping[Any, Instrument], List[Tick]], None]
+    stream_text: Callable[[str], Tuple[str, Any]]
+    stream_socket: Callable[..., Any]  # an in-process feed socket instead of a websocket (paper)
+    order_stream_connect: Callable[[_Call, Mapping[str, Any], SessionData, str], Tuple[str, Dict[str, str]]]
+    order_stream_text: Callable[[str], Tuple[str, Any]]
 
 
 class BrokerSpec(TypedDict):
@@ -1434,50 +1938,179 @@ class BrokerSpec(TypedDict):
 
     id: str
     name: str
-    root_url: str  # REST root
-    login_url: str  # browser login page, "" where there is none
-    ws_url: str  # market-data websocket
-    order_ws_url: str  # order-update websocket, "" where the market feed carries them
-    instruments_url: str  # the full master file (one file per broker)
-    instruments_headers: Mapping[str, str]
-    instruments_published: Tuple[int, int]  # (hour, minute) IST of the daily dump
-    auth_modes: Tuple[AuthMode, ...]
-    default_auth_mode: AuthMode
-    credentials: Mapping[AuthMode, Tuple[str, ...]]  # config keys each mode needs
+    urls: Mapping[str, str]  # root_url, login_url, ws_url, order_ws_url, instruments_url, more hosts
+    url_follows: Mapping[str, str]  # a host left at its default follows an overridden one
+    sandbox_urls: Mapping[str, str]  # hosts replaced by config ``sandbox: True``
+    master: _Master
+    auth: Tuple[_Flow, ...]  # in order of preference
     session_expiry: Tuple[int, int]  # (hour, minute) IST at which a day's session dies
-    # unified name -> (verb, path template, body encoding, rate-limit class)
-    routes: Mapping[str, Tuple[str, str, Optional[str], str]]
+    routes: Mapping[str, _Route]
     rate_limits: Mapping[str, Sequence[Tuple[int, float]]]  # class -> [(calls, per seconds)]
     errors: Mapping[str, type]  # broker error code -> exception class
-    order_errors: Mapping[str, type]  # refinements for order routes
+    order_errors: Mapping[str, type]  # refinements for routes about one order
     error_messages: Sequence[Tuple[str, type]]  # lower-case message fragment -> class
+    error_hints: Mapping[type, str]  # what to do, added to an error of that class
     rate_limit_texts: Sequence[str]  # non-JSON bodies that mean "slow down"
-    empty_codes: frozenset  # codes a list endpoint uses for "nothing to list"
+    empty_codes: frozenset  # codes a list route uses for "nothing to list"
     retryable_codes: frozenset  # codes that mean "try again later"
     exchanges: frozenset  # segments it trades
     products: Mapping[ProductType, str]
     order_types: Mapping[OrderType, str]
     validities: Tuple[str, ...]
     max_tag_len: int
-    row_fields: Mapping[str, str]  # raw row keys the kill switches read: "order_id", "position_qty"
+    row_fields: Mapping[str, str]  # raw row keys the kill switches read about rows no model was made of
+    options: Tuple[str, ...]  # further config keys the broker reads
+    has: Mapping[str, bool]  # capabilities (see Capabilities)
     stream_max_tokens: int  # instruments per market-data connection
-    stream_keepalive: Optional[str]  # text the client must send to keep the feed alive
+    stream_keepalive: Optional[str]  # text the client must send to keep the feed alive; "" a ping frame
     stream_silence_timeout: float  # seconds without any frame before the feed counts as dead
     stream_modes_additive: bool  # True: each (token, mode) is a separate subscription
-    hooks: Mapping[str, Callable[..., Any]]
+    hooks: _Hooks
+
+
+def _plain_envelope(status: int, body: Dict[str, Any]) -> _Reply:
+    return _Reply(status < 400, body, "", "" if status < 400 else f"HTTP {status}")
+
+
+def _no_headers(config: Mapping[str, Any], session: Optional[SessionData], route: _Route) -> Dict[str, str]:
+    return {}
+
+
+def _same_token(token: str) -> str:
+    return token
+
+
+def _log_in_again(config: Mapping[str, Any], base: str) -> str:
+    return "log in again"
+
+
+_BASE_SPEC: BrokerSpec = {
+    "id": "",
+    "name": "",
+    "urls": {"root_url": "", "login_url": "", "ws_url": "", "order_ws_url": "", "instruments_url": ""},
+    "url_follows": {},
+    "sandbox_urls": {},
+    "master": _Master(published=(0, 0)),
+    "auth": (),
+    "session_expiry": (0, 0),
+    "routes": {},
+    "rate_limits": {"default": [(10, 1.0)]},
+    "errors": {},
+    "order_errors": {},
+    "error_messages": (),
+    "error_hints": {},
+    "rate_limit_texts": (),
+    "empty_codes": frozenset(),
+    "retryable_codes": frozenset(),
+    "exchanges": frozenset(),
+    "products": {},
+    "order_types": {},
+    "validities": ("DAY",),
+    "max_tag_len": 20,
+    "row_fields": {},
+    "options": (),
+    "has": {"auto_auth": False, "order_history": False, "margin": False, "margin_with_positions": False,
+            "order_updates": False, "streaming": False, "native_slicing": False, "gtt": False, "sandbox": False,
+            "feed_authorize": False},
+    "stream_max_tokens": 0,
+    "stream_keepalive": None,
+    "stream_silence_timeout": 10.0,
+    "stream_modes_additive": False,
+    "hooks": {"headers": _no_headers, "envelope": _plain_envelope, "manual_token": _same_token,
+              "reauth_hint": _log_in_again},
+}
+# Keys whose mappings merge over the base one level deep (a broker adds hosts, capabilities and
+# hooks); every other key is replaced whole.
+_MERGED_KEYS = ("urls", "has", "hooks", "rate_limits")
+
+
+def _broker(**fields: Any) -> BrokerSpec:
+    """Build a broker's spec over the base: state only what differs."""
+    unknown = set(fields) - set(_BASE_SPEC)
+    if unknown:  # pragma: no cover - a spec-writing mistake, caught by the first test run
+        raise TypeError(f"unknown spec keys: {', '.join(sorted(unknown))}")
+    spec: Dict[str, Any] = dict(_BASE_SPEC)
+    for key, value in fields.items():
+        spec[key] = {**_BASE_SPEC[key], **value} if key in _MERGED_KEYS else value  # type: ignore[literal-required]
+    return spec  # type: ignore[return-value]
 
 
 class _Ctx:
-    """What a broker's parse hooks may ask of the client: canonical instruments and the date."""
+    """What parsers may ask: canonical instruments for broker rows, and today's date."""
 
-    def __init__(self, client: "TTConnect") -> None:
-        self._client = client
+    def __init__(self, instruments: "_Instruments", clock: Callable[[], float]) -> None:
+        self._instruments, self._clock = instruments, clock
 
-    def instrument(self, exchange: str, broker_symbol: str) -> Instrument:
-        return self._client._instrument_for(exchange, broker_symbol)
+    def instrument(self, exchange: Any, broker_symbol: Any) -> Instrument:
+        """The canonical instrument a broker names by (exchange, trading symbol)."""
+        return self._instruments.by_broker_symbol(_text(exchange, "exchange"), _text(broker_symbol, "trading symbol"))
+
+    def instrument_by_token(self, token: Any) -> Instrument:
+        """The canonical instrument a broker names by its token (where the token is unique)."""
+        return self._instruments.by_token(_text(token, "instrument token"))
 
     def today(self) -> _dt.date:
-        return _dt.datetime.fromtimestamp(self._client._clock(), IST).date()
+        return _dt.datetime.fromtimestamp(self._clock(), IST).date()
+
+
+class _LocalContext(NamedTuple):
+    """What a spec that answers its routes in-process (the send seam) is given."""
+
+    broker: str
+    config: Mapping[str, Any]
+    cache_dir: str
+    clock: Callable[[], float]
+    instruments: "_Instruments"
+    ctx: _Ctx
+
+
+class _Malformed(Exception):
+    """A broker reply lacks a field or holds one of the wrong kind (reported as a BrokerError)."""
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+        raise _Malformed(f"{what} is {value!r}")
+    return str(value)
+
+
+def _field(row: Mapping[str, Any], key: str) -> Any:
+    """A field a row cannot do without."""
+    try:
+        value = row[key]
+    except (KeyError, TypeError):
+        raise _Malformed(f"field {key!r} missing") from None
+    if value is None or value == "":
+        raise _Malformed(f"field {key!r} is empty")
+    return value
+
+
+def _str_field(row: Mapping[str, Any], key: str) -> str:
+    return _text(_field(row, key), f"field {key!r}")
+
+
+def _mapped(table: Mapping[Any, Any], row: Mapping[str, Any], key: str) -> Any:
+    """A field translated through a broker table; an unknown value is malformed."""
+    raw = _field(row, key)
+    try:
+        return table[raw]
+    except (KeyError, TypeError):
+        raise _Malformed(f"field {key!r} has unknown value {raw!r}") from None
+
+
+def _object(data: Any, what: str = "payload") -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise _Malformed(f"{what} is {type(data).__name__}, expected an object")
+    return data
+
+
+def _list_rows(data: Any) -> Sequence[Any]:
+    """The rows of a list payload (``null`` is an empty list)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise _Malformed(f"payload is {type(data).__name__}, expected a list")
+    return data
 
 
 def _json_object(text: str) -> Optional[Dict[str, Any]]:
@@ -1486,19 +2119,88 @@ def _json_object(text: str) -> Optional[Dict[str, Any]]:
 
     try:
         message = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return message if isinstance(message, dict) else None
 
 
+def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
+    """Yield the elements of a top-level JSON array without holding the whole document.
+
+    Each chunk's complete objects are decoded by one ``json.loads`` (C speed); a chunk whose
+    cut falls inside a string falls back to decoding object by object.
+    """
+    import json
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    raw_decode = json.JSONDecoder().raw_decode
+    buf = ""
+    started = False
+    while True:
+        chunk = f.read(chunk_size)
+        try:
+            buf += decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            raise _MasterFormatError(f"not UTF-8 text ({exc.reason} at byte {exc.start} of a chunk)") from None
+        if not started:
+            stripped = buf.lstrip()
+            if not stripped:
+                if not chunk:
+                    raise _MasterFormatError("the file is empty")
+                continue
+            if stripped[0] != "[":
+                raise _MasterFormatError(f"not a JSON array (starts {stripped[:60]!r})")
+            buf = stripped[1:]
+            started = True
+        cut = buf.rfind("}")
+        if cut >= 0:
+            part = buf[: cut + 1].lstrip(" \t\r\n,")
+            try:
+                items = json.loads("[" + part + "]")
+                rest = buf[cut + 1:]
+            except (ValueError, RecursionError):
+                items, pos = [], 0
+                while True:
+                    while pos < len(part) and part[pos] in " \t\r\n,":
+                        pos += 1
+                    if pos >= len(part):
+                        break
+                    try:
+                        obj, pos = raw_decode(part, pos)
+                    except (ValueError, RecursionError):
+                        break
+                    items.append(obj)
+                rest = part[pos:] + buf[cut + 1:]
+            yield from items
+            buf = rest
+        if not chunk:
+            tail = buf.strip(" \t\r\n,")
+            if tail != "]":
+                raise _MasterFormatError(f"the JSON array is truncated or malformed near {tail[:60]!r}")
+            return
+
+
 def _num(value: Any) -> Optional[float]:
-    """A broker number (float, int or string, possibly "- 2235.80") -> float; blank -> None."""
+    """A broker number (float, int or string, possibly "- 2235.80") -> finite float; blank -> None."""
     if value is None or value == "":
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).replace(" ", "").replace(",", "")
-    return float(text) if text else None
+    if isinstance(value, bool):
+        raise _Malformed(f"number expected, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.replace(" ", "").replace(",", "")
+        if not text:
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            raise _Malformed(f"number expected, got {value!r}") from None
+    else:
+        raise _Malformed(f"number expected, got {type(value).__name__}")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise _Malformed(f"number expected, got {value!r}")
+    return number
 
 
 def _int(value: Any) -> int:
@@ -1524,7 +2226,7 @@ def _reverse(mapping: Mapping[Any, str]) -> Dict[Any, Any]:
 _LIVE_STATUSES = frozenset({OrderStatus.PENDING, OrderStatus.OPEN, OrderStatus.TRIGGER_PENDING, OrderStatus.PARTIALLY_FILLED})
 
 
-def _order_status(raw: str, table: Mapping[str, OrderStatus], filled: int, qty: int) -> OrderStatus:
+def _order_status(raw: Any, table: Mapping[str, OrderStatus], filled: int, qty: int) -> OrderStatus:
     """Map a raw status; a live order with some fills is PARTIALLY_FILLED; unknown is PENDING."""
     status = table.get(raw.strip().upper() if isinstance(raw, str) else "")
     if status is None:
@@ -1552,20 +2254,21 @@ def _price_text(value: Optional["Decimal"]) -> str:
     return "0" if value is None else format(value.normalize(), "f")
 
 
-class _OrderRequest(NamedTuple):
-    """A validated order, ready for a broker hook to encode."""
+def _require_config(config: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
+    """For hooks that read config keys: name the missing ones."""
+    missing = [k for k in keys if not (isinstance(config.get(k), str) and config[k])]
+    if missing:
+        raise ConfigurationError(f"config {', '.join(repr(k) for k in missing)} is needed for {what}")
 
-    instrument: Instrument
-    token: str
-    broker_symbol: str
-    qty: int
-    side: Side
-    product: ProductType
-    order_type: OrderType
-    price: Optional["Decimal"]
-    trigger_price: Optional["Decimal"]
-    tag: str
-    validity: str
+
+def _order_id_path(order_id: str) -> _Request:
+    """A request naming one order in its path (``/orders/{order_id}``)."""
+    return _Request(path={"order_id": order_id})
+
+
+def _order_id_query(order_id: str) -> _Request:
+    """A request naming one order in its query (``?order_id=``)."""
+    return _Request(query={"order_id": order_id})
 
 
 class _Memo(dict):
@@ -1576,14 +2279,88 @@ class _Memo(dict):
         self.convert = convert
 
     def __missing__(self, raw: str) -> Any:
-        iso = self.convert(raw)  # raises ValueError on a bad date; not cached then
+        iso = self.convert(raw)  # raises ValueError on a bad value; not cached then
         self[raw] = iso
         return iso
+
+
+# -- the one reply check -------------------------------------------------------------------
+
+
+def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
+    value = headers.get("Retry-After") if headers else None
+    if value and value.strip().replace(".", "", 1).isdigit():
+        return float(value)
+    return None
+
+
+def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") -> Any:
+    """The one check every broker reply passes: return the payload or raise the right error."""
+    import json
+
+    text = resp.text or ""
+    try:
+        body = json.loads(text) if text.strip() else None
+    except (ValueError, RecursionError):
+        body = None
+    where = f"{spec['id']} {name}"
+    if body is None:
+        lowered = text.lower()
+        retry_after = _retry_after(resp.headers)
+        if resp.status == 429 or any(t in lowered for t in spec["rate_limit_texts"]):
+            err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(text, 80)}); slow down and retry",
+                                                 http_status=resp.status)
+        elif not text.strip():
+            err = BrokerError(f"{where}: empty response body with HTTP {resp.status}", http_status=resp.status,
+                              retryable=resp.status >= 500)
+        else:
+            err = BrokerError(f"{where}: HTTP {resp.status} with a non-JSON body: {_short(text, 120)}",
+                              http_status=resp.status, retryable=resp.status >= 500)
+        err.retry_after = retry_after  # type: ignore[attr-defined]
+        raise err
+    if not isinstance(body, dict):  # every broker wraps its replies in a JSON object
+        raise BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: {_short(text, 120)}",
+                          http_status=resp.status, retryable=resp.status >= 500)
+    reply = (route.envelope or spec["hooks"]["envelope"])(resp.status, body)
+    if reply.ok:
+        return reply.data
+    code, message = reply.code, reply.message
+    cls = _error_class(spec, route, resp.status, code, message)
+    if code in spec["empty_codes"] and route.row is not None:
+        return None
+    retryable = cls in (RateLimitError, NetworkError) or resp.status >= 500 or code in spec["retryable_codes"]
+    hint = spec["error_hints"].get(cls)
+    err = cls(f"{where}: {message} ({code or 'no code'}, HTTP {resp.status})" + (f"; {hint}" if hint else ""),
+              broker_code=code or None, http_status=resp.status, retryable=retryable)
+    err.retry_after = _retry_after(resp.headers)  # type: ignore[attr-defined]
+    raise err
+
+
+def _error_class(spec: BrokerSpec, route: _Route, status: int, code: str, message: str) -> type:
+    if route.about_order and code in spec["order_errors"]:
+        return spec["order_errors"][code]
+    lowered = message.lower()
+    for fragment, cls in spec["error_messages"]:
+        if fragment in lowered:
+            return cls
+    if code in spec["errors"]:
+        cls = spec["errors"][code]
+        if cls is NetworkError and status == 429:
+            return RateLimitError
+        return cls
+    if status == 429:
+        return RateLimitError
+    if status in (401, 403):
+        return AuthenticationError
+    if status == 404 and route.about_order:
+        return OrderNotFoundError
+    return BrokerError
 
 
 # ============================================================================
 # 6a. Broker spec: Zerodha
 # ============================================================================
+# Kite Connect v3: https://kite.trade/docs/connect/v3/
 
 _KITE_MASTER_COLUMNS = (
     "instrument_token", "tradingsymbol", "name", "expiry", "strike", "tick_size",
@@ -1593,8 +2370,22 @@ _KITE_MASTER_COLUMNS = (
 
 def _positive_number(raw: str) -> float:
     value = float(raw)
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise ValueError(f"{raw!r} is not a positive number")
+    return value
+
+
+def _lot(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"lot size {raw!r} is negative")
+    return value
+
+
+def _tick(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"tick size {raw!r} is not a finite number >= 0")
     return value
 
 
@@ -1603,7 +2394,8 @@ def _kite_iso_date(raw: str) -> str:
 
 
 def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRow]:
-    """Parse Kite's instrument CSV (section 7 of the Kite notes) into canonical rows.
+    """Parse Kite's instrument CSV into canonical rows
+    (https://kite.trade/docs/connect/v3/market-quotes/#instruments).
 
     Kite gives strike and tick size in rupees; index rows carry tick 0 and lot 0; the
     derivative ``name`` column is the underlying's F&O name.
@@ -1611,7 +2403,18 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
     import csv
     import io
 
-    reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    try:
+        reader = csv.reader(text)
+        try:
+            yield from _zerodha_rows(reader, stats)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise _MasterFormatError(f"not a readable Kite instrument CSV ({exc.__class__.__name__}: {_short(str(exc), 80)})") from None
+    finally:
+        text.detach()  # the caller owns (and closes) the file
+
+
+def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_MasterRow]:
     header = next(reader, None)
     if not header:
         raise _MasterFormatError("the file is empty")
@@ -1625,7 +2428,7 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
     loaded = {e.value for e in _LOADED_EXCHANGES}
     # A master repeats a few hundred distinct expiries, lots, ticks and strikes: convert each once.
     expiries = _Memo(_kite_iso_date)
-    lots, ticks, strikes = _Memo(int), _Memo(float), _Memo(_positive_number)
+    lots, ticks, strikes = _Memo(_lot), _Memo(_tick), _Memo(_positive_number)
     underlyings: Dict[str, Tuple[str, str]] = {}
     line = 1
     for row in reader:
@@ -1652,16 +2455,16 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
                     underlying = underlyings[name] = _kite_underlying(name)
                 if itype == "FUT":
                     yield ("F", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]], underlying[1],
-                           None, None)
+                           None, None, 0)
                 else:
                     strike = strikes[row[c_strike]]
                     yield ("O", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]],
-                           underlying[1], strike, itype)
+                           underlying[1], strike, itype, 0)
             elif row[c_seg] == "INDICES":
                 yield ("I", exchange, _canonical_index_symbol(tsym), row[c_name] or tsym, lot, tick, token, tsym,
-                       None, None, None, None)
+                       None, None, None, None, 0)
             elif itype == "EQ":
-                yield ("E", exchange, tsym.upper(), row[c_name] or tsym, lot, tick, token, tsym, None, None, None, None)
+                yield ("E", exchange, tsym.upper(), row[c_name] or tsym, lot, tick, token, tsym, None, None, None, None, 0)
             else:
                 raise ValueError(f"unknown instrument_type {itype!r}")
         except ValueError as exc:
@@ -1680,7 +2483,9 @@ _KITE_PRODUCTS = {ProductType.CNC: "CNC", ProductType.MIS: "MIS", ProductType.NR
 _KITE_ORDER_TYPES = {OrderType.MARKET: "MARKET", OrderType.LIMIT: "LIMIT", OrderType.SL: "SL", OrderType.SL_M: "SL-M"}
 _KITE_PRODUCT_OF = _reverse(_KITE_PRODUCTS)
 _KITE_ORDER_TYPE_OF = _reverse(_KITE_ORDER_TYPES)
-# Kite's OMS states (notes section 5); in-flight modify/cancel states are still live orders.
+_KITE_SIDE_OF = {"BUY": Side.BUY, "SELL": Side.SELL}
+# Kite's OMS states (https://kite.trade/docs/connect/v3/orders/#order-statuses); in-flight
+# modify/cancel states are still live orders.
 _KITE_STATUSES = {
     "PUT ORDER REQ RECEIVED": OrderStatus.PENDING,
     "VALIDATION PENDING": OrderStatus.PENDING,
@@ -1700,35 +2505,37 @@ _KITE_STATUSES = {
 }
 
 
-def _zerodha_headers(config: Mapping[str, Any], session: Optional[SessionData]) -> Dict[str, str]:
+def _zerodha_headers(config: Mapping[str, Any], session: Optional[SessionData], route: _Route) -> Dict[str, str]:
     headers = {"X-Kite-Version": "3"}
     if session is not None:
-        headers["Authorization"] = f"token {config['api_key']}:{session.access_token}"
+        headers["Authorization"] = f"token {config.get('api_key', '')}:{session.access_token}"
     return headers
 
 
-def _zerodha_envelope(status: int, body: Any) -> Tuple[bool, Any, str, str]:
+def _zerodha_envelope(status: int, body: Dict[str, Any]) -> _Reply:
     """Kite: ``{"status": "success", "data": ...}`` or ``{"status": "error", "error_type", "message"}``."""
     if status < 400 and body.get("status") == "success" and "error_type" not in body:
-        return True, body.get("data"), "", ""
-    return False, None, str(body.get("error_type") or ""), str(body.get("message") or "no message")
+        return _Reply(True, body.get("data"), "", "")
+    return _Reply(False, None, str(body.get("error_type") or ""), str(body.get("message") or "no message"))
 
 
-def _zerodha_exchange_token(call: Callable[..., Any], config: Mapping[str, Any], now: float) -> SessionData:
-    """Turn a login redirect's request_token into an access token (Kite notes 2.1)."""
-    api_key, request_token = config["api_key"], config["request_token"]
+def _zerodha_exchange_token(call: _Call, config: Mapping[str, Any], now: float) -> SessionData:
+    """Turn a login redirect's request_token into an access token
+    (https://kite.trade/docs/connect/v3/user/#login-flow)."""
     import hashlib
 
+    api_key, request_token = config["api_key"], config["request_token"]
     checksum = hashlib.sha256((api_key + request_token + config["api_secret"]).encode()).hexdigest()
-    data = call("login", body={"api_key": api_key, "request_token": request_token, "checksum": checksum})
-    return SessionData(broker="zerodha", mode=AuthMode.MANUAL, access_token=str(data["access_token"]),
-                       refresh_token=data.get("refresh_token") or None,
-                       obtained_at=_dt.datetime.fromtimestamp(now, IST))
+    data = _object(call("login", _Request(body={"api_key": api_key, "request_token": request_token, "checksum": checksum})))
+    return SessionData(broker="zerodha", mode=AuthMode.MANUAL, access_token=_str_field(data, "access_token"),
+                       refresh_token=data.get("refresh_token") or None, obtained_at=_dt.datetime.fromtimestamp(now, IST),
+                       user_id=str(data.get("user_id") or "") or None)
 
 
 def _zerodha_login_url(config: Mapping[str, Any], base: str) -> str:
     from urllib.parse import urlencode
 
+    _require_config(config, ("api_key",), "the zerodha login URL")
     return f"{base}?{urlencode({'v': '3', 'api_key': config['api_key']})}"
 
 
@@ -1739,17 +2546,19 @@ def _zerodha_reauth_hint(config: Mapping[str, Any], base: str) -> str:
             "redirect's request_token with api_secret (or a fresh access_token) in the config")
 
 
-def _zerodha_profile(ctx: _Ctx, data: Mapping[str, Any]) -> Profile:
+def _zerodha_profile(ctx: _Ctx, data: Any) -> Profile:
+    data = _object(data)
     return Profile(
-        user_id=str(data["user_id"]), name=str(data.get("user_name") or ""), email=data.get("email") or None,
+        user_id=_str_field(data, "user_id"), name=str(data.get("user_name") or ""), email=data.get("email") or None,
         broker="zerodha", exchanges=tuple(Exchange(e) for e in data.get("exchanges") or () if e in Exchange.__members__),
         products=tuple(ProductType(p) for p in data.get("products") or () if p in ProductType.__members__), raw=data,
     )
 
 
-def _zerodha_funds(ctx: _Ctx, data: Mapping[str, Any]) -> Fund:
-    equity = data.get("equity") or data  # /user/margins gives segments; /user/margins/equity one
-    available, utilised = equity.get("available") or {}, equity.get("utilised") or {}
+def _zerodha_funds(ctx: _Ctx, data: Any) -> Fund:
+    data = _object(data)
+    equity = _object(data.get("equity") or data, "equity")  # /user/margins gives segments; /user/margins/equity one
+    available, utilised = _object(equity.get("available") or {}), _object(equity.get("utilised") or {})
     net, debits = _num(equity.get("net")) or 0.0, _num(utilised.get("debits")) or 0.0
     return Fund(
         available=net, used=debits, total=net + debits, collateral=_num(available.get("collateral")),
@@ -1762,37 +2571,36 @@ def _zerodha_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
     # ``quantity`` is settled; shares bought in the last session sit in ``t1_quantity``.
     qty = _int(row.get("quantity")) + _int(row.get("t1_quantity"))
     avg, ltp = _num(row.get("average_price")) or 0.0, _num(row.get("last_price"))
-    return Holding(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=qty, avg_price=avg,
-                   ltp=ltp, pnl=_num(row.get("pnl")), pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
+    return Holding(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")), qty=qty,
+                   avg_price=avg, ltp=ltp, pnl=_num(row.get("pnl")), pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
 
 
-def _zerodha_position_rows(data: Any) -> List[Mapping[str, Any]]:
-    return list((data or {}).get("net") or ())  # "net" is the whole book; "day" only today's part
+def _zerodha_position_rows(data: Any) -> Sequence[Any]:
+    if data is None:
+        return ()
+    return _list_rows(_object(data).get("net"))  # "net" is the whole book; "day" only today's part
 
 
 def _zerodha_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
-    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_int(row.get("quantity")),
-                    avg_price=_num(row.get("average_price")) or 0.0, ltp=_num(row.get("last_price")),
-                    pnl=_num(row.get("pnl")), product=_KITE_PRODUCT_OF.get(row.get("product")), raw=row)
+    return Position(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
+                    qty=_int(row.get("quantity")), avg_price=_num(row.get("average_price")) or 0.0,
+                    ltp=_num(row.get("last_price")), pnl=_num(row.get("pnl")),
+                    product=_KITE_PRODUCT_OF.get(row.get("product")), raw=row)
 
 
-def _list_rows(data: Any) -> List[Any]:
-    return list(data or ())
-
-
-def _zerodha_order_status(row: Mapping[str, Any]) -> OrderStatus:
+def _zerodha_raw_status(row: Mapping[str, Any]) -> OrderStatus:
     return _order_status(row.get("status") or "", _KITE_STATUSES, _int(row.get("filled_quantity")), _int(row.get("quantity")))
 
 
 def _zerodha_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
     qty, filled = _int(row.get("quantity")), _int(row.get("filled_quantity"))
-    status = _zerodha_order_status(row)
+    status = _zerodha_raw_status(row)
     pending = _int(row.get("pending_quantity")) if status in _LIVE_STATUSES else 0
     placed = _ist(row.get("exchange_timestamp")) or _ist(row.get("order_timestamp"))
     return Order(
-        id=str(row["order_id"]), instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]),
-        side=Side(row["transaction_type"]), qty=qty, filled_qty=filled, pending_qty=pending,
-        order_type=_KITE_ORDER_TYPE_OF[row["order_type"]], product=_KITE_PRODUCT_OF.get(row.get("product")),
+        id=_str_field(row, "order_id"), instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
+        side=_mapped(_KITE_SIDE_OF, row, "transaction_type"), qty=qty, filled_qty=filled, pending_qty=pending,
+        order_type=_mapped(_KITE_ORDER_TYPE_OF, row, "order_type"), product=_KITE_PRODUCT_OF.get(row.get("product")),
         status=status, price=_num(row.get("price")) or None, trigger_price=_num(row.get("trigger_price")) or None,
         average_price=_num(row.get("average_price")) or None, tag=row.get("tag") or None,
         status_message=row.get("status_message") or None, placed_at=placed,
@@ -1803,22 +2611,24 @@ def _zerodha_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
 def _zerodha_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
     qty, price = _int(row.get("quantity")), _num(row.get("average_price")) or 0.0
     return Trade(
-        trade_id=str(row["trade_id"]), order_id=str(row["order_id"]),
-        instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), side=Side(row["transaction_type"]),
-        qty=qty, avg_price=price, trade_value=qty * price, product=_KITE_PRODUCT_OF.get(row.get("product")),
+        trade_id=_str_field(row, "trade_id"), order_id=_str_field(row, "order_id"),
+        instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
+        side=_mapped(_KITE_SIDE_OF, row, "transaction_type"), qty=qty, avg_price=price, trade_value=qty * price,
+        product=_KITE_PRODUCT_OF.get(row.get("product")),
         timestamp=_ist(row.get("fill_timestamp")) or _ist(row.get("exchange_timestamp")), raw=row,
     )
 
 
-def _zerodha_margin(ctx: _Ctx, data: Mapping[str, Any]) -> Margin:
-    initial, final = data.get("initial") or {}, data.get("final") or {}
+def _zerodha_margin(ctx: _Ctx, data: Any) -> Margin:
+    data = _object(data)
+    initial, final = _object(data.get("initial") or {}, "initial"), _object(data.get("final") or {}, "final")
     total, final_total = _num(initial.get("total")) or 0.0, _num(final.get("total")) or 0.0
     return Margin(total=total, span=_num(initial.get("span")), exposure=_num(initial.get("exposure")),
                   option_premium=_num(initial.get("option_premium")), final_total=final_total,
                   benefit=_paise(total - final_total), raw=data)
 
 
-def _zerodha_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str, str]]:
+def _zerodha_place_order(req: _OrderRequest) -> _Request:
     body = {
         "tradingsymbol": req.broker_symbol, "exchange": req.instrument.exchange.value,
         "transaction_type": req.side.value, "order_type": _KITE_ORDER_TYPES[req.order_type],
@@ -1831,33 +2641,36 @@ def _zerodha_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str, 
     if req.order_type in (OrderType.MARKET, OrderType.SL_M):
         # Kite rejects API MARKET/SL-M orders without it; -1 asks for its automatic protection.
         body["market_protection"] = "-1"
-    return {"variety": "regular"}, body
+    return _Request(path={"variety": "regular"}, body=body)
 
 
-def _zerodha_placed(data: Mapping[str, Any]) -> str:
+def _zerodha_placed(ctx: _Ctx, data: Any) -> str:
     # An autoslice placement answers {order_id: parent, children: [...]}: the parent is the id.
-    return str(data["order_id"])
+    return _str_field(_object(data), "order_id")
 
 
-def _zerodha_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional["Decimal"],
-                          trigger_price: Optional["Decimal"], token: str, broker_symbol: str
-                          ) -> Tuple[Dict[str, str], Dict[str, str]]:
-    body = {"order_type": _KITE_ORDER_TYPES[order_type], "quantity": str(qty)}
-    if price is not None:
-        body["price"] = _price_text(price)
-    if trigger_price is not None:
-        body["trigger_price"] = _price_text(trigger_price)
-    if order_type in (OrderType.MARKET, OrderType.SL_M):
+def _zerodha_variety(raw: Mapping[str, Any]) -> str:
+    # The URL's variety must be the one the order was placed with
+    # (https://kite.trade/docs/connect/v3/orders/#modifying-orders).
+    return str(raw.get("variety") or "regular")
+
+
+def _zerodha_modify_order(current: Order, req: _OrderRequest) -> _Request:
+    body = {"order_type": _KITE_ORDER_TYPES[req.order_type], "quantity": str(req.qty)}
+    if req.price is not None:
+        body["price"] = _price_text(req.price)
+    if req.trigger_price is not None:
+        body["trigger_price"] = _price_text(req.trigger_price)
+    if req.order_type in (OrderType.MARKET, OrderType.SL_M):
         body["market_protection"] = "-1"
-    return {"variety": current.raw.get("variety") or "regular", "order_id": current.id}, body
+    return _Request(path={"variety": _zerodha_variety(current.raw), "order_id": current.id}, body=body)
 
 
-def _zerodha_cancel_order(order_id: str, raw: Mapping[str, Any]) -> Tuple[Dict[str, str], None]:
-    # The URL's variety must be the one the order was placed with (notes 3.3).
-    return {"variety": raw.get("variety") or "regular", "order_id": order_id}, None
+def _zerodha_cancel_order(order_id: str, raw: Mapping[str, Any]) -> _Request:
+    return _Request(path={"variety": _zerodha_variety(raw), "order_id": order_id})
 
 
-def _zerodha_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[Dict[str, str], List[Dict[str, Any]]]:
+def _zerodha_margin_body(legs: Sequence[_OrderRequest]) -> _Request:
     body = [
         {"exchange": leg.instrument.exchange.value, "tradingsymbol": leg.broker_symbol,
          "transaction_type": leg.side.value, "variety": "regular", "product": _KITE_PRODUCTS[leg.product],
@@ -1865,11 +2678,12 @@ def _zerodha_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[Dict[str, str],
          "price": float(leg.price or 0), "trigger_price": float(leg.trigger_price or 0)}
         for leg in legs
     ]
-    return {"consider_positions": "true"}, body
+    return _Request(query={"consider_positions": "true"}, body=body)
 
 
-# Kite ticker (notes section 8): big-endian frames of length-prefixed packets; the packet's
-# length says what it is. All fields are unsigned 32-bit; prices are scaled by the segment.
+# Kite ticker (https://kite.trade/docs/connect/v3/websocket/): big-endian frames of
+# length-prefixed packets; the packet's length says what it is. All fields are unsigned 32-bit;
+# prices are scaled by the segment.
 _KITE_COUNT = struct.Struct(">H")
 _KITE_TOKEN = struct.Struct(">I")
 _KITE_LTP = struct.Struct(">II")
@@ -1878,13 +2692,6 @@ _KITE_INDEX_FULL = struct.Struct(">6I4xI")  # ... + exchange timestamp at 28
 _KITE_QUOTE = struct.Struct(">11I")
 _KITE_FULL = struct.Struct(">16I" + "IIH2x" * 10)  # + 10 depth levels: qty, price, orders, padding
 _KITE_DIVISORS = {3: 10_000_000.0, 6: 10_000.0}  # CDS, BCD; every other segment: 100
-
-
-def _kite_depth(v: tuple, div: float) -> Tuple[Tuple["DepthLevel", ...], Tuple["DepthLevel", ...]]:
-    """Depth of a full packet: 5 bids then 5 asks of (qty, price, orders); empty slots dropped."""
-    bids = tuple(DepthLevel(price=v[i + 1] / div, qty=v[i], orders=v[i + 2]) for i in range(16, 31, 3) if v[i] or v[i + 1])
-    asks = tuple(DepthLevel(price=v[i + 1] / div, qty=v[i], orders=v[i + 2]) for i in range(31, 46, 3) if v[i] or v[i + 1])
-    return bids, asks
 
 
 def _zerodha_decode(data: bytes, instruments: Mapping[Any, Instrument], out: List[Tick]) -> None:
@@ -1912,7 +2719,7 @@ def _zerodha_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Lis
                 ltp, close = v[1] / div, v[10] / div
                 tick = _TickBuilder(instrument, "full", ltp, v[2], v[3] / div, v[4], v[5], v[6], v[7] / div,
                                     v[8] / div, v[9] / div, close, (ltp - close) * 100 / close if close else None,
-                                    v[12], v[13], v[14], v[11], v[15], (_kite_depth, v, div))
+                                    v[12], v[13], v[14], v[11], v[15], (v[16:31], v[31:46], div))
             elif length == 44:
                 v = _KITE_QUOTE.unpack_from(data, pos)
                 ltp, close = v[1] / div, v[10] / div
@@ -1934,10 +2741,11 @@ def _zerodha_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Lis
         pos += length
 
 
-def _zerodha_stream_connect(config: Mapping[str, Any], session: SessionData, url: str) -> Tuple[str, Dict[str, str]]:
+def _zerodha_stream_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
+                            ) -> Tuple[str, Dict[str, str]]:
     from urllib.parse import urlencode
 
-    query = urlencode({"api_key": config["api_key"], "access_token": session.access_token})
+    query = urlencode({"api_key": config.get("api_key", ""), "access_token": session.access_token})
     return f"{url}?{query}", {"X-Kite-Version": "3"}
 
 
@@ -1945,11 +2753,11 @@ def _zerodha_stream_key(instrument: Instrument, token: str) -> int:
     return int(token)
 
 
-def _zerodha_stream_subscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+def _zerodha_stream_subscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
     # Subscribe, then set each mode explicitly: Kite's default mode is not documented.
     import json
 
-    messages = [json.dumps({"a": "subscribe", "v": [int(token) for _, token, _ in items]})]
+    messages: List[Union[str, bytes]] = [json.dumps({"a": "subscribe", "v": [int(token) for _, token, _ in items]})]
     for mode in ("ltp", "quote", "full"):
         tokens = [int(token) for _, token, m in items if m == mode]
         if tokens:
@@ -1957,7 +2765,7 @@ def _zerodha_stream_subscribe(items: Sequence[Tuple[Instrument, str, str]]) -> L
     return messages
 
 
-def _zerodha_stream_unsubscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+def _zerodha_stream_unsubscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
     import json
 
     return [json.dumps({"a": "unsubscribe", "v": [int(token) for _, token, _ in items]})]
@@ -1976,38 +2784,47 @@ def _zerodha_stream_text(text: str) -> Tuple[str, Any]:
     return "unknown", text
 
 
-_ZERODHA: BrokerSpec = {
-    "id": "zerodha",
-    "name": "Zerodha Kite Connect",
-    "root_url": "https://api.kite.trade",
-    "login_url": "https://kite.zerodha.com/connect/login",
-    "ws_url": "wss://ws.kite.trade",
-    "order_ws_url": "",  # order updates arrive as text frames on the market feed
-    "instruments_url": "https://api.kite.trade/instruments",
-    "instruments_headers": {"X-Kite-Version": "3"},
-    # Kite regenerates the dump early each morning and advises fetching it after ~08:30 IST.
-    "instruments_published": (8, 30),
-    "auth_modes": (AuthMode.MANUAL,),
-    "default_auth_mode": AuthMode.MANUAL,
-    "credentials": {AuthMode.MANUAL: ("api_key", "access_token")},
-    "session_expiry": (6, 0),
-    "routes": {
-        "login": ("POST", "/session/token", "form", "default"),
-        "get_profile": ("GET", "/user/profile", None, "default"),
-        "get_funds": ("GET", "/user/margins", None, "default"),
-        "get_holdings": ("GET", "/portfolio/holdings", None, "default"),
-        "get_positions": ("GET", "/portfolio/positions", None, "default"),
-        "get_orders": ("GET", "/orders", None, "default"),
-        "get_order_history": ("GET", "/orders/{order_id}", None, "default"),
-        "get_trades": ("GET", "/trades", None, "default"),
-        "place_order": ("POST", "/orders/{variety}", "form", "orders"),
-        "modify_order": ("PUT", "/orders/{variety}/{order_id}", "form", "orders"),
-        "cancel_order": ("DELETE", "/orders/{variety}/{order_id}", None, "orders"),
-        "calculate_margin": ("POST", "/margins/basket", "json", "default"),
+_ZERODHA: BrokerSpec = _broker(
+    id="zerodha",
+    name="Zerodha Kite Connect",
+    urls={
+        "root_url": "https://api.kite.trade",
+        "login_url": "https://kite.zerodha.com/connect/login",
+        "ws_url": "wss://ws.kite.trade",  # order updates arrive as text frames on the market feed
+        "instruments_url": "https://api.kite.trade/instruments",
     },
-    # Kite notes section 6: 10/s per api_key; orders 10/s and 200/min.
-    "rate_limits": {"default": [(10, 1.0)], "orders": [(10, 1.0), (200, 60.0)]},
-    "errors": {
+    # Kite regenerates the dump early each morning and advises fetching it after ~08:30 IST.
+    master=_Master(published=(8, 30), parse=_zerodha_parse_master, headers={"X-Kite-Version": "3"}),
+    auth=(
+        _Flow("access_token", AuthMode.MANUAL, needs=("api_key", "access_token"), trigger=("access_token",),
+              token="access_token", signs=("api_key",), app="api_key"),
+        _Flow("request_token", AuthMode.MANUAL, needs=("api_key", "api_secret", "request_token"),
+              trigger=("request_token",), obtain=_zerodha_exchange_token, single_use="request_token",
+              signs=("api_key",), app="api_key"),
+    ),
+    session_expiry=(6, 0),
+    routes={
+        "login": _Route("POST", "/session/token", "form", signed=False, idempotent=False),
+        "get_profile": _Route("GET", "/user/profile", parse=_zerodha_profile),
+        "get_funds": _Route("GET", "/user/margins", parse=_zerodha_funds),
+        "get_holdings": _Route("GET", "/portfolio/holdings", row=_zerodha_holding),
+        "get_positions": _Route("GET", "/portfolio/positions", rows=_zerodha_position_rows, row=_zerodha_position),
+        "get_orders": _Route("GET", "/orders", row=_zerodha_order),
+        "get_order_history": _Route("GET", "/orders/{order_id}", about_order=True, build=_order_id_path,
+                                    row=_zerodha_order),
+        "get_trades": _Route("GET", "/trades", row=_zerodha_trade),
+        "place_order": _Route("POST", "/orders/{variety}", "form", rate="orders", idempotent=False, about_order=True,
+                              build=_zerodha_place_order, parse=_zerodha_placed),
+        "modify_order": _Route("PUT", "/orders/{variety}/{order_id}", "form", rate="orders", about_order=True,
+                               build=_zerodha_modify_order),
+        "cancel_order": _Route("DELETE", "/orders/{variety}/{order_id}", rate="orders", about_order=True,
+                               build=_zerodha_cancel_order),
+        "calculate_margin": _Route("POST", "/margins/basket", "json", build=_zerodha_margin_body, parse=_zerodha_margin),
+    },
+    # https://kite.trade/docs/connect/v3/exceptions/#api-rate-limit: 10/s per api_key; orders
+    # 10/s and 200/min.
+    rate_limits={"default": [(10, 1.0)], "orders": [(10, 1.0), (200, 60.0)]},
+    errors={  # https://kite.trade/docs/connect/v3/exceptions/
         "TokenException": AuthenticationError,
         "PermissionException": AuthenticationError,
         "UserException": AuthenticationError,
@@ -2020,62 +2837,48 @@ _ZERODHA: BrokerSpec = {
         "DataException": BrokerError,
         "GeneralException": BrokerError,
     },
-    "order_errors": {"InputException": InvalidOrderError},
-    "error_messages": (
+    order_errors={"InputException": InvalidOrderError},
+    error_messages=(
         ("too many requests", RateLimitError),
         ("insufficient funds", InsufficientFundsError),
         ("couldn't find that", OrderNotFoundError),
         ("order not found", OrderNotFoundError),
         ("invalid order_id", OrderNotFoundError),
     ),
-    "rate_limit_texts": ("too many requests",),
-    "empty_codes": frozenset(),
-    "retryable_codes": frozenset({"NetworkException", "DataException"}),
-    "exchanges": frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
-    "products": _KITE_PRODUCTS,
-    "order_types": _KITE_ORDER_TYPES,
-    "validities": ("DAY", "IOC"),
-    "max_tag_len": 20,
-    "row_fields": {"order_id": "order_id", "position_qty": "quantity"},
-    "stream_max_tokens": 3000,
-    "stream_keepalive": None,  # the server sends a 1-byte heartbeat about every second
-    "stream_silence_timeout": 5.0,
-    "stream_modes_additive": False,  # a "mode" message moves a token to the new mode
-    "hooks": {
-        "parse_master": _zerodha_parse_master,
+    rate_limit_texts=("too many requests",),
+    retryable_codes=frozenset({"NetworkException", "DataException"}),
+    exchanges=frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
+    products=_KITE_PRODUCTS,
+    order_types=_KITE_ORDER_TYPES,
+    validities=("DAY", "IOC"),
+    max_tag_len=20,
+    row_fields={"order_id": "order_id", "position_qty": "quantity", "exchange": "exchange", "symbol": "tradingsymbol"},
+    has={"order_history": True, "margin": True, "margin_with_positions": True, "order_updates": True,
+         "streaming": True},
+    stream_max_tokens=3000,
+    stream_keepalive=None,  # the server sends a 1-byte heartbeat about every second
+    stream_silence_timeout=5.0,
+    stream_modes_additive=False,  # a "mode" message moves a token to the new mode
+    hooks={
+        "headers": _zerodha_headers,
+        "envelope": _zerodha_envelope,
+        "login_url": _zerodha_login_url,
+        "reauth_hint": _zerodha_reauth_hint,
+        "raw_status": _zerodha_raw_status,
         "stream_connect": _zerodha_stream_connect,
         "stream_key": _zerodha_stream_key,
         "stream_subscribe": _zerodha_stream_subscribe,
         "stream_unsubscribe": _zerodha_stream_unsubscribe,
         "stream_decode": _zerodha_decode,
         "stream_text": _zerodha_stream_text,
-        "headers": _zerodha_headers,
-        "envelope": _zerodha_envelope,
-        "exchange_token": _zerodha_exchange_token,
-        "login_url": _zerodha_login_url,
-        "reauth_hint": _zerodha_reauth_hint,
-        "profile": _zerodha_profile,
-        "funds": _zerodha_funds,
-        "holding_rows": _list_rows,
-        "holding": _zerodha_holding,
-        "position_rows": _zerodha_position_rows,
-        "position": _zerodha_position,
-        "order": _zerodha_order,
-        "order_status": _zerodha_order_status,
-        "trade": _zerodha_trade,
-        "margin": _zerodha_margin,
-        "margin_body": _zerodha_margin_body,
-        "place_order": _zerodha_place_order,
-        "placed": _zerodha_placed,
-        "modify_order": _zerodha_modify_order,
-        "cancel_order": _zerodha_cancel_order,
     },
-}
+)
 
 
 # ============================================================================
 # 6b. Broker spec: AngelOne
 # ============================================================================
+# SmartAPI: https://smartapi.angelbroking.com/docs
 
 _ANGEL_MASTER_KEYS = ("token", "symbol", "name", "expiry", "strike", "lotsize", "instrumenttype", "exch_seg", "tick_size")
 _MONTHS = {m: i for i, m in enumerate(("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"), 1)}
@@ -2083,66 +2886,14 @@ _MONTHS = {m: i for i, m in enumerate(("JAN", "FEB", "MAR", "APR", "MAY", "JUN",
 
 def _angelone_iso_date(raw: str) -> str:
     """``28JUL2026`` -> ``2026-07-28``."""
-    if len(raw) != 9 or raw[2:5] not in _MONTHS:
+    if not isinstance(raw, str) or len(raw) != 9 or raw[2:5] not in _MONTHS:
         raise ValueError(f"expiry {raw!r} is not DDMMMYYYY")
     return _dt.date(int(raw[5:]), _MONTHS[raw[2:5]], int(raw[:2])).isoformat()
 
 
-def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
-    """Yield the elements of a top-level JSON array without holding the whole document.
-
-    Each chunk's complete objects are decoded by one ``json.loads`` (C speed); a chunk whose
-    cut falls inside a string falls back to decoding object by object.
-    """
-    import json
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    raw_decode = json.JSONDecoder().raw_decode
-    buf = ""
-    started = False
-    while True:
-        chunk = f.read(chunk_size)
-        buf += decoder.decode(chunk, final=not chunk)
-        if not started:
-            stripped = buf.lstrip()
-            if not stripped:
-                if not chunk:
-                    raise _MasterFormatError("the file is empty")
-                continue
-            if stripped[0] != "[":
-                raise _MasterFormatError(f"not a JSON array (starts {stripped[:60]!r})")
-            buf = stripped[1:]
-            started = True
-        cut = buf.rfind("}")
-        if cut >= 0:
-            part = buf[: cut + 1].lstrip(" \t\r\n,")
-            try:
-                items = json.loads("[" + part + "]")
-                rest = buf[cut + 1:]
-            except ValueError:
-                items, pos = [], 0
-                while True:
-                    while pos < len(part) and part[pos] in " \t\r\n,":
-                        pos += 1
-                    if pos >= len(part):
-                        break
-                    try:
-                        obj, pos = raw_decode(part, pos)
-                    except ValueError:
-                        break
-                    items.append(obj)
-                rest = part[pos:] + buf[cut + 1:]
-            yield from items
-            buf = rest
-        if not chunk:
-            tail = buf.strip(" \t\r\n,")
-            if tail != "]":
-                raise _MasterFormatError(f"the JSON array is truncated or malformed near {tail[:60]!r}")
-            return
-
-
 def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRow]:
-    """Parse AngelOne's OpenAPIScripMaster.json (section 6 of the AngelOne notes).
+    """Parse AngelOne's OpenAPIScripMaster.json into canonical rows
+    (https://smartapi.angelbroking.com/docs/Instruments).
 
     AngelOne gives strike and tick size in paise (x100) as strings; index rows carry the
     canonical name in ``name`` and a display name in ``symbol``.
@@ -2175,20 +2926,23 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
                     stats.skip(f"{exchange}:{itype}")
                     continue
             else:
-                stats.skip(exchange)
+                stats.skip(str(exchange))
                 continue
             token, bsym, name = obj["token"], obj["symbol"], obj["name"]
-            if not token or not bsym:
-                raise ValueError(f"bad token {token!r} or symbol {bsym!r}")
-            lot = int(obj["lotsize"])
-            tick = float(obj["tick_size"]) / 100
+            if not isinstance(token, str) or not token or not isinstance(bsym, str) or not bsym or not isinstance(name, str):
+                raise ValueError(f"bad token {token!r}, symbol {bsym!r} or name {name!r}")
+            lot = _lot(obj["lotsize"])
+            tick = _tick(obj["tick_size"]) / 100
+            # Older rows lack it; "0" (indices) means none is known.
+            freeze = _lot(obj.get("freeze_qty") or "0")
             if exchange in cash:
                 if kind == "I":
                     yield ("I", exchange, _canonical_index_symbol(name or bsym), name or bsym, lot, tick, token, bsym,
-                           None, None, None, None)
+                           None, None, None, None, 0)
                 else:
                     symbol = bsym[:-3] if exchange == "NSE" and bsym.endswith("-EQ") else bsym
-                    yield ("E", exchange, symbol.upper(), name or symbol, lot, tick, token, bsym, None, None, None, None)
+                    yield ("E", exchange, symbol.upper(), name or symbol, lot, tick, token, bsym, None, None, None, None,
+                           freeze)
                 continue
             underlying = name.strip().upper()
             if not underlying:
@@ -2196,15 +2950,15 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
             expiry = expiries[obj["expiry"]]
             assert shape is not None  # derivative rows only reach here
             if shape[0] == "F":
-                yield ("F", exchange, underlying, name, lot, tick, token, bsym, expiry, shape[1], None, None)
+                yield ("F", exchange, underlying, name, lot, tick, token, bsym, expiry, shape[1], None, None, freeze)
             else:
-                strike = float(obj["strike"]) / 100
+                strike = _positive_number(obj["strike"]) / 100
                 otype = bsym[-2:]
-                if not strike > 0 or otype not in ("CE", "PE"):
-                    raise ValueError(f"strike {obj['strike']!r} / option type {otype!r}")
-                yield ("O", exchange, underlying, name, lot, tick, token, bsym, expiry, shape[1], strike, otype)
+                if otype not in ("CE", "PE"):
+                    raise ValueError(f"option type {otype!r}")
+                yield ("O", exchange, underlying, name, lot, tick, token, bsym, expiry, shape[1], strike, otype, freeze)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            stats.bad(line, f"{exc.__class__.__name__}: {exc}")
+            stats.bad(line, f"{exc.__class__.__name__}: {_short(str(exc), 80)}")
 
 
 _ANGEL_PRODUCTS = {ProductType.CNC: "DELIVERY", ProductType.MIS: "INTRADAY", ProductType.NRML: "CARRYFORWARD"}
@@ -2212,7 +2966,9 @@ _ANGEL_ORDER_TYPES = {OrderType.MARKET: "MARKET", OrderType.LIMIT: "LIMIT", Orde
                       OrderType.SL_M: "STOPLOSS_MARKET"}
 _ANGEL_PRODUCT_OF = _reverse(_ANGEL_PRODUCTS)
 _ANGEL_ORDER_TYPE_OF = _reverse(_ANGEL_ORDER_TYPES)
-# AngelOne's (NEST) order states, lower case with spaces (notes 5.2); keys are upper-cased here.
+_ANGEL_SIDE_OF = {"BUY": Side.BUY, "SELL": Side.SELL}
+# AngelOne's (NEST) order states, lower case with spaces
+# (https://smartapi.angelbroking.com/docs/Orders); keys are upper-cased here.
 _ANGEL_STATUSES = {
     "PUT ORDER REQ RECEIVED": OrderStatus.PENDING,
     "VALIDATION PENDING": OrderStatus.PENDING,
@@ -2245,8 +3001,9 @@ def _angelone_mac() -> str:
     return _MAC_ADDRESS[0]
 
 
-def _angelone_headers(config: Mapping[str, Any], session: Optional[SessionData]) -> Dict[str, str]:
-    # AngelOne requires these on every call but does not validate the address values (notes 1).
+def _angelone_headers(config: Mapping[str, Any], session: Optional[SessionData], route: _Route) -> Dict[str, str]:
+    # AngelOne requires these on every call but does not validate the address values
+    # (https://smartapi.angelbroking.com/docs/User).
     headers = {
         "Content-Type": "application/json", "Accept": "application/json", "X-UserType": "USER", "X-SourceID": "WEB",
         "X-ClientLocalIP": config.get("client_local_ip") or "127.0.0.1",
@@ -2259,33 +3016,34 @@ def _angelone_headers(config: Mapping[str, Any], session: Optional[SessionData])
     return headers
 
 
-def _angelone_envelope(status: int, body: Any) -> Tuple[bool, Any, str, str]:
-    """Two dialects: ``status``/``errorcode`` and the gateway's ``success``/``errorCode`` (notes 3.1)."""
+def _angelone_envelope(status: int, body: Dict[str, Any]) -> _Reply:
+    """Two dialects: ``status``/``errorcode`` and the gateway's ``success``/``errorCode``."""
     ok = body.get("status", body.get("success"))
     code = str(body.get("errorcode") or body.get("errorCode") or "")
     if ok is True and status < 400 and not code:
-        return True, body.get("data"), "", ""
+        return _Reply(True, body.get("data"), "", "")
     message = str(body.get("message") or "no message")
     if ok is None:  # e.g. a static-IP refusal: no status key at all
         message = f"unexpected reply without a status: {message}"
-    return False, None, code, message
+    return _Reply(False, None, code, message)
 
 
 def _angelone_raw_jwt(token: str) -> str:
-    """The SDK hands out ``"Bearer eyJ..."``; the header needs exactly one prefix (notes 9.1)."""
+    """The SDK hands out ``"Bearer eyJ..."``; the header needs exactly one prefix."""
     token = token.strip()
     return token[len("Bearer "):].strip() if token.startswith("Bearer ") else token
 
 
-def _angelone_session(data: Mapping[str, Any], now: float) -> SessionData:
-    jwt = _angelone_raw_jwt(str(data["jwtToken"]))
+def _angelone_session(data: Any, now: float, client_id: Optional[str]) -> SessionData:
+    data = _object(data)
+    jwt = _angelone_raw_jwt(_str_field(data, "jwtToken"))
     return SessionData(broker="angelone", mode=AuthMode.AUTO, access_token=jwt,
                        refresh_token=data.get("refreshToken") or None, feed_token=data.get("feedToken") or None,
-                       obtained_at=_dt.datetime.fromtimestamp(now, IST))
+                       obtained_at=_dt.datetime.fromtimestamp(now, IST), user_id=client_id)
 
 
-def _angelone_login(call: Callable[..., Any], config: Mapping[str, Any], now: float) -> SessionData:
-    """Log in with client code + PIN + TOTP (notes 2.1)."""
+def _angelone_login(call: _Call, config: Mapping[str, Any], now: float) -> SessionData:
+    """Log in with client code + PIN + TOTP (https://smartapi.angelbroking.com/docs/User)."""
     try:
         import pyotp
     except ImportError:
@@ -2294,20 +3052,21 @@ def _angelone_login(call: Callable[..., Any], config: Mapping[str, Any], now: fl
         code = pyotp.TOTP(config["totp_secret"].replace(" ", "")).at(now)
     except (ValueError, TypeError) as exc:  # binascii.Error (bad base32) is a ValueError
         raise ConfigurationError("config 'totp_secret' is not a base32 TOTP secret (the text under the QR code)") from exc
-    data = call("login", body={"clientcode": config["client_id"], "password": config["pin"], "totp": code})
-    return _angelone_session(data, now)
+    data = call("login", _Request(body={"clientcode": config["client_id"], "password": config["pin"], "totp": code}))
+    return _angelone_session(data, now, config["client_id"])
 
 
-def _angelone_renew(call: Callable[..., Any], config: Mapping[str, Any], session: SessionData, now: float) -> SessionData:
-    """Trade the refresh token for a new JWT/feed token (notes 2.4)."""
-    data = call("renew_token", body={"refreshToken": session.refresh_token}, session=session)
-    return _angelone_session(data, now)
+def _angelone_renew(call: _Call, config: Mapping[str, Any], session: SessionData, now: float) -> SessionData:
+    """Trade the refresh token for a new JWT/feed token."""
+    data = call("renew_token", _Request(body={"refreshToken": session.refresh_token}), session=session)
+    return _angelone_session(data, now, session.user_id)
 
 
 def _angelone_login_url(config: Mapping[str, Any], base: str) -> str:
-    """The publisher login page; it redirects with auth_token (the JWT) and feed_token (notes 1)."""
+    """The publisher login page; it redirects with auth_token (the JWT) and feed_token."""
     from urllib.parse import urlencode
 
+    _require_config(config, ("api_key",), "the angelone login URL")
     params = {"api_key": config["api_key"]}
     params.update({k: config[k] for k in ("redirect_url", "state") if config.get(k)})
     return f"{base}?{urlencode(params)}"
@@ -2318,33 +3077,36 @@ def _angelone_reauth_hint(config: Mapping[str, Any], base: str) -> str:
             "'pin' and 'totp_secret' (auth_mode='auto') and ttconnect logs in by itself")
 
 
-def _angelone_profile(ctx: _Ctx, data: Mapping[str, Any]) -> Profile:
+def _angelone_profile(ctx: _Ctx, data: Any) -> Profile:
+    data = _object(data)
     # AngelOne lists segments as nse_cm, nse_fo, bse_cm, bse_fo, mcx_fo, cde_fo...
     segments = {"nse_cm": Exchange.NSE, "bse_cm": Exchange.BSE, "nse_fo": Exchange.NFO, "bse_fo": Exchange.BFO,
                 "mcx_fo": Exchange.MCX, "cde_fo": Exchange.CDS}
     exchanges = tuple(dict.fromkeys(segments[e] for e in data.get("exchanges") or () if e in segments))
     products = tuple(dict.fromkeys(_ANGEL_PRODUCT_OF.get(p) or ProductType(p) for p in data.get("products") or ()
                                    if p in _ANGEL_PRODUCT_OF or p in ProductType.__members__))
-    return Profile(user_id=str(data["clientcode"]), name=str(data.get("name") or "").strip(),
+    return Profile(user_id=_str_field(data, "clientcode"), name=str(data.get("name") or "").strip(),
                    email=data.get("email") or None, broker="angelone", exchanges=exchanges, products=products, raw=data)
 
 
-def _angelone_funds(ctx: _Ctx, data: Mapping[str, Any]) -> Fund:
+def _angelone_funds(ctx: _Ctx, data: Any) -> Fund:
+    data = _object(data)
     available, debits = _num(data.get("net")) or 0.0, _num(data.get("utiliseddebits")) or 0.0
     return Fund(available=available, used=debits, total=available + debits, collateral=_num(data.get("collateral")),
                 m2m_unrealized=_num(data.get("m2munrealized")), m2m_realized=_num(data.get("m2mrealized")),
                 utilised_debits=debits, raw=data)
 
 
-def _angelone_holding_rows(data: Any) -> List[Mapping[str, Any]]:
-    return list((data or {}).get("holdings") or ()) if isinstance(data, Mapping) else list(data or ())
+def _angelone_holding_rows(data: Any) -> Sequence[Any]:
+    return _list_rows(data.get("holdings")) if isinstance(data, Mapping) else _list_rows(data)
 
 
 def _angelone_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
     qty = _int(row.get("quantity")) + _int(row.get("t1quantity"))
     avg, ltp = _num(row.get("averageprice")) or 0.0, _num(row.get("ltp"))
-    return Holding(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=qty, avg_price=avg, ltp=ltp,
-                   pnl=_num(row.get("profitandloss")), pnl_percent=_pnl_percent(avg, ltp, row.get("pnlpercentage")), raw=row)
+    return Holding(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")), qty=qty,
+                   avg_price=avg, ltp=ltp, pnl=_num(row.get("profitandloss")),
+                   pnl_percent=_pnl_percent(avg, ltp, row.get("pnlpercentage")), raw=row)
 
 
 def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
@@ -2352,24 +3114,24 @@ def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
     if pnl is None and (row.get("realised") is not None or row.get("unrealised") is not None):
         pnl = (_num(row.get("realised")) or 0.0) + (_num(row.get("unrealised")) or 0.0)
     avg = _num(row.get("avgnetprice")) or _num(row.get("netprice")) or 0.0
-    return Position(instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), qty=_int(row.get("netqty")),
-                    avg_price=avg, ltp=_num(row.get("ltp")), pnl=pnl,
+    return Position(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
+                    qty=_int(row.get("netqty")), avg_price=avg, ltp=_num(row.get("ltp")), pnl=pnl,
                     product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), raw=row)
 
 
-def _angelone_order_status(row: Mapping[str, Any]) -> OrderStatus:
+def _angelone_raw_status(row: Mapping[str, Any]) -> OrderStatus:
     return _order_status(row.get("orderstatus") or row.get("status") or "", _ANGEL_STATUSES,
                          _int(row.get("filledshares")), _int(row.get("quantity")))
 
 
 def _angelone_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
     qty, filled = _int(row.get("quantity")), _int(row.get("filledshares"))
-    status = _angelone_order_status(row)
+    status = _angelone_raw_status(row)
     return Order(
-        id=str(row["orderid"]), instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]),
-        side=Side(row["transactiontype"]), qty=qty, filled_qty=filled,
+        id=_str_field(row, "orderid"), instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
+        side=_mapped(_ANGEL_SIDE_OF, row, "transactiontype"), qty=qty, filled_qty=filled,
         pending_qty=_int(row.get("unfilledshares")) if status in _LIVE_STATUSES else 0,
-        order_type=_ANGEL_ORDER_TYPE_OF[row["ordertype"]], product=_ANGEL_PRODUCT_OF.get(row.get("producttype")),
+        order_type=_mapped(_ANGEL_ORDER_TYPE_OF, row, "ordertype"), product=_ANGEL_PRODUCT_OF.get(row.get("producttype")),
         status=status, price=_num(row.get("price")) or None, trigger_price=_num(row.get("triggerprice")) or None,
         average_price=_num(row.get("averageprice")) or None, tag=row.get("ordertag") or None,
         status_message=row.get("text") or None,
@@ -2383,16 +3145,21 @@ def _angelone_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
     qty, price = _int(row.get("fillsize")), _num(row.get("fillprice")) or 0.0
     stamp = None
     if row.get("filltime"):  # time only ("13:27:53"): the trade book holds today's fills only
-        when = _dt.datetime.strptime(row["filltime"], "%H:%M:%S").time()
+        try:
+            when = _dt.datetime.strptime(str(row["filltime"]), "%H:%M:%S").time()
+        except ValueError:
+            raise _Malformed(f"field 'filltime' is {row['filltime']!r}, expected HH:MM:SS") from None
         stamp = _dt.datetime.combine(ctx.today(), when, IST)
-    return Trade(trade_id=str(row["fillid"]), order_id=str(row["orderid"]),
-                 instrument=ctx.instrument(row["exchange"], row["tradingsymbol"]), side=Side(row["transactiontype"]),
-                 qty=qty, avg_price=price, trade_value=_num(row.get("tradevalue")) or qty * price,
+    return Trade(trade_id=_str_field(row, "fillid"), order_id=_str_field(row, "orderid"),
+                 instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
+                 side=_mapped(_ANGEL_SIDE_OF, row, "transactiontype"), qty=qty, avg_price=price,
+                 trade_value=_num(row.get("tradevalue")) or qty * price,
                  product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), timestamp=stamp, raw=row)
 
 
-def _angelone_margin(ctx: _Ctx, data: Mapping[str, Any]) -> Margin:
-    parts = data.get("marginComponents") or {}
+def _angelone_margin(ctx: _Ctx, data: Any) -> Margin:
+    data = _object(data)
+    parts = _object(data.get("marginComponents") or {}, "marginComponents")
     final_total = _num(data.get("totalMarginRequired")) or 0.0
     benefit = _num(parts.get("marginBenefit")) or 0.0
     # AngelOne reports the requirement after the benefit plus the benefit itself; it has no
@@ -2405,7 +3172,7 @@ def _angelone_variety(order_type: OrderType) -> str:
     return "STOPLOSS" if order_type in (OrderType.SL, OrderType.SL_M) else "NORMAL"
 
 
-def _angelone_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str, str]]:
+def _angelone_place_order(req: _OrderRequest) -> _Request:
     body = {
         "variety": _angelone_variety(req.order_type), "tradingsymbol": req.broker_symbol, "symboltoken": req.token,
         "transactiontype": req.side.value, "exchange": req.instrument.exchange.value,
@@ -2413,65 +3180,54 @@ def _angelone_place_order(req: _OrderRequest) -> Tuple[Dict[str, str], Dict[str,
         "duration": req.validity, "price": _price_text(req.price), "triggerprice": _price_text(req.trigger_price),
         "quantity": str(req.qty), "squareoff": "0", "stoploss": "0", "ordertag": req.tag,
     }
-    return {}, body
+    return _Request(body=body)
 
 
-def _angelone_placed(data: Mapping[str, Any]) -> str:
-    return str(data["orderid"])
+def _angelone_placed(ctx: _Ctx, data: Any) -> str:
+    return _str_field(_object(data), "orderid")
 
 
-def _angelone_modify_order(current: Order, order_type: OrderType, qty: int, price: Optional["Decimal"],
-                           trigger_price: Optional["Decimal"], token: str, broker_symbol: str
-                           ) -> Tuple[Dict[str, str], Dict[str, str]]:
-    # AngelOne wants the whole order restated, under the variety it was placed with (notes 4.2).
+def _angelone_modify_order(current: Order, req: _OrderRequest) -> _Request:
+    # AngelOne wants the whole order restated, under the variety it was placed with
+    # (https://smartapi.angelbroking.com/docs/Orders).
     raw = current.raw
     body = {
         "variety": raw.get("variety") or _angelone_variety(current.order_type), "orderid": current.id,
-        "ordertype": _ANGEL_ORDER_TYPES[order_type],
+        "ordertype": _ANGEL_ORDER_TYPES[req.order_type],
         "producttype": raw.get("producttype") or _ANGEL_PRODUCTS[current.product or ProductType.MIS],
-        "duration": raw.get("duration") or "DAY", "price": _price_text(price), "quantity": str(qty),
-        "tradingsymbol": broker_symbol, "symboltoken": token, "exchange": current.instrument.exchange.value,
+        "duration": raw.get("duration") or "DAY", "price": _price_text(req.price), "quantity": str(req.qty),
+        "tradingsymbol": req.broker_symbol, "symboltoken": req.token, "exchange": current.instrument.exchange.value,
     }
-    if trigger_price is not None:
-        body["triggerprice"] = _price_text(trigger_price)
-    return {}, body
+    if req.trigger_price is not None:
+        body["triggerprice"] = _price_text(req.trigger_price)
+    return _Request(body=body)
 
 
-def _angelone_cancel_order(order_id: str, raw: Mapping[str, Any]) -> Tuple[Dict[str, str], Dict[str, str]]:
+def _angelone_cancel_order(order_id: str, raw: Mapping[str, Any]) -> _Request:
     variety = raw.get("variety") or ("STOPLOSS" if str(raw.get("ordertype", "")).startswith("STOPLOSS") else "NORMAL")
-    return {}, {"variety": variety, "orderid": order_id}
+    return _Request(body={"variety": variety, "orderid": order_id})
 
 
-def _angelone_margin_body(legs: Sequence[_OrderRequest]) -> Tuple[None, Dict[str, Any]]:
+def _angelone_margin_body(legs: Sequence[_OrderRequest]) -> _Request:
     positions = [
         {"exchange": leg.instrument.exchange.value, "qty": leg.qty, "price": float(leg.price or 0),
          "productType": _ANGEL_PRODUCTS[leg.product], "token": leg.token, "tradeType": leg.side.value,
          "orderType": _ANGEL_ORDER_TYPES[leg.order_type]}
         for leg in legs
     ]
-    return None, {"positions": positions}
+    return _Request(body={"positions": positions})
 
 
-# SmartWebSocketV2 (notes section 7): one little-endian packet per binary frame; its length
-# says the mode. Prices in paise; the exchange timestamp in milliseconds.
+# SmartWebSocketV2 (https://smartapi.angelbroking.com/docs/WebSocket2): one little-endian packet
+# per binary frame; its length says the mode. Prices in paise; the exchange timestamp in ms. The
+# best-five block is 5 buy then 5 sell levels of (flag, qty, price, orders); the flag is skipped.
 _ANGEL_LTP = struct.Struct("<BB25sqqq")
 _ANGEL_QUOTE = struct.Struct("<BB25sqqqqqqddqqqq")
-_ANGEL_SNAP = struct.Struct("<BB25sqqqqqqddqqqqqqd" + "Hqqh" * 10 + "qqqq")
+_ANGEL_SNAP = struct.Struct("<BB25sqqqqqqddqqqqqqd" + "2xqqh" * 10 + "qqqq")
 _ANGEL_EXCHANGE_TYPES = {Exchange.NSE: 1, Exchange.NFO: 2, Exchange.BSE: 3, Exchange.BFO: 4, Exchange.MCX: 5,
                          Exchange.CDS: 13}
 _ANGEL_MODES = {"ltp": 1, "quote": 2, "full": 3}
 _ANGEL_DIVISORS = {13: 10_000_000.0}  # currency derivatives; everything else is in paise
-
-
-def _angel_depth(v: tuple, div: float) -> Tuple[Tuple["DepthLevel", ...], Tuple["DepthLevel", ...]]:
-    """Best-five block: 10 x (flag 1=buy/0=sell, qty, price, orders); empty slots dropped."""
-    bids: List[DepthLevel] = []
-    asks: List[DepthLevel] = []
-    for i in range(18, 58, 4):
-        flag, qty, price, orders = v[i], v[i + 1], v[i + 2], v[i + 3]
-        if qty or price:
-            (bids if flag else asks).append(DepthLevel(price=price / div, qty=qty, orders=orders))
-    return tuple(bids), tuple(asks)
 
 
 def _angelone_decode(data: bytes, instruments: Mapping[Any, Instrument], out: List[Tick]) -> None:
@@ -2486,9 +3242,12 @@ def _angelone_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Li
     if size == 379:
         v = _ANGEL_SNAP.unpack_from(data)
         ltp, close = v[5] / div, v[14] / div
+        # The last-traded timestamp's unit is undocumented: seconds in observed data; a
+        # millisecond value is read as such rather than dated 50,000 years out.
+        traded = v[15] / 1000 if v[15] > 10**11 else v[15]
         tick = _TickBuilder(instrument, "full", ltp, v[6], v[7] / div, v[8], int(v[9]), int(v[10]), v[11] / div,
                             v[12] / div, v[13] / div, close, (ltp - close) * 100 / close if close else None, v[16], None,
-                            None, v[15], v[4] / 1000, (_angel_depth, v, div))
+                            None, traded, v[4] / 1000, (v[18:33], v[33:48], div))
     elif size == 123:
         v = _ANGEL_QUOTE.unpack_from(data)
         ltp, close = v[5] / div, v[14] / div
@@ -2507,15 +3266,16 @@ def _angelone_stream_headers(config: Mapping[str, Any], session: SessionData) ->
     if missing:
         raise ConfigurationError(f"AngelOne streaming needs {' and '.join(repr(m) for m in missing)} in the config "
                                  "(auth_mode 'auto' obtains the feed token by itself)")
-    return {"Authorization": f"Bearer {session.access_token}", "x-api-key": config["api_key"],
+    return {"Authorization": f"Bearer {session.access_token}", "x-api-key": config.get("api_key", ""),
             "x-client-code": config["client_id"], "x-feed-token": str(session.feed_token)}
 
 
-def _angelone_stream_connect(config: Mapping[str, Any], session: SessionData, url: str) -> Tuple[str, Dict[str, str]]:
+def _angelone_stream_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
+                             ) -> Tuple[str, Dict[str, str]]:
     return url, _angelone_stream_headers(config, session)
 
 
-def _angelone_order_stream_connect(config: Mapping[str, Any], session: SessionData, url: str
+def _angelone_order_stream_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
                                    ) -> Tuple[str, Dict[str, str]]:
     return url, _angelone_stream_headers(config, session)
 
@@ -2524,7 +3284,7 @@ def _angelone_stream_key(instrument: Instrument, token: str) -> bytes:
     return bytes([_ANGEL_EXCHANGE_TYPES[instrument.exchange]]) + token.encode().ljust(25, b"\0")
 
 
-def _angelone_stream_requests(action: int, items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+def _angelone_stream_requests(action: int, items: Sequence[_Sub]) -> List[Union[str, bytes]]:
     import json
 
     groups: Dict[Tuple[int, int], List[str]] = {}
@@ -2538,11 +3298,11 @@ def _angelone_stream_requests(action: int, items: Sequence[Tuple[Instrument, str
             for mode_code, token_list in sorted(by_mode.items())]
 
 
-def _angelone_stream_subscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+def _angelone_stream_subscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
     return _angelone_stream_requests(1, items)
 
 
-def _angelone_stream_unsubscribe(items: Sequence[Tuple[Instrument, str, str]]) -> List[str]:
+def _angelone_stream_unsubscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
     return _angelone_stream_requests(0, items)
 
 
@@ -2573,37 +3333,48 @@ def _angelone_order_text(text: str) -> Tuple[str, Any]:
 
 _ANGEL_API = "/rest/secure/angelbroking"
 
-_ANGELONE: BrokerSpec = {
-    "id": "angelone",
-    "name": "AngelOne SmartAPI",
-    "root_url": "https://apiconnect.angelone.in",
-    "login_url": "https://smartapi.angelone.in/publisher-login",
-    "ws_url": "wss://smartapisocket.angelone.in/smart-stream",
-    "order_ws_url": "wss://tns.angelone.in/smart-order-update",
-    "instruments_url": "https://margincalculator.angelbroking.com/OpenAPI_File/files/OpenAPIScripMaster.json",
-    "instruments_headers": {},
-    "instruments_published": (8, 0),
-    "auth_modes": (AuthMode.AUTO, AuthMode.MANUAL),
-    "default_auth_mode": AuthMode.AUTO,
-    "credentials": {AuthMode.AUTO: ("api_key", "client_id", "pin", "totp_secret"), AuthMode.MANUAL: ("api_key", "access_token")},
-    "session_expiry": (0, 0),
-    "routes": {
-        "login": ("POST", "/rest/auth/angelbroking/user/v1/loginByPassword", "json", "login"),
-        "renew_token": ("POST", "/rest/auth/angelbroking/jwt/v1/generateTokens", "json", "renew"),
-        "get_profile": ("GET", _ANGEL_API + "/user/v1/getProfile", None, "profile"),
-        "get_funds": ("GET", _ANGEL_API + "/user/v1/getRMS", None, "funds"),
-        "get_holdings": ("GET", _ANGEL_API + "/portfolio/v1/getAllHolding", None, "holdings"),
-        "get_positions": ("GET", _ANGEL_API + "/order/v1/getPosition", None, "positions"),
-        "get_orders": ("GET", _ANGEL_API + "/order/v1/getOrderBook", None, "order_book"),
-        "get_trades": ("GET", _ANGEL_API + "/order/v1/getTradeBook", None, "trade_book"),
-        "place_order": ("POST", _ANGEL_API + "/order/v1/placeOrder", "json", "orders"),
-        "modify_order": ("POST", _ANGEL_API + "/order/v1/modifyOrder", "json", "orders"),
-        "cancel_order": ("POST", _ANGEL_API + "/order/v1/cancelOrder", "json", "orders"),
-        "calculate_margin": ("POST", _ANGEL_API + "/margin/v1/batch", "json", "margin"),
+_ANGELONE: BrokerSpec = _broker(
+    id="angelone",
+    name="AngelOne SmartAPI",
+    urls={
+        "root_url": "https://apiconnect.angelone.in",
+        "login_url": "https://smartapi.angelone.in/publisher-login",
+        "ws_url": "wss://smartapisocket.angelone.in/smart-stream",
+        "order_ws_url": "wss://tns.angelone.in/smart-order-update",
+        "instruments_url": "https://margincalculator.angelbroking.com/OpenAPI_File/files/OpenAPIScripMaster.json",
     },
-    # Per client code, from AngelOne's rate-limit table (notes 3.4); place, modify and cancel
-    # share one budget.
-    "rate_limits": {
+    master=_Master(published=(8, 0), parse=_angelone_parse_master),
+    auth=(
+        _Flow("totp", AuthMode.AUTO, needs=("api_key", "client_id", "pin", "totp_secret"), trigger=("pin", "totp_secret"),
+              obtain=_angelone_login, user="client_id", signs=("api_key",), app="api_key"),
+        _Flow("access_token", AuthMode.MANUAL, needs=("api_key", "access_token"), trigger=("access_token",),
+              token="access_token", session_keys={"feed_token": "feed_token"}, user="client_id", signs=("api_key",), app="api_key"),
+    ),
+    session_expiry=(0, 0),
+    routes={
+        "login": _Route("POST", "/rest/auth/angelbroking/user/v1/loginByPassword", "json", rate="login", signed=False,
+                        idempotent=False),
+        "renew_token": _Route("POST", "/rest/auth/angelbroking/jwt/v1/generateTokens", "json", rate="renew",
+                              signed=False, idempotent=False),
+        "get_profile": _Route("GET", _ANGEL_API + "/user/v1/getProfile", rate="profile", parse=_angelone_profile),
+        "get_funds": _Route("GET", _ANGEL_API + "/user/v1/getRMS", rate="funds", parse=_angelone_funds),
+        "get_holdings": _Route("GET", _ANGEL_API + "/portfolio/v1/getAllHolding", rate="holdings",
+                               rows=_angelone_holding_rows, row=_angelone_holding),
+        "get_positions": _Route("GET", _ANGEL_API + "/order/v1/getPosition", rate="positions", row=_angelone_position),
+        "get_orders": _Route("GET", _ANGEL_API + "/order/v1/getOrderBook", rate="order_book", row=_angelone_order),
+        "get_trades": _Route("GET", _ANGEL_API + "/order/v1/getTradeBook", rate="trade_book", row=_angelone_trade),
+        "place_order": _Route("POST", _ANGEL_API + "/order/v1/placeOrder", "json", rate="orders", idempotent=False,
+                              about_order=True, build=_angelone_place_order, parse=_angelone_placed),
+        "modify_order": _Route("POST", _ANGEL_API + "/order/v1/modifyOrder", "json", rate="orders", about_order=True,
+                               build=_angelone_modify_order),
+        "cancel_order": _Route("POST", _ANGEL_API + "/order/v1/cancelOrder", "json", rate="orders", about_order=True,
+                               build=_angelone_cancel_order),
+        "calculate_margin": _Route("POST", _ANGEL_API + "/margin/v1/batch", "json", rate="margin",
+                                   build=_angelone_margin_body, parse=_angelone_margin),
+    },
+    # Per client code, from AngelOne's rate-limit table
+    # (https://smartapi.angelbroking.com/docs/RateLimit); place, modify and cancel share one budget.
+    rate_limits={
         "default": [(1, 1.0)],
         "login": [(1, 1.0)],
         "renew": [(1, 1.0), (1000, 3600.0)],
@@ -2616,7 +3387,7 @@ _ANGELONE: BrokerSpec = {
         "orders": [(9, 1.0), (500, 60.0), (1000, 3600.0)],
         "margin": [(10, 1.0), (500, 60.0), (5000, 3600.0)],
     },
-    "errors": {
+    errors={  # https://smartapi.angelbroking.com/docs/Exceptions
         "AG8001": AuthenticationError, "AG8002": AuthenticationError, "AG8003": AuthenticationError,
         "AG8004": AuthenticationError, "AB8050": AuthenticationError, "AB8051": AuthenticationError,
         "AB1000": AuthenticationError, "AB1001": AuthenticationError, "AB1002": AuthenticationError,
@@ -2631,25 +3402,32 @@ _ANGELONE: BrokerSpec = {
         "AB1017": OrderError, "AB2002": OrderError,
         "AB1021": RateLimitError,
     },
-    "order_errors": {},
-    "error_messages": (("exceeding access rate", RateLimitError), ("too many requests", RateLimitError),
-                       ("insufficient fund", InsufficientFundsError)),
-    "rate_limit_texts": ("exceeding access rate", "exceeding rate limit", "too many requests"),
+    error_messages=(("exceeding access rate", RateLimitError), ("too many requests", RateLimitError),
+                    ("insufficient fund", InsufficientFundsError)),
+    rate_limit_texts=("exceeding access rate", "exceeding rate limit", "too many requests"),
     # "Order/Trade/Holding/Position not found" is how AngelOne says "the list is empty".
-    "empty_codes": frozenset({"AB1013", "AB1014", "AB1015", "AB1016"}),
-    "retryable_codes": frozenset({"AB1004", "AB2001"}),
-    "exchanges": frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
-    "products": _ANGEL_PRODUCTS,
-    "order_types": _ANGEL_ORDER_TYPES,
-    "validities": ("DAY", "IOC"),
-    "max_tag_len": 19,  # "ordertag length should be less than 20 characters" (AB4008)
-    "row_fields": {"order_id": "orderid", "position_qty": "netqty"},
-    "stream_max_tokens": 1000,
-    "stream_keepalive": "ping",  # answered by a text "pong" (notes 7.3)
-    "stream_silence_timeout": 10.0,
-    "stream_modes_additive": True,  # one tick per subscribed mode (notes 7.1)
-    "hooks": {
-        "parse_master": _angelone_parse_master,
+    empty_codes=frozenset({"AB1013", "AB1014", "AB1015", "AB1016"}),
+    retryable_codes=frozenset({"AB1004", "AB2001"}),
+    exchanges=frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
+    products=_ANGEL_PRODUCTS,
+    order_types=_ANGEL_ORDER_TYPES,
+    validities=("DAY", "IOC"),
+    max_tag_len=19,  # "ordertag length should be less than 20 characters" (AB4008)
+    row_fields={"order_id": "orderid", "position_qty": "netqty", "exchange": "exchange", "symbol": "tradingsymbol"},
+    options=("client_local_ip", "client_public_ip", "mac_address", "redirect_url", "state"),
+    has={"auto_auth": True, "margin": True, "order_updates": True, "streaming": True},
+    stream_max_tokens=1000,
+    stream_keepalive="ping",  # answered by a text "pong"
+    stream_silence_timeout=10.0,
+    stream_modes_additive=True,  # one tick per subscribed mode
+    hooks={
+        "headers": _angelone_headers,
+        "envelope": _angelone_envelope,
+        "manual_token": _angelone_raw_jwt,
+        "login_url": _angelone_login_url,
+        "reauth_hint": _angelone_reauth_hint,
+        "renew": _angelone_renew,
+        "raw_status": _angelone_raw_status,
         "stream_connect": _angelone_stream_connect,
         "stream_key": _angelone_stream_key,
         "stream_subscribe": _angelone_stream_subscribe,
@@ -2658,31 +3436,13 @@ _ANGELONE: BrokerSpec = {
         "stream_text": _angelone_stream_text,
         "order_stream_connect": _angelone_order_stream_connect,
         "order_stream_text": _angelone_order_text,
-        "headers": _angelone_headers,
-        "envelope": _angelone_envelope,
-        "login": _angelone_login,
-        "renew": _angelone_renew,
-        "manual_token": _angelone_raw_jwt,
-        "login_url": _angelone_login_url,
-        "reauth_hint": _angelone_reauth_hint,
-        "profile": _angelone_profile,
-        "funds": _angelone_funds,
-        "holding_rows": _angelone_holding_rows,
-        "holding": _angelone_holding,
-        "position_rows": _list_rows,
-        "position": _angelone_position,
-        "order": _angelone_order,
-        "order_status": _angelone_order_status,
-        "trade": _angelone_trade,
-        "margin": _angelone_margin,
-        "margin_body": _angelone_margin_body,
-        "place_order": _angelone_place_order,
-        "placed": _angelone_placed,
-        "modify_order": _angelone_modify_order,
-        "cancel_order": _angelone_cancel_order,
     },
-}
+)
 
+
+# ============================================================================
+# 6z. The registry
+# ============================================================================
 
 _BROKERS: Mapping[str, BrokerSpec] = {spec["id"]: spec for spec in (_ZERODHA, _ANGELONE)}
 
@@ -2741,7 +3501,8 @@ class _Transport:
     """The one HTTP path: a pooled, kept-alive ``requests.Session`` (imported on first use).
 
     It knows HTTP, not brokers: one request in, status/headers/text out, or a NetworkError
-    that says whether the request may have reached the server (``maybe_sent``).
+    that says whether the request may have reached the server (``maybe_sent``). Each attempt
+    is bounded by ``timeout`` seconds in all, also against a server that trickles its reply.
     """
 
     def __init__(self, timeout: float, max_retries: int, sleep: Callable[[float], None]) -> None:
@@ -2755,8 +3516,7 @@ class _Transport:
     def session(self) -> "requests.Session":
         with self._lock:
             if self._session is None:
-                import requests
-
+                requests = _import_requests()
                 session = requests.Session()
                 # The environment (proxy variables, CA bundle) is read once here instead of on
                 # every request, which costs requests ~100 us a call; and ~/.netrc is never
@@ -2774,34 +3534,61 @@ class _Transport:
         host = url.split("://", 1)[-1].split("/", 1)[0]
         proxies = self._proxy_cache.get(host)
         if proxies is None:
-            import requests
-
+            requests = _import_requests()
             proxies = self._proxy_cache[host] = requests.utils.get_environ_proxies(url)
         return proxies
 
     def request(self, method: str, url: str, headers: Mapping[str, str], params: Optional[Mapping[str, Any]],
                 form: Optional[Mapping[str, Any]], json_body: Any) -> _Response:
-        import requests
-
-        started = time.perf_counter()
+        requests = _import_requests()
+        started = time.monotonic()
+        deadline = started + self.timeout
         try:
             resp = self.session().request(method, url, headers=headers, params=params, data=form, json=json_body,
-                                          timeout=self.timeout, proxies=self._proxies(url))
+                                          timeout=self.timeout, proxies=self._proxies(url), stream=True)
+            with resp:
+                body = self._read(resp, deadline)
         except requests.RequestException as exc:
             sent = not _never_sent(exc)
-            err = NetworkError(f"{method} {_path_of(url)} failed: {exc.__class__.__name__}: {_short(str(exc))}"
-                               + (" (the request may have reached the broker)" if sent else ""))
+            text = _scrub(str(exc), headers.values())
+            err = NetworkError(f"{method} {_path_of(url)} failed: {exc.__class__.__name__}: {_short(text)}"
+                               + (" (the request may have reached the broker)" if sent else " (nothing was sent)"))
             err.maybe_sent = sent  # type: ignore[attr-defined]
-            raise err from exc
+            raise err from None
+        if body is None:
+            err = NetworkError(f"{method} {_path_of(url)}: no complete reply within {self.timeout:g} s "
+                               "(the request may have reached the broker)")
+            err.maybe_sent = True  # type: ignore[attr-defined]
+            raise err
         if log.isEnabledFor(10):  # logging.DEBUG
-            log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.perf_counter() - started) * 1e3)
+            log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.monotonic() - started) * 1e3)
         # Decoded here: Response.text would guess the charset (slowly) when none is declared.
-        return _Response(resp.status_code, resp.headers, resp.content.decode(resp.encoding or "utf-8", "replace"))
+        return _Response(resp.status_code, resp.headers, body.decode(resp.encoding or "utf-8", "replace"))
+
+    @staticmethod
+    def _read(resp: "requests.Response", deadline: float) -> Optional[bytes]:
+        """The whole body, or None when it does not arrive by ``deadline``.
+
+        Each socket read is bounded by the timeout already; reading chunk by chunk with one read
+        each (``read1``) lets the deadline bound the total too. urllib3 1.x lacks ``read1``: there
+        the body is read in one call, bounded per read only.
+        """
+        raw = resp.raw
+        read1 = getattr(raw, "read1", None)
+        if read1 is None:  # pragma: no cover - urllib3 < 2
+            return resp.content
+        chunks = []
+        while True:
+            if time.monotonic() > deadline:
+                return None
+            chunk = read1(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
     def download(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
         """Stream ``url`` into ``dest``; retry connection failures; return the byte count."""
-        import requests
-
+        requests = _import_requests()
         attempt = 0
         while True:
             try:
@@ -2809,9 +3596,10 @@ class _Transport:
             except requests.RequestException as exc:
                 if attempt >= self.max_retries:
                     cut = " (the body was cut short: truncated)" if isinstance(exc, requests.exceptions.ChunkedEncodingError) else ""
-                    raise NetworkError(f"download of {url} failed{cut}: {exc.__class__.__name__}: {_short(str(exc))}") from exc
+                    raise NetworkError(f"download of {_path_of(url)} failed{cut}: {exc.__class__.__name__}: "
+                                       f"{_short(_scrub(str(exc), headers.values()))}") from None
                 delay = _backoff(attempt)
-                log.warning("download of %s failed (%s); retrying in %.1f s", url, exc.__class__.__name__, delay)
+                log.warning("download of %s failed (%s); retrying in %.1f s", _path_of(url), exc.__class__.__name__, delay)
                 self.sleep(delay)
                 attempt += 1
 
@@ -2841,11 +3629,21 @@ class _Transport:
                 self._session = None
 
 
+def _import_requests() -> Any:
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - requests is a declared dependency
+        raise UnsupportedFeatureError("ttconnect talks to brokers through requests: pip install requests") from None
+    return requests
+
+
 def _never_sent(exc: BaseException) -> bool:
     """True when a requests failure happened before any byte of the request left this host."""
-    import requests
-
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    requests = _import_requests()
+    unsent = (requests.exceptions.ConnectTimeout, requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL,
+              requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.URLRequired,
+              requests.exceptions.InvalidProxyURL)
+    if isinstance(exc, unsent):
         return True
     if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
         import urllib3
@@ -2853,6 +3651,15 @@ def _never_sent(exc: BaseException) -> bool:
         reason = getattr(exc.args[0], "reason", exc.args[0])
         return isinstance(reason, urllib3.exceptions.NewConnectionError)
     return False
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    """Blank out what was sent in headers (tokens, keys) from an error's text."""
+    for value in secrets:
+        for part in {value, *str(value).replace(":", " ").split()}:
+            if len(part) >= 8:
+                text = text.replace(part, "***").replace(repr(part)[1:-1], "***")
+    return text
 
 
 def _path_of(url: str) -> str:
@@ -2871,78 +3678,6 @@ def _backoff(attempt: int, retry_after: Optional[float] = None) -> float:
 def _short(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
-    value = headers.get("Retry-After") if headers else None
-    if value and value.strip().replace(".", "", 1).isdigit():
-        return float(value)
-    return None
-
-
-def _check_response(spec: BrokerSpec, route: str, resp: _Response) -> Any:
-    """The one check every broker response passes: return the payload or raise the right error."""
-    import json
-
-    text = resp.text or ""
-    try:
-        body = json.loads(text) if text.strip() else None
-    except ValueError:
-        body = None
-    where = f"{spec['id']} {route}"
-    if body is None:
-        lowered = text.lower()
-        retry_after = _retry_after(resp.headers)
-        if resp.status == 429 or any(t in lowered for t in spec["rate_limit_texts"]):
-            err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(text, 80)}); slow down and retry",
-                                                 http_status=resp.status)
-        elif not text.strip():
-            err = BrokerError(f"{where}: empty response body with HTTP {resp.status}", http_status=resp.status,
-                              retryable=resp.status >= 500)
-        else:
-            err = BrokerError(f"{where}: HTTP {resp.status} with a non-JSON body: {_short(text, 120)}",
-                              http_status=resp.status, retryable=resp.status >= 500)
-        err.retry_after = retry_after  # type: ignore[attr-defined]
-        raise err
-    if not isinstance(body, dict):  # every broker wraps its replies in a JSON object
-        raise BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: {_short(text, 120)}",
-                          http_status=resp.status, retryable=resp.status >= 500)
-    ok, data, code, message = spec["hooks"]["envelope"](resp.status, body)
-    if ok:
-        return data
-    cls = _error_class(spec, route, resp.status, code, message)
-    if code in spec["empty_codes"] and route in _LIST_ROUTES:
-        return None
-    retryable = cls in (RateLimitError, NetworkError) or resp.status >= 500 or code in spec["retryable_codes"]
-    err = cls(f"{where}: {message} ({code or 'no code'}, HTTP {resp.status})", broker_code=code or None,
-              http_status=resp.status, retryable=retryable)
-    err.retry_after = _retry_after(resp.headers)  # type: ignore[attr-defined]
-    raise err
-
-
-_ORDER_ROUTES = frozenset({"place_order", "modify_order", "cancel_order", "get_order_history", "get_order"})
-_LIST_ROUTES = frozenset({"get_orders", "get_trades", "get_holdings", "get_positions"})
-
-
-def _error_class(spec: BrokerSpec, route: str, status: int, code: str, message: str) -> type:
-    if route in _ORDER_ROUTES and code in spec["order_errors"]:
-        return spec["order_errors"][code]
-    lowered = message.lower()
-    for fragment, cls in spec["error_messages"]:
-        if fragment in lowered:
-            return cls
-    if code in spec["errors"]:
-        cls = spec["errors"][code]
-        if cls is NetworkError and status == 429:
-            return RateLimitError
-        return cls
-    if status == 429:
-        return RateLimitError
-    if status in (401, 403):
-        return AuthenticationError
-    if status == 404 and route in _ORDER_ROUTES:
-        return OrderNotFoundError
-    return BrokerError
 
 
 # ============================================================================
@@ -2966,6 +3701,10 @@ class _MemoryStore:
         self._session = None
 
 
+_SESSION_TEXT_FIELDS = tuple(f for f in SessionData.__dataclass_fields__ if f not in ("broker", "mode", "obtained_at",
+                                                                                       "expires_at"))
+
+
 class _FileStore:
     """``<cache_dir>/<broker>_session.json``: written atomically, readable by the owner only."""
 
@@ -2978,15 +3717,18 @@ class _FileStore:
         try:
             with open(self.path, encoding="utf-8") as f:
                 raw = json.load(f)
-            return SessionData(
-                broker=raw["broker"], mode=AuthMode(raw["mode"]), access_token=raw["access_token"],
-                refresh_token=raw.get("refresh_token"), feed_token=raw.get("feed_token"),
-                obtained_at=_dt.datetime.fromisoformat(raw["obtained_at"]) if raw.get("obtained_at") else None,
-                expires_at=_dt.datetime.fromisoformat(raw["expires_at"]) if raw.get("expires_at") else None,
-            )
+            if not isinstance(raw, dict) or not all(isinstance(raw.get(k), (str, type(None))) for k in _SESSION_TEXT_FIELDS):
+                raise ValueError("not a session object")
+            stamps = {k: _dt.datetime.fromisoformat(raw[k]) if raw.get(k) else None for k in ("obtained_at", "expires_at")}
+            if any(s is not None and s.tzinfo is None for s in stamps.values()):
+                raise ValueError("naive timestamp")
+            texts = {k: raw.get(k) for k in _SESSION_TEXT_FIELDS}
+            if not texts["access_token"]:
+                raise ValueError("no token")
+            return SessionData(broker=str(raw["broker"]), mode=AuthMode(raw["mode"]), **texts, **stamps)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             # Say what kind of damage, never the content (it holds tokens).
             log.warning("ignoring unreadable session file %s (%s)", self.path, exc.__class__.__name__)
             return None
@@ -2994,12 +3736,10 @@ class _FileStore:
     def save(self, session: SessionData) -> None:
         import json
 
-        data = {
-            "broker": session.broker, "mode": session.mode.value, "access_token": session.access_token,
-            "refresh_token": session.refresh_token, "feed_token": session.feed_token,
-            "obtained_at": session.obtained_at.isoformat() if session.obtained_at else None,
-            "expires_at": session.expires_at.isoformat() if session.expires_at else None,
-        }
+        data: Dict[str, Any] = {"broker": session.broker, "mode": session.mode.value}
+        data.update({k: getattr(session, k) for k in _SESSION_TEXT_FIELDS})
+        data.update({k: getattr(session, k).isoformat() if getattr(session, k) else None
+                     for k in ("obtained_at", "expires_at")})
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -3025,17 +3765,48 @@ def _session_expiry(obtained: _dt.datetime, rule: Tuple[int, int]) -> _dt.dateti
     return cut if cut > local else cut + _dt.timedelta(days=1)
 
 
-class _Auth:
-    """Owns the session: where it comes from, when it expires, and refreshing it once."""
+def _digest(value: str) -> str:
+    """A one-way tag of a single-use code, so a stored session can say which code made it."""
+    import hashlib
 
-    def __init__(self, spec: BrokerSpec, config: Mapping[str, Any], mode: AuthMode, store: Any,
-                 clock: Callable[[], float], call: Callable[..., Any]) -> None:
-        self.spec, self.config, self.mode, self.store = spec, config, mode, store
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+def _pick_flow(spec: BrokerSpec, config: Mapping[str, Any], mode: Optional[AuthMode]) -> _Flow:
+    """The auth flow a config asks for; a config that mixes flows is refused, naming the keys."""
+    flows = [f for f in spec["auth"] if mode is None or f.mode is mode]
+    if not flows:
+        modes = ", ".join(dict.fromkeys(f.mode.value for f in spec["auth"])) or "none (no login needed)"
+        raise UnsupportedFeatureError(f"{spec['id']} does not support auth_mode {mode.value if mode else None!r}; "
+                                      f"it supports: {modes}")
+    chosen = [f for f in flows if any(config.get(k) for k in f.trigger)]
+    if mode is None and chosen:
+        # With no auth_mode the first flow (in the spec's order) the keys trigger wins; within
+        # one mode two triggered flows are a mistake: which one did the user mean?
+        chosen = [f for f in chosen if f.mode is chosen[0].mode]
+    if len(chosen) > 1:
+        keys = [next(k for k in f.trigger if config.get(k)) for f in chosen]
+        raise ConfigurationError(
+            f"{spec['id']} config mixes ways to log in: {' and '.join(repr(k) for k in keys)}; "
+            f"pass the keys of one: " + "; ".join(f"{f.name}: {', '.join(f.needs)}" for f in chosen))
+    return chosen[0] if chosen else flows[0]  # nothing given: the broker's usual way
+
+
+class _Auth:
+    """Owns the session: where it comes from, whose it is, when it expires, refreshing it once."""
+
+    def __init__(self, spec: BrokerSpec, flow: _Flow, config: Mapping[str, Any], store: Any,
+                 clock: Callable[[], float], call: _Call, login_url: str) -> None:
+        self.spec, self.flow, self.config, self.store = spec, flow, config, store
+        self.login_url = login_url
+        self.mode = flow.mode
         self._clock, self._call = clock, call
         self._lock = threading.RLock()
         self._session: Optional[SessionData] = None
         self._state: Optional[Tuple[SessionData, int, float]] = None  # session, generation, expiry epoch
         self.generation = 0
+
+    # -- reading the current session ------------------------------------------------------
 
     def current(self) -> SessionData:
         """Return a usable session, obtaining one if there is none or it expired."""
@@ -3055,18 +3826,37 @@ class _Auth:
             return state[0], state[1]
 
     def _install(self, session: SessionData) -> None:
-        if session.expires_at is None:
-            obtained = session.obtained_at or _dt.datetime.fromtimestamp(self._clock(), IST)
-            session = dataclasses.replace(session, obtained_at=obtained,
-                                          expires_at=_session_expiry(obtained, self.spec["session_expiry"]))
+        session = self._completed(session)
         self._session = session
         self.generation += 1
         # one reference, replaced whole: a reader never sees a session with another's generation
         self._state = (session, self.generation, session.expires_at.timestamp())  # type: ignore[union-attr]
 
-    def _usable(self, session: Optional[SessionData]) -> bool:
-        return (session is not None and session.broker == self.spec["id"] and session.expires_at is not None
-                and session.expires_at.timestamp() > self._clock())
+    def _completed(self, session: SessionData) -> SessionData:
+        """Stamp a new session with its lifetime and whose it is."""
+        changes: Dict[str, Any] = {}
+        if session.expires_at is None:
+            obtained = session.obtained_at or _dt.datetime.fromtimestamp(self._clock(), IST)
+            changes.update(obtained_at=obtained, expires_at=_session_expiry(obtained, self.spec["session_expiry"]))
+        app = self.config.get(self.flow.app) if self.flow.app else None
+        if session.app_key is None and app:
+            changes["app_key"] = app
+        user = self.config.get(self.flow.user) if self.flow.user else None
+        if session.user_id is None and user:
+            changes["user_id"] = user
+        return dataclasses.replace(session, **changes) if changes else session
+
+    def _belongs(self, session: Optional[SessionData]) -> bool:
+        """True for a stored session that is unexpired and this account's."""
+        if session is None or session.broker != self.spec["id"] or session.expires_at is None:
+            return False
+        if session.expires_at.timestamp() <= self._clock():
+            return False
+        app = self.config.get(self.flow.app) if self.flow.app else None
+        if app and session.app_key != app:
+            return False
+        user = self.config.get(self.flow.user) if self.flow.user else None
+        return not (user and session.user_id != user)
 
     def _require(self, keys: Sequence[str]) -> None:
         missing = [k for k in keys if not self.config.get(k)]
@@ -3075,43 +3865,58 @@ class _Auth:
                 f"{self.spec['id']} ({self.mode.value} auth) needs config {', '.join(repr(k) for k in missing)}; "
                 f"{self.hint()}")
 
+    def _config_token(self) -> Optional[str]:
+        token = self.config.get(self.flow.token) if self.flow.token else None
+        return self.spec["hooks"]["manual_token"](token) if token else None
+
     def _obtain(self) -> SessionData:
-        self._require(("api_key",))  # every call signs with it
+        flow = self.flow
+        self._require(flow.signs)
         stored = self.store.load()
-        normalise = self.spec["hooks"].get("manual_token")
-        config_token = self.config.get("access_token")
-        if config_token and normalise is not None:
-            config_token = normalise(config_token)
-        if self._usable(stored) and (config_token is None or stored.access_token == config_token):
+        config_token = self._config_token()
+        if self._belongs(stored) and (config_token is None or stored.access_token == config_token):
             return stored
         now = _dt.datetime.fromtimestamp(self._clock(), IST)
-        if self.mode is AuthMode.AUTO:
-            self._require(self.spec["credentials"][AuthMode.AUTO])
-            return self._save(self.spec["hooks"]["login"](self._call, self.config, self._clock()))
+        if flow.obtain is not None and not flow.single_use:
+            self._require(flow.needs)
+            return self._save(flow.obtain(self._call, self.config, self._clock()))
         if config_token and (self._session is None or self._session.access_token != config_token):
-            session = SessionData(broker=self.spec["id"], mode=AuthMode.MANUAL, access_token=config_token,
-                                  feed_token=self.config.get("feed_token"), obtained_at=now)
+            self._require(flow.needs)
+            extra = {field_: self.config.get(key) for field_, key in flow.session_keys.items()}
+            session = SessionData(broker=self.spec["id"], mode=flow.mode, access_token=config_token, obtained_at=now,
+                                  **extra)
             return self._save(session)
         if self._session is not None or stored is not None:
             raise AuthenticationError(f"the {self.spec['id']} session has expired; {self.hint()}")
         raise ConfigurationError(f"{self.spec['id']} needs a session: {self.hint()}")
 
     def _save(self, session: SessionData) -> SessionData:
-        if session.expires_at is None:
-            obtained = session.obtained_at or _dt.datetime.fromtimestamp(self._clock(), IST)
-            session = dataclasses.replace(session, obtained_at=obtained,
-                                          expires_at=_session_expiry(obtained, self.spec["session_expiry"]))
+        session = self._completed(session)
         self.store.save(session)
         return session
 
-    def has_stored_session(self) -> bool:
-        """True when the store holds a session that is still valid."""
-        return self._usable(self.store.load())
+    # -- at init: single-use codes ----------------------------------------------------------
 
-    def adopt(self, session: SessionData) -> None:
-        """Install and store a session obtained elsewhere (the Kite request-token exchange)."""
+    def prepare(self) -> None:
+        """Exchange a single-use login code now (a re-run with the same code reuses its session)."""
+        flow = self.flow
+        if not flow.single_use:
+            return
+        self._require(flow.needs)
+        source = _digest(self.config[flow.single_use])
         with self._lock:
-            self._install(self._save(session))
+            stored = self.store.load()
+            if self._belongs(stored) and stored.source == source:
+                # A code is single-use: re-running the same config (a notebook cell) reuses the
+                # session it already produced instead of failing the exchange.
+                log.info("%s: using the stored session; %s not exchanged again", self.spec["id"], flow.single_use)
+                self._install(stored)
+                return
+            assert flow.obtain is not None
+            session = flow.obtain(self._call, self.config, self._clock())
+            self._install(self._save(dataclasses.replace(session, source=source)))
+
+    # -- after a refusal ------------------------------------------------------------------
 
     def recover(self, generation: int) -> bool:
         """After the broker refused the session seen at ``generation``: refresh it once.
@@ -3134,92 +3939,97 @@ class _Auth:
                 except AuthenticationError as exc:
                     log.info("%s token renewal refused (%s); logging in again", self.spec["id"], exc.broker_code)
             if fresh is None:
-                self._require(self.spec["credentials"][AuthMode.AUTO])
-                fresh = self.spec["hooks"]["login"](self._call, self.config, self._clock())
+                self._require(self.flow.needs)
+                assert self.flow.obtain is not None
+                fresh = self.flow.obtain(self._call, self.config, self._clock())
             self._install(self._save(fresh))
             return True
 
     def hint(self) -> str:
-        hint = self.spec["hooks"].get("reauth_hint")
-        return hint(self.config, self.spec["login_url"]) if hint else "log in again"
+        return self.spec["hooks"]["reauth_hint"](self.config, self.login_url)
 
 
 # ============================================================================
 # 9. Client
 # ============================================================================
 
-_URL_KEYS = ("root_url", "login_url", "ws_url", "order_ws_url", "instruments_url")
+# Config keys every broker understands; each spec adds its hosts, its flows' credentials and
+# its ``options``. A key no broker knows is a typo, refused with the nearest known key.
+_GENERAL_KEYS = frozenset({
+    "auth_mode", "cache_session", "session_store", "cache_dir", "on_stale", "timeout", "max_retries", "rate_limits",
+    "stream_silence_timeout", "stream_connect_timeout", "stream_reconnect_delay", "stream_reconnect_max_delay",
+    "sandbox",
+})
 
 
-def _latest_publication(now: float, published: Tuple[int, int]) -> _dt.datetime:
-    """Return the IST time of the newest daily dump that exists at epoch ``now``."""
-    local = _dt.datetime.fromtimestamp(now, IST)
-    pub = local.replace(hour=published[0], minute=published[1], second=0, microsecond=0)
-    return pub if local >= pub else pub - _dt.timedelta(days=1)
+def _known_keys(spec: BrokerSpec) -> frozenset:
+    keys = set(spec["urls"]) | set(spec["options"])
+    for flow in spec["auth"]:
+        keys.update(flow.needs, flow.trigger, flow.session_keys.values())
+        if flow.user:
+            keys.add(flow.user)
+    return frozenset(keys)
 
 
-def _order_enum(enum_cls: Any, value: Any, what: str) -> Any:
-    try:
-        return _as_enum(enum_cls, value, what)
-    except ValueError as exc:
-        raise InvalidOrderError(str(exc)) from None
+def _all_known_keys() -> frozenset:
+    keys = set(_GENERAL_KEYS)
+    for spec in _BROKERS.values():
+        keys |= _known_keys(spec)
+    return frozenset(keys)
 
 
-def _check_stop(order_type: OrderType, side: Side, price: Optional["Decimal"], trigger: Optional["Decimal"]) -> None:
-    if order_type is OrderType.SL and price is not None and trigger is not None:
-        if side is Side.BUY and trigger > price:
-            raise InvalidOrderError(f"a stop-loss BUY triggers at or below its limit price: trigger {trigger} > price {price}")
-        if side is Side.SELL and trigger < price:
-            raise InvalidOrderError(f"a stop-loss SELL triggers at or above its limit price: trigger {trigger} < price {price}")
+def _finite_positive(value: Any) -> bool:
+    import math
+
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def _on_tick(value: Optional[float], tick: float) -> Optional["Decimal"]:
-    """A broker-reported price as an exact decimal, with float noise removed (120.50000000000001
-    -> 120.5). A price genuinely off the master's tick is kept as the broker has it: a modify
-    that only changes the quantity must not move the order's price."""
-    if value is None:
-        return None
-    from decimal import Decimal
+@_model
+class Capabilities(_Model):
+    """What a broker supports through ttconnect, for applications that adapt their UI.
 
-    exact = Decimal(repr(value))
-    if tick <= 0:
-        return exact
-    step = Decimal(repr(tick))
-    steps = exact / step
-    nearest = steps.to_integral_value()
-    return nearest * step if abs(steps - nearest) < Decimal("1e-6") else exact
+    The library still validates every request itself; this only describes.
+    """
+
+    broker: str
+    exchanges: Tuple[Exchange, ...]
+    products: Tuple[ProductType, ...]
+    order_types: Tuple[OrderType, ...]
+    validities: Tuple[str, ...]
+    auth_modes: Tuple[AuthMode, ...]
+    auto_auth: bool
+    order_history: bool
+    margin: bool
+    margin_with_positions: bool  # calculate_margin(..., consider_positions=True)
+    order_updates: bool
+    streaming: bool
+    stream_modes: Tuple[str, ...]
+    max_stream_instruments: int
+    native_slicing: bool  # the broker splits orders above the freeze limit itself
+    gtt: bool
+    sandbox: bool
+    browser_login: bool  # TTConnect.login_url works
 
 
-def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional["Decimal"]:
-    """Check a price (rupees) is positive and on the instrument's tick, exactly."""
-    if value is None:
-        return None
-    from decimal import Decimal, InvalidOperation
-
-    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
-        raise InvalidOrderError(f"{what} must be a number, got {value!r}")
-    try:
-        price = Decimal(str(value))
-    except InvalidOperation:
-        raise InvalidOrderError(f"{what} {value!r} is not a number") from None
-    if not price.is_finite() or price <= 0:
-        raise InvalidOrderError(f"{what} must be positive, got {value!r}")
-    if tick > 0:
-        step = Decimal(repr(tick))
-        if price % step:
-            below = (price // step) * step
-            raise InvalidOrderError(
-                f"{what} {price} is not a multiple of the tick size {step} for {instrument}; "
-                f"use {below.normalize():f} or {(below + step).normalize():f}"
-            )
-    return price
+def _capabilities(spec: BrokerSpec) -> Capabilities:
+    has = spec["has"]
+    return Capabilities(
+        broker=spec["id"], exchanges=tuple(e for e in Exchange if e in spec["exchanges"]),
+        products=tuple(spec["products"]), order_types=tuple(spec["order_types"]), validities=tuple(spec["validities"]),
+        auth_modes=tuple(dict.fromkeys(f.mode for f in spec["auth"])), auto_auth=has["auto_auth"],
+        order_history=has["order_history"], margin=has["margin"], margin_with_positions=has["margin_with_positions"],
+        order_updates=has["order_updates"], streaming=has["streaming"],
+        stream_modes=_STREAM_MODES if has["streaming"] else (), max_stream_instruments=spec["stream_max_tokens"],
+        native_slicing=has["native_slicing"], gtt=has["gtt"], sandbox=has["sandbox"],
+        browser_login=bool(spec["urls"]["login_url"]) and "login_url" in spec["hooks"],
+    )
 
 
 class TTConnect:
     """A blocking client for one broker account.
 
     Args:
-        broker: ``"zerodha"`` or ``"angelone"``.
+        broker: a broker name (``TTConnect.brokers()`` lists them).
         config: credentials and options (keyword arguments are merged in): ``cache_dir``,
             ``on_stale`` (``"fail"`` or ``"warn"``), ``timeout``, ``max_retries``, and the
             endpoint roots ``root_url``, ``login_url``, ``ws_url``, ``order_ws_url``,
@@ -3242,90 +4052,128 @@ class TTConnect:
         sleep: Optional[Callable[[float], None]] = None,
         **options: Any,
     ) -> None:
-        self._spec = _spec_for(broker)
-        self.broker = self._spec["id"]
+        self._closed = True  # until construction succeeds: close() and __del__ are safe
+        spec = self._spec = _spec_for(broker)
+        self.broker = spec["id"]
         if config is not None and not isinstance(config, Mapping):
             raise ConfigurationError(f"config must be a dict, got {type(config).__name__}")
         cfg: Dict[str, Any] = {**(config or {}), **options}
+        self._check_keys(cfg)
         self._clock = clock or time.time
         self._sleep = sleep or time.sleep
+        self._credentials_option(cfg)
         self._config = cfg
-        self._urls = {key: self._url_option(cfg, key) for key in _URL_KEYS}
+        self._urls = self._urls_option(cfg)
         self._on_stale = cfg.get("on_stale", "fail")
         if self._on_stale not in ("fail", "warn"):
             raise ConfigurationError(f"config 'on_stale' must be 'fail' or 'warn', got {self._on_stale!r}")
         timeout = cfg.get("timeout", 7.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if not _finite_positive(timeout):
             raise ConfigurationError(f"config 'timeout' must be a positive number of seconds, got {timeout!r}")
         retries = cfg.get("max_retries", 2)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigurationError(f"config 'max_retries' must be a whole number >= 0, got {retries!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise ConfigurationError(f"config 'max_retries' must be a whole number from 0 to 10, got {retries!r}")
         self._cache_dir = self._cache_dir_option(cfg)
+        flow = _pick_flow(spec, cfg, self._auth_mode_option(cfg))
+        if flow.obtain is not None and not flow.single_use and (cfg.get("auth_mode") is not None
+                                                                 or any(cfg.get(k) for k in flow.trigger)):
+            # Some login credentials but not all is a mistake worth stopping at now; none at all
+            # is a client used for instruments only (REST calls then say what is missing).
+            missing = [k for k in flow.needs if not cfg.get(k)]
+            if missing:
+                raise ConfigurationError(f"{self.broker} auth_mode '{flow.mode.value}' needs config "
+                                         f"{', '.join(repr(k) for k in missing)}")
         self._transport = _Transport(float(timeout), retries, self._sleep)
-        self._tokens: Dict[int, Tuple[str, str]] = {}
-        self._infos: Dict[int, Tuple[str, int, float]] = {}  # name, lot, tick: fixed until the next refresh
-        self._by_symbol: Dict[Tuple[str, str], Instrument] = {}
-        self._ctx = _Ctx(self)
+        self._limiter = _RateLimiter(self._rate_limits_option(cfg), self._clock, self._sleep)
+        self._auth = _Auth(spec, flow, cfg, self._session_store_option(cfg), self._clock, self._hook_call,
+                           self._urls["login_url"])
+        self._instruments = _Instruments(self.broker, spec["master"], self._urls["instruments_url"], self._cache_dir,
+                                         self._clock, self._on_stale, self._transport.download, cfg)
+        self._ctx = _Ctx(self._instruments, self._clock)
         self._streamer: Optional[_Streamer] = None
         self._stream_lock = threading.Lock()
-        mode = self._auth_mode_option(cfg)
-        self._limiter = _RateLimiter(self._rate_limits_option(cfg), self._clock, self._sleep)
-        self._auth = _Auth(self._spec, cfg, mode, self._session_store_option(cfg), self._clock, self._hook_call)
-        self._store = _InstrumentStore(os.path.join(self._cache_dir, "instruments.db"))
-        self._ensure_instruments()
-        if cfg.get("request_token"):
-            if self._auth.has_stored_session():
-                # A request_token is single-use: re-running the same config (a notebook cell)
-                # reuses the session it already produced instead of failing the exchange.
-                log.info("%s: using the stored session; request_token not exchanged again", self.broker)
-            else:
-                try:
-                    self._auth.adopt(self._spec["hooks"]["exchange_token"](self._hook_call, cfg, self._clock()))
-                except BaseException:
-                    self._store.close()
-                    self._transport.close()
-                    raise
-        _register_store(self._store)  # from here on, instrument construction checks against this DB
+        self._local: Any = None
+        try:
+            self._instruments.ensure()
+            if "local" in spec["hooks"]:
+                self._local = spec["hooks"]["local"](self._local_context())
+            self._auth.prepare()
+        except BaseException:
+            self._instruments.close()
+            self._transport.close()
+            raise
+        self._closed = False
+        _register_store(self._instruments.store)  # from here on, instrument construction checks against this DB
 
     # -- config --------------------------------------------------------------------------
 
-    def _url_option(self, cfg: Mapping[str, Any], key: str) -> str:
-        value = cfg.get(key, self._spec[key])  # type: ignore[literal-required]
-        if not isinstance(value, str) or (value and not value.split("://", 1)[0] in ("http", "https", "ws", "wss")):
-            raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL, got {value!r}")
-        return value
+    def _check_keys(self, cfg: Mapping[str, Any]) -> None:
+        known = _all_known_keys()
+        for key in cfg:
+            if not isinstance(key, str):
+                raise ConfigurationError(f"config keys must be strings, got {key!r}")
+            if key not in known:
+                import difflib
 
-    def _auth_mode_option(self, cfg: Mapping[str, Any]) -> AuthMode:
-        spec = self._spec
-        for key in set(k for keys in spec["credentials"].values() for k in keys) | {"api_secret", "request_token", "feed_token"}:
+                near = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(sorted(known))}"
+                raise ConfigurationError(f"config key {key!r} is not one ttconnect knows{hint}")
+        if not self._spec["auth"]:
+            return  # a broker without logins ignores credentials meant for others
+        ours = _known_keys(self._spec)
+        for other in _BROKERS.values():
+            for flow in other["auth"]:
+                for key in flow.trigger:
+                    if cfg.get(key) and key not in ours:
+                        ways = "; ".join(f"{f.name} ({', '.join(f.needs)})" for f in self._spec["auth"])
+                        raise ConfigurationError(f"{self.broker} has no login with config {key!r} "
+                                                 f"(that is {other['id']}'s); {self.broker} logs in with: {ways}")
+
+    def _credentials_option(self, cfg: Dict[str, Any]) -> None:
+        """Credentials are non-empty strings; surrounding whitespace (a token read from a file
+        with its newline) is stripped, control characters inside are refused."""
+        keys = set()
+        for flow in self._spec["auth"]:
+            keys.update(flow.needs, flow.trigger, flow.session_keys.values())
+        for key in sorted(keys):
             value = cfg.get(key)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value.strip():
                 raise ConfigurationError(f"config {key!r} must be a non-empty string")
+            value = value.strip()
+            if any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise ConfigurationError(f"config {key!r} holds a control character (a line break?); pass the value alone")
+            cfg[key] = value
+
+    def _urls_option(self, cfg: Mapping[str, Any]) -> Dict[str, str]:
+        spec = self._spec
+        urls = dict(spec["urls"])
+        sandbox = cfg.get("sandbox", False)
+        if not isinstance(sandbox, bool):
+            raise ConfigurationError(f"config 'sandbox' must be True or False, got {sandbox!r}")
+        if sandbox:
+            if not spec["has"]["sandbox"]:
+                raise UnsupportedFeatureError(f"{self.broker} has no sandbox")
+            urls.update(spec["sandbox_urls"])
+        for key in spec["urls"]:
+            value = cfg.get(key, urls[key])
+            if not isinstance(value, str) or (value and not value.split("://", 1)[0] in ("http", "https", "ws", "wss")):
+                raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL, got {value!r}")
+            urls[key] = value.rstrip("/") if key.endswith("root_url") else value
+        for follower, leader in spec["url_follows"].items():
+            if follower not in cfg and leader in cfg and not sandbox:
+                urls[follower] = urls[leader]
+        return urls
+
+    def _auth_mode_option(self, cfg: Mapping[str, Any]) -> Optional[AuthMode]:
         raw = cfg.get("auth_mode")
-        if raw is not None:
-            try:
-                mode = AuthMode(raw.lower() if isinstance(raw, str) else raw)
-            except ValueError:
-                raise ConfigurationError(f"config 'auth_mode' must be 'manual' or 'auto', got {raw!r}") from None
-            if mode not in spec["auth_modes"]:
-                modes = ", ".join(m.value for m in spec["auth_modes"])
-                raise UnsupportedFeatureError(f"{spec['id']} does not support auth_mode {mode.value!r}; it supports: {modes}")
-        elif AuthMode.AUTO in spec["credentials"] and all(cfg.get(k) for k in spec["credentials"][AuthMode.AUTO]):
-            mode = AuthMode.AUTO
-        elif cfg.get("access_token") or cfg.get("request_token"):
-            mode = AuthMode.MANUAL
-        else:
-            mode = spec["default_auth_mode"]
-        if cfg.get("request_token") and not (cfg.get("api_key") and cfg.get("api_secret")):
-            raise ConfigurationError("config 'request_token' needs 'api_key' and 'api_secret' to be exchanged for an access token")
-        # Some login credentials but not all is a mistake worth stopping at now; none at all is a
-        # client used for instruments only (REST calls then say what is missing).
-        needed = spec["credentials"].get(mode, ())
-        given = [k for k in needed if k not in ("api_key", "access_token") and cfg.get(k)]
-        missing = [k for k in needed if not cfg.get(k)]
-        if (given or raw is not None) and mode is AuthMode.AUTO and missing:
-            raise ConfigurationError(f"{spec['id']} auth_mode 'auto' needs config {', '.join(repr(k) for k in missing)}")
-        return mode
+        if raw is None:
+            return None
+        try:
+            return AuthMode(raw.lower() if isinstance(raw, str) else raw)
+        except ValueError:
+            raise ConfigurationError(f"config 'auth_mode' must be 'manual' or 'auto', got {raw!r}") from None
 
     def _rate_limits_option(self, cfg: Mapping[str, Any]) -> Dict[str, Sequence[Tuple[int, float]]]:
         limits: Dict[str, Sequence[Tuple[int, float]]] = dict(self._spec["rate_limits"])
@@ -3333,13 +4181,20 @@ class TTConnect:
         if not isinstance(extra, Mapping):
             raise ConfigurationError("config 'rate_limits' must map an endpoint class to calls per second or [(calls, seconds)]")
         for name, value in extra.items():
+            if name not in limits:
+                raise ConfigurationError(f"config 'rate_limits' has unknown class {name!r}; {self.broker}'s classes are "
+                                         f"{', '.join(sorted(limits))}")
             windows = [(value, 1.0)] if isinstance(value, (int, float)) else value
             try:
-                limits[name] = [(int(n), float(per)) for n, per in windows]
+                parsed = [(n, per) for n, per in windows]
             except (TypeError, ValueError):
                 raise ConfigurationError(f"config 'rate_limits'[{name!r}] must be calls per second or [(calls, seconds)], got {value!r}") from None
-            if any(n <= 0 or per <= 0 for n, per in limits[name]):
-                raise ConfigurationError(f"config 'rate_limits'[{name!r}] must be positive, got {value!r}")
+            if not parsed or not all(_finite_positive(n) and _finite_positive(per) for n, per in parsed):
+                raise ConfigurationError(f"config 'rate_limits'[{name!r}] must be positive finite numbers, got {value!r}")
+            if any(n < 1 for n, _ in parsed):
+                raise ConfigurationError(f"config 'rate_limits'[{name!r}] allows under one call per window ({value!r}); "
+                                         "for one call every 2 s pass [(1, 2.0)]")
+            limits[name] = [(int(n), float(per)) for n, per in parsed]
         return limits
 
     def _session_store_option(self, cfg: Mapping[str, Any]) -> Any:
@@ -3349,7 +4204,7 @@ class TTConnect:
                 raise ConfigurationError("config 'session_store' must have load(), save(session) and clear() methods")
             return store
         if cfg.get("cache_session"):
-            return _FileStore(os.path.join(self._cache_dir, f"{self._spec['id']}_session.json"))
+            return _FileStore(os.path.join(self._cache_dir, f"{self.broker}_session.json"))
         return _MemoryStore()
 
     @staticmethod
@@ -3359,153 +4214,58 @@ class TTConnect:
             raise ConfigurationError(f"config 'cache_dir' must be a path, got {value!r}")
         return os.fspath(value)
 
+    def _local_context(self) -> "_LocalContext":
+        return _LocalContext(self.broker, self._config, self._cache_dir, self._clock, self._instruments, self._ctx)
+
     def __repr__(self) -> str:
-        return f"TTConnect(broker={self.broker!r}, cache_dir={self._cache_dir!r})"
+        state = ", closed" if self._closed else ""
+        return f"TTConnect(broker={self.broker!r}, cache_dir={self._cache_dir!r}{state})"
 
-    # -- instrument master lifecycle -----------------------------------------------------
-
-    def _store_state(self, repair: bool) -> Optional[Dict[str, Tuple[str, int]]]:
-        """Return the store's per-broker metadata, None if there is no usable file."""
-        if not os.path.exists(self._store.path):
-            return None
-        try:
-            return self._store.check()
-        except _CorruptStore as exc:
-            if not repair:
-                return None
-            aside = f"{self._store.path}.corrupt"
-            log.warning("instrument store %s is damaged (%s); moved to %s and rebuilding", self._store.path, exc, aside)
-            self._store.close()
-            self._store.closed = False
-            os.replace(self._store.path, aside)
-            self._store.reopen()
-            return None
-
-    def _is_fresh(self, state: Optional[Dict[str, Tuple[str, int]]]) -> bool:
-        if not state or self.broker not in state:
-            return False
-        refreshed = _dt.datetime.fromisoformat(state[self.broker][0])
-        return refreshed >= _latest_publication(self._clock(), self._spec["instruments_published"])
-
-    def _ensure_instruments(self) -> None:
-        if self._is_fresh(self._store_state(repair=False)):
-            return
-        os.makedirs(self._cache_dir, exist_ok=True)
-        with _FileLock(self._store.path + ".lock"):
-            # Another process may have replaced the file while this one waited: look again
-            # through a new connection (an open one still reads the old file).
-            self._store.reopen()
-            state = self._store_state(repair=True)
-            if self._is_fresh(state):
-                return
-            try:
-                self._refresh_locked(state)
-            except (TTConnectError, _MasterFormatError, OSError) as exc:
-                self._refresh_failed(exc, state)
-
-    def _refresh_failed(self, exc: BaseException, state: Optional[Dict[str, Tuple[str, int]]]) -> None:
-        url = self._urls["instruments_url"]
-        cached = state.get(self.broker) if state else None
-        what = f"the {self.broker} instrument master ({url}) could not be loaded: {exc}"
-        if cached is None:
-            raise self._refresh_error(
-                exc, f"{what}. No instrument DB for {self.broker} is cached in {self._cache_dir!r} yet, so the client "
-                f"cannot start: check the network or config 'instruments_url', then retry"
-            ) from exc
-        if self._on_stale == "warn":
-            log.warning("%s; serving the cached DB refreshed at %s (on_stale='warn')", what, cached[0])
-            return
-        raise self._refresh_error(
-            exc, f"{what}. The cached DB (refreshed at {cached[0]}) was kept untouched; pass "
-            f"on_stale='warn' to start with it, or retry later"
-        ) from exc
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this broker supports through ttconnect (read-only)."""
+        return _capabilities(self._spec)
 
     @staticmethod
-    def _refresh_error(exc: BaseException, message: str) -> TTConnectError:
-        if isinstance(exc, TTConnectError):
-            return type(exc)(message, retryable=exc.retryable, broker_code=exc.broker_code, http_status=exc.http_status)
-        return BrokerError(message)
+    def brokers() -> List[str]:
+        """The broker names ``TTConnect`` accepts."""
+        return sorted(_BROKERS)
+
+    def _open(self) -> None:
+        if self._closed:
+            raise ConfigurationError(f"this {self.broker} client is closed; create a new TTConnect to use it again")
+
+    # -- instruments ---------------------------------------------------------------------
 
     def refresh_instruments(self) -> Dict[str, Any]:
         """Download this broker's master now and rebuild the store from it (atomically).
 
         Returns what was loaded: ``rows``, ``skipped`` (per segment), ``malformed``, ``duplicates``.
         """
-        os.makedirs(self._cache_dir, exist_ok=True)
-        with _FileLock(self._store.path + ".lock"):
-            self._store.reopen()
-            return self._refresh_locked(self._store_state(repair=True))
-
-    def _refresh_locked(self, state: Optional[Dict[str, Tuple[str, int]]]) -> Dict[str, Any]:
-        """The refresh proper; the caller holds the store's file lock."""
-        previous = state.get(self.broker, ("", 0))[1] if state else 0
-        url = self._urls["instruments_url"]
-        # Nobody else builds while the lock is held: what a crashed build left is garbage. Only
-        # ttconnect's own names are touched (the cache dir may be shared with other files).
-        ours = (os.path.basename(self._store.path) + ".build-",) + tuple(f"{b}_master." for b in _BROKERS)
-        for name in os.listdir(self._cache_dir):
-            if name.startswith(ours) and (".build-" in name or name.endswith(".download")):
-                try:
-                    _remove_quietly(os.path.join(self._cache_dir, name))
-                except OSError as exc:
-                    log.warning("could not remove stale %s (%s)", name, exc.__class__.__name__)
-        part = os.path.join(self._cache_dir, f"{self.broker}_master.{os.getpid()}.{threading.get_ident()}.download")
-        stats = _LoadStats()
-        started = time.perf_counter()
-        try:
-            self._transport.download(url, part, self._spec["instruments_headers"])
-            refreshed_at = _dt.datetime.fromtimestamp(self._clock(), IST).isoformat()
-            with open(part, "rb") as f:
-                rows = self._spec["hooks"]["parse_master"](f, stats)
-                _build_store(self._store.path, self.broker, rows, stats, url, refreshed_at, previous)
-        finally:
-            _remove_quietly(part)
-        self._store.reopen()
-        self._tokens.clear()
-        self._infos.clear()
-        self._by_symbol.clear()
-        log.info(
-            "%s instruments refreshed: %d rows, %d skipped by segment %s, %d malformed, %d duplicates, %.2f s",
-            self.broker, stats.rows, sum(stats.skipped.values()), stats.skipped, stats.malformed,
-            stats.duplicates, time.perf_counter() - started,
-        )
-        return {"rows": stats.rows, "skipped": dict(stats.skipped), "malformed": stats.malformed, "duplicates": stats.duplicates}
-
-    # -- instruments ---------------------------------------------------------------------
-
-    def _lookup(self, instrument: Instrument) -> Tuple[str, str]:
-        found = self._tokens.get(instrument._iid)
-        if found is not None:
-            return found
-        if not isinstance(instrument, _Instrument):
-            raise TypeError(f"expected an Index, Equity, Future or Option, got {instrument!r}")
-        store = self._store
-        found = store.token(self.broker, instrument)
-        if found is None:
-            store.check_exists(instrument)
-            raise InstrumentNotFoundError(f"{instrument} exists but {self.broker} does not list it")
-        self._tokens[instrument._iid] = found
-        return found
+        self._open()
+        return self._instruments.refresh()
 
     def resolve(self, instrument: Instrument) -> str:
         """Return the broker's token for ``instrument`` (Kite: instrument_token; AngelOne: token)."""
-        found = self._tokens.get(instrument._iid)
-        return found[0] if found is not None else self._lookup(instrument)[0]
+        return self._instruments.lookup(instrument)[0]
 
     def expiries(self, symbol: str, exchange: Union[Exchange, str] = Exchange.NFO) -> List[_dt.date]:
         """List the expiries (futures and options) of an underlying, soonest first."""
+        self._open()
         exch = _check_exchange(exchange, _DERIVATIVE_EXCHANGES, "derivatives")
-        sym = _canonical_index_symbol(symbol)
-        found = set(self._store.expiries(exch, sym, "futures", self.broker))
-        found.update(self._store.expiries(exch, sym, "options", self.broker))
+        sym = _canonical_index_symbol(_discovery_symbol(symbol))
+        store = self._instruments.store
+        found = set(store.expiries(exch, sym, "futures", self.broker))
+        found.update(store.expiries(exch, sym, "options", self.broker))
         return [_dt.date.fromisoformat(e) for e in sorted(found)]
 
     def option_chain(self, symbol: str, expiry: Union[_dt.date, str], exchange: Union[Exchange, str] = Exchange.NFO) -> List[Option]:
         """List the options of an underlying for one expiry, by strike then CE/PE."""
+        self._open()
         exch = _check_exchange(exchange, _DERIVATIVE_EXCHANGES, "options")
         iso = _check_expiry(expiry).isoformat()
-        sym = _canonical_index_symbol(symbol)
-        chain = self._store.chain(exch, sym, iso, self.broker)
+        sym = _canonical_index_symbol(_discovery_symbol(symbol))
+        chain = self._instruments.store.chain(exch, sym, iso, self.broker)
         if not chain:
             on_file = [e.isoformat() for e in self.expiries(sym, exch)]
             listed = ", ".join(on_file[:6]) if on_file else "none"
@@ -3514,95 +4274,119 @@ class TTConnect:
 
     def search(self, prefix: str, exchange: Union[Exchange, str, None] = None, limit: int = 50) -> List[Instrument]:
         """Find indices, equities and futures whose canonical symbol starts with ``prefix``."""
+        self._open()
         exch = None if exchange is None else _as_enum(Exchange, exchange, "exchange")
-        return self._store.search(prefix, exch, self.broker, limit)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise InvalidInstrumentError(f"limit must be a positive whole number, got {limit!r}")
+        return self._instruments.store.search(_discovery_symbol(prefix, allow_empty=True), exch, self.broker, limit)
 
     def lot_size(self, instrument: Instrument) -> int:
         """Return the lot size (units per lot; 1 for cash equities, 0 for indices)."""
-        return self._info(instrument)[1]
+        return self._instruments.info(instrument)[1]
 
     def tick_size(self, instrument: Instrument) -> float:
         """Return the price tick in rupees (0 for indices)."""
-        return self._info(instrument)[2]
+        return self._instruments.info(instrument)[2]
 
-    def _info(self, instrument: Instrument) -> Tuple[str, int, float]:
-        info = self._infos.get(instrument._iid)
-        if info is None:
-            info = self._store.info(instrument)
-            if info is None:
-                self._store.check_exists(instrument)
-                raise InstrumentNotFoundError(f"{instrument} not found")  # pragma: no cover - check_exists raised
-            self._infos[instrument._iid] = info
-        return info
+    # -- the execute pipeline --------------------------------------------------------------
 
-    # -- requests ------------------------------------------------------------------------
+    def _route(self, name: str) -> _Route:
+        route = self._spec["routes"].get(name)
+        if route is None:
+            raise UnsupportedFeatureError(f"{self.broker} has no {name.replace('_', ' ')} through ttconnect")
+        return route
 
-    def _send(self, route: str, session: Optional[SessionData], path_args: Optional[Mapping[str, str]] = None,
-              params: Optional[Mapping[str, Any]] = None, body: Any = None) -> Any:
-        """One request through the limiter and the transport, then the central check."""
-        method, template, encoding, rate = self._spec["routes"][route]
-        url = self._urls["root_url"] + (template.format(**path_args) if path_args else template)
-        headers = self._spec["hooks"]["headers"](self._config, session)
-        self._limiter.acquire(rate)
-        resp = self._transport.request(method, url, headers, params, body if encoding == "form" else None,
-                                       body if encoding == "json" else None)
-        return _check_response(self._spec, route, resp)
+    def _execute(self, name: str, *args: Any, skipped: Optional[List[Mapping[str, Any]]] = None) -> Any:
+        """Build the route's request from ``args``, send it, check the reply, parse it."""
+        self._open()
+        route = self._route(name)
+        request = route.build(*args) if route.build is not None else _Request()
+        return self._parse(name, route, self._call(name, route, request), skipped)
 
-    def _hook_call(self, route: str, body: Any = None, session: Optional[SessionData] = None) -> Any:
+    def _send(self, name: str, route: _Route, request: _Request, session: Optional[SessionData]) -> Any:
+        """One request through the limiter and the transport (or the spec's local answerer),
+        then the central check."""
+        if self._local is not None:
+            return self._local.answer(name, request)
+        from urllib.parse import quote
+
+        path = route.path.format(**{k: quote(str(v), safe="") for k, v in request.path.items()}) if request.path \
+            else route.path
+        headers = self._spec["hooks"]["headers"](self._config, session, route)
+        self._limiter.acquire(route.rate)
+        body = request.body
+        resp = self._transport.request(route.verb, self._urls[route.host] + path, headers, request.query,
+                                       body if route.encoding == "form" else None,
+                                       body if route.encoding == "json" else None)
+        return _check_reply(self._spec, name, route, resp)
+
+    def _hook_call(self, name: str, request: Optional[_Request] = None, session: Optional[SessionData] = None) -> Any:
         """The ``call`` handed to auth hooks: no session unless given, no auth recovery."""
-        return self._send(route, session, body=body)
+        route = self._route(name)
+        return self._send(name, route, request or _Request(), session)
 
-    def _call(self, route: str, path_args: Optional[Mapping[str, str]] = None, params: Optional[Mapping[str, Any]] = None,
-              body: Any = None, idempotent: bool = True) -> Any:
+    def _stream_call(self, name: str, request: Optional[_Request] = None) -> Any:
+        """The ``call`` handed to feed hooks: an authenticated call (a feed's authorize step)."""
+        route = self._route(name)
+        return self._parse(name, route, self._call(name, route, request or _Request()), None)
+
+    def _call(self, name: str, route: _Route, request: _Request) -> Any:
         """An authenticated call: retries what is safe to retry, recovers the session once."""
         attempt, recovered = 0, False
         while True:
-            session, generation = self._auth.current_with_generation()
+            session, generation = (self._auth.current_with_generation() if route.signed and self._local is None
+                                   else (None, 0))
             try:
-                return self._send(route, session, path_args, params, body)
+                return self._send(name, route, request, session)
             except AuthenticationError as exc:
-                if recovered or not self._auth.recover(generation):
+                if recovered or session is None or not self._auth.recover(generation):
                     raise AuthenticationError(f"{exc}; {self._auth.hint()}", broker_code=exc.broker_code,
                                               http_status=exc.http_status) from exc
                 recovered = True
             except (RateLimitError, NetworkError, BrokerError) as exc:
                 # A rate-limit refusal was not processed; a connection that never opened sent
                 # nothing. Anything else may have reached the broker: only idempotent calls retry.
-                safe = idempotent or isinstance(exc, RateLimitError) or not getattr(exc, "maybe_sent", True)
+                safe = route.idempotent or isinstance(exc, RateLimitError) or not getattr(exc, "maybe_sent", True)
                 if not (exc.retryable and safe) or attempt >= self._transport.max_retries:
                     raise
                 delay = _backoff(attempt, getattr(exc, "retry_after", None))
-                log.warning("%s %s failed (%s); retry %d in %.1f s", self.broker, route, exc.__class__.__name__, attempt + 1, delay)
+                log.warning("%s %s failed (%s); retry %d in %.1f s", self.broker, name, exc.__class__.__name__, attempt + 1, delay)
                 self._sleep(delay)
                 attempt += 1
 
-    def _instrument_for(self, exchange: str, broker_symbol: str) -> Instrument:
-        key = (exchange, broker_symbol)
-        found = self._by_symbol.get(key)
-        if found is None:
-            found = self._store.by_broker_symbol(self.broker, exchange, broker_symbol)
-            if found is None:
-                raise InstrumentNotFoundError(
-                    f"{self.broker} reported {exchange}:{broker_symbol}, which is not in the loaded instrument master "
-                    "(an unloaded segment, or a contract listed after the last refresh)"
-                )
-            self._by_symbol[key] = found
-        return found
-
-    def _rows(self, route: str, hook: str, rows: Any, skipped: Optional[List[Mapping[str, Any]]] = None) -> List[Any]:
-        """Parse list rows. A row naming an instrument outside the loaded master (an MCX
-        position, a contract listed after the last refresh) is logged and left out, and handed
-        back in ``skipped`` for callers that must not ignore it (the kill switches)."""
-        parse = self._spec["hooks"][hook]
-        out = []
-        for row in rows or ():
+    def _parse(self, name: str, route: _Route, data: Any, skipped: Optional[List[Mapping[str, Any]]]) -> Any:
+        """Turn a checked payload into models. In list replies a row that names an instrument
+        outside the loaded master, or is malformed, is logged and left out (and handed back in
+        ``skipped`` to callers that must not ignore it: the kill switches)."""
+        if route.row is not None:
             try:
-                out.append(parse(self._ctx, row))
-            except (InstrumentNotFoundError, UnsupportedFeatureError) as exc:
-                log.warning("%s %s: left out a row: %s", self.broker, route, exc)
-                if skipped is not None:
-                    skipped.append(row)
-        return out
+                rows = (route.rows or _list_rows)(data)
+            except (_Malformed, TypeError, ValueError, AttributeError) as exc:
+                raise BrokerError(f"{self.broker} {name}: malformed reply ({_why(exc)})") from None
+            out, bad = [], 0
+            for index, row in enumerate(rows):
+                try:
+                    if not isinstance(row, Mapping):
+                        raise _Malformed(f"row is {type(row).__name__}, expected an object")
+                    out.append(route.row(self._ctx, row))
+                except (InstrumentNotFoundError, UnsupportedFeatureError) as exc:
+                    log.warning("%s %s: left out a row: %s", self.broker, name, exc)
+                    if skipped is not None:
+                        skipped.append(row)
+                except (_Malformed, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+                    bad += 1
+                    log.warning("%s %s: left out malformed row %d (%s)", self.broker, name, index, _why(exc))
+                    if skipped is not None and isinstance(row, Mapping):
+                        skipped.append(row)
+            if bad:
+                log.warning("%s %s: %d of %d rows were malformed and left out", self.broker, name, bad, len(rows))
+            return out
+        if route.parse is not None:
+            try:
+                return route.parse(self._ctx, data)
+            except (_Malformed, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+                raise BrokerError(f"{self.broker} {name}: malformed reply ({_why(exc)})") from None
+        return data
 
     # -- account ---------------------------------------------------------------------------
 
@@ -3610,49 +4394,50 @@ class TTConnect:
     def login_url(broker: str, config: Optional[Mapping[str, Any]] = None) -> str:
         """Return the browser login URL for ``broker`` (needs ``api_key``)."""
         spec = _spec_for(broker)
+        if config is not None and not isinstance(config, Mapping):
+            raise ConfigurationError(f"config must be a dict, got {type(config).__name__}")
         cfg = dict(config or {})
-        hook = spec["hooks"].get("login_url")
-        if hook is None or not spec["login_url"]:
+        if not _capabilities(spec).browser_login:
             raise UnsupportedFeatureError(f"{spec['id']} has no browser login")
-        if not isinstance(cfg.get("api_key"), str) or not cfg["api_key"]:
-            raise ConfigurationError(f"config 'api_key' is needed for the {spec['id']} login URL")
-        return hook(cfg, cfg.get("login_url") or spec["login_url"])
+        base = cfg.get("login_url") or spec["urls"]["login_url"]
+        return spec["hooks"]["login_url"](cfg, base)
 
     def get_profile(self) -> Profile:
         """Return the account's profile."""
-        return self._spec["hooks"]["profile"](self._ctx, self._call("get_profile"))
+        return self._execute("get_profile")
 
     def get_funds(self) -> Fund:
         """Return the equity-segment funds (rupees)."""
-        return self._spec["hooks"]["funds"](self._ctx, self._call("get_funds"))
+        return self._execute("get_funds")
 
     def get_holdings(self) -> List[Holding]:
         """Return delivery holdings."""
-        return self._rows("get_holdings", "holding", self._spec["hooks"]["holding_rows"](self._call("get_holdings")))
+        return self._execute("get_holdings")
 
     def get_positions(self, _skipped: Optional[List[Mapping[str, Any]]] = None) -> List[Position]:
         """Return net positions with a non-zero quantity (closed rows are skipped)."""
-        rows = self._spec["hooks"]["position_rows"](self._call("get_positions"))
-        return [p for p in self._rows("get_positions", "position", rows, _skipped) if p.qty != 0]
+        return [p for p in self._execute("get_positions", skipped=_skipped) if p.qty != 0]
 
     def get_orders(self, _skipped: Optional[List[Mapping[str, Any]]] = None) -> List[Order]:
         """Return today's orders."""
-        return self._rows("get_orders", "order", self._call("get_orders"), _skipped)
+        return self._execute("get_orders", skipped=_skipped)
 
     def get_trades(self) -> List[Trade]:
         """Return today's fills."""
-        return self._rows("get_trades", "trade", self._call("get_trades"))
+        return self._execute("get_trades")
 
     def get_order(self, order_id: str) -> Order:
         """Return the current state of one order."""
+        order_id = self._order_id(order_id)
+        if "get_order" in self._spec["routes"]:
+            return self._execute("get_order", order_id)
         return self.get_order_history(order_id)[-1]
 
     def get_order_history(self, order_id: str) -> List[Order]:
         """Return an order's states, oldest first (one state where the broker keeps no history)."""
         order_id = self._order_id(order_id)
-        if "get_order_history" in self._spec["routes"]:
-            rows = self._call("get_order_history", path_args={"order_id": order_id})
-            history = [self._spec["hooks"]["order"](self._ctx, row) for row in rows or ()]
+        if self._spec["has"]["order_history"]:
+            history = self._execute("get_order_history", order_id)
             if history:
                 return history
         else:
@@ -3672,47 +4457,16 @@ class TTConnect:
     def _order_request(self, instrument: Instrument, qty: Any, side: Any, product: Any, order_type: Any,
                        price: Any, trigger_price: Any, tag: Any, validity: Any) -> _OrderRequest:
         """Validate an order completely before anything is sent."""
-        spec = self._spec
+        self._open()
         if not isinstance(instrument, _Instrument):
             raise InvalidOrderError(f"instrument must be an Equity, Future or Option, got {instrument!r}")
-        if isinstance(instrument, Index):
-            raise InvalidOrderError(f"{instrument} is an index: indices cannot be traded; trade its futures or options")
-        if instrument.exchange not in spec["exchanges"]:
-            raise UnsupportedFeatureError(f"{self.broker} does not trade the {instrument.exchange.value} segment through ttconnect")
-        side_e = _order_enum(Side, side, "side")
-        product_e = _order_enum(ProductType, product, "product")
-        type_e = _order_enum(OrderType, order_type, "order_type")
-        if product_e not in spec["products"]:
-            raise UnsupportedFeatureError(f"{self.broker} does not support product {product_e.value}")
-        if type_e not in spec["order_types"]:
-            raise UnsupportedFeatureError(f"{self.broker} does not support order type {type_e.value}")
-        cash = instrument.exchange in _CASH_EXCHANGES
-        if product_e is ProductType.CNC and not cash:
-            raise InvalidOrderError(f"product CNC is for cash equities; {instrument} needs NRML (carry) or MIS (intraday)")
-        if product_e is ProductType.NRML and cash:
-            raise InvalidOrderError(f"product NRML is for derivatives; {instrument} needs CNC (delivery) or MIS (intraday)")
-        if validity not in spec["validities"]:
-            raise InvalidOrderError(f"validity {validity!r} is not supported by {self.broker}; use one of {', '.join(spec['validities'])}")
-        if isinstance(qty, bool) or not isinstance(qty, int) or qty <= 0:
-            raise InvalidOrderError(f"qty must be a positive whole number of units, got {qty!r}")
-        token, bsym = self._lookup(instrument)
-        _, lot, tick = self._info(instrument)
-        if lot > 1 and qty % lot:
-            raise InvalidOrderError(
-                f"qty {qty} is not a multiple of the lot size {lot} for {instrument}; "
-                f"use {max(lot, qty // lot * lot)} or {(qty // lot + 1) * lot}"
-            )
-        price_d = _order_price(price, "price", tick, instrument)
-        trigger_d = _order_price(trigger_price, "trigger_price", tick, instrument)
-        if type_e in (OrderType.LIMIT, OrderType.SL) and price_d is None:
-            raise InvalidOrderError(f"{type_e.value} orders need a price")
-        if type_e in (OrderType.MARKET, OrderType.SL_M) and price_d is not None:
-            raise InvalidOrderError(f"{type_e.value} orders take no price (got {price!r}); use LIMIT or SL to set one")
-        if type_e in (OrderType.SL, OrderType.SL_M) and trigger_d is None:
-            raise InvalidOrderError(f"{type_e.value} orders need a trigger_price")
-        if type_e in (OrderType.MARKET, OrderType.LIMIT) and trigger_d is not None:
-            raise InvalidOrderError(f"{type_e.value} orders take no trigger_price (got {trigger_price!r}); use SL or SL_M")
-        _check_stop(type_e, side_e, price_d, trigger_d)
+        if instrument.exchange in self._spec["exchanges"] and not isinstance(instrument, Index):
+            token, bsym = self._instruments.lookup(instrument)
+            _, lot, tick = self._instruments.info(instrument)
+        else:
+            token, bsym, lot, tick = "", "", 0, 0.0  # _check_order refuses it, naming why
+        qty, side_e, product_e, type_e, price_d, trigger_d = _check_order(
+            self._spec, instrument, qty, side, product, order_type, price, trigger_price, validity, lot, tick)
         return _OrderRequest(instrument, token, bsym, qty, side_e, product_e, type_e, price_d, trigger_d,
                              self._order_tag(tag), validity)
 
@@ -3725,23 +4479,27 @@ class TTConnect:
             raise InvalidOrderError(f"tag must be 1-{limit} letters, digits, '-' or '_' for {self.broker}, got {tag!r}")
         return tag
 
-    def place_order(self, instrument: Instrument, qty: int, side: Side, product: ProductType, order_type: OrderType,
-                    price: Optional[float] = None, trigger_price: Optional[float] = None, tag: Optional[str] = None,
-                    validity: str = "DAY") -> str:
+    def place_order(self, instrument: Instrument, qty: int, side: Union[Side, str], product: Union[ProductType, str],
+                    order_type: Union[OrderType, str], price: Optional[float] = None,
+                    trigger_price: Optional[float] = None, tag: Optional[str] = None, validity: str = "DAY") -> str:
         """Place an order and return the broker's order id.
 
         Everything is validated before a request is sent. The order is never sent twice: after
         an ambiguous failure (timeout, dropped connection, 5xx) it is looked up by its tag.
         """
         req = self._order_request(instrument, qty, side, product, order_type, price, trigger_price, tag, validity)
-        path_args, body = self._spec["hooks"]["place_order"](req)
+        return self._place(req)
+
+    def _place(self, req: _OrderRequest) -> str:
+        route = self._route("place_order")
+        request = route.build(req)  # type: ignore[misc]
         try:
-            data = self._call("place_order", path_args=path_args, body=body, idempotent=False)
+            data = self._call("place_order", route, request)
         except (NetworkError, BrokerError) as exc:
             if not (exc.retryable and getattr(exc, "maybe_sent", True)):
                 raise
             return self._find_placed(req, exc)
-        return self._spec["hooks"]["placed"](data)
+        return self._parse("place_order", route, data, None)
 
     def _find_placed(self, req: _OrderRequest, cause: TTConnectError) -> str:
         """After an ambiguous failure: find the order by its tag instead of sending it again.
@@ -3783,39 +4541,23 @@ class TTConnect:
         return order
 
     def modify_order(self, order_id: str, qty: Optional[int] = None, price: Optional[float] = None,
-                     trigger_price: Optional[float] = None, order_type: Optional[OrderType] = None) -> str:
-        """Change an open order; unspecified fields keep their current values. Returns the order id."""
+                     trigger_price: Optional[float] = None, order_type: Union[OrderType, str, None] = None) -> str:
+        """Change an open order; unspecified fields keep their current values. Returns the order id.
+
+        The changed order is checked like a new one (tick, lot, stop-loss rules); unchanged
+        prices are restated as the broker has them.
+        """
         current = self._live_order(order_id, "modified")
-        new_type = current.order_type if order_type is None else _order_enum(OrderType, order_type, "order_type")
-        if new_type not in self._spec["order_types"]:
-            raise UnsupportedFeatureError(f"{self.broker} does not support order type {new_type.value}")
+        token, bsym = self._instruments.lookup(current.instrument)
+        _, lot, tick = self._instruments.info(current.instrument)
         new_qty = current.qty if qty is None else qty
-        if isinstance(new_qty, bool) or not isinstance(new_qty, int) or new_qty <= 0:
-            raise InvalidOrderError(f"qty must be a positive whole number of units, got {qty!r}")
-        token, bsym = self._lookup(current.instrument)
-        _, lot, tick = self._info(current.instrument)
-        if lot > 1 and new_qty % lot:
-            raise InvalidOrderError(f"qty {new_qty} is not a multiple of the lot size {lot} for {current.instrument}")
-        keep_price = new_type in (OrderType.LIMIT, OrderType.SL)
-        keep_trigger = new_type in (OrderType.SL, OrderType.SL_M)
-        # New values are checked like a new order's; kept ones are the broker's own, snapped to the tick.
-        price_d = (_order_price(price, "price", tick, current.instrument) if price is not None
-                   else _on_tick(current.price, tick) if keep_price else None)
-        trigger_d = (_order_price(trigger_price, "trigger_price", tick, current.instrument) if trigger_price is not None
-                     else _on_tick(current.trigger_price, tick) if keep_trigger else None)
-        if keep_price and keep_trigger:
-            _check_stop(new_type, current.side, price_d, trigger_d)
-        if keep_price and price_d is None:
-            raise InvalidOrderError(f"{new_type.value} orders need a price")
-        if not keep_price and price is not None:
-            raise InvalidOrderError(f"{new_type.value} orders take no price")
-        if keep_trigger and trigger_d is None:
-            raise InvalidOrderError(f"{new_type.value} orders need a trigger_price")
-        if not keep_trigger and trigger_price is not None:
-            raise InvalidOrderError(f"{new_type.value} orders take no trigger_price")
-        path_args, body = self._spec["hooks"]["modify_order"](current, new_type, new_qty, price_d if keep_price else None,
-                                                            trigger_d if keep_trigger else None, token, bsym)
-        self._call("modify_order", path_args=path_args, body=body)
+        new_type = current.order_type if order_type is None else order_type
+        qty_, side_e, product_e, type_e, price_d, trigger_d = _check_order(
+            self._spec, current.instrument, new_qty, current.side, current.product, new_type, price, trigger_price,
+            None, lot, tick, kept_price=current.price, kept_trigger=current.trigger_price)
+        change = _OrderRequest(current.instrument, token, bsym, qty_, side_e, product_e, type_e, price_d, trigger_d,
+                               current.tag or "", str(current.raw.get("validity") or "DAY"))
+        self._execute("modify_order", current, change)
         return current.id
 
     def cancel_order(self, order_id: str) -> str:
@@ -3824,8 +4566,7 @@ class TTConnect:
         return self._cancel(order.id, order.raw)
 
     def _cancel(self, order_id: str, raw: Mapping[str, Any]) -> str:
-        path_args, body = self._spec["hooks"]["cancel_order"](order_id, raw)
-        self._call("cancel_order", path_args=path_args, body=body)
+        self._execute("cancel_order", order_id, raw)
         return order_id
 
     def cancel_all_orders(self) -> Tuple[List[str], List[str]]:
@@ -3834,11 +4575,16 @@ class TTConnect:
         Orders in segments ttconnect does not load are cancelled too (from the broker's own
         fields). Returns (cancelled ids, ids whose cancel failed).
         """
-        hooks = self._spec["hooks"]
         skipped: List[Mapping[str, Any]] = []
         live = [(o.id, o.raw) for o in self.get_orders(skipped) if o.status in _LIVE_STATUSES]
         id_field = self._spec["row_fields"]["order_id"]
-        live += [(str(row[id_field]), row) for row in skipped if hooks["order_status"](row) in _LIVE_STATUSES]
+        raw_status = self._spec["hooks"]["raw_status"]
+        for row in skipped:
+            try:
+                if raw_status(row) in _LIVE_STATUSES:
+                    live.append((_str_field(row, id_field), row))
+            except (_Malformed, TypeError, ValueError, AttributeError) as exc:
+                log.warning("%s: an order row without a usable id or status was left alone (%s)", self.broker, _why(exc))
         cancelled, failed = [], []
         for order_id, raw in live:
             try:
@@ -3866,44 +4612,68 @@ class TTConnect:
             except TTConnectError as exc:
                 log.warning("%s: closing %s failed: %s", self.broker, pos.instrument, exc)
                 failed.append(str(pos.instrument))
-        qty_field = self._spec["row_fields"]["position_qty"]
+        fields = self._spec["row_fields"]
         for row in skipped:
-            if _int(row.get(qty_field)):
-                label = f"{row.get('exchange')}:{row.get('tradingsymbol')}"
-                log.warning("%s: position %s is in a segment ttconnect does not trade; close it in the broker's app",
-                            self.broker, label)
+            try:
+                open_qty = _int(row.get(fields["position_qty"]))
+            except _Malformed:
+                open_qty = 1  # unreadable: count it as open rather than miss it
+            if open_qty:
+                label = f"{row.get(fields['exchange'])}:{row.get(fields['symbol'])}"
+                log.warning("%s: position %s could not be read or is in a segment ttconnect does not trade; "
+                            "close it in the broker's app", self.broker, label)
                 failed.append(label)
         return placed, failed
 
     def calculate_margin(self, legs: Sequence[Union[OrderLeg, Mapping[str, Any]]]) -> Margin:
         """Return the margin a basket needs, before and after the spread benefit."""
-        if not legs:
-            raise InvalidOrderError("calculate_margin needs at least one leg")
+        self._open()
+        if not self._spec["has"]["margin"]:
+            raise UnsupportedFeatureError(f"{self.broker} has no margin calculator through ttconnect")
+        if isinstance(legs, (str, bytes, Mapping)) or not isinstance(legs, Sequence) or not legs:
+            raise InvalidOrderError("calculate_margin needs a non-empty list of legs (OrderLeg or dicts of its fields)")
         checked = []
         for leg in legs:
             if isinstance(leg, Mapping):
-                leg = OrderLeg(**leg)
+                try:
+                    leg = OrderLeg(**leg)
+                except TypeError as exc:
+                    raise InvalidOrderError(f"a margin leg dict must have OrderLeg's fields: {exc}") from None
             if not isinstance(leg, OrderLeg):
                 raise InvalidOrderError(f"a margin leg must be an OrderLeg or a dict of its fields, got {leg!r}")
             req = self._order_request(leg.instrument, leg.qty, leg.side, leg.product, leg.order_type, leg.price,
                                       leg.trigger_price, "margin", "DAY")
             checked.append(req)
-        params, body = self._spec["hooks"]["margin_body"](checked)
-        return self._spec["hooks"]["margin"](self._ctx, self._call("calculate_margin", params=params, body=body))
+        return self._execute("calculate_margin", checked)
 
     # -- streaming -------------------------------------------------------------------------
 
     def _stream(self) -> "_Streamer":
-        if self._store.closed:
-            raise ConfigurationError("this client is closed; create a new TTConnect to stream again")
+        self._open()
+        if not self._spec["has"]["streaming"]:
+            raise UnsupportedFeatureError(f"{self.broker} has no live feed through ttconnect")
         with self._stream_lock:
+            self._open()
             if self._streamer is None:
-                try:
-                    import websocket  # noqa: F401 - fail here, clearly, not on the background thread
-                except ImportError:
-                    raise UnsupportedFeatureError("streaming needs websocket-client: pip install websocket-client") from None
-                self._streamer = _Streamer(self)
+                if "stream_socket" not in self._spec["hooks"]:
+                    try:
+                        import websocket  # noqa: F401 - fail here, clearly, not on the background thread
+                    except ImportError:
+                        raise UnsupportedFeatureError("streaming needs websocket-client: pip install websocket-client") from None
+                self._streamer = _Streamer(self._stream_context())
             return self._streamer
+
+    def _stream_context(self) -> "_StreamContext":
+        spec = self._spec
+        return _StreamContext(
+            spec=spec, config=self._config, urls=self._urls, session=self._auth.current_with_generation,
+            recover=self._auth.recover, hint=self._auth.hint, resolve=self.resolve, call=self._stream_call,
+            order=self._order_update, monotonic=time.monotonic, local=self._local)
+
+    def _order_update(self, row: Mapping[str, Any]) -> Order:
+        row_parser = self._route("get_orders").row
+        assert row_parser is not None
+        return row_parser(self._ctx, row)
 
     def subscribe(self, instruments: Union[Instrument, Sequence[Instrument]], on_tick: Optional[Callable[[Tick], Any]] = None,
                   mode: str = "quote", on_order_update: Optional[Callable[[Order], Any]] = None) -> None:
@@ -3934,6 +4704,8 @@ class TTConnect:
         """Call ``handler`` with a canonical ``Order`` whenever the broker reports a change."""
         if not callable(handler):
             raise ConfigurationError("on_order_update needs a callable taking an Order")
+        if not self._spec["has"]["order_updates"]:
+            raise UnsupportedFeatureError(f"{self.broker} has no order-update stream through ttconnect")
         streamer = self._stream()
         streamer.on_order = handler
         streamer.watch_orders()
@@ -3941,26 +4713,44 @@ class TTConnect:
     def stream_stats(self) -> Dict[str, Any]:
         """Ticks, frames (and dropped ones), reconnects, handler errors, last error, last frame time."""
         if self._streamer is None:
-            return {"connected": False, "orders_connected": False, "subscriptions": 0, "ticks": 0, "frames": 0,
-                    "frames_dropped": 0, "handler_errors": 0, "reconnects": 0, "silence_reconnects": 0,
-                    "order_updates": 0, "last_error": None, "last_frame_at": None}
+            return _Streamer.empty_stats()
         return self._streamer.snapshot()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the feed (within 2 s) and release connections and files."""
-        if self._streamer is not None:
-            self._streamer.close()
-        _unregister_store(self._store)
-        self._store.close()
+        """Stop the feed (within 2 s) and release connections and files. Never raises."""
+        with self._stream_lock:
+            if self._closed:
+                return
+            self._closed = True
+            streamer = self._streamer
+        if streamer is not None:
+            streamer.close()
+        _unregister_store(self._instruments.store)
+        self._instruments.close()
         self._transport.close()
+        if self._local is not None:
+            self._local.close()
 
     def __enter__(self) -> "TTConnect":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _why(exc: BaseException) -> str:
+    """What was wrong with a malformed reply, for messages (the field, when known)."""
+    if isinstance(exc, KeyError):
+        return f"field {exc.args[0]!r} missing" if exc.args else "a field is missing"
+    return f"{exc}" if isinstance(exc, _Malformed) else f"{exc.__class__.__name__}: {_short(str(exc), 120)}"
+
+
+def _discovery_symbol(symbol: Any, allow_empty: bool = False) -> str:
+    if not isinstance(symbol, str) or (not symbol.strip() and not allow_empty):
+        raise InvalidInstrumentError(f"symbol must be a non-empty string, got {symbol!r}")
+    return symbol.strip().upper()
 
 
 class AsyncTTConnect:
@@ -4048,14 +4838,14 @@ class AsyncTTConnect:
     async def get_trades(self) -> List[Trade]:
         return await self._run(self.sync.get_trades)
 
-    async def place_order(self, instrument: Instrument, qty: int, side: Side, product: ProductType,
-                          order_type: OrderType, price: Optional[float] = None, trigger_price: Optional[float] = None,
-                          tag: Optional[str] = None, validity: str = "DAY") -> str:
+    async def place_order(self, instrument: Instrument, qty: int, side: Union[Side, str], product: Union[ProductType, str],
+                          order_type: Union[OrderType, str], price: Optional[float] = None,
+                          trigger_price: Optional[float] = None, tag: Optional[str] = None, validity: str = "DAY") -> str:
         return await self._run(self.sync.place_order, instrument, qty, side, product, order_type, price=price,
                                trigger_price=trigger_price, tag=tag, validity=validity)
 
     async def modify_order(self, order_id: str, qty: Optional[int] = None, price: Optional[float] = None,
-                           trigger_price: Optional[float] = None, order_type: Optional[OrderType] = None) -> str:
+                           trigger_price: Optional[float] = None, order_type: Union[OrderType, str, None] = None) -> str:
         return await self._run(self.sync.modify_order, order_id, qty=qty, price=price, trigger_price=trigger_price,
                                order_type=order_type)
 
@@ -4088,6 +4878,42 @@ class AsyncTTConnect:
 _STREAM_MODES = ("ltp", "quote", "full")
 
 
+class _StreamContext(NamedTuple):
+    """What the streamer may use of its client, and nothing more."""
+
+    spec: BrokerSpec
+    config: Mapping[str, Any]
+    urls: Mapping[str, str]
+    session: Callable[[], Tuple[SessionData, int]]  # the current session and its generation
+    recover: Callable[[int], bool]  # the session of that generation was refused: renew it once
+    hint: Callable[[], str]  # how to get a fresh session
+    resolve: Callable[[Instrument], str]  # instrument -> broker token (local)
+    call: _Call  # an authenticated REST call (a feed's authorize step)
+    order: Callable[[Mapping[str, Any]], Order]  # an order-update row -> Order
+    monotonic: Callable[[], float]  # for silence and pacing
+    local: Any  # the spec's in-process answerer, if it has one (its feed socket is made from it)
+
+
+def _send_frame(ws: Any, message: Union[str, bytes]) -> None:
+    """Send a subscription message: text, or JSON in a binary frame where a feed wants that."""
+    if isinstance(message, bytes):
+        ws.send_binary(message)
+    else:
+        ws.send(message)
+
+
+def _quietly_shut(ws: Any) -> None:
+    """Abort and close a socket that may already be dead (some websocket-client versions raise
+    OSError on an already closed socket)."""
+    import websocket
+
+    for step in (ws.abort, lambda: ws.close(timeout=0)):
+        try:
+            step()
+        except (OSError, websocket.WebSocketException) as exc:
+            log.debug("closing a feed socket: %s", exc.__class__.__name__)
+
+
 class _Connection:
     """One websocket, owned by one daemon thread: connect, greet, read, watch, reconnect.
 
@@ -4107,7 +4933,8 @@ class _Connection:
         self._stop = threading.Event()
         self.ws: Any = None
         self.connected = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"ttconnect-{streamer.client.broker}-{name}", daemon=True)
+        self._renewed_generation = -1  # the session this feed last renewed: renew each one once only
+        self._thread = threading.Thread(target=self._run, name=f"ttconnect-{streamer.broker}-{name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -4116,8 +4943,9 @@ class _Connection:
         self._stop.set()
         ws = self.ws
         if ws is not None:
-            ws.abort()  # wakes the reader blocked in recv
-        self._thread.join(timeout)
+            _quietly_shut(ws)  # wakes the reader blocked in recv
+        if threading.current_thread() is not self._thread:  # close() from a handler: the thread ends itself
+            self._thread.join(timeout)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -4125,7 +4953,7 @@ class _Connection:
     def _run(self) -> None:
         import websocket
 
-        stats = self.streamer.stats
+        streamer = self.streamer
         attempt = 0
         while not self._stop.is_set():
             ws = None
@@ -4136,30 +4964,32 @@ class _Connection:
             except (OSError, websocket.WebSocketException, TTConnectError) as exc:
                 if not self._stop.is_set():
                     what = "connection lost" if self.connected.is_set() else "connect failed"
-                    self.streamer.failed(self.name, f"{what}: {_describe(exc)}")
+                    streamer.failed(self.name, f"{what}: {_describe(exc)}")
             except Exception as exc:  # noqa: BLE001 - the feed thread must outlive any bug; logged with traceback
-                log.exception("%s %s stream: unexpected error; reconnecting", self.streamer.client.broker, self.name)
-                self.streamer.failed(self.name, f"unexpected error: {_describe(exc)}")
+                log.exception("%s %s stream: unexpected error; reconnecting", streamer.broker, self.name)
+                streamer.failed(self.name, f"unexpected error: {_describe(exc)}")
             finally:
-                with self.streamer.lock:
+                with streamer.lock:
                     self.connected.clear()
                     self.ws = None
+                streamer.changed()
                 if ws is not None:
-                    ws.abort()
-                    ws.close(timeout=0)
+                    _quietly_shut(ws)
             if self._stop.is_set():
                 return
-            delay = self.streamer.backoff(attempt)
+            delay = streamer.backoff(attempt)
             attempt += 1
-            stats["reconnects"] += 1
-            log.info("%s %s stream: reconnecting in %.2f s", self.streamer.client.broker, self.name, delay)
+            streamer.count("reconnects")
+            log.info("%s %s stream: reconnecting in %.2f s", streamer.broker, self.name, delay)
             self._stop.wait(delay)
 
     def _open(self, websocket: Any) -> Any:
-        client = self.streamer.client
-        session, generation = client._auth.current_with_generation()
-        url, headers = self._connect_hook(client._config, session, client._urls[self._url_key])
-        ws = websocket.WebSocket(enable_multithread=True)
+        streamer = self.streamer
+        ctx = streamer.ctx
+        session, generation = ctx.session()
+        url, headers = self._connect_hook(ctx.call, ctx.config, session, ctx.urls[self._url_key])
+        make_socket = ctx.spec["hooks"].get("stream_socket")
+        ws = make_socket(ctx.local) if make_socket is not None else websocket.WebSocket(enable_multithread=True)
         # Published so that stop() can abort the upgrade; a TCP connect or TLS handshake in
         # progress cannot be interrupted and ends by stream_connect_timeout (the thread is a
         # daemon, and it exits right after: _read checks the stop flag before going live).
@@ -4167,22 +4997,26 @@ class _Connection:
         if self._stop.is_set():
             return ws
         try:
-            ws.connect(url, header=[f"{k}: {v}" for k, v in headers.items()], timeout=self.streamer.connect_timeout)
+            ws.connect(url, header=[f"{k}: {v}" for k, v in headers.items()], timeout=streamer.connect_timeout)
         except websocket.WebSocketBadStatusException as exc:
-            if getattr(exc, "status_code", None) in (401, 403):
-                # The feed refused the session (expired JWT/feed token): refresh it once, as REST does.
-                if not client._auth.recover(generation):
-                    raise AuthenticationError(f"the {client.broker} feed refused the session (HTTP {exc.status_code}); "
-                                              f"{client._auth.hint()}") from None
-                raise AuthenticationError(f"the {client.broker} feed refused the session (HTTP {exc.status_code}); "
+            status = getattr(exc, "status_code", None)
+            if status in (401, 403):
+                # The feed refused the session (expired token): renew it once, as REST does, but
+                # only once per session: a feed that refuses every handshake must not trigger a
+                # renewal on every reconnect.
+                if generation == self._renewed_generation or not ctx.recover(generation):
+                    raise AuthenticationError(f"the {streamer.broker} feed refused the session (HTTP {status}); "
+                                              f"{ctx.hint()}") from None
+                self._renewed_generation = ctx.session()[1]
+                raise AuthenticationError(f"the {streamer.broker} feed refused the session (HTTP {status}); "
                                           "the session was renewed, reconnecting") from None
             raise
-        log.info("%s %s stream connected", client.broker, self.name)
+        log.info("%s %s stream connected", streamer.broker, self.name)
         return ws
 
     def _read(self, ws: Any, websocket: Any) -> None:
         streamer = self.streamer
-        stats = streamer.stats
+        now = streamer.ctx.monotonic
         silence = streamer.silence
         ws.settimeout(min(0.5, silence / 4))
         with streamer.lock:
@@ -4192,35 +5026,35 @@ class _Connection:
                 return
             self._greet(ws)
             self.connected.set()
-        last = time.monotonic()
+        streamer.changed()
+        last = now()
         ping_every = silence / 2.5
         next_ping = last + ping_every
+        binary, text, close = websocket.ABNF.OPCODE_BINARY, websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_CLOSE
         while not self._stop.is_set():
             try:
                 opcode, payload = ws.recv_data(control_frame=True)
             except websocket.WebSocketTimeoutException:
                 opcode = None
-            now = time.monotonic()
+            t = now()
             if opcode is None:
-                if now - last > silence:
-                    stats["silence_reconnects"] += 1
-                    streamer.failed(self.name, f"no frame for {now - last:.1f} s (limit {silence:g} s): reconnecting")
+                if t - last > silence:
+                    streamer.count("silence_reconnects")
+                    streamer.failed(self.name, f"no frame for {t - last:.1f} s (limit {silence:g} s): reconnecting")
                     return
             else:
-                last = now
-                stats["last_frame_at"] = time.time()
-                if opcode == websocket.ABNF.OPCODE_BINARY:
-                    stats["frames"] += 1
+                last = t
+                streamer.frame_arrived()
+                if opcode == binary:
                     if self._on_binary is not None:
                         self._on_binary(payload)
-                elif opcode == websocket.ABNF.OPCODE_TEXT:
-                    stats["frames"] += 1
+                elif opcode == text:
                     self._on_text(payload.decode("utf-8", "replace"))
-                elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                elif opcode == close:
                     streamer.failed(self.name, "the server closed the connection")
                     return
-            if self._keepalive is not None and now >= next_ping:
-                next_ping = now + ping_every
+            if self._keepalive is not None and t >= next_ping:
+                next_ping = t + ping_every
                 if self._keepalive:
                     ws.send(self._keepalive)
                 else:
@@ -4238,12 +5072,15 @@ class _Streamer:
     the stream goes on. Subscriptions are remembered and re-sent after every reconnect.
     """
 
-    def __init__(self, client: "TTConnect") -> None:
-        cfg = client._config
-        self.client = client
-        self.spec = client._spec
+    def __init__(self, ctx: _StreamContext) -> None:
+        cfg = ctx.config
+        self.ctx = ctx
+        self.spec = ctx.spec
+        self.broker = ctx.spec["id"]
         self.lock = threading.RLock()
-        self.subscriptions: Dict[Any, Tuple[Instrument, str, str]] = {}  # stream key -> (instrument, token, mode)
+        self._changed = threading.Condition(threading.Lock())
+        self.closed = False
+        self.subscriptions: Dict[Any, _Sub] = {}  # stream key -> (instrument, token, mode)
         self.instruments: Dict[Any, Instrument] = {}  # replaced, never mutated: read lock-free by the decoder
         self.on_tick: Optional[Callable[[Tick], Any]] = None
         self.on_order: Optional[Callable[[Order], Any]] = None
@@ -4251,9 +5088,7 @@ class _Streamer:
         self.connect_timeout = _positive(cfg, "stream_connect_timeout", 10.0)
         self.delay = _positive(cfg, "stream_reconnect_delay", 0.5)
         self.max_delay = _positive(cfg, "stream_reconnect_max_delay", 30.0)
-        self.stats: Dict[str, Any] = {"ticks": 0, "frames": 0, "frames_dropped": 0, "handler_errors": 0,
-                                      "reconnects": 0, "silence_reconnects": 0, "order_updates": 0,
-                                      "last_error": None, "last_frame_at": None}
+        self.stats: Dict[str, Any] = self.empty_stats()
         self.market: Optional[_Connection] = None
         self.orders: Optional[_Connection] = None
         self._decode = self.spec["hooks"]["stream_decode"]
@@ -4262,19 +5097,50 @@ class _Streamer:
 
         self._random = random.Random()
 
+    @staticmethod
+    def empty_stats() -> Dict[str, Any]:
+        return {"connected": False, "orders_connected": False, "subscriptions": 0, "ticks": 0, "frames": 0,
+                "frames_dropped": 0, "handler_errors": 0, "reconnects": 0, "silence_reconnects": 0,
+                "order_updates": 0, "market_messages": 0, "last_error": None, "last_frame_at": None,
+                "last_market_info": None}
+
+    # -- events, for anyone waiting on the feed (tests, status displays) ------------------------
+
+    def changed(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` holds (checked on every feed event) or ``timeout`` passes."""
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.stats[name] += n
+        self.changed()
+
+    def frame_arrived(self) -> None:
+        self.stats["frames"] += 1
+        self.stats["last_frame_at"] = time.time()
+
     # -- control (any thread) --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConfigurationError(f"this {self.broker} client is closed; create a new TTConnect to stream again")
 
     def subscribe(self, instruments: Sequence[Instrument], mode: str, on_tick: Optional[Callable[[Tick], Any]]) -> None:
         items = []
         for instrument in instruments:
-            token = self.client.resolve(instrument)  # local: an unknown instrument never reaches the feed
+            token = self.ctx.resolve(instrument)  # local: an unknown instrument never reaches the feed
             items.append((self.spec["hooks"]["stream_key"](instrument, token), (instrument, token, mode)))
         with self.lock:
+            self._check_open()
             keys = set(self.subscriptions) | {key for key, _ in items}
             limit = self.spec["stream_max_tokens"]
             if len(keys) > limit:
                 raise UnsupportedFeatureError(
-                    f"{self.client.broker} streams at most {limit} instruments per connection; this would make "
+                    f"{self.broker} streams at most {limit} instruments per connection; this would make "
                     f"{len(keys)}. Unsubscribe some, or split them across clients")
             if on_tick is not None:
                 self.on_tick = on_tick
@@ -4294,7 +5160,7 @@ class _Streamer:
         with self.lock:
             gone = []
             for instrument in instruments:
-                token = self.client.resolve(instrument)
+                token = self.ctx.resolve(instrument)
                 item = self.subscriptions.pop(self.spec["hooks"]["stream_key"](instrument, token), None)
                 if item is not None:
                     gone.append(item)
@@ -4303,12 +5169,13 @@ class _Streamer:
                 self._send_market(self.spec["hooks"]["stream_unsubscribe"](gone))
 
     def watch_orders(self) -> None:
-        if self.spec["hooks"].get("order_stream_connect") is None:
+        if "order_stream_connect" not in self.spec["hooks"]:
             self._ensure_market()  # order updates arrive on the market feed
             return
         if self.orders is None:
             self.preflight("order_stream_connect", "order_ws_url")
         with self.lock:
+            self._check_open()
             if self.orders is None:
                 self.orders = _Connection(self, "orders", "order_ws_url", self.spec["hooks"]["order_stream_connect"],
                                           self._order_text, None, lambda ws: None, "")
@@ -4316,21 +5183,26 @@ class _Streamer:
 
     def preflight(self, hook: str, url_key: str) -> None:
         """Check on the caller's thread what the feed needs (session, feed token, client id), so
-        a missing credential is an exception here rather than endless retries in the background."""
-        client = self.client
-        self.spec["hooks"][hook](client._config, client._auth.current(), client._urls[url_key])
+        a missing credential is an exception here rather than endless retries in the background.
+        Feeds whose connect step is a REST call (a single-use URL) make it on their own thread."""
+        ctx = self.ctx
+        if self.spec["has"].get("feed_authorize"):
+            ctx.session()
+            return
+        self.spec["hooks"][hook](ctx.call, ctx.config, ctx.session()[0], ctx.urls[url_key])  # type: ignore[literal-required]
 
     def _ensure_market(self) -> None:
         if self.market is None:
             self.preflight("stream_connect", "ws_url")
         with self.lock:
+            self._check_open()
             if self.market is None:
                 self.market = _Connection(self, "market", "ws_url", self.spec["hooks"]["stream_connect"],
                                           self._market_text, self._binary, self._greet_market,
                                           self.spec["stream_keepalive"])
                 self.market.start()
 
-    def _send_market(self, messages: List[str]) -> None:
+    def _send_market(self, messages: List[Union[str, bytes]]) -> None:
         conn = self.market
         ws = conn.ws if conn is not None and conn.connected.is_set() else None
         if ws is None:
@@ -4339,23 +5211,26 @@ class _Streamer:
 
         try:
             for message in messages:
-                ws.send(message)
+                _send_frame(ws, message)
         except (OSError, websocket.WebSocketException) as exc:
             # The connection is going down; the reconnect greets with every subscription.
-            log.info("%s: subscription will be sent on reconnect (%s)", self.client.broker, exc.__class__.__name__)
+            log.info("%s: subscription will be sent on reconnect (%s)", self.broker, exc.__class__.__name__)
 
     def _greet_market(self, ws: Any) -> None:
         with self.lock:
             items = list(self.subscriptions.values())
         if items:
             for message in self.spec["hooks"]["stream_subscribe"](items):
-                ws.send(message)
+                _send_frame(ws, message)
 
     def close(self, timeout: float = 1.5) -> None:
+        with self.lock:
+            self.closed = True  # a subscribe racing this one starts no thread afterwards
+            conns = [c for c in (self.market, self.orders) if c is not None]
         deadline = time.monotonic() + timeout
-        for conn in (self.market, self.orders):
-            if conn is not None:
-                conn.stop(max(0.05, deadline - time.monotonic()))
+        for conn in conns:
+            conn.stop(max(0.05, deadline - time.monotonic()))
+        self.changed()
 
     # -- the reader thread -----------------------------------------------------------------
 
@@ -4365,7 +5240,8 @@ class _Streamer:
 
     def failed(self, name: str, message: str) -> None:
         self.stats["last_error"] = f"{name}: {message}"
-        log.warning("%s %s stream: %s", self.client.broker, name, message)
+        log.warning("%s %s stream: %s", self.broker, name, message)
+        self.changed()
 
     def _binary(self, data: bytes) -> None:
         ticks = self._ticks
@@ -4374,21 +5250,27 @@ class _Streamer:
         except Exception as exc:  # noqa: BLE001 - any undecodable frame (struct, overflow...) is dropped and counted
             self.stats["frames_dropped"] += 1
             self.stats["last_error"] = f"market: skipped a malformed frame of {len(data)} bytes ({exc})"
-            log.warning("%s stream: skipped a malformed frame of %d bytes: %s", self.client.broker, len(data), exc)
+            log.warning("%s stream: skipped a malformed frame of %d bytes: %s", self.broker, len(data), exc)
             ticks.clear()  # a half-decoded frame delivers nothing
+            self.changed()
             return
         if not ticks:
             return
         handler = self.on_tick
-        self.stats["ticks"] += len(ticks)
         for tick in ticks:
+            if isinstance(tick, dict):  # a decoder's feed-status message (which segments are open...)
+                self.stats["market_messages"] += 1
+                self.stats["last_market_info"] = tick
+                continue
+            self.stats["ticks"] += 1
             if handler is not None:
                 try:
                     handler(tick)
                 except Exception:  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
                     self.stats["handler_errors"] += 1
-                    log.exception("%s stream: on_tick handler raised; the stream goes on", self.client.broker)
+                    log.exception("%s stream: on_tick handler raised; the stream goes on", self.broker)
         ticks.clear()
+        self.changed()
 
     def _market_text(self, text: str) -> None:
         self._text(text, self.spec["hooks"]["stream_text"])
@@ -4400,10 +5282,11 @@ class _Streamer:
         kind, data = parse(text)
         if kind == "order":
             try:
-                order = self.spec["hooks"]["order"](self.client._ctx, data)
+                order = self.ctx.order(data)
             except Exception as exc:  # noqa: BLE001 - an unreadable update is dropped and counted, the feed goes on
                 self.stats["frames_dropped"] += 1
-                log.warning("%s stream: could not read an order update (%s)", self.client.broker, _describe(exc))
+                log.warning("%s stream: could not read an order update (%s)", self.broker, _describe(exc))
+                self.changed()
                 return
             self.stats["order_updates"] += 1
             handler = self.on_order
@@ -4412,14 +5295,15 @@ class _Streamer:
                     handler(order)
                 except Exception:  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
                     self.stats["handler_errors"] += 1
-                    log.exception("%s stream: on_order_update handler raised; the stream goes on", self.client.broker)
+                    log.exception("%s stream: on_order_update handler raised; the stream goes on", self.broker)
         elif kind == "error":
             self.stats["last_error"] = f"broker: {data}"
-            log.warning("%s stream: the broker reported an error: %s", self.client.broker, data)
+            log.warning("%s stream: the broker reported an error: %s", self.broker, data)
         elif kind == "message":
-            log.info("%s stream: broker message: %s", self.client.broker, data)
+            log.info("%s stream: broker message: %s", self.broker, data)
         elif kind == "unknown":
-            log.debug("%s stream: ignored a text frame of %d characters", self.client.broker, len(text))
+            log.debug("%s stream: ignored a text frame of %d characters", self.broker, len(text))
+        self.changed()
 
     def snapshot(self) -> Dict[str, Any]:
         out = dict(self.stats)
@@ -4433,10 +5317,9 @@ class _Streamer:
 
 def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if not _finite_positive(value):
         raise ConfigurationError(f"config {key!r} must be a positive number of seconds, got {value!r}")
     return float(value)
-
 
 # ============================================================================
 # 11. CLI
