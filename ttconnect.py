@@ -86,10 +86,12 @@ from typing import (
     TypedDict,
     TypeVar,
     Union,
+    overload,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - imported for type checkers only
     import sqlite3
+    from typing import Literal
     from decimal import Decimal
 
     import requests
@@ -336,7 +338,15 @@ class ConfigurationError(TTConnectError):
 
 
 class OrderError(TTConnectError):
-    """The broker refused or failed an order operation."""
+    """The broker refused or failed an order operation.
+
+    ``placed_ids`` lists the orders that were placed nonetheless, when part of a request went
+    through (some slices of a sliced order).
+    """
+
+    def __init__(self, message: str = "", *, placed_ids: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.placed_ids = list(placed_ids)
 
 
 class InvalidOrderError(OrderError):
@@ -414,7 +424,12 @@ class Holding(_Model):
 
 @_model
 class Position(_Model):
-    """A net position; ``qty`` is signed (negative = short)."""
+    """A net position; ``qty`` is signed (negative = short).
+
+    A delivery (CNC) position in a cash segment can never be short: the negative quantity a
+    broker shows after you sell shares you hold is that sale, reported here as ``qty`` 0 and
+    ``sold_from_holdings`` N (its P&L kept), and never offset by ``close_all_positions``.
+    """
 
     instrument: "Instrument"
     qty: int
@@ -422,6 +437,7 @@ class Position(_Model):
     ltp: Optional[float] = None
     pnl: Optional[float] = None
     product: Optional[ProductType] = None
+    sold_from_holdings: int = 0
     raw: Mapping[str, Any] = _raw_field()
 
 
@@ -840,6 +856,8 @@ class _OrderRequest(NamedTuple):
     trigger_price: Optional["Decimal"]
     tag: str
     validity: str
+    user_tag: Optional[str] = None  # the caller's tag, before it was made unique
+    native_slice: bool = False  # ask the broker to split this order at the freeze limit itself
 
 
 def _order_enum(enum_cls: Any, value: Any, what: str) -> Any:
@@ -1927,6 +1945,8 @@ if TYPE_CHECKING:  # pragma: no cover
         reauth_hint: Callable[[Mapping[str, Any], str], str]
         renew: Callable[[_Call, Mapping[str, Any], SessionData, float], SessionData]
         raw_status: Callable[[Mapping[str, Any]], OrderStatus]  # status of an order row no model was made of
+        order_ref: Callable[[Mapping[str, Any]], Optional[str]]  # how the broker addresses one order, if not by id
+        freeze_limit: Callable[[str], Optional[int]]  # the freeze limit a broker names in a refusal
         local: Callable[["_LocalContext"], Any]  # answers routes in-process instead of HTTP (paper)
         stream_connect: Callable[[_Call, Mapping[str, Any], SessionData, str], Tuple[str, Dict[str, str]]]
         stream_key: Callable[[Instrument, str], Any]
@@ -1955,7 +1975,7 @@ if TYPE_CHECKING:  # pragma: no cover
         errors: Mapping[str, type]  # broker error code -> exception class
         order_errors: Mapping[str, type]  # refinements for routes about one order
         error_messages: Sequence[Tuple[str, type]]  # lower-case message fragment -> class
-        error_hints: Mapping[type, str]  # what to do, added to an error of that class
+        error_hints: Mapping[str, str]  # broker code or lower-case message fragment -> what to do
         rate_limit_texts: Sequence[str]  # non-JSON bodies that mean "slow down"
         empty_codes: frozenset  # codes a list route uses for "nothing to list"
         retryable_codes: frozenset  # codes that mean "try again later"
@@ -1964,6 +1984,7 @@ if TYPE_CHECKING:  # pragma: no cover
         order_types: Mapping[OrderType, str]
         validities: Tuple[str, ...]
         max_tag_len: int
+        max_slices: int  # orders the broker makes of one when it slices natively (0: it cannot)
         row_fields: Mapping[str, str]  # raw row keys the kill switches read about rows no model was made of
         options: Tuple[str, ...]  # further config keys the broker reads
         has: Mapping[str, bool]  # capabilities (see Capabilities)
@@ -2016,6 +2037,7 @@ _BASE_SPEC: BrokerSpec = {
     "order_types": {},
     "validities": ("DAY",),
     "max_tag_len": 20,
+    "max_slices": 0,
     "row_fields": {},
     "options": (),
     "has": {"auto_auth": False, "order_history": False, "margin": False, "margin_with_positions": False,
@@ -2338,7 +2360,8 @@ def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") 
     if code in spec["empty_codes"] and route.row is not None:
         return None
     retryable = cls in (RateLimitError, NetworkError) or resp.status >= 500 or code in spec["retryable_codes"]
-    hint = spec["error_hints"].get(cls)
+    lowered = message.lower()
+    hint = spec["error_hints"].get(code) or next((h for k, h in spec["error_hints"].items() if k in lowered), None)
     err = cls(f"{where}: {message} ({code or 'no code'}, HTTP {resp.status})" + (f"; {hint}" if hint else ""),
               broker_code=code or None, http_status=resp.status, retryable=retryable)
     err.retry_after = _retry_after(resp.headers)  # type: ignore[attr-defined]
@@ -2650,18 +2673,55 @@ def _zerodha_place_order(req: _OrderRequest) -> _Request:
     if req.order_type in (OrderType.MARKET, OrderType.SL_M):
         # Kite rejects API MARKET/SL-M orders without it; -1 asks for its automatic protection.
         body["market_protection"] = "-1"
+    if req.native_slice:  # only above the freeze limit: Kite refuses autoslice for smaller orders
+        body["autoslice"] = "true"
     return _Request(path={"variety": "regular"}, body=body)
 
 
-def _zerodha_placed(ctx: _Ctx, data: Any) -> str:
-    # An autoslice placement answers {order_id: parent, children: [...]}: the parent is the id.
-    return _str_field(_object(data), "order_id")
+def _zerodha_placed(ctx: _Ctx, data: Any) -> List[str]:
+    """The order id; an autoslice placement answers {order_id: first slice, children: [...]}
+    (since 2026-03-27; a bare list of ids and errors before). A child that failed means part of
+    the order was not placed."""
+    if isinstance(data, list):
+        results = data
+    else:
+        data = _object(data)
+        results = [data] + list(data.get("children") or ())
+    ids, errors = [], []
+    for result in results:
+        if isinstance(result, Mapping) and result.get("order_id"):
+            ids.append(str(result["order_id"]))
+        elif isinstance(result, (str, int)) and not isinstance(result, bool):
+            ids.append(str(result))
+        else:
+            error = result.get("error") if isinstance(result, Mapping) else None
+            errors.append(str(error.get("message") if isinstance(error, Mapping) else result))
+    if not ids:
+        raise _Malformed("no order_id in the reply")
+    if errors:
+        raise OrderError(f"zerodha autoslice: {len(errors)} slice(s) rejected ({'; '.join(errors)[:200]}); placed: "
+                         f"{', '.join(ids)}", placed_ids=ids)
+    return ids
+
+
+def _zerodha_freeze_limit(message: str) -> Optional[int]:
+    """The limit in Kite's refusal "... higher than the maximum quantity of 900 (36 lots) allowed
+    by the exchanges" (https://kite.trade/forum/discussion/comment/42709): its master has none."""
+    import re
+
+    found = re.search(r"maximum quantity of (\d+)", message)
+    return int(found.group(1)) if found else None
 
 
 def _zerodha_variety(raw: Mapping[str, Any]) -> str:
     # The URL's variety must be the one the order was placed with
-    # (https://kite.trade/docs/connect/v3/orders/#modifying-orders).
-    return str(raw.get("variety") or "regular")
+    # (https://kite.trade/docs/connect/v3/orders/#modifying-orders) -- except an AMO that has
+    # reached the exchange, which is modified and cancelled as "regular" although the book keeps
+    # showing "amo" (staff answer, https://kite.trade/forum/discussion/comment/40302/).
+    variety = str(raw.get("variety") or "regular")
+    if variety == "amo" and raw.get("exchange_order_id"):
+        return "regular"
+    return variety
 
 
 def _zerodha_modify_order(current: Order, req: _OrderRequest) -> _Request:
@@ -2679,7 +2739,7 @@ def _zerodha_cancel_order(order_id: str, raw: Mapping[str, Any]) -> _Request:
     return _Request(path={"variety": _zerodha_variety(raw), "order_id": order_id})
 
 
-def _zerodha_margin_body(legs: Sequence[_OrderRequest]) -> _Request:
+def _zerodha_margin_body(legs: Sequence[_OrderRequest], consider_positions: bool) -> _Request:
     body = [
         {"exchange": leg.instrument.exchange.value, "tradingsymbol": leg.broker_symbol,
          "transaction_type": leg.side.value, "variety": "regular", "product": _KITE_PRODUCTS[leg.product],
@@ -2687,7 +2747,8 @@ def _zerodha_margin_body(legs: Sequence[_OrderRequest]) -> _Request:
          "price": float(leg.price or 0), "trigger_price": float(leg.trigger_price or 0)}
         for leg in legs
     ]
-    return _Request(query={"consider_positions": "true"}, body=body)
+    # "Boolean to consider users positions": sent either way, the server's default being undocumented.
+    return _Request(query={"consider_positions": "true" if consider_positions else "false"}, body=body)
 
 
 # Kite ticker (https://kite.trade/docs/connect/v3/websocket/): big-endian frames of
@@ -2836,7 +2897,7 @@ _ZERODHA: BrokerSpec = _broker(
     errors={  # https://kite.trade/docs/connect/v3/exceptions/
         "TokenException": AuthenticationError,
         "PermissionException": AuthenticationError,
-        "UserException": AuthenticationError,
+        "UserException": BrokerError,  # "user account related errors": not the session's fault
         "TwoFAException": AuthenticationError,
         "InputException": BrokerError,
         "OrderException": OrderError,
@@ -2848,12 +2909,23 @@ _ZERODHA: BrokerSpec = _broker(
     },
     order_errors={"InputException": InvalidOrderError},
     error_messages=(
+        # The static-IP rule (SEBI, 2026) is reported under several error types: match the text.
+        ("no ips configured", ConfigurationError),
+        ("not in the list of allowed ips", ConfigurationError),
         ("too many requests", RateLimitError),
         ("insufficient funds", InsufficientFundsError),
         ("couldn't find that", OrderNotFoundError),
         ("order not found", OrderNotFoundError),
         ("invalid order_id", OrderNotFoundError),
     ),
+    error_hints={
+        "no ips configured": "orders are accepted only from the static IP registered for this Kite Connect app: add "
+                             "this machine's public IP on the Kite developer console (https://developers.kite.trade)",
+        "not in the list of allowed ips": "orders are accepted only from the static IP registered for this Kite "
+                                          "Connect app: add this machine's public IP on the Kite developer console",
+        "maximum quantity of": "the order is above the exchange freeze limit: pass slice=True to send it as several "
+                               "orders",
+    },
     rate_limit_texts=("too many requests",),
     retryable_codes=frozenset({"NetworkException", "DataException"}),
     exchanges=frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
@@ -2861,9 +2933,10 @@ _ZERODHA: BrokerSpec = _broker(
     order_types=_KITE_ORDER_TYPES,
     validities=("DAY", "IOC"),
     max_tag_len=20,
+    max_slices=10,  # autoslice makes at most 10 orders (https://kite.trade/forum/discussion/15912)
     row_fields={"order_id": "order_id", "position_qty": "quantity", "exchange": "exchange", "symbol": "tradingsymbol"},
     has={"order_history": True, "margin": True, "margin_with_positions": True, "order_updates": True,
-         "streaming": True},
+         "streaming": True, "native_slicing": True},
     stream_max_tokens=3000,
     stream_keepalive=None,  # the server sends a 1-byte heartbeat about every second
     stream_silence_timeout=5.0,
@@ -2874,6 +2947,7 @@ _ZERODHA: BrokerSpec = _broker(
         "login_url": _zerodha_login_url,
         "reauth_hint": _zerodha_reauth_hint,
         "raw_status": _zerodha_raw_status,
+        "freeze_limit": _zerodha_freeze_limit,
         "stream_connect": _zerodha_stream_connect,
         "stream_key": _zerodha_stream_key,
         "stream_subscribe": _zerodha_stream_subscribe,
@@ -3150,6 +3224,21 @@ def _angelone_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
     )
 
 
+def _angelone_one_order(ctx: _Ctx, data: Any) -> Order:
+    return _angelone_order(ctx, _object(data))
+
+
+def _angelone_order_ref(row: Mapping[str, Any]) -> Optional[str]:
+    """One order's details are addressed by ``uniqueorderid`` (in place replies and book rows),
+    not by the order id (https://smartapi.angelbroking.com/topic/4013)."""
+    ref = row.get("uniqueorderid")
+    return str(ref) if ref else None
+
+
+def _angelone_details(ref: str) -> _Request:
+    return _Request(path={"uniqueorderid": ref})
+
+
 def _angelone_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
     qty, price = _int(row.get("fillsize")), _num(row.get("fillprice")) or 0.0
     stamp = None
@@ -3181,6 +3270,18 @@ def _angelone_variety(order_type: OrderType) -> str:
     return "STOPLOSS" if order_type in (OrderType.SL, OrderType.SL_M) else "NORMAL"
 
 
+def _angelone_book_variety(raw: Mapping[str, Any], order_type: Optional[OrderType]) -> str:
+    """The variety to modify or cancel an order with. The book shows AMO orders as "AMO", but
+    place, modify and cancel take them as NORMAL (or STOPLOSS): "AMO" is refused
+    (admin, https://smartapi.angelbroking.com/topic/5177/update-on-amo-and-normal-order-api-changes/1)."""
+    variety = str(raw.get("variety") or "")
+    if variety and variety != "AMO":
+        return variety
+    if order_type is None:
+        order_type = OrderType.SL if str(raw.get("ordertype", "")).startswith("STOPLOSS") else OrderType.LIMIT
+    return _angelone_variety(order_type)
+
+
 def _angelone_place_order(req: _OrderRequest) -> _Request:
     body = {
         "variety": _angelone_variety(req.order_type), "tradingsymbol": req.broker_symbol, "symboltoken": req.token,
@@ -3201,7 +3302,7 @@ def _angelone_modify_order(current: Order, req: _OrderRequest) -> _Request:
     # (https://smartapi.angelbroking.com/docs/Orders).
     raw = current.raw
     body = {
-        "variety": raw.get("variety") or _angelone_variety(current.order_type), "orderid": current.id,
+        "variety": _angelone_book_variety(raw, current.order_type), "orderid": current.id,
         "ordertype": _ANGEL_ORDER_TYPES[req.order_type],
         "producttype": raw.get("producttype") or _ANGEL_PRODUCTS[current.product or ProductType.MIS],
         "duration": raw.get("duration") or "DAY", "price": _price_text(req.price), "quantity": str(req.qty),
@@ -3213,11 +3314,10 @@ def _angelone_modify_order(current: Order, req: _OrderRequest) -> _Request:
 
 
 def _angelone_cancel_order(order_id: str, raw: Mapping[str, Any]) -> _Request:
-    variety = raw.get("variety") or ("STOPLOSS" if str(raw.get("ordertype", "")).startswith("STOPLOSS") else "NORMAL")
-    return _Request(body={"variety": variety, "orderid": order_id})
+    return _Request(body={"variety": _angelone_book_variety(raw, None), "orderid": order_id})
 
 
-def _angelone_margin_body(legs: Sequence[_OrderRequest]) -> _Request:
+def _angelone_margin_body(legs: Sequence[_OrderRequest], consider_positions: bool) -> _Request:
     positions = [
         {"exchange": leg.instrument.exchange.value, "qty": leg.qty, "price": float(leg.price or 0),
          "productType": _ANGEL_PRODUCTS[leg.product], "token": leg.token, "tradeType": leg.side.value,
@@ -3286,7 +3386,9 @@ def _angelone_stream_connect(call: _Call, config: Mapping[str, Any], session: Se
 
 def _angelone_order_stream_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
                                    ) -> Tuple[str, Dict[str, str]]:
-    return url, _angelone_stream_headers(config, session)
+    # The order-status socket takes the JWT alone (admin, https://smartapi.angelbroking.com/topic/4041;
+    # the Java SDK's OrderUpdateWebsocket sends nothing else).
+    return url, {"Authorization": f"Bearer {session.access_token}"}
 
 
 def _angelone_stream_key(instrument: Instrument, token: str) -> bytes:
@@ -3371,6 +3473,8 @@ _ANGELONE: BrokerSpec = _broker(
                                rows=_angelone_holding_rows, row=_angelone_holding),
         "get_positions": _Route("GET", _ANGEL_API + "/order/v1/getPosition", rate="positions", row=_angelone_position),
         "get_orders": _Route("GET", _ANGEL_API + "/order/v1/getOrderBook", rate="order_book", row=_angelone_order),
+        "get_order": _Route("GET", _ANGEL_API + "/order/v1/details/{uniqueorderid}", rate="details", about_order=True,
+                            build=_angelone_details, parse=_angelone_one_order),
         "get_trades": _Route("GET", _ANGEL_API + "/order/v1/getTradeBook", rate="trade_book", row=_angelone_trade),
         "place_order": _Route("POST", _ANGEL_API + "/order/v1/placeOrder", "json", rate="orders", idempotent=False,
                               about_order=True, build=_angelone_place_order, parse=_angelone_placed),
@@ -3392,6 +3496,7 @@ _ANGELONE: BrokerSpec = _broker(
         "holdings": [(1, 1.0)],
         "positions": [(1, 1.0)],
         "order_book": [(1, 1.0)],
+        "details": [(10, 1.0), (500, 60.0), (5000, 3600.0)],
         "trade_book": [(1, 1.0)],
         "orders": [(9, 1.0), (500, 60.0), (1000, 3600.0)],
         "margin": [(10, 1.0), (500, 60.0), (5000, 3600.0)],
@@ -3410,9 +3515,16 @@ _ANGELONE: BrokerSpec = _broker(
         "AB1013": OrderNotFoundError, "AB1014": BrokerError, "AB1015": BrokerError, "AB1016": BrokerError,
         "AB1017": OrderError, "AB2002": OrderError,
         "AB1021": RateLimitError,
+        "AG7002": ConfigurationError,  # unregistered IP: not the session's fault
     },
     error_messages=(("exceeding access rate", RateLimitError), ("too many requests", RateLimitError),
-                    ("insufficient fund", InsufficientFundsError)),
+                    ("insufficient fund", InsufficientFundsError), ("unregistered ip", ConfigurationError),
+                    # the details route answers an unknown id with AB1007 "Order not found"
+                    ("order not found", OrderNotFoundError)),
+    error_hints={
+        "AG7002": "AngelOne accepts this app's calls only from its registered static IP: register this machine's "
+                  "public IP for the app on https://smartapi.angelbroking.com (My Profile / apps)",
+    },
     rate_limit_texts=("exceeding access rate", "exceeding rate limit", "too many requests"),
     # "Order/Trade/Holding/Position not found" is how AngelOne says "the list is empty".
     empty_codes=frozenset({"AB1013", "AB1014", "AB1015", "AB1016"}),
@@ -3437,6 +3549,7 @@ _ANGELONE: BrokerSpec = _broker(
         "reauth_hint": _angelone_reauth_hint,
         "renew": _angelone_renew,
         "raw_status": _angelone_raw_status,
+        "order_ref": _angelone_order_ref,
         "stream_connect": _angelone_stream_connect,
         "stream_key": _angelone_stream_key,
         "stream_subscribe": _angelone_stream_subscribe,
@@ -4106,6 +4219,7 @@ class TTConnect:
         self._streamer: Optional[_Streamer] = None
         self._stream_lock = threading.Lock()
         self._local: Any = None
+        self._order_refs: Dict[str, str] = {}  # order id -> the broker's own address for it (order_ref hook)
         try:
             self._instruments.ensure()
             if "local" in spec["hooks"]:
@@ -4343,6 +4457,8 @@ class TTConnect:
         route = self._route(name)
         return self._parse(name, route, self._call(name, route, request or _Request()), None)
 
+    _ORDER_WAIT = 5.0  # the longest an order call waits for a broker's Retry-After
+
     def _call(self, name: str, route: _Route, request: _Request) -> Any:
         """An authenticated call: retries what is safe to retry, recovers the session once."""
         attempt, recovered = 0, False
@@ -4362,7 +4478,10 @@ class TTConnect:
                 safe = route.idempotent or isinstance(exc, RateLimitError) or not getattr(exc, "maybe_sent", True)
                 if not (exc.retryable and safe) or attempt >= self._transport.max_retries:
                     raise
-                delay = _backoff(attempt, getattr(exc, "retry_after", None))
+                retry_after = getattr(exc, "retry_after", None)
+                if retry_after is not None and retry_after > (self._ORDER_WAIT if route.about_order else 60.0):
+                    raise  # an order must not wait minutes: the caller decides (exc.retry_after)
+                delay = _backoff(attempt, retry_after)
                 log.warning("%s %s failed (%s); retry %d in %.1f s", self.broker, name, exc.__class__.__name__, attempt + 1, delay)
                 self._sleep(delay)
                 attempt += 1
@@ -4428,12 +4547,29 @@ class TTConnect:
         return self._execute("get_holdings")
 
     def get_positions(self, _skipped: Optional[List[Mapping[str, Any]]] = None) -> List[Position]:
-        """Return net positions with a non-zero quantity (closed rows are skipped)."""
-        return [p for p in self._execute("get_positions", skipped=_skipped) if p.qty != 0]
+        """Return net positions with a non-zero quantity (closed rows are skipped).
+
+        A delivery row with negative quantity in a cash segment is a sale of held shares, not
+        a short: it comes back with ``qty`` 0 and ``sold_from_holdings`` set.
+        """
+        out = []
+        for pos in self._execute("get_positions", skipped=_skipped):
+            if pos.qty < 0 and pos.product is ProductType.CNC and pos.instrument.exchange in _CASH_EXCHANGES:
+                pos = dataclasses.replace(pos, qty=0, sold_from_holdings=-pos.qty)
+            if pos.qty or pos.sold_from_holdings:
+                out.append(pos)
+        return out
 
     def get_orders(self, _skipped: Optional[List[Mapping[str, Any]]] = None) -> List[Order]:
         """Return today's orders."""
-        return self._execute("get_orders", skipped=_skipped)
+        orders = self._execute("get_orders", skipped=_skipped)
+        ref = self._spec["hooks"].get("order_ref")
+        if ref is not None:
+            for order in orders:
+                address = ref(order.raw)
+                if address:
+                    self._order_refs[order.id] = address
+        return orders
 
     def get_trades(self) -> List[Trade]:
         """Return today's fills."""
@@ -4442,22 +4578,29 @@ class TTConnect:
     def get_order(self, order_id: str) -> Order:
         """Return the current state of one order."""
         order_id = self._order_id(order_id)
-        if "get_order" in self._spec["routes"]:
-            return self._execute("get_order", order_id)
-        return self.get_order_history(order_id)[-1]
+        routes, hooks = self._spec["routes"], self._spec["hooks"]
+        if "get_order" not in routes and self._spec["has"]["order_history"]:
+            return self.get_order_history(order_id)[-1]
+        if "get_order" in routes:
+            if "order_ref" not in hooks:
+                return self._execute("get_order", order_id)
+            address = self._order_refs.get(order_id)
+            if address is not None:
+                return self._execute("get_order", address)
+        for order in self.get_orders():  # no route for one order, or one this client did not place
+            if order.id == order_id:
+                return order
+        raise OrderNotFoundError(f"{self.broker} has no order {order_id} today")
 
     def get_order_history(self, order_id: str) -> List[Order]:
         """Return an order's states, oldest first (one state where the broker keeps no history)."""
         order_id = self._order_id(order_id)
-        if self._spec["has"]["order_history"]:
-            history = self._execute("get_order_history", order_id)
-            if history:
-                return history
-        else:
-            for order in self.get_orders():
-                if order.id == order_id:
-                    return [order]
-        raise OrderNotFoundError(f"{self.broker} has no order {order_id} today")
+        if not self._spec["has"]["order_history"]:
+            return [self.get_order(order_id)]
+        history = self._execute("get_order_history", order_id)
+        if not history:
+            raise OrderNotFoundError(f"{self.broker} has no order {order_id} today")
+        return history
 
     @staticmethod
     def _order_id(order_id: Any) -> str:
@@ -4481,44 +4624,140 @@ class TTConnect:
         qty, side_e, product_e, type_e, price_d, trigger_d = _check_order(
             self._spec, instrument, qty, side, product, order_type, price, trigger_price, validity, lot, tick)
         return _OrderRequest(instrument, token, bsym, qty, side_e, product_e, type_e, price_d, trigger_d,
-                             self._order_tag(tag), validity)
+                             self._order_tag(tag), validity, user_tag=tag)
+
+    # A user's tag gets this suffix, so each order's tag is unique and the never-twice look-up
+    # after a lost reply can only find the order it sent.
+    _TAG_SUFFIX = 5  # "-" + 4 hex digits
 
     def _order_tag(self, tag: Any) -> str:
-        limit = self._spec["max_tag_len"]
+        limit = self._spec["max_tag_len"] - self._TAG_SUFFIX
         if tag is None:
-            # Unique per order: after an ambiguous failure the order is found again by it.
-            return "tt" + os.urandom(7).hex()
+            return "tt" + os.urandom(7).hex()[: limit + self._TAG_SUFFIX - 2]
         if not isinstance(tag, str) or not tag or len(tag) > limit or not all(c.isalnum() or c in "-_" for c in tag):
-            raise InvalidOrderError(f"tag must be 1-{limit} letters, digits, '-' or '_' for {self.broker}, got {tag!r}")
-        return tag
+            raise InvalidOrderError(f"tag must be 1-{limit} letters, digits, '-' or '_' for {self.broker} (ttconnect "
+                                    f"appends '-' and 4 characters to make each order's tag unique), got {tag!r}")
+        return f"{tag}-{os.urandom(2).hex()}"
+
+    @overload
+    def place_order(self, instrument: Instrument, qty: int, side: Union[Side, str], product: Union[ProductType, str],
+                    order_type: Union[OrderType, str], price: Union[float, str, "Decimal", None] = ...,
+                    trigger_price: Union[float, str, "Decimal", None] = ..., tag: Optional[str] = ...,
+                    validity: str = ..., slice: "Literal[False]" = ...) -> str: ...
+
+    @overload
+    def place_order(self, instrument: Instrument, qty: int, side: Union[Side, str], product: Union[ProductType, str],
+                    order_type: Union[OrderType, str], price: Union[float, str, "Decimal", None] = ...,
+                    trigger_price: Union[float, str, "Decimal", None] = ..., tag: Optional[str] = ...,
+                    validity: str = ..., *, slice: "Literal[True]") -> List[str]: ...
 
     def place_order(self, instrument: Instrument, qty: int, side: Union[Side, str], product: Union[ProductType, str],
-                    order_type: Union[OrderType, str], price: Optional[float] = None,
-                    trigger_price: Optional[float] = None, tag: Optional[str] = None, validity: str = "DAY") -> str:
+                    order_type: Union[OrderType, str], price: Union[float, str, "Decimal", None] = None,
+                    trigger_price: Union[float, str, "Decimal", None] = None, tag: Optional[str] = None,
+                    validity: str = "DAY", slice: bool = False) -> Union[str, List[str]]:
         """Place an order and return the broker's order id.
 
         Everything is validated before a request is sent. The order is never sent twice: after
-        an ambiguous failure (timeout, dropped connection, 5xx) it is looked up by its tag.
+        an ambiguous failure (timeout, dropped connection, 5xx) it is looked up by its tag. An
+        order above the exchange's freeze limit is refused before sending unless ``slice=True``:
+        then it goes as several orders (or the broker's own slicing) and the ids come back as a
+        list; if a slice fails, ``OrderError.placed_ids`` names the orders that went through.
         """
+        if not isinstance(slice, bool):
+            raise InvalidOrderError(f"slice must be True or False, got {slice!r}")
         req = self._order_request(instrument, qty, side, product, order_type, price, trigger_price, tag, validity)
-        return self._place(req)
+        ids = self._place_all(req, slice)
+        return ids if slice else ids[0]
 
-    def _place(self, req: _OrderRequest) -> str:
+    def _place_all(self, req: _OrderRequest, slice: bool) -> List[str]:
+        """Place ``req``; as several orders where it is above the exchange's freeze limit."""
+        freeze = self._instruments.freeze_qty(req.instrument)
+        if freeze and req.qty > freeze:
+            if not slice:
+                raise InvalidOrderError(
+                    f"qty {req.qty} of {req.instrument} is above the exchange freeze limit of {freeze} units per "
+                    "order; pass slice=True to send it as several orders, or reduce it")
+            return self._place_slices(req, freeze)
+        try:
+            return self._place(req)
+        except InvalidOrderError as exc:
+            # A broker whose master has no freeze limits names the limit when it refuses.
+            learn = self._spec["hooks"].get("freeze_limit")
+            learned = learn(str(exc)) if learn is not None else None
+            if not (slice and learned and req.qty > learned):
+                raise
+            log.info("%s: %s is above the freeze limit %d; slicing", self.broker, req.instrument, learned)
+            return self._place_slices(req, learned)
+
+    _MAX_SLICES = 100  # beyond this, a quantity is a typing mistake rather than an order
+
+    def _place_slices(self, req: _OrderRequest, freeze: int) -> List[str]:
+        lot = max(1, self._instruments.info(req.instrument)[1])
+        unit = freeze // lot * lot  # the largest whole number of lots within the limit
+        if unit <= 0:
+            raise InvalidOrderError(f"the freeze limit {freeze} of {req.instrument} is below one lot ({lot})")
+        native = self._spec["max_slices"]
+        per_order = unit * native if native else unit
+        count = -(-req.qty // per_order)
+        if count > self._MAX_SLICES:
+            raise InvalidOrderError(f"qty {req.qty} of {req.instrument} would take {count} orders of at most "
+                                    f"{per_order}; ttconnect sends at most {self._MAX_SLICES}")
+        placed: List[str] = []
+        remaining = req.qty
+        while remaining:
+            qty = min(remaining, per_order)
+            part = req._replace(qty=qty, native_slice=bool(native) and qty > unit,
+                                tag=req.tag if not placed else self._order_tag(req.user_tag))
+            try:
+                placed.extend(self._place(part))
+            except TTConnectError as exc:
+                done = [*placed, *getattr(exc, "placed_ids", [])]
+                raise OrderError(
+                    f"{req.side.value} {req.qty} {req.instrument}: {len(done)} order(s) were placed ({', '.join(done) or 'none'}) "
+                    f"and the remaining {remaining} units were not: {exc}", placed_ids=done,
+                    broker_code=exc.broker_code) from exc
+            remaining -= qty
+        return placed
+
+    def _place(self, req: _OrderRequest) -> List[str]:
+        """Send one order; return its id (several where the broker sliced it)."""
         route = self._route("place_order")
         request = route.build(req)  # type: ignore[misc]
+        sent_at = self._clock()
         try:
             data = self._call("place_order", route, request)
         except (NetworkError, BrokerError) as exc:
             if not (exc.retryable and getattr(exc, "maybe_sent", True)):
                 raise
-            return self._find_placed(req, exc)
-        return self._parse("place_order", route, data, None)
+            return [self._find_placed(req, exc, sent_at)]
+        try:
+            placed = self._parse("place_order", route, data, None)
+        except BrokerError as exc:  # accepted, but the reply names no order: find it by its tag
+            return [self._find_placed(req, exc, sent_at)]
+        ids = [placed] if isinstance(placed, str) else list(placed)
+        ref = self._spec["hooks"].get("order_ref")
+        if ref is not None and isinstance(data, Mapping) and ref(data):
+            self._order_refs[ids[0]] = ref(data)  # type: ignore[assignment]
+        return ids
 
-    def _find_placed(self, req: _OrderRequest, cause: TTConnectError) -> str:
+    # Clocks differ between this machine and the broker's OMS: an order placed up to this long
+    # before the request was sent is still taken as this request's.
+    _CLOCK_SKEW = 120.0
+
+    def _is_placed(self, order: Order, req: _OrderRequest, sent_at: float) -> bool:
+        """Is ``order`` the one ``req`` placed? Its tag alone is not proof (a reused tag, a
+        manual order): instrument, side, quantity, type and time must match too."""
+        if order.tag != req.tag or order.instrument != req.instrument or order.side is not req.side:
+            return False
+        if order.order_type is not req.order_type or not (order.qty == req.qty or (req.native_slice and order.qty <= req.qty)):
+            return False
+        return order.placed_at is None or order.placed_at.timestamp() >= sent_at - self._CLOCK_SKEW
+
+    def _find_placed(self, req: _OrderRequest, cause: TTConnectError, sent_at: float) -> str:
         """After an ambiguous failure: find the order by its tag instead of sending it again.
 
         The book is read four times over ~3.5 s (an OMS can take a moment to list an order). Only
-        a book that was actually read and lacks the tag counts as "not placed".
+        a book that was actually read and lacks the order counts as "not placed".
         """
         log.warning("%s place_order outcome unknown (%s); looking for tag %s", self.broker, cause.__class__.__name__, req.tag)
         read = False  # did the last, latest look-up succeed? only then can absence be believed
@@ -4533,7 +4772,7 @@ class TTConnect:
                 continue
             read = True
             for order in orders:
-                if order.tag == req.tag:
+                if self._is_placed(order, req, sent_at):
                     log.info("%s order with tag %s was placed: %s", self.broker, req.tag, order.id)
                     return order.id
         what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
@@ -4617,6 +4856,8 @@ class TTConnect:
         placed, failed = [], []
         skipped: List[Mapping[str, Any]] = []
         for pos in self.get_positions(skipped):
+            if not pos.qty:
+                continue  # a sale out of holdings: nothing is open
             side = Side.SELL if pos.qty > 0 else Side.BUY
             try:
                 if pos.product is None:
@@ -4638,11 +4879,22 @@ class TTConnect:
                 failed.append(label)
         return placed, failed
 
-    def calculate_margin(self, legs: Sequence[Union[OrderLeg, Mapping[str, Any]]]) -> Margin:
-        """Return the margin a basket needs, before and after the spread benefit."""
+    def calculate_margin(self, legs: Sequence[Union[OrderLeg, Mapping[str, Any]]],
+                         consider_positions: bool = False) -> Margin:
+        """Return the margin a basket needs, before and after the spread benefit.
+
+        By default the legs alone are priced, the same on every broker; ``consider_positions=True``
+        nets them against the account's open positions where the broker can
+        (``capabilities.margin_with_positions``).
+        """
         self._open()
         if not self._spec["has"]["margin"]:
             raise UnsupportedFeatureError(f"{self.broker} has no margin calculator through ttconnect")
+        if not isinstance(consider_positions, bool):
+            raise InvalidOrderError(f"consider_positions must be True or False, got {consider_positions!r}")
+        if consider_positions and not self._spec["has"]["margin_with_positions"]:
+            raise UnsupportedFeatureError(f"{self.broker} prices margin for the legs alone: it cannot consider "
+                                          "open positions (calculate_margin(legs) without consider_positions)")
         if isinstance(legs, (str, bytes, Mapping)) or not isinstance(legs, Sequence) or not legs:
             raise InvalidOrderError("calculate_margin needs a non-empty list of legs (OrderLeg or dicts of its fields)")
         checked = []
@@ -4657,7 +4909,7 @@ class TTConnect:
             req = self._order_request(leg.instrument, leg.qty, leg.side, leg.product, leg.order_type, leg.price,
                                       leg.trigger_price, "margin", "DAY")
             checked.append(req)
-        return self._execute("calculate_margin", checked)
+        return self._execute("calculate_margin", checked, consider_positions)
 
     # -- streaming -------------------------------------------------------------------------
 
@@ -4871,8 +5123,9 @@ class AsyncTTConnect:
     async def close_all_positions(self) -> Tuple[List[str], List[str]]:
         return await self._run(self.sync.close_all_positions)
 
-    async def calculate_margin(self, legs: Sequence[Union[OrderLeg, Mapping[str, Any]]]) -> Margin:
-        return await self._run(self.sync.calculate_margin, legs)
+    async def calculate_margin(self, legs: Sequence[Union[OrderLeg, Mapping[str, Any]]],
+                               consider_positions: bool = False) -> Margin:
+        return await self._run(self.sync.calculate_margin, legs, consider_positions)
 
     async def close(self) -> None:
         await self._run(self.sync.close)
