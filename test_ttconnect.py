@@ -604,6 +604,19 @@ def test_reverse_lookup_index_is_built_on_first_use(broker: "Case", tmp_path: Pa
     db.close()
 
 
+def test_the_search_index_is_built_on_first_search(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    db = sqlite3.connect(tmp_path / "instruments.db")
+    named = "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'ix_instruments_exchange_symbol'"
+    assert db.execute(named).fetchall() == []  # ~7% of a cold refresh, paid only by clients that search
+    assert [str(i) for i in kite.search("SB", exchange="NSE")] == ["NSE:SBIN"]
+    assert db.execute(named).fetchall() == [("ix_instruments_exchange_symbol",)]
+    plan = " ".join(r[3] for r in db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM instruments WHERE exchange = 'NSE' AND symbol >= 'SB' AND symbol < 'SC'"))
+    assert "ix_instruments_exchange_symbol" in plan
+    db.close()
+
+
 # ============================================================================
 # 6. Broker specs
 # ============================================================================

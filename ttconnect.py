@@ -1052,7 +1052,6 @@ _INDEXES = (
     "CREATE UNIQUE INDEX ix_indices_key ON indices(instrument_id)",
     "CREATE UNIQUE INDEX ix_equities_key ON equities(instrument_id)",
     "CREATE UNIQUE INDEX ix_broker_tokens_key ON broker_tokens(instrument_id, broker_id)",
-    "CREATE INDEX ix_instruments_exchange_symbol ON instruments(exchange, symbol)",
     "CREATE INDEX ix_futures_underlying_expiry ON futures(underlying_id, expiry)",
     "CREATE UNIQUE INDEX ix_futures_key ON futures(instrument_id)",
     # The option chain; it also ends in the id, so an option is found within its underlying's
@@ -1299,7 +1298,7 @@ class _InstrumentStore:
                                   (instrument._iid,)).fetchone()
         return int(row[0] or 0)
 
-    def _ensure_reverse_indexes(self) -> None:
+    def _ensure_lazy_indexes(self) -> None:
         import sqlite3
 
         with self._lock:
@@ -1307,12 +1306,12 @@ class _InstrumentStore:
                 return
             found = self.conn().execute(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name IN "
-                "('ix_broker_tokens_symbol', 'ix_broker_tokens_token')").fetchone()[0]
-            if found < 2:
+                "('ix_broker_tokens_symbol', 'ix_broker_tokens_token', 'ix_instruments_exchange_symbol')").fetchone()[0]
+            if found < len(_LAZY_INDEXES):
                 try:
                     writer = sqlite3.connect(self.path, timeout=30)
                     try:
-                        for statement in _REVERSE_INDEXES:
+                        for statement in _LAZY_INDEXES:
                             writer.execute(statement)
                         writer.commit()
                     finally:
@@ -1323,7 +1322,7 @@ class _InstrumentStore:
 
     def by_broker_symbol(self, broker_id: str, exchange: str, broker_symbol: str) -> Optional[Instrument]:
         """Reverse look-up: a broker's (exchange, trading symbol) -> canonical instrument."""
-        self._ensure_reverse_indexes()
+        self._ensure_lazy_indexes()
         row = self.conn().execute(
             "SELECT i.id, i.symbol FROM broker_tokens t JOIN instruments i ON i.id = t.instrument_id"
             " WHERE t.broker_symbol = ? AND t.broker_id = ? AND i.exchange = ?",
@@ -1335,7 +1334,7 @@ class _InstrumentStore:
 
     def by_token(self, broker_id: str, token: str) -> Optional[Instrument]:
         """Reverse look-up by a broker's token, where it is unique across segments (Upstox keys)."""
-        self._ensure_reverse_indexes()
+        self._ensure_lazy_indexes()
         row = self.conn().execute(
             "SELECT i.id, i.exchange, i.symbol FROM broker_tokens t JOIN instruments i ON i.id = t.instrument_id"
             " WHERE t.token = ? AND t.broker_id = ?", (token, broker_id)).fetchone()
@@ -1398,6 +1397,7 @@ class _InstrumentStore:
         return [r[0] for r in self.conn().execute(sql, (uid, expiry, option_type))]
 
     def similar_symbols(self, exchange: Exchange, symbol: str, limit: int = 5) -> List[str]:
+        self._ensure_lazy_indexes()
         prefix = symbol[:3]
         sql = (
             "SELECT DISTINCT symbol FROM instruments WHERE exchange = ? AND symbol >= ? AND symbol < ?"
@@ -1431,6 +1431,7 @@ class _InstrumentStore:
         return f"{inst}: no {kind} {inst.symbol!r} on {inst.exchange.value}{tail}; {hint}"
 
     def search(self, prefix: str, exchange: Optional[Exchange], broker_id: str, limit: int) -> List[Instrument]:
+        self._ensure_lazy_indexes()
         prefix = prefix.strip().upper()
         params: List[Any] = [broker_id, prefix, prefix + "\uffff"]
         where = ""
@@ -1535,12 +1536,13 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
         raise
 
 
-# Broker payloads name instruments by trading symbol (AngelOne's trade book carries nothing
-# else) or by token (Upstox), so those are the reverse keys; the streamer maps tokens from its
-# own set. Built on the first reverse look-up rather than in every refresh: ~5% of a cold
-# refresh, and a client that only streams or resolves never needs them.
-_REVERSE_INDEXES = ("CREATE INDEX IF NOT EXISTS ix_broker_tokens_symbol ON broker_tokens(broker_symbol)",
-                    "CREATE INDEX IF NOT EXISTS ix_broker_tokens_token ON broker_tokens(token)")
+# Indexes only some clients need, built on first use rather than in every refresh (together
+# ~12% of a cold refresh; a client that only resolves and streams never needs them): broker
+# payloads name instruments by trading symbol or by token, the reverse keys; search and the
+# "similar symbols" of a not-found message go by (exchange, symbol).
+_LAZY_INDEXES = ("CREATE INDEX IF NOT EXISTS ix_broker_tokens_symbol ON broker_tokens(broker_symbol)",
+                 "CREATE INDEX IF NOT EXISTS ix_broker_tokens_token ON broker_tokens(token)",
+                 "CREATE INDEX IF NOT EXISTS ix_instruments_exchange_symbol ON instruments(exchange, symbol)")
 
 _CARRY_OVER = (
     "INSERT INTO main.instruments SELECT * FROM old.instruments WHERE id IN temp.keep",
