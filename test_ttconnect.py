@@ -514,7 +514,7 @@ def test_a_failed_parse_midway_changes_nothing(tmp_path: Path, clock: FakeClock,
     monkeypatch.setattr(kite._instruments, "master", kite._instruments.master._replace(parse=exploding))
     with responses.RequestsMock() as rs:
         rs.get(URLS["zerodha"], body=KITE_CSV)
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(tt.ConfigurationError, match="disk full"):  # a typed error; the DB is untouched
             kite.refresh_instruments()
     assert file_digest(tmp_path / "instruments.db") == before
     assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
@@ -1721,6 +1721,33 @@ def test_every_registered_broker_has_a_case_table() -> None:
     assert not missing, f"add a Case for {sorted(missing)} (section 6)"
 
 
+# What only a broker's section and the registry may name: brokers, their credential keys (config
+# keys a flow takes; the session's own tokens are canonical SessionData fields) and the field
+# names of their payloads.
+BROKER_WORDS = ("zerodha", "kite", "angel", "smartapi", "upstox", "api_key", "api_secret", "request_token",
+                "client_id", "totp", "auth_code", "redirect_uri", "tradingsymbol", "orderid", "error_type",
+                "errorcode", "jwt", "instrument_key", "trading_symbol", "exchange_token")
+
+
+def test_no_broker_is_named_outside_its_section_and_the_registry() -> None:
+    import re
+
+    lines = (HERE / "ttconnect.py").read_text().splitlines()
+    pattern = re.compile("|".join(BROKER_WORDS) + r"|\bpin\b", re.I)
+    section, offenders = "", []
+    for number, line in enumerate(lines, 1):
+        banner = re.match(r"^# (\d+[a-z]?)\. ", line)
+        if banner:
+            section = banner.group(1)
+        in_broker_section = section.startswith("6") and section != "6"  # 6a..6y: the brokers; 6z: the registry
+        if not in_broker_section and pattern.search(line):
+            offenders.append(f"{number}: {line.strip()[:100]}")
+    assert offenders == [], "broker specifics outside the broker sections:\n" + "\n".join(offenders)
+    banners = [line for line in lines if re.match(r"^# \d+[a-z]?\. ", line)]
+    assert "# 6z. The registry" in banners and banners.index("# 6z. The registry") > banners.index("# 6b. Broker spec: AngelOne")
+    assert not re.search(r"broker(_id)?\s*==\s*['\"]", "\n".join(lines))  # no branching on a broker's name
+
+
 def test_every_fixture_file_is_read_by_some_case() -> None:
     on_disk = {p.relative_to(FIXTURES).as_posix() for p in FIXTURES.rglob("*") if p.is_file() and p.name not in DOCS}
     named = {f"{case.broker}/{name}" for case in CASES if case.payloads is None for name in case.referenced()}
@@ -2592,7 +2619,7 @@ def test_async_facade_runs_the_same_calls_off_the_loop(broker: Case, tmp_path: P
     assert len(positions_) == 2 and funds.available == 100000.0 and order_id == broker.placed_id
     assert token == broker.sbin_token
     assert seen_threads and loop_thread not in seen_threads  # the request ran on a worker thread
-    with pytest.raises(TypeError):
+    with pytest.raises(tt.ConfigurationError, match=r"await AsyncTTConnect\.open\(broker, config\)"):
         tt.AsyncTTConnect("zerodha")  # type: ignore[arg-type]
 
 

@@ -1,14 +1,15 @@
 """ttconnect: one typed, broker-agnostic interface to Indian brokers.
 
-Zerodha (Kite Connect v3) and AngelOne (SmartAPI) — Upstox and an offline paper broker come
-next — behind a single blocking client, ``TTConnect``. A strategy never contains broker-specific code: the broker is one string in a
-config. The whole library is this file; it needs ``requests`` (imported lazily, on the first
-network call), ``pyotp`` (AngelOne auto-login) and ``websocket-client`` (streaming).
+Every broker (``TTConnect.brokers()`` lists them; each is one section of this file) sits behind
+one blocking client, ``TTConnect``. A strategy never contains broker-specific code: the broker
+is one string in a config. The whole library is this file; it needs ``requests`` (imported on
+the first network call), ``pyotp`` (automatic login with one-time codes) and ``websocket-client`` (streaming).
 
-    >>> import ttconnect as tt
-    >>> broker = tt.TTConnect("zerodha", {"api_key": "...", "access_token": "..."})
-    >>> broker.resolve(tt.Equity(exchange=tt.Exchange.NSE, symbol="RELIANCE"))
-    '738561'
+    import ttconnect as tt
+    broker = tt.TTConnect("paper")  # the offline broker: no account, no network
+    sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+    order_id = broker.place_order(sbin, 10, "BUY", "CNC", "MARKET")
+    broker.get_positions()
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover - imported for type checkers only
 # CPython's built-in md5, without loading OpenSSL (hashlib pulls in _hashlib: ~3 ms of import).
 # It only spreads instrument keys over 64 bits (no security role), and is twice blake2b's speed.
 try:
-    from _md5 import md5 as _md5
+    from _md5 import md5 as _md5  # type: ignore[import-not-found, unused-ignore]
 except ImportError:  # pragma: no cover - non-CPython
     from hashlib import md5 as _md5
 
@@ -252,14 +253,14 @@ _INDEX_ALIASES = {
     "NIFTY MIDCAP SELECT": "MIDCPNIFTY",
     "NIFTY NEXT 50": "NIFTYNXT50",
     "SENSEX 50": "SENSEX50",
-    "SNSX50": "SENSEX50",  # BSE's own code for the index, as Kite and AngelOne list it
+    "SNSX50": "SENSEX50",  # BSE's own code for the index, as brokers' masters list it
     "BSE SENSEX 50": "SENSEX50",
     "S&P BSE SENSEX 50": "SENSEX50",
     "BSE SENSEX": "SENSEX",
     "S&P BSE SENSEX": "SENSEX",
     "BSE BANKEX": "BANKEX",
 }
-# Derivative underlyings that are indices (a master that does not say so, like Kite's, needs this
+# Derivative underlyings that are indices (a master that does not say so needs this
 # to file an underlying it has not seen yet).
 _INDEX_UNDERLYINGS = frozenset(
     {"NIFTY", "BANKNIFTY", "FINNIFTY", "MIDCPNIFTY", "NIFTYNXT50", "SENSEX", "BANKEX", "SENSEX50"}
@@ -280,8 +281,8 @@ class TTConnectError(Exception):
     """Base of every error ttconnect raises.
 
     ``retryable`` says whether the same call may succeed if tried again later; ``broker_code``
-    carries the broker's own error code (Kite ``error_type``, AngelOne ``errorcode``, Upstox
-    ``errorCode``) where there is one.
+    carries the broker's own error code (its error type or code, as the broker spells it) where
+    there is one.
     """
 
     default_retryable = False
@@ -697,7 +698,12 @@ class _Instrument(_Model):
         object.__setattr__(self, "_iid", _instrument_id(self._key()))
         store = _validation_store()
         if store is not None:
-            store.check_exists(self)  # type: ignore[arg-type]  # self is one of the four concrete types
+            import sqlite3
+
+            try:
+                store.check_exists(self)  # type: ignore[arg-type]  # self is one of the four concrete types
+            except sqlite3.Error as exc:  # a damaged DB: resolve() repairs it; construction only checks shape
+                log.warning("instrument DB unreadable (%s); %s is checked when it is resolved", exc, self)
 
 
 @_model
@@ -1006,7 +1012,7 @@ CREATE TABLE indices (
 );
 CREATE TABLE equities (
     instrument_id INTEGER NOT NULL REFERENCES instruments(id),
-    isin          TEXT    NOT NULL  -- '' while no loaded master carries it (Kite and AngelOne do not)
+    isin          TEXT    NOT NULL  -- '' where the loaded masters do not carry it
 );
 CREATE TABLE futures (
     instrument_id INTEGER NOT NULL REFERENCES instruments(id),
@@ -1120,7 +1126,7 @@ class _LoadStats:
             log.warning("instrument master: skipped malformed row %d: %s", line, reason)
 
 
-# The row every broker's master parser yields (see _zerodha_parse_master), always 13 values:
+# The row every broker's master parser yields (its spec's ``master.parse``), always 13 values:
 #   (kind, exchange, symbol, name, lot_size, tick_size, token, broker_symbol,
 #    expiry, und_kind, strike, option_type, freeze_qty)
 # kind is "I" index, "E" equity, "F" future or "O" option; the last four are None for cash
@@ -1135,7 +1141,7 @@ class _Loader:
 
     Rows are appended to one wide staging table as they are parsed (one insert per row),
     then fanned out to the normalised tables by ``INSERT ... SELECT`` inside SQLite.
-    A derivative may come before its underlying (Kite lists NSE last): the underlying's id is
+    A derivative may come before its underlying (a master may list cash last): the underlying's id is
     known from its key alone, and a placeholder row is filed at the end only for underlyings
     the master never lists itself.
     """
@@ -1333,7 +1339,7 @@ class _InstrumentStore:
         return self._instrument(row[0], Exchange(exchange), row[1])
 
     def by_token(self, broker_id: str, token: str) -> Optional[Instrument]:
-        """Reverse look-up by a broker's token, where it is unique across segments (Upstox keys)."""
+        """Reverse look-up by a broker's token, where it is unique across segments (segment-prefixed keys)."""
         self._ensure_lazy_indexes()
         row = self.conn().execute(
             "SELECT i.id, i.exchange, i.symbol FROM broker_tokens t JOIN instruments i ON i.id = t.instrument_id"
@@ -1706,20 +1712,26 @@ class _Instruments:
 
     def ensure(self) -> None:
         """Load this broker's master if the DB's copy predates the broker's latest dump."""
+        import sqlite3
+
         if self._is_fresh(self._state(repair=False)):
             return
-        os.makedirs(self.cache_dir, exist_ok=True)
-        with _FileLock(self.store.path + ".lock"):
-            # Another process may have replaced the file while this one waited: look again
-            # through a new connection (an open one still reads the old file).
-            self.store.reopen()
-            state = self._state(repair=True)
-            if self._is_fresh(state):
-                return
-            try:
-                self.loaded = self._refresh_locked(state)
-            except (TTConnectError, _MasterFormatError, OSError) as exc:
-                self._failed(exc, state)
+        state: Optional[Dict[str, Tuple[str, int]]] = None
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            with _FileLock(self.store.path + ".lock"):
+                # Another process may have replaced the file while this one waited: look again
+                # through a new connection (an open one still reads the old file).
+                self.store.reopen()
+                state = self._state(repair=True)
+                if self._is_fresh(state):
+                    return
+                try:
+                    self.loaded = self._refresh_locked(state)
+                except (TTConnectError, _MasterFormatError, OSError, sqlite3.Error) as exc:
+                    self._failed(exc, state)
+        except OSError as exc:  # the cache dir cannot be written: a read-only dir, a file in its place
+            self._failed(_cache_dir_error(self.cache_dir, exc), state if state is not None else self._state(repair=False))
 
     def _failed(self, exc: BaseException, state: Optional[Dict[str, Tuple[str, int]]]) -> None:
         cached = state.get(self.broker) if state else None
@@ -1739,14 +1751,22 @@ class _Instruments:
 
     def refresh(self) -> Dict[str, Any]:
         """Load this broker's master now and rebuild the store from it (atomically)."""
-        os.makedirs(self.cache_dir, exist_ok=True)
-        with _FileLock(self.store.path + ".lock"):
-            self.store.reopen()
-            try:
-                return self._refresh_locked(self._state(repair=True))
-            except _MasterFormatError as exc:
-                raise BrokerError(f"the {self.broker} instrument master ({self.source}) is unusable: {exc}; "
-                                  "the instrument DB was kept as it was") from None
+        import sqlite3
+
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            with _FileLock(self.store.path + ".lock"):
+                self.store.reopen()
+                try:
+                    return self._refresh_locked(self._state(repair=True))
+                except _MasterFormatError as exc:
+                    raise BrokerError(f"the {self.broker} instrument master ({self.source}) is unusable: {exc}; "
+                                      "the instrument DB was kept as it was") from None
+                except sqlite3.Error as exc:
+                    raise ConfigurationError(f"the {self.broker} instrument DB could not be built ({exc}); the old one "
+                                             "was kept: check the cache dir's free space") from None
+        except OSError as exc:
+            raise _cache_dir_error(self.cache_dir, exc) from None
 
     def _refresh_locked(self, state: Optional[Dict[str, Tuple[str, int]]]) -> Dict[str, Any]:
         """The refresh proper; the caller holds the store's file lock."""
@@ -1778,10 +1798,7 @@ class _Instruments:
             finally:
                 _remove_quietly(part)
         self.store.reopen()
-        self._tokens.clear()
-        self._infos.clear()
-        self._by_symbol.clear()
-        self._by_token.clear()
+        self._forget()
         log.info(
             "%s instruments refreshed: %d rows, %d skipped by segment %s, %d malformed, %d duplicates, %.2f s",
             self.broker, stats.rows, sum(stats.skipped.values()), stats.skipped, stats.malformed,
@@ -1791,6 +1808,37 @@ class _Instruments:
 
     # -- look-ups (cached) -----------------------------------------------------------------
 
+    def read(self, query: Callable[..., Any], *args: Any) -> Any:
+        """Run a store query; a damaged file is moved aside and rebuilt once, as at start-up."""
+        import sqlite3
+
+        try:
+            return query(*args)
+        except sqlite3.Error as exc:
+            why = str(exc)
+            if not any(w in why.lower() for w in ("malformed", "not a database", "no such table", "corrupt")):
+                raise ConfigurationError(f"the instrument DB {self.store.path!r} cannot be read ({why})") from None
+            log.warning("instrument store %s found damaged at a look-up (%s); rebuilding it", self.store.path, why)
+        try:
+            with _FileLock(self.store.path + ".lock"):
+                if os.path.exists(self.store.path):
+                    self._move_aside(why)
+                self._forget()
+                self.loaded = self._refresh_locked(None)
+        except (TTConnectError, _MasterFormatError, OSError, sqlite3.Error) as err:
+            raise ConfigurationError(f"the instrument DB {self.store.path!r} is damaged and could not be rebuilt "
+                                     f"({err}); delete it and start the client again") from None
+        try:
+            return query(*args)
+        except sqlite3.Error as err:
+            raise ConfigurationError(f"the instrument DB {self.store.path!r} cannot be read ({err})") from None
+
+    def _forget(self) -> None:
+        self._tokens.clear()
+        self._infos.clear()
+        self._by_symbol.clear()
+        self._by_token.clear()
+
     def lookup(self, instrument: Instrument) -> Tuple[str, str]:
         """(broker token, broker trading symbol) of an instrument this broker lists."""
         found = self._tokens.get(instrument._iid)
@@ -1798,9 +1846,9 @@ class _Instruments:
             return found
         if not isinstance(instrument, _Instrument):
             raise InvalidInstrumentError(f"expected an Index, Equity, Future or Option, got {instrument!r}")
-        found = self.store.token(self.broker, instrument)
+        found = self.read(self.store.token, self.broker, instrument)
         if found is None:
-            self.store.check_exists(instrument)
+            self.read(self.store.check_exists, instrument)
             raise InstrumentNotFoundError(f"{instrument} exists but {self.broker} does not list it")
         self._tokens[instrument._iid] = found
         return found
@@ -1811,22 +1859,22 @@ class _Instruments:
         if info is None:
             if not isinstance(instrument, _Instrument):
                 raise InvalidInstrumentError(f"expected an Index, Equity, Future or Option, got {instrument!r}")
-            info = self.store.info(instrument)
+            info = self.read(self.store.info, instrument)
             if info is None:
-                self.store.check_exists(instrument)
+                self.read(self.store.check_exists, instrument)
                 raise InstrumentNotFoundError(f"{instrument} not found")  # pragma: no cover - check_exists raised
             self._infos[instrument._iid] = info
         return info
 
     def freeze_qty(self, instrument: Instrument) -> int:
         """The exchange's freeze quantity for one order (0 where no loaded master gives it)."""
-        return self.store.freeze_qty(instrument)
+        return self.read(self.store.freeze_qty, instrument)
 
     def by_broker_symbol(self, exchange: str, broker_symbol: str) -> Instrument:
         key = (exchange, broker_symbol)
         found = self._by_symbol.get(key)
         if found is None:
-            found = self.store.by_broker_symbol(self.broker, exchange, broker_symbol)
+            found = self.read(self.store.by_broker_symbol, self.broker, exchange, broker_symbol)
             if found is None:
                 raise InstrumentNotFoundError(
                     f"{self.broker} reported {exchange}:{broker_symbol}, which is not in the loaded instrument master "
@@ -1838,7 +1886,7 @@ class _Instruments:
     def by_token(self, token: str) -> Instrument:
         found = self._by_token.get(token)
         if found is None:
-            found = self.store.by_token(self.broker, token)
+            found = self.read(self.store.by_token, self.broker, token)
             if found is None:
                 raise InstrumentNotFoundError(
                     f"{self.broker} reported instrument {token!r}, which is not in the loaded instrument master "
@@ -1854,7 +1902,14 @@ class _Instruments:
 def _refresh_error(exc: BaseException, message: str) -> TTConnectError:
     if isinstance(exc, TTConnectError):
         return type(exc)(message, retryable=exc.retryable, broker_code=exc.broker_code, http_status=exc.http_status)
-    return BrokerError(message)
+    if isinstance(exc, _MasterFormatError):
+        return BrokerError(message)
+    return ConfigurationError(message + " (check the cache dir's free space and permissions)")
+
+
+def _cache_dir_error(cache_dir: str, exc: OSError) -> ConfigurationError:
+    return ConfigurationError(f"the cache dir {cache_dir!r} cannot be written ({exc.strerror or exc}): pass a "
+                              "writable 'cache_dir' (or set TTCONNECT_CACHE_DIR)")
 # ============================================================================
 # 6. Broker specs
 # ============================================================================
@@ -2272,7 +2327,7 @@ def _order_status(raw: Any, table: Mapping[str, OrderStatus], filled: int, qty: 
 
 def _pnl_percent(avg: float, ltp: Optional[float], given: Any) -> Optional[float]:
     """Percent gain on cost, computed the same way for every broker (their own figures are rounded
-    differently, and Kite gives none); the broker's figure only when price data is missing."""
+    differently, and some give none); the broker's figure only when price data is missing."""
     if avg and ltp is not None:
         return (ltp - avg) / avg * 100
     return _num(given)
@@ -2292,6 +2347,12 @@ def _require_config(config: Mapping[str, Any], keys: Sequence[str], what: str) -
     missing = [k for k in keys if not (isinstance(config.get(k), str) and config[k])]
     if missing:
         raise ConfigurationError(f"config {', '.join(repr(k) for k in missing)} is needed for {what}")
+
+
+def _product(req: _OrderRequest) -> ProductType:
+    """The product of a new order or margin leg (only a modify may lack one)."""
+    assert req.product is not None
+    return req.product
 
 
 def _order_id_path(order_id: str) -> _Request:
@@ -2666,7 +2727,7 @@ def _zerodha_place_order(req: _OrderRequest) -> _Request:
     body = {
         "tradingsymbol": req.broker_symbol, "exchange": req.instrument.exchange.value,
         "transaction_type": req.side.value, "order_type": _KITE_ORDER_TYPES[req.order_type],
-        "quantity": str(req.qty), "product": _KITE_PRODUCTS[req.product], "validity": req.validity, "tag": req.tag,
+        "quantity": str(req.qty), "product": _KITE_PRODUCTS[_product(req)], "validity": req.validity, "tag": req.tag,
     }
     if req.price is not None:
         body["price"] = _price_text(req.price)
@@ -2744,7 +2805,7 @@ def _zerodha_cancel_order(order_id: str, raw: Mapping[str, Any]) -> _Request:
 def _zerodha_margin_body(legs: Sequence[_OrderRequest], consider_positions: bool) -> _Request:
     body = [
         {"exchange": leg.instrument.exchange.value, "tradingsymbol": leg.broker_symbol,
-         "transaction_type": leg.side.value, "variety": "regular", "product": _KITE_PRODUCTS[leg.product],
+         "transaction_type": leg.side.value, "variety": "regular", "product": _KITE_PRODUCTS[_product(leg)],
          "order_type": _KITE_ORDER_TYPES[leg.order_type], "quantity": leg.qty,
          "price": float(leg.price or 0), "trigger_price": float(leg.trigger_price or 0)}
         for leg in legs
@@ -3288,7 +3349,7 @@ def _angelone_place_order(req: _OrderRequest) -> _Request:
     body = {
         "variety": _angelone_variety(req.order_type), "tradingsymbol": req.broker_symbol, "symboltoken": req.token,
         "transactiontype": req.side.value, "exchange": req.instrument.exchange.value,
-        "ordertype": _ANGEL_ORDER_TYPES[req.order_type], "producttype": _ANGEL_PRODUCTS[req.product],
+        "ordertype": _ANGEL_ORDER_TYPES[req.order_type], "producttype": _ANGEL_PRODUCTS[_product(req)],
         "duration": req.validity, "price": _price_text(req.price), "triggerprice": _price_text(req.trigger_price),
         "quantity": str(req.qty), "squareoff": "0", "stoploss": "0", "ordertag": req.tag,
     }
@@ -3322,7 +3383,7 @@ def _angelone_cancel_order(order_id: str, raw: Mapping[str, Any]) -> _Request:
 def _angelone_margin_body(legs: Sequence[_OrderRequest], consider_positions: bool) -> _Request:
     positions = [
         {"exchange": leg.instrument.exchange.value, "qty": leg.qty, "price": float(leg.price or 0),
-         "productType": _ANGEL_PRODUCTS[leg.product], "token": leg.token, "tradeType": leg.side.value,
+         "productType": _ANGEL_PRODUCTS[_product(leg)], "token": leg.token, "tradeType": leg.side.value,
          "orderType": _ANGEL_ORDER_TYPES[leg.order_type]}
         for leg in legs
     ]
@@ -3701,7 +3762,7 @@ class _Transport:
         read1 = getattr(raw, "read1", None)
         if read1 is None:  # pragma: no cover - urllib3 < 2
             return resp.content
-        chunks = []
+        chunks: List[bytes] = []
         while True:
             if time.monotonic() > deadline:
                 return None
@@ -3849,7 +3910,7 @@ class _FileStore:
             texts = {k: raw.get(k) for k in _SESSION_TEXT_FIELDS}
             if not texts["access_token"]:
                 raise ValueError("no token")
-            return SessionData(broker=str(raw["broker"]), mode=AuthMode(raw["mode"]), **texts, **stamps)
+            return SessionData(broker=str(raw["broker"]), mode=AuthMode(raw["mode"]), **texts, **stamps)  # type: ignore[arg-type]
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -4261,7 +4322,7 @@ class TTConnect:
     def _credentials_option(self, cfg: Dict[str, Any]) -> None:
         """Credentials are non-empty strings; surrounding whitespace (a token read from a file
         with its newline) is stripped, control characters inside are refused."""
-        keys = set()
+        keys: set = set()
         for flow in self._spec["auth"]:
             keys.update(flow.needs, flow.trigger, flow.session_keys.values())
         for key in sorted(keys):
@@ -4375,7 +4436,9 @@ class TTConnect:
         return self._instruments.refresh()
 
     def resolve(self, instrument: Instrument) -> str:
-        """Return the broker's token for ``instrument`` (Kite: instrument_token; AngelOne: token)."""
+        """Return the broker's token for ``instrument``, always a str (see the broker's section)."""
+        if self._closed:
+            self._open()
         return self._instruments.lookup(instrument)[0]
 
     def expiries(self, symbol: str, exchange: Union[Exchange, str] = Exchange.NFO) -> List[_dt.date]:
@@ -4383,9 +4446,9 @@ class TTConnect:
         self._open()
         exch = _check_exchange(exchange, _DERIVATIVE_EXCHANGES, "derivatives")
         sym = _canonical_index_symbol(_discovery_symbol(symbol))
-        store = self._instruments.store
-        found = set(store.expiries(exch, sym, "futures", self.broker))
-        found.update(store.expiries(exch, sym, "options", self.broker))
+        read, store = self._instruments.read, self._instruments.store
+        found = set(read(store.expiries, exch, sym, "futures", self.broker))
+        found.update(read(store.expiries, exch, sym, "options", self.broker))
         return [_dt.date.fromisoformat(e) for e in sorted(found)]
 
     def option_chain(self, symbol: str, expiry: Union[_dt.date, str], exchange: Union[Exchange, str] = Exchange.NFO) -> List[Option]:
@@ -4394,7 +4457,7 @@ class TTConnect:
         exch = _check_exchange(exchange, _DERIVATIVE_EXCHANGES, "options")
         iso = _check_expiry(expiry).isoformat()
         sym = _canonical_index_symbol(_discovery_symbol(symbol))
-        chain = self._instruments.store.chain(exch, sym, iso, self.broker)
+        chain = self._instruments.read(self._instruments.store.chain, exch, sym, iso, self.broker)
         if not chain:
             on_file = [e.isoformat() for e in self.expiries(sym, exch)]
             listed = ", ".join(on_file[:6]) if on_file else "none"
@@ -4407,14 +4470,17 @@ class TTConnect:
         exch = None if exchange is None else _as_enum(Exchange, exchange, "exchange")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise InvalidInstrumentError(f"limit must be a positive whole number, got {limit!r}")
-        return self._instruments.store.search(_discovery_symbol(prefix, allow_empty=True), exch, self.broker, limit)
+        return self._instruments.read(self._instruments.store.search, _discovery_symbol(prefix, allow_empty=True), exch,
+                                      self.broker, limit)
 
     def lot_size(self, instrument: Instrument) -> int:
         """Return the lot size (units per lot; 1 for cash equities, 0 for indices)."""
+        self._open()
         return self._instruments.info(instrument)[1]
 
     def tick_size(self, instrument: Instrument) -> float:
         """Return the price tick in rupees (0 for indices)."""
+        self._open()
         return self._instruments.info(instrument)[2]
 
     # -- the execute pipeline --------------------------------------------------------------
@@ -4526,7 +4592,8 @@ class TTConnect:
 
     @staticmethod
     def login_url(broker: str, config: Optional[Mapping[str, Any]] = None) -> str:
-        """Return the browser login URL for ``broker`` (needs ``api_key``)."""
+        """Return the browser login URL for ``broker`` (``capabilities.browser_login``); the config
+        gives what the broker's URL needs (its app key)."""
         spec = _spec_for(broker)
         if config is not None and not isinstance(config, Mapping):
             raise ConfigurationError(f"config must be a dict, got {type(config).__name__}")
@@ -5030,8 +5097,27 @@ class AsyncTTConnect:
 
     def __init__(self, client: TTConnect) -> None:
         if not isinstance(client, TTConnect):
-            raise TypeError("AsyncTTConnect wraps a TTConnect; use 'await AsyncTTConnect.open(broker, config)'")
+            raise ConfigurationError(f"AsyncTTConnect({client!r}, ...) cannot make a client: use "
+                                     "'client = await AsyncTTConnect.open(broker, config)' (it builds the client off "
+                                     "the event loop), or wrap one: AsyncTTConnect(TTConnect(broker, config))")
         self.sync = client
+
+    def __repr__(self) -> str:
+        return f"AsyncTTConnect({self.sync!r})"
+
+    @property
+    def broker(self) -> str:
+        return self.sync.broker
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.sync.capabilities
+
+    brokers = staticmethod(TTConnect.brokers)
+    login_url = staticmethod(TTConnect.login_url)
+
+    async def refresh_instruments(self) -> Dict[str, Any]:
+        return await self._run(self.sync.refresh_instruments)
 
     @classmethod
     async def open(cls, broker: str, config: Optional[Mapping[str, Any]] = None, **options: Any) -> "AsyncTTConnect":
@@ -5106,10 +5192,11 @@ class AsyncTTConnect:
         return await self._run(self.sync.get_trades)
 
     async def place_order(self, instrument: Instrument, qty: int, side: Union[Side, str], product: Union[ProductType, str],
-                          order_type: Union[OrderType, str], price: Optional[float] = None,
-                          trigger_price: Optional[float] = None, tag: Optional[str] = None, validity: str = "DAY") -> str:
+                          order_type: Union[OrderType, str], price: Union[float, str, "Decimal", None] = None,
+                          trigger_price: Union[float, str, "Decimal", None] = None, tag: Optional[str] = None,
+                          validity: str = "DAY", slice: bool = False) -> Union[str, List[str]]:
         return await self._run(self.sync.place_order, instrument, qty, side, product, order_type, price=price,
-                               trigger_price=trigger_price, tag=tag, validity=validity)
+                               trigger_price=trigger_price, tag=tag, validity=validity, slice=slice)
 
     async def modify_order(self, order_id: str, qty: Optional[int] = None, price: Optional[float] = None,
                            trigger_price: Optional[float] = None, order_type: Union[OrderType, str, None] = None) -> str:
