@@ -485,6 +485,7 @@ def test_a_crash_mid_refresh_leaves_readers_on_the_old_data(tmp_path: Path, cloc
         assert proc.returncode == 3, proc.stderr.decode()
     finally:
         server.shutdown()
+        server.server_close()
     assert any(name.startswith("instruments.db.build-") for name in os.listdir(tmp_path))  # it died mid-build
     assert reader.execute(count).fetchone()[0] == 30
     fresh = sqlite3.connect(tmp_path / "instruments.db")
@@ -564,6 +565,7 @@ def test_two_processes_initialising_at_once_end_consistent(tmp_path: Path) -> No
         outputs = [p.communicate(timeout=60) for p in procs]
     finally:
         server.shutdown()
+        server.server_close()
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1].decode()[-500:] for o in outputs]
     assert [o[0].decode().strip() for o in outputs] == ["13364994", "52207", "13364994", "52207"]
     db = sqlite3.connect(tmp_path / "instruments.db")
@@ -602,6 +604,22 @@ def test_reverse_lookup_index_is_built_on_first_use(broker: "Case", tmp_path: Pa
     plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN SELECT instrument_id FROM broker_tokens WHERE broker_symbol = 'X'"))
     assert "ix_broker_tokens_symbol" in plan
     db.close()
+
+
+def test_a_refresh_leaves_no_file_or_socket_open(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for broker, body in (("zerodha", KITE_CSV), ("angelone", ANGEL_JSON)):
+            client = open_client(clients, broker, tmp_path, clock, body)
+            with responses.RequestsMock() as rs:
+                rs.get(URLS[broker], body=body)
+                assert client.refresh_instruments()["rows"] == 30
+            client.close()
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 def test_the_search_index_is_built_on_first_search(tmp_path: Path, clock: FakeClock, clients: list) -> None:
