@@ -8,23 +8,30 @@ The benchmark imports this module; it is stdlib only and does nothing at import 
 * :func:`make_angel_json` writes an AngelOne ``OpenAPIScripMaster.json`` (one compact JSON
   array; strike and tick in paise x100 with six decimals, all values strings except
   ``is_cas_enabled``; rows in a deterministic shuffled order).
-* :func:`floor_kite` / :func:`floor_angel` time the least work any loader must do for such a
-  file: parse it with the stdlib and insert every row into a one-table SQLite database in a
-  single transaction.
+* :func:`make_upstox_json_gz` writes an Upstox ``complete.json.gz`` (one compact JSON array,
+  gzip-compressed with mtime 0; typed values, tick in paise, expiry in epoch ms; equities keyed
+  by ISIN, derivatives by exchange token; rows in a deterministic shuffled order).
+* :func:`floor_kite` / :func:`floor_angel` / :func:`floor_upstox` time the least work any loader
+  must do for such a file: parse it with the stdlib (gunzip first for Upstox) and insert every
+  row into a one-table SQLite database in a single transaction.
 
-Both generators are deterministic for a given ``rows`` and ``seed`` and draw the same universe
+All generators are deterministic for a given ``rows`` and ``seed`` and draw the same universe
 of underlyings, equities and expiries, so with the defaults every Kite option contract is also
-present in the AngelOne file (AngelOne simply lists more strikes). Field formats follow
-``shared/brokers/zerodha.md`` section 7 and ``shared/brokers/angelone.md`` section 6.
+present in the AngelOne and Upstox files with the same exchange token (they simply list more
+strikes). Field formats follow ``shared/brokers/zerodha.md`` section 7,
+``shared/brokers/angelone.md`` section 6 and ``shared/brokers/upstox.md`` section 5 (row shapes
+as in ``fixtures/upstox/instruments.json``).
 
-Run ``python bench_masters.py [kite_rows angel_rows]`` to generate both files into a temporary
-directory and print row counts, sizes, generation times and the two floors.
+Run ``python bench_masters.py [kite_rows angel_rows upstox_rows]`` to generate the files into a
+temporary directory and print row counts, sizes, generation times and the floors.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import gzip
+import io
 import json
 import math
 import os
@@ -35,7 +42,8 @@ import tempfile
 import time
 from typing import IO, Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
-__all__ = ["make_kite_csv", "make_angel_json", "floor_kite", "floor_angel", "KITE_HEADER", "ANGEL_FIELDS"]
+__all__ = ["make_kite_csv", "make_angel_json", "make_upstox_json_gz", "floor_kite", "floor_angel", "floor_upstox",
+           "KITE_HEADER", "ANGEL_FIELDS", "UPSTOX_FIELDS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -159,6 +167,9 @@ _MCX = (("GOLD", 130_000, 1000, 1.0), ("GOLDM", 130_000, 500, 1.0), ("SILVER", 1
 _MCX_DAY = {"GOLD": 5, "GOLDM": 5, "SILVER": 5, "SILVERM": 5, "CRUDEOIL": 19, "NATURALGAS": 24}
 _CURRENCY = (("USDINR", 88.5, 0.25, 0.0025), ("EURINR", 103.0, 0.25, 0.0025),
              ("GBPINR", 118.0, 0.25, 0.0025), ("JPYINR", 59.0, 0.25, 0.0025))
+# NSE commodity derivatives (Upstox segment NSE_COM), skipped like MCX: (name, spot, step, tick).
+_NSE_COM = (("CRUDEOIL", 5_600, 50, 1.0), ("NATURALGAS", 300, 5, 0.1), ("GOLDM", 130_000, 500, 1.0),
+            ("SILVERM", 160_000, 500, 1.0))
 _NCDEX = ("DHANIYA", "JEERAUNJHA", "GUARSEED10", "GUARGUM5", "CASTOR", "TMCFGRNZM", "COCUDAKL",
           "KAPAS", "SYBEANIDR")
 
@@ -503,11 +514,12 @@ class _Universe:
         return out
 
     def other(self, flavour: str, count: int) -> List[_Inst]:
-        """Rows of segments the library skips for now (MCX, CDS and BCD or NCDEX), ``count`` of them."""
+        """Rows of segments the library skips for now, ``count`` of them: MCX, CDS and BCD (Kite),
+        MCX, CDS and NCDEX (AngelOne), MCX, CDS, BCD and NSE commodity (Upstox)."""
         rng = random.Random(self.seed * 7 + 5)
         futs: List[_Inst] = []
         slots: List[Tuple[str, str, _dt.date, int, int, int, int]] = []
-        tok = {"MCX": 440_001, "CDS": 1_201, "BCD": 11_001, "NCDEX": 60_001}
+        tok = {"MCX": 440_001, "CDS": 1_201, "BCD": 11_001, "NCDEX": 60_001, "NSCOM": 3_901}
 
         def add_fut(exch: str, name: str, exp: _dt.date, tick: int, lot: int) -> None:
             futs.append(_Inst(exch, "FUT", name, exp, 0, tick, lot, tok[exch], name, "", name,
@@ -523,7 +535,7 @@ class _Universe:
                 add_fut("MCX", name, exp, t, 1)
                 if k < 3:
                     slots.append(("MCX", name, exp, int(round(spot * 100)), int(round(step * 100)), t, 1))
-        cur_exchanges = ("CDS", "BCD") if flavour == "kite" else ("CDS",)
+        cur_exchanges = ("CDS", "BCD") if flavour in ("kite", "upstox") else ("CDS",)
         for exch in cur_exchanges:
             for name, cspot, cstep, tick in _CURRENCY:
                 for k in range(12):
@@ -533,6 +545,12 @@ class _Universe:
                     add_fut(exch, name, exp, t, 1)
                     if k < 3:
                         slots.append((exch, name, exp, int(round(cspot * 100)), int(round(cstep * 100)), t, 1))
+        if flavour == "upstox":
+            for name, spot, step, tick in _NSE_COM:
+                for k in range(4):
+                    y, m = _add_months(2026, 11, k)
+                    exp = _dt.date(y, m, _MCX_DAY.get(name, 20))
+                    add_fut("NSCOM", name, exp, int(round(tick * _TICK_DIV)), 1)
         if flavour == "angel":
             for name in _NCDEX:
                 for k in range(6):
@@ -736,6 +754,197 @@ def make_angel_json(path: PathLike, rows: int = 160_000, *, seed: int = _DEFAULT
 
 
 # ============================================================================
+# Upstox complete.json.gz
+# ============================================================================
+
+# Real ISINs for the known names the fixtures use (fixtures/README.md); every other ISIN is
+# synthesised (issuer codes ending F..Z, which no real-ISIN entry here uses) with a valid check digit.
+_UPX_ISIN = {"RELIANCE": "INE002A01018", "SBIN": "INE062A01020", "INFY": "INE009A01021", "IDEA": "INE669E01016"}
+_UPX_ISSUER_LETTERS = "FGHJKLMNPQRSTUVWXYZ"
+# BSE equity groups (BSE_EQ ``instrument_type``), cycled over non-known scrips.
+_UPX_BSE_GROUPS = ("A", "B", "B", "T", "X", "XT", "M", "MT", "Z")
+# MCX contract multipliers (qty_multiplier; lot_size carries the same number, as in the one observed row).
+_UPX_MCX_MULT = {"GOLD": 100, "GOLDM": 10, "SILVER": 30, "SILVERM": 5, "CRUDEOIL": 100, "NATURALGAS": 1250,
+                 "COPPER": 2500, "ZINC": 5000, "ALUMINIUM": 5000, "LEAD": 5000}
+_UPX_NSE_COM_MULT = {"CRUDEOIL": 100, "NATURALGAS": 1250, "GOLDM": 100, "SILVERM": 5}
+
+UPSTOX_FIELDS: Tuple[str, ...] = (
+    "segment", "name", "exchange", "isin", "instrument_type", "instrument_key", "exchange_token",
+    "trading_symbol", "lot_size", "tick_size", "freeze_quantity", "expiry", "strike_price", "weekly",
+    "underlying_symbol", "qty_multiplier",
+)
+_UPSTOX_TYPES: Tuple[str, ...] = (
+    "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "INTEGER", "REAL", "REAL", "INTEGER", "REAL",
+    "INTEGER", "TEXT", "REAL",
+)
+
+
+def _isin_check(body: str) -> str:
+    """Append the ISIN check digit (Luhn over the base-36 digits) to an 11-character body."""
+    digits = "".join(str(int(c, 36)) for c in body)
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return body + str((10 - total % 10) % 10)
+
+
+class _UpstoxText:
+    """Per-file caches and look-ups for :func:`_upstox_obj`."""
+
+    def __init__(self, uni: _Universe, other: Sequence[_Inst]) -> None:
+        self.isin: Dict[str, str] = dict(_UPX_ISIN)
+        self._issuer = 0
+        self.expiry_ms: Dict[_dt.date, int] = {}
+        self.tick: Dict[int, str] = {}
+        self.index_key: Dict[str, str] = {}
+        for r in uni.indices:
+            self.index_key[r.aname] = self.index_row_key(r)
+        # MCX options refer to their future (underlying_key), keyed by (name, expiry).
+        self.mcx_future: Dict[Tuple[str, Optional[_dt.date]], int] = {}
+        for r in other:
+            if r.exch == "MCX" and r.kind == "FUT":
+                self.mcx_future.setdefault((r.sym, r.expiry), r.et)
+
+    @staticmethod
+    def index_row_key(r: _Inst) -> str:
+        return f"NSE_INDEX|{r.asym}" if r.exch == "NSE" else f"BSE_INDEX|{r.sym.replace(' ', '')}"
+
+    def isin_of(self, base: str, security: str = "01") -> str:
+        isin = self.isin.get(base)
+        if isin is None:
+            n = self._issuer
+            self._issuer += 1
+            isin = self.isin[base] = _isin_check(f"INE{n % 1000:03d}{_UPX_ISSUER_LETTERS[n // 1000]}{security}01")
+        return isin
+
+    def ms(self, d: _dt.date) -> int:
+        v = self.expiry_ms.get(d)
+        if v is None:
+            # 23:59:59 IST = 18:29:59 UTC of the expiry day
+            v = self.expiry_ms[d] = ((d - _dt.date(1970, 1, 1)).days * 86_400 + 66_599) * 1000
+        return v
+
+    def tick_text(self, tick: int) -> str:
+        t = self.tick.get(tick)
+        if t is None:
+            t = self.tick[tick] = repr(tick / 100)  # 1/10000-rupee units -> paise
+        return t
+
+
+_UPX_SEGMENT = {"NFO": "NSE_FO", "BFO": "BSE_FO", "MCX": "MCX_FO", "CDS": "NCD_FO", "BCD": "BCD_FO",
+                "NSCOM": "NSE_COM"}
+_UPX_EXCHANGE = {"NFO": "NSE", "BFO": "BSE", "MCX": "MCX", "CDS": "NSE", "BCD": "BSE", "NSCOM": "NSE"}
+
+
+def _upstox_obj(r: _Inst, ctx: _UpstoxText) -> str:
+    # All strings here are generated from [A-Za-z0-9 &.,()|-], so no JSON escaping is needed.
+    kind = r.kind
+    if kind == "IDX":
+        if r.exch == "NSE":
+            seg, name, token, tsym = "NSE_INDEX", r.asym, r.atok[3:], r.aname
+        else:
+            seg, tsym, token = "BSE_INDEX", r.sym.replace(" ", ""), str(r.et)
+            name = r.sym if r.sym.startswith("BSE") else f"BSE {r.sym}"
+        return (f'{{"segment":"{seg}","name":"{name}","exchange":"{r.exch}","instrument_type":"INDEX",'
+                f'"instrument_key":"{ctx.index_row_key(r)}","exchange_token":"{token}","trading_symbol":"{tsym}"}}')
+    tick = ctx.tick_text(r.tick)
+    if kind == "EQ":
+        if r.exch == "NSE":
+            base, _, series = r.sym.rpartition("-")
+            if not base:
+                base, series = r.sym, "EQ"
+            isin = ctx.isin_of(base, "07" if series.startswith("N") else "01")
+            name = r.kname or base
+            short = name.split(" ")[0].capitalize()
+            return (f'{{"segment":"NSE_EQ","name":"{name}","exchange":"NSE","isin":"{isin}",'
+                    f'"instrument_type":"{series}","instrument_key":"NSE_EQ|{isin}","lot_size":{r.lot},'
+                    f'"freeze_quantity":{r.freeze}.0,"exchange_token":"{r.et}","tick_size":{tick},'
+                    f'"trading_symbol":"{base}","short_name":"{short}","security_type":"NORMAL",'
+                    f'"qty_multiplier":1.0}}')
+        isin = ctx.isin_of(r.sym)
+        group = "A" if r.sym in _UPX_ISIN else _UPX_BSE_GROUPS[r.et % len(_UPX_BSE_GROUPS)]
+        return (f'{{"segment":"BSE_EQ","name":"{r.kname or r.sym}","exchange":"BSE","isin":"{isin}",'
+                f'"instrument_type":"{group}","instrument_key":"BSE_EQ|{isin}","lot_size":{r.lot},'
+                f'"freeze_quantity":{r.freeze}.0,"exchange_token":"{r.et}","tick_size":{tick},'
+                f'"trading_symbol":"{r.sym}","short_name":"{r.sym}","qty_multiplier":1.0}}')
+    exch = r.exch
+    seg = _UPX_SEGMENT[exch]
+    d = r.expiry
+    assert d is not None
+    date_txt = f"{d.day:02d} {_MON[d.month - 1]} {d.year % 100:02d}"
+    if kind == "FUT":
+        tsym, strike = f"{r.sym} FUT {date_txt}", "0.0"
+    else:
+        tsym, strike = f"{r.sym} {_plain(r.strike, 100)} {kind} {date_txt}", repr(r.strike / 100)
+    lot, mult, minimum = r.lot, "1.0", True
+    weekly = "true" if r.weekly and kind != "FUT" and exch in ("NFO", "BFO") else "false"
+    if exch in ("NFO", "BFO"):
+        if r.index_under:
+            under, utype = ctx.index_key[r.sym], "INDEX"
+        else:
+            under, utype = f"NSE_EQ|{ctx.isin_of(r.sym)}", "EQUITY"
+    elif exch == "MCX":
+        m = _UPX_MCX_MULT.get(r.sym, 1)
+        lot, mult, minimum, utype = m, f"{m}.0", False, "COM"
+        under = (f"MCX_COM|{r.sym}" if kind == "FUT"
+                 else f"MCX_FO|{ctx.mcx_future.get((r.sym, d), r.et)}")
+    elif exch == "NSCOM":
+        m = _UPX_NSE_COM_MULT.get(r.sym, 1)
+        lot, mult, minimum, utype, under = m, f"{m}.0", False, "COM", f"NSE_COM|{r.sym}"
+    else:  # currency: lot 1 x 1000, no asset/underlying keys on these rows
+        lot, mult, utype, under = 1, "1000.0", "CUR", ""
+    freeze = r.freeze or 1000 * lot
+    parts = [f'{{"weekly":{weekly},"segment":"{seg}","name":"{r.sym}","exchange":"{_UPX_EXCHANGE[exch]}",'
+             f'"expiry":{ctx.ms(d)},"instrument_type":"{kind}","asset_symbol":"{r.sym}",'
+             f'"underlying_symbol":"{r.sym}","instrument_key":"{seg}|{r.et}","lot_size":{lot},'
+             f'"freeze_quantity":{freeze}.0,"exchange_token":"{r.et}"']
+    if minimum:
+        parts.append(f',"minimum_lot":{lot}')
+    if under:
+        parts.append(f',"asset_key":"{under}","underlying_key":"{under}"')
+    parts.append(f',"tick_size":{tick},"asset_type":"{utype}","underlying_type":"{utype}",'
+                 f'"trading_symbol":"{tsym}","strike_price":{strike}')
+    # BSE_FO rows carry no qty_multiplier (a live parse found it missing on all of them)
+    parts.append("}" if exch == "BFO" else f',"qty_multiplier":{mult}}}')
+    return "".join(parts)
+
+
+def make_upstox_json_gz(path: PathLike, rows: int = 160_000, *, seed: int = _DEFAULT_SEED) -> int:
+    """Write a real-shaped Upstox ``complete.json.gz`` of exactly ``rows`` objects; return ``rows``.
+
+    One compact JSON array, gzip-compressed with ``mtime`` 0 and no file name (byte-stable for a
+    given ``rows`` and ``seed``). Same universe and exchange tokens as :func:`make_kite_csv` /
+    :func:`make_angel_json`: NSE_EQ and BSE_EQ keyed by ISIN, NSE_FO/BSE_FO keyed by exchange token
+    with the BOD ``trading_symbol`` form (``NIFTY 23500 CE 24 NOV 26``), NSE_INDEX/BSE_INDEX rows
+    without lot or tick; tick in paise, expiry in epoch ms at 23:59:59 IST; about 5 % MCX_FO,
+    NCD_FO, BCD_FO and NSE_COM rows. Rows come in a deterministic shuffled order.
+
+    Raises:
+        ValueError: ``rows`` is too small to hold the fixed part of the universe.
+    """
+    uni, futs, opts, other = _plan(rows, seed, "upstox")
+    ctx = _UpstoxText(uni, other)
+    everything: List[_Inst] = []
+    for seq in (uni.indices, uni.nse, uni.bse, futs, opts, other):
+        everything.extend(seq)
+    random.Random(seed * 7 + 8).shuffle(everything)
+    with open(path, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz:
+            with io.TextIOWrapper(gz, encoding="utf-8", newline="") as f:
+                f.write("[")
+                _write_chunked(f, (("," if i else "") + _upstox_obj(r, ctx) for i, r in enumerate(everything)))
+                f.write("]")
+    if len(everything) != rows:  # pragma: no cover - guards the planner's arithmetic
+        raise AssertionError(f"wrote {len(everything)} rows, planned {rows}")
+    return len(everything)
+
+
+# ============================================================================
 # Floors
 # ============================================================================
 
@@ -798,6 +1007,34 @@ def floor_angel(json_path: PathLike, db_path: PathLike) -> float:
     return time.perf_counter() - t0
 
 
+def floor_upstox(gz_path: PathLike, db_path: PathLike) -> float:
+    """Return seconds to gunzip and ``json.loads`` the master and insert every object into SQLite.
+
+    One table of the 16 fields in :data:`UPSTOX_FIELDS` (TEXT, INTEGER or REAL; missing fields
+    stored as NULL), one ``executemany`` in one transaction, default pragmas; the clock covers
+    reading the file's bytes through the commit. ``db_path`` is deleted first if it exists.
+    """
+    _fresh_db(db_path)
+    cols = ", ".join(f"{c} {t}" for c, t in zip(UPSTOX_FIELDS, _UPSTOX_TYPES))
+    insert = f"INSERT INTO upstox VALUES ({', '.join('?' * len(UPSTOX_FIELDS))})"
+    t0 = time.perf_counter()
+    with open(gz_path, "rb") as f:
+        data = json.loads(gzip.decompress(f.read()))
+    conn = sqlite3.connect(os.fspath(db_path))
+    try:
+        conn.execute(f"CREATE TABLE upstox ({cols})")
+        conn.executemany(insert, (
+            (d.get("segment"), d.get("name"), d.get("exchange"), d.get("isin"), d.get("instrument_type"),
+             d.get("instrument_key"), d.get("exchange_token"), d.get("trading_symbol"), d.get("lot_size"),
+             d.get("tick_size"), d.get("freeze_quantity"), d.get("expiry"), d.get("strike_price"),
+             d.get("weekly"), d.get("underlying_symbol"), d.get("qty_multiplier"))
+            for d in data))
+        conn.commit()
+    finally:
+        conn.close()
+    return time.perf_counter() - t0
+
+
 # ============================================================================
 # __main__
 # ============================================================================
@@ -805,21 +1042,29 @@ def floor_angel(json_path: PathLike, db_path: PathLike) -> float:
 def _main(argv: Sequence[str]) -> int:
     kite_rows = int(argv[0]) if len(argv) > 0 else 110_000
     angel_rows = int(argv[1]) if len(argv) > 1 else 160_000
+    upstox_rows = int(argv[2]) if len(argv) > 2 else 160_000
     with tempfile.TemporaryDirectory(prefix="ttc-bench-") as tmp:
         kite_csv = os.path.join(tmp, "instruments.csv")
         angel_json = os.path.join(tmp, "OpenAPIScripMaster.json")
+        upstox_gz = os.path.join(tmp, "complete.json.gz")
         t0 = time.perf_counter()
         nk = make_kite_csv(kite_csv, kite_rows)
         tk = time.perf_counter() - t0
         t0 = time.perf_counter()
         na = make_angel_json(angel_json, angel_rows)
         ta = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        nu = make_upstox_json_gz(upstox_gz, upstox_rows)
+        tu = time.perf_counter() - t0
         fk = floor_kite(kite_csv, os.path.join(tmp, "kite.db"))
         fa = floor_angel(angel_json, os.path.join(tmp, "angel.db"))
-        print(f"kite : {nk:>7} rows  {os.path.getsize(kite_csv) / 1e6:6.2f} MB  generated in {tk:.2f} s"
+        fu = floor_upstox(upstox_gz, os.path.join(tmp, "upstox.db"))
+        print(f"kite  : {nk:>7} rows  {os.path.getsize(kite_csv) / 1e6:6.2f} MB  generated in {tk:.2f} s"
               f"  floor {fk:.3f} s")
-        print(f"angel: {na:>7} rows  {os.path.getsize(angel_json) / 1e6:6.2f} MB  generated in {ta:.2f} s"
+        print(f"angel : {na:>7} rows  {os.path.getsize(angel_json) / 1e6:6.2f} MB  generated in {ta:.2f} s"
               f"  floor {fa:.3f} s")
+        print(f"upstox: {nu:>7} rows  {os.path.getsize(upstox_gz) / 1e6:6.2f} MB gz  generated in {tu:.2f} s"
+              f"  floor {fu:.3f} s")
     return 0
 
 

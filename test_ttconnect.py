@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"
 KITE_CSV = (FIXTURES / "zerodha" / "instruments.csv").read_bytes()
 ANGEL_JSON = (FIXTURES / "angelone" / "instruments.json").read_bytes()
+UPSTOX_GZ = (FIXTURES / "upstox" / "instruments.json.gz").read_bytes()
 MASTERS = {"zerodha": KITE_CSV, "angelone": ANGEL_JSON}
 URLS = {name: spec["urls"]["instruments_url"] for name, spec in tt._BROKERS.items()}
 
@@ -650,6 +651,7 @@ TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 CREDS = {
     "zerodha": {"api_key": "kitekey01", "access_token": "kite-access-SECRET-1"},
     "angelone": {"api_key": "angelkey01", "client_id": "A123456", "pin": "4321", "totp_secret": TOTP_SECRET},
+    "upstox": {"api_key": "upstoxkey01", "access_token": "upstox-access-SECRET-1"},
 }
 SCENARIO_DAY = ist(2026, 11, 23, 10, 0)
 NIFTY_CE = tt.Option(exchange=tt.Exchange.NFO, symbol="NIFTY", expiry="2026-11-24", strike=23500, option_type=tt.OptionType.CE)
@@ -704,6 +706,7 @@ class Case:
     amo_order: Mapping[str, Any]  # changes over order (1)'s row making a pending after-market order
     mcx_order: Mapping[str, Any]  # ... making an open order in MCX (a segment ttconnect does not load)
     mcx_position: Mapping[str, Any]  # changes over position (1)'s row making an open MCX position
+    holding_sale: Mapping[str, Any]  # ... making the CNC row of 5 NSE:SBIN sold today out of holdings
     kill_ids: Tuple[str, str]  # the ids of those two orders
     kill_targets: Tuple[str, str]  # and their cancel targets
     mcx_label: str  # how close_all_positions names the MCX position it cannot close
@@ -721,6 +724,7 @@ class Case:
     details: Mapping[str, Tuple[str, str]]  # one-order replies: payload -> (its order id, DETAILS key)
     detail_route: Optional[str]  # the route get_order reads them through; None: not wired yet
     unwired: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # routes the fixtures describe, the spec lacks
+    fund_gaps: Tuple[str, ...] = ()  # Fund fields the broker does not give (None)
     extras: Mapping[str, str] = dataclasses.field(default_factory=dict)  # payload -> the test that reads it
     empty_book: str = "get_orders.empty.json"
     own_spec: Optional[Any] = None  # a spec this file brings (the toy), registered by the fixture
@@ -865,6 +869,9 @@ def provoke(client: tt.TTConnect, case: Case, route: str, cache_dir: Path, clock
         return client.place_order(**ORDER_1)
     if route == "modify_order":
         return client.modify_order(case.placed_id, price=121.0)
+    if route == "calculate_margin":
+        leg = {k: v for k, v in ORDER_1.items() if k != "tag"}
+        return client.calculate_margin([leg])
     if route == "get_order":
         knows_order(client, case, "get_order.json", case.placed_id)
     if route in ("cancel_order", "get_order", "get_order_history"):
@@ -973,6 +980,7 @@ ZERODHA = Case(
     mcx_order={"order_id": "2000000000000000002", "exchange": "MCX", "tradingsymbol": "GOLD26DECFUT",
                "instrument_token": 58424839, "status": "OPEN", "variety": "regular"},
     mcx_position={"exchange": "MCX", "tradingsymbol": "GOLD26DECFUT", "quantity": 1, "product": "NRML"},
+    holding_sale={"exchange": "NSE", "tradingsymbol": "SBIN", "quantity": -5, "product": "CNC", "pnl": -50.0},
     kill_ids=("2000000000000000001", "2000000000000000002"),
     kill_targets=("amo/2000000000000000001", "regular/2000000000000000002"),
     mcx_label="MCX:GOLD26DECFUT",
@@ -1066,6 +1074,92 @@ def test_kite_requests_carry_its_headers_and_the_basket_query(tmp_path: Path, da
                                                 "quantity": 5, "price": 800.0, "trigger_price": 0.0}]
 
 
+def test_kite_amo_orders_at_the_exchange_are_addressed_as_regular() -> None:
+    # The book keeps "amo"; once at the exchange the order is modified and cancelled as "regular".
+    assert tt._zerodha_variety({"variety": "amo", "exchange_order_id": None}) == "amo"
+    assert tt._zerodha_variety({"variety": "amo", "exchange_order_id": "1100000012345678"}) == "regular"
+    assert tt._zerodha_variety({"variety": "iceberg"}) == "iceberg"
+
+
+def test_kite_slices_natively_learning_the_freeze_limit_from_its_refusal(tmp_path: Path, day_clock: FakeClock,
+                                                                          clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    assert kite._instruments.freeze_qty(NIFTY_CE) == 0  # Kite's master has no freeze limits
+    refusal = json.dumps({"status": "error", "error_type": "InputException", "data": None,
+                          "message": "The order quantity 5265 (81 lots) is higher than the maximum quantity of 1755 "
+                                     "(27 lots) allowed by the exchanges."})
+    sliced = {"status": "success", "data": {"order_id": "2000000000000000101",
+                                            "children": [{"order_id": "2000000000000000102"},
+                                                         {"order_id": "2000000000000000103"}]}}
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ZERODHA)
+        api.on("place_order", body=refusal, status=400)
+        api.on("place_order", body=refusal, status=400)
+        api.on("place_order", body=sliced)
+        with pytest.raises(tt.InvalidOrderError, match="maximum quantity of 1755.*slice=True"):
+            kite.place_order(NIFTY_CE, 5265, "BUY", "NRML", "MARKET")  # without slice: the broker's refusal, explained
+        ids = kite.place_order(NIFTY_CE, 5265, "BUY", "NRML", "MARKET", slice=True)
+        bodies = [form_body(c.request) for c in api.calls("place_order")]
+    assert ids == ["2000000000000000101", "2000000000000000102", "2000000000000000103"]
+    assert [b.get("autoslice") for b in bodies] == [None, None, "true"]  # refused plain (not placed), then autoslice
+    assert bodies[2]["quantity"] == "5265"
+
+
+def test_kite_autoslice_children_that_fail_are_reported(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    data = {"order_id": "2000000000000000101", "children": [
+        {"order_id": "2000000000000000102"},
+        {"error": {"code": 400, "error_type": "InputException", "message": "Insufficient funds"}}]}
+    with pytest.raises(tt.OrderError, match="1 slice\\(s\\) rejected") as info:
+        tt._zerodha_placed(None, data)  # type: ignore[arg-type]
+    assert info.value.placed_ids == ["2000000000000000101", "2000000000000000102"]
+    assert tt._zerodha_placed(None, ["1", "2"]) == ["1", "2"]  # the pre-2026 reply: a bare list  # type: ignore[arg-type]
+
+
+def test_kite_margin_can_consider_positions_on_request(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path / "k", day_clock)
+    angel = rest_client(clients, "angelone", tmp_path / "a", day_clock)
+    leg = tt.OrderLeg(SBIN, 5, tt.Side.BUY, tt.ProductType.CNC, tt.OrderType.LIMIT, price=800.0)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, ZERODHA).all()
+        kite.calculate_margin([leg], consider_positions=True)
+        assert "consider_positions=true" in api.calls("calculate_margin")[0].request.url
+        with pytest.raises(tt.UnsupportedFeatureError, match="legs alone"):
+            angel.calculate_margin([leg], consider_positions=True)  # AngelOne cannot: refused before sending
+        assert len(rs.calls) == 1
+
+
+@pytest.mark.parametrize("error_type", ["PermissionException", "InputException", "GeneralException"])
+def test_kite_static_ip_refusals_name_the_rule_and_keep_the_session(error_type: str, tmp_path: Path,
+                                                                    day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, cache_session=True)
+    body = json.dumps({"status": "error", "error_type": error_type, "data": None,
+                       "message": "No IPs configured for this app. Add allowed IPs on the Kite developer console."})
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ZERODHA).on("place_order", body=body, status=403)
+        with pytest.raises(tt.ConfigurationError, match="static IP registered for this Kite Connect app"):
+            kite.place_order(SBIN, 1, "BUY", "CNC", "MARKET")
+    assert (tmp_path / "zerodha_session.json").exists()  # not an expired session: nothing cleared
+    user = json.dumps({"status": "error", "error_type": "UserException", "data": None, "message": "Account blocked"})
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ZERODHA).on("get_profile", body=user, status=403)
+        with pytest.raises(tt.BrokerError, match="Account blocked"):
+            kite.get_profile()
+    assert (tmp_path / "zerodha_session.json").exists()
+
+
+def test_sensex_50_resolves_on_every_broker_that_lists_it(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    # BSE lists the index as SNSX50 (Kite, AngelOne); its options' underlying is SENSEX50.
+    assert tt.Index(exchange="BSE", symbol="SNSX50").symbol == "SENSEX50"
+    kite_row = '293127,1145,SNSX50,"SENSEX 50",0,,0,0,0,EQ,INDICES,BSE\n'
+    kite = open_client(clients, "zerodha", tmp_path / "k", clock, KITE_CSV + kite_row.encode())
+    assert kite.resolve(tt.Index(exchange="BSE", symbol="SENSEX50")) == "293127"
+    angel_row = {"token": "99919082", "symbol": "SNSX50", "name": "SNSX50", "expiry": "", "strike": "0.000000",
+                 "lotsize": "1", "instrumenttype": "AMXIDX", "exch_seg": "BSE", "tick_size": "0.000000"}
+    rows = json.loads(ANGEL_JSON) + [angel_row]
+    angel = open_client(clients, "angelone", tmp_path / "a", clock, json.dumps(rows).encode())
+    assert angel.resolve(tt.Index(exchange="BSE", symbol="SENSEX 50")) == "99919082"
+
+
 # ============================================================================
 # 6b. Broker spec: AngelOne
 # ============================================================================
@@ -1108,6 +1202,8 @@ ANGELONE = Case(
                "orderstatus": "after market order req received", "variety": "AMO"},
     mcx_order={"orderid": "261123000200002", "exchange": "MCX", "tradingsymbol": "GOLD04DEC26FUT",
                "symboltoken": "440937", "status": "open", "orderstatus": "open", "variety": "NORMAL"},
+    holding_sale={"exchange": "NSE", "tradingsymbol": "SBIN-EQ", "symboltoken": "3045", "netqty": "-5",
+                  "producttype": "DELIVERY", "pnl": "-50.0"},
     mcx_position={"exchange": "MCX", "tradingsymbol": "GOLD04DEC26FUT", "symboltoken": "440937", "netqty": "1",
                   "producttype": "CARRYFORWARD"},
     kill_ids=("261123000200001", "261123000200002"),
@@ -1237,8 +1333,298 @@ def test_angel_place_modify_cancel_share_one_budget(tmp_path: Path, day_clock: F
     assert sum(day_clock.slept) == pytest.approx(1.0)  # calls 10-12 wait for the next second
 
 
+def test_angel_amo_orders_are_modified_and_cancelled_as_normal() -> None:
+    # The book shows AMO; modify and cancel take NORMAL (SmartAPI admin, forum topics 5177, 5188).
+    assert tt._angelone_cancel_order("1", {"variety": "AMO", "ordertype": "LIMIT"}).body["variety"] == "NORMAL"
+    assert tt._angelone_cancel_order("1", {"variety": "AMO", "ordertype": "STOPLOSS_LIMIT"}).body["variety"] == "STOPLOSS"
+    assert tt._angelone_cancel_order("1", {"variety": "STOPLOSS"}).body["variety"] == "STOPLOSS"
+
+
+def test_angel_get_order_reads_one_order_not_the_book(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = contract_client(clients, ANGELONE, tmp_path, day_clock, rate_limits={})  # AngelOne's own limits
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, ANGELONE).all()
+        order_id = angel.place_order(**ORDER_1)
+        day_clock.slept.clear()
+        for _ in range(5):  # details/{uniqueorderid}: 10/s, where the book is 1/s
+            assert angel.get_order(order_id).status is tt.OrderStatus.OPEN
+        assert api.calls("get_orders") == [] and len(api.calls("get_order")) == 5
+        unique = json.loads(ANGELONE.payload("place_order.json"))["data"]["uniqueorderid"]
+        assert api.calls("get_order")[0].request.url.endswith(f"/order/v1/details/{unique}")
+        assert day_clock.slept == []  # five reads within the 10/s budget: no waiting
+        # An order this client did not place: its uniqueorderid comes from the book.
+        other = ANGELONE.order_ids[2]
+        assert angel.get_order(other).id == other and len(api.calls("get_orders")) == 1
+
+
+def test_angel_unregistered_ip_names_the_rule_and_keeps_the_session(tmp_path: Path, day_clock: FakeClock,
+                                                                     clients: list) -> None:
+    angel = contract_client(clients, ANGELONE, tmp_path, day_clock, cache_session=True)
+    body = json.dumps({"success": False, "errorCode": "AG7002", "data": "",
+                       "message": "Access denied: Unregistered IP address. Register your IP before retrying."})
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ANGELONE).on("get_funds", body=body)
+        with pytest.raises(tt.ConfigurationError, match="registered static IP") as info:
+            angel.get_funds()
+        assert len(rs.calls) == 1  # no renewal, no re-login: the session is fine
+    assert info.value.broker_code == "AG7002" and (tmp_path / "angelone_session.json").exists()
+
+
+def test_angel_order_updates_need_only_the_jwt(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    orders_srv = WsServer(heartbeat=None)
+    try:
+        angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
+                            order_ws_url=orders_srv.url + "/smart-order-update", stream_reconnect_delay=0.01)
+        updates: "queue.Queue[tt.Order]" = queue.Queue()
+        angel.on_order_update(updates.put)  # no feed_token, no client_id: fine for order updates
+        hello = orders_srv.handshakes.get(timeout=3)
+        assert hello["headers"]["authorization"] == "Bearer jwt-SECRET-9"
+        assert "x-feed-token" not in hello["headers"] and "x-client-code" not in hello["headers"]
+        row = json.loads(ANGELONE.payload("get_orders.json"))["data"][1]
+        assert stream_event(angel, lambda s: s["orders_connected"])
+        orders_srv.send(json.dumps({"order-status": "AB05", "orderData": row}).encode(), opcode=1)
+        assert updates.get(timeout=3).status is tt.OrderStatus.COMPLETE
+    finally:
+        for client in clients:
+            client.close()
+        orders_srv.close()
+
+
 # ============================================================================
-# 6c. Broker spec: the toy broker (written here; proof that a new broker is one section)
+# 6c. Broker spec: Upstox
+# ============================================================================
+
+UPSTOX_STATUSES = {  # https://upstox.com/developer/api-documentation/orders (lower case on the wire)
+    "put order req received": "PENDING", "validation pending": "PENDING", "open pending": "PENDING",
+    "after market order req received": "PENDING", "modify after market order req received": "PENDING",
+    "trigger pending": "TRIGGER_PENDING", "open": "OPEN", "modify pending": "OPEN", "modify validation pending": "OPEN",
+    "modified": "OPEN", "not modified": "OPEN", "cancel pending": "OPEN", "not cancelled": "OPEN",
+    "complete": "COMPLETE", "cancelled": "CANCELLED", "cancelled after market order": "CANCELLED", "rejected": "REJECTED",
+}
+
+
+def upstox_cancel_target(request: Any) -> str:
+    """Upstox names the order in the cancel's query string."""
+    from urllib.parse import parse_qs, urlsplit
+
+    return parse_qs(urlsplit(request.url).query)["order_id"][0]
+
+
+# (fixture, HTTP status, route that answers it, class) for every Upstox error payload
+# (fixtures/README.md, MAPPING.md section 7.4). ``None`` code: the file's own.
+_UPSTOX_ERROR_ROWS = [
+    ("UDAPI100050", 401, "get_profile", tt.AuthenticationError), ("UDAPI100016", 401, "login", tt.AuthenticationError),
+    ("UDAPI100068", 400, "login", tt.AuthenticationError), ("UDAPI100067", 403, "get_orders", tt.AuthenticationError),
+    ("UDAPI100073", 403, "get_profile", tt.AuthenticationError), ("UDAPI10005", 429, "get_orders", tt.RateLimitError),
+    ("UDAPI10000", 404, "get_profile", tt.BrokerError), ("UDAPI100015", 400, "get_profile", tt.BrokerError),
+    ("UDAPI100036", 400, "place_order", tt.InvalidOrderError), ("UDAPI100038", 400, "modify_order", tt.InvalidOrderError),
+    ("UDAPI100060", 404, "get_order", tt.OrderNotFoundError), ("UDAPI100500", 500, "get_positions", tt.BrokerError),
+    ("UDAPI1154", 403, "place_order", tt.ConfigurationError), ("UDAPI1156", 400, "place_order", tt.ConfigurationError),
+    ("UDAPI100049", 403, "cancel_order", tt.OrderError), ("UDAPI1026", 400, "place_order", tt.InvalidOrderError),
+    ("UDAPI1052", 400, "place_order", tt.InvalidOrderError), ("UDAPI1004", 400, "place_order", tt.InvalidOrderError),
+    ("UDAPI1007", 400, "place_order", tt.InvalidOrderError), ("UDAPI1055", 400, "modify_order", tt.InvalidOrderError),
+    ("UDAPI1056", 400, "modify_order", tt.InvalidOrderError), ("UDAPI1118", 400, "place_order", tt.InvalidOrderError),
+    ("UDAPI1158", 400, "place_order", tt.InvalidOrderError), ("UDAPI1161", 400, "place_order", tt.OrderError),
+    ("UDAPI1010", 400, "cancel_order", tt.InvalidOrderError), ("UDAPI1023", 400, "cancel_order", tt.InvalidOrderError),
+    ("UDAPI100010", 400, "get_order", tt.OrderNotFoundError), ("UDAPI100040", 400, "cancel_order", tt.OrderError),
+    ("UDAPI1009", 400, "place_order", tt.InstrumentNotFoundError),
+    ("UDAPI1011", 400, "place_order", tt.InstrumentNotFoundError),
+    ("UDAPI100011", 400, "place_order", tt.InstrumentNotFoundError),
+    ("UDAPI1019", 400, "get_funds", tt.InvalidOrderError), ("UDAPI100072", 423, "get_funds", tt.BrokerError),
+    *[(f"UDAPI{n}", 400, "calculate_margin", tt.InvalidOrderError) for n in range(1095, 1105)],
+    ("UDAPI1108", 400, "cancel_order", tt.OrderError), ("UDAPI1109", 400, "cancel_order", tt.OrderError),
+    ("UDAPI1111", 400, "place_order", tt.OrderError), ("UDAPI1113", 400, "place_order", tt.OrderError),
+]
+
+UPSTOX = Case(
+    broker="upstox", master=UPSTOX_GZ, master_file="instruments.json.gz",
+    creds=CREDS["upstox"], manual_creds=CREDS["upstox"],
+    login_creds={"api_key": "upstoxkey01", "api_secret": "upstox-api-SECRET", "redirect_uri": "https://example.com/cb",
+                 "auth_code": "upstox-CODE-1"},
+    logs_in=False,
+    reauth_words=("auth_code", "log in at https://api.upstox.com/v2/login/authorization/dialog"),
+    placed_id="261123010452871",
+    order_ids=("261123010452871", "261123010521877", "261123010639015", "261123010750348", "261123010866902",
+               "261123010978413"),
+    sbin_token="NSE_EQ|INE062A01020",
+    body=json_body, tag_key="tag", price_key="price", tag_field="tag", price_field="price", id_field="order_id",
+    placed_fields=lambda when: {"order_timestamp": when.strftime("%Y-%m-%d %H:%M:%S"), "exchange_timestamp": None},
+    book_rows=("data",), position_rows=("data",),
+    current_route="get_order", current_row=("data",),  # /v2/order/details?order_id=: one object
+    cancel_target=upstox_cancel_target,
+    live_targets=("261123010452871", "261123010639015", "261123010866902"),
+    cancel_refusal=("error.UDAPI100040.json", 400),
+    amo_order={"order_id": "261123012000001", "status": "after market order req received", "is_amo": True,
+               "exchange_order_id": None},
+    mcx_order={"order_id": "261123012000002", "exchange": "MCX", "instrument_token": "MCX_FO|440937",
+               "trading_symbol": "GOLD26DECFUT", "status": "open"},
+    holding_sale={"exchange": "NSE", "instrument_token": "NSE_EQ|INE062A01020", "trading_symbol": "SBIN",
+                  "quantity": -5, "product": "D", "pnl": -50.0},
+    mcx_position={"exchange": "MCX", "instrument_token": "MCX_FO|440937", "trading_symbol": "GOLD26DECFUT",
+                  "quantity": 1, "product": "D"},
+    kill_ids=("261123012000001", "261123012000002"),
+    kill_targets=("261123012000001", "261123012000002"),
+    mcx_label="MCX:GOLD26DECFUT",
+    close_bodies=(
+        {"instrument_token": "NSE_FO|52207", "transaction_type": "SELL", "quantity": 65, "product": "D",
+         "order_type": "MARKET", "price": 0, "market_protection": -1},
+        {"instrument_token": "NSE_FO|52161", "transaction_type": "BUY", "quantity": 30, "product": "D",
+         "order_type": "MARKET", "price": 0, "market_protection": -1},
+    ),
+    # Upstox restates type, validity and prices on every modify (MAPPING.md section 7.5).
+    modify_qty_body={"order_id": "261123010452871", "order_type": "LIMIT", "validity": "DAY", "price": 120.5,
+                     "trigger_price": 0, "quantity": 130},
+    modify_market_body={"order_id": "261123010452871", "order_type": "MARKET", "validity": "DAY", "price": 0,
+                        "trigger_price": 0, "quantity": 65, "market_protection": -1},
+    place_shapes=(
+        (dict(instrument=SBIN, qty=5, side="SELL", product="CNC", order_type="MARKET", tag="exit1"),
+         {"quantity": 5, "product": "D", "validity": "DAY", "price": 0, "tag": "exit1",
+          "instrument_token": "NSE_EQ|INE062A01020", "order_type": "MARKET", "transaction_type": "SELL",
+          "disclosed_quantity": 0, "trigger_price": 0, "is_amo": False, "slice": False, "market_protection": -1},
+         True, ()),
+        (dict(instrument=NIFTY_CE, qty=130, side="SELL", product="NRML", order_type="SL", price=99.0,
+              trigger_price=99.95),
+         {"order_type": "SL", "price": 99.0, "trigger_price": 99.95, "product": "D", "instrument_token": "NSE_FO|52207"},
+         False, ("market_protection",)),
+    ),
+    max_tag_len=40, margin_exposure=29151.23,
+    rate_limit_error=("error.UDAPI10005.json", 429),
+    statuses=UPSTOX_STATUSES, status_table=tt._UPSTOX_STATUSES,
+    errors=tuple(
+        [ErrorCase(f"error.{code}.json", status, route, cls, code,
+                   retryable=cls is tt.RateLimitError or status >= 500) for code, status, route, cls in _UPSTOX_ERROR_ROWS]
+        + [ErrorCase("get_funds.UDAPI100072.json", 423, "get_funds", tt.BrokerError, "UDAPI100072"),
+           # an HTML gateway page: no code, retryable (a GET)
+           ErrorCase("error.html.txt", 502, "get_orders", tt.BrokerError, None, retryable=True)]),
+    details={"get_order.json": ("261123010452871", "order_1")},
+    detail_route="get_order",
+    fund_gaps=("collateral", "m2m_unrealized", "m2m_realized"),  # Upstox v2 funds give none of them
+    extras={"instruments.json": "test_upstox_master_fixture_is_the_readable_json_gzipped",
+            "login.json": "test_upstox_auth_code_is_exchanged_once_and_stored",
+            "get_order_history.json": "test_upstox_history_and_a_funds_rejection",
+            "get_order_history.insufficient_funds.json": "test_upstox_history_and_a_funds_rejection",
+            "feed_authorize.json": "test_upstox_feed_authorizes_each_connect_and_streams",
+            "portfolio_authorize.json": "test_upstox_order_updates_arrive_on_the_portfolio_stream",
+            "order_update.json": "test_upstox_order_updates_arrive_on_the_portfolio_stream"},
+)
+
+
+def test_upstox_master_fixture_is_the_readable_json_gzipped() -> None:
+    import gzip
+
+    readable = (FIXTURES / "upstox" / "instruments.json").read_bytes()
+    assert gzip.decompress(UPSTOX_GZ) == readable  # the .gz is served; the .json is what a reader reviews
+    assert len(json.loads(readable)) == 34
+
+
+def test_upstox_auth_code_is_exchanged_once_and_stored(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    from urllib.parse import parse_qs
+
+    config = {**UPSTOX.login_creds, "cache_dir": str(tmp_path), "cache_session": True}
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["upstox"], body=UPSTOX_GZ)
+        api = MockApi(rs, UPSTOX)
+        api.on("login")
+        clients.append(tt.TTConnect("upstox", config, clock=day_clock, sleep=day_clock.sleep))
+        sent = api.calls("login")[0].request
+        assert parse_qs(sent.body) == {"code": ["upstox-CODE-1"], "client_id": ["upstoxkey01"],
+                                       "client_secret": ["upstox-api-SECRET"], "redirect_uri": ["https://example.com/cb"],
+                                       "grant_type": ["authorization_code"]}
+        assert "Authorization" not in sent.headers and sent.headers["Api-Version"] == "2.0"
+    stored = json.loads((tmp_path / "upstox_session.json").read_text())
+    login = json.loads(UPSTOX.payload("login.json"))
+    assert stored["access_token"] == login["access_token"] and stored["user_id"] == "5UX9KQ"
+    assert stored["expires_at"] == "2026-11-24T03:30:00+05:30"  # 03:30 IST the next day
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:  # the same cell run again
+        clients.append(tt.TTConnect("upstox", config, clock=day_clock))
+        assert len(rs.calls) == 0  # the single-use code is not sent twice
+    with responses.RequestsMock() as rs:  # a new code is a new login: exchanged
+        api = MockApi(rs, UPSTOX)
+        api.on("login")
+        clients.append(tt.TTConnect("upstox", {**config, "auth_code": "upstox-CODE-2"}, clock=day_clock))
+        assert parse_qs(api.calls("login")[0].request.body)["code"] == ["upstox-CODE-2"]
+
+
+def test_upstox_login_url_and_auth_modes(tmp_path: Path) -> None:
+    assert tt.TTConnect.login_url("upstox", {"api_key": "k1", "redirect_uri": "https://x.example/cb", "state": "s"}) == (
+        "https://api.upstox.com/v2/login/authorization/dialog?response_type=code&client_id=k1"
+        "&redirect_uri=https%3A%2F%2Fx.example%2Fcb&state=s")
+    with pytest.raises(tt.ConfigurationError, match="'redirect_uri'"):
+        tt.TTConnect.login_url("upstox", {"api_key": "k1"})
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(tt.UnsupportedFeatureError, match="upstox does not support auth_mode 'auto'; it supports: manual"):
+            tt.TTConnect("upstox", {"auth_mode": "auto", "cache_dir": str(tmp_path)})
+        with pytest.raises(tt.ConfigurationError, match="'request_token'"):  # another broker's login
+            tt.TTConnect("upstox", {"request_token": "r", "cache_dir": str(tmp_path)})
+        assert len(rs.calls) == 0
+    caps = tt.Capabilities(tt._UPSTOX)
+    assert (caps.auto_auth, caps.native_slicing, caps.sandbox, caps.margin_with_positions) == (False, True, True, False)
+
+
+def test_upstox_hosts_headers_and_sandbox(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    client = rest_client(clients, "upstox", tmp_path / "a", day_clock, algo_name="my-algo")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, UPSTOX).all()
+        client.get_positions()
+        client.place_order(SBIN, 5, "SELL", "CNC", "MARKET")
+        read, order = api.calls("get_positions")[0].request, api.calls("place_order")[0].request
+        assert read.url.startswith("https://api.upstox.com/v2/") and read.headers["Api-Version"] == "2.0"
+        assert order.url == "https://api-hft.upstox.com/v3/order/place" and "Api-Version" not in order.headers
+        assert order.headers["X-Algo-Name"] == "my-algo" and "X-Algo-Name" not in read.headers
+        assert order.headers["Authorization"] == "Bearer upstox-access-SECRET-1"
+        client.cancel_order(UPSTOX.placed_id)
+        assert api.calls("cancel_order")[0].request.url.endswith("/v3/order/cancel?order_id=261123010452871")
+    # Only root_url overridden: the orders follow it; sandbox sends orders to Upstox's sandbox.
+    proxied = rest_client(clients, "upstox", tmp_path / "b", day_clock, root_url="http://127.0.0.1:9/up")
+    assert proxied._urls["order_root_url"] == "http://127.0.0.1:9/up"
+    sandbox = rest_client(clients, "upstox", tmp_path / "c", day_clock, sandbox=True)
+    assert sandbox._urls["order_root_url"] == "https://api-sandbox.upstox.com"
+    assert sandbox._urls["root_url"] == "https://api.upstox.com"
+    with pytest.raises(tt.UnsupportedFeatureError, match="zerodha has no sandbox"):
+        tt.TTConnect("zerodha", {**CREDS["zerodha"], "cache_dir": str(tmp_path / "d"), "sandbox": True})
+
+
+def test_upstox_history_and_a_funds_rejection(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    client = rest_client(clients, "upstox", tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, UPSTOX)
+        api.on("get_order_history")
+        history = client.get_order_history(UPSTOX.placed_id)
+        assert "order_id=261123010452871" in api.calls("get_order_history")[0].request.url
+    assert [o.status for o in history] == [tt.OrderStatus.PENDING] * 3 + [tt.OrderStatus.OPEN]  # oldest first
+    assert all(o.pending_qty == o.qty - o.filled_qty for o in history)  # history rows have no pending_quantity
+    with responses.RequestsMock() as rs:
+        MockApi(rs, UPSTOX).on("get_order_history", fixture="get_order_history.insufficient_funds.json")
+        rejected = client.get_order_history("261123011097730")[-1]
+    # Insufficient funds is no error on Upstox: the order is accepted, then rejected.
+    assert (rejected.status, rejected.pending_qty) == (tt.OrderStatus.REJECTED, 0)
+    assert "You need to add Rs. 145832.50" in rejected.status_message
+
+
+def test_orders_above_the_freeze_limit_are_refused_or_sliced(broker: Case, tmp_path: Path, day_clock: FakeClock,
+                                                             clients: list) -> None:
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    freeze = client._instruments.freeze_qty(NIFTY_CE)
+    if not freeze:
+        pytest.skip(f"{broker.broker}'s master gives no freeze limits")
+    big = 1755 * 3  # 81 lots of 65; the limit is 1800: 27 lots (1755) per order
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker).all()
+        with pytest.raises(tt.InvalidOrderError, match=f"above the exchange freeze limit of {freeze}"):
+            client.place_order(NIFTY_CE, big, "BUY", "NRML", "MARKET")
+        assert api.calls("place_order") == []
+        ids = client.place_order(NIFTY_CE, big, "BUY", "NRML", "MARKET", slice=True)
+        bodies = [broker.body(c.request) for c in api.calls("place_order")]
+    qty_key = {"upstox": "quantity", "angelone": "quantity"}.get(broker.broker, "quantity")
+    if broker.spec["max_slices"]:  # the broker slices by itself: one order asking for it
+        assert len(bodies) == 1 and bodies[0].get("slice") is True and int(bodies[0][qty_key]) == big
+    else:  # several orders of at most the limit, each with its own tag
+        assert [int(b[qty_key]) for b in bodies] == [1755, 1755, 1755] and len(ids) == 3
+        assert len({b[broker.tag_key] for b in bodies}) == 3
+
+
+# ============================================================================
+# 6d. Broker spec: the toy broker (written here; proof that a new broker is one section)
 # ============================================================================
 # A made-up REST broker unlike both real ones: a TSV master with its own tokens and symbols,
 # an {"ok": ..., "result" | "error": {"code", "text"}} envelope with real HTTP statuses, order
@@ -1621,6 +2007,7 @@ TOY = Case(
     amo_order={"id": "T2001", "state": "queued_amo"},
     mcx_order={"id": "T2002", "seg": "MCX", "sym": "GOLD-20261204-FUT", "state": "working"},
     mcx_position={"seg": "MCX", "sym": "GOLD-20261204-FUT", "net": 1, "prod": "N"},
+    holding_sale={"seg": "NSE", "sym": "SBIN", "net": -5, "prod": "C", "pnl": -50.0},
     kill_ids=("T2001", "T2002"),
     kill_targets=("T2001", "T2002"),
     mcx_label="MCX:GOLD-20261204-FUT",
@@ -1714,7 +2101,7 @@ def test_toy_orders_go_to_their_own_host_with_ids_in_the_query(toy: Case, tmp_pa
 # 6z. The registry: one case table per broker, and the cross-broker contract
 # ============================================================================
 
-CASES = (ZERODHA, ANGELONE, TOY)
+CASES = (ZERODHA, ANGELONE, UPSTOX, TOY)
 CASE = {case.broker: case for case in CASES}
 REFERENCE = ZERODHA  # the strategy's results on every broker must equal its results here
 DOCS = {"README.md", "MAPPING.md"}  # fixtures/ documentation, not payloads
@@ -1794,8 +2181,9 @@ def test_same_strategy_runs_unchanged_on_every_broker(broker: Case, tmp_path: Pa
     res, ref = runs[broker.broker], runs[REFERENCE.broker]
     assert res["placed"] == res["modified"] == res["cancelled"] == broker.placed_id
     # Real values from the real-shaped payloads, the same on every broker.
-    assert res["funds"] == tt.Fund(available=100000.0, used=25000.0, total=125000.0, collateral=5000.0,
-                                   m2m_unrealized=1200.5, m2m_realized=-300.25, utilised_debits=25000.0)
+    expected_funds = tt.Fund(available=100000.0, used=25000.0, total=125000.0, collateral=5000.0,
+                             m2m_unrealized=1200.5, m2m_realized=-300.25, utilised_debits=25000.0)
+    assert res["funds"] == dataclasses.replace(expected_funds, **dict.fromkeys(broker.fund_gaps))
     assert [(str(h.instrument), h.qty, h.avg_price, h.ltp, h.pnl) for h in res["holdings"]] == [
         ("NSE:RELIANCE", 10, 2400.0, 2450.0, 500.0), ("NSE:SBIN", 5, 800.0, 790.0, -50.0)]
     assert res["holdings"][0].pnl_percent == pytest.approx(2.0833333)
@@ -1820,7 +2208,7 @@ def test_same_strategy_runs_unchanged_on_every_broker(broker: Case, tmp_path: Pa
     assert res["profile"].name == "Test User" and tt.Exchange.NFO in res["profile"].exchanges
     assert res["profile"].broker == broker.broker
     for key in res:
-        if key not in ("placed", "modified", "cancelled", "margin"):
+        if key not in ("placed", "modified", "cancelled", "margin", "funds"):
             assert canonical(res[key]) == canonical(ref[key]), key
 
 
@@ -2305,6 +2693,44 @@ def test_an_expired_token_is_refreshed_once_across_threads(tmp_path: Path, day_c
         assert len(api.calls("renew_token")) == 1 and len(api.calls("login")) == 1
 
 
+def test_a_stored_session_is_used_only_for_its_own_account(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    first = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ANGELONE)
+        api.on("login")
+        first._auth.current()
+    stored = json.loads((tmp_path / "angelone_session.json").read_text())
+    assert (stored["user_id"], stored["app_key"]) == ("A123456", "angelkey01")
+    other = open_client(clients, "angelone", tmp_path, day_clock, None, **{**CREDS["angelone"], "client_id": "B765432",
+                                                                           "cache_session": True})
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ANGELONE)
+        api.on("login")
+        api.on("get_funds")
+        other.get_funds()  # B logs in as B: A's session is never used for B's calls
+        assert json.loads(api.calls("login")[0].request.body)["clientcode"] == "B765432"
+    other_app = open_client(clients, "angelone", tmp_path, day_clock, None, **{**CREDS["angelone"],
+                                                                               "api_key": "anotherapp", "cache_session": True})
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ANGELONE).on("login")
+        other_app._auth.current()  # another app key: a login of its own
+        assert len(rs.calls) == 1
+
+
+def test_a_request_token_from_another_login_is_exchanged_anew(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    config = {"api_key": "kitekey01", "api_secret": "kite-api-SECRET", "request_token": "req-TOKEN-1",
+              "cache_dir": str(tmp_path), "cache_session": True}
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        MockApi(rs, ZERODHA).on("login")
+        clients.append(tt.TTConnect("zerodha", config, clock=day_clock))
+    with responses.RequestsMock() as rs:  # another user's login: never A's stored session
+        api = MockApi(rs, ZERODHA)
+        api.on("login")
+        clients.append(tt.TTConnect("zerodha", {**config, "request_token": "req-TOKEN-2"}, clock=day_clock))
+        assert "request_token=req-TOKEN-2" in api.calls("login")[0].request.body
+
+
 # ============================================================================
 # 9. Client
 # ============================================================================
@@ -2313,7 +2739,7 @@ def test_an_expired_token_is_refreshed_once_across_threads(tmp_path: Path, day_c
 def test_unknown_broker_lists_the_known_ones() -> None:
     with pytest.raises(tt.UnsupportedFeatureError) as info:
         tt.TTConnect("kotak", {})
-    assert "kotak" in str(info.value) and "angelone, zerodha" in str(info.value)
+    assert "kotak" in str(info.value) and ", ".join(sorted(tt._BROKERS)) in str(info.value)
 
 
 @pytest.mark.parametrize("config, key", [
@@ -2365,7 +2791,7 @@ INVALID_ORDERS = [
     (dict(trigger_price=119.0), tt.InvalidOrderError, "LIMIT orders take no trigger_price"),
     (dict(order_type="SL"), tt.InvalidOrderError, "SL orders need a trigger_price"),
     (dict(order_type="SL", trigger_price=125.0), tt.InvalidOrderError, "trigger 125.0 > price"),
-    (dict(tag="x" * 21), tt.InvalidOrderError, "tag must be 1-"),
+    (dict(tag="x" * 41), tt.InvalidOrderError, "tag must be 1-"),  # over every broker's limit
     (dict(tag="has space"), tt.InvalidOrderError, "tag must be 1-"),
     (dict(side="HOLD"), tt.InvalidOrderError, "side 'HOLD' is not valid"),
     (dict(validity="GTC"), tt.InvalidOrderError, "validity 'GTC'"),
@@ -2571,6 +2997,24 @@ def test_kill_switches_cover_pending_orders_and_unloaded_segments(broker: Case, 
     assert any("close it in the broker's app" in r.getMessage() for r in caplog.records)
 
 
+def test_a_sale_out_of_holdings_is_no_short_and_is_never_bought_back(broker: Case, tmp_path: Path,
+                                                                     day_clock: FakeClock, clients: list) -> None:
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    positions = json.loads(broker.payload("get_positions.json"))
+    rows = at(positions, broker.position_rows)
+    rows.append(dict(rows[0], **broker.holding_sale))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("get_positions", body=positions)
+        api.on("place_order")
+        sale = [p for p in client.get_positions() if str(p.instrument) == "NSE:SBIN"]
+        assert [(p.qty, p.sold_from_holdings, p.product, p.pnl) for p in sale] == [(0, 5, tt.ProductType.CNC, -50.0)]
+        placed, failed = client.close_all_positions()
+        bodies = [broker.body(c.request) for c in api.calls("place_order")]
+    assert len(placed) == 2 and failed == []  # the option and the future; never a BUY of SBIN
+    assert not [b for b in bodies if broker.sbin_token in json.dumps(b) or "SBIN" in json.dumps(b)]
+
+
 def test_modify_applies_stop_rules_and_tolerates_broker_float_noise(broker: Case, tmp_path: Path, day_clock: FakeClock,
                                                                     clients: list) -> None:
     client = contract_client(clients, broker, tmp_path, day_clock)
@@ -2583,7 +3027,7 @@ def test_modify_applies_stop_rules_and_tolerates_broker_float_noise(broker: Case
         api.on(broker.current_route, callback=lambda request: (200, {}, json.dumps(current)))
         api.on("modify_order")
         client.modify_order(broker.placed_id, qty=130)
-        assert broker.body(api.calls("modify_order")[0].request)[broker.price_key] == "120.5"
+        assert str(broker.body(api.calls("modify_order")[0].request)[broker.price_key]) == "120.5"
         with pytest.raises(tt.InvalidOrderError, match="stop-loss BUY triggers at or below"):
             client.modify_order(broker.placed_id, order_type="SL", trigger_price=150.0)
         assert len(api.calls("modify_order")) == 1
@@ -2591,7 +3035,7 @@ def test_modify_applies_stop_rules_and_tolerates_broker_float_noise(broker: Case
         # the broker has it: changing the quantity must not move the price.
         row[broker.price_field] = 120.52
         client.modify_order(broker.placed_id, qty=65)
-        assert broker.body(api.calls("modify_order")[1].request)[broker.price_key] == "120.52"
+        assert str(broker.body(api.calls("modify_order")[1].request)[broker.price_key]) == "120.52"
 
 
 def test_modify_checks_the_new_price_and_keeps_the_rest(broker: Case, tmp_path: Path, day_clock: FakeClock,
@@ -2669,6 +3113,170 @@ def test_concurrent_calls_from_threads(broker: Case, tmp_path: Path, day_clock: 
     assert len(out) == 12 and sum(1 for o in out if isinstance(o, tt.Fund)) == 3
 
 
+def test_a_reused_tag_never_resolves_to_an_older_order(broker: Case, tmp_path: Path, day_clock: FakeClock,
+                                                       clients: list) -> None:
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    sent: List[str] = []
+
+    def lost(request: Any) -> Any:
+        sent.append(broker.body(request)[broker.tag_key])
+        raise requests.exceptions.ReadTimeout("read timed out")
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("place_order", callback=lost)
+
+        def book(request: Any) -> Any:  # an OLDER order (09:20) carries the sent tag
+            payload = json.loads(broker.payload("get_orders.json"))
+            at(payload, broker.book_rows)[0][broker.tag_field] = sent[0]
+            return 200, {}, json.dumps(payload)
+
+        api.on("get_orders", callback=book)
+        with pytest.raises(tt.OrderError, match="most likely not placed"):
+            client.place_order(SBIN, 5, "SELL", "CNC", "MARKET", tag="my-strategy")
+        assert len(api.calls("place_order")) == 1
+    assert sent[0].startswith("my-strategy-") and len(sent[0]) == len("my-strategy") + 5
+
+
+def test_a_place_reply_without_an_order_id_is_resolved_by_the_tag(broker: Case, tmp_path: Path, day_clock: FakeClock,
+                                                                  clients: list) -> None:
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    accepted: List[str] = []
+
+    def no_id(request: Any) -> Any:
+        accepted.append(broker.body(request)[broker.tag_key])
+        reply = json.loads(broker.payload("place_order.json"))
+        return 200, {}, json.dumps(_drop_order_ids(reply))
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("place_order", callback=no_id)
+        api.on("get_orders", callback=lambda request: (200, {}, _book_with(
+            broker, accepted, dt.datetime.fromtimestamp(day_clock(), tt.IST))))
+        order_id = client.place_order(SBIN, 5, "SELL", "CNC", "MARKET")
+    assert order_id == broker.order_ids[0] and order_id not in ("None", "")
+
+
+def _drop_order_ids(reply: Any) -> Any:
+    """A success reply with every order id field emptied (the broker accepted, but says nothing)."""
+    if isinstance(reply, dict):
+        return {k: (None if "order" in k.lower() and "id" in k.lower() else _drop_order_ids(v)) for k, v in reply.items()}
+    return reply
+
+
+def test_an_order_call_does_not_wait_minutes_for_retry_after(broker: Case, tmp_path: Path, day_clock: FakeClock,
+                                                             clients: list) -> None:
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    body, status = broker.rate_limit_error
+    with responses.RequestsMock() as rs:
+        MockApi(rs, broker).on("place_order", fixture=body, status=429, headers={"Retry-After": "99999"})
+        with pytest.raises(tt.RateLimitError) as info:
+            client.place_order(SBIN, 5, "SELL", "CNC", "MARKET")
+    assert day_clock.slept == [] and info.value.retry_after == 99999.0  # the caller decides
+
+
+def test_closing_a_position_above_the_freeze_limit_slices_it(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = contract_client(clients, ANGELONE, tmp_path, day_clock)
+    positions = json.loads(ANGELONE.payload("get_positions.json"))
+    rows = at(positions, ANGELONE.position_rows)
+    rows[0]["netqty"] = "5265"  # 81 lots of NIFTY: three orders of 27 lots under the 1800 limit
+    del rows[1:]
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, ANGELONE)
+        api.on("get_positions", body=positions)
+        api.on("place_order")
+        placed, failed = angel.close_all_positions()
+        quantities = [json_body(c.request)["quantity"] for c in api.calls("place_order")]
+    assert quantities == ["1755", "1755", "1755"] and len(placed) == 3 and failed == []
+
+
+def test_a_closed_client_refuses_further_use(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    kite.close()
+    kite.close()  # twice: still quiet
+    for call in (lambda: kite.resolve(SBIN), kite.get_orders, lambda: kite.search("SB"), lambda: kite.lot_size(SBIN),
+                 lambda: kite.place_order(SBIN, 1, "BUY", "CNC", "MARKET"), kite.refresh_instruments):
+        with pytest.raises(tt.ConfigurationError, match="client is closed"):
+            call()
+    assert "closed" in repr(kite)
+
+
+def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                      ws_server: WsServer, monkeypatch: Any) -> None:
+    import websocket
+
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    kite.subscribe(SBIN, on_tick=lambda t: None)
+    assert stream_event(kite, lambda s: s["connected"])
+
+    def broken(self: Any) -> None:
+        raise OSError(9, "Bad file descriptor")  # websocket-client 1.9 on Python 3.9, an already closed socket
+
+    monkeypatch.setattr(websocket.WebSocket, "abort", broken)
+    kite.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ttconnect-")]
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"acess_token": "x"}, "did you mean 'access_token'"),
+    ({"timeout": float("nan")}, "'timeout' must be a positive number"),
+    ({"timeout": float("inf")}, "'timeout' must be a positive number"),
+    ({"rate_limits": {"ordrs": 5}}, "unknown class 'ordrs'; zerodha's classes are default, orders"),
+    ({"rate_limits": {"orders": float("nan")}}, "positive finite"),
+    ({"stream_silence_timeout": 0}, "stream_silence_timeout"),
+    ({"pin": "1234"}, "zerodha has no login with config 'pin'"),
+    ({"access_token": "tok\r\nX-Evil: 1"}, "control character"),
+])
+def test_bad_config_values_are_refused_naming_the_fix(config: Dict[str, Any], words: str, tmp_path: Path) -> None:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(tt.ConfigurationError, match=re.escape(words)):
+            client = tt.TTConnect("zerodha", {"cache_dir": str(tmp_path), **config})
+            client.subscribe(SBIN, on_tick=lambda t: None)  # stream timings are read when the feed starts
+        assert len(rs.calls) == 0
+
+
+def test_another_brokers_option_is_accepted_and_a_token_with_a_newline_is_stripped(tmp_path: Path, day_clock: FakeClock,
+                                                                                  clients: list, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG)
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, algo_name="upstox-only-option",
+                       access_token="kite-access-SECRET-1\n")  # read from a file, newline and all
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ZERODHA)
+        api.on("get_profile")
+        kite.get_profile()
+        assert api.calls("get_profile")[0].request.headers["Authorization"] == "token kitekey01:kite-access-SECRET-1"
+
+
+def test_order_messages_and_expiry_forms_a_newcomer_meets(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    with pytest.raises(tt.InvalidOrderError, match="multiple of the lot size 65 for .*; use 65$"):
+        kite.place_order(NIFTY_CE, 50, "BUY", "NRML", "MARKET")  # not "use 65 or 65"
+    with pytest.raises(tt.InvalidOrderError, match="beyond any listed price"):
+        kite.place_order(NIFTY_CE, 65, "BUY", "NRML", "LIMIT", price=1e308)
+    from decimal import Decimal
+
+    with pytest.raises(tt.InvalidOrderError):
+        kite.place_order(NIFTY_CE, 65, "BUY", "NRML", "LIMIT", price=Decimal("1E+400"))
+    when = dt.datetime(2026, 11, 24, 15, 30, tzinfo=tt.IST)
+    assert tt.Option(exchange="NFO", symbol="NIFTY", expiry=when, strike=23500, option_type="CE") == NIFTY_CE
+    with pytest.raises(tt.InvalidInstrumentError, match="not a valid date .day is out of range"):
+        tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-02-30")
+    with pytest.raises(tt.InvalidInstrumentError, match="derivatives on NSE is not possible"):
+        kite.expiries("NIFTY", exchange="NSE")  # a TTConnectError, also a ValueError
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=b"<html>maintenance</html>")
+        with pytest.raises(tt.BrokerError, match="instrument master .* is unusable.*kept as it was"):
+            kite.refresh_instruments()  # never the private _MasterFormatError
+
+
+def test_the_async_facade_offers_every_public_method(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    facade = tt.AsyncTTConnect(kite)
+    public = {n for n in dir(tt.TTConnect) if not n.startswith("_")}
+    assert public <= set(dir(facade)) and "zerodha" in repr(facade)
+    assert facade.capabilities.broker == "zerodha" and "zerodha" in facade.brokers()
+
+
 # ============================================================================
 # 10. Streamer
 # ============================================================================
@@ -2697,6 +3305,7 @@ class WsServer:
         self.heartbeat, self.text_replies = heartbeat, text_replies or {}
         self.handshakes: "queue.Queue[Dict[str, Any]]" = queue.Queue()
         self.messages: "queue.Queue[str]" = queue.Queue()
+        self.binary_messages: "queue.Queue[bytes]" = queue.Queue()  # what clients send in binary frames
         self.conns: List[socket.socket] = []
         self.refuse = 0
         self.refuse_status = "503 Service Unavailable"
@@ -2823,6 +3432,8 @@ class WsServer:
                     if text in self.text_replies and not self.silent.is_set():
                         with self.lock:
                             conn.sendall(self.frame(self.text_replies[text].encode(), 1))
+                elif opcode == 2:
+                    self.binary_messages.put(payload)
                 elif opcode == 9 and not self.silent.is_set():
                     with self.lock:
                         conn.sendall(self.frame(payload, 10))
@@ -3250,6 +3861,311 @@ def test_angel_feed_refused_renews_the_session_and_reconnects(tmp_path: Path, da
         for client in clients:
             client.close()
         market.close()
+
+
+# -- Upstox: the protobuf feed ------------------------------------------------------------
+# A test-side protobuf ENCODER, so frames are built field by field from values (the wire
+# format: https://protobuf.dev/programming-guides/encoding/), and the notes' test vectors.
+
+
+def pb_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # int64: two's complement
+    out = b""
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out += bytes([byte | (0x80 if value else 0)])
+        if not value:
+            return out
+
+
+def pb_field(number: int, value: Any, kind: str = "auto") -> bytes:
+    """One field: an int (varint), a float (double), bytes/str (length-delimited) or a message."""
+    if kind == "fixed32":
+        return pb_varint(number << 3 | 5) + _struct.pack("<I", value)
+    if isinstance(value, float):
+        return pb_varint(number << 3 | 1) + _struct.pack("<d", value)
+    if isinstance(value, int):
+        return pb_varint(number << 3 | 0) + pb_varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return pb_varint(number << 3 | 2) + pb_varint(len(data)) + data
+
+
+def pb_ltpc(ltp: float, ltt: int = 0, ltq: int = 0, cp: float = 0.0) -> bytes:
+    return pb_field(1, ltp) + (pb_field(2, ltt) if ltt else b"") + (pb_field(3, ltq) if ltq else b"") + \
+        (pb_field(4, cp) if cp else b"")
+
+
+def pb_ohlc(interval: str, o: float, h: float, lo: float, c: float, vol: int = 0, ts: int = 0) -> bytes:
+    return pb_field(1, interval) + pb_field(2, o) + pb_field(3, h) + pb_field(4, lo) + pb_field(5, c) + \
+        (pb_field(6, vol) if vol else b"") + (pb_field(7, ts) if ts else b"")
+
+
+def pb_market_ff(ltpc: bytes, depth: List[Tuple[int, float, int, float]] = (), ohlc: List[bytes] = (),  # type: ignore[assignment]
+                 greeks: Tuple[float, ...] = (), atp: float = 0.0, vtt: int = 0, oi: float = 0.0, iv: float = 0.0,
+                 tbq: float = 0.0, tsq: float = 0.0) -> bytes:
+    levels = b"".join(pb_field(1, pb_field(1, bq) + pb_field(2, bp) + pb_field(3, aq) + pb_field(4, ap))
+                      for bq, bp, aq, ap in depth)
+    out = pb_field(1, ltpc) + pb_field(2, levels)
+    if greeks:
+        out += pb_field(3, b"".join(pb_field(i + 1, g) for i, g in enumerate(greeks)))
+    out += pb_field(4, b"".join(pb_field(1, c) for c in ohlc))
+    for number, value in ((5, atp), (6, vtt), (7, oi), (8, iv), (9, tbq), (10, tsq)):
+        if value:
+            out += pb_field(number, value)
+    return out
+
+
+def pb_feed_response(feeds: Dict[str, bytes], kind: int = 1, ts: int = 1795415400000) -> bytes:
+    """FeedResponse{type, feeds: map<string, Feed>, currentTs}; a feed value is a Feed message."""
+    out = pb_field(1, kind) if kind else b""
+    for key, feed in feeds.items():
+        out += pb_field(2, pb_field(1, key) + pb_field(2, feed))
+    return out + pb_field(3, ts)
+
+
+def pb_full(market_ff: bytes) -> bytes:
+    return pb_field(2, pb_field(1, market_ff)) + pb_field(4, 1)  # Feed.fullFeed.marketFF, requestMode full_d5
+
+
+def pb_index(ltpc: bytes, ohlc: bytes) -> bytes:
+    return pb_field(2, pb_field(2, pb_field(1, ltpc) + pb_field(2, pb_field(1, ohlc)))) + pb_field(4, 1)
+
+
+UPSTOX_VECTORS = {  # shared/brokers/upstox.md section 6.7 (made with the official SDK's classes)
+    "market_info": "08021895b3c18bb732221b0a0a0a064e53455f455110020a0d0a094e53455f494e4445581002",
+    "ltpc": "080112350a134e53455f45517c494e45383438453031303136121e0a1c09cdcccccccc9c544010f4b1c18bb732189601219a9999999979544018e8b5c18bb732",
+    "index": "0801126a0a124e53455f494e4445587c4e6966747920353012541250124e0a190966666666c690d7401080aec18bb7322100000000a0a0d74012310a2f0a023164110000000000a2d7401900000000a0aed74021000000000089d7402966666666c690d74038a0d1d5f6b632200118e8b5c18bb732",
+    "greeks": "08011287010a0c4e53455f464f7c343338383512771a730a1b093333333333c379401080aec18bb732184b219a99999999f989401217084b110000000000c07940189601210000000000c879401a240924b9fc87f4dbe9bf11068195438bec49c019fca9f1d24d62403f21e6ae25e4831e0b402080a8dc01290000000035e54241311b2fdd240681d53f200218e8b5c18bb732",
+    "full": "12a2020a0c4e53455f464f7c3433393139129102128c020a89020a1b09000000000050594010fbaec18bb732184b210000000000a0584012280a1808f70211cdcccccccc4c594018d8042133333333335359400a0c089601119a999999994959401a2409a4703d0ad7a3e03f1100000000000029c0192f6ea301bc05523f219a9999999999234022690a330a023164110000000000c05740190000000000005a40210000000000a0574029000000000050594030d0a54c38a0d1d5f6b6320a320a024931110000000000405940199a99999999595940219a9999999939594029000000000050594030b81738a0d3bf8bb7322948e17a14aef7584030d0a54c3900000000005e4a4141f8c264aa6054c23f490000000000db0a41510000000000f90541200118e8b5c18bb732",
+}
+
+
+def upstox_decode(data: bytes, targets: Dict[str, Tuple[Any, str]]) -> List[Any]:
+    out: List[Any] = []
+    tt._upstox_decode(data, {key.encode(): target for key, target in targets.items()}, out)
+    return out
+
+
+def test_upstox_vectors_decode_to_the_documented_values() -> None:
+    a, b, c, d = object(), object(), object(), object()
+    (info,) = upstox_decode(bytes.fromhex(UPSTOX_VECTORS["market_info"]), {})
+    assert info["type"] == "market_info" and info["segments"] == {"NSE_EQ": "NORMAL_OPEN", "NSE_INDEX": "NORMAL_OPEN"}
+    assert info["at"] == dt.datetime.fromtimestamp(1732775008.661, tt.IST)
+    (ltp,) = upstox_decode(bytes.fromhex(UPSTOX_VECTORS["ltpc"]), {"NSE_EQ|INE848E01016": (a, "ltp")})
+    assert (ltp.instrument, ltp.mode, ltp.ltp, ltp.close) == (a, "ltp", 82.45, None)  # an ltp tick: the price alone
+    (index,) = upstox_decode(bytes.fromhex(UPSTOX_VECTORS["index"]), {"NSE_INDEX|Nifty 50": (b, "full")})
+    assert (index.mode, index.ltp, index.open, index.high, index.low, index.close) == (
+        "full", 24131.1, 24200.0, 24250.5, 24100.0, 24194.5)
+    assert index.change == pytest.approx((24131.1 - 24194.5) * 100 / 24194.5) and index.volume is None
+    assert index.exchange_time == dt.datetime.fromtimestamp(1732775009, tt.IST) and index.bids == ()
+    (greeks,) = upstox_decode(bytes.fromhex(UPSTOX_VECTORS["greeks"]), {"NSE_FO|43885": (c, "full")})
+    assert (greeks.ltp, greeks.last_qty, greeks.close, greeks.volume, greeks.oi) == (412.2, 75, 831.2, 3609600, 2476650)
+    assert greeks.bids == (tt.DepthLevel(412.0, 75, None),) and greeks.asks == (tt.DepthLevel(412.5, 150, None),)
+    (full,) = upstox_decode(bytes.fromhex(UPSTOX_VECTORS["full"]), {"NSE_FO|43919": (d, "full")})
+    assert (full.mode, full.ltp, full.last_qty, full.close, full.avg_price, full.volume) == (
+        "full", 101.25, 75, 98.5, 99.87, 1250000)
+    assert (full.open, full.high, full.low) == (95.0, 104.0, 94.5)  # today's candle, not the I1 one
+    assert (full.buy_qty, full.sell_qty, full.oi) == (220000, 180000, 3456000)
+    assert full.last_trade_time == dt.datetime.fromtimestamp(1732775008.123, tt.IST)
+    assert full.exchange_time == dt.datetime.fromtimestamp(1732775009, tt.IST)
+    assert full.bids == (tt.DepthLevel(101.2, 375, None), tt.DepthLevel(101.15, 150, None))
+    assert full.asks == (tt.DepthLevel(101.3, 600, None),)  # the second level has no ask
+    assert type(full) is tt.Tick and full.change == pytest.approx((101.25 - 98.5) * 100 / 98.5)
+
+
+def test_upstox_messages_built_field_by_field_decode_exactly() -> None:
+    ce, idx, sbin = object(), object(), object()
+    frame = pb_feed_response({
+        "NSE_FO|52207": pb_full(pb_market_ff(
+            pb_ltpc(120.5, 1795415399123, 65, 118.0), depth=[(65, 120.45, 130, 120.5), (130, 120.4, 195, 120.55)],
+            ohlc=[pb_ohlc("I1", 1.0, 2.0, 0.5, 1.5), pb_ohlc("1d", 115.0, 122.0, 110.5, 120.5, 9000)],
+            greeks=(0.52, -12.5, 0.0011, 9.8, 0.01), atp=119.3, vtt=1192471, oi=4500000.0, iv=0.14, tbq=256443.0,
+            tsq=363009.0)),
+        "NSE_INDEX|Nifty 50": pb_index(pb_ltpc(23512.35, cp=23500.0), pb_ohlc("1d", 23450.0, 23600.0, 23400.5, 23512.35)),
+        "NSE_EQ|INE062A01020": pb_field(1, pb_ltpc(801.05, 1795415399000, 5, 800.0)),
+        "NSE_EQ|NOT-SUBSCRIBED": pb_field(1, pb_ltpc(1.0)),
+    })
+    ticks = upstox_decode(frame, {"NSE_FO|52207": (ce, "full"), "NSE_INDEX|Nifty 50": (idx, "quote"),
+                                  "NSE_EQ|INE062A01020": (sbin, "ltp")})
+    full, index, ltp = ticks  # several keys per frame, in frame order; the unsubscribed one dropped
+    assert (full.instrument, full.ltp, full.last_qty, full.avg_price, full.volume, full.buy_qty, full.sell_qty) == (
+        ce, 120.5, 65, 119.3, 1192471, 256443, 363009)
+    assert (full.open, full.high, full.low, full.close, full.oi) == (115.0, 122.0, 110.5, 118.0, 4500000)
+    assert full.bids == (tt.DepthLevel(120.45, 65, None), tt.DepthLevel(120.4, 130, None))
+    assert full.asks == (tt.DepthLevel(120.5, 130, None), tt.DepthLevel(120.55, 195, None))
+    assert (index.mode, index.open, index.high, index.low, index.close) == ("quote", 23450.0, 23600.0, 23400.5, 23500.0)
+    assert index.exchange_time is None  # a quote tick carries no times, as on every broker
+    assert (ltp.mode, ltp.ltp, ltp.last_qty) == ("ltp", 801.05, None)
+    # quote mode on a tradable: Kite's quote fields, no depth, no OI, no times
+    (quote,) = upstox_decode(frame, {"NSE_FO|52207": (ce, "quote")})
+    assert (quote.mode, quote.ltp, quote.volume, quote.open, quote.close, quote.bids, quote.oi, quote.last_trade_time) == (
+        "quote", 120.5, 1192471, 115.0, 118.0, (), None, None)
+
+
+def test_upstox_reader_skips_unknown_fields_of_every_wire_type() -> None:
+    inst = object()
+    unknown = pb_field(15, 7) + pb_field(14, 2.5) + pb_field(13, b"\x01\x02") + pb_field(12, 99, "fixed32") + \
+        pb_varint(300 << 3 | 0) + pb_varint(2**63)  # a 2-byte key and a 10-byte varint
+    ltpc = pb_ltpc(101.25, 1, 75, 98.5) + unknown
+    market = pb_field(1, ltpc) + unknown + pb_field(16, 1)  # casEligible (field 16: two-byte key)
+    frame = unknown + pb_feed_response({"NSE_FO|43919": pb_field(2, pb_field(1, market)) + unknown}) + unknown
+    (tick,) = upstox_decode(frame, {"NSE_FO|43919": (inst, "full")})
+    assert (tick.ltp, tick.last_qty, tick.close) == (101.25, 75, 98.5)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 17, 40, 100, 200, 299])
+def test_upstox_truncated_or_malformed_frames_raise_a_frame_error(cut: int) -> None:
+    frame = bytes.fromhex(UPSTOX_VECTORS["full"])
+    with pytest.raises(tt._FrameError):
+        upstox_decode(frame[:cut], {"NSE_FO|43919": (object(), "full")})
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x0b",  # wire type 3 (a group)
+    b"\x12\xff\xff\xff\xff\x0f",  # a length beyond the frame
+    b"\x18" + b"\xff" * 11,  # a varint of 11 bytes
+    b"\x12\x05\x0a\x09NSE",  # a map entry whose key runs past it
+    b"\x12\x10\x0a\x0cNSE_FO|43919\x12\x09",  # a feed value cut short
+])
+def test_upstox_garbage_raises_a_frame_error_never_an_index_error(bad: bytes) -> None:
+    with pytest.raises(tt._FrameError):
+        upstox_decode(bad, {"NSE_FO|43919": (object(), "full")})
+
+
+def test_upstox_decode_matches_the_official_protobuf_classes() -> None:
+    pb2 = pytest.importorskip("upstox_client.feeder.proto.MarketDataFeedV3_pb2")
+    inst = object()
+    for name, key, mode in (("full", "NSE_FO|43919", "full"), ("index", "NSE_INDEX|Nifty 50", "full"),
+                            ("greeks", "NSE_FO|43885", "full")):
+        data = bytes.fromhex(UPSTOX_VECTORS[name])
+        feed = pb2.FeedResponse.FromString(data).feeds[key]
+        (tick,) = upstox_decode(data, {key: (inst, mode)})
+        which = feed.WhichOneof("FeedUnion")
+        if which == "firstLevelWithGreeks":
+            fl = feed.firstLevelWithGreeks
+            assert (tick.ltp, tick.last_qty, tick.close, tick.volume, tick.oi) == (
+                fl.ltpc.ltp, fl.ltpc.ltq, fl.ltpc.cp, fl.vtt, int(fl.oi))
+            continue
+        full = feed.fullFeed
+        ff = full.marketFF if full.WhichOneof("FullFeedUnion") == "marketFF" else full.indexFF
+        assert (tick.ltp, tick.close) == (ff.ltpc.ltp, ff.ltpc.cp)
+        day = next(c for c in ff.marketOHLC.ohlc if c.interval == "1d")
+        assert (tick.open, tick.high, tick.low) == (day.open, day.high, day.low)
+        if full.WhichOneof("FullFeedUnion") == "marketFF":
+            assert (tick.avg_price, tick.volume, tick.oi, tick.buy_qty, tick.sell_qty, tick.last_qty) == (
+                ff.atp, ff.vtt, int(ff.oi), int(ff.tbq), int(ff.tsq), ff.ltpc.ltq)
+            assert [(d.qty, d.price) for d in tick.bids] == [(q.bidQ, q.bidP) for q in ff.marketLevel.bidAskQuote
+                                                             if q.bidQ or q.bidP]
+
+
+def upstox_feed(clients: list, tmp_path: Path, clock: FakeClock, **config: Any) -> tt.TTConnect:
+    cfg = dict(stream_silence_timeout=1.0, stream_reconnect_delay=0.01, stream_reconnect_max_delay=0.05)
+    cfg.update(config)
+    return rest_client(clients, "upstox", tmp_path, clock, **cfg)
+
+
+def authorize_to(server: WsServer, path: str, hits: List[str]) -> Any:
+    """An authorize route answering a fresh single-use URL on the local server each time."""
+
+    def callback(request: Any) -> Any:
+        hits.append(request.headers.get("Authorization", ""))
+        url = f"{server.url}/{path}?code=single-use-{len(hits)}"
+        return 200, {}, json.dumps({"status": "success", "data": {"authorized_redirect_uri": url}})
+
+    return callback
+
+
+def test_upstox_feed_authorizes_each_connect_and_streams(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    server = WsServer(heartbeat=None)
+    try:
+        client = upstox_feed(clients, tmp_path, day_clock)
+        hits: List[str] = []
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            api = MockApi(rs, UPSTOX)
+            assert json.loads(UPSTOX.payload("feed_authorize.json"))["data"]["authorized_redirect_uri"].startswith("wss://")
+            api.on("feed_authorize", callback=authorize_to(server, "feeds", hits))
+            ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+            client.subscribe([NIFTY_CE], on_tick=ticks.put, mode="full")
+            client.subscribe(SBIN, mode="ltp")
+            first = server.handshakes.get(timeout=3)
+            assert first["path"] == "/feeds?code=single-use-1" and "authorization" not in first["headers"]
+            assert hits[0] == "Bearer upstox-access-SECRET-1"
+            subs: Dict[str, str] = {}
+            while len(subs) < 2:
+                message = json.loads(server.binary_messages.get(timeout=3))  # JSON in BINARY frames
+                assert message["method"] == "sub" and len(message["guid"]) == 16
+                subs.update({key: message["data"]["mode"] for key in message["data"]["instrumentKeys"]})
+            assert subs == {"NSE_FO|52207": "full", "NSE_EQ|INE062A01020": "ltpc"}
+            server.send(bytes.fromhex(UPSTOX_VECTORS["market_info"]))
+            server.send(pb_feed_response({"NSE_FO|52207": pb_full(pb_market_ff(pb_ltpc(120.5, cp=118.0),
+                                                                              depth=[(65, 120.45, 130, 120.5)])),
+                                          "NSE_EQ|INE062A01020": pb_field(1, pb_ltpc(801.05))}))
+            one, two = ticks.get(timeout=3), ticks.get(timeout=3)
+            assert (one.instrument, one.ltp, one.bids) == (NIFTY_CE, 120.5, (tt.DepthLevel(120.45, 65, None),))
+            assert (two.instrument, two.mode, two.ltp) == (SBIN, "ltp", 801.05)
+            stats = client.stream_stats()
+            assert stats["market_messages"] == 1 and stats["last_market_info"]["segments"]["NSE_EQ"] == "NORMAL_OPEN"
+            assert stats["ticks"] == 2
+            # A drop: the single-use URL is fetched again, and every subscription re-sent.
+            server.drop()
+            again = server.handshakes.get(timeout=3)
+            assert again["path"] == "/feeds?code=single-use-2" and len(hits) == 2
+            resent = [json.loads(server.binary_messages.get(timeout=3)) for _ in range(2)]
+            assert sorted(k for m in resent for k in m["data"]["instrumentKeys"]) == ["NSE_EQ|INE062A01020", "NSE_FO|52207"]
+            # A mode change is unsub + sub; unsubscribe names the keys alone.
+            client.subscribe(SBIN, mode="full")
+            change = [json.loads(server.binary_messages.get(timeout=3)) for _ in range(2)]
+            assert [(m["method"], m["data"]) for m in change] == [
+                ("unsub", {"instrumentKeys": ["NSE_EQ|INE062A01020"]}),
+                ("sub", {"mode": "full", "instrumentKeys": ["NSE_EQ|INE062A01020"]})]
+            server.send(b"\x12\x05garbage")  # malformed: dropped and counted, the feed goes on
+            server.send(pb_feed_response({"NSE_EQ|INE062A01020": pb_field(1, pb_ltpc(802.0))}))
+            assert ticks.get(timeout=3).ltp == 802.0 and client.stream_stats()["frames_dropped"] == 1
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+
+
+def test_upstox_feed_limits_follow_the_documented_key_counts(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                              monkeypatch: Any) -> None:
+    client = upstox_feed(clients, tmp_path, day_clock)
+    items = [(NIFTY_CE, "NSE_FO|52207", "full")] * 2001
+    assert "2001 in full (limit 2000)" in tt._upstox_stream_limits(items)
+    assert tt._upstox_stream_limits([(SBIN, "k", "ltp")] * 5000) is None
+    assert "1501 in full (limit 1500)" in tt._upstox_stream_limits([(SBIN, "k", "full")] * 1501 + [(SBIN, "x", "ltp")])
+    monkeypatch.setitem(tt._UPSTOX["hooks"], "stream_limits", lambda subs: "upstox streams at most 0 full keys")
+    with pytest.raises(tt.UnsupportedFeatureError, match="at most 0 full keys"):
+        client.subscribe(NIFTY_CE, on_tick=lambda t: None, mode="full")
+    assert not [t for t in threading.enumerate() if t.name.startswith("ttconnect-upstox")]
+
+
+def test_upstox_order_updates_arrive_on_the_portfolio_stream(tmp_path: Path, day_clock: FakeClock,
+                                                              clients: list) -> None:
+    server = WsServer(heartbeat=None)
+    try:
+        client = upstox_feed(clients, tmp_path, day_clock)
+        hits: List[str] = []
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            api = MockApi(rs, UPSTOX)
+            assert "order-updates" in json.loads(UPSTOX.payload("portfolio_authorize.json"))["data"]["authorized_redirect_uri"]
+            api.on("portfolio_authorize", callback=authorize_to(server, "order-updates", hits))
+            updates: "queue.Queue[tt.Order]" = queue.Queue()
+            client.on_order_update(updates.put)
+            hello = server.handshakes.get(timeout=3)
+            assert hello["path"].startswith("/order-updates?code=single-use-1")
+            assert "update_types=order" in api.calls("portfolio_authorize")[0].request.url
+            assert stream_event(client, lambda s: s["orders_connected"])
+            server.send(b'{"update_type": "position", "quantity": 1}', opcode=1)  # not an order: ignored
+            server.send(UPSTOX.payload("order_update.json").encode(), opcode=1)
+            order = updates.get(timeout=3)
+            assert (order.id, str(order.instrument), order.status, order.qty, order.pending_qty) == (
+                "261123010452871", "NFO:NIFTY 2026-11-24 23500 CE", tt.OrderStatus.OPEN, 65, 65)
+            assert client.stream_stats()["order_updates"] == 1
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
 
 
 # ============================================================================

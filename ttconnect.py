@@ -513,7 +513,7 @@ class DepthLevel(_Model):
 
     price: float
     qty: int
-    orders: int
+    orders: Optional[int]  # None where the feed gives no order count
 
 
 @_model
@@ -2006,7 +2006,9 @@ if TYPE_CHECKING:  # pragma: no cover
         freeze_limit: Callable[[str], Optional[int]]  # the freeze limit a broker names in a refusal
         local: Callable[["_LocalContext"], Any]  # answers routes in-process instead of HTTP (paper)
         stream_connect: Callable[[_Call, Mapping[str, Any], SessionData, str], Tuple[str, Dict[str, str]]]
-        stream_key: Callable[[Instrument, str], Any]
+        stream_key: Callable[[Instrument, str], Any]  # a subscription's key, as the frames name it
+        stream_target: Callable[[Instrument, str], Any]  # what the decoder gets per key (default: the instrument)
+        stream_limits: Callable[[Sequence[_Sub]], Optional[str]]  # why these subscriptions are too many, if so
         stream_subscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
         stream_unsubscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
         stream_decode: Callable[[bytes, Mapping[Any, Instrument], List[Tick]], None]
@@ -2432,12 +2434,13 @@ def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") 
 
 
 def _error_class(spec: BrokerSpec, route: _Route, status: int, code: str, message: str) -> type:
-    if route.about_order and code in spec["order_errors"]:
-        return spec["order_errors"][code]
+    # The message first: some refusals (static IP, funds) come under whatever code is at hand.
     lowered = message.lower()
     for fragment, cls in spec["error_messages"]:
         if fragment in lowered:
             return cls
+    if route.about_order and code in spec["order_errors"]:
+        return spec["order_errors"][code]
     if code in spec["errors"]:
         cls = spec["errors"][code]
         if cls is NetworkError and status == 429:
@@ -3626,10 +3629,864 @@ _ANGELONE: BrokerSpec = _broker(
 
 
 # ============================================================================
+# 6c. Broker spec: Upstox
+# ============================================================================
+# Upstox API v2/v3: https://upstox.com/developer/api-documentation/ (the official SDK,
+# upstox-python-sdk, settles what the pages leave open).
+
+_UPSTOX_SEGMENTS = {  # master segment -> canonical exchange; every other segment is counted and skipped
+    "NSE_EQ": "NSE", "BSE_EQ": "BSE", "NSE_INDEX": "NSE", "BSE_INDEX": "BSE", "NSE_FO": "NFO", "BSE_FO": "BFO",
+}
+_UPSTOX_MASTER_KEYS = ("segment", "instrument_key", "instrument_type", "trading_symbol")
+
+
+def _upstox_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRow]:
+    """Parse Upstox's BOD master (``complete.json.gz``: one gzipped JSON array) into canonical rows.
+
+    Streamed: the gzip stream feeds the chunked array reader. Tick sizes are in paise, expiries
+    epoch milliseconds at 23:59:59 IST of the expiry day; an instrument's token is its
+    ``instrument_key`` (``NSE_FO|43920``, ``NSE_EQ|INE002A01018``, ``NSE_INDEX|Nifty 50``).
+    """
+    import gzip
+    import zlib
+
+    head = f.read(2)
+    f.seek(0)
+    # Served as application/gzip (not Content-Encoding); a proxy that unpacked it gives plain JSON.
+    stream: Any = gzip.GzipFile(fileobj=f, mode="rb") if head == b"\x1f\x8b" else f
+    try:
+        yield from _upstox_rows(_iter_json_array(stream), stats)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise _MasterFormatError(f"not a readable gzip file ({exc.__class__.__name__}: {_short(str(exc), 80)})") from None
+
+
+def _upstox_rows(objects: Iterator[Any], stats: _LoadStats) -> Iterator[_MasterRow]:
+    expiries: Dict[Any, str] = {}
+    line = 0
+    for obj in objects:
+        line += 1
+        if line == 1 and isinstance(obj, dict):
+            missing = [k for k in _UPSTOX_MASTER_KEYS if k not in obj]
+            if missing:
+                raise _MasterFormatError(f"not an Upstox instrument master: key(s) {', '.join(missing)} missing")
+        try:
+            segment = obj["segment"]
+            exchange = _UPSTOX_SEGMENTS.get(segment) if isinstance(segment, str) else None
+            if exchange is None:
+                stats.skip(str(segment))
+                continue
+            key, tsym, itype = obj["instrument_key"], obj["trading_symbol"], obj["instrument_type"]
+            if not (isinstance(key, str) and key and isinstance(tsym, str) and tsym and isinstance(itype, str)):
+                raise ValueError(f"bad instrument_key {key!r}, trading_symbol {tsym!r} or instrument_type {itype!r}")
+            if segment.endswith("_INDEX"):
+                name = obj.get("name") or tsym
+                yield ("I", exchange, _canonical_index_symbol(tsym), str(name), 0, 0.0, key, tsym, None, None, None,
+                       None, 0)
+                continue
+            lot = _whole(obj["lot_size"], "lot_size")
+            tick = _tick(str(obj["tick_size"])) / 100  # paise
+            freeze = _whole(obj.get("freeze_quantity") or 0, "freeze_quantity")
+            if segment.endswith("_EQ"):
+                # NSE shows the series only in instrument_type: other series keep it as a suffix.
+                symbol = tsym if segment == "BSE_EQ" or itype == "EQ" else f"{tsym}-{itype}"
+                yield ("E", exchange, symbol.upper(), str(obj.get("name") or tsym), lot, tick, key, tsym, None, None,
+                       None, None, freeze)
+                continue
+            underlying = str(obj.get("underlying_symbol") or obj.get("asset_symbol") or obj.get("name") or "").strip().upper()
+            if not underlying:
+                raise ValueError("derivative row without an underlying")
+            stamp = obj["expiry"]
+            expiry = expiries.get(stamp)
+            if expiry is None:
+                if isinstance(stamp, bool) or not isinstance(stamp, int):
+                    raise ValueError(f"expiry {stamp!r} is not epoch milliseconds")
+                expiry = expiries[stamp] = _dt.datetime.fromtimestamp(stamp / 1000, IST).date().isoformat()
+            und_kind = "I" if obj.get("underlying_type") == "INDEX" or underlying in _INDEX_UNDERLYINGS else "E"
+            if itype == "FUT":
+                yield ("F", exchange, underlying, underlying, lot, tick, key, tsym, expiry, und_kind, None, None, freeze)
+            elif itype in ("CE", "PE"):
+                strike = _positive_number(str(obj["strike_price"]))
+                yield ("O", exchange, underlying, underlying, lot, tick, key, tsym, expiry, und_kind, strike, itype,
+                       freeze)
+            else:
+                raise ValueError(f"instrument_type {itype!r}")
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError) as exc:
+            # (OSError: an expiry beyond what the platform's clock can date)
+            stats.bad(line, f"{exc.__class__.__name__}: {_short(str(exc), 80)}")
+
+
+def _whole(value: Any, what: str) -> int:
+    """A count from JSON: an int, or a float with no fraction (freeze quantities come as 1800.0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not 0 <= value < 1e12 \
+            or value != int(value):
+        raise ValueError(f"{what} {value!r} is not a whole number >= 0")
+    return int(value)
+
+
+_UPSTOX_ORDER_TYPES = {OrderType.MARKET: "MARKET", OrderType.LIMIT: "LIMIT", OrderType.SL: "SL", OrderType.SL_M: "SL-M"}
+_UPSTOX_ORDER_TYPE_OF = _reverse(_UPSTOX_ORDER_TYPES)
+_UPSTOX_SIDE_OF = {"BUY": Side.BUY, "SELL": Side.SELL}
+# Product D is delivery on cash and carry-forward on derivatives; I is intraday.
+_UPSTOX_PRODUCTS = {ProductType.CNC: "D", ProductType.NRML: "D", ProductType.MIS: "I"}
+_UPSTOX_EXCHANGES = {"NSE": Exchange.NSE, "BSE": Exchange.BSE, "NFO": Exchange.NFO, "BFO": Exchange.BFO,
+                     "CDS": Exchange.CDS, "BCD": Exchange.BCD, "MCX": Exchange.MCX}
+# Order statuses (https://upstox.com/developer/api-documentation/orders), lower case with spaces
+# on the wire; keys are upper-cased here.
+_UPSTOX_STATUSES = {
+    "PUT ORDER REQ RECEIVED": OrderStatus.PENDING,
+    "VALIDATION PENDING": OrderStatus.PENDING,
+    "OPEN PENDING": OrderStatus.PENDING,
+    "AFTER MARKET ORDER REQ RECEIVED": OrderStatus.PENDING,
+    "MODIFY AFTER MARKET ORDER REQ RECEIVED": OrderStatus.PENDING,
+    "TRIGGER PENDING": OrderStatus.TRIGGER_PENDING,
+    "OPEN": OrderStatus.OPEN,
+    "MODIFY PENDING": OrderStatus.OPEN,
+    "MODIFY VALIDATION PENDING": OrderStatus.OPEN,
+    "MODIFIED": OrderStatus.OPEN,
+    "NOT MODIFIED": OrderStatus.OPEN,
+    "CANCEL PENDING": OrderStatus.OPEN,
+    "NOT CANCELLED": OrderStatus.OPEN,
+    "COMPLETE": OrderStatus.COMPLETE,
+    "CANCELLED": OrderStatus.CANCELLED,
+    "CANCELLED AFTER MARKET ORDER": OrderStatus.CANCELLED,
+    "REJECTED": OrderStatus.REJECTED,
+}
+_UPSTOX_TRADE_TIMES = ("%Y-%m-%d %H:%M:%S", "%d-%b-%Y %H:%M:%S")  # live rows; the docs' example
+
+
+def _upstox_headers(config: Mapping[str, Any], session: Optional[SessionData], route: _Route) -> Dict[str, str]:
+    headers = {"Accept": "application/json"}
+    if route.path.startswith("/v2/"):
+        headers["Api-Version"] = "2.0"  # required by older v2 gateways; never sent on v3
+    if session is not None:
+        headers["Authorization"] = f"Bearer {session.access_token}"
+    if route.rate == "orders" and config.get("algo_name"):
+        headers["X-Algo-Name"] = str(config["algo_name"])
+    return headers
+
+
+def _upstox_envelope(status: int, body: Dict[str, Any]) -> _Reply:
+    """``{"status": "success", "data": ...}`` or ``{"status": "error", "errors": [{error_code, message}]}``."""
+    if status < 400 and body.get("status") == "success":
+        return _Reply(True, body.get("data"), "", "")
+    errors = body.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], Mapping) else {}
+    code = str(first.get("error_code") or first.get("errorCode") or "")
+    return _Reply(False, None, code, str(first.get("message") or body.get("message") or "no message"))
+
+
+def _upstox_token_envelope(status: int, body: Dict[str, Any]) -> _Reply:
+    """The token exchange answers its fields at top level, without the envelope."""
+    if status < 400 and body.get("access_token"):
+        return _Reply(True, body, "", "")
+    return _upstox_envelope(status, body)
+
+
+def _upstox_exchange_code(call: _Call, config: Mapping[str, Any], now: float) -> SessionData:
+    """Turn a login redirect's single-use ``code`` into an access token
+    (https://upstox.com/developer/api-documentation/get-token)."""
+    data = _object(call("login", _Request(body={
+        "code": config["auth_code"], "client_id": config["api_key"], "client_secret": config["api_secret"],
+        "redirect_uri": config["redirect_uri"], "grant_type": "authorization_code"})))
+    return SessionData(broker="upstox", mode=AuthMode.MANUAL, access_token=_str_field(data, "access_token"),
+                       obtained_at=_dt.datetime.fromtimestamp(now, IST), user_id=str(data.get("user_id") or "") or None)
+
+
+def _upstox_login_url(config: Mapping[str, Any], base: str) -> str:
+    from urllib.parse import urlencode
+
+    _require_config(config, ("api_key", "redirect_uri"), "the upstox login URL")
+    params = {"response_type": "code", "client_id": config["api_key"], "redirect_uri": config["redirect_uri"]}
+    if config.get("state"):
+        params["state"] = config["state"]
+    return f"{base}?{urlencode(params)}"
+
+
+def _upstox_reauth_hint(config: Mapping[str, Any], base: str) -> str:
+    where = _upstox_login_url(config, base) if config.get("api_key") and config.get("redirect_uri") else base
+    return (f"Upstox access tokens die at 03:30 IST: log in at {where}, then pass the redirect's code as "
+            "'auth_code' with 'api_secret' and 'redirect_uri' (or a fresh 'access_token') in the config")
+
+
+def _upstox_product(row: Mapping[str, Any]) -> Optional[ProductType]:
+    product = row.get("product")
+    if product == "I":
+        return ProductType.MIS
+    if product == "D":
+        return ProductType.CNC if row.get("exchange") in ("NSE", "BSE") else ProductType.NRML
+    return None  # MTF, CO, OCO: outside the canonical set
+
+
+def _upstox_instrument(ctx: _Ctx, row: Mapping[str, Any]) -> Instrument:
+    # Rows name instruments by key; their symbols follow no one form (SBIN-EQ, SBIN, NIFTY26NOV...).
+    return ctx.instrument_by_token(row.get("instrument_token") or row.get("instrument_key"))
+
+
+def _upstox_profile(ctx: _Ctx, data: Any) -> Profile:
+    data = _object(data)
+    products: List[ProductType] = []
+    for code in data.get("products") or ():
+        products += {"D": [ProductType.CNC, ProductType.NRML], "I": [ProductType.MIS]}.get(code, [])
+    return Profile(user_id=_str_field(data, "user_id"), name=str(data.get("user_name") or ""),
+                   email=data.get("email") or None, broker="upstox",
+                   exchanges=tuple(e for e in Exchange if e.value in (data.get("exchanges") or ())),
+                   products=tuple(p for p in ProductType if p in products), raw=data)
+
+
+def _upstox_funds(ctx: _Ctx, data: Any) -> Fund:
+    # Since July 2025 the equity block carries the combined figures; v2 gives no collateral or M2M.
+    equity = _object(_object(data).get("equity"), "equity")
+    available, used = _num(equity.get("available_margin")) or 0.0, _num(equity.get("used_margin")) or 0.0
+    return Fund(available=available, used=used, total=_paise(available + used), utilised_debits=used, raw=data)
+
+
+def _upstox_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
+    qty = _int(row.get("quantity")) + _int(row.get("t1_quantity"))
+    avg, ltp = _num(row.get("average_price")) or 0.0, _num(row.get("last_price"))
+    return Holding(instrument=_upstox_instrument(ctx, row), qty=qty, avg_price=avg, ltp=ltp, pnl=_num(row.get("pnl")),
+                   pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
+
+
+def _upstox_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
+    return Position(instrument=_upstox_instrument(ctx, row), qty=_int(row.get("quantity")),
+                    avg_price=_num(row.get("average_price")) or 0.0, ltp=_num(row.get("last_price")),
+                    pnl=_num(row.get("pnl")), product=_upstox_product(row), raw=row)
+
+
+def _upstox_raw_status(row: Mapping[str, Any]) -> OrderStatus:
+    return _order_status(row.get("status") or "", _UPSTOX_STATUSES, _int(row.get("filled_quantity")),
+                         _int(row.get("quantity")))
+
+
+def _upstox_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
+    qty, filled = _int(row.get("quantity")), _int(row.get("filled_quantity"))
+    status = _upstox_raw_status(row)
+    placed = _ist(row.get("order_timestamp"))
+    return Order(
+        id=_str_field(row, "order_id"), instrument=_upstox_instrument(ctx, row),
+        side=_mapped(_UPSTOX_SIDE_OF, row, "transaction_type"), qty=qty, filled_qty=filled,
+        # history rows have no pending_quantity; the book's disagrees by terminal status
+        pending_qty=qty - filled if status in _LIVE_STATUSES else 0,
+        order_type=_mapped(_UPSTOX_ORDER_TYPE_OF, row, "order_type"), product=_upstox_product(row), status=status,
+        price=_num(row.get("price")) or None, trigger_price=_num(row.get("trigger_price")) or None,
+        average_price=_num(row.get("average_price")) or None, tag=row.get("tag") or None,
+        status_message=row.get("status_message") or None, placed_at=placed,
+        updated_at=_ist(row.get("exchange_timestamp")) or placed, raw=row,
+    )
+
+
+def _upstox_one_order(ctx: _Ctx, data: Any) -> Order:
+    return _upstox_order(ctx, _object(data))
+
+
+def _upstox_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
+    qty, price = _int(row.get("quantity")), _num(row.get("average_price")) or 0.0
+    stamp = None
+    for field_ in ("exchange_timestamp", "order_timestamp"):  # when the trade occurred; else the order's time
+        for fmt in _UPSTOX_TRADE_TIMES:
+            text = row.get(field_)
+            if isinstance(text, str) and text:
+                try:
+                    stamp = _dt.datetime.strptime(text, fmt).replace(tzinfo=IST)
+                    break
+                except ValueError:
+                    continue
+        if stamp is not None:
+            break
+    return Trade(trade_id=_str_field(row, "trade_id"), order_id=_str_field(row, "order_id"),
+                 instrument=_upstox_instrument(ctx, row), side=_mapped(_UPSTOX_SIDE_OF, row, "transaction_type"),
+                 qty=qty, avg_price=price, trade_value=_paise(qty * price), product=_upstox_product(row),
+                 timestamp=stamp, raw=row)
+
+
+def _upstox_margin(ctx: _Ctx, data: Any) -> Margin:
+    data = _object(data)
+    legs = [_object(leg, "margins[]") for leg in _list_rows(data.get("margins"))]
+    total, final_total = _num(data.get("required_margin")) or 0.0, _num(data.get("final_margin")) or 0.0
+
+    def summed(key: str) -> Optional[float]:
+        values = [_num(leg.get(key)) for leg in legs]
+        return _paise(sum(v for v in values if v is not None)) if any(v is not None for v in values) else None
+
+    return Margin(total=total, span=summed("span_margin"), exposure=summed("exposure_margin"),
+                  option_premium=summed("net_buy_premium"), final_total=final_total,
+                  benefit=_paise(total - final_total), raw=data)
+
+
+def _upstox_price(value: Optional["Decimal"]) -> float:
+    return float(value) if value is not None else 0  # the API takes numbers; 0 where none applies
+
+
+def _upstox_place_order(req: _OrderRequest) -> _Request:
+    body: Dict[str, Any] = {
+        "quantity": req.qty, "product": _UPSTOX_PRODUCTS[_product(req)], "validity": req.validity,
+        "price": _upstox_price(req.price), "tag": req.tag, "instrument_token": req.token,
+        "order_type": _UPSTOX_ORDER_TYPES[req.order_type], "transaction_type": req.side.value,
+        "disclosed_quantity": 0, "trigger_price": _upstox_price(req.trigger_price),
+        "is_amo": False,  # required; the exchange session decides AMO handling
+        "slice": req.native_slice,
+    }
+    if req.order_type in (OrderType.MARKET, OrderType.SL_M):
+        body["market_protection"] = -1  # automatic: a market order without it can be refused (UDAPI1158)
+    return _Request(body=body)
+
+
+def _upstox_placed(ctx: _Ctx, data: Any) -> List[str]:
+    ids = _list_rows(_object(data).get("order_ids"))  # several when Upstox sliced the order
+    if not ids or not all(isinstance(i, (str, int)) and not isinstance(i, bool) and str(i) for i in ids):
+        raise _Malformed(f"order_ids is {ids!r}")
+    return [str(i) for i in ids]
+
+
+def _upstox_modify_order(current: Order, req: _OrderRequest) -> _Request:
+    body: Dict[str, Any] = {
+        "order_id": current.id, "order_type": _UPSTOX_ORDER_TYPES[req.order_type],
+        "validity": str(current.raw.get("validity") or "DAY"), "price": _upstox_price(req.price),
+        "trigger_price": _upstox_price(req.trigger_price), "quantity": req.qty,
+    }
+    if req.order_type in (OrderType.MARKET, OrderType.SL_M):
+        body["market_protection"] = -1
+    return _Request(body=body)
+
+
+def _upstox_cancel_order(order_id: str, raw: Mapping[str, Any]) -> _Request:
+    return _order_id_query(order_id)
+
+
+def _upstox_margin_body(legs: Sequence[_OrderRequest], consider_positions: bool) -> _Request:
+    return _Request(body={"instruments": [
+        {"instrument_key": leg.token, "quantity": leg.qty, "transaction_type": leg.side.value,
+         "product": _UPSTOX_PRODUCTS[_product(leg)], "price": _upstox_price(leg.price)} for leg in legs]})
+
+
+# -- the market feed: protobuf, read by hand ----------------------------------------------
+# Market Data Feed v3 (https://upstox.com/developer/api-documentation/v3/get-market-data-feed)
+# sends one protobuf ``FeedResponse`` per binary frame. The few messages it uses are read
+# here straight off the wire format (https://protobuf.dev/programming-guides/encoding/):
+# a field is a varint key (number << 3 | wire type) then a varint (0), 8 bytes (1), a varint
+# length and that many bytes (2: strings, messages, map entries) or 4 bytes (5). Unknown
+# fields are skipped by their wire type; proto3 leaves zero values out.
+
+_PB_DOUBLE = struct.Struct("<d").unpack_from
+
+
+def _pb_varint(buf: bytes, pos: int) -> Tuple[int, int]:
+    """A varint at ``pos``: (value, position after it); int64 keeps its two's complement sign."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]  # IndexError past the end: the caller turns it into a _FrameError
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (value - (1 << 64) if value >= 1 << 63 else value), pos
+        shift += 7
+        if shift > 63:
+            raise _FrameError("varint longer than 10 bytes")
+
+
+def _pb_skip(buf: bytes, pos: int, key: int, end: int) -> int:
+    """Skip the value of a field whose key was just read; return the position after it."""
+    wire = key & 7
+    if wire == 0:
+        return _pb_varint(buf, pos)[1]
+    if wire == 1:
+        pos += 8
+    elif wire == 2:
+        size, pos = _pb_varint(buf, pos)
+        pos += size
+    elif wire == 5:
+        pos += 4
+    else:
+        raise _FrameError(f"wire type {wire} (groups are not used by this feed)")
+    if pos > end:
+        raise _FrameError("a field runs past its message")
+    return pos
+
+
+def _pb_key(buf: bytes, pos: int) -> Tuple[int, int]:
+    key = buf[pos]
+    return (key, pos + 1) if key < 0x80 else _pb_varint(buf, pos)
+
+
+def _pb_message(buf: bytes, pos: int, end: int) -> Tuple[int, int]:
+    """A length-delimited field's bounds: (start, end) of its bytes."""
+    size, pos = _pb_varint(buf, pos)
+    if size < 0 or pos + size > end:
+        raise _FrameError("a message runs past its parent")
+    return pos, pos + size
+
+
+def _upstox_ltpc(buf: bytes, pos: int, end: int) -> Tuple[float, int, int, float]:
+    """LTPC: (ltp, ltt epoch ms, ltq, cp)."""
+    ltp = cp = 0.0
+    ltt = ltq = 0
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key == 0x09:
+            ltp = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        elif key == 0x10:
+            ltt, pos = _pb_varint(buf, pos)
+        elif key == 0x18:
+            ltq, pos = _pb_varint(buf, pos)
+        elif key == 0x21:
+            cp = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        else:
+            pos = _pb_skip(buf, pos, key, end)
+    return ltp, ltt, ltq, cp
+
+
+def _upstox_quote(buf: bytes, pos: int, end: int) -> Tuple[int, float, int, float]:
+    """Quote: (bidQ, bidP, askQ, askP)."""
+    bid_q = ask_q = 0
+    bid_p = ask_p = 0.0
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key == 0x08:
+            bid_q, pos = _pb_varint(buf, pos)
+        elif key == 0x11:
+            bid_p = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        elif key == 0x18:
+            ask_q, pos = _pb_varint(buf, pos)
+        elif key == 0x21:
+            ask_p = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        else:
+            pos = _pb_skip(buf, pos, key, end)
+    return bid_q, bid_p, ask_q, ask_p
+
+
+def _upstox_depth(buf: bytes, pos: int, end: int) -> Tuple[Tuple[Any, ...], Tuple[Any, ...], float]:
+    """MarketLevel: repeated Quote, best first -> the Tick's depth: flat (qty, price, orders) per
+    side (the feed gives no order counts), prices in rupees."""
+    bids: List[Any] = []
+    asks: List[Any] = []
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key != 0x0A:
+            pos = _pb_skip(buf, pos, key, end)
+            continue
+        start, pos = _pb_message(buf, pos, end)
+        bid_q, bid_p, ask_q, ask_p = _upstox_quote(buf, start, pos)
+        bids += (bid_q, bid_p, None)
+        asks += (ask_q, ask_p, None)
+    return tuple(bids), tuple(asks), 1.0
+
+
+def _upstox_day_ohlc(buf: bytes, pos: int, end: int) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+    """MarketOHLC: the open, high and low of today's candle (interval "1d"); I1/I30 skipped."""
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key != 0x0A:
+            pos = _pb_skip(buf, pos, key, end)
+            continue
+        start, stop = _pb_message(buf, pos, end)
+        pos = stop
+        interval = b""
+        o = h = lo = 0.0
+        while start < stop:
+            key, start = _pb_key(buf, start)
+            if key == 0x0A:
+                s, e = _pb_message(buf, start, stop)
+                interval, start = buf[s:e], e
+            elif key == 0x11:
+                o = _PB_DOUBLE(buf, start)[0]
+                start += 8
+            elif key == 0x19:
+                h = _PB_DOUBLE(buf, start)[0]
+                start += 8
+            elif key == 0x21:
+                lo = _PB_DOUBLE(buf, start)[0]
+                start += 8
+            else:
+                start = _pb_skip(buf, start, key, stop)
+        if interval == b"1d":
+            return o, h, lo
+    return None, None, None
+
+
+def _upstox_tick(target: Tuple[Instrument, str], buf: bytes, pos: int, end: int, now_ms: int) -> Optional[Tick]:
+    """One ``Feed`` -> a Tick in the mode it was subscribed in."""
+    instrument, mode = target
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key == 0x0A:  # ltpc
+            start, pos = _pb_message(buf, pos, end)
+            ltp = _upstox_ltpc(buf, start, pos)[0]
+            tick = _TickBuilder(instrument, "ltp", ltp)
+        elif key == 0x12:  # fullFeed: marketFF (tradables) or indexFF (indices)
+            start, stop = _pb_message(buf, pos, end)
+            pos = stop
+            inner_key, start = _pb_key(buf, start)
+            start, stop = _pb_message(buf, start, stop)
+            tick = (_upstox_market(instrument, mode, buf, start, stop, now_ms) if inner_key == 0x0A
+                    else _upstox_index(instrument, mode, buf, start, stop, now_ms))
+        elif key == 0x1A:  # firstLevelWithGreeks (the option_greeks mode)
+            start, pos = _pb_message(buf, pos, end)
+            tick = _upstox_first_level(instrument, mode, buf, start, pos)
+        else:
+            pos = _pb_skip(buf, pos, key, end)
+            continue
+        tick.__class__ = Tick
+        return tick
+    return None
+
+
+def _upstox_market(instrument: Instrument, mode: str, buf: bytes, pos: int, end: int, now_ms: int) -> Any:
+    ltp = cp = 0.0
+    ltt = ltq = 0
+    atp = tbq = tsq = oi = 0.0
+    vtt = 0
+    depth: Any = None
+    o = h = lo = None
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key == 0x0A:
+            start, pos = _pb_message(buf, pos, end)
+            ltp, ltt, ltq, cp = _upstox_ltpc(buf, start, pos)
+        elif key == 0x12:
+            start, pos = _pb_message(buf, pos, end)
+            if mode == "full":
+                depth = _upstox_depth(buf, start, pos)
+        elif key == 0x22:
+            start, pos = _pb_message(buf, pos, end)
+            o, h, lo = _upstox_day_ohlc(buf, start, pos)
+        elif key == 0x29:
+            atp = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        elif key == 0x30:
+            vtt, pos = _pb_varint(buf, pos)
+        elif key == 0x39:
+            oi = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        elif key == 0x49:
+            tbq = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        elif key == 0x51:
+            tsq = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        else:
+            pos = _pb_skip(buf, pos, key, end)
+    change = (ltp - cp) * 100 / cp if cp else None
+    if mode == "quote":  # what a quote tick carries on every broker: no depth, no OI, no times
+        return _TickBuilder(instrument, "quote", ltp, ltq, atp, vtt, int(tbq), int(tsq), o, h, lo, cp or None, change)
+    return _TickBuilder(instrument, "full", ltp, ltq, atp, vtt, int(tbq), int(tsq), o, h, lo, cp or None, change,
+                        int(oi), None, None, ltt / 1000, now_ms / 1000, depth)
+
+
+def _upstox_index(instrument: Instrument, mode: str, buf: bytes, pos: int, end: int, now_ms: int) -> Any:
+    ltp = cp = 0.0
+    o = h = lo = None
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key == 0x0A:
+            start, pos = _pb_message(buf, pos, end)
+            ltp, _, _, cp = _upstox_ltpc(buf, start, pos)
+        elif key == 0x12:
+            start, pos = _pb_message(buf, pos, end)
+            o, h, lo = _upstox_day_ohlc(buf, start, pos)
+        else:
+            pos = _pb_skip(buf, pos, key, end)
+    change = (ltp - cp) * 100 / cp if cp else None
+    return _TickBuilder(instrument, mode if mode != "ltp" else "quote", ltp, None, None, None, None, None, o, h, lo,
+                        cp or None, change, None, None, None, 0, now_ms / 1000 if mode == "full" else 0)
+
+
+def _upstox_first_level(instrument: Instrument, mode: str, buf: bytes, pos: int, end: int) -> Any:
+    ltp = cp = oi = 0.0
+    ltq = vtt = 0
+    depth: Any = None
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key == 0x0A:
+            start, pos = _pb_message(buf, pos, end)
+            ltp, _, ltq, cp = _upstox_ltpc(buf, start, pos)
+        elif key == 0x12:  # firstDepth: the best level only
+            start, pos = _pb_message(buf, pos, end)
+            bid_q, bid_p, ask_q, ask_p = _upstox_quote(buf, start, pos)
+            depth = ((bid_q, bid_p, None), (ask_q, ask_p, None), 1.0)
+        elif key == 0x20:
+            vtt, pos = _pb_varint(buf, pos)
+        elif key == 0x29:
+            oi = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        else:
+            pos = _pb_skip(buf, pos, key, end)
+    change = (ltp - cp) * 100 / cp if cp else None
+    return _TickBuilder(instrument, "full", ltp, ltq, None, vtt, None, None, None, None, None, cp or None, change,
+                        int(oi), None, None, 0, 0, depth)
+
+
+_UPSTOX_MARKET_STATUS = ("PRE_OPEN_START", "PRE_OPEN_END", "NORMAL_OPEN", "NORMAL_CLOSE", "CLOSING_START", "CLOSING_END")
+
+
+def _upstox_market_info(buf: bytes, pos: int, end: int, now_ms: int) -> Dict[str, Any]:
+    """MarketInfo: which segments are open, as a status message for ``stream_stats``."""
+    segments: Dict[str, str] = {}
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key != 0x0A:  # segmentStatus; the newer auction maps are skipped
+            pos = _pb_skip(buf, pos, key, end)
+            continue
+        start, stop = _pb_message(buf, pos, end)
+        pos = stop
+        name, status = "", 0  # a map entry may leave out a default key or value
+        while start < stop:
+            key, start = _pb_key(buf, start)
+            if key == 0x0A:
+                s, e = _pb_message(buf, start, stop)
+                name, start = buf[s:e].decode("utf-8", "replace"), e
+            elif key == 0x10:
+                status, start = _pb_varint(buf, start)
+            else:
+                start = _pb_skip(buf, start, key, stop)
+        segments[name] = _UPSTOX_MARKET_STATUS[status] if 0 <= status < len(_UPSTOX_MARKET_STATUS) else str(status)
+    return {"type": "market_info", "segments": segments,
+            "at": _epoch_time(now_ms / 1000) if now_ms else None}
+
+
+def _upstox_decode(data: bytes, instruments: Mapping[Any, Any], out: List[Any]) -> None:
+    """Decode one ``FeedResponse`` frame into ``out``; raise _FrameError if it is malformed."""
+    try:
+        _upstox_feed_response(data, instruments, out)
+    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+        raise _FrameError(f"truncated or malformed protobuf ({exc.__class__.__name__})") from None
+
+
+def _upstox_feed_response(buf: bytes, instruments: Mapping[Any, Any], out: List[Any]) -> None:
+    end = len(buf)
+    # currentTs (field 3) may follow the feeds: find it first, it stamps every tick
+    now_ms, pos, feeds, info = 0, 0, [], None
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key == 0x12:
+            start, pos = _pb_message(buf, pos, end)
+            feeds.append((start, pos))
+        elif key == 0x18:
+            now_ms, pos = _pb_varint(buf, pos)
+        elif key == 0x22:
+            info = _pb_message(buf, pos, end)
+            pos = info[1]
+        else:
+            pos = _pb_skip(buf, pos, key, end)
+    if info is not None:
+        out.append(_upstox_market_info(buf, info[0], info[1], now_ms))
+    for start, stop in feeds:  # map<string, Feed> entries: key (1) and value (2)
+        target = value = None
+        while start < stop:
+            key, start = _pb_key(buf, start)
+            if key == 0x0A:
+                s, e = _pb_message(buf, start, stop)
+                target, start = instruments.get(buf[s:e]), e
+            elif key == 0x12:
+                value = _pb_message(buf, start, stop)
+                start = value[1]
+            else:
+                start = _pb_skip(buf, start, key, stop)
+        if target is not None and value is not None:
+            tick = _upstox_tick(target, buf, value[0], value[1], now_ms)
+            if tick is not None:
+                out.append(tick)
+
+
+def _upstox_feed_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
+                         ) -> Tuple[str, Dict[str, str]]:
+    """The feed URL is single-use: authorize over REST before every (re)connect."""
+    return _upstox_authorized_url(call("feed_authorize")), {}
+
+
+def _upstox_orders_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
+                           ) -> Tuple[str, Dict[str, str]]:
+    return _upstox_authorized_url(call("portfolio_authorize", _Request(query={"update_types": "order"}))), {}
+
+
+def _upstox_authorized_url(data: Any) -> str:
+    data = _object(data)
+    url = data.get("authorized_redirect_uri") or data.get("authorizedRedirectUri")  # snake case; camel deprecated
+    if not isinstance(url, str) or url.split("://", 1)[0] not in ("ws", "wss"):
+        raise BrokerError(f"upstox feed authorize: no websocket URL in the reply ({_short(repr(url), 80)})")
+    return url
+
+
+def _upstox_stream_key(instrument: Instrument, token: str) -> bytes:
+    return token.encode()  # as the frames carry it: the decoder looks keys up without decoding them
+
+
+def _upstox_stream_target(instrument: Instrument, mode: str) -> Tuple[Instrument, str]:
+    return instrument, mode  # the decoder shapes a quote tick unlike a full one (both come as "full")
+
+
+_UPSTOX_FEED_MODES = {"ltp": "ltpc", "quote": "full", "full": "full"}
+
+
+def _upstox_stream_requests(method: str, items: Sequence[_Sub]) -> List[Union[str, bytes]]:
+    """Feed requests are JSON sent in BINARY frames."""
+    import json
+
+    by_mode: Dict[str, List[str]] = {}
+    for _, token, mode in items:
+        by_mode.setdefault(_UPSTOX_FEED_MODES[mode], []).append(token)
+    out: List[Union[str, bytes]] = []
+    for feed_mode, keys in sorted(by_mode.items()):
+        data: Dict[str, Any] = {"instrumentKeys": keys} if method == "unsub" else {"mode": feed_mode, "instrumentKeys": keys}
+        out.append(json.dumps({"guid": os.urandom(8).hex(), "method": method, "data": data}).encode())
+    return out
+
+
+def _upstox_stream_subscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
+    return _upstox_stream_requests("sub", items)
+
+
+def _upstox_stream_unsubscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
+    return _upstox_stream_requests("unsub", items)
+
+
+def _upstox_stream_limits(items: Sequence[_Sub]) -> Optional[str]:
+    """Keys per connection (v3 feed docs): ltpc 5000 and full 2000 alone; 2000 and 1500 mixed."""
+    counts: Dict[str, int] = {}
+    for _, _, mode in items:
+        feed_mode = _UPSTOX_FEED_MODES[mode]
+        counts[feed_mode] = counts.get(feed_mode, 0) + 1
+    limits = {"ltpc": 5000, "full": 2000} if len(counts) == 1 else {"ltpc": 2000, "full": 1500}
+    over = [f"{n} in {m} (limit {limits[m]})" for m, n in sorted(counts.items()) if n > limits[m]]
+    return f"upstox streams at most {', '.join(over)} keys on one connection" if over else None
+
+
+def _upstox_stream_text(text: str) -> Tuple[str, Any]:
+    """The market feed speaks protobuf; a text frame is a status or error object."""
+    message = _json_object(text)
+    if message is not None and str(message.get("status", "")).lower() in ("failed", "error"):
+        return "error", _short(text, 200)
+    return "unknown", text
+
+
+def _upstox_order_text(text: str) -> Tuple[str, Any]:
+    """Portfolio stream: one JSON object per text frame; order updates have update_type "order"."""
+    message = _json_object(text)
+    if message is None:
+        return "unknown", text
+    if message.get("update_type") == "order":
+        return "order", message
+    return "message" if message.get("update_type") else "unknown", text
+
+
+_UPSTOX: BrokerSpec = _broker(
+    id="upstox",
+    name="Upstox API",
+    urls={
+        "root_url": "https://api.upstox.com",
+        "order_root_url": "https://api-hft.upstox.com",  # place, modify, cancel
+        "login_url": "https://api.upstox.com/v2/login/authorization/dialog",
+        # The feeds' URLs are single-use and come from their authorize routes (on root_url).
+        "instruments_url": "https://assets.upstox.com/market-quote/instruments/exchange/complete.json.gz",
+    },
+    url_follows={"order_root_url": "root_url"},  # a proxy or mock for root_url takes the orders too
+    sandbox_urls={"order_root_url": "https://api-sandbox.upstox.com"},  # the sandbox has order calls only
+    # Regenerated daily around 06:00 IST.
+    master=_Master(published=(6, 30), parse=_upstox_parse_master),
+    auth=(
+        _Flow("access_token", AuthMode.MANUAL, needs=("access_token",), trigger=("access_token",),
+              token="access_token", app="api_key"),
+        _Flow("auth_code", AuthMode.MANUAL, needs=("api_key", "api_secret", "redirect_uri", "auth_code"),
+              trigger=("auth_code",), obtain=_upstox_exchange_code, single_use="auth_code", app="api_key"),
+    ),
+    session_expiry=(3, 30),
+    routes={
+        "login": _Route("POST", "/v2/login/authorization/token", "form", signed=False, idempotent=False,
+                        envelope=_upstox_token_envelope),
+        "get_profile": _Route("GET", "/v2/user/profile", parse=_upstox_profile),
+        "get_funds": _Route("GET", "/v2/user/get-funds-and-margin", parse=_upstox_funds),
+        "get_holdings": _Route("GET", "/v2/portfolio/long-term-holdings", row=_upstox_holding),
+        "get_positions": _Route("GET", "/v2/portfolio/short-term-positions", row=_upstox_position),
+        "get_orders": _Route("GET", "/v2/order/retrieve-all", row=_upstox_order),
+        "get_order": _Route("GET", "/v2/order/details", about_order=True, build=_order_id_query,
+                            parse=_upstox_one_order),
+        "get_order_history": _Route("GET", "/v2/order/history", about_order=True, build=_order_id_query,
+                                    row=_upstox_order),
+        "get_trades": _Route("GET", "/v2/order/trades/get-trades-for-day", row=_upstox_trade),
+        "place_order": _Route("POST", "/v3/order/place", "json", rate="orders", host="order_root_url",
+                              idempotent=False, about_order=True, build=_upstox_place_order, parse=_upstox_placed),
+        "modify_order": _Route("PUT", "/v3/order/modify", "json", rate="orders", host="order_root_url",
+                               about_order=True, build=_upstox_modify_order),
+        "cancel_order": _Route("DELETE", "/v3/order/cancel", rate="orders", host="order_root_url", about_order=True,
+                               build=_upstox_cancel_order),
+        "calculate_margin": _Route("POST", "/v2/charges/margin", "json", build=_upstox_margin_body,
+                                   parse=_upstox_margin),
+        "feed_authorize": _Route("GET", "/v3/feed/market-data-feed/authorize"),
+        "portfolio_authorize": _Route("GET", "/v2/feed/portfolio-stream-feed/authorize"),
+    },
+    # Per user and API (https://upstox.com/developer/api-documentation/rate-limiting); the
+    # 30-minute window binds first (~1.1 calls a second sustained).
+    rate_limits={"default": [(50, 1.0), (500, 60.0), (2000, 1800.0)],
+                 "orders": [(10, 1.0), (500, 60.0), (2000, 1800.0)]},
+    errors={  # https://upstox.com/developer/api-documentation/error-codes
+        "UDAPI100050": AuthenticationError, "UDAPI100016": AuthenticationError, "UDAPI100068": AuthenticationError,
+        "UDAPI100067": AuthenticationError, "UDAPI100073": AuthenticationError,
+        "UDAPI10005": RateLimitError,
+        "UDAPI10000": BrokerError, "UDAPI100015": BrokerError, "UDAPI100060": BrokerError, "UDAPI100500": BrokerError,
+        "UDAPI100036": BrokerError, "UDAPI100038": BrokerError, "UDAPI100072": BrokerError,
+        "UDAPI1154": ConfigurationError, "UDAPI1156": ConfigurationError, "UDAPI100049": OrderError,
+        "UDAPI1026": InvalidOrderError, "UDAPI1052": InvalidOrderError, "UDAPI1004": InvalidOrderError,
+        "UDAPI1007": InvalidOrderError, "UDAPI1055": InvalidOrderError, "UDAPI1056": InvalidOrderError,
+        "UDAPI1118": InvalidOrderError, "UDAPI1158": InvalidOrderError, "UDAPI1010": InvalidOrderError,
+        "UDAPI1023": InvalidOrderError, "UDAPI1019": InvalidOrderError,
+        "UDAPI1161": OrderError, "UDAPI100010": OrderNotFoundError, "UDAPI100040": OrderError,
+        "UDAPI1009": InstrumentNotFoundError, "UDAPI1011": InstrumentNotFoundError,
+        "UDAPI100011": InstrumentNotFoundError,
+        **{f"UDAPI{n}": InvalidOrderError for n in range(1095, 1105)},
+        "UDAPI1108": OrderError, "UDAPI1109": OrderError, "UDAPI1111": OrderError, "UDAPI1113": OrderError,
+    },
+    order_errors={"UDAPI100036": InvalidOrderError, "UDAPI100038": InvalidOrderError,
+                  "UDAPI100060": OrderNotFoundError},
+    error_hints={
+        "UDAPI1154": "Upstox accepts orders only from the static IP registered for the app (and of the same family, "
+                     "IPv4 or IPv6): register this machine's public IP on the Upstox developer apps page",
+        "UDAPI1156": "config 'algo_name' (sent as X-Algo-Name) is not the exchange-approved name of your algo",
+        "UDAPI100072": "the funds API answers from 05:30 to 24:00 IST; retry after 05:30",
+        "UDAPI100049": "this app is multi-client: Upstox takes its orders through Uplink Business",
+    },
+    rate_limit_texts=("too many request",),
+    exchanges=frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
+    products={ProductType.CNC: "D", ProductType.MIS: "I", ProductType.NRML: "D"},
+    order_types=_UPSTOX_ORDER_TYPES,
+    validities=("DAY", "IOC"),
+    max_tag_len=40,
+    max_slices=25,  # "slice": at most 25 orders of one
+    row_fields={"order_id": "order_id", "position_qty": "quantity", "exchange": "exchange", "symbol": "trading_symbol"},
+    options=("algo_name", "state"),
+    has={"order_history": True, "margin": True, "order_updates": True, "streaming": True, "native_slicing": True,
+         "sandbox": True, "feed_authorize": True},
+    stream_max_tokens=5000,  # per mode: see _upstox_stream_limits
+    stream_keepalive="",  # a protocol ping: the server answers with a pong
+    stream_silence_timeout=10.0,
+    stream_modes_additive=True,  # a key changes mode as unsub + sub
+    hooks={
+        "headers": _upstox_headers,
+        "envelope": _upstox_envelope,
+        "login_url": _upstox_login_url,
+        "reauth_hint": _upstox_reauth_hint,
+        "raw_status": _upstox_raw_status,
+        "stream_connect": _upstox_feed_connect,
+        "stream_key": _upstox_stream_key,
+        "stream_target": _upstox_stream_target,
+        "stream_subscribe": _upstox_stream_subscribe,
+        "stream_unsubscribe": _upstox_stream_unsubscribe,
+        "stream_limits": _upstox_stream_limits,
+        "stream_decode": _upstox_decode,
+        "stream_text": _upstox_stream_text,
+        "order_stream_connect": _upstox_orders_connect,
+        "order_stream_text": _upstox_order_text,
+    },
+)
+
+
+# ============================================================================
 # 6z. The registry
 # ============================================================================
 
-_BROKERS: Mapping[str, BrokerSpec] = {spec["id"]: spec for spec in (_ZERODHA, _ANGELONE)}
+_BROKERS: Mapping[str, BrokerSpec] = {spec["id"]: spec for spec in (_ZERODHA, _ANGELONE, _UPSTOX)}
 
 
 def _spec_for(broker: Any) -> BrokerSpec:
@@ -4263,6 +5120,9 @@ class TTConnect:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ConfigurationError(f"config 'max_retries' must be a whole number from 0 to 10, got {retries!r}")
         self._cache_dir = self._cache_dir_option(cfg)
+        for key, default in (("stream_silence_timeout", 1.0), ("stream_connect_timeout", 1.0),
+                             ("stream_reconnect_delay", 1.0), ("stream_reconnect_max_delay", 1.0)):
+            _positive(cfg, key, default)  # read when the feed starts; refused now, before any request
         flow = _pick_flow(spec, cfg, self._auth_mode_option(cfg))
         if flow.obtain is not None and not flow.single_use and (cfg.get("auth_mode") is not None
                                                                  or any(cfg.get(k) for k in flow.trigger)):
@@ -4916,11 +5776,13 @@ class TTConnect:
         return cancelled, failed
 
     def close_all_positions(self) -> Tuple[List[str], List[str]]:
-        """Offset every open position with a MARKET order of the same product.
+        """Offset every open position with a MARKET order of the same product, sliced at the
+        exchange freeze limit where it is larger.
 
-        Returns (placed order ids, positions not closed). A position is not closed when its
-        order fails, or when it is in a segment ttconnect does not load (listed as
-        ``EXCHANGE:broker symbol`` — close it in the broker's own app).
+        Returns (placed order ids, positions not closed). A position is not closed when one of
+        its orders fails (the ids of those that went through are in the first list), or when it
+        is in a segment ttconnect does not load (listed as ``EXCHANGE:broker symbol`` — close it
+        in the broker's own app). A sale out of holdings is no open position and is left alone.
         """
         placed, failed = [], []
         skipped: List[Mapping[str, Any]] = []
@@ -4931,8 +5793,11 @@ class TTConnect:
             try:
                 if pos.product is None:
                     raise UnsupportedFeatureError(f"position in {pos.instrument} has a product outside CNC/MIS/NRML")
-                placed.append(self.place_order(pos.instrument, abs(pos.qty), side, pos.product, OrderType.MARKET))
+                req = self._order_request(pos.instrument, abs(pos.qty), side, pos.product, OrderType.MARKET, None, None,
+                                          None, "DAY")
+                placed.extend(self._place_all(req, slice=True))  # a position of any size: sliced at the freeze limit
             except TTConnectError as exc:
+                placed.extend(getattr(exc, "placed_ids", []))  # part of it may be closed: report what was placed
                 log.warning("%s: closing %s failed: %s", self.broker, pos.instrument, exc)
                 failed.append(str(pos.instrument))
         fields = self._spec["row_fields"]
@@ -5502,6 +6367,12 @@ class _Streamer:
                 raise UnsupportedFeatureError(
                     f"{self.broker} streams at most {limit} instruments per connection; this would make "
                     f"{len(keys)}. Unsubscribe some, or split them across clients")
+            check = self.spec["hooks"].get("stream_limits")
+            if check is not None:
+                after = {**self.subscriptions, **dict(items)}
+                why = check(list(after.values()))
+                if why:
+                    raise UnsupportedFeatureError(f"{why}; unsubscribe some, or split them across clients")
             if on_tick is not None:
                 self.on_tick = on_tick
             if self.spec["stream_modes_additive"]:
@@ -5512,7 +6383,7 @@ class _Streamer:
                     self._send_market(self.spec["hooks"]["stream_unsubscribe"](moved))
             for key, item in items:
                 self.subscriptions[key] = item
-            self.instruments = {key: item[0] for key, item in self.subscriptions.items()}
+            self._retarget()
             self._send_market(self.spec["hooks"]["stream_subscribe"]([item for _, item in items]))
         self._ensure_market()
 
@@ -5524,9 +6395,15 @@ class _Streamer:
                 item = self.subscriptions.pop(self.spec["hooks"]["stream_key"](instrument, token), None)
                 if item is not None:
                     gone.append(item)
-            self.instruments = {key: item[0] for key, item in self.subscriptions.items()}
+            self._retarget()
             if gone:
                 self._send_market(self.spec["hooks"]["stream_unsubscribe"](gone))
+
+    def _retarget(self) -> None:
+        """Rebuild what the decoder reads keys against (replaced whole: read without the lock)."""
+        target = self.spec["hooks"].get("stream_target")
+        self.instruments = {key: (target(item[0], item[2]) if target is not None else item[0])
+                            for key, item in self.subscriptions.items()}
 
     def watch_orders(self) -> None:
         if "order_stream_connect" not in self.spec["hooks"]:
