@@ -440,6 +440,61 @@ def test_bad_angelone_master_keeps_the_previous_db(body: bytes, words: str, tmp_
     assert file_digest(tmp_path / "instruments.db") == before
 
 
+def _gz(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, mtime=0)
+
+
+@pytest.mark.parametrize("body, words", [
+    (UPSTOX_GZ[: len(UPSTOX_GZ) // 2], "gzip|truncated"),  # a cut-off download
+    (b"\x1f\x8b" + os.urandom(64), "gzip"),  # garbage behind the gzip magic
+    (_gz(b'{"status": "error"}'), "not a JSON array"),
+    (_gz(json.dumps([{"segment": "NSE_EQ", "name": "X"}]).encode()), r"key\(s\) instrument_key"),
+    (_gz(b"\n".join([b"["] + [json.dumps(r).encode() + b"," for r in json.loads(
+        (FIXTURES / "upstox" / "instruments.json").read_bytes())[:5]] + [b'{"segment": "NSE_EQ"}]'])), "under half"),
+])
+def test_bad_upstox_master_keeps_the_previous_db(body: bytes, words: str, tmp_path: Path, clock: FakeClock,
+                                                 clients: list) -> None:
+    open_client(clients, "upstox", tmp_path, clock, UPSTOX_GZ)
+    before = file_digest(tmp_path / "instruments.db")
+    clock.set(ist(2026, 11, 22, 10, 0))
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["upstox"], body=body)
+        with pytest.raises(tt.BrokerError, match=words):
+            tt.TTConnect("upstox", cache_dir=str(tmp_path), clock=clock, sleep=clock.sleep)
+        rs.get(URLS["upstox"], body=body)
+        warm = tt.TTConnect("upstox", cache_dir=str(tmp_path), on_stale="warn", clock=clock, sleep=clock.sleep)
+        assert warm.resolve(SBIN) == "NSE_EQ|INE062A01020"  # warn: starts on the cached DB
+        warm.close()
+    assert file_digest(tmp_path / "instruments.db") == before
+
+
+def test_one_canonical_universe_resolves_on_all_three_brokers_from_one_db(tmp_path: Path, clock: FakeClock,
+                                                                          clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    angel = open_client(clients, "angelone", tmp_path, clock, ANGEL_JSON)
+    upstox = open_client(clients, "upstox", tmp_path, clock, UPSTOX_GZ)
+    db = sqlite3.connect(tmp_path / "instruments.db")
+    assert db.execute("SELECT COUNT(*) FROM instruments").fetchone()[0] == 30  # one row each: no duplicates
+    assert dict(db.execute("SELECT broker_id, COUNT(*) FROM broker_tokens GROUP BY broker_id")) == {
+        "zerodha": 30, "angelone": 30, "upstox": 30}
+    db.close()
+    universe = kite.search("", limit=500) + [o for s in ("NIFTY", "BANKNIFTY", "RELIANCE", "IDEA")
+                                             for e in kite.expiries(s) for o in kite.option_chain(s, e)]
+    universe += [o for e in kite.expiries("SENSEX", "BFO") for o in kite.option_chain("SENSEX", e, "BFO")]
+    assert len(universe) == 30
+    tokens = {str(i): (kite.resolve(i), angel.resolve(i), upstox.resolve(i)) for i in universe}
+    assert tokens["NFO:NIFTY 2026-11-24 23500 CE"] == ("13364994", "52207", "NSE_FO|52207")
+    assert tokens["NSE:NIFTY"] == ("256265", "99926000", "NSE_INDEX|Nifty 50")
+    assert tokens["NSE:SUZLON-BE"] == ("3076609", "12018", "NSE_EQ|INE040H01021")
+    assert tokens["BSE:SBIN"] == ("128028676", "500112", "BSE_EQ|INE062A01020")
+    assert tokens["NFO:IDEA 2026-11-24 8.5 CE"][2] == "NSE_FO|53650"  # a paise tick, a rupee strike
+    assert upstox.tick_size(tt.Equity(exchange="NSE", symbol="IDEA")) == 0.01
+    assert upstox._instruments.freeze_qty(NIFTY_CE) == 1800  # kept from the master, shared with every broker
+    assert kite._instruments.freeze_qty(NIFTY_CE) == 1800
+
+
 def test_no_network_and_no_db_says_what_to_do(tmp_path: Path, clock: FakeClock) -> None:
     with responses.RequestsMock() as rs:
         rs.get(URLS["zerodha"], body=requests.ConnectionError("Name or service not known"))
@@ -1785,7 +1840,7 @@ def _toy_position(ctx: Any, row: Mapping[str, Any]) -> tt.Position:
 
 
 def _toy_raw_status(row: Mapping[str, Any]) -> tt.OrderStatus:
-    return tt._order_status(row.get("state") or "", _TOY_STATUSES, tt._int(row.get("filled")), tt._int(row.get("qty")))
+    return tt._order_status(row.get("state") or "", _TOY_STATUSES, row, "filled", "qty")
 
 
 def _toy_order(ctx: Any, row: Mapping[str, Any]) -> tt.Order:
@@ -2234,11 +2289,12 @@ def test_every_documented_status_maps(broker: Case, caplog: Any) -> None:
     caplog.set_level(logging.WARNING, logger="ttconnect")
     table = broker.status_table
     for raw, expected in broker.statuses.items():
-        assert tt._order_status(raw, table, 0, 10).value == expected, raw
+        assert tt._order_status(raw, table, {"f": 0, "q": 10}, "f", "q").value == expected, raw
     assert not caplog.records  # none fell through to "unknown"
     live = next(raw for raw, status in broker.statuses.items() if status == "OPEN")
-    assert tt._order_status(live, table, 4, 10) is tt.OrderStatus.PARTIALLY_FILLED
-    assert tt._order_status("SOMETHING NEW", table, 0, 10) is tt.OrderStatus.PENDING  # unknown: not terminal
+    assert tt._order_status(live, table, {"f": 4, "q": 10}, "f", "q") is tt.OrderStatus.PARTIALLY_FILLED
+    assert tt._order_status(live, table, {"f": "abc", "q": 10}, "f", "q") is tt.OrderStatus.OPEN  # unreadable: live
+    assert tt._order_status("SOMETHING NEW", table, {}, "f", "q") is tt.OrderStatus.PENDING  # unknown: not terminal
     assert any("unknown order status" in r.getMessage() for r in caplog.records)
 
 
@@ -4013,6 +4069,33 @@ def test_upstox_reader_skips_unknown_fields_of_every_wire_type() -> None:
     assert (tick.ltp, tick.last_qty, tick.close) == (101.25, 75, 98.5)
 
 
+def test_upstox_layouts_off_the_fast_paths_decode_the_same() -> None:
+    """The decoder reads the usual field order straight and falls back to the general reader:
+    fields out of order, a zero one left out, a long quantity and a repeated field (the last
+    one wins, as protobuf says) must all give the same canonical values."""
+    inst = object()
+    quote = pb_field(4, 120.5) + pb_field(3, 70000) + pb_field(2, 120.45) + pb_field(1, 1_300_000)  # reversed, 3-byte q
+    bid_only = pb_field(1, 65) + pb_field(2, 120.4)  # no ask: zero fields are left out
+    candle = pb_field(4, 110.5) + pb_field(3, 122.0) + pb_field(2, 1.0) + pb_field(1, "1d") + pb_field(2, 115.0)
+    market = (pb_field(10, 363009.0) + pb_field(9, 256443.0) + pb_field(7, 4500000.0)  # no iv, reversed
+              + pb_field(4, pb_field(1, candle)) + pb_field(2, pb_field(1, quote) + pb_field(1, bid_only))
+              + pb_field(1, pb_ltpc(120.5, 1795415399123, 65, 118.0)))
+    frame = pb_feed_response({"NSE_FO|52207": pb_full(market), "NSE_FO|1": pb_field(2, b"")})  # and an empty fullFeed
+    (tick,) = upstox_decode(frame, {"NSE_FO|52207": (inst, "full"), "NSE_FO|1": (inst, "full")})
+    assert (tick.open, tick.high, tick.low) == (115.0, 122.0, 110.5)  # the repeated open: its last value
+    assert (tick.oi, tick.buy_qty, tick.sell_qty) == (4500000, 256443, 363009)
+    assert tick.bids == (tt.DepthLevel(120.45, 1_300_000, None), tt.DepthLevel(120.4, 65, None))
+    assert tick.asks == (tt.DepthLevel(120.5, 70000, None),)  # the empty ask level is dropped
+    # the usual order gives the same tick
+    usual = pb_market_ff(pb_ltpc(120.5, 1795415399123, 65, 118.0), depth=[(1_300_000, 120.45, 70000, 120.5)],
+                         ohlc=[pb_ohlc("1d", 115.0, 122.0, 110.5, 120.5)], oi=4500000.0, iv=0.2, tbq=256443.0,
+                         tsq=363009.0)
+    (same,) = upstox_decode(pb_feed_response({"NSE_FO|52207": pb_full(usual)}), {"NSE_FO|52207": (inst, "full")})
+    assert (same.open, same.high, same.low, same.oi, same.buy_qty, same.sell_qty) == (
+        115.0, 122.0, 110.5, 4500000, 256443, 363009)
+    assert same.bids[0] == tick.bids[0] and same.asks[0] == tick.asks[0]
+
+
 @pytest.mark.parametrize("cut", [1, 2, 5, 17, 40, 100, 200, 299])
 def test_upstox_truncated_or_malformed_frames_raise_a_frame_error(cut: int) -> None:
     frame = bytes.fromhex(UPSTOX_VECTORS["full"])
@@ -4166,6 +4249,61 @@ def test_upstox_order_updates_arrive_on_the_portfolio_stream(tmp_path: Path, day
         for c in clients:
             c.close()
         server.close()
+
+
+STREAMED = dict(ltp=120.5, last_qty=65, avg_price=119.3, volume=1192471, buy_qty=256443, sell_qty=363009, open=115.0,
+                high=122.0, low=110.5, close=118.0, oi=4500000, ltt=1795415399,
+                bids=[(120.45, 65, 1), (120.4, 130, 2)], asks=[(120.5, 130, 3)])
+
+
+def _streamed_frame(broker: str) -> bytes:
+    f = STREAMED
+    if broker == "zerodha":
+        return kite_frame(kite_packet(13364994, 184, **f))
+    if broker == "angelone":
+        return angel_packet(3, 2, "52207", **f)
+    return pb_feed_response({"NSE_FO|52207": pb_full(pb_market_ff(
+        pb_ltpc(f["ltp"], f["ltt"] * 1000, f["last_qty"], f["close"]),
+        depth=[(65, 120.45, 130, 120.5), (130, 120.4, 0, 0.0)],
+        ohlc=[pb_ohlc("1d", f["open"], f["high"], f["low"], f["ltp"])], atp=f["avg_price"], vtt=f["volume"],
+        oi=float(f["oi"]), tbq=float(f["buy_qty"]), tsq=float(f["sell_qty"])))})
+
+
+@pytest.mark.parametrize("name", ["zerodha", "angelone", "upstox"])
+def test_streams_give_the_same_ticks_on_every_broker(name: str, tmp_path: Path, day_clock: FakeClock,
+                                                     clients: list) -> None:
+    server = WsServer(heartbeat=None, text_replies={"ping": "pong"})
+    try:
+        hits: List[str] = []
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            config: Dict[str, Any] = dict(stream_reconnect_delay=0.01, stream_silence_timeout=2.0)
+            if name == "upstox":
+                MockApi(rs, UPSTOX).on("feed_authorize", callback=authorize_to(server, "feed", hits))
+            else:
+                config["ws_url"] = server.url + "/feed"
+            if name == "angelone":
+                config.update(auth_mode="manual", access_token="jwt-SECRET-9", feed_token="feed-SECRET-9")
+            client = rest_client(clients, name, tmp_path, day_clock, **config)
+            ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+            client.subscribe(NIFTY_CE, on_tick=ticks.put, mode="full")
+            server.handshakes.get(timeout=3)
+            assert stream_event(client, lambda s: s["connected"])
+            (server.binary_messages if name == "upstox" else server.messages).get(timeout=3)  # its subscription
+            server.send(_streamed_frame(name))
+            tick = ticks.get(timeout=3)
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+    f = STREAMED
+    assert (tick.instrument, tick.mode, tick.ltp, tick.last_qty, tick.avg_price, tick.volume, tick.buy_qty,
+            tick.sell_qty) == (NIFTY_CE, "full", f["ltp"], f["last_qty"], f["avg_price"], f["volume"], f["buy_qty"],
+                               f["sell_qty"])
+    assert (tick.open, tick.high, tick.low, tick.close, tick.oi) == (f["open"], f["high"], f["low"], f["close"], f["oi"])
+    assert tick.change == pytest.approx((f["ltp"] - f["close"]) * 100 / f["close"])
+    assert tick.last_trade_time == dt.datetime.fromtimestamp(f["ltt"], tt.IST)
+    assert [(d.price, d.qty) for d in tick.bids] == [(p, q) for p, q, _ in f["bids"]]
+    assert [(d.price, d.qty) for d in tick.asks] == [(p, q) for p, q, _ in f["asks"]]
 
 
 # ============================================================================

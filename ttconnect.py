@@ -1287,7 +1287,8 @@ class _InstrumentStore:
             rows = conn.execute("SELECT broker_id, refreshed_at, rows FROM _meta").fetchall()
         except sqlite3.DatabaseError as exc:
             raise _CorruptStore(str(exc)) from exc
-        return {b: (at, n) for b, at, n in rows}
+        # A record edited or damaged by hand reads as never refreshed (so the master is loaded again).
+        return {b: (at if isinstance(at, str) else "", n if isinstance(n, int) else 0) for b, at, n in rows}
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -1707,8 +1708,15 @@ class _Instruments:
     def _is_fresh(self, state: Optional[Dict[str, Tuple[str, int]]]) -> bool:
         if not state or self.broker not in state:
             return False
-        refreshed = _dt.datetime.fromisoformat(state[self.broker][0])
-        return refreshed >= _latest_publication(self._clock(), self.master.published)
+        try:
+            refreshed = _dt.datetime.fromisoformat(state[self.broker][0])
+        except ValueError:
+            return False
+        if refreshed.tzinfo is None:
+            return False
+        now = self._clock()
+        # a refresh "in the future" (a clock that was wrong then) proves nothing: load again
+        return _latest_publication(now, self.master.published) <= refreshed <= _dt.datetime.fromtimestamp(now + 3600, IST)
 
     def ensure(self) -> None:
         """Load this broker's master if the DB's copy predates the broker's latest dump."""
@@ -1841,7 +1849,10 @@ class _Instruments:
 
     def lookup(self, instrument: Instrument) -> Tuple[str, str]:
         """(broker token, broker trading symbol) of an instrument this broker lists."""
-        found = self._tokens.get(instrument._iid)
+        try:
+            found = self._tokens.get(instrument._iid)
+        except AttributeError:  # not an instrument: refused below
+            found = None
         if found is not None:
             return found
         if not isinstance(instrument, _Instrument):
@@ -1855,7 +1866,7 @@ class _Instruments:
 
     def info(self, instrument: Instrument) -> Tuple[str, int, float]:
         """(name, lot size, tick size) of an instrument."""
-        info = self._infos.get(instrument._iid)
+        info = self._infos.get(instrument._iid) if isinstance(instrument, _Instrument) else None
         if info is None:
             if not isinstance(instrument, _Instrument):
                 raise InvalidInstrumentError(f"expected an Index, Equity, Future or Option, got {instrument!r}")
@@ -2214,6 +2225,43 @@ def _json_object(text: str) -> Optional[Dict[str, Any]]:
     return message if isinstance(message, dict) else None
 
 
+# Field readers the master parsers share; each raises ValueError on a bad value.
+
+def _positive_number(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{raw!r} is not a positive number")
+    return value
+
+
+_MAX_QTY = 10**9  # no lot, freeze limit or order on an Indian exchange comes near it
+
+
+def _lot(raw: Union[str, int, float]) -> int:
+    """A lot size or freeze quantity: a whole number from 0 to 10**9."""
+    if isinstance(raw, float) and not raw.is_integer():  # also NaN and infinities
+        raise ValueError(f"{raw!r} is not a whole number")
+    value = int(raw)
+    if not 0 <= value <= _MAX_QTY:
+        raise ValueError(f"{_short(str(raw), 40)} is not between 0 and {_MAX_QTY:,}")
+    return value
+
+
+def _tick(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"tick size {raw!r} is not a finite number >= 0")
+    return value
+
+
+def _whole(value: Any, what: str) -> int:
+    """A count from JSON: an int, or a float with no fraction (freeze quantities come as 1800.0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not 0 <= value <= _MAX_QTY \
+            or value != int(value):
+        raise ValueError(f"{what} {value!r} is not a whole number from 0 to {_MAX_QTY:,}")
+    return int(value)
+
+
 def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
     """Yield the elements of a top-level JSON array without holding the whole document.
 
@@ -2222,7 +2270,7 @@ def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
     """
     import json
 
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # -sig: a byte-order mark is dropped
     raw_decode = json.JSONDecoder().raw_decode
     buf = ""
     started = False
@@ -2277,7 +2325,10 @@ def _num(value: Any) -> Optional[float]:
     if isinstance(value, bool):
         raise _Malformed(f"number expected, got {value!r}")
     if isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int of hundreds of digits
+            raise _Malformed(f"number expected, got an integer of {len(str(value))} digits") from None
     elif isinstance(value, str):
         text = value.replace(" ", "").replace(",", "")
         if not text:
@@ -2298,6 +2349,27 @@ def _int(value: Any) -> int:
     return 0 if number is None else int(round(number))
 
 
+def _num_at(row: Mapping[str, Any], key: str) -> Optional[float]:
+    """A row's number field (see _num), None if absent; a bad value names the field."""
+    try:
+        return _num(row.get(key))
+    except _Malformed as exc:
+        raise _Malformed(f"field {key!r}: {exc}") from None
+
+
+def _int_at(row: Mapping[str, Any], key: str) -> int:
+    number = _num_at(row, key)
+    return 0 if number is None else int(round(number))
+
+
+def _required_num(row: Mapping[str, Any], key: str) -> float:
+    """A number field a reply cannot do without."""
+    number = _num_at(row, key)
+    if number is None:
+        raise _Malformed(f"field {key!r} missing")
+    return number
+
+
 def _ist(text: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> Optional[_dt.datetime]:
     """Parse a naive IST timestamp; blank and the "0001-01-01" placeholder give None."""
     if not text or not isinstance(text, str) or text.startswith("0001-01-01"):
@@ -2316,14 +2388,20 @@ def _reverse(mapping: Mapping[Any, str]) -> Dict[Any, Any]:
 _LIVE_STATUSES = frozenset({OrderStatus.PENDING, OrderStatus.OPEN, OrderStatus.TRIGGER_PENDING, OrderStatus.PARTIALLY_FILLED})
 
 
-def _order_status(raw: Any, table: Mapping[str, OrderStatus], filled: int, qty: int) -> OrderStatus:
+def _order_status(raw: Any, table: Mapping[str, OrderStatus], row: Mapping[str, Any], filled_key: str,
+                  qty_key: str) -> OrderStatus:
     """Map a raw status; a live order with some fills is PARTIALLY_FILLED; unknown is PENDING."""
     status = table.get(raw.strip().upper() if isinstance(raw, str) else "")
     if status is None:
         log.warning("unknown order status %r; treating it as PENDING (not terminal)", raw)
         status = OrderStatus.PENDING
-    if status is OrderStatus.OPEN and 0 < filled < qty:
-        return OrderStatus.PARTIALLY_FILLED
+    if status is OrderStatus.OPEN:
+        try:
+            filled, qty = _int_at(row, filled_key), _int_at(row, qty_key)
+        except _Malformed:  # unreadable fills: live all the same (the kill switch must still cancel it)
+            return status
+        if 0 < filled < qty:
+            return OrderStatus.PARTIALLY_FILLED
     return status
 
 
@@ -2466,27 +2544,6 @@ _KITE_MASTER_COLUMNS = (
 )
 
 
-def _positive_number(raw: str) -> float:
-    value = float(raw)
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{raw!r} is not a positive number")
-    return value
-
-
-def _lot(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError(f"lot size {raw!r} is negative")
-    return value
-
-
-def _tick(raw: str) -> float:
-    value = float(raw)
-    if not 0 <= value < float("inf"):
-        raise ValueError(f"tick size {raw!r} is not a finite number >= 0")
-    return value
-
-
 def _kite_iso_date(raw: str) -> str:
     return _dt.date.fromisoformat(raw).isoformat()
 
@@ -2501,7 +2558,7 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
     import csv
     import io
 
-    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")  # -sig: a byte-order mark is dropped
     try:
         reader = csv.reader(text)
         try:
@@ -2509,7 +2566,8 @@ def _zerodha_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRo
         except (UnicodeDecodeError, csv.Error) as exc:
             raise _MasterFormatError(f"not a readable Kite instrument CSV ({exc.__class__.__name__}: {_short(str(exc), 80)})") from None
     finally:
-        text.detach()  # the caller owns (and closes) the file
+        if not f.closed:  # the caller owns (and closes) the file; a parser dropped late finds it closed
+            text.detach()
 
 
 def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_MasterRow]:
@@ -2657,57 +2715,60 @@ def _zerodha_funds(ctx: _Ctx, data: Any) -> Fund:
     data = _object(data)
     equity = _object(data.get("equity") or data, "equity")  # /user/margins gives segments; /user/margins/equity one
     available, utilised = _object(equity.get("available") or {}), _object(equity.get("utilised") or {})
-    net, debits = _num(equity.get("net")) or 0.0, _num(utilised.get("debits")) or 0.0
+    net, debits = _required_num(equity, "net"), _num_at(utilised, "debits") or 0.0
     return Fund(
-        available=net, used=debits, total=net + debits, collateral=_num(available.get("collateral")),
-        m2m_unrealized=_num(utilised.get("m2m_unrealised")), m2m_realized=_num(utilised.get("m2m_realised")),
+        available=net, used=debits, total=net + debits, collateral=_num_at(available, "collateral"),
+        m2m_unrealized=_num_at(utilised, "m2m_unrealised"), m2m_realized=_num_at(utilised, "m2m_realised"),
         utilised_debits=debits, raw=data,
     )
 
 
 def _zerodha_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
     # ``quantity`` is settled; shares bought in the last session sit in ``t1_quantity``.
-    qty = _int(row.get("quantity")) + _int(row.get("t1_quantity"))
-    avg, ltp = _num(row.get("average_price")) or 0.0, _num(row.get("last_price"))
+    qty = _int_at(row, "quantity") + _int_at(row, "t1_quantity")
+    avg, ltp = _num_at(row, "average_price") or 0.0, _num_at(row, "last_price")
     return Holding(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")), qty=qty,
-                   avg_price=avg, ltp=ltp, pnl=_num(row.get("pnl")), pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
+                   avg_price=avg, ltp=ltp, pnl=_num_at(row, "pnl"), pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
 
 
 def _zerodha_position_rows(data: Any) -> Sequence[Any]:
     if data is None:
         return ()
-    return _list_rows(_object(data).get("net"))  # "net" is the whole book; "day" only today's part
+    data = _object(data)
+    if "net" not in data:  # "net" is the whole book; "day" only today's part
+        raise _Malformed("field 'net' missing")
+    return _list_rows(data["net"])
 
 
 def _zerodha_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
     return Position(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
-                    qty=_int(row.get("quantity")), avg_price=_num(row.get("average_price")) or 0.0,
-                    ltp=_num(row.get("last_price")), pnl=_num(row.get("pnl")),
+                    qty=_int_at(row, "quantity"), avg_price=_num_at(row, "average_price") or 0.0,
+                    ltp=_num_at(row, "last_price"), pnl=_num_at(row, "pnl"),
                     product=_KITE_PRODUCT_OF.get(row.get("product")), raw=row)
 
 
 def _zerodha_raw_status(row: Mapping[str, Any]) -> OrderStatus:
-    return _order_status(row.get("status") or "", _KITE_STATUSES, _int(row.get("filled_quantity")), _int(row.get("quantity")))
+    return _order_status(row.get("status") or "", _KITE_STATUSES, row, "filled_quantity", "quantity")
 
 
 def _zerodha_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
-    qty, filled = _int(row.get("quantity")), _int(row.get("filled_quantity"))
+    qty, filled = _int_at(row, "quantity"), _int_at(row, "filled_quantity")
     status = _zerodha_raw_status(row)
-    pending = _int(row.get("pending_quantity")) if status in _LIVE_STATUSES else 0
+    pending = _int_at(row, "pending_quantity") if status in _LIVE_STATUSES else 0
     placed = _ist(row.get("exchange_timestamp")) or _ist(row.get("order_timestamp"))
     return Order(
         id=_str_field(row, "order_id"), instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
         side=_mapped(_KITE_SIDE_OF, row, "transaction_type"), qty=qty, filled_qty=filled, pending_qty=pending,
         order_type=_mapped(_KITE_ORDER_TYPE_OF, row, "order_type"), product=_KITE_PRODUCT_OF.get(row.get("product")),
-        status=status, price=_num(row.get("price")) or None, trigger_price=_num(row.get("trigger_price")) or None,
-        average_price=_num(row.get("average_price")) or None, tag=row.get("tag") or None,
+        status=status, price=_num_at(row, "price") or None, trigger_price=_num_at(row, "trigger_price") or None,
+        average_price=_num_at(row, "average_price") or None, tag=row.get("tag") or None,
         status_message=row.get("status_message") or None, placed_at=placed,
         updated_at=_ist(row.get("exchange_update_timestamp")) or _ist(row.get("order_timestamp")), raw=row,
     )
 
 
 def _zerodha_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
-    qty, price = _int(row.get("quantity")), _num(row.get("average_price")) or 0.0
+    qty, price = _int_at(row, "quantity"), _num_at(row, "average_price") or 0.0
     return Trade(
         trade_id=_str_field(row, "trade_id"), order_id=_str_field(row, "order_id"),
         instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
@@ -2720,9 +2781,11 @@ def _zerodha_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
 def _zerodha_margin(ctx: _Ctx, data: Any) -> Margin:
     data = _object(data)
     initial, final = _object(data.get("initial") or {}, "initial"), _object(data.get("final") or {}, "final")
-    total, final_total = _num(initial.get("total")) or 0.0, _num(final.get("total")) or 0.0
-    return Margin(total=total, span=_num(initial.get("span")), exposure=_num(initial.get("exposure")),
-                  option_premium=_num(initial.get("option_premium")), final_total=final_total,
+    total = _required_num(initial, "total")
+    final_total = _num_at(final, "total")
+    final_total = total if final_total is None else final_total  # no final figure: no benefit known
+    return Margin(total=total, span=_num_at(initial, "span"), exposure=_num_at(initial, "exposure"),
+                  option_premium=_num_at(initial, "option_premium"), final_total=final_total,
                   benefit=_paise(total - final_total), raw=data)
 
 
@@ -2755,10 +2818,9 @@ def _zerodha_placed(ctx: _Ctx, data: Any) -> List[str]:
         results = [data] + list(data.get("children") or ())
     ids, errors = [], []
     for result in results:
-        if isinstance(result, Mapping) and result.get("order_id"):
-            ids.append(str(result["order_id"]))
-        elif isinstance(result, (str, int)) and not isinstance(result, bool):
-            ids.append(str(result))
+        found = result.get("order_id") if isinstance(result, Mapping) else result
+        if isinstance(found, (str, int)) and not isinstance(found, bool) and str(found).strip():
+            ids.append(str(found).strip())
         else:
             error = result.get("error") if isinstance(result, Mapping) else None
             errors.append(str(error.get("message") if isinstance(error, Mapping) else result))
@@ -3108,6 +3170,8 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
                 yield ("O", exchange, underlying, name, lot, tick, token, bsym, expiry, shape[1], strike, otype, freeze)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             stats.bad(line, f"{exc.__class__.__name__}: {_short(str(exc), 80)}")
+        except (OverflowError, RecursionError) as exc:  # a number beyond a float, a row nested too deep
+            stats.bad(line, exc.__class__.__name__)
 
 
 _ANGEL_PRODUCTS = {ProductType.CNC: "DELIVERY", ProductType.MIS: "INTRADAY", ProductType.NRML: "CARRYFORWARD"}
@@ -3240,9 +3304,9 @@ def _angelone_profile(ctx: _Ctx, data: Any) -> Profile:
 
 def _angelone_funds(ctx: _Ctx, data: Any) -> Fund:
     data = _object(data)
-    available, debits = _num(data.get("net")) or 0.0, _num(data.get("utiliseddebits")) or 0.0
-    return Fund(available=available, used=debits, total=available + debits, collateral=_num(data.get("collateral")),
-                m2m_unrealized=_num(data.get("m2munrealized")), m2m_realized=_num(data.get("m2mrealized")),
+    available, debits = _required_num(data, "net"), _num_at(data, "utiliseddebits") or 0.0
+    return Fund(available=available, used=debits, total=available + debits, collateral=_num_at(data, "collateral"),
+                m2m_unrealized=_num_at(data, "m2munrealized"), m2m_realized=_num_at(data, "m2mrealized"),
                 utilised_debits=debits, raw=data)
 
 
@@ -3251,38 +3315,38 @@ def _angelone_holding_rows(data: Any) -> Sequence[Any]:
 
 
 def _angelone_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
-    qty = _int(row.get("quantity")) + _int(row.get("t1quantity"))
-    avg, ltp = _num(row.get("averageprice")) or 0.0, _num(row.get("ltp"))
+    qty = _int_at(row, "quantity") + _int_at(row, "t1quantity")
+    avg, ltp = _num_at(row, "averageprice") or 0.0, _num_at(row, "ltp")
     return Holding(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")), qty=qty,
-                   avg_price=avg, ltp=ltp, pnl=_num(row.get("profitandloss")),
+                   avg_price=avg, ltp=ltp, pnl=_num_at(row, "profitandloss"),
                    pnl_percent=_pnl_percent(avg, ltp, row.get("pnlpercentage")), raw=row)
 
 
 def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
-    pnl = _num(row.get("pnl"))
+    pnl = _num_at(row, "pnl")
     if pnl is None and (row.get("realised") is not None or row.get("unrealised") is not None):
-        pnl = (_num(row.get("realised")) or 0.0) + (_num(row.get("unrealised")) or 0.0)
-    avg = _num(row.get("avgnetprice")) or _num(row.get("netprice")) or 0.0
+        pnl = (_num_at(row, "realised") or 0.0) + (_num_at(row, "unrealised") or 0.0)
+    avg = _num_at(row, "avgnetprice") or _num_at(row, "netprice") or 0.0
     return Position(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
-                    qty=_int(row.get("netqty")), avg_price=avg, ltp=_num(row.get("ltp")), pnl=pnl,
+                    qty=_int_at(row, "netqty"), avg_price=avg, ltp=_num_at(row, "ltp"), pnl=pnl,
                     product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), raw=row)
 
 
 def _angelone_raw_status(row: Mapping[str, Any]) -> OrderStatus:
-    return _order_status(row.get("orderstatus") or row.get("status") or "", _ANGEL_STATUSES,
-                         _int(row.get("filledshares")), _int(row.get("quantity")))
+    return _order_status(row.get("orderstatus") or row.get("status") or "", _ANGEL_STATUSES, row, "filledshares",
+                         "quantity")
 
 
 def _angelone_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
-    qty, filled = _int(row.get("quantity")), _int(row.get("filledshares"))
+    qty, filled = _int_at(row, "quantity"), _int_at(row, "filledshares")
     status = _angelone_raw_status(row)
     return Order(
         id=_str_field(row, "orderid"), instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
         side=_mapped(_ANGEL_SIDE_OF, row, "transactiontype"), qty=qty, filled_qty=filled,
-        pending_qty=_int(row.get("unfilledshares")) if status in _LIVE_STATUSES else 0,
+        pending_qty=_int_at(row, "unfilledshares") if status in _LIVE_STATUSES else 0,
         order_type=_mapped(_ANGEL_ORDER_TYPE_OF, row, "ordertype"), product=_ANGEL_PRODUCT_OF.get(row.get("producttype")),
-        status=status, price=_num(row.get("price")) or None, trigger_price=_num(row.get("triggerprice")) or None,
-        average_price=_num(row.get("averageprice")) or None, tag=row.get("ordertag") or None,
+        status=status, price=_num_at(row, "price") or None, trigger_price=_num_at(row, "triggerprice") or None,
+        average_price=_num_at(row, "averageprice") or None, tag=row.get("ordertag") or None,
         status_message=row.get("text") or None,
         placed_at=_ist(row.get("exchtime"), _ANGEL_TIME) or _ist(row.get("updatetime"), _ANGEL_TIME),
         updated_at=_ist(row.get("exchorderupdatetime"), _ANGEL_TIME) or _ist(row.get("updatetime"), _ANGEL_TIME),
@@ -3306,7 +3370,7 @@ def _angelone_details(ref: str) -> _Request:
 
 
 def _angelone_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
-    qty, price = _int(row.get("fillsize")), _num(row.get("fillprice")) or 0.0
+    qty, price = _int_at(row, "fillsize"), _num_at(row, "fillprice") or 0.0
     stamp = None
     if row.get("filltime"):  # time only ("13:27:53"): the trade book holds today's fills only
         try:
@@ -3317,19 +3381,19 @@ def _angelone_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
     return Trade(trade_id=_str_field(row, "fillid"), order_id=_str_field(row, "orderid"),
                  instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
                  side=_mapped(_ANGEL_SIDE_OF, row, "transactiontype"), qty=qty, avg_price=price,
-                 trade_value=_num(row.get("tradevalue")) or qty * price,
+                 trade_value=_num_at(row, "tradevalue") or qty * price,
                  product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), timestamp=stamp, raw=row)
 
 
 def _angelone_margin(ctx: _Ctx, data: Any) -> Margin:
     data = _object(data)
     parts = _object(data.get("marginComponents") or {}, "marginComponents")
-    final_total = _num(data.get("totalMarginRequired")) or 0.0
-    benefit = _num(parts.get("marginBenefit")) or 0.0
+    final_total = _required_num(data, "totalMarginRequired")
+    benefit = _num_at(parts, "marginBenefit") or 0.0
     # AngelOne reports the requirement after the benefit plus the benefit itself; it has no
     # exposure figure.
-    return Margin(total=_paise(final_total + benefit), span=_num(parts.get("spanMargin")), exposure=None,
-                  option_premium=_num(parts.get("totOptionsPremium")), final_total=final_total, benefit=benefit, raw=data)
+    return Margin(total=_paise(final_total + benefit), span=_num_at(parts, "spanMargin"), exposure=None,
+                  option_premium=_num_at(parts, "totOptionsPremium"), final_total=final_total, benefit=benefit, raw=data)
 
 
 def _angelone_variety(order_type: OrderType) -> str:
@@ -3715,14 +3779,6 @@ def _upstox_rows(objects: Iterator[Any], stats: _LoadStats) -> Iterator[_MasterR
             stats.bad(line, f"{exc.__class__.__name__}: {_short(str(exc), 80)}")
 
 
-def _whole(value: Any, what: str) -> int:
-    """A count from JSON: an int, or a float with no fraction (freeze quantities come as 1800.0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not 0 <= value < 1e12 \
-            or value != int(value):
-        raise ValueError(f"{what} {value!r} is not a whole number >= 0")
-    return int(value)
-
-
 _UPSTOX_ORDER_TYPES = {OrderType.MARKET: "MARKET", OrderType.LIMIT: "LIMIT", OrderType.SL: "SL", OrderType.SL_M: "SL-M"}
 _UPSTOX_ORDER_TYPE_OF = _reverse(_UPSTOX_ORDER_TYPES)
 _UPSTOX_SIDE_OF = {"BUY": Side.BUY, "SELL": Side.SELL}
@@ -3836,30 +3892,29 @@ def _upstox_profile(ctx: _Ctx, data: Any) -> Profile:
 def _upstox_funds(ctx: _Ctx, data: Any) -> Fund:
     # Since July 2025 the equity block carries the combined figures; v2 gives no collateral or M2M.
     equity = _object(_object(data).get("equity"), "equity")
-    available, used = _num(equity.get("available_margin")) or 0.0, _num(equity.get("used_margin")) or 0.0
+    available, used = _required_num(equity, "available_margin"), _num_at(equity, "used_margin") or 0.0
     return Fund(available=available, used=used, total=_paise(available + used), utilised_debits=used, raw=data)
 
 
 def _upstox_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
-    qty = _int(row.get("quantity")) + _int(row.get("t1_quantity"))
-    avg, ltp = _num(row.get("average_price")) or 0.0, _num(row.get("last_price"))
-    return Holding(instrument=_upstox_instrument(ctx, row), qty=qty, avg_price=avg, ltp=ltp, pnl=_num(row.get("pnl")),
+    qty = _int_at(row, "quantity") + _int_at(row, "t1_quantity")
+    avg, ltp = _num_at(row, "average_price") or 0.0, _num_at(row, "last_price")
+    return Holding(instrument=_upstox_instrument(ctx, row), qty=qty, avg_price=avg, ltp=ltp, pnl=_num_at(row, "pnl"),
                    pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
 
 
 def _upstox_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
-    return Position(instrument=_upstox_instrument(ctx, row), qty=_int(row.get("quantity")),
-                    avg_price=_num(row.get("average_price")) or 0.0, ltp=_num(row.get("last_price")),
-                    pnl=_num(row.get("pnl")), product=_upstox_product(row), raw=row)
+    return Position(instrument=_upstox_instrument(ctx, row), qty=_int_at(row, "quantity"),
+                    avg_price=_num_at(row, "average_price") or 0.0, ltp=_num_at(row, "last_price"),
+                    pnl=_num_at(row, "pnl"), product=_upstox_product(row), raw=row)
 
 
 def _upstox_raw_status(row: Mapping[str, Any]) -> OrderStatus:
-    return _order_status(row.get("status") or "", _UPSTOX_STATUSES, _int(row.get("filled_quantity")),
-                         _int(row.get("quantity")))
+    return _order_status(row.get("status") or "", _UPSTOX_STATUSES, row, "filled_quantity", "quantity")
 
 
 def _upstox_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
-    qty, filled = _int(row.get("quantity")), _int(row.get("filled_quantity"))
+    qty, filled = _int_at(row, "quantity"), _int_at(row, "filled_quantity")
     status = _upstox_raw_status(row)
     placed = _ist(row.get("order_timestamp"))
     return Order(
@@ -3868,8 +3923,8 @@ def _upstox_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
         # history rows have no pending_quantity; the book's disagrees by terminal status
         pending_qty=qty - filled if status in _LIVE_STATUSES else 0,
         order_type=_mapped(_UPSTOX_ORDER_TYPE_OF, row, "order_type"), product=_upstox_product(row), status=status,
-        price=_num(row.get("price")) or None, trigger_price=_num(row.get("trigger_price")) or None,
-        average_price=_num(row.get("average_price")) or None, tag=row.get("tag") or None,
+        price=_num_at(row, "price") or None, trigger_price=_num_at(row, "trigger_price") or None,
+        average_price=_num_at(row, "average_price") or None, tag=row.get("tag") or None,
         status_message=row.get("status_message") or None, placed_at=placed,
         updated_at=_ist(row.get("exchange_timestamp")) or placed, raw=row,
     )
@@ -3880,7 +3935,7 @@ def _upstox_one_order(ctx: _Ctx, data: Any) -> Order:
 
 
 def _upstox_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
-    qty, price = _int(row.get("quantity")), _num(row.get("average_price")) or 0.0
+    qty, price = _int_at(row, "quantity"), _num_at(row, "average_price") or 0.0
     stamp = None
     for field_ in ("exchange_timestamp", "order_timestamp"):  # when the trade occurred; else the order's time
         for fmt in _UPSTOX_TRADE_TIMES:
@@ -3902,10 +3957,12 @@ def _upstox_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
 def _upstox_margin(ctx: _Ctx, data: Any) -> Margin:
     data = _object(data)
     legs = [_object(leg, "margins[]") for leg in _list_rows(data.get("margins"))]
-    total, final_total = _num(data.get("required_margin")) or 0.0, _num(data.get("final_margin")) or 0.0
+    total = _required_num(data, "required_margin")
+    final_total = _num_at(data, "final_margin")
+    final_total = total if final_total is None else final_total
 
     def summed(key: str) -> Optional[float]:
-        values = [_num(leg.get(key)) for leg in legs]
+        values = [_num_at(leg, key) for leg in legs]
         return _paise(sum(v for v in values if v is not None)) if any(v is not None for v in values) else None
 
     return Margin(total=total, span=summed("span_margin"), exposure=summed("exposure_margin"),
@@ -3968,13 +4025,22 @@ def _upstox_margin_body(legs: Sequence[_OrderRequest], consider_positions: bool)
 # fields are skipped by their wire type; proto3 leaves zero values out.
 
 _PB_DOUBLE = struct.Struct("<d").unpack_from
+# Runs of double fields the feed writes back to back, each after its one-byte key: read at once
+_PB_THREE_DOUBLES = struct.Struct("<xdxdxd").unpack_from
+_PB_FOUR_DOUBLES = struct.Struct("<xdxdxdxd").unpack_from
 
 
 def _pb_varint(buf: bytes, pos: int) -> Tuple[int, int]:
     """A varint at ``pos``: (value, position after it); int64 keeps its two's complement sign."""
-    value = shift = 0
-    while True:
-        byte = buf[pos]  # IndexError past the end: the caller turns it into a _FrameError
+    byte = buf[pos]  # IndexError past the end: the caller turns it into a _FrameError
+    if byte < 0x80:
+        return byte, pos + 1
+    second = buf[pos + 1]
+    if second < 0x80:  # quantities and prices in paise mostly fit two bytes
+        return (byte & 0x7F) | second << 7, pos + 2
+    value, shift, pos = (byte & 0x7F) | (second & 0x7F) << 7, 14, pos + 2
+    while True:  # times in ms take six bytes
+        byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
@@ -3987,9 +4053,11 @@ def _pb_varint(buf: bytes, pos: int) -> Tuple[int, int]:
 def _pb_skip(buf: bytes, pos: int, key: int, end: int) -> int:
     """Skip the value of a field whose key was just read; return the position after it."""
     wire = key & 7
-    if wire == 0:
-        return _pb_varint(buf, pos)[1]
-    if wire == 1:
+    if wire == 0:  # only its end is needed
+        while buf[pos] >= 0x80:
+            pos += 1
+        pos += 1
+    elif wire == 1:
         pos += 8
     elif wire == 2:
         size, pos = _pb_varint(buf, pos)
@@ -4016,23 +4084,35 @@ def _pb_message(buf: bytes, pos: int, end: int) -> Tuple[int, int]:
     return pos, pos + size
 
 
+# The decoders below read keys and lengths of one byte (every field this schema numbers
+# below 16, and any message under 128 bytes) inline, falling back to _pb_varint for longer
+# ones: a function call per field was two thirds of a frame's cost.
+
+
 def _upstox_ltpc(buf: bytes, pos: int, end: int) -> Tuple[float, int, int, float]:
     """LTPC: (ltp, ltt epoch ms, ltq, cp)."""
     ltp = cp = 0.0
     ltt = ltq = 0
     while pos < end:
-        key, pos = _pb_key(buf, pos)
+        key = buf[pos]
+        pos += 1
         if key == 0x09:
             ltp = _PB_DOUBLE(buf, pos)[0]
+            pos += 8
+        elif key == 0x21:
+            cp = _PB_DOUBLE(buf, pos)[0]
             pos += 8
         elif key == 0x10:
             ltt, pos = _pb_varint(buf, pos)
         elif key == 0x18:
-            ltq, pos = _pb_varint(buf, pos)
-        elif key == 0x21:
-            cp = _PB_DOUBLE(buf, pos)[0]
-            pos += 8
+            ltq = buf[pos]
+            if ltq < 0x80:
+                pos += 1
+            else:
+                ltq, pos = _pb_varint(buf, pos)
         else:
+            if key >= 0x80:
+                key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
     return ltp, ltt, ltq, cp
 
@@ -4042,56 +4122,121 @@ def _upstox_quote(buf: bytes, pos: int, end: int) -> Tuple[int, float, int, floa
     bid_q = ask_q = 0
     bid_p = ask_p = 0.0
     while pos < end:
-        key, pos = _pb_key(buf, pos)
-        if key == 0x08:
-            bid_q, pos = _pb_varint(buf, pos)
-        elif key == 0x11:
+        key = buf[pos]
+        pos += 1
+        if key == 0x11:
             bid_p = _PB_DOUBLE(buf, pos)[0]
             pos += 8
-        elif key == 0x18:
-            ask_q, pos = _pb_varint(buf, pos)
         elif key == 0x21:
             ask_p = _PB_DOUBLE(buf, pos)[0]
             pos += 8
+        elif key == 0x08:
+            bid_q, pos = _pb_varint(buf, pos)
+        elif key == 0x18:
+            ask_q, pos = _pb_varint(buf, pos)
         else:
+            if key >= 0x80:
+                key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
     return bid_q, bid_p, ask_q, ask_p
 
 
+def _pb_length(buf: bytes, pos: int, end: int) -> Tuple[int, int]:
+    """A length-delimited field's bounds (start, stop), a length of one or two bytes read inline."""
+    size = buf[pos]
+    if size < 0x80:
+        pos += 1
+    elif buf[pos + 1] < 0x80:
+        size = (size & 0x7F) | buf[pos + 1] << 7
+        pos += 2
+    else:
+        size, pos = _pb_varint(buf, pos)
+        if size < 0:
+            raise _FrameError("a negative length")
+    stop = pos + size
+    if stop > end:
+        raise _FrameError("a message runs past its parent")
+    return pos, stop
+
+
 def _upstox_depth(buf: bytes, pos: int, end: int) -> Tuple[Tuple[Any, ...], Tuple[Any, ...], float]:
-    """MarketLevel: repeated Quote, best first -> the Tick's depth: flat (qty, price, orders) per
-    side (the feed gives no order counts), prices in rupees."""
+    """MarketLevel: repeated Quote {bidQ, bidP, askQ, askP}, best first -> the Tick's depth: flat
+    (qty, price, orders) per side (the feed gives no order counts), prices in rupees."""
     bids: List[Any] = []
     asks: List[Any] = []
+    double, varint = _PB_DOUBLE, _pb_varint
     while pos < end:
-        key, pos = _pb_key(buf, pos)
-        if key != 0x0A:
+        if buf[pos] != 0x0A:  # not a Quote: skip it
+            key, pos = _pb_key(buf, pos)
             pos = _pb_skip(buf, pos, key, end)
             continue
-        start, pos = _pb_message(buf, pos, end)
-        bid_q, bid_p, ask_q, ask_p = _upstox_quote(buf, start, pos)
-        bids += (bid_q, bid_p, None)
-        asks += (ask_q, ask_p, None)
+        size = buf[pos + 1]  # a Quote is about 20 bytes: its length takes one byte
+        if size < 0x80 and pos + 2 + size <= end:
+            start = pos + 2
+            pos = start + size
+        else:
+            start, pos = _pb_length(buf, pos + 1, end)
+        # Encoders write fields in number order (a zero one left out), and a quantity below
+        # 16384 takes one or two bytes: read that layout straight; any other goes through the
+        # general reader.
+        bid_q = ask_q = 0
+        bid_p = ask_p = 0.0
+        p = start
+        if p < pos and buf[p] == 0x08:
+            bid_q = buf[p + 1]
+            if bid_q < 0x80:
+                p += 2
+            elif buf[p + 2] < 0x80:
+                bid_q = (bid_q & 0x7F) | buf[p + 2] << 7
+                p += 3
+            else:
+                bid_q, p = varint(buf, p + 1)
+        if p < pos and buf[p] == 0x11:
+            bid_p = double(buf, p + 1)[0]
+            p += 9
+        if p < pos and buf[p] == 0x18:
+            ask_q = buf[p + 1]
+            if ask_q < 0x80:
+                p += 2
+            elif buf[p + 2] < 0x80:
+                ask_q = (ask_q & 0x7F) | buf[p + 2] << 7
+                p += 3
+            else:
+                ask_q, p = varint(buf, p + 1)
+        if p < pos and buf[p] == 0x21:
+            ask_p = double(buf, p + 1)[0]
+            p += 9
+        if p != pos:
+            bid_q, bid_p, ask_q, ask_p = _upstox_quote(buf, start, pos)
+        bids.extend((bid_q, bid_p, None))
+        asks.extend((ask_q, ask_p, None))
     return tuple(bids), tuple(asks), 1.0
 
 
 def _upstox_day_ohlc(buf: bytes, pos: int, end: int) -> Tuple[Optional[float], Optional[float], Optional[float]]:
     """MarketOHLC: the open, high and low of today's candle (interval "1d"); I1/I30 skipped."""
     while pos < end:
-        key, pos = _pb_key(buf, pos)
+        key = buf[pos]
+        pos += 1
         if key != 0x0A:
+            if key >= 0x80:
+                key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
             continue
-        start, stop = _pb_message(buf, pos, end)
-        pos = stop
-        interval = b""
+        start, pos = _pb_length(buf, pos, end)
+        # the interval usually comes first ("0a 02 1d"); other candles are skipped whole
+        if buf[start:start + 4] == b"\x0a\x021d":
+            start += 4
+        elif not _pb_interval_is_day(buf, start, pos):
+            continue
         o = h = lo = 0.0
-        while start < stop:
-            key, start = _pb_key(buf, start)
-            if key == 0x0A:
-                s, e = _pb_message(buf, start, stop)
-                interval, start = buf[s:e], e
-            elif key == 0x11:
+        if start + 27 <= pos and buf[start] == 0x11 and buf[start + 9] == 0x19 and buf[start + 18] == 0x21:
+            o, h, lo = _PB_THREE_DOUBLES(buf, start)  # open, high, low in a row, as usually written
+            start += 27
+        while start < pos:
+            key = buf[start]
+            start += 1
+            if key == 0x11:
                 o = _PB_DOUBLE(buf, start)[0]
                 start += 8
             elif key == 0x19:
@@ -4100,33 +4245,53 @@ def _upstox_day_ohlc(buf: bytes, pos: int, end: int) -> Tuple[Optional[float], O
             elif key == 0x21:
                 lo = _PB_DOUBLE(buf, start)[0]
                 start += 8
-            else:
-                start = _pb_skip(buf, start, key, stop)
-        if interval == b"1d":
-            return o, h, lo
+            elif key == 0x29:  # close (a Tick's close is the previous day's)
+                start += 8
+            else:  # volume, the candle's time
+                if key >= 0x80:
+                    key, start = _pb_varint(buf, start - 1)
+                start = _pb_skip(buf, start, key, pos)
+        return o, h, lo
     return None, None, None
+
+
+def _pb_interval_is_day(buf: bytes, pos: int, end: int) -> bool:
+    """Does this OHLC candle (its fields in any order) have the interval "1d"?"""
+    while pos < end:
+        key, pos = _pb_key(buf, pos)
+        if key == 0x0A:
+            start, pos = _pb_message(buf, pos, end)
+            return buf[start:pos] == b"1d"
+        pos = _pb_skip(buf, pos, key, end)
+    return False
 
 
 def _upstox_tick(target: Tuple[Instrument, str], buf: bytes, pos: int, end: int, now_ms: int) -> Optional[Tick]:
     """One ``Feed`` -> a Tick in the mode it was subscribed in."""
     instrument, mode = target
     while pos < end:
-        key, pos = _pb_key(buf, pos)
+        key = buf[pos]
+        pos += 1
         if key == 0x0A:  # ltpc
-            start, pos = _pb_message(buf, pos, end)
+            start, pos = _pb_length(buf, pos, end)
             ltp = _upstox_ltpc(buf, start, pos)[0]
             tick = _TickBuilder(instrument, "ltp", ltp)
         elif key == 0x12:  # fullFeed: marketFF (tradables) or indexFF (indices)
-            start, stop = _pb_message(buf, pos, end)
-            pos = stop
-            inner_key, start = _pb_key(buf, start)
-            start, stop = _pb_message(buf, start, stop)
+            start, pos = _pb_length(buf, pos, end)
+            if start == pos:  # neither is set
+                continue
+            inner_key = buf[start]  # a oneof: marketFF or indexFF, one field
+            if inner_key != 0x0A and inner_key != 0x12:
+                raise _FrameError(f"fullFeed starts with key {inner_key:#x}, neither marketFF nor indexFF")
+            start, stop = _pb_length(buf, start + 1, pos)
             tick = (_upstox_market(instrument, mode, buf, start, stop, now_ms) if inner_key == 0x0A
                     else _upstox_index(instrument, mode, buf, start, stop, now_ms))
         elif key == 0x1A:  # firstLevelWithGreeks (the option_greeks mode)
             start, pos = _pb_message(buf, pos, end)
             tick = _upstox_first_level(instrument, mode, buf, start, pos)
         else:
+            if key >= 0x80:
+                key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
             continue
         tick.__class__ = Tick
@@ -4136,38 +4301,49 @@ def _upstox_tick(target: Tuple[Instrument, str], buf: bytes, pos: int, end: int,
 
 def _upstox_market(instrument: Instrument, mode: str, buf: bytes, pos: int, end: int, now_ms: int) -> Any:
     ltp = cp = 0.0
-    ltt = ltq = 0
+    ltt = ltq = vtt = 0
     atp = tbq = tsq = oi = 0.0
-    vtt = 0
     depth: Any = None
     o = h = lo = None
+    double = _PB_DOUBLE
     while pos < end:
-        key, pos = _pb_key(buf, pos)
+        key = buf[pos]
+        pos += 1
         if key == 0x0A:
-            start, pos = _pb_message(buf, pos, end)
+            start, pos = _pb_length(buf, pos, end)
             ltp, ltt, ltq, cp = _upstox_ltpc(buf, start, pos)
         elif key == 0x12:
-            start, pos = _pb_message(buf, pos, end)
+            start, pos = _pb_length(buf, pos, end)
             if mode == "full":
                 depth = _upstox_depth(buf, start, pos)
         elif key == 0x22:
-            start, pos = _pb_message(buf, pos, end)
+            start, pos = _pb_length(buf, pos, end)
             o, h, lo = _upstox_day_ohlc(buf, start, pos)
         elif key == 0x29:
-            atp = _PB_DOUBLE(buf, pos)[0]
+            atp = double(buf, pos)[0]
+            pos += 8
+        elif key == 0x39:
+            if pos + 35 <= end and buf[pos + 8] == 0x41 and buf[pos + 17] == 0x49 and buf[pos + 26] == 0x51:
+                oi, _, tbq, tsq = _PB_FOUR_DOUBLES(buf, pos - 1)  # oi, iv, tbq, tsq in a row, as usually written
+                pos += 35
+            else:
+                oi = double(buf, pos)[0]
+                pos += 8
+        elif key == 0x49:
+            tbq = double(buf, pos)[0]
+            pos += 8
+        elif key == 0x51:
+            tsq = double(buf, pos)[0]
             pos += 8
         elif key == 0x30:
             vtt, pos = _pb_varint(buf, pos)
-        elif key == 0x39:
-            oi = _PB_DOUBLE(buf, pos)[0]
+        elif key == 0x1A:  # greeks: not in a Tick
+            pos = _pb_length(buf, pos, end)[1]
+        elif key == 0x41:  # iv: not in a Tick
             pos += 8
-        elif key == 0x49:
-            tbq = _PB_DOUBLE(buf, pos)[0]
-            pos += 8
-        elif key == 0x51:
-            tsq = _PB_DOUBLE(buf, pos)[0]
-            pos += 8
-        else:
+        else:  # the auction fields and any newer ones
+            if key >= 0x80:
+                key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
     change = (ltp - cp) * 100 / cp if cp else None
     if mode == "quote":  # what a quote tick carries on every broker: no depth, no OI, no times
@@ -4260,9 +4436,10 @@ def _upstox_feed_response(buf: bytes, instruments: Mapping[Any, Any], out: List[
     # currentTs (field 3) may follow the feeds: find it first, it stamps every tick
     now_ms, pos, feeds, info = 0, 0, [], None
     while pos < end:
-        key, pos = _pb_key(buf, pos)
+        key = buf[pos]
+        pos += 1
         if key == 0x12:
-            start, pos = _pb_message(buf, pos, end)
+            start, pos = _pb_length(buf, pos, end)
             feeds.append((start, pos))
         elif key == 0x18:
             now_ms, pos = _pb_varint(buf, pos)
@@ -4270,20 +4447,25 @@ def _upstox_feed_response(buf: bytes, instruments: Mapping[Any, Any], out: List[
             info = _pb_message(buf, pos, end)
             pos = info[1]
         else:
+            if key >= 0x80:
+                key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
     if info is not None:
         out.append(_upstox_market_info(buf, info[0], info[1], now_ms))
     for start, stop in feeds:  # map<string, Feed> entries: key (1) and value (2)
         target = value = None
         while start < stop:
-            key, start = _pb_key(buf, start)
+            key = buf[start]
+            start += 1
             if key == 0x0A:
-                s, e = _pb_message(buf, start, stop)
+                s, e = _pb_length(buf, start, stop)
                 target, start = instruments.get(buf[s:e]), e
             elif key == 0x12:
-                value = _pb_message(buf, start, stop)
+                value = _pb_length(buf, start, stop)
                 start = value[1]
             else:
+                if key >= 0x80:
+                    key, start = _pb_varint(buf, start - 1)
                 start = _pb_skip(buf, start, key, stop)
         if target is not None and value is not None:
             tick = _upstox_tick(target, buf, value[0], value[1], now_ms)
@@ -4583,6 +4765,7 @@ class _Transport:
     def request(self, method: str, url: str, headers: Mapping[str, str], params: Optional[Mapping[str, Any]],
                 form: Optional[Mapping[str, Any]], json_body: Any) -> _Response:
         requests = _import_requests()
+        import urllib3.exceptions as urllib3_errors  # loaded with requests
         started = time.monotonic()
         deadline = started + self.timeout
         try:
@@ -4596,6 +4779,11 @@ class _Transport:
             err = NetworkError(f"{method} {_path_of(url)} failed: {exc.__class__.__name__}: {_short(text)}"
                                + (" (the request may have reached the broker)" if sent else " (nothing was sent)"))
             err.maybe_sent = sent  # type: ignore[attr-defined]
+            raise err from None
+        except (urllib3_errors.HTTPError, OSError) as exc:  # the body's own reads: requests leaves them raw
+            err = NetworkError(f"{method} {_path_of(url)}: the reply broke off ({exc.__class__.__name__}) "
+                               "(the request may have reached the broker)")
+            err.maybe_sent = True  # type: ignore[attr-defined]
             raise err from None
         if body is None:
             err = NetworkError(f"{method} {_path_of(url)}: no complete reply within {self.timeout:g} s "
@@ -4800,6 +4988,22 @@ class _FileStore:
         _remove_quietly(self.path)
 
 
+def _usable_session(session: Any) -> bool:
+    """Is a session a store handed back one that can be used (an application's store may be wrong)?"""
+    def aware(stamp: Any) -> bool:
+        return stamp is None or (isinstance(stamp, _dt.datetime) and stamp.tzinfo is not None)
+
+    return (isinstance(session, SessionData) and isinstance(session.access_token, str) and bool(session.access_token)
+            and isinstance(session.broker, str) and aware(session.obtained_at) and aware(session.expires_at))
+
+
+def _fault(exc: BaseException) -> str:
+    """An error's kind (and an OS error's reason), never its text: it may quote a token."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.__class__.__name__}: {exc.strerror}"
+    return exc.__class__.__name__
+
+
 def _session_expiry(obtained: _dt.datetime, rule: Tuple[int, int]) -> _dt.datetime:
     """The first ``rule`` (hour, minute) IST strictly after ``obtained``."""
     local = obtained.astimezone(IST)
@@ -4914,9 +5118,9 @@ class _Auth:
     def _obtain(self) -> SessionData:
         flow = self.flow
         self._require(flow.signs)
-        stored = self.store.load()
+        stored = self._stored()
         config_token = self._config_token()
-        if self._belongs(stored) and (config_token is None or stored.access_token == config_token):
+        if stored is not None and self._belongs(stored) and (config_token is None or stored.access_token == config_token):
             return stored
         now = _dt.datetime.fromtimestamp(self._clock(), IST)
         if flow.obtain is not None and not flow.single_use:
@@ -4934,8 +5138,29 @@ class _Auth:
 
     def _save(self, session: SessionData) -> SessionData:
         session = self._completed(session)
-        self.store.save(session)
+        try:
+            self.store.save(session)
+        except Exception as exc:  # noqa: BLE001 - an application's store may fail any way; the session still works
+            log.warning("%s: could not save the session to %s (%s); it lives in this process only, so the next "
+                        "run logs in again", self.spec["id"], self._store_name(), _fault(exc))
         return session
+
+    def _stored(self) -> Optional[SessionData]:
+        """The store's session; None if it has none, fails, or hands back something unusable."""
+        try:
+            session = self.store.load()
+        except Exception as exc:  # noqa: BLE001 - an application's store may fail any way
+            log.warning("%s: could not read the session from %s (%s); logging in afresh", self.spec["id"],
+                        self._store_name(), _fault(exc))
+            return None
+        if session is None or _usable_session(session):
+            return session
+        log.warning("%s: %s returned a %s, not a SessionData with a token and timezone-aware times; logging in "
+                    "afresh", self.spec["id"], self._store_name(), type(session).__name__)
+        return None
+
+    def _store_name(self) -> str:
+        return self.store.path if isinstance(self.store, _FileStore) else "the session_store"
 
     # -- at init: single-use codes ----------------------------------------------------------
 
@@ -4947,15 +5172,20 @@ class _Auth:
         self._require(flow.needs)
         source = _digest(self.config[flow.single_use])
         with self._lock:
-            stored = self.store.load()
-            if self._belongs(stored) and stored.source == source:
+            stored = self._stored()
+            if stored is not None and self._belongs(stored) and stored.source == source:
                 # A code is single-use: re-running the same config (a notebook cell) reuses the
                 # session it already produced instead of failing the exchange.
                 log.info("%s: using the stored session; %s not exchanged again", self.spec["id"], flow.single_use)
                 self._install(stored)
                 return
             assert flow.obtain is not None
-            session = flow.obtain(self._call, self.config, self._clock())
+            try:
+                session = flow.obtain(self._call, self.config, self._clock())
+            except AuthenticationError as exc:  # a used or stale code: say how to get a fresh one
+                raise AuthenticationError(f"{exc.message}. A {flow.single_use} works once, for minutes: "
+                                          f"{self.hint()}", broker_code=exc.broker_code,
+                                          http_status=exc.http_status) from None
             self._install(self._save(dataclasses.replace(session, source=source)))
 
     # -- after a refusal ------------------------------------------------------------------
@@ -4970,7 +5200,11 @@ class _Auth:
             if self.generation != generation:
                 return True  # another thread already replaced the session
             if self.mode is not AuthMode.AUTO:
-                self.store.clear()
+                try:
+                    self.store.clear()
+                except Exception as exc:  # noqa: BLE001 - the refusal below is what the caller must see
+                    log.warning("%s: could not clear the refused session from %s (%s)", self.spec["id"],
+                                self._store_name(), _fault(exc))
                 return False
             old = self._session
             renew = self.spec["hooks"].get("renew")
@@ -5023,7 +5257,12 @@ def _all_known_keys() -> frozenset:
 def _finite_positive(value: Any) -> bool:
     import math
 
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an int beyond a float: no time or rate is that large
+        return False
 
 
 class Capabilities(_Model):
@@ -5069,6 +5308,20 @@ class Capabilities(_Model):
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Capabilities are read-only (tried to set {name!r})")
+
+
+def _instrument_list(instruments: Any) -> List[Instrument]:
+    """One instrument or a sequence of them, as a list; anything else is refused."""
+    if isinstance(instruments, _Instrument):
+        return [instruments]  # type: ignore[list-item] # _Instrument is the base of Instrument's members
+    if isinstance(instruments, (str, bytes, Mapping)) or not isinstance(instruments, Iterable):
+        raise InvalidInstrumentError(f"expected an Index, Equity, Future or Option, or a list of them, got "
+                                     f"{_short(repr(instruments), 80)}")
+    items = list(instruments)
+    for item in items:
+        if not isinstance(item, _Instrument):
+            raise InvalidInstrumentError(f"expected an Index, Equity, Future or Option, got {_short(repr(item), 80)}")
+    return items
 
 
 class TTConnect:
@@ -5329,7 +5582,8 @@ class TTConnect:
         self._open()
         exch = None if exchange is None else _as_enum(Exchange, exchange, "exchange")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise InvalidInstrumentError(f"limit must be a positive whole number, got {limit!r}")
+            raise InvalidInstrumentError(f"limit must be a positive whole number, got {_short(repr(limit), 40)}")
+        limit = min(limit, 1 << 62)  # SQLite's integers are 64-bit; no master has that many rows
         return self._instruments.read(self._instruments.store.search, _discovery_symbol(prefix, allow_empty=True), exch,
                                       self.broker, limit)
 
@@ -5373,7 +5627,17 @@ class TTConnect:
         resp = self._transport.request(route.verb, self._urls[route.host] + path, headers, request.query,
                                        body if route.encoding == "form" else None,
                                        body if route.encoding == "json" else None)
-        return _check_reply(self._spec, name, route, resp)
+        try:
+            return _check_reply(self._spec, name, route, resp)
+        except TTConnectError as exc:
+            # A reply can echo the request (a proxy's error page listing its headers, a login
+            # form's fields): nothing that was sent is quoted back.
+            sent = [*headers.values(), *(v for v in (body.values() if isinstance(body, Mapping) else ())
+                                         if isinstance(v, str))]
+            scrubbed = _scrub(exc.message, sent)
+            if scrubbed != exc.message:
+                exc.message, exc.args = scrubbed, (scrubbed,)
+            raise
 
     def _hook_call(self, name: str, request: Optional[_Request] = None, session: Optional[SessionData] = None) -> Any:
         """The ``call`` handed to auth hooks: no session unless given, no auth recovery."""
@@ -5423,7 +5687,7 @@ class TTConnect:
                 rows = (route.rows or _list_rows)(data)
             except (_Malformed, TypeError, ValueError, AttributeError) as exc:
                 raise BrokerError(f"{self.broker} {name}: malformed reply ({_why(exc)})") from None
-            out, bad = [], 0
+            out, bad, first_bad = [], 0, ""
             for index, row in enumerate(rows):
                 try:
                     if not isinstance(row, Mapping):
@@ -5435,11 +5699,14 @@ class TTConnect:
                         skipped.append(row)
                 except (_Malformed, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
                     bad += 1
+                    first_bad = first_bad or _why(exc)
                     log.warning("%s %s: left out malformed row %d (%s)", self.broker, name, index, _why(exc))
                     if skipped is not None and isinstance(row, Mapping):
                         skipped.append(row)
             if bad:
                 log.warning("%s %s: %d of %d rows were malformed and left out", self.broker, name, bad, len(rows))
+                if bad == len(rows) and skipped is None:  # nothing readable: an empty answer would mislead
+                    raise BrokerError(f"{self.broker} {name}: malformed reply (every row: {first_bad})")
             return out
         if route.parse is not None:
             try:
@@ -5533,9 +5800,13 @@ class TTConnect:
 
     @staticmethod
     def _order_id(order_id: Any) -> str:
-        if not isinstance(order_id, str) or not order_id.strip():
-            raise InvalidOrderError(f"order_id must be the broker's order id as a non-empty string, got {order_id!r}")
-        return order_id.strip()
+        """A broker order id: ASCII letters, digits, '-', '_' or '.' (never only dots: an id is
+        one path segment, and '.' or '..' would move the request to another route)."""
+        text = order_id.strip() if isinstance(order_id, str) else ""
+        if not text or not text.isascii() or not all(c.isalnum() or c in "-_." for c in text) or not text.strip("."):
+            raise InvalidOrderError(f"order_id must be the broker's order id (letters, digits, '-', '_', '.'), got "
+                                    f"{_short(repr(order_id), 60)}")
+        return text
 
     # -- orders ----------------------------------------------------------------------------
 
@@ -5563,8 +5834,9 @@ class TTConnect:
         limit = self._spec["max_tag_len"] - self._TAG_SUFFIX
         if tag is None:
             return "tt" + os.urandom(7).hex()[: limit + self._TAG_SUFFIX - 2]
-        if not isinstance(tag, str) or not tag or len(tag) > limit or not all(c.isalnum() or c in "-_" for c in tag):
-            raise InvalidOrderError(f"tag must be 1-{limit} letters, digits, '-' or '_' for {self.broker} (ttconnect "
+        if not isinstance(tag, str) or not 0 < len(tag) <= limit or not tag.isascii() \
+                or not all(c.isalnum() or c in "-_" for c in tag):
+            raise InvalidOrderError(f"tag must be 1-{limit} ASCII letters, digits, '-' or '_' for {self.broker} (ttconnect "
                                     f"appends '-' and 4 characters to make each order's tag unique), got {tag!r}")
         return f"{tag}-{os.urandom(2).hex()}"
 
@@ -5747,6 +6019,7 @@ class TTConnect:
         return self._cancel(order.id, order.raw)
 
     def _cancel(self, order_id: str, raw: Mapping[str, Any]) -> str:
+        order_id = self._order_id(order_id)  # also an id from a broker's row (the kill switch)
         self._execute("cancel_order", order_id, raw)
         return order_id
 
@@ -5803,7 +6076,7 @@ class TTConnect:
         fields = self._spec["row_fields"]
         for row in skipped:
             try:
-                open_qty = _int(row.get(fields["position_qty"]))
+                open_qty = _int_at(row, fields["position_qty"])
             except _Malformed:
                 open_qty = 1  # unreadable: count it as open rather than miss it
             if open_qty:
@@ -5883,7 +6156,7 @@ class TTConnect:
         """
         if mode not in _STREAM_MODES:
             raise UnsupportedFeatureError(f"stream mode {mode!r} is not one of {', '.join(_STREAM_MODES)}")
-        items = [instruments] if isinstance(instruments, _Instrument) else list(instruments)
+        items = _instrument_list(instruments)
         if on_tick is not None and not callable(on_tick):
             raise ConfigurationError("on_tick must be a callable taking a Tick")
         streamer = self._stream()
@@ -5895,7 +6168,7 @@ class TTConnect:
 
     def unsubscribe(self, instruments: Union[Instrument, Sequence[Instrument]]) -> None:
         """Stop streaming ``instruments`` (the feed stays up for the others)."""
-        items = [instruments] if isinstance(instruments, _Instrument) else list(instruments)
+        items = _instrument_list(instruments)
         if self._streamer is not None:
             self._streamer.unsubscribe(items)
 
@@ -6129,10 +6402,18 @@ def _send_frame(ws: Any, message: Union[str, bytes]) -> None:
 
 def _quietly_shut(ws: Any) -> None:
     """Abort and close a socket that may already be dead (some websocket-client versions raise
-    OSError on an already closed socket)."""
+    OSError on an already closed socket). Mid-handshake, ``abort`` does nothing (the socket is not
+    "connected" yet): shutting the TCP socket itself wakes the thread reading the upgrade reply."""
+    import socket
+
     import websocket
 
-    for step in (ws.abort, lambda: ws.close(timeout=0)):
+    def shut_tcp() -> None:
+        sock = getattr(ws, "sock", None)
+        if sock is not None and not getattr(ws, "connected", True):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    for step in (ws.abort, shut_tcp, lambda: ws.close(timeout=0)):
         try:
             step()
         except (OSError, websocket.WebSocketException) as exc:
