@@ -3,9 +3,13 @@ server bound to 127.0.0.1, and time is injected."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import enum
+import errno
+import gzip
 import hashlib
 import http.server
 import inspect
@@ -13,12 +17,17 @@ import io
 import json
 import logging
 import os
+import queue
+import random
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+import traceback
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
@@ -4324,3 +4333,1756 @@ def test_cli_search_and_expiries(tmp_path: Path, clock: FakeClock, clients: list
         assert tt.main(["expiries", "zerodha", "SENSEX", "--exchange", "BFO", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == ["NSE:INFY\t408065", "2026-11-26"]
+
+
+# ============================================================================
+# 12. Hostile inputs and faults (issue 8)
+# ============================================================================
+# Every case feeds one bad input or fault and asserts the exact outcome: a typed error (a
+# TTConnectError subclass whose message says what to do), or correct recovery with nothing
+# lost and nothing silently wrong. Servers bind 127.0.0.1; time is injected; the only real
+# waits are bounded ones on events and queues.
+
+INFY = tt.Equity(exchange="NSE", symbol="INFY")
+INFY_TOKEN = {"zerodha": "408065", "angelone": "1594"}
+DAY2 = ist(2026, 11, 22, 10, 0)  # the day after ``clock``: a new master dump is due
+LOGIN = json.loads(fixture_text("angelone", "login.json"))["data"]
+RENEWED = json.loads(fixture_text("angelone", "renew_token.json"))["data"]
+KITE_LOGIN = json.loads(fixture_text("zerodha", "login.json"))["data"]
+
+
+# ----------------------------------------------------------------------------
+# 12.0 Hostile: shared checks
+# ----------------------------------------------------------------------------
+
+
+def _is(exc: BaseException, cls: type) -> bool:
+    """The exact class (InvalidInstrumentError also covers its TypeError twin)."""
+    return type(exc) is cls or (cls is tt.InvalidInstrumentError and isinstance(exc, cls))
+
+
+def _raw(exc: BaseException, expected: str) -> str:
+    return f"raw {type(exc).__module__}.{type(exc).__name__} escaped{expected}: {exc!r}"[:700]
+
+
+def _fail_clean(message: str) -> None:
+    """Fail outside the except block: an abandoned generator in the raw exception's frames
+    (a master parser) is finalised here, not while pytest renders the report."""
+    import gc
+
+    gc.collect()
+    pytest.fail(message, pytrace=False)
+
+
+def expect(cls: type, call: Callable[[], Any], *words: str) -> tt.TTConnectError:
+    """Run ``call``; it must raise exactly ``cls`` with every fragment of ``words`` in its text.
+    A raw Python exception is reported as such (it must never reach a user)."""
+    problem = ""
+    try:
+        result = call()
+    except tt.TTConnectError as exc:
+        if not _is(exc, cls):
+            problem = f"expected {cls.__name__}, got {type(exc).__name__}: {exc}"[:700]
+        else:
+            missing = [w for w in words if w not in str(exc)]
+            if not missing:
+                return exc
+            problem = f"{cls.__name__} text lacks {missing}: {exc}"[:900]
+    except BaseException as exc:  # noqa: BLE001 - the point of the check
+        problem = _raw(exc, f" (expected {cls.__name__})")
+    else:
+        problem = f"expected {cls.__name__}, but the call returned {result!r}"[:500]
+    _fail_clean(problem)
+    raise AssertionError("unreachable")
+
+
+def no_raw(call: Callable[[], Any]) -> Any:
+    """Run ``call``; a raw (non-ttconnect) exception fails the test with a clear message."""
+    problem = ""
+    try:
+        return call()
+    except tt.TTConnectError as exc:
+        problem = f"unexpected {type(exc).__name__}: {exc}"[:900]
+    except BaseException as exc:  # noqa: BLE001
+        problem = _raw(exc, "")
+    _fail_clean(problem)
+
+
+def kept(clients: list, *args: Any, **kwargs: Any) -> tt.TTConnect:
+    """``TTConnect(...)``, closed by the test's teardown should it open (even where it should not)."""
+    client = tt.TTConnect(*args, **kwargs)
+    clients.append(client)
+    return client
+
+
+@contextlib.contextmanager
+def no_request() -> Iterator[responses.RequestsMock]:
+    """Nothing may be sent (an unregistered URL would fail, and none may be tried)."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        yield rs
+        assert [c.request.url for c in rs.calls] == []
+
+
+def messages(caplog: Any) -> List[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+def ok_body(broker: str, data: Any) -> Dict[str, Any]:
+    """A success envelope of ``broker`` around ``data``."""
+    if broker == "zerodha":
+        return {"status": "success", "data": data}
+    return {"status": True, "message": "SUCCESS", "errorcode": "", "data": data}
+
+
+def payload(broker: str, route: str) -> Any:
+    return json.loads(CASE[broker].payload(f"{route}.json"))
+
+
+# ============================================================================
+# 12.1 Hostile: Instrument masters (both brokers)
+# ============================================================================
+
+
+def kite_rows() -> List[List[str]]:
+    return list(csv.reader(io.StringIO(KITE_CSV.decode())))
+
+
+def kite_csv(rows: List[List[str]], newline: str = "\n") -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator=newline).writerows(rows)
+    return out.getvalue().encode()
+
+
+def kite_with(**changes: str) -> bytes:
+    """Kite's master with NSE:SBIN's row changed (column name -> raw text)."""
+    rows = kite_rows()
+    head = rows[0]
+    for row in rows[1:]:
+        if row[head.index("tradingsymbol")] == "SBIN" and row[head.index("exchange")] == "NSE":
+            for col, value in changes.items():
+                row[head.index(col)] = value
+    return kite_csv(rows)
+
+
+def angel_rows() -> List[Any]:
+    return json.loads(ANGEL_JSON)
+
+
+def angel_with(**changes: Any) -> bytes:
+    """AngelOne's master with NSE:SBIN's row (SBIN-EQ) changed."""
+    rows = angel_rows()
+    for row in rows:
+        if row["symbol"] == "SBIN-EQ":
+            row.update(changes)
+    return json.dumps(rows).encode()
+
+
+def _garbage(n: int = 4096) -> bytes:
+    rng = random.Random(8)
+    return bytes(rng.randrange(256) for _ in range(n))
+
+
+def _angel_inserted(item: Any, at_index: int = 5) -> bytes:
+    rows = angel_rows()
+    rows.insert(at_index, item)
+    return json.dumps(rows).encode()
+
+
+# kind: "refused" (the old DB is kept: on_stale='fail' raises, 'warn' starts on it),
+# "skips_row" (NSE:SBIN's row is counted malformed, the rest loads), "skips_row_any" (an extra
+# row is counted malformed, the rest loads), "row_or_refused" (either "skips_row" or "refused",
+# never garbage in the DB), "duplicates" (every row twice: counted once, as duplicates),
+# "loads" (the master is fine: it loads exactly as the plain one).
+MASTER_CASES = [
+    pytest.param("zerodha", lambda: gzip.compress(KITE_CSV), {}, "refused", "not a readable Kite instrument CSV",
+                 id="kite-gzip-bytes-without-content-encoding"),
+    pytest.param("zerodha", lambda: gzip.compress(KITE_CSV), {"Content-Encoding": "gzip"}, "loads", "",
+                 id="kite-gzip-with-content-encoding"),
+    pytest.param("zerodha", lambda: KITE_CSV.split(b"\n", 1)[0] + b"\n", {}, "refused", "no usable instrument rows",
+                 id="kite-header-only"),
+    pytest.param("zerodha", lambda: b"", {}, "refused", "the file is empty", id="kite-empty"),
+    pytest.param("zerodha", lambda: b"\n".join(KITE_CSV.split(b"\n")[:8]) + b"\n", {}, "refused", "under half",
+                 id="kite-under-half-the-previous-rows"),
+    pytest.param("zerodha", lambda: kite_with(name="X" * 200_000), {}, "row_or_refused", "",
+                 id="kite-field-over-csv-field-limit"),
+    pytest.param("zerodha", lambda: kite_with(lot_size="nan"), {}, "skips_row", "", id="kite-lot-nan"),
+    pytest.param("zerodha", lambda: kite_with(lot_size="9" * 30), {}, "skips_row", "", id="kite-lot-huge"),
+    pytest.param("zerodha", lambda: kite_with(tick_size="Infinity"), {}, "skips_row", "", id="kite-tick-infinity"),
+    pytest.param("zerodha", lambda: kite_csv(kite_rows() + kite_rows()[1:]), {}, "duplicates", "",
+                 id="kite-every-row-twice"),
+    pytest.param("zerodha", lambda: b"\xef\xbb\xbf" + KITE_CSV, {}, "loads", "", id="kite-utf8-bom"),
+    pytest.param("zerodha", lambda: KITE_CSV.replace(b"\n", b"\r\n"), {}, "loads", "", id="kite-crlf"),
+    pytest.param("zerodha", lambda: KITE_CSV.replace(b"779521,3045,SBIN,", b"779521,3045,SB\xffIN,"), {},
+                 "row_or_refused", "", id="kite-non-utf8-byte-in-one-row"),
+    pytest.param("angelone", lambda: b"<!DOCTYPE html><html><body>Access denied</body></html>", {}, "refused",
+                 "not a JSON array", id="angel-html-page"),
+    pytest.param("angelone", lambda: b"[]", {}, "refused", "no usable instrument rows", id="angel-empty-array"),
+    pytest.param("angelone", lambda: b"[" * 100_000, {}, "refused", "truncated or malformed", id="angel-nesting-100000"),
+    pytest.param("angelone", lambda: ANGEL_JSON[: len(ANGEL_JSON) * 2 // 3], {}, "refused", "truncated",
+                 id="angel-truncated-json"),
+    pytest.param("angelone", lambda: _angel_inserted(["NSE", "SBIN-EQ", "3045"]), {}, "skips_row_any", "",
+                 id="angel-array-where-a-row-object-belongs"),
+    pytest.param("angelone", lambda: angel_with(name=json.loads("[" * 900 + "]" * 900)), {}, "row_or_refused", "",
+                 id="angel-one-row-nested-900-deep"),
+    pytest.param("angelone", lambda: ANGEL_JSON.replace(b'"name":"SBIN"', b'"name":' + b"[" * 5000 + b"]" * 5000, 1),
+                 {}, "row_or_refused", "", id="angel-one-row-nested-5000-deep"),
+    pytest.param("angelone", lambda: angel_with(lotsize=float("inf")), {}, "skips_row", "", id="angel-lot-infinity"),
+    pytest.param("angelone", lambda: angel_with(lotsize=1e30), {}, "skips_row", "", id="angel-lot-1e30"),
+    pytest.param("angelone", lambda: angel_with(tick_size="NaN"), {}, "skips_row", "", id="angel-tick-nan"),
+    pytest.param("angelone", lambda: angel_with(token={"value": "3045"}), {}, "skips_row", "",
+                 id="angel-object-where-token-belongs"),
+    pytest.param("angelone", lambda: angel_with(freeze_qty="9" * 30), {}, "skips_row", "", id="angel-freeze-qty-huge"),
+    pytest.param("angelone", lambda: b"\xef\xbb\xbf" + ANGEL_JSON, {}, "loads", "", id="angel-utf8-bom"),
+    pytest.param("angelone", lambda: ANGEL_JSON.replace(b'"SBIN-EQ"', b'"SB\xffIN-EQ"'), {}, "row_or_refused", "",
+                 id="angel-non-utf8-byte-in-one-row"),
+]
+
+
+@pytest.mark.parametrize("broker_id, make, headers, kind, detail", MASTER_CASES)
+def test_hostile_master(broker_id: str, make: Callable[[], bytes], headers: Dict[str, str], kind: str, detail: str,
+                        tmp_path: Path, clock: FakeClock, clients: list, caplog: Any) -> None:
+    first = open_client(clients, broker_id, tmp_path, clock, MASTERS[broker_id])
+    base = first._instruments.loaded
+    assert base is not None
+    db = tmp_path / "instruments.db"
+    before = file_digest(db)
+    clock.set(DAY2)
+    body = make()
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    caplog.clear()
+
+    def start(on_stale: str) -> tt.TTConnect:
+        with responses.RequestsMock(assert_all_requests_are_fired=True) as rs:
+            rs.get(URLS[broker_id], body=body, headers=headers)
+            client = tt.TTConnect(broker_id, cache_dir=str(tmp_path), on_stale=on_stale, clock=clock, sleep=clock.sleep)
+        clients.append(client)
+        return client
+
+    def refused(words: Tuple[str, ...]) -> None:
+        expect(tt.BrokerError, lambda: start("fail"), f"the {broker_id} instrument master", "could not be loaded",
+               "kept untouched", *words)
+        assert file_digest(db) == before
+        assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+        caplog.clear()
+        warm = start("warn")
+        assert warm.resolve(SBIN) == CASE[broker_id].sbin_token
+        assert any("serving the cached DB" in m for m in messages(caplog))
+        assert file_digest(db) == before
+
+    def skipped(client: tt.TTConnect) -> None:
+        loaded = client._instruments.loaded
+        assert loaded is not None, "the new master was not loaded"
+        assert loaded["malformed"] == base["malformed"] + 1
+        assert loaded["rows"] == base["rows"] - 1
+        expect(tt.InstrumentNotFoundError, lambda: client.resolve(SBIN))
+        assert client.resolve(INFY) == INFY_TOKEN[broker_id]
+        assert sum("skipped malformed row" in m for m in messages(caplog)) == loaded["malformed"]
+
+    if kind == "refused":
+        refused((detail,))
+    elif kind == "row_or_refused":
+        problem = ""
+        try:
+            client = start("fail")
+        except tt.BrokerError:
+            refused(())
+        except BaseException as exc:  # noqa: BLE001
+            problem = _raw(exc, " (expected the row skipped, or a BrokerError keeping the old DB)")
+        else:
+            skipped(client)
+            conn = sqlite3.connect(db)
+            assert conn.execute("SELECT COUNT(*) FROM instruments WHERE symbol LIKE '%' || char(65533) || '%'"
+                                " OR length(name) > 1000").fetchone()[0] == 0
+            conn.close()
+        if problem:
+            _fail_clean(problem)
+    elif kind == "skips_row":
+        skipped(no_raw(lambda: start("fail")))
+    elif kind == "skips_row_any":
+        client = no_raw(lambda: start("fail"))
+        loaded = client._instruments.loaded
+        assert loaded is not None and loaded["malformed"] == base["malformed"] + 1 and loaded["rows"] == base["rows"]
+    elif kind == "duplicates":
+        client = no_raw(lambda: start("fail"))
+        loaded = client._instruments.loaded
+        assert loaded is not None and loaded["rows"] == base["rows"] and loaded["duplicates"] == base["rows"]
+        assert client.resolve(SBIN) == CASE[broker_id].sbin_token
+    else:
+        assert kind == "loads"
+        client = no_raw(lambda: start("fail"))
+        assert client._instruments.loaded == base
+        assert client.resolve(SBIN) == CASE[broker_id].sbin_token
+
+
+@pytest.mark.parametrize("broker_id", ["zerodha", "angelone"])
+def test_first_run_with_a_garbage_master_says_what_failed(broker_id: str, tmp_path: Path, clock: FakeClock,
+                                                          clients: list) -> None:
+    with responses.RequestsMock() as rs:
+        rs.get(URLS[broker_id], body=b"\x1f\x8b\x08\x00" + _garbage(512))
+        expect(tt.BrokerError, lambda: kept(clients, broker_id, cache_dir=str(tmp_path), on_stale="warn", clock=clock),
+               f"No instrument DB for {broker_id} is cached", "check the network or config 'instruments_url'")
+    assert os.listdir(tmp_path) == ["instruments.db.lock"]
+
+
+# ============================================================================
+# 12.2 Hostile: The instrument DB and the cache dir
+# ============================================================================
+
+
+def _sql(statement: str) -> Callable[[Path], None]:
+    def damage(db: Path) -> None:
+        conn = sqlite3.connect(db)
+        conn.execute(statement)
+        conn.commit()
+        conn.close()
+
+    return damage
+
+
+def _as_directory(db: Path) -> None:
+    db.unlink()
+    db.mkdir()
+
+
+def _magic_then_garbage(db: Path) -> None:
+    size = db.stat().st_size
+    db.write_bytes(b"SQLite format 3\x00" + _garbage(size - 16))
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda db: db.write_bytes(b""), id="truncated-to-0-bytes"),
+    pytest.param(lambda db: db.write_bytes(db.read_bytes()[:4096]), id="truncated-to-its-first-page"),
+    pytest.param(_magic_then_garbage, id="sqlite-header-then-garbage"),
+    pytest.param(_as_directory, id="a-directory-in-its-place"),
+])
+def test_a_damaged_db_is_moved_aside_and_rebuilt(damage: Callable[[Path], None], tmp_path: Path, clock: FakeClock,
+                                                  clients: list, caplog: Any) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    damage(tmp_path / "instruments.db")
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    client = no_raw(lambda: open_client(clients, "zerodha", tmp_path, clock, KITE_CSV))  # same day: only the damage
+    assert client.resolve(SBIN) == "779521"
+    assert (tmp_path / "instruments.db.corrupt").exists()
+    assert any("is damaged" in m and "rebuilding" in m for m in messages(caplog))
+
+
+# The per-broker refresh record is damaged (another program, a half-restored backup, a machine
+# whose clock was a year ahead when it refreshed): the master must be loaded again, not trusted.
+@pytest.mark.parametrize("damage", [
+    pytest.param(_sql("UPDATE _meta SET refreshed_at = 'garbage'"), id="refreshed-at-not-a-timestamp"),
+    pytest.param(_sql("UPDATE _meta SET refreshed_at = '2026-11-21T10:00:00'"), id="refreshed-at-naive"),
+    pytest.param(_sql("UPDATE _meta SET refreshed_at = '2027-11-21T10:00:00+05:30'"), id="refreshed-at-in-the-future"),
+    pytest.param(_sql("UPDATE _meta SET rows = 'abc'"), id="row-count-not-a-number"),
+])
+def test_a_damaged_refresh_record_means_a_fresh_load(damage: Callable[[Path], None], tmp_path: Path, clock: FakeClock,
+                                                     clients: list) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    damage(tmp_path / "instruments.db")
+    clock.set(DAY2)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        client = no_raw(lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock, sleep=clock.sleep))
+        assert len(rs.calls) == 1, "the master was not downloaded again"
+    assert client.resolve(SBIN) == "779521"
+    conn = sqlite3.connect(tmp_path / "instruments.db")
+    (refreshed,), = conn.execute("SELECT refreshed_at FROM _meta WHERE broker_id = 'zerodha'").fetchall()
+    conn.close()
+    assert refreshed == DAY2.isoformat()
+
+
+def _damage_pages(db: Path) -> None:
+    """Overwrite every page after the first one in place (the open client's file)."""
+    data = bytearray(db.read_bytes())
+    data[4096:] = b"\xa5" * (len(data) - 4096)
+    with open(db, "r+b") as f:
+        f.write(data)
+
+
+def test_a_page_damaged_after_start_is_repaired_at_resolve(tmp_path: Path, clock: FakeClock, clients: list,
+                                                           caplog: Any) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    _damage_pages(tmp_path / "instruments.db")
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        assert no_raw(lambda: kite.resolve(INFY)) == "408065"
+    assert [str(i) for i in kite.search("SBI", exchange="NSE")] == ["NSE:SBIN"]
+    assert any("found damaged at a look-up" in m for m in messages(caplog))
+
+
+def test_a_damaged_page_without_a_master_to_rebuild_from_says_what_to_do(tmp_path: Path, clock: FakeClock,
+                                                                         clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    _damage_pages(tmp_path / "instruments.db")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        rs.get(URLS["zerodha"], body=requests.ConnectionError("network is unreachable"))
+        expect(tt.ConfigurationError, lambda: kite.resolve(INFY), "is damaged and could not be rebuilt", "delete it")
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Make a directory read-only for this process: chmod for a normal user; root ignores
+    modes, so there the directory is made immutable instead (entries can be neither added nor
+    removed, existing files stay writable -- what a read-only mode means to a normal user)."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr: cannot make a directory read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_cache_dir_with_a_stale_db(tmp_path: Path, clock: FakeClock, clients: list, caplog: Any) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    before = file_digest(tmp_path / "instruments.db")
+    clock.set(DAY2)
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    with read_only(tmp_path):
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            rs.get(URLS["zerodha"], body=KITE_CSV)
+            expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock,
+                                                       sleep=clock.sleep),
+                   "could not be loaded", "kept untouched", "permissions")
+            client = no_raw(lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn", clock=clock,
+                                         sleep=clock.sleep))
+        assert client.resolve(SBIN) == "779521"
+        assert [str(i) for i in client.search("INF")] == ["NSE:INFY"]  # no index can be built: it scans
+    assert file_digest(tmp_path / "instruments.db") == before
+    assert any("serving the cached DB" in m for m in messages(caplog))
+
+
+@pytest.mark.parametrize("on_stale", ["fail", "warn"])
+def test_a_cache_dir_that_is_a_file(on_stale: str, tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    target = tmp_path / "cache.txt"
+    target.write_text("a user's file")
+    with no_request():
+        expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=str(target), on_stale=on_stale,
+                                                   clock=clock), "'cache_dir'", str(target))
+    assert target.read_text() == "a user's file"
+
+
+def _disk_full(*args: Any, **kwargs: Any) -> Any:
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.mark.parametrize("how", ["init-fail", "init-warn", "refresh"])
+def test_disk_full_while_building_keeps_the_old_db(how: str, tmp_path: Path, clock: FakeClock, clients: list,
+                                                   monkeypatch: Any) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    before = file_digest(tmp_path / "instruments.db")
+    monkeypatch.setattr(tt, "_create_indexes", _disk_full)
+    clock.set(DAY2)
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        if how == "refresh":
+            expect(tt.ConfigurationError, kite.refresh_instruments, "database or disk is full", "free space")
+        elif how == "init-fail":
+            expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock,
+                                                       sleep=clock.sleep),
+                   "database or disk is full", "kept untouched", "free space")
+        else:
+            client = no_raw(lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn", clock=clock,
+                                         sleep=clock.sleep))
+            assert client.resolve(SBIN) == "779521"
+    assert file_digest(tmp_path / "instruments.db") == before
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+
+
+def test_disk_full_in_the_middle_of_the_bulk_load(tmp_path: Path, clock: FakeClock, clients: list,
+                                                  monkeypatch: Any) -> None:
+    """The disk fills while rows are being inserted (the parser is suspended mid-file): a typed
+    error, the old DB, and no 'Exception ignored' from the abandoned parser afterwards."""
+    import gc
+    import sys
+
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    before = file_digest(tmp_path / "instruments.db")
+    real_staged = tt._Loader._staged
+
+    def filling(self: Any, rows: Any) -> Iterator[tuple]:
+        for i, row in enumerate(real_staged(self, rows)):
+            if i == 10:
+                raise sqlite3.OperationalError("database or disk is full")
+            yield row
+
+    monkeypatch.setattr(tt._Loader, "_staged", filling)
+    ignored: List[str] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: ignored.append(f"{u.exc_type.__name__}: {u.exc_value}"))
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        expect(tt.ConfigurationError, kite.refresh_instruments, "database or disk is full")
+    gc.collect()
+    assert ignored == [], f"exceptions were ignored after the failed load: {ignored}"
+    assert file_digest(tmp_path / "instruments.db") == before
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+
+
+def test_disk_full_while_saving_the_download(tmp_path: Path, clock: FakeClock, clients: list, monkeypatch: Any) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    before = file_digest(tmp_path / "instruments.db")
+
+    def no_space(self: Any, url: str, dest: str, headers: Any) -> int:
+        with open(dest, "wb") as f:
+            f.write(KITE_CSV[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tt._Transport, "_download_once", no_space)
+    clock.set(DAY2)
+    expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock,
+                                               sleep=clock.sleep), "No space left on device", "kept untouched")
+    assert file_digest(tmp_path / "instruments.db") == before
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+
+
+def test_a_lock_file_that_cannot_be_opened(tmp_path: Path, clock: FakeClock, clients: list, caplog: Any) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    lock = tmp_path / "instruments.db.lock"
+    lock.unlink()
+    lock.mkdir()  # something else holds the name: it cannot be opened as a file
+    clock.set(DAY2)
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock,
+                                                   sleep=clock.sleep), "cache dir", "kept untouched")
+        client = no_raw(lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn", clock=clock,
+                                     sleep=clock.sleep))
+        assert client.resolve(SBIN) == "779521"
+        expect(tt.ConfigurationError, client.refresh_instruments, "cache dir")
+    assert any("serving the cached DB" in m for m in messages(caplog))
+
+
+# ============================================================================
+# 12.3 Hostile: Session files and session stores
+# ============================================================================
+
+_VALID_SESSION = {"broker": "angelone", "mode": "auto", "access_token": "old-jwt-SECRET", "refresh_token": "old-refresh-SECRET",
+                  "feed_token": "old-feed-SECRET", "obtained_at": "2026-11-23T09:00:00+05:30",
+                  "expires_at": "2026-11-24T00:00:00+05:30", "app_key": "angelkey01", "user_id": "A123456"}
+
+
+def _session(**changes: Any) -> bytes:
+    return json.dumps({**_VALID_SESSION, **changes}).encode()
+
+
+SESSION_FILES = [
+    pytest.param(b'{"broker": "angelone", "access_tok', id="corrupt-json"),
+    pytest.param(b'["angelone", "auto", "old-jwt-SECRET"]', id="a-json-list"),
+    pytest.param(_session(access_token=12345), id="token-of-the-wrong-type"),
+    pytest.param(_session(expires_at="2026-11-24T00:00:00"), id="naive-timestamp"),
+    pytest.param(_session(obtained_at="2026-11-22T10:00:00+05:30", expires_at="2026-11-23T00:00:00+05:30"), id="expired"),
+    pytest.param(_session(user_id="B999999"), id="another-client-id"),
+    pytest.param(_session(app_key="otherkey01"), id="another-api-key"),
+    pytest.param(_session(user_id=None, app_key=None), id="no-identity-recorded"),
+    pytest.param(_session(broker="zerodha"), id="another-broker"),
+    pytest.param(b"[" * 100_000, id="nested-100000-deep"),
+    pytest.param(b'{"broker": "angelone", "access_token": "\xff\xfe"}', id="not-utf8"),
+]
+
+
+@pytest.mark.parametrize("content", SESSION_FILES)
+def test_an_unusable_session_file_means_a_fresh_login(content: bytes, tmp_path: Path, day_clock: FakeClock,
+                                                      clients: list, caplog: Any) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
+    path = tmp_path / "angelone_session.json"
+    path.write_bytes(content)
+    caplog.set_level(logging.DEBUG, logger="ttconnect")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_profile")
+        profile = no_raw(angel.get_profile)
+        assert len(api.calls("login")) == 1
+        assert api.calls("get_profile")[0].request.headers["Authorization"] == f"Bearer {LOGIN['jwtToken']}"
+    assert profile.user_id == "A123456"
+    saved = json.loads(path.read_text())
+    assert (saved["access_token"], saved["user_id"], saved["app_key"], saved["expires_at"]) == (
+        LOGIN["jwtToken"], "A123456", "angelkey01", "2026-11-24T00:00:00+05:30")
+    for text in messages(caplog):
+        assert "old-jwt-SECRET" not in text and "old-refresh-SECRET" not in text
+
+
+def test_a_stored_session_for_another_app_is_not_reused_for_a_single_use_code(tmp_path: Path, day_clock: FakeClock,
+                                                                               clients: list) -> None:
+    creds = {"api_key": "kitekey01", "api_secret": "kite-api-SECRET", "request_token": "req-TOKEN-1"}
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "zerodha_session.json").write_text(json.dumps({
+        "broker": "zerodha", "mode": "manual", "access_token": "other-app-SECRET", "refresh_token": None,
+        "feed_token": None, "obtained_at": "2026-11-23T09:00:00+05:30", "expires_at": "2026-11-24T06:00:00+05:30",
+        "user_id": "AB1234", "app_key": "otherkey01", "source": tt._digest("req-TOKEN-1")}))
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        api = MockApi(rs, "zerodha")
+        api.on("login")
+        api.on("get_profile")
+        kite = kept(clients, "zerodha", {"cache_dir": str(tmp_path), "cache_session": True, **creds}, clock=day_clock,
+                    sleep=day_clock.sleep)
+        kite.get_profile()
+        assert len(api.calls("login")) == 1
+        assert api.calls("get_profile")[0].request.headers["Authorization"] == f"token kitekey01:{KITE_LOGIN['access_token']}"
+
+
+class _Vault:
+    """A session store an application brings; each test makes one method misbehave."""
+
+    def __init__(self, load: Callable[[], Any] = lambda: None, save_error: Optional[BaseException] = None) -> None:
+        self._load, self._save_error = load, save_error
+        self.saved: List[Any] = []
+
+    def load(self) -> Any:
+        return self._load()
+
+    def save(self, session: Any) -> None:
+        if self._save_error is not None:
+            raise self._save_error
+        self.saved.append(session)
+
+    def clear(self) -> None:
+        self.saved.clear()
+
+
+def _raises(exc: BaseException) -> Callable[[], Any]:
+    def load() -> Any:
+        raise exc
+
+    return load
+
+
+@pytest.mark.parametrize("vault", [
+    pytest.param(lambda: _Vault(load=_raises(OSError(5, "vault unreachable"))), id="load-raises-oserror"),
+    pytest.param(lambda: _Vault(load=_raises(ValueError("decryption failed: bad padding"))), id="load-raises-valueerror"),
+    pytest.param(lambda: _Vault(load=lambda: {"access_token": "dict-SECRET", "broker": "angelone"}), id="load-returns-a-dict"),
+    pytest.param(lambda: _Vault(load=lambda: "jwt-as-a-string-SECRET"), id="load-returns-a-string"),
+    pytest.param(lambda: _Vault(load=lambda: tt.SessionData(broker="angelone", mode=tt.AuthMode.AUTO,
+                                                           access_token="odd-SECRET",
+                                                           expires_at="2099-01-01T00:00:00+05:30")),  # type: ignore[arg-type]
+                 id="load-returns-sessiondata-with-a-text-expiry"),
+    pytest.param(lambda: _Vault(save_error=OSError(28, "No space left on device")), id="save-raises"),
+])
+def test_a_misbehaving_session_store(vault: Callable[[], _Vault], tmp_path: Path, day_clock: FakeClock,
+                                     clients: list) -> None:
+    """The store is the application's code: whatever it does, the caller sees a working call
+    (a fresh login) or a ConfigurationError naming the session_store -- never its raw error."""
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, session_store=vault())
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_profile")
+        problem = ""
+        try:
+            profile = angel.get_profile()
+        except tt.ConfigurationError as exc:
+            if "session_store" not in str(exc):
+                problem = f"ConfigurationError does not name the session_store: {exc}"
+        except BaseException as exc:  # noqa: BLE001
+            problem = _raw(exc, " (expected a fresh login or a ConfigurationError naming session_store)")
+        else:
+            assert profile.user_id == "A123456" and len(api.calls("login")) == 1
+    if problem:
+        _fail_clean(problem)
+
+
+def test_a_session_file_path_taken_by_a_directory(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
+    (tmp_path / "angelone_session.json").mkdir()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_profile")
+        problem = ""
+        try:
+            profile = angel.get_profile()
+        except tt.ConfigurationError as exc:
+            if "angelone_session.json" not in str(exc):
+                problem = f"ConfigurationError does not name the session file: {exc}"
+        except BaseException as exc:  # noqa: BLE001
+            problem = _raw(exc, " (expected the call to work, or a ConfigurationError naming the session file)")
+        else:
+            assert profile.user_id == "A123456" and len(api.calls("login")) == 1
+    if problem:
+        _fail_clean(problem)
+
+
+# ============================================================================
+# 12.4 Hostile: Broker replies, route by route
+# ============================================================================
+
+MARGIN_LEG = [tt.OrderLeg(NIFTY_CE, 65, tt.Side.BUY, tt.ProductType.NRML, tt.OrderType.LIMIT, price=120.5)]
+CALLS: Dict[str, Callable[[tt.TTConnect], Any]] = {
+    "get_profile": lambda c: c.get_profile(),
+    "get_funds": lambda c: c.get_funds(),
+    "get_holdings": lambda c: c.get_holdings(),
+    "get_positions": lambda c: c.get_positions(),
+    "get_orders": lambda c: c.get_orders(),
+    "get_trades": lambda c: c.get_trades(),
+    "calculate_margin": lambda c: c.calculate_margin(MARGIN_LEG),
+    "get_order_history": lambda c: c.get_order(ZERODHA.placed_id),
+    "get_order": lambda c: c.get_order(ANGELONE.placed_id),
+}
+
+
+def _funds(broker: str, path: Tuple[str, ...], value: Any) -> Any:
+    data = payload(broker, "get_funds")["data"]
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return data
+
+
+def _order_detail(**changes: Any) -> Any:
+    data = payload("angelone", "get_order")["data"]
+    data.update(changes)
+    return {k: v for k, v in data.items() if v is not _DROP}
+
+
+def _kite_history(**changes: Any) -> Any:
+    rows = payload("zerodha", "get_order_history")["data"]
+    return [dict(row, **changes) for row in rows]
+
+
+_DROP = object()
+
+# (broker, route, the reply's data, fragments the BrokerError must carry: the route and the field)
+OBJECT_REPLIES = [
+    pytest.param("zerodha", "get_profile", None, ("get_profile", "expected an object"), id="kite-profile-data-null"),
+    pytest.param("zerodha", "get_profile", {"user_name": "Test User"}, ("get_profile", "user_id"),
+                 id="kite-profile-user-id-missing"),
+    pytest.param("angelone", "get_profile", [{"clientcode": "A123456"}], ("get_profile", "expected an object"),
+                 id="angel-profile-data-a-list"),
+    pytest.param("angelone", "get_profile", {"clientcode": {"id": "A123456"}}, ("get_profile", "clientcode"),
+                 id="angel-profile-clientcode-an-object"),
+    pytest.param("zerodha", "get_funds", {}, ("get_funds", "net"), id="kite-funds-data-empty"),
+    pytest.param("angelone", "get_funds", {}, ("get_funds", "net"), id="angel-funds-data-empty"),
+    pytest.param("zerodha", "get_funds", _funds("zerodha", ("equity", "utilised", "debits"), "NaN"),
+                 ("get_funds", "debits"), id="kite-funds-nan-as-a-string"),
+    pytest.param("angelone", "get_funds", _funds("angelone", ("net",), 10 ** 400), ("get_funds", "net"),
+                 id="angel-funds-a-400-digit-number"),
+    pytest.param("zerodha", "calculate_margin", {"initial": "abc", "final": {"total": 1.0}},
+                 ("calculate_margin", "initial"), id="kite-margin-initial-a-string"),
+    pytest.param("angelone", "calculate_margin", {"totalMarginRequired": "NaN", "marginComponents": {}},
+                 ("calculate_margin", "totalMarginRequired"), id="angel-margin-nan"),
+    pytest.param("angelone", "get_order", _order_detail(transactiontype="HOLD"), ("get_order", "transactiontype", "HOLD"),
+                 id="angel-order-side-hold"),
+    pytest.param("angelone", "get_order", _order_detail(orderid=_DROP), ("get_order", "orderid"),
+                 id="angel-order-id-missing"),
+    pytest.param("zerodha", "get_order_history", _kite_history(transaction_type="HOLD"),
+                 ("get_order_history", "transaction_type"), id="kite-history-every-state-side-hold"),
+]
+
+
+@pytest.mark.parametrize("broker_id, route, data, words", OBJECT_REPLIES)
+def test_a_malformed_object_reply_names_the_route_and_field(broker_id: str, route: str, data: Any,
+                                                           words: Tuple[str, ...], tmp_path: Path,
+                                                           day_clock: FakeClock, clients: list) -> None:
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    if route == "get_order":
+        client._order_refs[case.placed_id] = "5c1f7e3a-8d42-4b6e-9a07-31d2c4e8f915"  # as its place reply gave it
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, case).on(route, body=json.dumps(ok_body(broker_id, data)))
+        expect(tt.BrokerError, lambda: CALLS[route](client), f"{broker_id} ", *words)
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+
+# A reply that is no usable JSON envelope at all: a BrokerError naming the route, sent once.
+ODD_BODIES = [
+    pytest.param("zerodha", "get_profile", 200, "<html><body>Session portal: please log in</body></html>",
+                 ("HTTP 200", "non-JSON"), id="kite-200-with-html"),
+    pytest.param("angelone", "get_funds", 200, "<!doctype html><title>Maintenance</title>", ("HTTP 200", "non-JSON"),
+                 id="angel-200-with-html"),
+    pytest.param("zerodha", "get_orders", 200, NESTED, (), id="kite-body-nested-100000-deep"),
+    pytest.param("angelone", "get_positions", 200, '{"status": true, "data": ' + NESTED + "}", (),
+                 id="angel-data-nested-100000-deep"),
+    pytest.param("zerodha", "get_holdings", 200, "null", (), id="kite-json-null"),
+]
+
+
+@pytest.mark.parametrize("broker_id, route, status, body, words", ODD_BODIES)
+def test_a_reply_that_is_no_envelope(broker_id: str, route: str, status: int, body: str, words: Tuple[str, ...],
+                                     tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, case)
+        api.on(route, body=body, status=status)
+        expect(tt.BrokerError, lambda: CALLS[route](client), f"{broker_id} {route}", *words)
+        assert len(api.calls(route)) == 1  # a 200 is not retried
+    assert day_clock.slept == []
+
+
+def _rows(broker: str, route: str) -> Tuple[Any, List[Any]]:
+    """The route's fixture payload and (a reference to) its rows."""
+    body = payload(broker, route)
+    if route == "get_positions" and broker == "zerodha":
+        return body, body["data"]["net"]
+    if route == "get_holdings" and broker == "angelone":
+        return body, body["data"]["holdings"]
+    return body, body["data"]
+
+
+def _first_row(broker: str, route: str, **changes: Any) -> Any:
+    row = dict(_rows(broker, route)[1][0], **changes)
+    return {k: v for k, v in row.items() if v is not _DROP}
+
+
+# (broker, route, the bad row added among the good ones, the field the warning names)
+BAD_ROWS = [
+    pytest.param("zerodha", "get_orders", _first_row("zerodha", "get_orders", transaction_type="HOLD", order_id="9"),
+                 "HOLD", id="kite-order-side-hold"),
+    pytest.param("zerodha", "get_orders", "garbage", "expected an object", id="kite-order-row-a-string"),
+    pytest.param("angelone", "get_orders", _first_row("angelone", "get_orders", quantity="NaN", orderid="9"),
+                 "NaN", id="angel-order-quantity-nan"),
+    pytest.param("angelone", "get_orders", _first_row("angelone", "get_orders", orderid=_DROP), "orderid",
+                 id="angel-order-id-missing"),
+    pytest.param("zerodha", "get_holdings", _first_row("zerodha", "get_holdings", exchange=_DROP), "exchange",
+                 id="kite-holding-exchange-missing"),
+    pytest.param("angelone", "get_holdings", _first_row("angelone", "get_holdings", tradingsymbol={"s": "X"}),
+                 "trading symbol", id="angel-holding-symbol-an-object"),
+    pytest.param("zerodha", "get_positions", _first_row("zerodha", "get_positions", quantity={"net": 65}),
+                 "number expected", id="kite-position-quantity-an-object"),
+    pytest.param("angelone", "get_trades", _first_row("angelone", "get_trades", filltime="25:61:00", fillid="9"),
+                 "filltime", id="angel-trade-time-impossible"),
+    pytest.param("zerodha", "get_trades", _first_row("zerodha", "get_trades", trade_id=None), "trade_id",
+                 id="kite-trade-id-null"),
+]
+
+
+@pytest.mark.parametrize("broker_id, route, bad, words", BAD_ROWS)
+def test_one_bad_row_is_left_out_counted_and_logged(broker_id: str, route: str, bad: Any, words: str, tmp_path: Path,
+                                                    day_clock: FakeClock, clients: list, caplog: Any) -> None:
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, case).on(route)
+        good = no_raw(lambda: CALLS[route](client))
+    body, rows = _rows(broker_id, route)
+    rows.insert(1, bad)
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, case).on(route, body=body)
+        got = no_raw(lambda: CALLS[route](client))
+    assert got == good  # the good rows, all of them, unchanged
+    logged = [m for m in messages(caplog) if f"{broker_id} {route}:" in m]
+    assert any("left out malformed row 1" in m and words in m for m in logged), logged
+    assert any(f"1 of {len(rows)} rows were malformed" in m for m in logged), logged
+
+
+@pytest.mark.parametrize("broker_id, route, data, words", [
+    pytest.param("zerodha", "get_positions", {"day": []}, ("get_positions", "net"), id="kite-positions-without-net"),
+    pytest.param("angelone", "get_orders", "SUCCESS", ("get_orders", "expected a list"), id="angel-orders-a-string"),
+    pytest.param("zerodha", "get_trades", {"0": {}}, ("get_trades", "expected a list"), id="kite-trades-an-object"),
+])
+def test_a_list_reply_of_the_wrong_shape(broker_id: str, route: str, data: Any, words: Tuple[str, ...],
+                                         tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    client = contract_client(clients, CASE[broker_id], tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, broker_id).on(route, body=ok_body(broker_id, data))
+        expect(tt.BrokerError, lambda: CALLS[route](client), *words)
+
+
+# -- the kill switches: one bad row never kills them, and no live order is silently left -------
+
+
+def _book(broker: str, extra: Any) -> Any:
+    body, rows = _rows(broker, "get_orders")
+    rows.append(extra)
+    return body
+
+
+KILL_ORDERS = [
+    # a live order whose side the library does not know: still cancelled
+    pytest.param("zerodha", lambda: _first_row("zerodha", "get_orders", order_id="7000000000000000001",
+                                               transaction_type="HOLD"), "7000000000000000001", id="kite-side-hold"),
+    pytest.param("angelone", lambda: _first_row("angelone", "get_orders", orderid="270000000000001",
+                                                transactiontype="HOLD"), "270000000000001", id="angel-side-hold"),
+    # a live (OPEN) order whose filled quantity is unreadable: it is open all the same
+    pytest.param("zerodha", lambda: _first_row("zerodha", "get_orders", order_id="7000000000000000002",
+                                               filled_quantity="abc"), "7000000000000000002",
+                 id="kite-open-order-filled-qty-unreadable"),
+    pytest.param("angelone", lambda: _first_row("angelone", "get_orders", orderid="270000000000002",
+                                                filledshares="abc"), "270000000000002",
+                 id="angel-open-order-filled-qty-unreadable"),
+    pytest.param("zerodha", lambda: ["not", "an", "order"], None, id="kite-row-a-list"),
+]
+
+
+@pytest.mark.parametrize("broker_id, extra, extra_id", KILL_ORDERS)
+def test_cancel_all_orders_survives_a_bad_row(broker_id: str, extra: Callable[[], Any], extra_id: Optional[str],
+                                              tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, case)
+        api.on("get_orders", body=_book(broker_id, extra()))
+        api.on("cancel_order")
+        cancelled, failed = no_raw(client.cancel_all_orders)
+    live = [case.order_ids[0], case.order_ids[2], case.order_ids[4]]
+    if extra_id is None:
+        assert (cancelled, failed) == (live, [])
+    else:
+        assert cancelled[:3] == live
+        assert extra_id in cancelled + failed, (
+            f"live order {extra_id} was neither cancelled nor reported as failed: {cancelled}, {failed}")
+
+
+KILL_POSITIONS = [
+    pytest.param("zerodha", {"quantity": "abc"}, "NFO:NIFTY26NOV23500CE", id="kite-quantity-unreadable"),
+    pytest.param("angelone", {"netqty": "NaN"}, "NFO:NIFTY24NOV2623500CE", id="angel-quantity-nan"),
+    pytest.param("zerodha", {"exchange": ["NFO"]}, "NIFTY26NOV23500CE", id="kite-exchange-a-list"),
+]
+
+
+@pytest.mark.parametrize("broker_id, changes, label", KILL_POSITIONS)
+def test_close_all_positions_survives_a_bad_row(broker_id: str, changes: Dict[str, Any], label: str, tmp_path: Path,
+                                                day_clock: FakeClock, clients: list) -> None:
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    body, rows = _rows(broker_id, "get_positions")
+    rows.append(dict(rows[0], **changes))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, case)
+        api.on("get_positions", body=body)
+        api.on("place_order")
+        placed, failed = no_raw(client.close_all_positions)
+    assert placed == [case.placed_id, case.placed_id]
+    assert len(failed) == 1 and label in failed[0]
+
+
+# -- a place reply without an order id is resolved by the tag look-up --------------------------
+
+PLACED_WITHOUT_ID = [
+    pytest.param("zerodha", {}, id="kite-data-empty"),
+    pytest.param("zerodha", None, id="kite-data-null"),
+    pytest.param("zerodha", {"order_id": ""}, id="kite-order-id-empty"),
+    pytest.param("zerodha", {"order_id": {"id": "1993504512367362048"}}, id="kite-order-id-an-object"),
+    pytest.param("zerodha", {"order_id": True}, id="kite-order-id-true"),
+    pytest.param("angelone", {"script": "SBIN-EQ"}, id="angel-orderid-missing"),
+    pytest.param("angelone", {"orderid": None, "uniqueorderid": "a7e0b2d9"}, id="angel-orderid-null"),
+    pytest.param("angelone", {"orderid": ["261123000121877"]}, id="angel-orderid-a-list"),
+]
+
+
+@pytest.mark.parametrize("broker_id, data", PLACED_WITHOUT_ID)
+def test_a_place_reply_without_an_id_is_resolved_by_tag(broker_id: str, data: Any, tmp_path: Path,
+                                                        day_clock: FakeClock, clients: list) -> None:
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    tags: List[str] = []
+
+    def place(request: Any) -> Any:
+        tags.append(case.body(request)[case.tag_key])
+        return 200, {}, json.dumps(ok_body(broker_id, data))
+
+    def book(request: Any) -> Any:
+        return 200, {}, _book_with(case, tags, dt.datetime.fromtimestamp(day_clock(), tt.IST))
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, case)
+        api.on("place_order", callback=place)
+        api.on("get_orders", callback=book)
+        order_id = no_raw(lambda: client.place_order(SBIN, 5, "SELL", "CNC", "MARKET"))
+        assert order_id == case.order_ids[0], f"place_order returned {order_id!r} instead of looking the order up by tag"
+        assert len(api.calls("place_order")) == 1 and len(api.calls("get_orders")) >= 1
+
+
+# -- Retry-After: an order call never sleeps minutes ----------------------------------------------
+
+@pytest.mark.parametrize("broker_id, route, status, body", [
+    pytest.param("zerodha", "place_order", 429, fixture_text("zerodha", "error.network_exception.json"),
+                 id="kite-place"),
+    pytest.param("angelone", "place_order", 403, fixture_text("angelone", "error.rate_limit.txt"), id="angel-place"),
+    pytest.param("zerodha", "cancel_order", 429, fixture_text("zerodha", "error.network_exception.json"),
+                 id="kite-cancel"),
+    pytest.param("zerodha", "get_orders", 429, "Too many requests", id="kite-order-book"),
+])
+def test_a_huge_retry_after_is_not_slept(broker_id: str, route: str, status: int, body: str, tmp_path: Path,
+                                         day_clock: FakeClock, clients: list) -> None:
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, case)
+        if route == "cancel_order":
+            api.on("get_order_history")
+        api.on(route, body=body, status=status, headers={"Retry-After": "99999"})
+        call = {"place_order": lambda: client.place_order(SBIN, 5, "SELL", "CNC", "MARKET"),
+                "cancel_order": lambda: client.cancel_order(case.placed_id),
+                "get_orders": client.get_orders}[route]
+        exc = expect(tt.RateLimitError, call, f"{broker_id} {route}")
+        assert len(api.calls(route)) == 1
+    assert exc.retry_after == 99999.0 and exc.retryable is True
+    assert sum(day_clock.slept) <= 5.0, f"slept {day_clock.slept}"
+
+
+# -- a server on 127.0.0.1 that answers slowly, stalls or cuts its reply ---------------------------
+
+
+class SlowApi:
+    """An HTTP/1.1 server on 127.0.0.1 whose replies misbehave on purpose, per request path:
+    ``trickle`` sends the body one byte at a time, ``stall`` sends the headers and one byte,
+    then nothing; ``cut`` promises more bytes than it sends and closes; ``ok`` answers normally.
+    It records each request (method, path, body)."""
+
+    def __init__(self, plan: Callable[[str, str, bytes], Tuple[str, bytes]]) -> None:
+        self.plan = plan
+        self.requests: "queue.Queue[Tuple[str, str, bytes]]" = queue.Queue()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while not self.stopped.is_set():
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, body = data.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                method, path = lines[0].split(" ")[:2]
+                length = next((int(line.split(":", 1)[1]) for line in lines[1:]
+                               if line.lower().startswith("content-length:")), 0)
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests.put((method, path, body))
+                mode, reply = self.plan(method, path, body)
+                announced = len(reply) + (1000 if mode == "cut" else 0)
+                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
+                             .encode())
+                if mode == "trickle":
+                    for byte in reply:
+                        if self.stopped.wait(0.02):  # the server's pace, not a test's sync
+                            return
+                        conn.sendall(bytes([byte]))
+                elif mode == "stall":
+                    conn.sendall(reply[:1])
+                    self.stopped.wait(5)
+                    return
+                elif mode == "cut":
+                    conn.sendall(reply[: len(reply) // 2])
+                    return
+                else:
+                    conn.sendall(reply)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+
+PROFILE_REPLY = fixture_text("zerodha", "get_profile.json").encode()
+
+
+@pytest.mark.parametrize("mode", ["trickle", "stall", "cut"])
+def test_a_slow_or_broken_reply_is_bounded_and_typed(mode: str, tmp_path: Path, day_clock: FakeClock,
+                                                     clients: list) -> None:
+    server = SlowApi(lambda method, path, body: (mode, PROFILE_REPLY))
+    try:
+        kite = rest_client(clients, "zerodha", tmp_path, day_clock, root_url=server.url, timeout=0.3, max_retries=1)
+        started = time.monotonic()
+        expect(tt.NetworkError, kite.get_profile, "GET /user/profile")
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.2, f"two attempts of at most 0.3 s took {elapsed:.2f} s"
+        assert server.requests.qsize() == 2  # retried once (a read is safe to repeat), then raised
+        assert day_clock.slept == [0.5]
+    finally:
+        server.close()
+
+
+def test_a_place_order_whose_reply_trickles_is_found_by_tag_not_resent(tmp_path: Path, day_clock: FakeClock,
+                                                                     clients: list) -> None:
+    tags: List[str] = []
+
+    def plan(method: str, path: str, body: bytes) -> Tuple[str, bytes]:
+        if method == "POST":
+            from urllib.parse import parse_qs
+
+            tags.append(parse_qs(body.decode())["tag"][0])
+            return "trickle", fixture_text("zerodha", "place_order.json").encode()
+        when = dt.datetime.fromtimestamp(day_clock(), tt.IST)
+        return "ok", _book_with(ZERODHA, tags, when).encode()
+
+    server = SlowApi(plan)
+    try:
+        kite = rest_client(clients, "zerodha", tmp_path, day_clock, root_url=server.url, timeout=0.2)
+        started = time.monotonic()
+        order_id = no_raw(lambda: kite.place_order(SBIN, 5, "SELL", "CNC", "MARKET"))
+        assert time.monotonic() - started < 1.0
+        assert order_id == ZERODHA.order_ids[0]
+        sent = [server.requests.get_nowait() for _ in range(server.requests.qsize())]
+        assert [m for m, _, _ in sent].count("POST") == 1
+    finally:
+        server.close()
+
+
+def test_cancel_all_orders_over_a_stalling_connection_reports_every_failure(tmp_path: Path, day_clock: FakeClock,
+                                                                          clients: list) -> None:
+    """The kill switch on a bad line: each cancel's reply stalls after its headers."""
+    book = fixture_text("zerodha", "get_orders.json").encode()
+    server = SlowApi(lambda method, path, body: ("stall" if method == "DELETE" else "ok",
+                                                 book if method == "GET" else b'{"status": "success", "data": {}}'))
+    try:
+        kite = rest_client(clients, "zerodha", tmp_path, day_clock, root_url=server.url, timeout=0.2, max_retries=0)
+        started = time.monotonic()
+        cancelled, failed = no_raw(kite.cancel_all_orders)
+        assert time.monotonic() - started < 1.5
+        assert (cancelled, failed) == ([], [ZERODHA.order_ids[0], ZERODHA.order_ids[2], ZERODHA.order_ids[4]])
+    finally:
+        server.close()
+
+
+# ============================================================================
+# 12.5 Hostile: User input
+# ============================================================================
+
+LIMIT_BUY = dict(instrument=NIFTY_CE, qty=65, side="BUY", product="NRML", order_type="LIMIT", price=120.5)
+
+BAD_ORDERS = [
+    pytest.param(dict(price=1e308), "beyond any listed price", id="price-1e308"),
+    pytest.param(dict(price=Decimal("1E+400")), "beyond any listed price", id="price-decimal-1e400"),
+    pytest.param(dict(price="nan"), "price", id="price-nan-text"),
+    pytest.param(dict(price=Decimal("sNaN")), "price", id="price-signalling-nan"),
+    pytest.param(dict(price="-0"), "must be positive", id="price-minus-zero"),
+    pytest.param(dict(price=0.0499999), "use 0.05", id="price-just-under-one-tick"),
+    pytest.param(dict(price=b"120.5"), "must be a number", id="price-bytes"),
+    pytest.param(dict(qty=True), "positive whole number", id="qty-bool"),
+    pytest.param(dict(qty="65"), "positive whole number", id="qty-text"),
+    pytest.param(dict(qty=65.0), "positive whole number", id="qty-float"),
+    pytest.param(dict(qty=10 ** 30), "multiple of the lot size 65", id="qty-huge"),
+    pytest.param(dict(tag="नमन1"), "tag must be", id="tag-devanagari-letters"),
+    pytest.param(dict(tag="ＡＢＣ１"), "tag must be", id="tag-fullwidth-letters"),
+    pytest.param(dict(tag="a\nb"), "tag must be", id="tag-with-a-newline"),
+    pytest.param(dict(tag="my tag"), "tag must be", id="tag-with-a-space"),
+    pytest.param(dict(tag="x" * 16), "tag must be 1-15", id="tag-too-long"),
+    pytest.param(dict(instrument="NFO:NIFTY 2026-11-24 23500 CE"), "instrument must be", id="instrument-a-string"),
+]
+
+
+@pytest.mark.parametrize("change, words", BAD_ORDERS)
+def test_bad_order_input_is_refused_before_sending(change: Dict[str, Any], words: str, tmp_path: Path,
+                                                   day_clock: FakeClock, clients: list) -> None:
+    client = contract_client(clients, ZERODHA, tmp_path, day_clock)
+    with no_request():
+        expect(tt.InvalidOrderError, lambda: client.place_order(**{**LIMIT_BUY, **change}), words)
+
+
+def test_a_huge_quantity_stops_at_the_freeze_limit(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = contract_client(clients, ANGELONE, tmp_path, day_clock)
+    with no_request():
+        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 20}), "freeze limit of 1800")
+        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 20}, slice=True),
+               "at most 100")
+
+
+@pytest.mark.parametrize("call, order_id", [
+    pytest.param("get_order", "..", id="get-dot-dot"),
+    pytest.param("cancel_order", ".", id="cancel-dot"),
+    pytest.param("get_order", "../../user/margins", id="get-traversal"),
+    pytest.param("cancel_order", "1993504512367362048/../1", id="cancel-with-slashes"),
+])
+def test_order_ids_cannot_leave_their_path(call: str, order_id: str, tmp_path: Path, day_clock: FakeClock,
+                                           clients: list) -> None:
+    """An order id is one path segment: '/', '.' and '..' must not move the request elsewhere."""
+    from urllib.parse import unquote, urlsplit
+
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock)
+    seen: List[str] = []
+
+    def anything(request: Any) -> Any:
+        """The order's history (under the id the path names), or the cancel's success."""
+        seen.append(request.url)
+        named = unquote(urlsplit(request.url).path.rsplit("/", 1)[1])
+        if request.method == "DELETE":
+            return 200, {}, json.dumps(ok_body("zerodha", {"order_id": named}))
+        return 200, {}, json.dumps(ok_body("zerodha", _kite_history(order_id=named)))
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        rs.add_callback(responses.GET, re.compile(r"https://api\.kite\.trade/.*"), callback=anything)
+        rs.add_callback(responses.DELETE, re.compile(r"https://api\.kite\.trade/.*"), callback=anything)
+        try:
+            getattr(kite, call)(order_id)
+        except tt.InvalidOrderError:
+            seen.append("refused")  # the id refused before sending: as good
+        except tt.TTConnectError as exc:
+            seen.append(f"error: {exc}")
+    assert seen and "refused" not in seen[1:], seen
+    if seen == ["refused"]:
+        return
+    for url in [u for u in seen if u.startswith("https://")]:
+        path = urlsplit(url).path
+        assert path.startswith("/orders/"), f"{order_id!r} sent the request to {path!r}"
+        assert unquote(path.rsplit("/", 1)[1]) == order_id, f"{order_id!r} became the path {path!r}"
+
+
+WRONG_INSTRUMENTS = [
+    pytest.param(lambda c: c.resolve("NSE:SBIN"), id="resolve-a-string"),
+    pytest.param(lambda c: c.resolve(None), id="resolve-none"),
+    pytest.param(lambda c: c.lot_size("SBIN"), id="lot-size-a-string"),
+    pytest.param(lambda c: c.tick_size({"exchange": "NSE", "symbol": "SBIN"}), id="tick-size-a-dict"),
+    pytest.param(lambda c: c.subscribe(None, on_tick=print), id="subscribe-none"),
+    pytest.param(lambda c: c.subscribe("SBIN", on_tick=print), id="subscribe-a-string"),
+]
+
+
+@pytest.mark.parametrize("call", WRONG_INSTRUMENTS)
+def test_an_instrument_of_the_wrong_type(call: Callable[[tt.TTConnect], Any], tmp_path: Path, day_clock: FakeClock,
+                                         clients: list) -> None:
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock, ws_url="ws://127.0.0.1:9/")
+    with no_request():
+        expect(tt.InvalidInstrumentError, lambda: call(kite), "Equity")
+    assert _feed_threads(kite) == []  # nothing was started for it
+
+
+BAD_SHAPES = [
+    pytest.param(lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-02-30"), "not a valid date",
+                 id="expiry-february-30"),
+    pytest.param(lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry=20261124), "expiry must be",
+                 id="expiry-an-int"),
+    pytest.param(lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry=__import__("numpy").datetime64("2026-11-24")),
+                 "expiry must be", id="expiry-numpy-datetime64"),
+    pytest.param(lambda: tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike="abc", option_type="CE"),
+                 "not a number", id="strike-abc"),
+    pytest.param(lambda: tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=-5, option_type="CE"),
+                 "positive", id="strike-negative"),
+    pytest.param(lambda: tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=float("inf"),
+                                   option_type="CE"), "positive", id="strike-inf"),
+    pytest.param(lambda: tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike="1e400",
+                                   option_type="CE"), "positive", id="strike-1e400-text"),
+    pytest.param(lambda: tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=True, option_type="CE"),
+                 "strike must be a number", id="strike-bool"),
+    pytest.param(lambda: tt.Equity(exchange=None, symbol="SBIN"), "exchange None is not valid", id="exchange-none"),
+]
+
+
+@pytest.mark.parametrize("build, words", BAD_SHAPES)
+def test_a_malformed_instrument_fails_at_construction(build: Callable[[], Any], words: str) -> None:
+    expect(tt.InvalidInstrumentError, build, words)
+
+
+def test_an_exchange_with_a_trailing_space(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    try:
+        sbin = tt.Equity(exchange="nse ", symbol="SBIN")
+    except tt.InvalidInstrumentError as exc:
+        assert "exchange 'nse ' is not valid" in str(exc) and "NSE" in str(exc)
+    else:
+        assert sbin == SBIN and kite.resolve(sbin) == "779521"
+
+
+class _Timestamp(dt.datetime):
+    """What pandas.Timestamp is to ttconnect: a datetime subclass."""
+
+
+@pytest.mark.parametrize("expiry", [
+    pytest.param(dt.datetime(2026, 11, 24, 15, 30, tzinfo=tt.IST), id="aware-ist-datetime"),
+    pytest.param(dt.datetime(2026, 11, 23, 20, 0, tzinfo=dt.timezone.utc), id="utc-datetime-already-the-24th-in-ist"),
+    pytest.param(_Timestamp(2026, 11, 24), id="pandas-like-timestamp"),
+])
+def test_datetime_expiries_are_accepted(expiry: Any, tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    fut = no_raw(lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry=expiry))
+    assert fut == tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-11-24")
+    assert kite.resolve(fut) == "13355010"
+    opt = no_raw(lambda: tt.Option(exchange="NFO", symbol="NIFTY", expiry=expiry, strike="2.35e4", option_type="ce"))
+    assert kite.resolve(opt) == "13364994"  # strike '2.35e4' is 23500
+
+
+@pytest.mark.parametrize("call, words", [
+    pytest.param(lambda c: c.search("SB", limit=0), "limit must be", id="limit-0"),
+    pytest.param(lambda c: c.search("SB", limit=-1), "limit must be", id="limit-negative"),
+    pytest.param(lambda c: c.search("SB", limit="5"), "limit must be", id="limit-text"),
+    pytest.param(lambda c: c.search(None), "symbol must be", id="prefix-none"),
+    pytest.param(lambda c: c.option_chain("NIFTY", "2026-02-30"), "not a valid date", id="chain-impossible-date"),
+])
+def test_bad_discovery_arguments(call: Callable[[tt.TTConnect], Any], words: str, tmp_path: Path, clock: FakeClock,
+                                 clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    expect(tt.InvalidInstrumentError, lambda: call(kite), words)
+
+
+def test_a_search_limit_beyond_sqlite_integers(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    try:
+        found = kite.search("SB", limit=10 ** 20)
+    except tt.InvalidInstrumentError as exc:
+        assert "limit" in str(exc)
+    except BaseException as exc:  # noqa: BLE001
+        problem = _raw(exc, " (expected every match, or InvalidInstrumentError naming limit)")
+        del exc
+        _fail_clean(problem)
+    else:
+        assert [str(i) for i in found] == ["BSE:SBIN", "NSE:SBIN"]
+
+
+# ============================================================================
+# 12.6 Hostile: Config values
+# ============================================================================
+
+BAD_CONFIGS = [
+    pytest.param({"timeout": float("nan")}, "'timeout'", id="timeout-nan"),
+    pytest.param({"timeout": float("inf")}, "'timeout'", id="timeout-inf"),
+    pytest.param({"timeout": 0}, "'timeout'", id="timeout-0"),
+    pytest.param({"timeout": -1}, "'timeout'", id="timeout-negative"),
+    pytest.param({"timeout": "7"}, "'timeout'", id="timeout-text"),
+    pytest.param({"timeout": 10 ** 400}, "'timeout'", id="timeout-400-digits"),
+    pytest.param({"max_retries": True}, "'max_retries'", id="max-retries-bool"),
+    pytest.param({"max_retries": -1}, "'max_retries'", id="max-retries-negative"),
+    pytest.param({"max_retries": 100}, "'max_retries'", id="max-retries-100"),
+    pytest.param({"rate_limits": {"ordres": 5}}, "unknown class 'ordres'", id="rate-limit-unknown-class"),
+    pytest.param({"rate_limits": {"orders": 0}}, "'rate_limits'", id="rate-limit-0"),
+    pytest.param({"rate_limits": {"orders": float("nan")}}, "'rate_limits'", id="rate-limit-nan"),
+    pytest.param({"rate_limits": {"orders": [(0, 1)]}}, "'rate_limits'", id="rate-limit-0-calls-per-second"),
+    pytest.param({"rate_limits": {"orders": 10 ** 400}}, "'rate_limits'", id="rate-limit-400-digits"),
+    pytest.param({"rate_limits": {"orders": "10/s"}}, "'rate_limits'", id="rate-limit-text"),
+    pytest.param({"stream_silence_timeout": float("nan")}, "'stream_silence_timeout'", id="stream-silence-nan"),
+    pytest.param({"stream_reconnect_delay": float("inf")}, "'stream_reconnect_delay'", id="stream-reconnect-inf"),
+    pytest.param({"stream_connect_timeout": 0}, "'stream_connect_timeout'", id="stream-connect-0"),
+    pytest.param({"acess_token": "kite-access-SECRET-1"}, "did you mean 'access_token'", id="key-typo"),
+    pytest.param({1: "x"}, "keys must be strings", id="key-not-a-string"),
+    pytest.param({"access_token": "kite-access-SECRET-1\r\nX-Injected: 1"}, "control character",
+                 id="token-with-embedded-crlf"),
+    pytest.param({"totp_secret": TOTP_SECRET}, "'totp_secret'", id="kite-given-an-angel-credential"),
+]
+
+
+@pytest.mark.parametrize("config, words", BAD_CONFIGS)
+def test_a_bad_config_value_is_refused_at_init(config: Dict[Any, Any], words: str, tmp_path: Path, clients: list) -> None:
+    cfg = {"cache_dir": str(tmp_path), "api_key": "kitekey01", "access_token": "kite-access-SECRET-1", **config}
+    with no_request():
+        exc = expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cfg), words)
+    assert "kite-access-SECRET-1" not in str(exc)
+
+
+@pytest.mark.parametrize("config, words", [
+    pytest.param([("api_key", "angelkey01")], "config must be a dict", id="config-a-list"),
+    pytest.param("api_key=angelkey01", "config must be a dict", id="config-a-string"),
+    pytest.param({**CREDS["angelone"], "request_token": "req-TOKEN-1"}, "'request_token'", id="angel-given-a-request-token"),
+    pytest.param({**CREDS["angelone"], "pin": 4321}, "'pin'", id="pin-an-int"),
+])
+def test_a_bad_angel_config_is_refused_at_init(config: Any, words: str, tmp_path: Path, clients: list) -> None:
+    with no_request():
+        if isinstance(config, dict):
+            config = {**config, "cache_dir": str(tmp_path)}
+        exc = expect(tt.ConfigurationError, lambda: kept(clients, "angelone", config), words)
+    assert TOTP_SECRET not in str(exc)
+
+
+def test_credentials_with_surrounding_whitespace_are_stripped_and_work(tmp_path: Path, day_clock: FakeClock,
+                                                                       clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path / "k", day_clock, api_key=" kitekey01\n",
+                       access_token="kite-access-SECRET-1\n")
+    angel = rest_client(clients, "angelone", tmp_path / "a", day_clock, client_id="A123456\n", pin="4321\n",
+                        totp_secret=TOTP_SECRET + "\n")
+    import pyotp
+
+    with responses.RequestsMock() as rs:
+        MockApi(rs, "zerodha").on("get_profile")
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_profile")
+        kite.get_profile()
+        angel.get_profile()
+        assert rs.calls[0].request.headers["Authorization"] == "token kitekey01:kite-access-SECRET-1"
+        assert json.loads(api.calls("login")[0].request.body) == {
+            "clientcode": "A123456", "password": "4321", "totp": pyotp.TOTP(TOTP_SECRET).at(day_clock())}
+
+
+def test_a_totp_secret_that_is_not_base32(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, totp_secret="not-base32-!!")
+    with no_request():
+        exc = expect(tt.ConfigurationError, angel.get_profile, "'totp_secret'", "base32")
+    assert "not-base32-!!" not in "".join(traceback.format_exception(exc))
+
+
+# ============================================================================
+# 12.7 Hostile: Feed frames and feed lifecycles (WsServer on 127.0.0.1)
+# ============================================================================
+
+SBIN_TICK = kite_frame(kite_packet(779521, 8, ltp=801.05))
+
+
+def _kite_streaming(clients: list, tmp_path: Path, clock: FakeClock, server: WsServer,
+                    on_tick: Callable[[tt.Tick], Any], **config: Any) -> tt.TTConnect:
+    kite = kite_feed(clients, tmp_path, clock, server, **config)
+    kite.subscribe(SBIN, on_tick=on_tick, mode="ltp")
+    assert stream_event(kite, lambda s: s["connected"])
+    assert json.loads(server.wait_message()) == {"a": "subscribe", "v": [779521]}
+    assert json.loads(server.wait_message()) == {"a": "mode", "v": ["ltp", [779521]]}
+    return kite
+
+
+HOSTILE_KITE_FRAMES = [
+    pytest.param(_garbage(300), 2, 1, id="binary-garbage"),
+    pytest.param(kite_frame(kite_packet(779521, 44, ltp=1.0))[:-7], 2, 1, id="truncated-packet"),
+    pytest.param(b"\x00\x01\x00\x00", 2, 1, id="zero-length-packet"),
+    pytest.param(b"\xff\xff" + bytes(1 << 20), 2, 1, id="one-megabyte-binary-frame"),
+    pytest.param(b"{" * (1 << 20), 1, 0, id="one-megabyte-text-frame"),
+    pytest.param(b"not json at all {", 1, 0, id="text-not-json"),
+    pytest.param(json.dumps({"type": "order", "data": {"order_id": "1"}}).encode(), 1, 1, id="order-update-malformed"),
+]
+
+
+@pytest.mark.parametrize("frame, opcode, dropped", HOSTILE_KITE_FRAMES)
+def test_a_hostile_kite_frame_is_dropped_and_the_feed_goes_on(frame: bytes, opcode: int, dropped: int, tmp_path: Path,
+                                                              day_clock: FakeClock, clients: list,
+                                                              ws_server: WsServer) -> None:
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    orders: "queue.Queue[tt.Order]" = queue.Queue()
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, ticks.put)
+    kite.on_order_update(orders.put)
+    ws_server.send(frame, opcode=opcode)
+    ws_server.send(SBIN_TICK)
+    tick = ticks.get(timeout=3)
+    assert (tick.instrument, tick.ltp) == (SBIN, 801.05)
+    stats = kite.stream_stats()
+    assert (stats["frames_dropped"], stats["reconnects"], stats["ticks"]) == (dropped, 0, 1)
+    assert orders.empty()
+
+
+def test_a_protocol_violation_reconnects_and_resubscribes(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                         ws_server: WsServer) -> None:
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, ticks.put)
+    ws_server.handshakes.get(timeout=3)
+    ws_server.send_raw(bytes([0x80, 3]) + b"abc")  # a continuation frame with nothing to continue
+    ws_server.handshakes.get(timeout=3)  # it reconnects...
+    assert json.loads(ws_server.wait_message()) == {"a": "subscribe", "v": [779521]}  # ...and subscribes again
+    assert stream_event(kite, lambda s: s["connected"])
+    ws_server.wait_message()
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3).ltp == 801.05
+    assert kite.stream_stats()["reconnects"] >= 1
+
+
+@pytest.mark.parametrize("frame", [
+    pytest.param(angel_packet(1, 1, "3045", ltp=5.0)[:-1], id="packet-one-byte-short"),
+    pytest.param(angel_packet(2, 1, "3045", ltp=5.0, buy_qty=float("nan")), id="quantity-nan"),
+    pytest.param(bytes(1 << 20), id="one-megabyte-frame"),
+])
+def test_a_hostile_angel_frame_is_dropped_and_the_feed_goes_on(frame: bytes, tmp_path: Path, day_clock: FakeClock,
+                                                               clients: list) -> None:
+    market = WsServer(heartbeat=None, text_replies={"ping": "pong"})
+    try:
+        angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
+                            feed_token="feed-SECRET-9", ws_url=market.url, stream_silence_timeout=1.0,
+                            stream_reconnect_delay=0.01)
+        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+        angel.subscribe(SBIN, on_tick=ticks.put, mode="ltp")
+        market.wait_message(skip=("ping",))
+        assert stream_event(angel, lambda s: s["connected"])
+        market.send(frame)
+        market.send(b"{oops", opcode=1)
+        market.send(angel_packet(1, 1, "3045", ltp=801.05))
+        assert ticks.get(timeout=3).ltp == 801.05
+        stats = angel.stream_stats()
+        assert (stats["frames_dropped"], stats["reconnects"]) == (1, 0)
+    finally:
+        for client in clients:
+            client.close()
+        market.close()
+
+
+def _feed_threads(client: tt.TTConnect) -> List[threading.Thread]:
+    """The client's feed threads that are still alive (after up to 2 s for each to end)."""
+    streamer = client._streamer
+    conns = [c for c in (streamer.market, streamer.orders) if c is not None] if streamer is not None else []
+    threads = [c._thread for c in conns]
+    for thread in threads:
+        thread.join(2)
+    return [t for t in threads if t.is_alive()]
+
+
+def test_close_from_inside_on_tick(tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer,
+                                   caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="ttconnect")
+    done = threading.Event()
+    errors: List[BaseException] = []
+    holder: Dict[str, tt.TTConnect] = {}
+
+    def handler(tick: tt.Tick) -> None:
+        try:
+            holder["kite"].close()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+        finally:
+            done.set()
+
+    holder["kite"] = kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, handler)
+    ws_server.send(SBIN_TICK)
+    assert done.wait(3)
+    assert errors == []
+    assert _feed_threads(kite) == []
+    assert kite.stream_stats()["handler_errors"] == 0
+    assert not any("cannot join" in m for m in messages(caplog))
+    expect(tt.ConfigurationError, lambda: kite.subscribe(INFY, on_tick=print), "closed")
+
+
+def test_close_while_the_first_connect_is_in_progress(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """A feed that accepts the TCP connection and never answers the upgrade."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    accepted: "queue.Queue[socket.socket]" = queue.Queue()
+    threading.Thread(target=lambda: accepted.put(listener.accept()[0]), daemon=True).start()
+    conns: List[socket.socket] = []
+    try:
+        kite = rest_client(clients, "zerodha", tmp_path, day_clock, ws_url=f"ws://127.0.0.1:{listener.getsockname()[1]}/",
+                           stream_connect_timeout=30)
+        kite.subscribe(SBIN, on_tick=print, mode="ltp")
+        conns.append(accepted.get(timeout=3))  # the client is inside its handshake now
+        started = time.monotonic()
+        kite.close()
+        assert time.monotonic() - started < 2.0
+        assert _feed_threads(kite) == [], "the feed thread is still in its handshake after close()"
+    finally:
+        for conn in conns:
+            conn.close()
+        listener.close()
+
+
+def test_close_racing_the_first_subscribe_leaves_no_feed(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                         ws_server: WsServer) -> None:
+    rest_client(clients, "zerodha", tmp_path, day_clock).close()  # the DB is fresh now: clients open offline
+    cfg = {"cache_dir": str(tmp_path), **CREDS["zerodha"], "ws_url": ws_server.url + "/", "stream_reconnect_delay": 0.01}
+    with no_request():
+        for _ in range(8):
+            kite = tt.TTConnect("zerodha", cfg, clock=day_clock, sleep=day_clock.sleep)
+            clients.append(kite)
+            barrier = threading.Barrier(2)
+            outcomes: List[str] = []
+
+            def subscribe() -> None:
+                barrier.wait(2)
+                try:
+                    kite.subscribe(SBIN, on_tick=print, mode="ltp")
+                    outcomes.append("subscribed")
+                except tt.ConfigurationError as exc:
+                    outcomes.append(str(exc))
+
+            def close() -> None:
+                barrier.wait(2)
+                kite.close()
+
+            workers = [threading.Thread(target=subscribe), threading.Thread(target=close)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(5)
+            assert len(outcomes) == 1 and (outcomes[0] == "subscribed" or "closed" in outcomes[0]), outcomes
+            assert _feed_threads(kite) == [], f"a feed thread outlived close() ({outcomes[0]})"
+
+
+def test_a_feed_refusing_every_handshake_renews_the_session_once(tmp_path: Path, day_clock: FakeClock,
+                                                                 clients: list) -> None:
+    market = WsServer(heartbeat=None)
+    market.refuse, market.refuse_status = 10 ** 6, "401 Unauthorized"
+    try:
+        angel = rest_client(clients, "angelone", tmp_path, day_clock, ws_url=market.url, stream_reconnect_delay=0.01,
+                            stream_reconnect_max_delay=0.02, rate_limits={"login": 1000, "renew": 1000})
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            api = MockApi(rs, "angelone")
+            api.on("login")
+            api.on("renew_token")
+            angel.subscribe(SBIN, on_tick=print, mode="ltp")
+            for _ in range(6):
+                market.handshakes.get(timeout=3)
+            angel.close()
+            assert len(api.calls("login")) == 1
+            assert len(api.calls("renew_token")) <= 1
+        assert "refused the session" in (angel.stream_stats()["last_error"] or "")
+    finally:
+        market.close()
+
+
+def test_a_kite_feed_refusing_every_handshake_makes_no_rest_calls(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                                  ws_server: WsServer) -> None:
+    ws_server.refuse, ws_server.refuse_status = 10 ** 6, "403 Forbidden"
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    with no_request():
+        kite.subscribe(SBIN, on_tick=print, mode="ltp")
+        for _ in range(5):
+            ws_server.handshakes.get(timeout=3)
+        kite.close()
+    last = kite.stream_stats()["last_error"] or ""
+    assert "refused the session (HTTP 403)" in last and "log in" in last
+
+
+def test_raising_handlers_do_not_kill_the_feed(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                               ws_server: WsServer) -> None:
+    ticks: "queue.Queue[float]" = queue.Queue()
+
+    def on_tick(tick: tt.Tick) -> None:
+        if tick.ltp == 1.0:
+            raise KeyError("strategy bug")
+        ticks.put(tick.ltp)
+
+    def on_order(order: tt.Order) -> None:
+        raise RecursionError("handler bug")
+
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, on_tick)
+    kite.on_order_update(on_order)
+    row = payload("zerodha", "get_orders")["data"][1]
+    ws_server.send(json.dumps({"type": "order", "data": row}).encode(), opcode=1)
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=1.0)))
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3) == 801.05
+    stats = kite.stream_stats()
+    assert (stats["handler_errors"], stats["order_updates"], stats["reconnects"]) == (2, 1, 0)
+
+
+# ============================================================================
+# 12.8 Hostile: Secrets under DEBUG logging
+# ============================================================================
+
+
+def _texts(caplog: Any, errors: List[BaseException], *more: Any) -> List[str]:
+    """Everything a secret must stay out of: every log record (any logger), every error's
+    text, repr and formatted traceback (with its causes), and the given objects' reprs."""
+    out = [r.getMessage() + " " + repr(r.args) for r in caplog.records]
+    for exc in errors:
+        out += [str(exc), repr(exc), "".join(traceback.format_exception(exc))]
+    out += [repr(x) + " " + str(x) for x in more]
+    return out
+
+
+def _assert_no_secret(secrets: List[str], texts: List[str]) -> None:
+    for secret in secrets:
+        # short numeric secrets (a PIN, a TOTP code) only as whole numbers: port numbers may hold their digits
+        pattern = re.compile(rf"(?<!\d){re.escape(secret)}(?!\d)" if secret.isdigit() else re.escape(secret))
+        for text in texts:
+            assert not pattern.search(text), f"secret {secret[:6]}... leaked into: {text[:300]}"
+
+
+def test_no_secret_leaks_from_an_angel_session_that_is_refused_renewed_and_fails(tmp_path: Path, day_clock: FakeClock,
+                                                                                 clients: list, caplog: Any) -> None:
+    import pyotp
+
+    caplog.set_level(logging.DEBUG)
+    market = WsServer(heartbeat=None, text_replies={"ping": "pong"})
+    market.refuse, market.refuse_status = 1, "401 Unauthorized"
+    errors: List[BaseException] = []
+    try:
+        angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True, ws_url=market.url,
+                            stream_silence_timeout=0.5, stream_reconnect_delay=0.01)
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            api = MockApi(rs, "angelone")
+            api.on("login")
+            api.on("renew_token")
+            api.on("get_positions", fixture="error.AG8001.json")  # refused: renewed once more, then refused again
+            api.on("place_order", body=requests.exceptions.ConnectionError("connection reset by peer"))
+            api.on("get_orders", body="<html>502</html>", status=502)
+            angel.subscribe(SBIN, on_tick=print, mode="ltp")
+            market.handshakes.get(timeout=3)
+            market.handshakes.get(timeout=3)
+            assert stream_event(angel, lambda s: s["connected"])
+            for call in (angel.get_positions, lambda: angel.place_order(SBIN, 1, "BUY", "CNC", "MARKET")):
+                try:
+                    call()
+                except tt.TTConnectError as exc:
+                    errors.append(exc)
+            session = angel._auth.current()
+            angel.close()
+        assert len(errors) == 2
+        secrets = [TOTP_SECRET, "4321", pyotp.TOTP(TOTP_SECRET).at(day_clock())]
+        secrets += [d[k] for d in (LOGIN, RENEWED) for k in ("jwtToken", "refreshToken", "feedToken")]
+        stats = angel.stream_stats()
+        _assert_no_secret(secrets, _texts(caplog, errors, angel, session, stats))
+    finally:
+        market.close()
+
+
+def test_no_secret_leaks_from_a_refused_request_token_exchange(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                               caplog: Any) -> None:
+    import hashlib
+
+    caplog.set_level(logging.DEBUG)
+    creds = {"api_key": "kitekey01", "api_secret": "kite-api-SECRET-77", "request_token": "req-TOKEN-seven-77"}
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        MockApi(rs, "zerodha").on("login", fixture="login.token_exception.json", status=403)
+        exc = expect(tt.AuthenticationError, lambda: kept(clients, "zerodha", {"cache_dir": str(tmp_path), **creds},
+                                                          clock=day_clock, sleep=day_clock.sleep),
+                     "zerodha login")
+    checksum = hashlib.sha256(b"kitekey01req-TOKEN-seven-77kite-api-SECRET-77").hexdigest()
+    _assert_no_secret(["kite-api-SECRET-77", "req-TOKEN-seven-77", checksum], _texts(caplog, [exc]))
+
+
+def test_a_refused_request_token_says_how_to_get_a_fresh_one(tmp_path: Path, day_clock: FakeClock,
+                                                             clients: list) -> None:
+    creds = {"api_key": "kitekey01", "api_secret": "kite-api-SECRET", "request_token": "req-TOKEN-used-twice"}
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        MockApi(rs, "zerodha").on("login", fixture="login.token_exception.json", status=403)
+        expect(tt.AuthenticationError, lambda: kept(clients, "zerodha", {"cache_dir": str(tmp_path), **creds},
+                                                    clock=day_clock, sleep=day_clock.sleep),
+               "TokenException", "request_token", "kite.zerodha.com/connect/login?v=3&api_key=kitekey01")
+
+
+class _TokenStore:
+    """A store handing out a session whose token carries a line break (a badly pasted secret)."""
+
+    def __init__(self, token: str) -> None:
+        self.session = tt.SessionData(broker="angelone", mode=tt.AuthMode.AUTO, access_token=token,
+                                      obtained_at=ist(2026, 11, 23, 9, 0), expires_at=ist(2026, 11, 24, 0, 0),
+                                      user_id="A123456", app_key="angelkey01")
+
+    def load(self) -> tt.SessionData:
+        return self.session
+
+    def save(self, session: tt.SessionData) -> None:
+        self.session = session
+
+    def clear(self) -> None:
+        pass
+
+
+def test_no_secret_leaks_into_a_network_error_when_a_token_carries_a_newline(tmp_path: Path, day_clock: FakeClock,
+                                                                            clients: list, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = "eyJhbGciOi-FIRST-HALF-SECRET\neyJzdWIiOi-SECOND-HALF-SECRET"
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, session_store=_TokenStore(token), max_retries=0)
+    with responses.RequestsMock(assert_all_requests_are_fired=False):
+        exc = expect(tt.NetworkError, angel.get_funds)
+    _assert_no_secret(["eyJhbGciOi-FIRST-HALF-SECRET", "eyJzdWIiOi-SECOND-HALF-SECRET"], _texts(caplog, [exc]))
+
+
+def test_no_secret_leaks_when_a_proxy_echoes_the_request_headers(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                                 caplog: Any) -> None:
+    """Some proxies answer a failure with a page that lists the request's headers."""
+    caplog.set_level(logging.DEBUG)
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock, max_retries=0)
+    page = ("<html><body><h1>502 Bad Gateway</h1><pre>GET /user/profile\nAuthorization: token "
+            "kitekey01:kite-access-SECRET-1\nX-Kite-Version: 3</pre></body></html>")
+    with responses.RequestsMock() as rs:
+        MockApi(rs, "zerodha").on("get_profile", body=page, status=502)
+        exc = expect(tt.BrokerError, kite.get_profile, "HTTP 502")
+    _assert_no_secret(["kite-access-SECRET-1"], _texts(caplog, [exc]))
