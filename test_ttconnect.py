@@ -2397,6 +2397,41 @@ def test_an_empty_order_book_reads_as_no_orders(broker: Case, tmp_path: Path, da
 # ============================================================================
 
 
+def test_a_missing_dependency_says_what_to_install(tmp_path: Path) -> None:
+    """requests, pyotp and websocket-client are imported when first needed; without one, the
+    call that needs it says which package to install."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["requests"] = sys.modules["pyotp"] = sys.modules["websocket"] = None  # not installed
+        import ttconnect as tt
+        for call in (lambda: tt._import_requests(),
+                     lambda: tt._angelone_login(None, {"totp_secret": "JBSWY3DPEHPK3PXP"}, 0.0)):
+            try:
+                call()
+            except tt.UnsupportedFeatureError as exc:
+                print(exc)
+        try:
+            tt.TTConnect("zerodha", cache_dir=sys.argv[1], api_key="k", access_token="t")
+        except tt.TTConnectError as exc:
+            print(type(exc).__name__, exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.abspath(tt.__file__)))
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["ttconnect talks to brokers through requests: pip install requests",
+                         "AngelOne auto login needs pyotp: pip install pyotp"], done.stderr[-2000:]
+    assert lines[2].startswith("UnsupportedFeatureError the zerodha instrument master") and \
+        "pip install requests" in lines[2]
+
+
+def test_streaming_without_websocket_client_says_what_to_install(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                                 monkeypatch: Any) -> None:
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock)
+    monkeypatch.setitem(sys.modules, "websocket", None)  # not installed
+    with pytest.raises(tt.UnsupportedFeatureError, match="pip install websocket-client"):
+        kite.subscribe(SBIN, on_tick=print)
+
+
 def test_environment_proxies_are_honoured_once_per_host(monkeypatch: Any) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "api.kite.trade")
