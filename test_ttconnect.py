@@ -943,10 +943,10 @@ def provoke(client: tt.TTConnect, case: Case, route: str, cache_dir: Path, clock
     return getattr(client, route)()
 
 
-def run_strategy(client: tt.TTConnect) -> Dict[str, Any]:
+def run_strategy(client: tt.TTConnect, expiry: str = "2026-11-24") -> Dict[str, Any]:
     """One broker-agnostic strategy: the same code for every broker."""
-    ce = tt.Option(exchange=tt.Exchange.NFO, symbol="NIFTY", expiry="2026-11-24", strike=23500, option_type=tt.OptionType.CE)
-    ce_hi = tt.Option(exchange=tt.Exchange.NFO, symbol="NIFTY", expiry="2026-11-24", strike=23600, option_type=tt.OptionType.CE)
+    ce = tt.Option(exchange=tt.Exchange.NFO, symbol="NIFTY", expiry=expiry, strike=23500, option_type=tt.OptionType.CE)
+    ce_hi = tt.Option(exchange=tt.Exchange.NFO, symbol="NIFTY", expiry=expiry, strike=23600, option_type=tt.OptionType.CE)
     out: Dict[str, Any] = {}
     order_id = client.place_order(ce, 65, tt.Side.BUY, tt.ProductType.NRML, tt.OrderType.LIMIT, price=120.50, tag="tt-strategy-1")
     out["placed"] = order_id
@@ -2186,8 +2186,12 @@ def _error_params(keep: Callable[[ErrorCase], bool] = lambda e: True) -> List[An
 
 
 def test_every_registered_broker_has_a_case_table() -> None:
-    missing = set(tt._BROKERS) - set(CASE)
+    """Every broker that talks HTTP runs the fixture contract; one that answers its routes in
+    process (paper) has no wire to fake and runs the contract in its own section (6e)."""
+    http = {b for b, spec in tt._BROKERS.items() if "local" not in spec["hooks"]}
+    missing = http - set(CASE)
     assert not missing, f"add a Case for {sorted(missing)} (section 6)"
+    assert set(tt._BROKERS) - http == {"paper"}
 
 
 # What only a broker's section and the registry may name: brokers, their credential keys (config
@@ -2195,7 +2199,7 @@ def test_every_registered_broker_has_a_case_table() -> None:
 # names of their payloads.
 BROKER_WORDS = ("zerodha", "kite", "angel", "smartapi", "upstox", "api_key", "api_secret", "request_token",
                 "client_id", "totp", "auth_code", "redirect_uri", "tradingsymbol", "orderid", "error_type",
-                "errorcode", "jwt", "instrument_key", "trading_symbol", "exchange_token")
+                "errorcode", "jwt", "instrument_key", "trading_symbol", "exchange_token", r"\bpaper\b")
 
 
 def test_no_broker_is_named_outside_its_section_and_the_registry() -> None:
@@ -2209,7 +2213,8 @@ def test_no_broker_is_named_outside_its_section_and_the_registry() -> None:
         if banner:
             section = banner.group(1)
         in_broker_section = section.startswith("6") and section != "6"  # 6a..6y: the brokers; 6z: the registry
-        if not in_broker_section and pattern.search(line):
+        usage_example = section == ""  # the module docstring shows a config, as a user writes it
+        if not (in_broker_section or usage_example) and pattern.search(line):
             offenders.append(f"{number}: {line.strip()[:100]}")
     assert offenders == [], "broker specifics outside the broker sections:\n" + "\n".join(offenders)
     banners = [line for line in lines if re.match(r"^# \d+[a-z]?\. ", line)]
@@ -2390,6 +2395,519 @@ def test_an_empty_order_book_reads_as_no_orders(broker: Case, tmp_path: Path, da
         assert client.get_orders() == []
         assert client.cancel_all_orders() == ([], [])
         assert len(api.calls("get_orders")) == 2
+
+
+# ============================================================================
+# 6e. The paper broker (offline: its routes answered in-process)
+# ============================================================================
+
+PAPER_DAY = ist(2026, 12, 2, 10, 0)  # a Wednesday, a trading day
+
+
+@pytest.fixture
+def paper_clock() -> FakeClock:
+    return FakeClock(PAPER_DAY)
+
+
+def paper_client(clients: list, tmp_path: Path, clock: FakeClock, **config: Any) -> tt.TTConnect:
+    client = tt.TTConnect("paper", {"cache_dir": str(tmp_path), **config}, clock=clock)
+    clients.append(client)
+    return client
+
+
+@pytest.fixture
+def scripted(tmp_path: Path) -> str:
+    """A tick file with no ticks: prices then come only from ``push`` (scripted paths)."""
+    path = tmp_path / "no-ticks.jsonl"
+    path.write_text("")
+    return str(path)
+
+
+def push(client: tt.TTConnect, instrument: Any, ltp: float, bid: Optional[float] = None,
+         ask: Optional[float] = None) -> None:
+    """One price update of a scripted path, as the feed would deliver it."""
+    engine = client._local
+    token = client.resolve(instrument)
+    quote = tt._PaperQuote(round(ltp * 100), round((bid or ltp) * 100), round((ask or ltp) * 100), client._clock())
+    with engine.lock:
+        engine._quotes[token] = quote
+        engine.on_quote(token, quote)
+
+
+PAPER_SBIN = tt.Equity(exchange="NSE", symbol="SBIN")
+
+
+def paper_option(client: tt.TTConnect, strike: float = 23500, option_type: str = "CE", nth: int = 0) -> tt.Option:
+    expiry = client.expiries("NIFTY")[nth]
+    return tt.Option(exchange="NFO", symbol="NIFTY", expiry=expiry, strike=strike, option_type=option_type)
+
+
+def test_paper_universe_follows_nse_expiry_rules(tmp_path: Path, clients: list) -> None:
+    # 17 Nov 2026 (a Tuesday): Guru Nanak Jayanti on Tue 24 Nov moves that week's expiry and
+    # November's monthly one to Mon 23 Nov; Republic Day moves January's to Mon 25 Jan.
+    client = paper_client(clients, tmp_path, FakeClock(ist(2026, 11, 17, 9, 30)))
+    d = dt.date
+    assert client.expiries("NIFTY") == [d(2026, 11, 17), d(2026, 11, 23), d(2026, 12, 1), d(2026, 12, 8),
+                                        d(2026, 12, 29), d(2027, 1, 25)]
+    assert client.expiries("BANKNIFTY") == client.expiries("FINNIFTY") == [d(2026, 11, 23), d(2026, 12, 29),
+                                                                            d(2027, 1, 25)]
+    chain = client.option_chain("NIFTY", "2026-12-01")
+    assert len(chain) == 82 and (chain[0].strike, chain[-1].strike) == (22500, 24500)
+    nifty_fut = tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-11-23")
+    bank_opt = tt.Option(exchange="NFO", symbol="BANKNIFTY", expiry="2026-12-29", strike=56000, option_type="PE")
+    assert (client.lot_size(nifty_fut), client.tick_size(nifty_fut)) == (65, 0.1)
+    assert (client.lot_size(bank_opt), client.tick_size(bank_opt)) == (30, 0.05)
+    assert client.lot_size(tt.Future(exchange="NFO", symbol="FINNIFTY", expiry="2026-12-29")) == 60
+    assert client._instruments.freeze_qty(bank_opt) == 600
+    ticks = {s: client.tick_size(tt.Equity(exchange="NSE", symbol=s)) for s in ("TATASTEEL", "SBIN", "TCS", "MARUTI")}
+    assert ticks == {"TATASTEEL": 0.01, "SBIN": 0.05, "TCS": 0.1, "MARUTI": 1.0}
+    assert len([i for i in client.search("", exchange="NSE", limit=500) if isinstance(i, tt.Equity)]) == 50
+    assert client.resolve(bank_opt) == "NFO:BANKNIFTY 2026-12-29 56000 PE"  # a paper token is the instrument's text
+    with pytest.raises(tt.InstrumentNotFoundError):  # not a listed strike
+        client.resolve(tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-12-01", strike=23525, option_type="CE"))
+    with pytest.raises(tt.InstrumentNotFoundError):  # no weekly BANKNIFTY
+        client.resolve(tt.Option(exchange="NFO", symbol="BANKNIFTY", expiry="2026-12-01", strike=56000,
+                                 option_type="CE"))
+
+
+def test_paper_universe_after_the_close_is_the_next_sessions(tmp_path: Path, clients: list) -> None:
+    client = paper_client(clients, tmp_path, FakeClock(ist(2026, 12, 1, 16, 0)))  # Tuesday's expiry is over
+    assert client.expiries("NIFTY")[0] == dt.date(2026, 12, 8)
+
+
+def test_parse_instrument_reads_exactly_what_str_prints(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock)
+    kinds = [PAPER_SBIN, tt.Index(exchange="NSE", symbol="NIFTY"), tt.Index(exchange="NSE", symbol="BANKNIFTY"),
+             tt.Future(exchange="NFO", symbol="NIFTY", expiry=client.expiries("NIFTY")[-3]), paper_option(client),
+             tt.Equity(exchange="NSE", symbol="M&M"), tt.Equity(exchange="NSE", symbol="BAJAJ-AUTO")]
+    for inst in kinds:
+        assert tt.parse_instrument(str(inst)) == inst and type(tt.parse_instrument(str(inst))) is type(inst)
+    for text in ("SBIN", "NSE:", ":SBIN", "NSE:sbin", "XYZ:SBIN", "NFO:NIFTY 2026-13-01 23500 CE", "NFO:NIFTY FUT 20261229",
+                 "NFO:NIFTY 2026-12-29 abc CE", "NSE: SBIN", None, 7):
+        with pytest.raises(ValueError, match="write one of: 'NSE:SBIN' .an equity., 'NSE:NIFTY' .an index."):
+            tt.parse_instrument(text)  # type: ignore[arg-type]
+    with pytest.raises(tt.InstrumentNotFoundError):  # well formed, not listed
+        tt.parse_instrument("NSE:NOSUCHSTOCK")
+
+
+def test_paper_market_and_limit_orders_fill_at_the_touch(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                         scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.00, bid=899.95, ask=900.05)
+    market = client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    order = client.get_order(market)
+    assert (order.status, order.average_price, order.filled_qty) == (tt.OrderStatus.COMPLETE, 900.05, 10)  # the ask
+    buy = client.place_order(PAPER_SBIN, 5, "BUY", "CNC", "LIMIT", price=899.0)
+    sell = client.place_order(PAPER_SBIN, 4, "SELL", "CNC", "LIMIT", price=901.0)
+    assert {client.get_order(i).status for i in (buy, sell)} == {tt.OrderStatus.OPEN}
+    push(client, PAPER_SBIN, 899.50, bid=899.45, ask=899.55)  # not yet
+    assert client.get_order(buy).status is tt.OrderStatus.OPEN
+    push(client, PAPER_SBIN, 898.50, bid=898.45, ask=898.55)  # gapped through the limit: filled at the ask, better
+    assert (client.get_order(buy).status, client.get_order(buy).average_price) == (tt.OrderStatus.COMPLETE, 898.55)
+    push(client, PAPER_SBIN, 901.00, bid=901.00, ask=901.05)  # the bid reaches the limit: filled at it
+    assert (client.get_order(sell).status, client.get_order(sell).average_price) == (tt.OrderStatus.COMPLETE, 901.0)
+    # without depth (a quote that has only a last price), the last price is the touch
+    push(client, PAPER_SBIN, 902.00)
+    again = client.place_order(PAPER_SBIN, 1, "SELL", "CNC", "MARKET")
+    assert client.get_order(again).average_price == 902.0
+    trades = client.get_trades()
+    assert [(t.side, t.qty, t.avg_price) for t in trades] == [
+        (tt.Side.BUY, 10, 900.05), (tt.Side.BUY, 5, 898.55), (tt.Side.SELL, 4, 901.0), (tt.Side.SELL, 1, 902.0)]
+    # a marketable limit fills at once, at the touch
+    now = client.place_order(PAPER_SBIN, 2, "BUY", "CNC", "LIMIT", price=905.0)
+    assert client.get_order(now).average_price == 902.0
+
+
+def test_paper_stop_orders_trigger_exactly_at_their_trigger(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                            scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 20, "BUY", "CNC", "MARKET")
+    sl_m = client.place_order(PAPER_SBIN, 10, "SELL", "CNC", "SL_M", trigger_price=895.0)
+    sl = client.place_order(PAPER_SBIN, 10, "SELL", "CNC", "SL", price=893.0, trigger_price=894.0)
+    buy_stop = client.place_order(PAPER_SBIN, 3, "BUY", "MIS", "SL", price=906.0, trigger_price=905.0)
+    assert {client.get_order(i).status for i in (sl_m, sl, buy_stop)} == {tt.OrderStatus.TRIGGER_PENDING}
+    push(client, PAPER_SBIN, 895.05)
+    assert client.get_order(sl_m).status is tt.OrderStatus.TRIGGER_PENDING
+    push(client, PAPER_SBIN, 895.0, bid=894.95, ask=895.05)  # triggered: a market sell at the bid
+    assert (client.get_order(sl_m).status, client.get_order(sl_m).average_price) == (tt.OrderStatus.COMPLETE, 894.95)
+    push(client, PAPER_SBIN, 893.5, bid=892.5, ask=893.55)  # triggered, but the bid is below its limit: it rests
+    assert client.get_order(sl).status is tt.OrderStatus.OPEN
+    push(client, PAPER_SBIN, 893.2, bid=893.1, ask=893.25)
+    assert (client.get_order(sl).status, client.get_order(sl).average_price) == (tt.OrderStatus.COMPLETE, 893.1)
+    push(client, PAPER_SBIN, 905.5, bid=905.45, ask=905.55)  # the buy stop: triggered and within its limit
+    assert client.get_order(buy_stop).average_price == 905.55
+    history = client.get_order_history(sl)
+    assert [h.status for h in history] == [tt.OrderStatus.TRIGGER_PENDING, tt.OrderStatus.OPEN,
+                                           tt.OrderStatus.COMPLETE]
+    with pytest.raises(tt.InvalidOrderError, match="would fire at once"):  # a sell stop above the last price
+        client.place_order(PAPER_SBIN, 1, "SELL", "MIS", "SL_M", trigger_price=906.0)
+
+
+def test_paper_modify_and_cancel_working_orders(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    start = client.get_funds().available
+    buy = client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "LIMIT", price=890.0)
+    assert client.get_funds().available == start - 8900.0  # the order blocks its value
+    client.modify_order(buy, price=891.5, qty=20)
+    assert client.get_funds().available == start - 17830.0
+    assert (client.get_order(buy).price, client.get_order(buy).qty) == (891.5, 20)
+    push(client, PAPER_SBIN, 891.5)
+    order = client.get_order(buy)
+    assert (order.status, order.average_price, order.filled_qty) == (tt.OrderStatus.COMPLETE, 891.5, 20)
+    assert client.get_funds().available == start - 17830.0  # now the shares' cost
+    other = client.place_order(PAPER_SBIN, 5, "BUY", "CNC", "LIMIT", price=880.0)
+    assert client.cancel_order(other) == other
+    assert client.get_order(other).status is tt.OrderStatus.CANCELLED
+    assert client.get_funds().available == start - 17830.0  # released
+    with pytest.raises(tt.OrderError, match="only open orders"):
+        client.cancel_order(other)
+    with pytest.raises(tt.OrderNotFoundError):
+        client.get_order("999")
+    ioc = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=880.0, validity="IOC")
+    assert client.get_order(ioc).status is tt.OrderStatus.CANCELLED
+
+
+def test_paper_money_is_exact_to_the_paisa(tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=200000)
+    ce = paper_option(client)
+    fut = tt.Future(exchange="NFO", symbol="NIFTY", expiry=client.expiries("NIFTY")[-3])
+    nifty = tt.Index(exchange="NSE", symbol="NIFTY")
+    push(client, nifty, 23500.0)
+    push(client, ce, 120.50)
+    client.place_order(ce, 65, "BUY", "NRML", "MARKET")  # an option's premium is paid: 7,832.50
+    assert client.get_funds().available == 192167.5
+    push(client, ce, 130.25)
+    client.place_order(ce, 65, "SELL", "NRML", "MARKET")  # and received: 8,466.25
+    funds = client.get_funds()
+    assert (funds.available, funds.total, funds.used, funds.m2m_realized) == (200633.75, 200633.75, 0.0, 633.75)
+    # a future blocks 12% of its notional (NRML) and settles its P&L when reduced
+    push(client, fut, 23600.0)
+    client.place_order(fut, 65, "BUY", "NRML", "MARKET")
+    funds = client.get_funds()
+    assert (funds.used, funds.available) == (184080.0, 16553.75)  # 65 x 23,600 x 12%
+    push(client, fut, 23650.1)
+    assert client.get_funds().m2m_unrealized == 3256.5  # 65 x 50.10
+    client.place_order(fut, 65, "SELL", "NRML", "MARKET")
+    funds = client.get_funds()
+    assert (funds.used, funds.available, funds.m2m_realized) == (0.0, 203890.25, 3890.25)
+    # MIS equity: 20%; adds average by quantity, a flip starts a new average at the fill price
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 10, "BUY", "MIS", "MARKET")
+    push(client, PAPER_SBIN, 910.0)
+    client.place_order(PAPER_SBIN, 10, "BUY", "MIS", "MARKET")
+    (pos,) = [p for p in client.get_positions() if p.instrument == PAPER_SBIN]
+    assert (pos.qty, pos.avg_price, client.get_funds().used) == (20, 905.0, 3620.0)
+    push(client, PAPER_SBIN, 920.0)
+    client.place_order(PAPER_SBIN, 30, "SELL", "MIS", "MARKET")
+    (pos,) = [p for p in client.get_positions() if p.instrument == PAPER_SBIN]
+    assert (pos.qty, pos.avg_price, pos.pnl) == (-10, 920.0, 300.0)  # 20 x (920 - 905) realised
+    funds = client.get_funds()
+    assert (funds.used, funds.available) == (1840.0, 203890.25 + 300.0 - 1840.0)
+    # a short option blocks 12% of its underlying's notional and is paid its premium
+    client.place_order(PAPER_SBIN, 10, "BUY", "MIS", "MARKET")  # flat again at 920: no P&L
+    push(client, ce, 120.0)
+    before = client.get_funds()
+    client.place_order(ce, 65, "SELL", "NRML", "MARKET")
+    funds = client.get_funds()
+    assert (funds.used, funds.total) == (183300.0, before.total + 7800.0)  # 12% of 65 x 23,500; premium in
+    assert funds.available == before.available - 175500.0
+    with pytest.raises(tt.InsufficientFundsError, match="needs 175,500.00, available 28,690.25"):
+        client.place_order(ce, 65, "SELL", "NRML", "MARKET")
+
+
+def test_paper_margin_calculator_uses_the_documented_rates(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                           scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    ce = paper_option(client)
+    fut = tt.Future(exchange="NFO", symbol="NIFTY", expiry=client.expiries("NIFTY")[-3])
+    push(client, tt.Index(exchange="NSE", symbol="NIFTY"), 23500.0)
+    m = client.calculate_margin([tt.OrderLeg(fut, 65, tt.Side.BUY, tt.ProductType.MIS, tt.OrderType.LIMIT, price=23600)])
+    assert (m.total, m.final_total, m.benefit, m.span) == (92040.0, 92040.0, 0.0, 92040.0)  # 6% intraday
+    m = client.calculate_margin([tt.OrderLeg(ce, 65, tt.Side.BUY, tt.ProductType.NRML, tt.OrderType.LIMIT, price=120.5),
+                                 tt.OrderLeg(PAPER_SBIN, 100, tt.Side.BUY, tt.ProductType.CNC, tt.OrderType.LIMIT,
+                                             price=900)])
+    assert (m.total, m.option_premium) == (7832.5 + 90000.0, 7832.5)
+    m = client.calculate_margin([{"instrument": ce, "qty": 65, "side": "SELL", "product": "NRML",
+                                  "order_type": "LIMIT", "price": 120.0}])
+    assert m.total == 183300.0 - 7800.0  # 12% of 65 x 23,500, less the premium received
+
+
+def test_paper_refuses_what_does_not_fit_and_changes_nothing(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                             scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    push(client, PAPER_SBIN, 900.0)
+    before = (client.get_funds(), client.get_orders(), client.get_positions())
+    with pytest.raises(tt.InsufficientFundsError, match="needs 11,700.00, available 10,000.00"):
+        client.place_order(PAPER_SBIN, 13, "BUY", "CNC", "MARKET")
+    with pytest.raises(tt.InsufficientFundsError, match="can sell at most 0"):  # no holdings, no buys today
+        client.place_order(PAPER_SBIN, 1, "SELL", "CNC", "MARKET")
+    with pytest.raises(tt.InvalidOrderError, match="tick"):
+        client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=900.03)
+    with pytest.raises(tt.InvalidOrderError, match="lot size 65"):
+        client.place_order(paper_option(client), 50, "BUY", "NRML", "MARKET")
+    assert (client.get_funds(), client.get_orders(), client.get_positions()) == before
+    client.place_order(PAPER_SBIN, 11, "BUY", "CNC", "MARKET")  # 9,900 of 10,000
+    client.place_order(PAPER_SBIN, 11, "SELL", "CNC", "LIMIT", price=950.0)  # a same-day buy can be sold
+    with pytest.raises(tt.InsufficientFundsError, match="in open sell orders 11"):
+        client.place_order(PAPER_SBIN, 1, "SELL", "CNC", "LIMIT", price=950.0)
+
+
+def test_paper_funds_never_go_negative_under_many_threads(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                          scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=50000)
+    push(client, PAPER_SBIN, 1000.0)
+    placed, refused = [], []
+
+    def trade() -> None:
+        for _ in range(10):
+            try:
+                placed.append(client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=999.0))
+            except tt.InsufficientFundsError:
+                refused.append(1)
+
+    threads = [threading.Thread(target=trade) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(placed) == 50 and len(refused) == 30  # 50 x 999 fits in 50,000; the 51st does not
+    assert len(set(placed)) == 50
+    funds = client.get_funds()
+    assert (funds.available, funds.used) == (50.0, 49950.0)
+    push(client, PAPER_SBIN, 998.0)  # every one fills: the cash moves, nothing goes below zero
+    funds = client.get_funds()
+    assert (funds.available, funds.total, funds.used) == (100.0, 100.0, 0.0)  # 50,000 - 50 x 998
+
+
+def test_paper_state_survives_a_restart_and_accounts_stay_apart(tmp_path: Path, clients: list,
+                                                                paper_clock: FakeClock, scripted: str) -> None:
+    first = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(first, PAPER_SBIN, 900.0)
+    filled = first.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    resting = first.place_order(PAPER_SBIN, 5, "BUY", "CNC", "LIMIT", price=880.0)
+    def state(client: tt.TTConnect) -> Any:  # (last prices are the feed's: a restart waits for the next)
+        funds = client.get_funds()
+        return ((funds.available, funds.used, funds.total), client.get_orders(), client.get_trades(),
+                [(p.instrument, p.qty, p.avg_price, p.product) for p in client.get_positions()])
+
+    snapshot = state(first)
+    first.close()
+    again = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    assert state(again) == snapshot
+    push(again, PAPER_SBIN, 880.0)  # the resting order still works after the restart
+    assert again.get_order(resting).status is tt.OrderStatus.COMPLETE
+    other = paper_client(clients, tmp_path, paper_clock, prices=scripted, account="second")
+    assert other.get_orders() == [] and other.get_funds().available == 1000000.0
+    assert filled not in {o.id for o in other.get_orders()}
+    assert sorted(p.name for p in tmp_path.glob("paper_*.db")) == ["paper_default.db", "paper_second.db"]
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"account": "../escape"}, "config 'account' must be 1-64 letters"),
+    ({"account": ""}, "config 'account'"),
+    ({"capital": -5}, "config 'capital' must be a positive amount"),
+    ({"capital": float("nan")}, "config 'capital'"),
+    ({"prices": "no-such-file.jsonl"}, "nor a tick file: no file"),
+    ({"prices": 42}, "config 'prices' must be 'random'"),
+    ({"seed": True}, "config 'seed' must be an int or a string"),
+    ({"market_hours": "yes"}, "config 'market_hours' must be True or False"),
+    ({"replay_speed": -1}, "config 'replay_speed'"),
+    ({"clock": lambda: dt.datetime(2026, 12, 2, 10, 0)}, "naive datetime"),
+    ({"instruments": "db"}, "needs a real broker's instrument DB in the cache dir"),
+])
+def test_paper_config_is_checked_at_init(config: Dict[str, Any], words: str, tmp_path: Path, clients: list,
+                                         paper_clock: FakeClock) -> None:
+    if config.get("prices") == "no-such-file.jsonl":
+        config = {"prices": str(tmp_path / "no-such-file.jsonl")}
+    kwargs = {} if "clock" in config else {"clock": paper_clock}
+    with pytest.raises(tt.TTConnectError, match=re.escape(words) if "'" in words else words):
+        clients.append(tt.TTConnect("paper", {"cache_dir": str(tmp_path), **config}, **kwargs))
+
+
+def test_paper_market_hours_and_an_aware_clock(tmp_path: Path, clients: list) -> None:
+    now = [dt.datetime(2026, 12, 2, 8, 0, tzinfo=tt.IST)]
+    client = tt.TTConnect("paper", cache_dir=str(tmp_path), clock=lambda: now[0], market_hours=True)
+    clients.append(client)
+    with pytest.raises(tt.OrderError, match="the market is closed"):
+        client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET")
+    now[0] = dt.datetime(2026, 12, 2, 9, 15, tzinfo=tt.IST)
+    assert client.get_order(client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET")).status is tt.OrderStatus.COMPLETE
+    assert client.get_order(client.get_orders()[0].id).placed_at == now[0]
+
+
+def test_paper_square_off_at_1520_and_the_day_roll(tmp_path: Path, clients: list, scripted: str) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 15, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    ce = paper_option(client)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 10, "BUY", "MIS", "MARKET")
+    client.place_order(PAPER_SBIN, 7, "BUY", "CNC", "MARKET")
+    mis_limit = client.place_order(PAPER_SBIN, 3, "BUY", "MIS", "LIMIT", price=850.0)
+    day_limit = client.place_order(PAPER_SBIN, 3, "BUY", "CNC", "LIMIT", price=850.0)
+    push(client, ce, 100.0)
+    client.place_order(ce, 65, "BUY", "NRML", "MARKET")
+    push(client, PAPER_SBIN, 905.0)
+    clock.set(ist(2026, 12, 2, 15, 19, 59))
+    assert {p.product for p in client.get_positions()} == {tt.ProductType.MIS, tt.ProductType.CNC, tt.ProductType.NRML}
+    clock.set(ist(2026, 12, 2, 15, 20))
+    positions = {(p.product, str(p.instrument)): p for p in client.get_positions()}
+    assert (tt.ProductType.MIS, "NSE:SBIN") not in positions  # squared off at the last price
+    squared = [o for o in client.get_orders() if o.tag == "mis"]
+    assert [(o.side, o.qty, o.average_price, o.status_message) for o in squared] == [
+        (tt.Side.SELL, 10, 905.0, "MIS square-off at 15:20")]
+    assert client.get_order(mis_limit).status is tt.OrderStatus.CANCELLED
+    assert client.get_order(day_limit).status is tt.OrderStatus.OPEN
+    clock.set(ist(2026, 12, 3, 9, 20))  # the next session: DAY orders expired, delivery buys are holdings
+    assert client.get_orders() == [] and client.get_trades() == []
+    (holding,) = client.get_holdings()
+    assert (holding.instrument, holding.qty, holding.avg_price, holding.ltp) == (PAPER_SBIN, 7, 900.0, 905.0)
+    assert [(str(p.instrument), p.qty, p.product) for p in client.get_positions()] == [
+        (str(ce), 65, tt.ProductType.NRML)]  # the carried derivative
+    sold = client.place_order(PAPER_SBIN, 7, "SELL", "CNC", "MARKET")  # holdings can be sold
+    assert client.get_order(sold).status is tt.OrderStatus.COMPLETE
+    (pos,) = [p for p in client.get_positions() if p.product is tt.ProductType.CNC]
+    assert (pos.qty, pos.sold_from_holdings, pos.pnl) == (0, 7, 35.0)
+
+
+def test_paper_expired_contracts_settle_at_the_roll(tmp_path: Path, clients: list, scripted: str) -> None:
+    clock = FakeClock(ist(2026, 12, 8, 10, 0))  # a Tuesday: the weekly expiry
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    ce = paper_option(client)
+    assert ce.expiry == dt.date(2026, 12, 8)
+    push(client, ce, 50.0)
+    client.place_order(ce, 65, "BUY", "NRML", "MARKET")
+    push(client, ce, 80.0)  # the last price it traded at settles it
+    cash = client.get_funds().total
+    clock.set(ist(2026, 12, 9, 9, 30))
+    assert client.get_positions() == []
+    assert client.get_funds().total == cash + 65 * 80.0
+
+
+def test_paper_random_prices_are_a_function_of_seed_instrument_and_time(tmp_path: Path, clients: list,
+                                                                        paper_clock: FakeClock) -> None:
+    a = paper_client(clients, tmp_path / "a", paper_clock, seed=7)
+    b = paper_client(clients, tmp_path / "b", paper_clock, seed=7)
+    c = paper_client(clients, tmp_path / "c", paper_clock, seed=8)
+    tokens = ["NSE:SBIN", "NSE:NIFTY", str(paper_option(a))]
+    at = paper_clock()
+    later = [at + 0.25 * i for i in range(0, 4000, 97)]
+    path_a = [a._local.source.quote(t, x).ltp for t in tokens for x in later]
+    backwards = {(t, x): b._local.source.quote(t, x).ltp for t in reversed(tokens) for x in reversed(later)}
+    assert path_a == [backwards[(t, x)] for t in tokens for x in later]  # the order it was asked in is no matter
+    assert path_a != [c._local.source.quote(t, x).ltp for t in tokens for x in later]
+    assert len(set(path_a[:len(later)])) > 5  # it moves
+    sbin = [a._local.source.quote("NSE:SBIN", at + 86400 * d).ltp / 100 for d in range(0, 60)]
+    assert all(700 < p < 1150 for p in sbin) and len(set(sbin)) == 60  # it wanders around its level
+    assert all(p % 5 == 0 for p in [a._local.source.quote("NSE:SBIN", x).ltp for x in later])  # on its 0.05 tick
+
+
+def test_paper_random_prices_fill_resting_orders_over_the_path_they_took(tmp_path: Path, clients: list,
+                                                                          paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, seed=3)
+    source = client._local.source
+    start = source.quote("NSE:SBIN", paper_clock()).ltp
+    path = [source.quote("NSE:SBIN", paper_clock() + 0.25 * k) for k in range(1, 14401)]
+    low = min(q.ask for q in path)
+    first = next(q for q in path if q.ask <= low)
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=low / 100)
+    assert start > low and client.get_order(order_id).status is tt.OrderStatus.OPEN
+    paper_clock.set(ist(2026, 12, 2, 11, 0))  # an hour later: it filled when the path first got there
+    order = client.get_order(order_id)
+    assert (order.status, order.average_price) == (tt.OrderStatus.COMPLETE, low / 100)
+    assert client.get_trades()[0].timestamp == dt.datetime.fromtimestamp(first.at, tt.IST)
+
+
+def test_paper_streams_random_ticks_and_order_updates(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, tick_interval=0.01)
+    ce = paper_option(client)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    updates: "queue.Queue[tt.Order]" = queue.Queue()
+    client.subscribe([PAPER_SBIN, ce], on_tick=ticks.put, mode="full")
+    client.subscribe(tt.Index(exchange="NSE", symbol="NIFTY"), mode="ltp")
+    client.on_order_update(updates.put)
+    seen: Dict[str, tt.Tick] = {}
+    deadline = time.monotonic() + 10
+    while len(seen) < 3 and time.monotonic() < deadline:
+        tick = ticks.get(timeout=5)
+        seen[str(tick.instrument)] = tick
+    full, index = seen["NSE:SBIN"], seen["NSE:NIFTY"]
+    quote = client._local.source.quote("NSE:SBIN", paper_clock())
+    assert (full.mode, full.ltp, full.bids[0].price, full.asks[0].price) == (
+        "full", quote.ltp / 100, quote.bid / 100, quote.ask / 100)
+    assert full.close is not None and full.change == pytest.approx((full.ltp - full.close) * 100 / full.close)
+    assert full.exchange_time == PAPER_DAY and len(full.bids) == 5
+    assert (index.mode, index.bids, index.close) == ("ltp", (), None)
+    order_id = client.place_order(ce, 65, "BUY", "NRML", "MARKET")
+    update = updates.get(timeout=5)
+    while update.status is not tt.OrderStatus.COMPLETE:
+        update = updates.get(timeout=5)
+    assert (update.id, update.filled_qty, update.instrument) == (order_id, 65, ce)
+    assert client.stream_stats()["order_updates"] >= 2
+
+
+def test_paper_streams_without_websocket_client(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                monkeypatch: Any) -> None:
+    monkeypatch.setitem(sys.modules, "websocket", None)  # not installed
+    client = paper_client(clients, tmp_path, paper_clock, tick_interval=0.01)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode="ltp")
+    assert ticks.get(timeout=5).instrument == PAPER_SBIN
+
+
+def write_ticks(path: Path, rows: List[Tuple[str, float, float, float]], start: dt.datetime) -> None:
+    """A tick file: (instrument, ltp, bid, ask) per line, a second apart."""
+    with open(path, "w") as f:
+        for i, (inst, ltp, bid, ask) in enumerate(rows):
+            f.write(json.dumps({"instrument": inst, "ts": int((start.timestamp() + i) * 1000), "mode": "full",
+                                "ltp": ltp, "bids": [[bid, 100, 1]], "asks": [[ask, 100, 1]]}) + "\n")
+
+
+def test_paper_a_recorded_tick_file_replays_into_the_same_fills(tmp_path: Path, clients: list,
+                                                                paper_clock: FakeClock) -> None:
+    rows = [("NSE:SBIN", 900 + (i % 40 - 20) * 0.5, 900 + (i % 40 - 20) * 0.5 - 0.05, 900 + (i % 40 - 20) * 0.5 + 0.05)
+            for i in range(400)] + [("NSE:NOSUCH", 1.0, 1.0, 1.0)]
+    path = tmp_path / "ticks.jsonl"
+    write_ticks(path, rows, PAPER_DAY)
+    runs = []
+    for run in ("one", "two"):
+        client = paper_client(clients, tmp_path / run, paper_clock, prices=str(path))
+        ids = [client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=price) for price in (895.0, 891.0)]
+        ids.append(client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "SL", price=905.5, trigger_price=905.0))
+        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+        client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode="quote")
+        got = [ticks.get(timeout=10) for _ in range(400)]
+        assert [t.ltp for t in got] == [r[1] for r in rows[:400]] and {t.mode for t in got} == {"quote"}
+        runs.append([(o.status, o.average_price, o.updated_at) for o in map(client.get_order, ids)])
+        assert [o.status for o in map(client.get_order, ids)] == [tt.OrderStatus.COMPLETE] * 3
+        client.close()
+    assert runs[0] == runs[1]
+    assert [r[1] for r in runs[0]] == [890.05, 890.05, 905.05]  # at the ask the path first offered
+
+
+def test_paper_runs_the_same_strategy_as_a_real_broker(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                       scripted: str) -> None:
+    """The cross-broker contract on paper: the strategy code of section 6z, unchanged, gives the
+    same models (the values are paper's own)."""
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    expiry = client.expiries("NIFTY")[0]
+    ce = tt.Option(exchange="NFO", symbol="NIFTY", expiry=expiry, strike=23500, option_type="CE")
+    push(client, ce, 125.0, bid=124.95, ask=125.05)
+    push(client, tt.Option(exchange="NFO", symbol="NIFTY", expiry=expiry, strike=23600, option_type="CE"), 80.0)
+    push(client, tt.Index(exchange="NSE", symbol="NIFTY"), 23500.0)
+    out = run_strategy(client, expiry=expiry.isoformat())
+    assert out["placed"] == out["modified"] == out["cancelled"]
+    assert (out["order"].status, out["order"].price) == (tt.OrderStatus.OPEN, 121.0)
+    assert out["order"].tag.startswith("tt-strategy-1-")  # as sent: made unique
+    types = {key: type(value) for key, value in out.items()}
+    assert types["funds"] is tt.Fund and types["margin"] is tt.Margin and types["profile"] is tt.Profile
+    assert [o.status for o in out["orders"]] == [tt.OrderStatus.CANCELLED]
+    assert out["positions"] == out["holdings"] == out["trades"] == []
+    assert out["profile"].broker == "paper" and out["margin"].total == 65 * 120.5 + 183300.0 - 65 * 80.0
+    for model in (out["funds"], out["margin"], out["profile"], out["orders"][0]):  # canonical fields only
+        assert set(f.name for f in dataclasses.fields(model)) == set(f.name for f in dataclasses.fields(type(model)))
 
 
 # ============================================================================

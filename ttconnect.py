@@ -56,9 +56,11 @@ __all__ = [
     "Trade",
     "UnsupportedFeatureError",
     "main",
+    "parse_instrument",
 ]
 
 import codecs
+import contextlib
 import dataclasses
 import datetime as _dt
 import enum
@@ -83,6 +85,7 @@ from typing import (
     NamedTuple,
     Optional,
     Sequence,
+    Set,
     Tuple,
     TypedDict,
     TypeVar,
@@ -802,6 +805,48 @@ class Option(_Instrument):
 Instrument = Union[Index, Equity, Future, Option]
 
 
+_INSTRUMENT_FORMS = ("'NSE:SBIN' (an equity)", "'NSE:NIFTY' (an index)", "'NFO:NIFTY FUT 2026-12-29' (a future)",
+                     "'NFO:NIFTY 2026-12-29 23500 CE' (an option)")
+
+
+def parse_instrument(text: str) -> Instrument:
+    """The instrument ``str(instrument)`` printed: ``parse_instrument(str(x)) == x`` for every kind.
+
+    ``"EXCHANGE:SYMBOL"`` is an index when the symbol is an index's canonical name (or has a
+    space, as only index names do), else an equity. A malformed text raises ``ValueError`` (an
+    ``InvalidInstrumentError``) naming the accepted forms; a well-formed one that an open
+    client's instrument DB lacks raises ``InstrumentNotFoundError``.
+    """
+    cls, fields = _instrument_parts(text)
+    try:
+        return cls(**fields)  # type: ignore[no-any-return]
+    except InvalidInstrumentError as exc:  # (an InstrumentNotFoundError, well formed but unlisted, passes through)
+        raise _not_an_instrument(text, str(exc)) from None
+
+
+def _not_an_instrument(text: Any, why: str) -> InvalidInstrumentError:
+    return InvalidInstrumentError(f"{_short(repr(text), 80)} is not an instrument ({why}); write one of: "
+                                  + ", ".join(_INSTRUMENT_FORMS))
+
+
+def _instrument_parts(text: Any) -> Tuple[type, Dict[str, Any]]:
+    """(class, constructor arguments) of an instrument's text; only the layout is checked here."""
+    if not isinstance(text, str):
+        raise _not_an_instrument(text, "not a string")
+    exchange, sep, rest = text.strip().partition(":")
+    if not sep or not exchange or not rest or rest != rest.strip():
+        raise _not_an_instrument(text, "expected EXCHANGE:SYMBOL...")
+    parts = rest.split(" ")
+    if len(parts) >= 4 and parts[-1] in ("CE", "PE"):
+        return Option, {"exchange": exchange, "symbol": " ".join(parts[:-3]), "expiry": parts[-3], "strike": parts[-2],
+                        "option_type": parts[-1]}
+    if len(parts) >= 3 and parts[-2] == "FUT":
+        return Future, {"exchange": exchange, "symbol": " ".join(parts[:-2]), "expiry": parts[-1]}
+    if " " in rest or _canonical_index_symbol(rest) in _INDEX_UNDERLYINGS or rest.upper() in _INDEX_ALIASES:
+        return Index, {"exchange": exchange, "symbol": rest}
+    return Equity, {"exchange": exchange, "symbol": rest}
+
+
 def _option_key(exchange: str, symbol: str, expiry: str, strike: float, option_type: str) -> str:
     return f"{exchange}|{symbol}|{expiry}|{strike!r}|{option_type}"
 
@@ -1271,8 +1316,8 @@ class _InstrumentStore:
 
     # -- health and metadata -------------------------------------------------------------
 
-    def check(self) -> Dict[str, Tuple[str, int]]:
-        """Return {broker: (refreshed_at, rows)}; raise _CorruptStore if the file is damaged."""
+    def check(self) -> Dict[str, Tuple[str, int, str]]:
+        """Return {broker: (refreshed_at, rows, source)}; raise _CorruptStore if the file is damaged."""
         import sqlite3
 
         try:
@@ -1284,11 +1329,11 @@ class _InstrumentStore:
                 raise _CorruptStore(f"file is {size} bytes, header says {page_size * page_count}")
             if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
                 raise _CorruptStore("schema version differs")
-            rows = conn.execute("SELECT broker_id, refreshed_at, rows FROM _meta").fetchall()
+            rows = conn.execute("SELECT broker_id, refreshed_at, rows, source FROM _meta").fetchall()
         except sqlite3.DatabaseError as exc:
             raise _CorruptStore(str(exc)) from exc
         # A record edited or damaged by hand reads as never refreshed (so the master is loaded again).
-        return {b: (at if isinstance(at, str) else "", n if isinstance(n, int) else 0) for b, at, n in rows}
+        return {b: (at if isinstance(at, str) else "", n if isinstance(n, int) else 0, str(src)) for b, at, n, src in rows}
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -1681,11 +1726,14 @@ class _Instruments:
 
     @property
     def source(self) -> str:
-        return self.url if self.master.build is None else f"built-in ({self.broker})"
+        if self.master.build is None:
+            return self.url
+        what = self.master.label(self._config) if self.master.label is not None else self.broker
+        return f"built-in ({what})"
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _state(self, repair: bool) -> Optional[Dict[str, Tuple[str, int]]]:
+    def _state(self, repair: bool) -> Optional[Dict[str, Tuple[str, int, str]]]:
         """Return the store's per-broker metadata, None if there is no usable file."""
         if not os.path.exists(self.store.path):
             return None
@@ -1705,7 +1753,7 @@ class _Instruments:
         os.replace(self.store.path, aside)
         self.store.reopen()
 
-    def _is_fresh(self, state: Optional[Dict[str, Tuple[str, int]]]) -> bool:
+    def _is_fresh(self, state: Optional[Dict[str, Tuple[str, int, str]]]) -> bool:
         if not state or self.broker not in state:
             return False
         try:
@@ -1714,6 +1762,8 @@ class _Instruments:
             return False
         if refreshed.tzinfo is None:
             return False
+        if self.master.build is not None and state[self.broker][2] != self.source:
+            return False  # built from other config (another set of instruments asked for)
         now = self._clock()
         # a refresh "in the future" (a clock that was wrong then) proves nothing: load again
         return _latest_publication(now, self.master.published) <= refreshed <= _dt.datetime.fromtimestamp(now + 3600, IST)
@@ -1724,7 +1774,7 @@ class _Instruments:
 
         if self._is_fresh(self._state(repair=False)):
             return
-        state: Optional[Dict[str, Tuple[str, int]]] = None
+        state: Optional[Dict[str, Tuple[str, int, str]]] = None
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
             with _FileLock(self.store.path + ".lock"):
@@ -1741,7 +1791,7 @@ class _Instruments:
         except OSError as exc:  # the cache dir cannot be written: a read-only dir, a file in its place
             self._failed(_cache_dir_error(self.cache_dir, exc), state if state is not None else self._state(repair=False))
 
-    def _failed(self, exc: BaseException, state: Optional[Dict[str, Tuple[str, int]]]) -> None:
+    def _failed(self, exc: BaseException, state: Optional[Dict[str, Tuple[str, int, str]]]) -> None:
         cached = state.get(self.broker) if state else None
         what = f"the {self.broker} instrument master ({self.source}) could not be loaded: {exc}"
         if cached is None:
@@ -1776,9 +1826,10 @@ class _Instruments:
         except OSError as exc:
             raise _cache_dir_error(self.cache_dir, exc) from None
 
-    def _refresh_locked(self, state: Optional[Dict[str, Tuple[str, int]]]) -> Dict[str, Any]:
+    def _refresh_locked(self, state: Optional[Dict[str, Tuple[str, int, str]]]) -> Dict[str, Any]:
         """The refresh proper; the caller holds the store's file lock."""
-        previous = state.get(self.broker, ("", 0))[1] if state else 0
+        # A built master is what its config asks for: its size may change at will.
+        previous = state.get(self.broker, ("", 0, ""))[1] if state and self.master.build is None else 0
         # Nobody else builds while the lock is held: what a crashed build left is garbage. Only
         # ttconnect's own names are touched (the cache dir may be shared with other files).
         build_prefix = os.path.basename(self.store.path) + ".build-"
@@ -1993,6 +2044,7 @@ class _Master(NamedTuple):
     parse: Optional[Callable[[IO[bytes], "_LoadStats"], Iterator["_MasterRow"]]] = None  # a downloaded file
     headers: Mapping[str, str] = _NO_ARGS
     build: Optional[Callable[["_MasterContext"], Iterable["_MasterRow"]]] = None  # made here, no download
+    label: Optional[Callable[[Mapping[str, Any]], str]] = None  # what a built master is made of, by config
 
 
 # The signatures of the hooks a spec may carry; every one is a module-level function named
@@ -2015,7 +2067,7 @@ if TYPE_CHECKING:  # pragma: no cover
         raw_status: Callable[[Mapping[str, Any]], OrderStatus]  # status of an order row no model was made of
         order_ref: Callable[[Mapping[str, Any]], Optional[str]]  # how the broker addresses one order, if not by id
         freeze_limit: Callable[[str], Optional[int]]  # the freeze limit a broker names in a refusal
-        local: Callable[["_LocalContext"], Any]  # answers routes in-process instead of HTTP (paper)
+        local: Callable[["_LocalContext"], Any]  # answers routes in-process instead of HTTP (an offline broker)
         stream_connect: Callable[[_Call, Mapping[str, Any], SessionData, str], Tuple[str, Dict[str, str]]]
         stream_key: Callable[[Instrument, str], Any]  # a subscription's key, as the frames name it
         stream_target: Callable[[Instrument, str], Any]  # what the decoder gets per key (default: the instrument)
@@ -2024,7 +2076,7 @@ if TYPE_CHECKING:  # pragma: no cover
         stream_unsubscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
         stream_decode: Callable[[bytes, Mapping[Any, Instrument], List[Tick]], None]
         stream_text: Callable[[str], Tuple[str, Any]]
-        stream_socket: Callable[..., Any]  # an in-process feed socket instead of a websocket (paper)
+        stream_socket: Callable[..., Any]  # an in-process feed socket instead of a websocket (an offline broker)
         order_stream_connect: Callable[[_Call, Mapping[str, Any], SessionData, str], Tuple[str, Dict[str, str]]]
         order_stream_text: Callable[[str], Tuple[str, Any]]
 
@@ -4665,10 +4717,1712 @@ _UPSTOX: BrokerSpec = _broker(
 
 
 # ============================================================================
+# 6d. Broker spec: paper (offline: every route is answered in this process)
+# ============================================================================
+# No network, no credentials. Instruments: a bundled universe built from today's date by NSE's
+# expiry rules (or the canonical instruments of a real broker's DB in the cache dir). Prices: a
+# deterministic walk, a live client's ticks, or a recorded tick file. Orders are matched on every
+# price update; the account (orders, trades, positions, holdings, cash) lives in SQLite.
+
+# NSE trading holidays on weekdays (https://www.nseindia.com/resources/exchange-communication-holidays):
+# 2026 as published (NSE/CMTR/71775, amended by NSE/CMTR/72260); 2027 is not yet published,
+# so only Republic Day, the one fixed weekday holiday, is listed.
+_PAPER_HOLIDAYS = frozenset(_dt.date.fromisoformat(d) for d in (
+    "2026-01-15", "2026-01-26", "2026-03-03", "2026-03-26", "2026-03-31", "2026-04-03", "2026-04-14",
+    "2026-05-01", "2026-05-28", "2026-06-26", "2026-09-14", "2026-10-02", "2026-10-20", "2026-11-10",
+    "2026-11-24", "2026-12-25",
+    "2027-01-26",
+))
+_PAPER_OPEN, _PAPER_CLOSE, _PAPER_SQUARE_OFF = (9, 15), (15, 30), (15, 20)  # IST
+
+# The NIFTY 50 (membership of December 2026) with rough price levels that seed the walk; they
+# are not quotes.
+_PAPER_STOCKS = (
+    ("ADANIENT", 2400), ("ADANIPORTS", 1450), ("APOLLOHOSP", 7200), ("ASIANPAINT", 2800), ("AXISBANK", 1200),
+    ("BAJAJ-AUTO", 8800), ("BAJAJFINSV", 1950), ("BAJFINANCE", 950), ("BEL", 380), ("BHARTIARTL", 2000),
+    ("BSE", 3400), ("CIPLA", 1500), ("COALINDIA", 380), ("DRREDDY", 1250), ("EICHERMOT", 6800),
+    ("ETERNAL", 280), ("GRASIM", 2700), ("HCLTECH", 1550), ("HDFCBANK", 950), ("HDFCLIFE", 740),
+    ("HINDALCO", 780), ("HINDUNILVR", 2300), ("ICICIBANK", 1350), ("INDIGO", 5500), ("INFY", 1500),
+    ("ITC", 400), ("JIOFIN", 290), ("JSWSTEEL", 1100), ("KOTAKBANK", 410), ("LT", 3900), ("M&M", 3500),
+    ("MARUTI", 15500), ("MAXHEALTH", 1050), ("NESTLEIND", 1250), ("NTPC", 330), ("ONGC", 240),
+    ("POWERGRID", 270), ("RELIANCE", 1450), ("SBILIFE", 1900), ("SBIN", 900), ("SHRIRAMFIN", 800),
+    ("SUNPHARMA", 1750), ("TATACONSUM", 1100), ("TATASTEEL", 160), ("TCS", 3100), ("TECHM", 1450),
+    ("TITAN", 3700), ("TMPV", 370), ("TRENT", 2700), ("ULTRACEMCO", 11500),
+)
+
+
+class _PaperIndex(NamedTuple):
+    symbol: str
+    name: str
+    level: float  # seeds the walk
+    lot: int
+    strike_step: int
+    future_tick: float
+    freeze: int  # units per order (NSE's monthly freeze-limit circulars)
+    weekly: bool  # weekly options besides the monthly ones
+
+
+# NSE contract specifications: lots from NSE/FAOP/70616 (expiries from January 2026), freeze
+# limits from the circular effective 3 August 2026, futures ticks by index level (0.05 below
+# 15,000, 0.10 to 30,000, 0.20 above).
+_PAPER_INDICES = (
+    _PaperIndex("NIFTY", "Nifty 50", 23500, 65, 50, 0.10, 1800, True),
+    _PaperIndex("BANKNIFTY", "Nifty Bank", 56000, 30, 100, 0.20, 600, False),
+    _PaperIndex("FINNIFTY", "Nifty Fin Service", 25500, 60, 50, 0.10, 1800, False),
+)
+# Seed levels of indices a real broker's DB may hold besides those (``instruments: "db"``).
+_PAPER_MORE_LEVELS = {"MIDCPNIFTY": 12700.0, "NIFTYNXT50": 66000.0, "SENSEX": 75000.0, "BANKEX": 62000.0,
+                      "SENSEX50": 24000.0}
+_PAPER_STRIKES_EACH_SIDE = 20  # strikes listed either side of the seed level
+_PAPER_WEEKLIES, _PAPER_MONTHLIES = 4, 3  # NIFTY weekly expiries listed; monthly ones per underlying
+
+
+def _paper_trading_day(day: _dt.date) -> bool:
+    return day.weekday() < 5 and day not in _PAPER_HOLIDAYS
+
+
+def _paper_next_trading_day(day: _dt.date) -> _dt.date:
+    """``day`` if it trades, else the next day that does."""
+    while not _paper_trading_day(day):
+        day += _dt.timedelta(days=1)
+    return day
+
+
+def _paper_expiry_day(day: _dt.date) -> _dt.date:
+    """An expiry that falls on a holiday moves to the previous trading day."""
+    while not _paper_trading_day(day):
+        day -= _dt.timedelta(days=1)
+    return day
+
+
+def _paper_last_tuesday(year: int, month: int) -> _dt.date:
+    first_of_next = _dt.date(year + month // 12, month % 12 + 1, 1)
+    last = first_of_next - _dt.timedelta(days=1)
+    return last - _dt.timedelta(days=(last.weekday() - 1) % 7)
+
+
+def _paper_expiries(today: _dt.date, weekly: bool) -> Tuple[List[_dt.date], List[_dt.date]]:
+    """(option expiries, futures expiries) listed on ``today``, by NSE's rules since September
+    2025: every expiry on a Tuesday (NSE/FAOP/68747), monthly ones on the month's last Tuesday;
+    NIFTY alone has weekly options."""
+    monthly: List[_dt.date] = []
+    year, month = today.year, today.month
+    while len(monthly) < _PAPER_MONTHLIES:
+        expiry = _paper_expiry_day(_paper_last_tuesday(year, month))
+        if expiry >= today:
+            monthly.append(expiry)
+        year, month = year + month // 12, month % 12 + 1
+    options = set(monthly)
+    if weekly:
+        tuesday = today + _dt.timedelta(days=(1 - today.weekday()) % 7)
+        weeklies: List[_dt.date] = []
+        while len(weeklies) < _PAPER_WEEKLIES:
+            expiry = _paper_expiry_day(tuesday)
+            if expiry >= today:
+                weeklies.append(expiry)
+            tuesday += _dt.timedelta(days=7)
+        options.update(weeklies)
+    return sorted(options), monthly
+
+
+def _paper_equity_tick(price: float) -> float:
+    """NSE's price-band tick sizes (effective 15 April 2025)."""
+    for limit, tick in ((250, 0.01), (1000, 0.05), (5000, 0.10), (10000, 0.50), (20000, 1.00)):
+        if price <= limit:
+            return tick
+    return 5.00
+
+
+def _paper_label_option(exchange: str, symbol: str, expiry: str, strike: float, option_type: str) -> str:
+    return f"{exchange}:{symbol} {expiry} {_fmt_num(strike)} {option_type}"
+
+
+def _paper_bundled(today: _dt.date) -> Iterator[_MasterRow]:
+    """The bundled universe of ``today``: a paper token is the instrument as ``str()`` prints it."""
+    for symbol, price in _PAPER_STOCKS:
+        label = f"NSE:{symbol}"
+        yield ("E", "NSE", symbol, symbol, 1, _paper_equity_tick(price), label, label, None, None, None, None, 0)
+    for index in _PAPER_INDICES:
+        label = f"NSE:{index.symbol}"
+        yield ("I", "NSE", index.symbol, index.name, 0, 0.0, label, label, None, None, None, None, 0)
+        options, futures = _paper_expiries(today, index.weekly)
+        for expiry in futures:
+            label = f"NFO:{index.symbol} FUT {expiry.isoformat()}"
+            yield ("F", "NFO", index.symbol, index.symbol, index.lot, index.future_tick, label, label,
+                   expiry.isoformat(), "I", None, None, index.freeze)
+        atm = round(index.level / index.strike_step) * index.strike_step
+        strikes = [atm + i * index.strike_step for i in range(-_PAPER_STRIKES_EACH_SIDE, _PAPER_STRIKES_EACH_SIDE + 1)]
+        for expiry in options:
+            for strike in strikes:
+                for option_type in ("CE", "PE"):
+                    label = _paper_label_option("NFO", index.symbol, expiry.isoformat(), strike, option_type)
+                    yield ("O", "NFO", index.symbol, index.symbol, index.lot, 0.05, label, label, expiry.isoformat(),
+                           "I", float(strike), option_type, index.freeze)
+
+
+def _paper_from_db(db_path: str) -> List[_MasterRow]:
+    """The canonical instruments every real broker in the DB lists, as paper rows."""
+    import sqlite3
+
+    if not os.path.exists(db_path):
+        raise ConfigurationError("config instruments='db' needs a real broker's instrument DB in the cache dir; "
+                                 "there is none yet (load one first, e.g. python -m ttconnect --broker zerodha "
+                                 "instruments refresh)")
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        brokers = [b for (b,) in conn.execute("SELECT broker_id FROM _meta WHERE broker_id != 'paper'")]
+        if not brokers:
+            raise ConfigurationError("config instruments='db' needs a real broker's instruments in the cache dir's "
+                                     "DB; it holds none (load one first, e.g. python -m ttconnect --broker zerodha "
+                                     "instruments refresh)")
+        picked = ("CREATE TEMP TABLE picked AS SELECT instrument_id, MAX(freeze_qty) AS freeze FROM broker_tokens "
+                  "WHERE broker_id != 'paper' GROUP BY instrument_id")
+        conn.execute(picked)
+        rows: List[_MasterRow] = []
+        base = "SELECT i.exchange, i.symbol, i.name, i.lot_size, i.tick_size, p.freeze FROM picked p JOIN instruments i ON i.id = p.instrument_id"
+        for kind, table in (("I", "indices"), ("E", "equities")):
+            for exch, symbol, name, lot, tick, freeze in conn.execute(
+                    f"{base} JOIN {table} x ON x.instrument_id = p.instrument_id"):
+                label = f"{exch}:{symbol}"
+                rows.append((kind, exch, symbol, name, lot, tick, label, label, None, None, None, None, freeze))
+        underlying_kind = "CASE WHEN EXISTS (SELECT 1 FROM indices u WHERE u.instrument_id = d.underlying_id) THEN 'I' ELSE 'E' END"
+        for exch, symbol, name, lot, tick, freeze, expiry, und in conn.execute(
+                f"{base.replace('p.freeze', 'p.freeze, d.expiry, ' + underlying_kind)} "
+                "JOIN futures d ON d.instrument_id = p.instrument_id"):
+            label = f"{exch}:{symbol} FUT {expiry}"
+            rows.append(("F", exch, symbol, name, lot, tick, label, label, expiry, und, None, None, freeze))
+        for exch, symbol, name, lot, tick, freeze, expiry, und, strike, option_type in conn.execute(
+                f"{base.replace('p.freeze', 'p.freeze, d.expiry, ' + underlying_kind + ', d.strike, d.option_type')} "
+                "JOIN options d ON d.instrument_id = p.instrument_id"):
+            label = _paper_label_option(exch, symbol, expiry, strike, option_type)
+            rows.append(("O", exch, symbol, name, lot, tick, label, label, expiry, und, strike, option_type, freeze))
+        return rows
+    except sqlite3.Error as exc:
+        raise _MasterFormatError(f"the cache dir's instrument DB could not be read ({exc})") from None
+    finally:
+        conn.close()
+
+
+def _paper_master(ctx: "_MasterContext") -> Iterable[_MasterRow]:
+    if ctx.config.get("instruments", "bundled") == "db":
+        return _paper_from_db(ctx.db_path)
+    return _paper_bundled(_paper_session_day(ctx.now.timestamp()))
+
+
+def _paper_master_label(config: Mapping[str, Any]) -> str:
+    return "instruments of the cache dir's DB" if config.get("instruments") == "db" else "bundled NIFTY universe"
+
+
+# -- prices -------------------------------------------------------------------------------
+# The random source: the k-th price of an instrument (k counts quarter-seconds from 2026-01-01
+# IST) is a function of (seed, instrument, k) alone, so a seed gives the same path whatever the
+# timing. Each day opens at a level that wanders slowly around the seed level (a moving average
+# of ten daily shocks), and between two opens the path is a Brownian bridge: hourly points
+# bridged over the day, steps of +-1 bridged within each hour. Futures and options follow their
+# underlying (cost of carry; Black-Scholes at a flat volatility).
+
+_PAPER_STEP = 0.25  # seconds per price step
+_PAPER_HOUR = 14400  # steps per hour
+_PAPER_DAY = 24 * _PAPER_HOUR
+_PAPER_EPOCH = _dt.datetime(2026, 1, 1, tzinfo=IST).timestamp()
+_PAPER_RATE = 0.065  # interest for futures carry and option prices, per year
+# (level swing, intraday swing, option volatility) by underlying kind
+_PAPER_VOL = {"I": (0.03, 0.012, 0.14), "E": (0.05, 0.02, 0.25)}
+
+
+def _paper_seed(*parts: Any) -> int:
+    return int.from_bytes(_md5("|".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+class _PaperWalk:
+    """The random price path of one cash instrument (an index or a stock)."""
+
+    __slots__ = ("seed", "key", "base", "level_swing", "day_swing", "_opens", "_hours", "_block", "_block_at")
+
+    def __init__(self, seed: Any, key: str, base: float, kind: str) -> None:
+        self.seed, self.key, self.base = seed, key, base
+        self.level_swing, self.day_swing = _PAPER_VOL[kind][0], _PAPER_VOL[kind][1]
+        self._opens: Dict[int, float] = {}
+        self._hours: Dict[int, List[float]] = {}
+        self._block: List[float] = []
+        self._block_at: Tuple[Optional[int], Optional[int]] = (None, None)
+
+    def _shock(self, day: int) -> float:
+        import random
+
+        return random.Random(_paper_seed(self.seed, self.key, "day", day)).gauss(0.0, 1.0)
+
+    def _open(self, day: int) -> float:
+        """The log offset of the day's opening level from the seed level."""
+        found = self._opens.get(day)
+        if found is None:
+            found = self.level_swing * sum(self._shock(day - i) for i in range(10)) / 10 ** 0.5
+            if len(self._opens) > 64:
+                self._opens.clear()
+            self._opens[day] = found
+        return found
+
+    def _hour_points(self, day: int) -> List[float]:
+        """The bridge at each whole hour of the day, 25 points from 0 to 0, in unit steps."""
+        found = self._hours.get(day)
+        if found is None:
+            import random
+
+            rng = random.Random(_paper_seed(self.seed, self.key, "hours", day))
+            sums = [0.0]
+            for _ in range(24):
+                sums.append(sums[-1] + rng.gauss(0.0, _PAPER_HOUR ** 0.5))
+            found = [s - sums[-1] * h / 24 for h, s in enumerate(sums)]
+            if len(self._hours) > 8:
+                self._hours.clear()
+            self._hours[day] = found
+        return found
+
+    def _hour_path(self, day: int, hour: int) -> List[float]:
+        """The bridge at every step of one hour (its two ends from the hourly points)."""
+        if self._block_at != (day, hour):
+            import itertools
+            import random
+
+            rng = random.Random(_paper_seed(self.seed, self.key, "steps", day, hour))
+            steps = rng.choices((-1.0, 1.0), k=_PAPER_HOUR)
+            sums = list(itertools.accumulate(steps, initial=0.0))
+            start, end = self._hour_points(day)[hour], self._hour_points(day)[hour + 1]
+            drift = (end - start - sums[-1]) / _PAPER_HOUR
+            self._block = [start + s + drift * i for i, s in enumerate(sums)]
+            self._block_at = (day, hour)
+        return self._block
+
+    def price(self, k: int) -> float:
+        day, step = divmod(k, _PAPER_DAY)
+        hour, within = divmod(step, _PAPER_HOUR)
+        lo, hi = self._open(day), self._open(day + 1)
+        bridge = self._hour_path(day, hour)[within] / (_PAPER_DAY ** 0.5)
+        import math
+
+        return self.base * math.exp(lo + (hi - lo) * step / _PAPER_DAY + 2 * self.day_swing * bridge)
+
+
+def _paper_step(epoch: float) -> int:
+    return int((epoch - _PAPER_EPOCH) // _PAPER_STEP)
+
+
+def _paper_round(price: float, tick: float) -> float:
+    """To the instrument's tick (at least one tick: a traded price is never zero)."""
+    if tick <= 0:
+        return round(price, 2)
+    return round(max(tick, round(price / tick) * tick), 2)
+
+
+def _paper_black_scholes(spot: float, strike: float, years: float, vol: float, call: bool) -> float:
+    import math
+
+    if years <= 0:
+        return max(0.0, spot - strike) if call else max(0.0, strike - spot)
+    root = vol * math.sqrt(years)
+    d1 = (math.log(spot / strike) + (_PAPER_RATE + vol * vol / 2) * years) / root
+    d2 = d1 - root
+
+    def cdf(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    discount = math.exp(-_PAPER_RATE * years)
+    if call:
+        return spot * cdf(d1) - strike * discount * cdf(d2)
+    return strike * discount * cdf(-d2) - spot * cdf(-d1)
+
+
+def _paper_expiry_epoch(expiry: _dt.date) -> float:
+    return _dt.datetime(expiry.year, expiry.month, expiry.day, *_PAPER_CLOSE, tzinfo=IST).timestamp()
+
+
+def _paper_seed_level(instrument: Instrument) -> float:
+    """The level a cash instrument's walk wanders around."""
+    symbol = instrument.symbol
+    for index in _PAPER_INDICES:
+        if index.symbol == symbol:
+            return index.level
+    if isinstance(instrument, Index):
+        return _PAPER_MORE_LEVELS.get(symbol, 10000.0)
+    for name, price in _PAPER_STOCKS:
+        if name == symbol:
+            return float(price)
+    return 100.0 + _paper_seed("level", symbol) % 2900  # a stock outside the bundle: a stable level
+
+
+class _PaperRandomPrices:
+    """The ``prices: "random"`` source: the price of any instrument at any time, from the seed."""
+
+    def __init__(self, seed: Any) -> None:
+        self.seed = seed
+        self._walks: Dict[str, _PaperWalk] = {}
+
+    def _walk(self, underlying: Instrument) -> _PaperWalk:
+        key = str(underlying)
+        walk = self._walks.get(key)
+        if walk is None:
+            kind = "I" if isinstance(underlying, Index) else "E"
+            walk = self._walks[key] = _PaperWalk(self.seed, key, _paper_seed_level(underlying), kind)
+        return walk
+
+    def price(self, instrument: Instrument, underlying: Optional[Instrument], k: int, tick: float) -> float:
+        """The unrounded price at step ``k`` (``underlying``: of a future or option)."""
+        if underlying is None:
+            return self._walk(instrument).price(k)
+        spot = self._walk(underlying).price(k)
+        expiry = instrument.expiry  # type: ignore[union-attr]
+        years = max(0.0, (_paper_expiry_epoch(expiry) - (_PAPER_EPOCH + k * _PAPER_STEP)) / (365 * 86400))
+        if isinstance(instrument, Future):
+            import math
+
+            return spot * math.exp(_PAPER_RATE * years)
+        kind = "I" if isinstance(underlying, Index) else "E"
+        option = instrument  # an Option
+        return _paper_black_scholes(spot, option.strike, years, _PAPER_VOL[kind][2],  # type: ignore[union-attr]
+                                    option.option_type is OptionType.CE)  # type: ignore[union-attr]
+
+
+# -- the account ----------------------------------------------------------------------------
+# Money is kept in whole paise (integers), so every sum is exact. Delivery equity (CNC) and
+# options settle in cash at each fill (a buy pays its value, a sell receives it); intraday
+# equity (MIS) and futures block margin instead and settle their P&L when reduced. A short
+# option blocks margin on its underlying's notional. Working orders block what their fill
+# would take. Nothing is ever allowed to make the available funds negative.
+
+_PAPER_MARGIN = {  # (kind, product) -> percent of notional blocked; kind: E equity, F future, O short option
+    ("E", ProductType.MIS): 20, ("F", ProductType.NRML): 12, ("F", ProductType.MIS): 6,
+    ("O", ProductType.NRML): 12, ("O", ProductType.MIS): 12,
+}
+
+_PAPER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS account (
+    id INTEGER PRIMARY KEY CHECK (id = 1), capital INTEGER NOT NULL, cash INTEGER NOT NULL,
+    day TEXT NOT NULL, squared TEXT NOT NULL, next_id INTEGER NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orders (
+    id TEXT PRIMARY KEY, instrument TEXT NOT NULL, side TEXT NOT NULL, qty INTEGER NOT NULL,
+    filled INTEGER NOT NULL, order_type TEXT NOT NULL, product TEXT NOT NULL, price INTEGER,
+    trigger_price INTEGER, average INTEGER, status TEXT NOT NULL, message TEXT, tag TEXT,
+    validity TEXT NOT NULL, placed_at REAL NOT NULL, updated_at REAL NOT NULL, blocked INTEGER NOT NULL,
+    day TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history (
+    order_id TEXT NOT NULL, seq INTEGER NOT NULL, qty INTEGER NOT NULL, filled INTEGER NOT NULL,
+    order_type TEXT NOT NULL, price INTEGER, trigger_price INTEGER, average INTEGER, status TEXT NOT NULL,
+    message TEXT, at REAL NOT NULL, PRIMARY KEY (order_id, seq)
+);
+CREATE TABLE IF NOT EXISTS trades (
+    id TEXT PRIMARY KEY, order_id TEXT NOT NULL, instrument TEXT NOT NULL, side TEXT NOT NULL,
+    qty INTEGER NOT NULL, price INTEGER NOT NULL, product TEXT NOT NULL, at REAL NOT NULL, day TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS positions (
+    instrument TEXT NOT NULL, product TEXT NOT NULL, qty INTEGER NOT NULL, cost INTEGER NOT NULL,
+    blocked INTEGER NOT NULL, realised INTEGER NOT NULL, PRIMARY KEY (instrument, product)
+);
+CREATE TABLE IF NOT EXISTS holdings (instrument TEXT PRIMARY KEY, qty INTEGER NOT NULL, cost INTEGER NOT NULL);
+"""
+_PAPER_ORDER_COLUMNS = ("id", "instrument", "side", "qty", "filled", "order_type", "product", "price", "trigger_price",
+                        "average", "status", "message", "tag", "validity", "placed_at", "updated_at", "blocked", "day")
+
+
+def _div_round(a: int, b: int) -> int:
+    """a / b (b > 0) to the nearest integer, halves up: exact in integers."""
+    q, r = divmod(a, b)
+    return q + (2 * r >= b)
+
+
+def _to_paise(value: Any) -> Optional[int]:
+    """A price in rupees (Decimal, float or None) as whole paise."""
+    if value is None:
+        return None
+    return int(round(float(value) * 100))
+
+
+def _paper_session_day(epoch: float) -> _dt.date:
+    """The trading session ``epoch`` belongs to: after a session's close, the next one."""
+    local = _dt.datetime.fromtimestamp(epoch, IST)
+    day = local.date()
+    if (local.hour, local.minute) >= _PAPER_CLOSE:
+        day += _dt.timedelta(days=1)
+    return _paper_next_trading_day(day)
+
+
+def _paper_at(day: _dt.date, hm: Tuple[int, int]) -> float:
+    return _dt.datetime(day.year, day.month, day.day, *hm, tzinfo=IST).timestamp()
+
+
+class _PaperQuote(NamedTuple):
+    ltp: int  # paise
+    bid: int  # best bid (the last price where no depth is known)
+    ask: int
+    at: float  # epoch seconds
+    tick: Optional[Tick] = None  # the tick it came in, if it came from a feed
+
+
+class _PaperPosition:
+    __slots__ = ("instrument", "product", "qty", "cost", "blocked", "realised")
+
+    def __init__(self, instrument: str, product: ProductType, qty: int = 0, cost: int = 0, blocked: int = 0,
+                 realised: int = 0) -> None:
+        self.instrument, self.product = instrument, product
+        self.qty, self.cost, self.blocked, self.realised = qty, cost, blocked, realised
+
+    def row(self) -> Tuple[Any, ...]:
+        return (self.instrument, self.product.value, self.qty, self.cost, self.blocked, self.realised)
+
+
+class _PaperFill(NamedTuple):
+    """What one fill does to the account (computed first, applied only if funds allow)."""
+
+    qty: int
+    cost: int
+    blocked: int
+    realised: int  # P&L realised by this fill
+    cash: int  # change of cash
+
+
+class _PaperBook:
+    """The working orders of one instrument, with the prices that would move any of them."""
+
+    __slots__ = ("orders", "max_buy", "min_sell", "min_buy_stop", "max_sell_stop", "waiting")
+
+    def __init__(self) -> None:
+        self.orders: Dict[str, Dict[str, Any]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        inf = float("inf")
+        self.max_buy = self.max_sell_stop = -inf
+        self.min_sell = self.min_buy_stop = inf
+        self.waiting = False  # a MARKET order placed before any price was known
+        for o in self.orders.values():
+            buy = o["side"] == "BUY"
+            if o["status"] == OrderStatus.TRIGGER_PENDING.value:
+                if buy:
+                    self.min_buy_stop = min(self.min_buy_stop, o["trigger_price"])
+                else:
+                    self.max_sell_stop = max(self.max_sell_stop, o["trigger_price"])
+            elif o["price"] is None:
+                self.waiting = True
+            elif buy:
+                self.max_buy = max(self.max_buy, o["price"])
+            else:
+                self.min_sell = min(self.min_sell, o["price"])
+
+    def moves(self, q: _PaperQuote) -> bool:
+        return (self.waiting or q.ask <= self.max_buy or q.bid >= self.min_sell or q.ltp >= self.min_buy_stop
+                or q.ltp <= self.max_sell_stop)
+
+
+class _PaperEngine:
+    """The paper broker: answers every route of its spec from an account kept in SQLite.
+
+    One lock guards the account: calls from any thread and price updates from the feed thread
+    take it in turn, and each order event is one transaction (WAL, synchronous=NORMAL: a crash
+    loses nothing that was reported).
+    """
+
+    def __init__(self, local: "_LocalContext") -> None:
+        import sqlite3
+
+        cfg = local.config
+        self.ctx, self.instruments, self.clock = local.ctx, local.instruments, local.clock
+        self.account = _paper_account_name(cfg.get("account", "default"))
+        self.capital = _paper_capital(cfg.get("capital", 1_000_000))
+        self.market_hours = cfg.get("market_hours", False)
+        if not isinstance(self.market_hours, bool):
+            raise ConfigurationError(f"config 'market_hours' must be True or False, got {self.market_hours!r}")
+        self.tick_interval = _positive(cfg, "tick_interval", 0.25)
+        self.source = _paper_source(cfg, self)
+        self.path = os.path.join(local.cache_dir, f"paper_{self.account}.db")
+        self.lock = threading.RLock()
+        self.sockets: List["_PaperSocket"] = []
+        self._infos: Dict[str, Tuple[Instrument, Optional[Instrument], int, float]] = {}
+        self._books: Dict[str, _PaperBook] = {}
+        self._quotes: Dict[str, _PaperQuote] = {}  # the last price seen per instrument (feed sources)
+        self._scanned: Dict[str, int] = {}  # random source: the last step each book was matched at
+        self._updates: List[Dict[str, Any]] = []  # order rows changed in the current transaction
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.executescript(_PAPER_SCHEMA)
+            self._load()
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"the paper account file {self.path} cannot be used ({exc}); move it aside to "
+                                     "start afresh, or pick another config 'account'") from None
+        except OSError as exc:
+            raise _cache_dir_error(local.cache_dir, exc) from None
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        now = self.clock()
+        row = self.db.execute("SELECT capital, cash, day, squared, next_id FROM account").fetchone()
+        if row is None:
+            day = _paper_session_day(now).isoformat()
+            self.db.execute("INSERT INTO account VALUES (1, ?, ?, ?, '', 1, ?)", (self.capital, self.capital, day, now))
+            row = (self.capital, self.capital, day, "", 1)
+        self.capital, self.cash, self.day, self.squared, self.next_id = row
+        self.positions: Dict[Tuple[str, ProductType], _PaperPosition] = {}
+        for inst, product, qty, cost, blocked, realised in self.db.execute("SELECT * FROM positions"):
+            self.positions[(inst, ProductType(product))] = _PaperPosition(inst, ProductType(product), qty, cost, blocked,
+                                                                          realised)
+        self.holdings: Dict[str, Tuple[int, int]] = {i: (q, c) for i, q, c in self.db.execute("SELECT * FROM holdings")}
+        working = ", ".join(f"'{s.value}'" for s in _LIVE_STATUSES)
+        for values in self.db.execute(f"SELECT * FROM orders WHERE status IN ({working})"):
+            order = dict(zip(_PAPER_ORDER_COLUMNS, values))
+            self._book(order["instrument"]).orders[order["id"]] = order
+        for book in self._books.values():
+            book.refresh()
+        self._scanned = {}
+
+    def close(self) -> None:
+        with self.lock:
+            for sock in list(self.sockets):
+                sock.abort()
+            self.source.close()
+            try:
+                self.db.close()
+            except Exception:  # noqa: BLE001 - close never raises
+                pass
+
+    def _book(self, token: str) -> _PaperBook:
+        book = self._books.get(token)
+        if book is None:
+            book = self._books[token] = _PaperBook()
+        return book
+
+    def info(self, token: str) -> Tuple[Instrument, Optional[Instrument], int, float]:
+        """(instrument, underlying of a derivative, lot, tick) of a paper token."""
+        found = self._infos.get(token)
+        if found is None:
+            try:
+                inst = self.ctx.instrument_by_token(token)
+                _, lot, tick = self.instruments.info(inst)
+            except InstrumentNotFoundError:
+                inst, lot, tick = _paper_unlisted(token), 1, 0.05  # a contract that expired since: its text says it
+            underlying: Optional[Instrument] = None
+            if isinstance(inst, (Future, Option)):
+                exchange = Exchange.NSE if inst.exchange is Exchange.NFO else Exchange.BSE
+                cls = Index if inst.symbol in _INDEX_UNDERLYINGS else Equity
+                underlying = _make(cls, _instrument_id(f"{exchange.value}|{inst.symbol}"), exchange=exchange,
+                                   symbol=inst.symbol)
+            found = self._infos[token] = (inst, underlying, lot, tick)
+        return found
+
+    def available(self) -> int:
+        blocked = sum(p.blocked for p in self.positions.values())
+        blocked += sum(o["blocked"] for book in self._books.values() for o in book.orders.values())
+        return self.cash - blocked
+
+    # -- time: the square-off, the day's end, and matching up to now -----------------------
+
+    def advance(self, now: Optional[float] = None) -> None:
+        """Bring the account to ``now``: match working orders against the prices since they were
+        last matched, square off MIS positions at 15:20, roll the day at the session's close."""
+        now = self.clock() if now is None else now
+        with self.lock:
+            while True:
+                day = _dt.date.fromisoformat(self.day)
+                square_off, close = _paper_at(day, _PAPER_SQUARE_OFF), _paper_at(day, _PAPER_CLOSE)
+                if self.squared != self.day and now >= square_off:
+                    self.source.match_until(square_off)
+                    self._square_off(square_off)
+                    continue
+                if now < close:
+                    self.source.match_until(now)
+                    return
+                self.source.match_until(close)
+                self._roll(close, _paper_session_day(close))
+
+    def _square_off(self, at: float) -> None:
+        with self._transaction():
+            for book in list(self._books.values()):
+                for order in [o for o in book.orders.values() if o["product"] == ProductType.MIS.value]:
+                    self._finish(order, OrderStatus.CANCELLED, "cancelled by the 15:20 MIS square-off", at)
+            for pos in [p for p in self.positions.values() if p.product is ProductType.MIS and p.qty]:
+                quote = self.source.quote(pos.instrument, at)
+                if quote is None:
+                    log.warning("paper: no price for %s at the MIS square-off; it stays open", pos.instrument)
+                    continue
+                self._close_position(pos, quote, at, "MIS square-off at 15:20")
+            self.squared = self.day
+            self.db.execute("UPDATE account SET squared = ?", (self.squared,))
+
+    def _roll(self, at: float, next_day: _dt.date) -> None:
+        """The session's close: working orders expire, delivery buys become holdings, expired
+        contracts settle, and the day's P&L starts again."""
+        with self._transaction():
+            for book in list(self._books.values()):
+                for order in list(book.orders.values()):
+                    self._finish(order, OrderStatus.CANCELLED, "expired at the end of the trading day", at)
+            day = _dt.date.fromisoformat(self.day)
+            for key, pos in list(self.positions.items()):
+                inst = self.info(pos.instrument)[0] if self._known(pos.instrument) else None
+                expiry = getattr(inst, "expiry", None)
+                if pos.qty and expiry is not None and expiry <= day:
+                    settle = self.source.settlement(pos.instrument, _paper_expiry_epoch(expiry))
+                    if settle is not None:
+                        self._close_position(pos, settle, at, "settled at expiry")
+                if pos.product is ProductType.CNC:
+                    if pos.qty:
+                        qty, cost = self.holdings.get(pos.instrument, (0, 0))
+                        qty, cost = qty + pos.qty, cost + pos.cost
+                        if qty > 0:
+                            self.holdings[pos.instrument] = (qty, cost)
+                            self.db.execute("INSERT OR REPLACE INTO holdings VALUES (?,?,?)", (pos.instrument, qty, cost))
+                        else:
+                            self.holdings.pop(pos.instrument, None)
+                            self.db.execute("DELETE FROM holdings WHERE instrument = ?", (pos.instrument,))
+                    del self.positions[key]
+                    self.db.execute("DELETE FROM positions WHERE instrument = ? AND product = ?",
+                                    (pos.instrument, pos.product.value))
+                elif not pos.qty:
+                    del self.positions[key]
+                    self.db.execute("DELETE FROM positions WHERE instrument = ? AND product = ?",
+                                    (pos.instrument, pos.product.value))
+                else:
+                    pos.realised = 0
+                    self.db.execute("UPDATE positions SET realised = 0 WHERE instrument = ? AND product = ?",
+                                    (pos.instrument, pos.product.value))
+            self.day = next_day.isoformat()
+            self.db.execute("UPDATE account SET day = ?", (self.day,))
+
+    def _known(self, token: str) -> bool:
+        try:
+            self.info(token)
+            return True
+        except TTConnectError:
+            return False
+
+    # -- matching ---------------------------------------------------------------------------
+
+    def on_quote(self, token: str, quote: _PaperQuote) -> None:
+        """A new price of ``token``: fill or trigger whatever it reaches (caller holds the lock)."""
+        book = self._books.get(token)
+        if book is None or not book.orders or not book.moves(quote):
+            return
+        with self._transaction():
+            for order in sorted(book.orders.values(), key=lambda o: o["id"]):
+                self._match(order, quote)
+
+    def _match(self, order: Dict[str, Any], quote: _PaperQuote) -> None:
+        buy = order["side"] == "BUY"
+        if order["status"] == OrderStatus.TRIGGER_PENDING.value:
+            if not (quote.ltp >= order["trigger_price"] if buy else quote.ltp <= order["trigger_price"]):
+                return
+            if order["order_type"] == OrderType.SL_M.value:
+                self._fill(order, quote.ask if buy else quote.bid, quote)
+                return
+            self._update(order, quote.at, status=OrderStatus.OPEN.value, message="triggered")
+        if order["price"] is None:  # a MARKET order that waited for a first price
+            self._fill(order, quote.ask if buy else quote.bid, quote)
+        elif buy and quote.ask <= order["price"]:
+            self._fill(order, quote.ask, quote)
+        elif not buy and quote.bid >= order["price"]:
+            self._fill(order, quote.bid, quote)
+
+    def _fill_effect(self, token: str, product: ProductType, side: str, qty: int, price: int, at: float) -> _PaperFill:
+        """What filling ``qty`` at ``price`` (paise) would do to the position and the cash."""
+        inst, underlying, _, _ = self.info(token)
+        pos = self.positions.get((token, product)) or _PaperPosition(token, product)
+        sign = 1 if side == "BUY" else -1
+        old_qty, old_cost, blocked = pos.qty, pos.cost, pos.blocked
+        realised = 0
+        if old_qty == 0 or (old_qty > 0) == (sign > 0):  # opening or adding
+            new_qty, cost = old_qty + sign * qty, old_cost + sign * qty * price
+            opened = qty
+        else:
+            closed = min(qty, abs(old_qty))
+            removed = _div_round(old_cost * closed, abs(old_qty))
+            realised = -sign * closed * price - removed
+            blocked -= _div_round(blocked * closed, abs(old_qty))
+            new_qty, cost = old_qty + sign * closed, old_cost - removed
+            opened = qty - closed
+            if opened:  # a flip: the rest opens a new position at this price
+                new_qty, cost, blocked = sign * opened, sign * opened * price, 0
+        if product is ProductType.CNC and side == "SELL" and qty > max(0, old_qty):
+            # Beyond today's buys, a delivery sale sells held shares: their cost is the holding's
+            # average, their P&L is against it (the position goes negative until the day's end).
+            today = max(0, old_qty)
+            today_cost = _div_round(old_cost * today, old_qty) if today else 0
+            held_qty, held_cost = self.holdings.get(token, (0, 0))
+            rest = qty - today
+            basis = _div_round(held_cost * rest, held_qty) if held_qty else rest * price
+            new_qty, cost = old_qty - qty, old_cost - today_cost - basis
+            realised = qty * price - today_cost - basis
+            opened = 0
+        kind = "O" if isinstance(inst, Option) else "F" if isinstance(inst, Future) else "E"
+        premium = kind == "O" or product is ProductType.CNC  # settles its value in cash at each fill
+        cash = -sign * qty * price if premium else realised
+        if opened and (kind != "O" or new_qty < 0):
+            rate = _PAPER_MARGIN.get((kind, product))
+            if rate:
+                base = price
+                if kind == "O":  # a short option: on its underlying's notional
+                    quote = self.source.quote(str(underlying), at)
+                    base = quote.ltp if quote is not None else price
+                blocked += -(-rate * opened * base // 100)  # rounded up to the paisa
+        return _PaperFill(new_qty, cost, blocked if new_qty else 0, realised, cash)
+
+    def _fill(self, order: Dict[str, Any], price: int, quote: _PaperQuote, message: str = "") -> None:
+        token, product, at = order["instrument"], ProductType(order["product"]), quote.at
+        effect = self._fill_effect(token, product, order["side"], order["qty"], price, at)
+        pos = self.positions.get((token, product))
+        released = order["blocked"]
+        after = self.available() + released + effect.cash - (effect.blocked - (pos.blocked if pos else 0))
+        if after < 0:
+            self._finish(order, OrderStatus.REJECTED, f"insufficient funds at the fill price {price / 100:.2f} "
+                         f"(short by {-after / 100:.2f})", at)
+            return
+        if pos is None:
+            pos = self.positions[(token, product)] = _PaperPosition(token, product)
+        pos.qty, pos.cost, pos.blocked = effect.qty, effect.cost, effect.blocked
+        pos.realised += effect.realised
+        self.cash += effect.cash
+        trade_id = self._new_id()
+        self.db.execute("INSERT INTO trades VALUES (?,?,?,?,?,?,?,?,?)",
+                        (trade_id, order["id"], token, order["side"], order["qty"], price, product.value, at, self.day))
+        self.db.execute("INSERT OR REPLACE INTO positions VALUES (?,?,?,?,?,?)", pos.row())
+        self.db.execute("UPDATE account SET cash = ?", (self.cash,))
+        order["blocked"] = 0
+        self._finish(order, OrderStatus.COMPLETE, message, at, filled=order["qty"], average=price)
+
+    def _close_position(self, pos: _PaperPosition, quote: _PaperQuote, at: float, why: str) -> None:
+        """Offset a position with a filled MARKET order (the square-off, an expiry)."""
+        side = "SELL" if pos.qty > 0 else "BUY"
+        order = self._new_order(pos.instrument, side, abs(pos.qty), OrderType.MARKET, pos.product, None, None,
+                                why.split()[0].lower(), "DAY", at)
+        self._record(order, OrderStatus.OPEN, why)
+        self._fill(order, quote.bid if side == "SELL" else quote.ask, quote._replace(at=at), why)
+
+    # -- orders -----------------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        self.next_id += 1
+        self.db.execute("UPDATE account SET next_id = ?", (self.next_id,))
+        return f"{self.day.replace('-', '')[2:]}{self.next_id - 1:09d}"
+
+    def _new_order(self, token: str, side: str, qty: int, order_type: OrderType, product: ProductType,
+                   price: Optional[int], trigger: Optional[int], tag: Optional[str], validity: str,
+                   at: float) -> Dict[str, Any]:
+        return {"id": self._new_id(), "instrument": token, "side": side, "qty": qty, "filled": 0,
+                "order_type": order_type.value, "product": product.value, "price": price, "trigger_price": trigger,
+                "average": None, "status": OrderStatus.PENDING.value, "message": "", "tag": tag, "validity": validity,
+                "placed_at": at, "updated_at": at, "blocked": 0, "day": self.day}
+
+    def _record(self, order: Dict[str, Any], status: OrderStatus, message: str) -> None:
+        """Insert a new order in ``status``; working ones join their instrument's book."""
+        order["status"], order["message"] = status.value, message
+        self.db.execute(f"INSERT INTO orders VALUES ({','.join('?' * len(_PAPER_ORDER_COLUMNS))})",
+                        [order[c] for c in _PAPER_ORDER_COLUMNS])
+        self._history(order)
+        if status in _LIVE_STATUSES:
+            book = self._book(order["instrument"])
+            book.orders[order["id"]] = order
+            book.refresh()
+
+    def _history(self, order: Dict[str, Any]) -> None:
+        self.db.execute("INSERT INTO history SELECT ?, COALESCE(MAX(seq), 0) + 1, ?,?,?,?,?,?,?,?,? FROM history "
+                        "WHERE order_id = ?",
+                        (order["id"], order["qty"], order["filled"], order["order_type"], order["price"],
+                         order["trigger_price"], order["average"], order["status"], order["message"],
+                         order["updated_at"], order["id"]))
+        self._updates.append(dict(order))
+
+    def _update(self, order: Dict[str, Any], at: float, **changes: Any) -> None:
+        order.update(changes, updated_at=at)
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        self.db.execute(f"UPDATE orders SET {sets}, updated_at = ? WHERE id = ?", (*changes.values(), at, order["id"]))
+        self._history(order)
+        book = self._books.get(order["instrument"])
+        if book is not None:
+            book.refresh()
+
+    def _finish(self, order: Dict[str, Any], status: OrderStatus, message: str, at: float, **changes: Any) -> None:
+        book = self._books.get(order["instrument"])
+        if book is not None:
+            book.orders.pop(order["id"], None)
+        self._update(order, at, status=status.value, message=message, blocked=0, **changes)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction; on any error it rolls back and the in-memory state is reloaded."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._updates.clear()
+            self._load()
+            raise
+        updates, self._updates = self._updates, []
+        for sock in list(self.sockets):
+            for row in updates:
+                sock.order_update(row)
+
+    # -- the routes -------------------------------------------------------------------------
+
+    def answer(self, name: str, request: _Request) -> Any:
+        """The payload of route ``name`` (rows shaped like the paper section's parsers read)."""
+        handler = getattr(self, f"_route_{name}")
+        with self.lock:
+            self.advance()
+            return handler(request)
+
+    def _route_get_profile(self, request: _Request) -> Dict[str, Any]:
+        return {"user_id": self.account, "name": f"Paper account {self.account}", "capital": self.capital / 100}
+
+    def _route_get_funds(self, request: _Request) -> Dict[str, Any]:
+        available = self.available()
+        unrealised = 0
+        for pos in self.positions.values():
+            quote = self.source.quote(pos.instrument, self.clock()) if pos.qty else None
+            if quote is not None:
+                unrealised += pos.qty * quote.ltp - pos.cost
+        return {"available": available, "used": self.cash - available, "cash": self.cash, "unrealised": unrealised,
+                "realised": sum(p.realised for p in self.positions.values())}
+
+    def _route_get_holdings(self, request: _Request) -> List[Dict[str, Any]]:
+        out = []
+        for token, (qty, cost) in sorted(self.holdings.items()):
+            quote = self.source.quote(token, self.clock())
+            out.append({"instrument": token, "qty": qty, "cost": cost, "ltp": quote.ltp if quote else None})
+        return out
+
+    def _route_get_positions(self, request: _Request) -> List[Dict[str, Any]]:
+        out = []
+        for (token, product), pos in sorted(self.positions.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
+            quote = self.source.quote(token, self.clock()) if pos.qty else None
+            exchange, symbol = token.split(":", 1)
+            out.append({"instrument": token, "exchange": exchange, "symbol": symbol, "product": product.value,
+                        "qty": pos.qty, "cost": pos.cost, "realised": pos.realised, "ltp": quote.ltp if quote else None})
+        return out
+
+    def _route_get_orders(self, request: _Request) -> List[Dict[str, Any]]:
+        cols = ", ".join(_PAPER_ORDER_COLUMNS)
+        rows = self.db.execute(f"SELECT {cols} FROM orders WHERE day = ? ORDER BY id", (self.day,))
+        return [dict(zip(_PAPER_ORDER_COLUMNS, r)) for r in rows]
+
+    def _order_row(self, order_id: str) -> Dict[str, Any]:
+        for book in self._books.values():
+            if order_id in book.orders:
+                return dict(book.orders[order_id])
+        row = self.db.execute(f"SELECT {', '.join(_PAPER_ORDER_COLUMNS)} FROM orders WHERE id = ?", (order_id,)).fetchone()
+        if row is None:
+            raise OrderNotFoundError(f"paper account {self.account!r} has no order {order_id}")
+        return dict(zip(_PAPER_ORDER_COLUMNS, row))
+
+    def _route_get_order(self, request: _Request) -> Dict[str, Any]:
+        return self._order_row(request.path["order_id"])
+
+    def _route_get_order_history(self, request: _Request) -> List[Dict[str, Any]]:
+        order = self._order_row(request.path["order_id"])
+        rows = self.db.execute("SELECT qty, filled, order_type, price, trigger_price, average, status, message, at "
+                               "FROM history WHERE order_id = ? ORDER BY seq", (order["id"],))
+        keys = ("qty", "filled", "order_type", "price", "trigger_price", "average", "status", "message", "updated_at")
+        return [{**order, **dict(zip(keys, r))} for r in rows]
+
+    def _route_get_trades(self, request: _Request) -> List[Dict[str, Any]]:
+        keys = ("id", "order_id", "instrument", "side", "qty", "price", "product", "at")
+        rows = self.db.execute(f"SELECT {', '.join(keys)} FROM trades WHERE day = ? ORDER BY id", (self.day,))
+        return [dict(zip(keys, r)) for r in rows]
+
+    def _route_place_order(self, request: _Request) -> Dict[str, Any]:
+        b = request.body
+        now = self.clock()
+        token, side, qty = b["instrument"], b["side"], b["qty"]
+        order_type, product = OrderType(b["order_type"]), ProductType(b["product"])
+        price, trigger, validity = b["price"], b["trigger_price"], b["validity"]
+        self._check_session(now)
+        quote = self.source.quote(token, now)
+        if quote is None and order_type is not OrderType.MARKET:
+            quote = self.source.wait_quote(token)
+        buy = side == "BUY"
+        if order_type in (OrderType.SL, OrderType.SL_M) and quote is not None:
+            if (buy and trigger <= quote.ltp) or (not buy and trigger >= quote.ltp):
+                where = "above" if buy else "below"
+                raise InvalidOrderError(f"trigger price {trigger / 100:.2f} would fire at once: a {side} stop's trigger "
+                                        f"must be {where} the last price {quote.ltp / 100:.2f}")
+        if validity == "IOC" and order_type in (OrderType.SL, OrderType.SL_M):
+            raise InvalidOrderError("IOC is for MARKET and LIMIT orders; stop-loss orders are DAY orders")
+        if product is ProductType.CNC and not buy:
+            self._check_holding(token, qty)
+        # What the order would take if it filled at its own price (a stop at its limit or
+        # trigger, a MARKET order at the touch): refused now if it does not fit.
+        reference = price if price is not None else trigger if trigger is not None else (
+            (quote.ask if buy else quote.bid) if quote is not None else None)
+        blocked = 0
+        if reference is not None:
+            effect = self._fill_effect(token, product, side, qty, reference, now)
+            pos = self.positions.get((token, product))
+            need = -(effect.cash - (effect.blocked - (pos.blocked if pos else 0)))
+            available = self.available()
+            if need > available:
+                raise InsufficientFundsError(
+                    f"paper account {self.account!r}: {side} {qty} {self.info(token)[0]} needs {need / 100:,.2f}, "
+                    f"available {available / 100:,.2f}")
+            blocked = max(0, need)
+        with self._transaction():
+            order = self._new_order(token, side, qty, order_type, product, price, trigger, b["tag"], validity, now)
+            order["blocked"] = blocked
+            stop = order_type in (OrderType.SL, OrderType.SL_M)
+            self._record(order, OrderStatus.TRIGGER_PENDING if stop else OrderStatus.OPEN, "")
+            if quote is not None:
+                self._match(order, quote._replace(at=now))
+                if validity == "IOC" and order["status"] == OrderStatus.OPEN.value:
+                    self._finish(order, OrderStatus.CANCELLED, "IOC: no match at placement", now)
+            else:
+                self.source.watch(token)
+        return {"order_id": order["id"]}
+
+    def _check_session(self, now: float) -> None:
+        if not self.market_hours:
+            return
+        local = _dt.datetime.fromtimestamp(now, IST)
+        if not (_paper_trading_day(local.date()) and _PAPER_OPEN <= (local.hour, local.minute) < _PAPER_CLOSE):
+            raise OrderError(f"the market is closed ({local:%a %d %b %H:%M} IST); paper orders are taken 09:15-15:30 "
+                             "IST on trading days (config market_hours=True)")
+
+    def _check_holding(self, token: str, qty: int) -> None:
+        held = self.holdings.get(token, (0, 0))[0]
+        today = self.positions.get((token, ProductType.CNC))
+        selling = sum(o["qty"] for o in self._book(token).orders.values()
+                      if o["side"] == "SELL" and o["product"] == ProductType.CNC.value)
+        sellable = held + (today.qty if today else 0) - selling
+        if qty > sellable:
+            raise InsufficientFundsError(f"paper account {self.account!r} can sell at most {max(0, sellable)} of "
+                                         f"{self.info(token)[0]} for delivery (held {held}, bought today "
+                                         f"{max(0, today.qty if today else 0)}, in open sell orders {selling})")
+
+    def _working(self, order_id: str) -> Dict[str, Any]:
+        for book in self._books.values():
+            if order_id in book.orders:
+                return book.orders[order_id]
+        row = self._order_row(order_id)  # raises OrderNotFoundError
+        raise OrderError(f"order {order_id} is {row['status']}: only open orders can be changed")
+
+    def _route_modify_order(self, request: _Request) -> Dict[str, Any]:
+        b, now = request.body, self.clock()
+        order = self._working(b["order_id"])
+        changes = {k: b[k] for k in ("qty", "price", "trigger_price", "order_type")}
+        trial = {**order, **changes}
+        token, product = order["instrument"], ProductType(order["product"])
+        reference = trial["price"] if trial["price"] is not None else trial["trigger_price"]
+        if reference is not None:
+            effect = self._fill_effect(token, product, order["side"], trial["qty"], reference, now)
+            pos = self.positions.get((token, product))
+            need = -(effect.cash - (effect.blocked - (pos.blocked if pos else 0)))
+            available = self.available() + order["blocked"]
+            if need > available:
+                raise InsufficientFundsError(f"paper account {self.account!r}: the modified order needs "
+                                             f"{need / 100:,.2f}, available {available / 100:,.2f}")
+            changes["blocked"] = max(0, need)
+        stop = trial["order_type"] in (OrderType.SL.value, OrderType.SL_M.value)
+        quote = self.source.quote(token, now)
+        untriggered = order["status"] == OrderStatus.TRIGGER_PENDING.value or order["order_type"] not in (
+            OrderType.SL.value, OrderType.SL_M.value)
+        if stop and untriggered and quote is not None:
+            buy, trigger = order["side"] == "BUY", trial["trigger_price"]
+            if (buy and trigger <= quote.ltp) or (not buy and trigger >= quote.ltp):
+                raise InvalidOrderError(f"trigger price {trigger / 100:.2f} would fire at once: the last price is "
+                                        f"{quote.ltp / 100:.2f}")
+        with self._transaction():
+            status = (OrderStatus.TRIGGER_PENDING if stop and untriggered else OrderStatus.OPEN).value
+            self._update(order, now, status=status, message="modified", **changes)
+            if quote is not None:
+                self._match(order, quote._replace(at=now))
+        return {"order_id": order["id"]}
+
+    def _route_cancel_order(self, request: _Request) -> Dict[str, Any]:
+        order = self._working(request.path["order_id"])
+        with self._transaction():
+            self._finish(order, OrderStatus.CANCELLED, "cancelled by the user", self.clock())
+        return {"order_id": order["id"]}
+
+    def _route_calculate_margin(self, request: _Request) -> Dict[str, Any]:
+        """Each leg's requirement by the account's rules, alone or against the open positions."""
+        now = self.clock()
+        with_positions = request.body["consider_positions"]
+        saved = (dict(self.positions), self.holdings)
+        total = span = premium = 0
+        try:
+            if not with_positions:
+                self.positions, self.holdings = {}, {}
+            for leg in request.body["legs"]:
+                token, product = leg["instrument"], ProductType(leg["product"])
+                price = leg["price"]
+                if price is None:
+                    quote = self.source.quote(token, now)
+                    if quote is None:
+                        raise OrderError(f"no price yet for {self.info(token)[0]}: give the leg a price")
+                    price = quote.ask if leg["side"] == "BUY" else quote.bid
+                effect = self._fill_effect(token, product, leg["side"], leg["qty"], price, now)
+                pos = self.positions.get((token, product))
+                before = pos.blocked if pos else 0
+                need = max(0, -(effect.cash - (effect.blocked - before)))
+                total += need
+                if effect.cash < 0 and effect.blocked == before:
+                    premium += -effect.cash if isinstance(self.info(token)[0], Option) else 0
+                span += max(0, effect.blocked - before)
+                if with_positions:  # the next leg sees this one's effect
+                    self.positions[(token, product)] = _PaperPosition(token, product, effect.qty, effect.cost,
+                                                                      effect.blocked)
+        finally:
+            self.positions, self.holdings = saved
+        return {"total": total, "span": span, "premium": premium}
+
+
+def _paper_unlisted(token: str) -> Instrument:
+    """The instrument a paper token names, built from its text alone (no DB row: it expired)."""
+    cls, fields = _instrument_parts(token)
+    values: Dict[str, Any] = {"exchange": Exchange(fields["exchange"]), "symbol": fields["symbol"]}
+    if "expiry" in fields:
+        values["expiry"] = _dt.date.fromisoformat(fields["expiry"])
+    if "strike" in fields:
+        values.update(strike=float(fields["strike"]), option_type=OptionType(fields["option_type"]))
+    inst = _make(cls, 0, **values)
+    object.__setattr__(inst, "_iid", _instrument_id(inst._key()))
+    return inst  # type: ignore[no-any-return]
+
+
+def _paper_account_name(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not value.isascii() \
+            or not all(c.isalnum() or c in "-_" for c in value):
+        raise ConfigurationError(f"config 'account' must be 1-64 letters, digits, '-' or '_' (it names a file in the "
+                                 f"cache dir), got {value!r}")
+    return value
+
+
+def _paper_capital(value: Any) -> int:
+    if not _finite_positive(value) or value > 1e13:
+        raise ConfigurationError(f"config 'capital' must be a positive amount of rupees (at most 1e13), got {value!r}")
+    return int(round(value * 100))
+
+
+def _paper_source(cfg: Mapping[str, Any], engine: "_PaperEngine") -> Any:
+    prices = cfg.get("prices", "random")
+    speed = cfg.get("replay_speed", 0)
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed < float("inf"):
+        raise ConfigurationError(f"config 'replay_speed' must be 0 (as fast as possible) or a positive speed-up "
+                                 f"(1: real time), got {speed!r}")
+    if prices == "random":
+        seed = cfg.get("seed", 0)
+        if not isinstance(seed, (int, str)) or isinstance(seed, bool):
+            raise ConfigurationError(f"config 'seed' must be an int or a string, got {seed!r}")
+        return _PaperRandomSource(engine, seed)
+    if isinstance(prices, TTConnect):
+        if "local" in prices._spec["hooks"]:
+            raise ConfigurationError("config 'prices' must be a client of a real broker, not another paper one")
+        return _PaperLiveSource(engine, prices)
+    if isinstance(prices, (str, os.PathLike)):
+        path = os.fspath(prices)
+        if not os.path.isfile(path):
+            raise ConfigurationError(f"config 'prices' is neither 'random', a live client, nor a tick file: no file "
+                                     f"{path!r}")
+        return _PaperReplaySource(engine, path, float(speed))
+    raise ConfigurationError(f"config 'prices' must be 'random', a TTConnect client of a real broker, or the path of "
+                             f"a tick file, got {prices!r}")
+
+
+def _quote_of_tick(tick: Tick, at: float) -> _PaperQuote:
+    ltp = int(round(tick.ltp * 100))
+    bid = ask = ltp
+    if tick._depth:
+        bids, asks, div = tick._depth
+        if bids and bids[1]:
+            bid = int(round(bids[1] / div * 100))
+        if asks and asks[1]:
+            ask = int(round(asks[1] / div * 100))
+    return _PaperQuote(ltp, bid, ask, at, tick)
+
+
+class _PaperRandomSource:
+    """Prices from the seeded walk: any instrument, any time, and working orders matched step by
+    step over every price since they were last matched."""
+
+    feed = "random"
+    _MAX_SCAN = 2 * _PAPER_DAY  # a longer gap is matched over its last two days only
+
+    def __init__(self, engine: "_PaperEngine", seed: Any) -> None:
+        self.engine = engine
+        self.prices = _PaperRandomPrices(seed)
+        self._closes: Dict[Tuple[str, str], float] = {}
+
+    def close(self) -> None:
+        pass
+
+    def watch(self, token: str) -> None:
+        pass
+
+    def _ltp(self, token: str, k: int) -> Tuple[int, int]:
+        inst, underlying, _, tick = self.engine.info(token)
+        price = self.prices.price(inst, underlying, k, tick)
+        tick_p = max(1, int(round(tick * 100))) if tick > 0 else 5
+        return max(tick_p, int(round(price * 100 / tick_p)) * tick_p), tick_p
+
+    def quote_at(self, token: str, k: int) -> _PaperQuote:
+        ltp, tick = self._ltp(token, k)
+        return _PaperQuote(ltp, max(tick, ltp - tick), ltp + tick, _PAPER_EPOCH + k * _PAPER_STEP)
+
+    def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
+        return self.quote_at(token, _paper_step(at))
+
+    def wait_quote(self, token: str) -> Optional[_PaperQuote]:
+        return self.quote(token, self.engine.clock())
+
+    def settlement(self, token: str, at: float) -> Optional[_PaperQuote]:
+        return self.quote(token, at)
+
+    def match_until(self, until: float) -> None:
+        engine = self.engine
+        end = _paper_step(until)
+        for token, book in list(engine._books.items()):
+            if not book.orders:
+                continue
+            start = engine._scanned.get(token)
+            if start is None:
+                start = _paper_step(min(o["updated_at"] for o in book.orders.values()))
+            start = max(start, end - self._MAX_SCAN)
+            for k in range(start + 1, end + 1):
+                quote = self.quote_at(token, k)
+                if book.moves(quote):
+                    engine.on_quote(token, quote)
+                    if not book.orders:
+                        break
+            engine._scanned[token] = end
+
+    def previous_close(self, token: str, day: _dt.date) -> float:
+        """The last price of the session before ``day``."""
+        found = self._closes.get((token, day.isoformat()))
+        if found is None:
+            before = _paper_expiry_day(day - _dt.timedelta(days=1))
+            found = self._ltp(token, _paper_step(_paper_at(before, _PAPER_CLOSE)) - 1)[0] / 100
+            if len(self._closes) > 4096:
+                self._closes.clear()
+            self._closes[(token, day.isoformat())] = found
+        return found
+
+    def ticks(self, subs: Mapping[str, str], now: float) -> List[Tick]:
+        """One tick per subscription at ``now``; matching up to ``now`` first."""
+        self.engine.advance(now)
+        k = _paper_step(now)
+        day = _paper_session_day(now)
+        out = []
+        for token, mode in subs.items():
+            quote = self.quote_at(token, k)
+            ltp = quote.ltp / 100
+            if mode == "ltp":
+                tick = _TickBuilder(self.engine.info(token)[0], "ltp", ltp)
+            else:
+                close = self.previous_close(token, day)
+                change = (ltp - close) * 100 / close if close else None
+                depth = None
+                if mode == "full":
+                    lot = max(1, self.engine.info(token)[2])
+                    step = quote.ask - quote.ltp
+                    bids = tuple(v for i in range(5) for v in (lot * (3 + 2 * i), max(0, quote.bid - i * step), 1 + i))
+                    asks = tuple(v for i in range(5) for v in (lot * (2 + 2 * i), quote.ask + i * step, 1 + i))
+                    depth = (bids, asks, 100.0)
+                tick = _TickBuilder(self.engine.info(token)[0], mode, ltp, None, None, None, None, None, None, None,
+                                    None, close, change, None, None, None, 0, now if mode == "full" else 0, depth)
+            tick.__class__ = Tick
+            out.append(tick)
+        return out
+
+
+class _PaperReplaySource:
+    """Prices from a recorded tick file (JSON Lines), replayed in file order by the feed: each
+    tick moves the orders it reaches before it is delivered, so a file gives the same fills on
+    every run."""
+
+    feed = "replay"
+    _BATCH = 256  # lines per feed frame
+
+    def __init__(self, engine: "_PaperEngine", path: str, speed: float) -> None:
+        self.engine, self.path, self.speed = engine, path, speed
+        self._file: Optional[IO[str]] = None
+        self._line = 0
+        self._started: Optional[Tuple[float, float]] = None  # (first tick's time, monotonic then)
+        self._labels: Dict[str, Optional[str]] = {}  # a file's instrument text -> paper token (None: unknown)
+        self.unknown = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def watch(self, token: str) -> None:
+        pass
+
+    def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
+        return self.engine._quotes.get(token)
+
+    settlement = quote
+
+    def wait_quote(self, token: str) -> Optional[_PaperQuote]:
+        return self.engine._quotes.get(token)  # the file's ticks come with the feed
+
+    def match_until(self, until: float) -> None:
+        pass  # prices move only as the file is read
+
+    def _token(self, text: Any) -> Optional[str]:
+        token = self._labels.get(text, "")
+        if token == "":
+            try:
+                token = self.engine.instruments.lookup(parse_instrument(text))[0]
+            except (TTConnectError, ValueError):
+                log.warning("paper replay: %s is not a paper instrument; its ticks are skipped", _short(str(text), 80))
+                token = None
+            self._labels[text] = token
+        return token
+
+    def read(self, subs: Mapping[str, str]) -> Tuple[List[Tick], bool]:
+        """The next batch of the file: (ticks for the subscriptions, whether the file went on)."""
+        import json
+
+        if self._file is None:
+            self._file = open(self.path, encoding="utf-8")
+        engine = self.engine
+        out: List[Tick] = []
+        with engine.lock:
+            for _ in range(self._BATCH):
+                line = self._file.readline()
+                if not line:
+                    return out, bool(out)
+                self._line += 1
+                try:
+                    record = json.loads(line)
+                    token = self._token(record["instrument"])
+                    if token is None:
+                        self.unknown += 1
+                        continue
+                    tick = _tick_from_record(record, engine.info(token)[0])
+                    at = record["ts"] / 1000
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path, _describe(exc))
+                    continue
+                if self.speed:
+                    self._pace(at)
+                quote = _quote_of_tick(tick, at)
+                engine._quotes[token] = quote
+                engine.on_quote(token, quote)
+                mode = subs.get(token)
+                if mode is not None:
+                    out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
+        return out, True
+
+    def _pace(self, at: float) -> None:
+        if self._started is None:
+            self._started = (at, time.monotonic())
+        first, then = self._started
+        wait = (at - first) / self.speed - (time.monotonic() - then)
+        if wait > 0:
+            time.sleep(min(wait, 5.0))
+
+
+def _downgraded(tick: Tick, mode: str) -> Tick:
+    """A recorded tick in a lesser mode than it was recorded in."""
+    if mode == "ltp":
+        return dataclasses.replace(tick, mode="ltp", last_qty=None, avg_price=None, volume=None, buy_qty=None,
+                                   sell_qty=None, open=None, high=None, low=None, close=None, change=None, oi=None,
+                                   oi_day_high=None, oi_day_low=None, _last_trade_epoch=0, _exchange_epoch=0,
+                                   _depth=None)
+    return dataclasses.replace(tick, mode="quote", oi=None, oi_day_high=None, oi_day_low=None, _last_trade_epoch=0,
+                               _exchange_epoch=0, _depth=None)
+
+
+class _PaperLiveSource:
+    """Prices from a live client of a real broker: its ticks move the paper orders (virtual money)."""
+
+    feed = "live"
+    _WAIT = 3.0  # seconds to wait for a first live price
+
+    def __init__(self, engine: "_PaperEngine", live: "TTConnect") -> None:
+        self.engine, self.live = engine, live
+        self._watched: Set[str] = set()
+        self._arrived = threading.Condition(threading.Lock())
+
+    def close(self) -> None:
+        pass  # the live client is the caller's: it stays open
+
+    def watch(self, token: str) -> None:
+        if token not in self._watched:
+            self._watched.add(token)
+            self.live.subscribe(self.engine.info(token)[0], on_tick=self._on_tick, mode="full")
+
+    def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
+        return self.engine._quotes.get(token)
+
+    settlement = quote
+
+    def wait_quote(self, token: str) -> Optional[_PaperQuote]:
+        self.watch(token)
+        deadline = time.monotonic() + self._WAIT
+        with self._arrived:
+            while token not in self.engine._quotes and time.monotonic() < deadline:
+                self._arrived.wait(deadline - time.monotonic())
+        return self.engine._quotes.get(token)
+
+    def match_until(self, until: float) -> None:
+        pass
+
+    def _on_tick(self, tick: Tick) -> None:
+        engine = self.engine
+        token = str(tick.instrument)
+        with engine.lock:
+            if token not in engine._infos and not engine._known(token):
+                return
+            quote = _quote_of_tick(tick, engine.clock())
+            engine._quotes[token] = quote
+            engine.on_quote(token, quote)
+            for sock in list(engine.sockets):
+                sock.live_tick(token, tick)
+        with self._arrived:
+            self._arrived.notify_all()
+
+
+def _tick_record(tick: Tick, at: float) -> Dict[str, Any]:
+    """A tick as one line of a tick file (JSON Lines): the instrument as ``str()`` prints it,
+    times in epoch milliseconds, depth as [price, qty, orders] lists."""
+    record: Dict[str, Any] = {"instrument": str(tick.instrument), "ts": int(round(at * 1000)), "mode": tick.mode}
+    for name in ("ltp", "last_qty", "avg_price", "volume", "buy_qty", "sell_qty", "open", "high", "low", "close",
+                 "change", "oi", "oi_day_high", "oi_day_low"):
+        value = getattr(tick, name)
+        if value is not None:
+            record[name] = value
+    for name, epoch in (("last_trade_time", tick._last_trade_epoch), ("exchange_time", tick._exchange_epoch)):
+        if epoch:
+            record[name] = int(round(epoch * 1000))
+    if tick.mode == "full":
+        record["bids"] = [[d.price, d.qty, d.orders] for d in tick.bids]
+        record["asks"] = [[d.price, d.qty, d.orders] for d in tick.asks]
+    return record
+
+
+def _tick_from_record(record: Mapping[str, Any], instrument: Instrument) -> Tick:
+    get = record.get
+    mode = get("mode", "full")
+    if mode not in _STREAM_MODES:
+        raise ValueError(f"mode {mode!r}")
+    ltp = float(record["ltp"])
+    if not 0 < ltp < float("inf"):
+        raise ValueError(f"ltp {ltp!r}")
+    depth = None
+    if get("bids") or get("asks"):
+        def side(levels: Any) -> Tuple[Any, ...]:
+            return tuple(v for price, qty, orders in levels or () for v in (int(qty), float(price), orders))
+
+        depth = (side(get("bids")), side(get("asks")), 1.0)
+    tick = _TickBuilder(instrument, mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
+                        get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"), get("oi"),
+                        get("oi_day_high"), get("oi_day_low"), (get("last_trade_time") or 0) / 1000,
+                        (get("exchange_time") or 0) / 1000, depth)
+    tick.__class__ = Tick
+    return tick
+
+
+class _PaperSocket:
+    """The paper feed, shaped like a websocket for the streamer: ticks of the subscribed
+    instruments as binary frames (lists of Ticks), order updates as text frames."""
+
+    def __init__(self, engine: "_PaperEngine") -> None:
+        self.engine = engine
+        self.subs: Dict[str, str] = {}  # paper token -> mode
+        self.connected = False
+        self._timeout = 0.5
+        self._wake = threading.Condition(threading.Lock())
+        self._orders: List[bytes] = []
+        self._live: List[Tick] = []
+        self._closed = False
+        self._next = time.monotonic()
+        self._ws = _websocket_module()
+
+    # the streamer's side
+    def connect(self, url: str, header: Sequence[str] = (), timeout: float = 0) -> None:
+        with self.engine.lock:
+            self.engine.sockets.append(self)
+        self.connected = True
+
+    def settimeout(self, timeout: float) -> None:
+        self._timeout = timeout
+
+    def send(self, message: str) -> None:
+        import json
+
+        request = json.loads(message)
+        with self._wake:
+            for token in request.get("unsubscribe", ()):
+                self.subs.pop(token, None)
+            for token in request.get("subscribe", ()):
+                self.subs[token] = request["mode"]
+                if self.engine.source.feed == "live":
+                    self.engine.source.watch(token)
+            self._wake.notify_all()
+
+    def ping(self, payload: str = "") -> None:
+        pass
+
+    def abort(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        with self.engine.lock:
+            if self in self.engine.sockets:
+                self.engine.sockets.remove(self)
+
+    def close(self, timeout: float = 0) -> None:
+        self.abort()
+        self.connected = False
+
+    # the engine's side
+    def order_update(self, row: Mapping[str, Any]) -> None:
+        import json
+
+        with self._wake:
+            self._orders.append(json.dumps({"order": row}).encode())
+            self._wake.notify_all()
+
+    def live_tick(self, token: str, tick: Tick) -> None:
+        mode = self.subs.get(token)
+        if mode is not None:
+            with self._wake:
+                self._live.append(tick if mode in (tick.mode, "full") else _downgraded(tick, mode))
+                self._wake.notify_all()
+
+    def recv_data(self, control_frame: bool = False) -> Tuple[int, Any]:
+        abnf = self._ws.ABNF
+        deadline = time.monotonic() + self._timeout
+        source = self.engine.source
+        while True:
+            with self._wake:
+                if self._closed:
+                    raise self._ws.WebSocketException("the paper feed is closed")
+                if self._orders:
+                    return abnf.OPCODE_TEXT, self._orders.pop(0)
+                if self._live:
+                    ticks, self._live = self._live, []
+                    return abnf.OPCODE_BINARY, ticks
+                subs = dict(self.subs)
+            now = time.monotonic()
+            if source.feed == "replay" and subs:
+                ticks, more = source.read(subs)
+                if ticks:
+                    return abnf.OPCODE_BINARY, ticks
+                if more:
+                    continue
+            elif source.feed == "random" and subs and now >= self._next:
+                self._next = max(self._next + self.engine.tick_interval, now)
+                return abnf.OPCODE_BINARY, source.ticks(subs, self.engine.clock())
+            wait = deadline - now
+            if source.feed == "random" and subs:
+                wait = min(wait, self._next - now)
+            if wait <= 0 and now >= deadline:
+                raise self._ws.WebSocketTimeoutException("no paper tick yet")
+            with self._wake:
+                if not (self._closed or self._orders or self._live):
+                    self._wake.wait(max(0.0, wait))
+
+
+def _paper_socket(local: Any) -> _PaperSocket:
+    return _PaperSocket(local)
+
+
+# -- the spec ---------------------------------------------------------------------------------
+
+def _paper_session(call: _Call, config: Mapping[str, Any], now: float) -> SessionData:
+    return SessionData(broker="paper", mode=AuthMode.AUTO, access_token="paper",
+                       user_id=str(config.get("account", "default")))
+
+
+def _paper_local(local: "_LocalContext") -> _PaperEngine:
+    return _PaperEngine(local)
+
+
+def _paper_time(value: Any) -> Optional[_dt.datetime]:
+    return _dt.datetime.fromtimestamp(value, IST) if value else None
+
+
+def _paper_rupees(paise: Any) -> Optional[float]:
+    return None if paise is None else paise / 100
+
+
+def _paper_profile(ctx: _Ctx, data: Any) -> Profile:
+    return Profile(user_id=data["user_id"], name=data["name"], email=None, broker="paper",
+                   exchanges=(Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO),
+                   products=(ProductType.CNC, ProductType.MIS, ProductType.NRML), raw=data)
+
+
+def _paper_funds(ctx: _Ctx, data: Any) -> Fund:
+    return Fund(available=data["available"] / 100, used=data["used"] / 100, total=data["cash"] / 100, collateral=None,
+                m2m_unrealized=data["unrealised"] / 100, m2m_realized=data["realised"] / 100,
+                utilised_debits=data["used"] / 100, raw=data)
+
+
+def _paper_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
+    qty, cost, ltp = row["qty"], row["cost"], _paper_rupees(row["ltp"])
+    avg = cost / qty / 100
+    return Holding(instrument=ctx.instrument_by_token(row["instrument"]), qty=qty, avg_price=avg, ltp=ltp,
+                   pnl=None if ltp is None else round(qty * ltp - cost / 100, 2),
+                   pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
+
+
+def _paper_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
+    qty, cost, ltp = row["qty"], row["cost"], _paper_rupees(row["ltp"])
+    product = ProductType(row["product"])
+    sold_held = product is ProductType.CNC and qty < 0  # a sale of held shares: nothing is open
+    unrealised = 0.0 if ltp is None or not qty or sold_held else qty * ltp - cost / 100
+    return Position(instrument=ctx.instrument_by_token(row["instrument"]), qty=qty,
+                    avg_price=cost / qty / 100 if qty else 0.0, ltp=ltp,
+                    pnl=round(row["realised"] / 100 + unrealised, 2), product=product, raw=row)
+
+
+def _paper_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
+    status = OrderStatus(row["status"])
+    qty, filled = row["qty"], row["filled"]
+    return Order(id=row["id"], instrument=ctx.instrument_by_token(row["instrument"]), side=Side(row["side"]), qty=qty,
+                 filled_qty=filled, pending_qty=qty - filled if status in _LIVE_STATUSES else 0,
+                 order_type=OrderType(row["order_type"]), product=ProductType(row["product"]), status=status,
+                 price=_paper_rupees(row["price"]), trigger_price=_paper_rupees(row["trigger_price"]),
+                 average_price=_paper_rupees(row["average"]), tag=row["tag"], status_message=row["message"] or None,
+                 placed_at=_paper_time(row["placed_at"]), updated_at=_paper_time(row["updated_at"]), raw=row)
+
+
+def _paper_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
+    return Trade(trade_id=row["id"], order_id=row["order_id"], instrument=ctx.instrument_by_token(row["instrument"]),
+                 side=Side(row["side"]), qty=row["qty"], avg_price=row["price"] / 100,
+                 trade_value=row["qty"] * row["price"] / 100, product=ProductType(row["product"]),
+                 timestamp=_paper_time(row["at"]), raw=row)
+
+
+def _paper_margin(ctx: _Ctx, data: Any) -> Margin:
+    total = data["total"] / 100
+    return Margin(total=total, span=data["span"] / 100, exposure=None, option_premium=data["premium"] / 100,
+                  final_total=total, benefit=0.0, raw=data)
+
+
+def _paper_raw_status(row: Mapping[str, Any]) -> OrderStatus:
+    return OrderStatus(row["status"])
+
+
+def _paper_placed(ctx: _Ctx, data: Any) -> str:
+    return data["order_id"]
+
+
+def _paper_place_order(req: _OrderRequest) -> _Request:
+    return _Request(body={"instrument": req.token, "side": req.side.value, "qty": req.qty,
+                          "order_type": req.order_type.value, "product": _product(req).value,
+                          "price": _to_paise(req.price), "trigger_price": _to_paise(req.trigger_price), "tag": req.tag,
+                          "validity": req.validity})
+
+
+def _paper_modify_order(current: Order, req: _OrderRequest) -> _Request:
+    return _Request(path={"order_id": current.id},
+                    body={"order_id": current.id, "qty": req.qty, "order_type": req.order_type.value,
+                          "price": _to_paise(req.price), "trigger_price": _to_paise(req.trigger_price)})
+
+
+def _paper_cancel_order(order_id: str, raw: Mapping[str, Any]) -> _Request:
+    return _Request(path={"order_id": order_id})
+
+
+def _paper_margin_body(legs: Sequence[_OrderRequest], consider_positions: bool) -> _Request:
+    return _Request(body={"consider_positions": consider_positions, "legs": [
+        {"instrument": leg.token, "side": leg.side.value, "qty": leg.qty, "product": _product(leg).value,
+         "price": _to_paise(leg.price if leg.price is not None else leg.trigger_price)} for leg in legs]})
+
+
+def _paper_stream_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
+                          ) -> Tuple[str, Dict[str, str]]:
+    return url, {}
+
+
+def _paper_stream_key(instrument: Instrument, token: str) -> str:
+    return token
+
+
+def _paper_subscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
+    import json
+
+    by_mode: Dict[str, List[str]] = {}
+    for _, token, mode in items:
+        by_mode.setdefault(mode, []).append(token)
+    return [json.dumps({"subscribe": tokens, "mode": mode}) for mode, tokens in by_mode.items()]
+
+
+def _paper_unsubscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
+    import json
+
+    return [json.dumps({"unsubscribe": [token for _, token, _ in items]})]
+
+
+def _paper_decode(data: Any, instruments: Mapping[Any, Any], out: List[Any]) -> None:
+    out.extend(data)  # the paper feed hands over finished Ticks
+
+
+def _paper_text(text: str) -> Tuple[str, Any]:
+    import json
+
+    return "order", json.loads(text)["order"]
+
+
+_PAPER: BrokerSpec = _broker(
+    id="paper",
+    name="Paper trading (offline)",
+    urls={},  # nothing to connect to: the routes and the feed are answered in-process
+    master=_Master(published=_PAPER_CLOSE, build=_paper_master, label=_paper_master_label),  # the next session's
+    auth=(_Flow("paper", AuthMode.AUTO, needs=(), trigger=(), obtain=_paper_session),),
+    session_expiry=(0, 0),
+    routes={
+        "get_profile": _Route("GET", "profile", parse=_paper_profile),
+        "get_funds": _Route("GET", "funds", parse=_paper_funds),
+        "get_holdings": _Route("GET", "holdings", row=_paper_holding),
+        "get_positions": _Route("GET", "positions", row=_paper_position),
+        "get_orders": _Route("GET", "orders", row=_paper_order),
+        "get_order": _Route("GET", "order", about_order=True, build=_order_id_path, parse=_paper_order),
+        "get_order_history": _Route("GET", "history", about_order=True, build=_order_id_path, row=_paper_order),
+        "get_trades": _Route("GET", "trades", row=_paper_trade),
+        "place_order": _Route("POST", "place", idempotent=False, about_order=True, build=_paper_place_order,
+                              parse=_paper_placed),
+        "modify_order": _Route("PUT", "modify", about_order=True, build=_paper_modify_order),
+        "cancel_order": _Route("DELETE", "cancel", about_order=True, build=_paper_cancel_order),
+        "calculate_margin": _Route("POST", "margin", build=_paper_margin_body, parse=_paper_margin),
+    },
+    rate_limits={"default": [(1000, 1.0)]},
+    exchanges=frozenset({Exchange.NSE, Exchange.BSE, Exchange.NFO, Exchange.BFO}),
+    products={ProductType.CNC: "CNC", ProductType.MIS: "MIS", ProductType.NRML: "NRML"},
+    order_types={OrderType.MARKET: "MARKET", OrderType.LIMIT: "LIMIT", OrderType.SL: "SL", OrderType.SL_M: "SL-M"},
+    validities=("DAY", "IOC"),
+    max_tag_len=20,
+    row_fields={"order_id": "id", "position_qty": "qty", "exchange": "exchange", "symbol": "symbol"},
+    options=("capital", "seed", "prices", "account", "instruments", "market_hours", "replay_speed", "tick_interval"),
+    has={"order_history": True, "margin": True, "margin_with_positions": True, "order_updates": True,
+         "streaming": True},
+    stream_max_tokens=5000,
+    stream_silence_timeout=3600.0,  # a replay that reached its end is quiet, not broken
+    hooks={
+        "local": _paper_local,
+        "raw_status": _paper_raw_status,
+        "stream_socket": _paper_socket,
+        "stream_connect": _paper_stream_connect,
+        "stream_key": _paper_stream_key,
+        "stream_subscribe": _paper_subscribe,
+        "stream_unsubscribe": _paper_unsubscribe,
+        "stream_decode": _paper_decode,
+        "stream_text": _paper_text,
+    },
+)
+
+
+# ============================================================================
 # 6z. The registry
 # ============================================================================
 
-_BROKERS: Mapping[str, BrokerSpec] = {spec["id"]: spec for spec in (_ZERODHA, _ANGELONE, _UPSTOX)}
+_BROKERS: Mapping[str, BrokerSpec] = {spec["id"]: spec for spec in (_ZERODHA, _ANGELONE, _UPSTOX, _PAPER)}
 
 
 def _spec_for(broker: Any) -> BrokerSpec:
@@ -5234,8 +6988,29 @@ class _Auth:
 _GENERAL_KEYS = frozenset({
     "auth_mode", "cache_session", "session_store", "cache_dir", "on_stale", "timeout", "max_retries", "rate_limits",
     "stream_silence_timeout", "stream_connect_timeout", "stream_reconnect_delay", "stream_reconnect_max_delay",
-    "sandbox",
+    "sandbox", "clock",
 })
+
+
+def _clock_option(clock: Any) -> Callable[[], float]:
+    """The client's clock as epoch seconds: ``clock`` may return those or an aware datetime."""
+    if clock is None:
+        return time.time
+    if not callable(clock):
+        raise ConfigurationError(f"config 'clock' must be a callable returning an aware datetime (or epoch seconds), "
+                                 f"got {clock!r}")
+    try:
+        sample = clock()
+    except Exception as exc:  # noqa: BLE001 - the caller's code
+        raise ConfigurationError(f"config 'clock' raised when called ({_describe(exc)})") from None
+    if isinstance(sample, _dt.datetime):
+        if sample.tzinfo is None:
+            raise ConfigurationError("config 'clock' returned a naive datetime; return an aware one, e.g. "
+                                     "datetime.now(ttconnect.IST)")
+        return lambda: clock().timestamp()
+    if isinstance(sample, bool) or not isinstance(sample, (int, float)):
+        raise ConfigurationError(f"config 'clock' must return an aware datetime (or epoch seconds), got {sample!r}")
+    return clock  # type: ignore[no-any-return]
 
 
 def _known_keys(spec: BrokerSpec) -> frozenset:
@@ -5358,7 +7133,7 @@ class TTConnect:
             raise ConfigurationError(f"config must be a dict, got {type(config).__name__}")
         cfg: Dict[str, Any] = {**(config or {}), **options}
         self._check_keys(cfg)
-        self._clock = clock or time.time
+        self._clock = _clock_option(clock if clock is not None else cfg.get("clock"))
         self._sleep = sleep or time.sleep
         self._credentials_option(cfg)
         self._config = cfg
@@ -6400,13 +8175,39 @@ def _send_frame(ws: Any, message: Union[str, bytes]) -> None:
         ws.send(message)
 
 
+class _LocalWebsocket:
+    """The part of websocket-client the streamer uses, for in-process feeds where it is not
+    installed (an offline broker's feed needs none of it)."""
+
+    class WebSocketException(Exception):
+        pass
+
+    class WebSocketTimeoutException(WebSocketException):
+        pass
+
+    class WebSocketBadStatusException(WebSocketException):
+        pass
+
+    class ABNF:
+        OPCODE_TEXT, OPCODE_BINARY, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def _websocket_module() -> Any:
+    try:
+        import websocket
+
+        return websocket
+    except ImportError:
+        return _LocalWebsocket
+
+
 def _quietly_shut(ws: Any) -> None:
     """Abort and close a socket that may already be dead (some websocket-client versions raise
     OSError on an already closed socket). Mid-handshake, ``abort`` does nothing (the socket is not
     "connected" yet): shutting the TCP socket itself wakes the thread reading the upgrade reply."""
     import socket
 
-    import websocket
+    websocket = _websocket_module()
 
     def shut_tcp() -> None:
         sock = getattr(ws, "sock", None)
@@ -6457,7 +8258,7 @@ class _Connection:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        import websocket
+        websocket = _websocket_module()
 
         streamer = self.streamer
         attempt = 0
@@ -6725,7 +8526,7 @@ class _Streamer:
         ws = conn.ws if conn is not None and conn.connected.is_set() else None
         if ws is None:
             return  # sent with everything else when the connection (re)opens
-        import websocket
+        websocket = _websocket_module()
 
         try:
             for message in messages:
