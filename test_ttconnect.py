@@ -2214,7 +2214,9 @@ def test_no_broker_is_named_outside_its_section_and_the_registry() -> None:
             section = banner.group(1)
         in_broker_section = section.startswith("6") and section != "6"  # 6a..6y: the brokers; 6z: the registry
         usage_example = section == ""  # the module docstring shows a config, as a user writes it
-        if not (in_broker_section or usage_example) and pattern.search(line):
+        words = pattern.findall(line)
+        cli_paper = section == "11" and {w.lower() for w in words} == {"paper"}  # the spec's 'demo' and 'paper' commands
+        if not (in_broker_section or usage_example or cli_paper) and words:
             offenders.append(f"{number}: {line.strip()[:100]}")
     assert offenders == [], "broker specifics outside the broker sections:\n" + "\n".join(offenders)
     banners = [line for line in lines if re.match(r"^# \d+[a-z]?\. ", line)]
@@ -4869,23 +4871,244 @@ def test_streams_give_the_same_ticks_on_every_broker(name: str, tmp_path: Path, 
 
 
 # ============================================================================
-# 11. CLI
+# 11. CLI (each command as a subprocess, on paper unless it says otherwise)
 # ============================================================================
 
 
-def test_cli_search_and_expiries(tmp_path: Path, clock: FakeClock, clients: list, capsys: Any) -> None:
-    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
-    clients.clear()
-    # The CLI runs on the real clock: make the cached DB look fresh for it.
-    db = sqlite3.connect(tmp_path / "instruments.db")
-    db.execute("UPDATE _meta SET refreshed_at = ?", (dt.datetime.now(tt.IST).isoformat(),))
-    db.commit()
-    db.close()
-    with responses.RequestsMock(assert_all_requests_are_fired=False):
-        assert tt.main(["search", "zerodha", "INF", "--cache-dir", str(tmp_path)]) == 0
-        assert tt.main(["expiries", "zerodha", "SENSEX", "--exchange", "BFO", "--cache-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out == ["NSE:INFY\t408065", "2026-11-26"]
+def cli(args: List[str], cwd: Path, env: Optional[Dict[str, str]] = None, stdin: str = "",
+        timeout: float = 60) -> "subprocess.CompletedProcess[str]":
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TTCONNECT_")}
+    full_env.update(PYTHONPATH=str(HERE), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "ttconnect", *args], cwd=str(cwd), env=full_env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli_json(args: List[str], cwd: Path, **kwargs: Any) -> Any:
+    done = cli([*args, "--json"], cwd, **kwargs)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_cli_demo_runs_offline_quickly_and_writes_only_the_cache_dir(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = cli(["demo"], tmp_path)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert took < 15
+    out = done.stdout
+    assert "paper account 'demo': 1,000,000.00 available" in out and "streaming for 3 seconds" in out
+    assert re.search(r"MARKET BUY 65 NFO:NIFTY \d{4}-\d\d-\d\d \d+ CE: COMPLETE at [\d,.]+", out)
+    assert re.search(r"LIMIT  BUY 65 NFO:NIFTY .* OPEN \(below the market, it rests\)", out)
+    assert "orders:" in out and "positions:" in out and "funds:" in out and "done in" in out
+    assert sorted(os.listdir(tmp_path)) == ["_cache"]
+    assert sorted(os.listdir(tmp_path / "_cache")) == ["instruments.db", "instruments.db.lock", "paper_demo.db",
+                                                       "paper_demo.db-shm", "paper_demo.db-wal"] or \
+        sorted(os.listdir(tmp_path / "_cache")) == ["instruments.db", "instruments.db.lock", "paper_demo.db"]
+    again = cli(["demo", "--json"], tmp_path)  # a second run starts the demo account afresh
+    data = json.loads(again.stdout)
+    assert [o["status"] for o in data["orders"]] == ["COMPLETE", "OPEN"] and len(data["positions"]) == 1
+
+
+def test_cli_instrument_commands(tmp_path: Path) -> None:
+    loaded = cli_json(["instruments", "refresh"], tmp_path)
+    assert loaded["rows"] > 1000 and loaded["malformed"] == 0
+    found = cli_json(["instruments", "search", "SB", "--exchange", "NSE"], tmp_path)
+    assert {"instrument": "NSE:SBIN", "token": "NSE:SBIN"} in found and {"instrument": "NSE:SBILIFE",
+                                                                         "token": "NSE:SBILIFE"} in found
+    expiries = cli_json(["instruments", "expiries", "BANKNIFTY"], tmp_path)
+    assert len(expiries) == 3 and all(dt.date.fromisoformat(e).weekday() in (0, 1) for e in expiries)
+    chain = cli(["instruments", "chain", "BANKNIFTY", expiries[0]], tmp_path)
+    assert chain.returncode == 0 and len(chain.stdout.splitlines()) == 1 + 82  # a header line and the options
+    table = cli(["instruments", "search", "INFY"], tmp_path).stdout.splitlines()
+    assert table[0].split() == ["instrument", "token"] and table[1].split() == ["NSE:INFY", "NSE:INFY"]
+
+
+def test_cli_account_and_order_commands(tmp_path: Path) -> None:
+    env = {"TTCONNECT_CAPITAL": "500000"}
+    funds = cli_json(["funds"], tmp_path, env=env)
+    assert funds["available"] == 500000.0 and set(funds) >= {"available", "used", "total", "m2m_unrealized"}
+    placed = cli_json(["place", "NSE:SBIN", "BUY", "10"], tmp_path, env=env)
+    assert placed["order"]["status"] == "COMPLETE" and placed["order"]["product"] == "CNC"
+    resting = cli_json(["--json", "place", "NSE:SBIN", "buy", "5", "--type", "LIMIT", "--price", "1", "--tag", "cli"],
+                       tmp_path, env=env)
+    assert (resting["order"]["status"], resting["order"]["price"]) == ("OPEN", 1.0)
+    assert resting["order"]["tag"].startswith("cli-")
+    rid = resting["order_id"]
+    modified = cli_json(["modify", rid, "--price", "2"], tmp_path, env=env)
+    assert (modified["id"], modified["price"]) == (rid, 2.0)
+    table = cli(["orders"], tmp_path, env=env).stdout.splitlines()
+    assert table[0].split()[:4] == ["id", "instrument", "side", "qty"] and len(table) == 3
+    assert cli_json(["cancel", rid], tmp_path, env=env)["status"] == "CANCELLED"
+    cli_json(["place", "NSE:INFY", "BUY", "1", "--type", "LIMIT", "--price", "1"], tmp_path, env=env)
+    other = cli_json(["place", "NSE:TCS", "BUY", "1", "--type", "LIMIT", "--price", "1"], tmp_path, env=env)
+    cancelled = cli_json(["cancel-all"], tmp_path, env=env)
+    assert len(cancelled["done"]) == 2 and other["order_id"] in cancelled["done"] and cancelled["failed"] == []
+    positions = cli_json(["positions"], tmp_path, env=env)
+    assert [(p["instrument"], p["qty"], p["product"]) for p in positions] == [("NSE:SBIN", 10, "CNC")]
+    assert cli_json(["trades"], tmp_path, env=env)[0]["qty"] == 10
+    assert cli_json(["holdings"], tmp_path, env=env) == []
+    profile = cli_json(["profile", "--account", "default"], tmp_path, env=env)
+    assert (profile["broker"], profile["user_id"]) == ("paper", "default")
+    closed = cli_json(["close-all"], tmp_path, env=env)
+    assert len(closed["done"]) == 1 and closed["failed"] == []
+    assert cli_json(["positions"], tmp_path, env=env) == [] or all(
+        p["qty"] == 0 for p in cli_json(["positions"], tmp_path, env=env))
+    other_account = cli_json(["--account", "second", "orders"], tmp_path, env=env)
+    assert other_account == []
+
+
+def test_cli_stream_records_a_file_that_paper_replays(tmp_path: Path) -> None:
+    record = tmp_path / "ticks.jsonl"
+    done = cli(["stream", "NSE:SBIN", "NSE:NIFTY", "--mode", "full", "--seconds", "1.5", "--record", str(record),
+                "--json"], tmp_path, env={"TTCONNECT_TICK_INTERVAL": "0.05"})
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {line["instrument"] for line in lines} == {"NSE:SBIN", "NSE:NIFTY"} and len(lines) >= 10
+    assert {"ltp", "ts", "bids", "asks", "mode"} <= set(lines[0]) and lines[0]["mode"] == "full"
+    recorded = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [r["ltp"] for r in recorded] == [line["ltp"] for line in lines]
+    plain = cli(["stream", "NSE:SBIN", "--seconds", "0.5"], tmp_path, env={"TTCONNECT_TICK_INTERVAL": "0.05"})
+    assert plain.returncode == 0 and plain.stdout.splitlines()[0].startswith("NSE:SBIN  ")
+    replayed = cli(["stream", "NSE:SBIN", "--mode", "full", "--seconds", "3", "--json", "--account", "replay"], tmp_path,
+                   env={"TTCONNECT_PRICES": str(record)})
+    assert [json.loads(line)["ltp"] for line in replayed.stdout.splitlines()] == [
+        r["ltp"] for r in recorded if r["instrument"] == "NSE:SBIN"]
+
+
+def test_cli_paper_reset(tmp_path: Path) -> None:
+    cli_json(["place", "NSE:SBIN", "BUY", "1"], tmp_path)
+    refused = cli(["paper", "reset"], tmp_path)  # no terminal to ask on
+    assert refused.returncode == 2 and "pass --yes" in refused.stderr
+    assert len(cli_json(["orders"], tmp_path)) == 1
+    cli_json(["--account", "keep", "place", "NSE:SBIN", "BUY", "1"], tmp_path)
+    done = cli(["paper", "reset", "--yes"], tmp_path)
+    assert done.returncode == 0 and "paper account 'default' reset" in done.stdout
+    assert cli_json(["orders"], tmp_path) == [] and len(cli_json(["orders", "--account", "keep"], tmp_path)) == 1
+    assert cli(["--broker", "zerodha", "paper", "reset", "--yes"], tmp_path).returncode == 2
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["place", "NSE:SBIN", "BUY"], 2, "the following arguments are required: qty"),
+    (["place", "NSE:NOSUCH", "BUY", "1"], 2, "NSE:NOSUCH"),
+    (["place", "SBIN", "BUY", "1"], 2, "is not an instrument"),
+    (["place", "NSE:SBIN", "BUY", "1", "--type", "LIMIT"], 2, "LIMIT orders need a price"),
+    (["place", "NSE:MARUTI", "BUY", "1000"], 4, "needs 1"),
+    (["cancel", "12345"], 4, "has no order 12345"),
+    (["--broker", "nosuch", "funds"], 2, "unknown broker 'nosuch'; known brokers: angelone, paper, upstox, zerodha"),
+    (["funds", "--config", "missing.json"], 3, "config file 'missing.json' cannot be read"),
+    (["funds", "--config", "bad.json"], 3, "config file 'bad.json' is not valid JSON"),
+    (["funds", "--config", "list.json"], 3, "must hold a JSON object"),
+    (["--config", "typo.json", "funds"], 3, "config key 'capitl' is not one ttconnect knows; did you mean 'capital'?"),
+    (["nosuchcommand"], 2, "invalid choice"),
+    (["funds"], 3, "TTCONNECT_CAPITAL must be a number"),
+])
+def test_cli_errors_say_what_was_wrong_with_the_documented_exit_code(args: List[str], code: int, words: str,
+                                                                     tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "typo.json").write_text('{"capitl": 5}')
+    env = {"TTCONNECT_CAPITAL": "lots"} if words.startswith("TTCONNECT_CAPITAL") else {}
+    done = cli(args, tmp_path, env=env)
+    assert done.returncode == code, (done.stdout, done.stderr)
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+    if code != 2 or "invalid choice" not in words:
+        verbose = cli([*args, "-v"], tmp_path, env=env)
+        assert verbose.returncode == code and ("Traceback" in verbose.stderr or "usage:" in verbose.stderr)
+
+
+def test_the_ttconnect_script_is_declared(tmp_path: Path) -> None:
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(HERE / "setup.cfg")
+    assert cfg["options.entry_points"]["console_scripts"].split() == ["ttconnect", "=", "ttconnect:main"]
+    assert cli(["--version"], tmp_path).stdout.strip() == f"ttconnect {tt.__version__}"
+
+
+def test_cli_help_documents_the_exit_codes(tmp_path: Path) -> None:
+    done = cli(["--help"], tmp_path)
+    assert done.returncode == 0
+    for line in ("0  done", "2  bad usage", "3  configuration or authentication", "4  the broker refused", "5  network"):
+        assert line in done.stdout
+    assert "TTCONNECT_<KEY>" in done.stdout
+
+
+class _FakeKite(http.server.BaseHTTPRequestHandler):
+    """Kite's REST API on 127.0.0.1, as far as the CLI tests need it."""
+
+    replies: Dict[Tuple[str, str], Tuple[int, bytes]] = {}
+    seen: List[Tuple[str, str, str]] = []
+
+    def _reply(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        self.seen.append((method, path, self.rfile.read(length).decode() if length else ""))
+        status, body = self.replies.get((method, path), (404, b'{"status": "error", "message": "no route"}'))
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "text/csv" if path == "/instruments" else "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self._reply("GET")
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self._reply("POST")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_kite() -> Iterator[Tuple[str, Any]]:
+    handler = type("Handler", (_FakeKite,), {"replies": {("GET", "/instruments"): (200, KITE_CSV)}, "seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+def kite_cli_config(tmp_path: Path, url: str, **extra: str) -> Path:
+    path = tmp_path / "kite.json"
+    path.write_text(json.dumps({"broker": "zerodha", "api_key": "kitekey01", "root_url": url,
+                                "instruments_url": f"{url}/instruments", "max_retries": 0, **extra}))
+    return path
+
+
+def test_cli_on_a_real_broker_an_auth_failure_exits_3_without_the_token(tmp_path: Path, fake_kite: Any) -> None:
+    url, handler = fake_kite
+    handler.replies[("GET", "/user/profile")] = (403, fixture_text("zerodha", "login.token_exception.json").encode())
+    config = kite_cli_config(tmp_path, url, access_token="kite-access-SECRET-9")
+    done = cli(["--config", str(config), "profile"], tmp_path)
+    assert done.returncode == 3 and "TokenException" in done.stderr and "log in at" in done.stderr
+    assert "kite-access-SECRET-9" not in done.stdout + done.stderr
+    handler.replies[("GET", "/user/profile")] = (200, fixture_text("zerodha", "get_profile.json").encode())
+    profile = cli_json(["profile", "--config", str(config)], tmp_path)
+    assert (profile["user_id"], profile["broker"]) == ("AB1234", "zerodha")
+    down = kite_cli_config(tmp_path, "http://127.0.0.1:9", access_token="t")  # nothing listens there
+    (tmp_path / "_cache").mkdir(exist_ok=True)
+    offline = cli(["--config", str(down), "--cache-dir", str(tmp_path / "_cache"), "profile"], tmp_path)
+    assert offline.returncode == 5 and "failed" in offline.stderr
+
+
+def test_cli_login_stores_a_session_later_commands_use(tmp_path: Path, fake_kite: Any) -> None:
+    url, handler = fake_kite
+    handler.replies[("POST", "/session/token")] = (200, fixture_text("zerodha", "login.json").encode())
+    handler.replies[("GET", "/user/profile")] = (200, fixture_text("zerodha", "get_profile.json").encode())
+    config = kite_cli_config(tmp_path, url, api_secret="kite-secret-7")
+    done = cli(["login", "--config", str(config)], tmp_path, stdin="req-token-42\n")
+    assert done.returncode == 0, done.stderr
+    assert "https://kite.zerodha.com/connect/login?v=3&api_key=kitekey01" in done.stderr
+    assert "logged in as AB1234" in done.stderr
+    assert "req-token-42" not in done.stdout + done.stderr and "kite-secret-7" not in done.stdout + done.stderr
+    logins = [s for s in handler.seen if s[1] == "/session/token"]
+    assert len(logins) == 1 and "request_token=req-token-42" in logins[0][2]
+    again = cli_json(["profile", "--config", str(config)], tmp_path)  # the stored session: no second login
+    assert again["user_id"] == "AB1234" and len([s for s in handler.seen if s[1] == "/session/token"]) == 1
+    assert cli(["login"], tmp_path).stdout.strip() == "paper needs no login"
 
 
 # ============================================================================

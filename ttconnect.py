@@ -5791,6 +5791,12 @@ def _paper_unlisted(token: str) -> Instrument:
     return inst  # type: ignore[no-any-return]
 
 
+def _paper_reset(path: str) -> None:
+    """Delete a paper account's file (and its WAL files): the account starts afresh."""
+    for suffix in ("", "-wal", "-shm"):
+        _remove_quietly(path + suffix)
+
+
 def _paper_account_name(value: Any) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= 64 or not value.isascii() \
             or not all(c.isalnum() or c in "-_" for c in value):
@@ -6423,6 +6429,7 @@ _PAPER: BrokerSpec = _broker(
 # ============================================================================
 
 _BROKERS: Mapping[str, BrokerSpec] = {spec["id"]: spec for spec in (_ZERODHA, _ANGELONE, _UPSTOX, _PAPER)}
+_DEFAULT_BROKER = "paper"  # the command line's: no account, no network
 
 
 def _spec_for(broker: Any) -> BrokerSpec:
@@ -8643,45 +8650,548 @@ def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
 # ============================================================================
 # 11. CLI
 # ============================================================================
+# ``python -m ttconnect`` and the ``ttconnect`` script. Global options go before or after the
+# command; config comes from --config FILE.json, then TTCONNECT_<KEY> environment variables,
+# then the options.
+
+_CLI_EXIT_HELP = """exit codes:
+  0  done
+  2  bad usage: a wrong argument, an unknown broker, instrument or order field
+  3  configuration or authentication: a missing or malformed config file or value, a refused login
+  4  the broker refused: an order, an unknown order id, insufficient funds, a rate limit
+  5  network: the broker could not be reached
+"""
+# TTCONNECT_<KEY> values are text, but for these keys, which JSON reads (numbers, true/false)
+_CLI_TYPED_KEYS = frozenset({
+    "timeout", "max_retries", "capital", "seed", "market_hours", "replay_speed", "tick_interval", "cache_session",
+    "sandbox", "stream_silence_timeout", "stream_connect_timeout", "stream_reconnect_delay",
+    "stream_reconnect_max_delay",
+})
+
+
+class _CliError(Exception):
+    """A user error of the command line: printed without a traceback, with its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _cli_exit_code(exc: BaseException) -> int:
+    if isinstance(exc, _CliError):
+        return exc.code
+    if isinstance(exc, (InvalidInstrumentError, InstrumentNotFoundError, InvalidOrderError, UnsupportedFeatureError)):
+        return 2
+    if isinstance(exc, (ConfigurationError, AuthenticationError)):
+        return 3
+    if isinstance(exc, NetworkError):
+        return 5
+    return 4  # OrderError, BrokerError, RateLimitError: the broker said no
+
+
+def _cli_parser() -> Any:
+    import argparse
+
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("global options (before or after the command)")
+    g.add_argument("--broker", default=argparse.SUPPRESS, help=f"broker name (default {_DEFAULT_BROKER}; "
+                   f"one of {', '.join(sorted(_BROKERS))})")
+    g.add_argument("--config", metavar="FILE.json", default=argparse.SUPPRESS,
+                   help="a JSON object of config keys (it may name the broker as \"broker\")")
+    g.add_argument("--cache-dir", default=argparse.SUPPRESS, help="instrument DB, sessions and paper accounts")
+    g.add_argument("--account", default=argparse.SUPPRESS, help="paper account name (default 'default')")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of tables")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log, and show tracebacks")
+    parser = argparse.ArgumentParser(
+        prog="python -m ttconnect", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="ttconnect: one interface to Indian brokers, and an offline paper broker.",
+        epilog="Config keys may also come as TTCONNECT_<KEY> environment variables (TTCONNECT_TIMEOUT=10).\n\n"
+               + _CLI_EXIT_HELP)
+    parser.add_argument("--version", action="version", version=f"ttconnect {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, help_: str) -> Any:
+        return sub.add_parser(name, parents=[common], help=help_, description=help_)
+
+    command("demo", "a tour on the paper broker: offline, about ten seconds")
+    inst = command("instruments", "the instrument DB: refresh, search, expiries, chain")
+    isub = inst.add_subparsers(dest="action", metavar="ACTION")
+    isub.required = True
+    isub.add_parser("refresh", parents=[common], help="load the broker's instrument master now")
+    p = isub.add_parser("search", parents=[common], help="instruments whose symbol starts with PREFIX")
+    p.add_argument("prefix")
+    p.add_argument("--exchange")
+    p.add_argument("--limit", type=int, default=50)
+    p = isub.add_parser("expiries", parents=[common], help="expiries of an underlying, soonest first")
+    p.add_argument("symbol")
+    p.add_argument("--exchange", default="NFO")
+    p = isub.add_parser("chain", parents=[common], help="the option chain of an underlying for an expiry")
+    p.add_argument("symbol")
+    p.add_argument("expiry", help="YYYY-MM-DD")
+    p.add_argument("--exchange", default="NFO")
+    for name in ("profile", "funds", "holdings", "positions", "orders", "trades"):
+        command(name, f"show {name}")
+    p = command("place", "place an order: place INSTRUMENT BUY|SELL QTY")
+    p.add_argument("instrument", help="as printed, e.g. 'NSE:SBIN' or 'NFO:NIFTY 2026-12-29 23500 CE'")
+    p.add_argument("side", type=str.upper, choices=["BUY", "SELL"])
+    p.add_argument("qty", type=int)
+    p.add_argument("--type", dest="order_type", type=str.upper, default="MARKET", choices=["MARKET", "LIMIT", "SL", "SL_M"])
+    p.add_argument("--price", type=float)
+    p.add_argument("--trigger", type=float)
+    p.add_argument("--product", type=str.upper, choices=["CNC", "MIS", "NRML"],
+                   help="default CNC for equities, NRML for derivatives")
+    p.add_argument("--tag")
+    p = command("modify", "change an open order")
+    p.add_argument("order_id")
+    p.add_argument("--qty", type=int)
+    p.add_argument("--price", type=float)
+    p.add_argument("--trigger", type=float)
+    p.add_argument("--type", dest="order_type", type=str.upper, choices=["MARKET", "LIMIT", "SL", "SL_M"])
+    p = command("cancel", "cancel an open order")
+    p.add_argument("order_id")
+    command("cancel-all", "cancel every open order")
+    command("close-all", "close every open position with MARKET orders")
+    p = command("stream", "stream ticks: a live table on a terminal, lines otherwise")
+    p.add_argument("instruments", nargs="+", metavar="INSTRUMENT")
+    p.add_argument("--mode", default="quote", choices=list(_STREAM_MODES))
+    p.add_argument("--seconds", type=float, default=10.0, help="how long (default 10)")
+    p.add_argument("--record", metavar="FILE", help="also write every tick to FILE (JSON Lines, replayable by paper)")
+    command("login", "log in once (in a browser, where the broker asks for it); later commands reuse the session")
+    p = command("paper", "paper account tools")
+    psub = p.add_subparsers(dest="action", metavar="ACTION")
+    psub.required = True
+    r = psub.add_parser("reset", parents=[common], help="clear the chosen paper account (asks first)")
+    r.add_argument("--yes", action="store_true", help="do not ask")
+    return parser
+
+
+def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
+    """(broker, config): the config file, then TTCONNECT_* variables, then the options."""
+    import json
+
+    cfg: Dict[str, Any] = {}
+    path = getattr(args, "config", None)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except OSError as exc:
+            raise _CliError(f"config file {path!r} cannot be read ({exc.strerror or exc.__class__.__name__})", 3) from None
+        except (ValueError, RecursionError) as exc:
+            raise _CliError(f"config file {path!r} is not valid JSON ({_short(str(exc), 100)})", 3) from None
+        if not isinstance(loaded, dict):
+            raise _CliError(f"config file {path!r} must hold a JSON object of config keys, not a "
+                            f"{type(loaded).__name__}", 3)
+        cfg.update(loaded)
+    file_broker = cfg.pop("broker", None)
+    for name, value in os.environ.items():
+        if name.startswith("TTCONNECT_") and name != CACHE_DIR_ENV and len(name) > 10:
+            key = name[10:].lower()
+            if key in _CLI_TYPED_KEYS:
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise _CliError(f"environment variable {name} must be a number or true/false, got {value!r}", 3) from None
+            cfg[key] = value
+    broker = getattr(args, "broker", None) or os.environ.get("TTCONNECT_BROKER") or file_broker or _DEFAULT_BROKER
+    cfg.pop("broker", None)
+    if not isinstance(broker, str) or broker not in _BROKERS:
+        raise _CliError(f"unknown broker {broker!r}; known brokers: {', '.join(sorted(_BROKERS))}", 2)
+    if getattr(args, "cache_dir", None):
+        cfg["cache_dir"] = args.cache_dir
+    if getattr(args, "account", None):
+        cfg["account"] = args.account
+    if "local" not in _BROKERS[broker]["hooks"]:
+        cfg.setdefault("cache_session", True)  # a login lasts the day, across commands
+    return broker, cfg
+
+
+def _cli_ask_missing(broker: str, cfg: Dict[str, Any]) -> None:
+    """On a terminal, ask for the credentials the broker's login needs that the config lacks
+    (secrets without echo)."""
+    if not sys.stdin.isatty():
+        return
+    import getpass
+
+    spec = _BROKERS[broker]
+    try:
+        flow = _pick_flow(spec, cfg, None)
+    except TTConnectError:
+        return
+    if flow.single_use or not flow.obtain:
+        return  # a token to paste, or a browser login: said by the error / done by 'login'
+    public = {flow.user, flow.app, *flow.signs}  # who logs in, with which app: the rest are secrets
+    for key in flow.needs:
+        if not cfg.get(key):
+            prompt = f"{broker} {key}: "
+            cfg[key] = input(prompt) if key in public else getpass.getpass(prompt)
+
+
+_CLI_COLUMNS: Dict[type, Tuple[str, ...]] = {  # what a table shows of a model (--json shows every field)
+    Order: ("id", "instrument", "side", "qty", "filled_qty", "order_type", "product", "status", "price",
+            "trigger_price", "average_price", "tag", "status_message"),
+    Position: ("instrument", "product", "qty", "avg_price", "ltp", "pnl", "sold_from_holdings"),
+    Holding: ("instrument", "qty", "avg_price", "ltp", "pnl", "pnl_percent"),
+    Trade: ("trade_id", "order_id", "instrument", "side", "qty", "avg_price", "trade_value", "product", "timestamp"),
+}
+
+
+class _CliOut:
+    """Tables for people, JSON for programs."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, value: Any) -> None:
+        import json
+
+        if self.as_json:
+            print(json.dumps(_jsonable(value), indent=2, ensure_ascii=False))
+        elif isinstance(value, list):
+            self.table(value)
+        elif dataclasses.is_dataclass(value):
+            data = _jsonable(value)
+            width = max((len(k) for k in data), default=0)
+            for key, item in data.items():
+                print(f"{key:<{width}}  {_cli_cell(item)}")
+        elif isinstance(value, dict):
+            width = max((len(str(k)) for k in value), default=0)
+            for key, item in value.items():
+                print(f"{key:<{width}}  {_cli_cell(item)}")
+        else:
+            print(value)
+
+    def table(self, rows: List[Any]) -> None:
+        if not rows:
+            print("(none)")
+            return
+        data = [_jsonable(r) if not isinstance(r, (str, int, float)) else {"value": r} for r in rows]
+        shown = _CLI_COLUMNS.get(type(rows[0]), tuple(data[0]))
+        columns = [c for c in shown if any(d.get(c) not in (None, "", ()) for d in data)] or list(shown)
+        cells = [[_cli_cell(d.get(c)) for c in columns] for d in data]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+        for row in cells:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _jsonable(value: Any) -> Any:
+    """Models as plain JSON values, with the SPEC's field names (no raw payloads)."""
+    if isinstance(value, Tick):
+        return _tick_record(value, value._exchange_epoch or time.time())
+    if isinstance(value, _Instrument):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name != "raw" and not f.name.startswith("_")}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _cli_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) >= 1 or value == 0 else f"{value:.4f}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _cli_open(broker: str, cfg: Mapping[str, Any], verbose: bool) -> "TTConnect":
+    """The client; on a terminal, a spinner on stderr while the instrument master loads."""
+    if not sys.stderr.isatty() or verbose:
+        return TTConnect(broker, cfg)
+    box: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["client"] = TTConnect(broker, cfg)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(0.5)
+    frames, i = "|/-\\", 0
+    while worker.is_alive():
+        sys.stderr.write(f"\rloading the {broker} instrument master {frames[i % 4]}")
+        sys.stderr.flush()
+        i += 1
+        worker.join(0.15)
+    if i:
+        sys.stderr.write("\r" + " " * 50 + "\r")
+    if "error" in box:
+        raise box["error"]
+    return box["client"]  # type: ignore[no-any-return]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line: ``python -m ttconnect <command> ...``."""
-    import json
-
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m ttconnect", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"ttconnect {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_refresh = sub.add_parser("refresh", help="download a broker's instrument master into the cache")
-    p_search = sub.add_parser("search", help="find instruments by symbol prefix")
-    p_exp = sub.add_parser("expiries", help="list the expiries of an underlying")
-    for p in (p_refresh, p_search, p_exp):
-        p.add_argument("broker", choices=sorted(_BROKERS))
-        p.add_argument("--cache-dir", default=None)
-        p.add_argument("--instruments-url", default=None)
-    p_search.add_argument("prefix")
-    p_exp.add_argument("symbol")
-    p_exp.add_argument("--exchange", default="NFO")
-    args = parser.parse_args(argv)
-    cfg = {k: v for k, v in {"cache_dir": args.cache_dir, "instruments_url": args.instruments_url}.items() if v}
+    """Run the command line (``python -m ttconnect --help``); returns the exit code."""
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = _cli_parser()
+    args = parser.parse_args(argv)  # bad usage: argparse prints it and exits 2
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = _CliOut(getattr(args, "json", False))
     try:
-        with TTConnect(args.broker, cfg) as client:
-            if args.command == "refresh":
-                print(json.dumps(client.refresh_instruments(), indent=2))
-            elif args.command == "search":
-                for inst in client.search(args.prefix):
-                    print(f"{inst}\t{client.resolve(inst)}")
-            else:
-                for expiry in client.expiries(args.symbol, args.exchange):
-                    print(expiry.isoformat())
-    except TTConnectError as exc:
+        return _cli_run(args, out, verbose)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (TTConnectError, _CliError) as exc:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _cli_exit_code(exc)
+
+
+def _cli_run(args: Any, out: _CliOut, verbose: bool) -> int:
+    command = args.command
+    broker, cfg = _cli_config(args)
+    if command == "demo":
+        return _cli_demo(cfg, out)
+    if command == "paper":
+        return _cli_paper_reset(broker, cfg, args)
+    if command == "login":
+        return _cli_login(broker, cfg, out)
+    _cli_ask_missing(broker, cfg)
+    with _cli_open(broker, cfg, verbose) as client:
+        if command == "instruments":
+            return _cli_instruments(client, args, out)
+        if command in ("profile", "funds", "holdings", "positions", "orders", "trades"):
+            out.emit(getattr(client, f"get_{command}")())
+        elif command == "place":
+            inst = parse_instrument(args.instrument)
+            product = args.product or ("CNC" if isinstance(inst, Equity) else "NRML")
+            order_id = client.place_order(inst, args.qty, args.side, product, args.order_type, price=args.price,
+                                          trigger_price=args.trigger, tag=args.tag)
+            out.emit(client.get_order(order_id) if not out.as_json else {"order_id": order_id,
+                     "order": _jsonable(client.get_order(order_id))})
+        elif command == "modify":
+            order_id = client.modify_order(args.order_id, qty=args.qty, price=args.price, trigger_price=args.trigger,
+                                           order_type=args.order_type)
+            out.emit(client.get_order(order_id))
+        elif command == "cancel":
+            out.emit(client.get_order(client.cancel_order(args.order_id)))
+        elif command in ("cancel-all", "close-all"):
+            done, failed = client.cancel_all_orders() if command == "cancel-all" else client.close_all_positions()
+            out.emit({"done": done, "failed": failed})
+            return 4 if failed else 0
+        elif command == "stream":
+            return _cli_stream(client, args, out)
+    return 0
+
+
+def _cli_instruments(client: "TTConnect", args: Any, out: _CliOut) -> int:
+    if args.action == "refresh":
+        # a client that found its DB stale has just loaded the master: report that load
+        out.emit(client._instruments.loaded or client.refresh_instruments())
+    elif args.action == "search":
+        found = client.search(args.prefix, args.exchange, args.limit)
+        out.emit([{"instrument": str(i), "token": client.resolve(i)} for i in found])
+    elif args.action == "expiries":
+        out.emit([e.isoformat() for e in client.expiries(args.symbol, args.exchange)])
+    else:
+        out.emit([str(o) for o in client.option_chain(args.symbol, args.expiry, args.exchange)])
+    return 0
+
+
+def _cli_stream(client: "TTConnect", args: Any, out: _CliOut) -> int:
+    import json
+    import queue
+
+    instruments = [parse_instrument(text) for text in args.instruments]
+    ticks: "queue.Queue[Tick]" = queue.Queue()
+    record = open(args.record, "a", encoding="utf-8") if args.record else None
+    live = sys.stdout.isatty() and not out.as_json
+    latest: Dict[str, Tick] = {}
+    try:
+        client.subscribe(instruments, on_tick=ticks.put, mode=args.mode)
+        deadline = time.monotonic() + args.seconds
+        drawn = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                tick = ticks.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if record is not None:
+                record.write(json.dumps(_tick_record(tick, time.time())) + "\n")
+            if out.as_json:
+                print(json.dumps(_jsonable(tick)), flush=True)
+            elif live:
+                latest[str(tick.instrument)] = tick
+                if drawn:
+                    sys.stdout.write(f"\x1b[{drawn}F")  # back to the table's first line: redraw in place
+                drawn = _cli_tick_table(instruments, latest)
+            else:
+                print(_cli_tick_line(tick), flush=True)
+    finally:
+        if record is not None:
+            record.close()
+    return 0
+
+
+def _cli_tick_line(tick: Tick) -> str:
+    bid = tick.bids[0].price if tick.bids else None
+    ask = tick.asks[0].price if tick.asks else None
+    parts = [str(tick.instrument), f"{tick.ltp:.2f}"]
+    if tick.change is not None:
+        parts.append(f"{tick.change:+.2f}%")
+    if bid is not None and ask is not None:
+        parts.append(f"{bid:.2f}/{ask:.2f}")
+    return "  ".join(parts)
+
+
+def _cli_tick_table(instruments: Sequence[Instrument], latest: Mapping[str, Tick]) -> int:
+    rows = [("instrument", "ltp", "change", "bid", "ask")]
+    for inst in instruments:
+        tick = latest.get(str(inst))
+        if tick is None:
+            rows.append((str(inst), "", "", "", ""))
+            continue
+        rows.append((str(inst), f"{tick.ltp:,.2f}", "" if tick.change is None else f"{tick.change:+.2f}%",
+                     f"{tick.bids[0].price:,.2f}" if tick.bids else "", f"{tick.asks[0].price:,.2f}" if tick.asks else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        sys.stdout.write("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                         + "\x1b[K\n")
+    sys.stdout.flush()
+    return len(rows)
+
+
+def _cli_login(broker: str, cfg: Dict[str, Any], out: _CliOut) -> int:
+    spec = _BROKERS[broker]
+    flow = next((f for f in spec["auth"] if f.single_use), None)
+    if "local" in spec["hooks"]:
+        print(f"{broker} needs no login")
+        return 0
+    if flow is None:  # a login with credentials alone: make the session now
+        _cli_ask_missing(broker, cfg)
+        with TTConnect(broker, cfg) as client:
+            out.emit(client.get_profile())
+        return 0
+    _cli_ask_missing(broker, {k: v for k, v in cfg.items()})
+    url = TTConnect.login_url(broker, cfg)
+    print(f"1. Log in at {url}", file=sys.stderr)
+    print(f"2. Paste the '{flow.single_use}' from the address the broker sends you back to:", file=sys.stderr)
+    import getpass
+
+    code = getpass.getpass(f"{flow.single_use}: ") if sys.stdin.isatty() else sys.stdin.readline()
+    code = code.strip()
+    if not code:
+        raise _CliError(f"no {flow.single_use} given", 3)
+    for key in flow.needs:
+        if key != flow.single_use and not cfg.get(key) and sys.stdin.isatty():
+            cfg[key] = getpass.getpass(f"{broker} {key}: ")
+    with TTConnect(broker, {**cfg, flow.single_use: code, "cache_session": True}) as client:
+        profile = client.get_profile()
+    print(f"logged in as {profile.user_id}; the session is stored in the cache dir for today", file=sys.stderr)
+    out.emit(profile)
+    return 0
+
+
+def _cli_paper_reset(broker: str, cfg: Mapping[str, Any], args: Any) -> int:
+    spec = _BROKERS[broker]
+    if "local" not in spec["hooks"]:
+        raise _CliError(f"'paper reset' is for the paper broker, not {broker}", 2)
+    account = _paper_account_name(cfg.get("account", "default"))
+    cache_dir = TTConnect._cache_dir_option(cfg)
+    path = os.path.join(cache_dir, f"paper_{account}.db")
+    if not os.path.exists(path):
+        print(f"paper account {account!r} has nothing to reset in {cache_dir}")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise _CliError("refusing to reset without confirmation: pass --yes", 2)
+        answer = input(f"Delete paper account {account!r} (orders, trades, positions, holdings, funds) in "
+                       f"{cache_dir}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("kept")
+            return 0
+    _paper_reset(path)
+    print(f"paper account {account!r} reset")
+    return 0
+
+
+def _cli_demo(cfg: Mapping[str, Any], out: _CliOut) -> int:
+    """The README's first command: the whole interface on paper, offline, in about ten seconds."""
+    import queue
+
+    started = time.monotonic()
+    cache_dir = TTConnect._cache_dir_option(cfg)
+    demo_cfg = {"cache_dir": cache_dir, "account": "demo", "tick_interval": 0.25}
+    _paper_reset(os.path.join(cache_dir, "paper_demo.db"))  # every run starts from the same capital
+    say = print if not out.as_json else (lambda *a, **k: None)
+    with TTConnect(_DEFAULT_BROKER, demo_cfg) as broker:
+        funds = broker.get_funds()
+        say(f"paper account 'demo': {funds.available:,.2f} available (cache dir {cache_dir})")
+        expiry = broker.expiries("NIFTY")[0]
+        nifty = Index(exchange=Exchange.NSE, symbol="NIFTY")
+        ticks: "queue.Queue[Tick]" = queue.Queue()
+        broker.subscribe(nifty, on_tick=ticks.put, mode="full")
+        spot = ticks.get(timeout=5).ltp
+        chain = broker.option_chain("NIFTY", expiry)
+        strike = min({o.strike for o in chain}, key=lambda k: abs(k - spot))
+        call = next(o for o in chain if o.strike == strike and o.option_type is OptionType.CE)
+        put = next(o for o in chain if o.strike == strike and o.option_type is OptionType.PE)
+        say(f"NIFTY at {spot:,.2f}; nearest expiry {expiry}: {len(chain)} options, at the money {strike:g}")
+        watched: List[Instrument] = [nifty, call, put]
+        broker.subscribe([call, put], mode="full")
+        say("\nstreaming for 3 seconds:")
+        latest: Dict[str, Tick] = {}
+        deadline, drawn = time.monotonic() + 3.0, 0
+        live = sys.stdout.isatty() and not out.as_json
+        while time.monotonic() < deadline:
+            try:
+                tick = ticks.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            latest[str(tick.instrument)] = tick
+            if live:
+                if drawn:
+                    sys.stdout.write(f"\x1b[{drawn}F")
+                drawn = _cli_tick_table(watched, latest)
+        if not live and not out.as_json:
+            for inst in watched:
+                if str(inst) in latest:
+                    print(_cli_tick_line(latest[str(inst)]))
+        last = latest.get(str(call))
+        price = last.ltp if last is not None else 100.0
+        lot = broker.lot_size(call)
+        market = broker.place_order(call, lot, Side.BUY, ProductType.NRML, OrderType.MARKET, tag="demo")
+        limit_price = round(max(0.05, price * 0.8) / 0.05) * 0.05
+        limit = broker.place_order(call, lot, Side.BUY, ProductType.NRML, OrderType.LIMIT, price=round(limit_price, 2),
+                                   tag="demo")
+        filled, resting = broker.get_order(market), broker.get_order(limit)
+        say(f"\nMARKET BUY {lot} {call}: {filled.status.value} at {filled.average_price:,.2f}")
+        say(f"LIMIT  BUY {lot} {call} at {resting.price:,.2f}: {resting.status.value} (below the market, it rests)")
+        orders, positions, funds = broker.get_orders(), broker.get_positions(), broker.get_funds()
+        if out.as_json:
+            out.emit({"orders": orders, "positions": positions, "funds": funds})
+        else:
+            print("\norders:")
+            out.table(orders)
+            print("\npositions:")
+            out.table(positions)
+            print("\nfunds:")
+            out.emit(funds)
+            print(f"\ndone in {time.monotonic() - started:.1f} s. The same code runs on every broker: only the "
+                  "broker's name and its config change.")
     return 0
 
 
