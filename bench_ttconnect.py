@@ -10,6 +10,9 @@ Sections:
                127.0.0.1, vs the same request on a bare kept-alive requests.Session.
   ticks        decode throughput of Kite full packets and AngelOne SnapQuotes into Ticks, vs
                one precompiled struct.Struct.unpack_from over the same bytes.
+  paper        paper place_order -> filled MARKET order vs one INSERT + COMMIT into a WAL table in
+               the same cache dir; replay of 1,000,000 recorded ticks with 100 resting LIMIT orders;
+               the wall time of `python -m ttconnect demo`.
 """
 
 from __future__ import annotations
@@ -447,6 +450,99 @@ def bench_ticks(rounds: int) -> None:
           + f"  = {1 / up:,.0f} messages/s  (floor: Kite full packet)")
 
 
+# ----------------------------------------------------------------------------------------
+# paper
+
+
+def bench_paper(rounds: int) -> None:
+    import datetime as dt
+    import queue
+    import sqlite3
+
+    import ttconnect as tt
+
+    print("paper broker")
+    work = tempfile.mkdtemp(prefix="ttbench-paper-")
+    try:
+        # place_order -> a filled MARKET order, vs one INSERT + COMMIT (WAL, synchronous=NORMAL)
+        day = dt.datetime(2026, 12, 2, 10, 0, tzinfo=tt.IST)
+        clock = [day.timestamp()]
+        client = tt.TTConnect("paper", cache_dir=work, clock=lambda: clock[0], capital=1e12)
+        sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+        client.place_order(sbin, 1, "BUY", "CNC", "MARKET")  # warm: the walk's hour, the statements
+        floor_db = sqlite3.connect(os.path.join(work, "floor.db"), isolation_level=None)
+        floor_db.execute("PRAGMA journal_mode = WAL")
+        floor_db.execute("PRAGMA synchronous = NORMAL")
+        floor_db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, instrument TEXT, side TEXT, qty INTEGER, price INTEGER)")
+        n = 300
+
+        def ours() -> None:
+            for _ in range(n):
+                client.place_order(sbin, 1, "BUY", "CNC", "MARKET")
+
+        def floor() -> None:
+            for i in range(n):
+                floor_db.execute("BEGIN")
+                floor_db.execute("INSERT INTO t (instrument, side, qty, price) VALUES (?,?,?,?)", ("NSE:SBIN", "BUY", 1, i))
+                floor_db.execute("COMMIT")
+
+        ours_t, floor_t = [], []
+        for _ in range(rounds):
+            ours_t.append(_per_call(ours, 1) / n)
+            floor_t.append(_per_call(floor, 1) / n)
+        assert client.get_order(client.get_orders()[-1].id).status is tt.OrderStatus.COMPLETE
+        print(_ratio_line("place_order -> filled MARKET", min(ours_t) * 1e6, min(floor_t) * 1e6, "us", 5.0))
+        client.close()
+        floor_db.close()
+
+        # replay: 1,000,000 recorded quote ticks of 20 instruments, 100 resting LIMIT orders
+        symbols = [s for s, _ in tt._PAPER_STOCKS[:20]]
+        path = os.path.join(work, "ticks.jsonl")
+        total = 1_000_000
+        start_ms = int(day.timestamp() * 1000)
+        with open(path, "w") as f:
+            for i in range(total):
+                symbol = symbols[i % 20]
+                base = dict(tt._PAPER_STOCKS)[symbol]
+                ltp = round(base * (1 + 0.002 * ((i // 20) % 50 - 25) / 25), 2)
+                f.write(json.dumps({"instrument": f"NSE:{symbol}", "ts": start_ms + i, "mode": "quote", "ltp": ltp,
+                                    "volume": i, "close": base, "change": round((ltp - base) * 100 / base, 4)}) + "\n")
+        client = tt.TTConnect("paper", cache_dir=os.path.join(work, "replay"), clock=lambda: clock[0], prices=path,
+                              capital=1e12)
+        for k in range(100):  # five per instrument, below the path: they rest all the way
+            symbol = symbols[k % 20]
+            price = round(dict(tt._PAPER_STOCKS)[symbol] * (0.9 - 0.01 * (k // 20)), 1)
+            client.place_order(tt.Equity(exchange="NSE", symbol=symbol), 1, "BUY", "CNC", "LIMIT", price=price)
+        got = [0]
+        done = threading.Event()
+
+        def on_tick(tick: Any) -> None:
+            got[0] += 1
+            if got[0] == total:
+                done.set()
+
+        started = time.perf_counter()
+        client.subscribe([tt.Equity(exchange="NSE", symbol=s) for s in symbols], on_tick=on_tick, mode="quote")
+        done.wait(120)
+        took = time.perf_counter() - started
+        rate = got[0] / took
+        working = sum(1 for o in client.get_orders() if o.status is tt.OrderStatus.OPEN)
+        client.close()
+        verdict = _verdict("paper replay", got[0] == total and working == 100 and rate >= 200_000, "UNDER 200,000/s")
+        print(f"  {'replay 1,000,000 ticks, 100 resting':<34} {rate:12,.0f} ticks/s  ({got[0]:,} delivered in "
+              f"{took:.2f} s; target >= 200,000/s)  ({verdict})")
+
+        # the demo, as a newcomer runs it
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ttconnect", "demo"], cwd=work, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "PYTHONPATH": HERE})
+        wall = time.perf_counter() - started
+        verdict = _verdict("demo wall time", wall < 15, "OVER 15 s")
+        print(f"  {'python -m ttconnect demo':<34} {wall:9.2f} s   (target < 15 s)  ({verdict})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: List[str]) -> int:
     if argv[:1] == ["--child"]:
         if argv[1] == "refresh":
@@ -458,7 +554,7 @@ def main(argv: List[str]) -> int:
         raise SystemExit(f"unknown child task {argv[1:]}")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    sections = ("instruments", "rest", "ticks")
+    sections = ("instruments", "rest", "ticks", "paper")
     parser.add_argument("sections", nargs="*", default=list(sections), help=", ".join(sections))
     args = parser.parse_args(argv)
     unknown = [s for s in args.sections if s not in sections]
@@ -472,6 +568,8 @@ def main(argv: List[str]) -> int:
         bench_rest(3 if args.quick else 9)
     if "ticks" in args.sections:
         bench_ticks(3 if args.quick else 7)
+    if "paper" in args.sections:
+        bench_paper(3 if args.quick else 5)
     if MISSED:
         print(f"missed targets: {', '.join(MISSED)}")
         return 1

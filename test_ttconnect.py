@@ -6338,12 +6338,23 @@ def test_an_instrument_of_the_wrong_type(call: Callable[[tt.TTConnect], Any], tm
     assert _feed_threads(kite) == []  # nothing was started for it
 
 
+class _Datetime64:
+    """What numpy.datetime64 is to ttconnect (numpy is not a test dependency): neither a str nor a date,
+    though it prints like one."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
 BAD_SHAPES = [
     pytest.param(lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-02-30"), "not a valid date",
                  id="expiry-february-30"),
     pytest.param(lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry=20261124), "expiry must be",
                  id="expiry-an-int"),
-    pytest.param(lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry=__import__("numpy").datetime64("2026-11-24")),
+    pytest.param(lambda: tt.Future(exchange="NFO", symbol="NIFTY", expiry=_Datetime64("2026-11-24")),
                  "expiry must be", id="expiry-numpy-datetime64"),
     pytest.param(lambda: tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike="abc", option_type="CE"),
                  "not a number", id="strike-abc"),

@@ -64,6 +64,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import enum
+import operator
 import os
 import struct
 import sys
@@ -625,14 +626,24 @@ def _instrument_id(key: str, _md5: Any = _md5, _from_bytes: Any = int.from_bytes
     return _from_bytes(_md5(key.encode()).digest()[:8], "big") >> 1
 
 
+_ENUM_TEXT: Dict[Tuple[type, str], Any] = {}  # (enum, text as given) -> member: the order path's strings
+
+
 def _as_enum(enum_cls: Any, value: Any, what: str) -> Any:
     if isinstance(value, enum_cls):
         return value
     if isinstance(value, str):
+        found = _ENUM_TEXT.get((enum_cls, value))
+        if found is not None:
+            return found
         try:
-            return enum_cls(value.upper())
+            found = enum_cls(value.upper())
         except ValueError:
             pass
+        else:
+            if len(_ENUM_TEXT) < 1000:
+                _ENUM_TEXT[(enum_cls, value)] = found
+            return found
     valid = ", ".join(m.value for m in enum_cls)
     raise InvalidInstrumentError(f"{what} {value!r} is not valid; expected one of {valid}")
 
@@ -1720,6 +1731,7 @@ class _Instruments:
         self.store = _InstrumentStore(os.path.join(cache_dir, "instruments.db"))
         self._tokens: Dict[int, Tuple[str, str]] = {}
         self._infos: Dict[int, Tuple[str, int, float]] = {}  # name, lot, tick: fixed until the next refresh
+        self._freezes: Dict[int, int] = {}
         self._by_symbol: Dict[Tuple[str, str], Instrument] = {}
         self._by_token: Dict[str, Instrument] = {}
         self.loaded: Optional[Dict[str, Any]] = None  # what this client's own refresh loaded, if it made one
@@ -1895,6 +1907,7 @@ class _Instruments:
     def _forget(self) -> None:
         self._tokens.clear()
         self._infos.clear()
+        self._freezes.clear()
         self._by_symbol.clear()
         self._by_token.clear()
 
@@ -1930,7 +1943,10 @@ class _Instruments:
 
     def freeze_qty(self, instrument: Instrument) -> int:
         """The exchange's freeze quantity for one order (0 where no loaded master gives it)."""
-        return self.read(self.store.freeze_qty, instrument)
+        found = self._freezes.get(instrument._iid)
+        if found is None:
+            found = self._freezes[instrument._iid] = self.read(self.store.freeze_qty, instrument)
+        return found
 
     def by_broker_symbol(self, exchange: str, broker_symbol: str) -> Instrument:
         key = (exchange, broker_symbol)
@@ -5089,40 +5105,52 @@ class _PaperRandomPrices:
 # option blocks margin on its underlying's notional. Working orders block what their fill
 # would take. Nothing is ever allowed to make the available funds negative.
 
+# The engine keeps its rows as its log holds them: enums as their text, times as epoch ms.
+_P_BUY, _P_SELL = Side.BUY.value, Side.SELL.value
+_P_CNC, _P_MIS, _P_NRML = ProductType.CNC.value, ProductType.MIS.value, ProductType.NRML.value
+_P_MARKET, _P_SL_M = OrderType.MARKET.value, OrderType.SL_M.value
+_P_STOPS = (OrderType.SL.value, OrderType.SL_M.value)
+_P_PENDING, _P_OPEN, _P_TRIGGER = OrderStatus.PENDING.value, OrderStatus.OPEN.value, OrderStatus.TRIGGER_PENDING.value
+_P_COMPLETE, _P_CANCELLED, _P_REJECTED = (OrderStatus.COMPLETE.value, OrderStatus.CANCELLED.value,
+                                          OrderStatus.REJECTED.value)
+_P_LIVE = frozenset(s.value for s in _LIVE_STATUSES)
+
+
+def _ms(epoch: float) -> int:
+    return int(round(epoch * 1000))
+
+
 _PAPER_MARGIN = {  # (kind, product) -> percent of notional blocked; kind: E equity, F future, O short option
-    ("E", ProductType.MIS): 20, ("F", ProductType.NRML): 12, ("F", ProductType.MIS): 6,
-    ("O", ProductType.NRML): 12, ("O", ProductType.MIS): 12,
+    ("E", _P_MIS): 20, ("F", _P_NRML): 12, ("F", _P_MIS): 6, ("O", _P_NRML): 12, ("O", _P_MIS): 12,
 }
 
-_PAPER_SCHEMA = """
-CREATE TABLE IF NOT EXISTS account (
-    id INTEGER PRIMARY KEY CHECK (id = 1), capital INTEGER NOT NULL, cash INTEGER NOT NULL,
-    day TEXT NOT NULL, squared TEXT NOT NULL, next_id INTEGER NOT NULL, created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS orders (
-    id TEXT PRIMARY KEY, instrument TEXT NOT NULL, side TEXT NOT NULL, qty INTEGER NOT NULL,
-    filled INTEGER NOT NULL, order_type TEXT NOT NULL, product TEXT NOT NULL, price INTEGER,
-    trigger_price INTEGER, average INTEGER, status TEXT NOT NULL, message TEXT, tag TEXT,
-    validity TEXT NOT NULL, placed_at REAL NOT NULL, updated_at REAL NOT NULL, blocked INTEGER NOT NULL,
-    day TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS history (
-    order_id TEXT NOT NULL, seq INTEGER NOT NULL, qty INTEGER NOT NULL, filled INTEGER NOT NULL,
-    order_type TEXT NOT NULL, price INTEGER, trigger_price INTEGER, average INTEGER, status TEXT NOT NULL,
-    message TEXT, at REAL NOT NULL, PRIMARY KEY (order_id, seq)
-);
-CREATE TABLE IF NOT EXISTS trades (
-    id TEXT PRIMARY KEY, order_id TEXT NOT NULL, instrument TEXT NOT NULL, side TEXT NOT NULL,
-    qty INTEGER NOT NULL, price INTEGER NOT NULL, product TEXT NOT NULL, at REAL NOT NULL, day TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS positions (
-    instrument TEXT NOT NULL, product TEXT NOT NULL, qty INTEGER NOT NULL, cost INTEGER NOT NULL,
-    blocked INTEGER NOT NULL, realised INTEGER NOT NULL, PRIMARY KEY (instrument, product)
-);
-CREATE TABLE IF NOT EXISTS holdings (instrument TEXT PRIMARY KEY, qty INTEGER NOT NULL, cost INTEGER NOT NULL);
-"""
-_PAPER_ORDER_COLUMNS = ("id", "instrument", "side", "qty", "filled", "order_type", "product", "price", "trigger_price",
-                        "average", "status", "message", "tag", "validity", "placed_at", "updated_at", "blocked", "day")
+# The account is an append-only log: one row per transaction, holding what it changed (the
+# whole account state first, after each session's close). One table and one INSERT per order
+# event keeps a commit to a page or two; the state itself lives in memory, rebuilt from the log
+# at start, and re-read when another process has written.
+_PAPER_SCHEMA = "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, data TEXT NOT NULL)"
+_PAPER_LOG_VERSION = 1
+# Rows are written as lists in these field orders (a third of the encoding time of dicts)
+_PAPER_ORDER_FIELDS = ("id", "instrument", "side", "qty", "filled", "order_type", "product", "price", "trigger_price",
+                       "average", "status", "message", "tag", "validity", "placed_at", "updated_at", "blocked", "day")
+_PAPER_TRADE_FIELDS = ("id", "order_id", "instrument", "side", "qty", "price", "product", "at", "day")
+_PAPER_ACCOUNT_FIELDS = ("v", "capital", "cash", "day", "squared", "next_id")
+_PAPER_ORDER_VALUES = operator.itemgetter(*_PAPER_ORDER_FIELDS)
+_PAPER_TRADE_VALUES = operator.itemgetter(*_PAPER_TRADE_FIELDS)
+
+
+def _paper_order_state(values: Sequence[Any]) -> Dict[str, Any]:
+    """An order's state as the log holds it (checked: a damaged log is refused, not half-read)."""
+    state = dict(zip(_PAPER_ORDER_FIELDS, values))
+    Side(state["side"]), OrderType(state["order_type"]), ProductType(state["product"]), OrderStatus(state["status"])
+    return state
+
+
+def _paper_trade_state(values: Sequence[Any]) -> Dict[str, Any]:
+    trade = dict(zip(_PAPER_TRADE_FIELDS, values))
+    Side(trade["side"]), ProductType(trade["product"])
+    return trade
+_PAPER_COMPACT_AFTER = 5000  # change events before the state is written whole again
 
 
 def _div_round(a: int, b: int) -> int:
@@ -5162,13 +5190,13 @@ class _PaperQuote(NamedTuple):
 class _PaperPosition:
     __slots__ = ("instrument", "product", "qty", "cost", "blocked", "realised")
 
-    def __init__(self, instrument: str, product: ProductType, qty: int = 0, cost: int = 0, blocked: int = 0,
+    def __init__(self, instrument: str, product: str, qty: int = 0, cost: int = 0, blocked: int = 0,
                  realised: int = 0) -> None:
         self.instrument, self.product = instrument, product
         self.qty, self.cost, self.blocked, self.realised = qty, cost, blocked, realised
 
     def row(self) -> Tuple[Any, ...]:
-        return (self.instrument, self.product.value, self.qty, self.cost, self.blocked, self.realised)
+        return (self.instrument, self.product, self.qty, self.cost, self.blocked, self.realised)
 
 
 class _PaperFill(NamedTuple):
@@ -5196,8 +5224,8 @@ class _PaperBook:
         self.min_sell = self.min_buy_stop = inf
         self.waiting = False  # a MARKET order placed before any price was known
         for o in self.orders.values():
-            buy = o["side"] == "BUY"
-            if o["status"] == OrderStatus.TRIGGER_PENDING.value:
+            buy = o["side"] == _P_BUY
+            if o["status"] == _P_TRIGGER:
                 if buy:
                     self.min_buy_stop = min(self.min_buy_stop, o["trigger_price"])
                 else:
@@ -5214,6 +5242,40 @@ class _PaperBook:
                 or q.ltp <= self.max_sell_stop)
 
 
+class _PaperTransaction:
+    """The account's transaction: the account as the log has it (another process may have
+    written since), and the changes made in it appended as one log row. On any error it rolls
+    back, and the state in memory is re-read from the log. Entered again while open, it is the
+    same transaction (a fill inside a placement)."""
+
+    __slots__ = ("engine", "depth")
+
+    def __init__(self, engine: "_PaperEngine") -> None:
+        self.engine, self.depth = engine, 0
+
+    def __enter__(self) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            try:
+                self.engine._begin()
+            except BaseException:
+                self.depth = 0
+                raise
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        self.depth -= 1
+        if self.depth:
+            return
+        if kind is None:
+            try:
+                self.engine._commit()
+                return
+            except BaseException:
+                self.engine._abort()
+                raise
+        self.engine._abort()
+
+
 class _PaperEngine:
     """The paper broker: answers every route of its spec from an account kept in SQLite.
 
@@ -5223,8 +5285,10 @@ class _PaperEngine:
     """
 
     def __init__(self, local: "_LocalContext") -> None:
+        import json
         import sqlite3
 
+        self._encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
         cfg = local.config
         self.ctx, self.instruments, self.clock = local.ctx, local.instruments, local.clock
         self.account = _paper_account_name(cfg.get("account", "default"))
@@ -5241,41 +5305,173 @@ class _PaperEngine:
         self._books: Dict[str, _PaperBook] = {}
         self._quotes: Dict[str, _PaperQuote] = {}  # the last price seen per instrument (feed sources)
         self._scanned: Dict[str, int] = {}  # random source: the last step each book was matched at
-        self._updates: List[Dict[str, Any]] = []  # order rows changed in the current transaction
+        self._updates: List[Dict[str, Any]] = []  # order states changed in the current transaction
+        self._log: Dict[str, Any] = {}  # what the current transaction changed, for its log row
+        self._txn = _PaperTransaction(self)
+        self._handlers = {name[7:]: getattr(self, name) for name in dir(self) if name.startswith("_route_")}
+        self.now = 0.0  # the time of the route being answered
+        self._id_day, self._id_prefix = "", ""
+        self._seq = -1  # the last log row this state includes (-1: not read yet)
+        self._changes = 0  # change rows since the last whole state
+        self._whole = False  # the current transaction writes the whole state (a new day, compaction)
+        self._next_event = 0.0  # when advance() next has something to do besides matching
+        # The account itself, as _load() reads it from the log:
+        self.cash, self.day, self.squared, self.next_id = 0, "", "", 1
+        self.positions: Dict[Tuple[str, str], _PaperPosition] = {}
+        self.holdings: Dict[str, Tuple[int, int]] = {}  # token -> (qty, cost in paise)
+        self.orders: Dict[str, Dict[str, Any]] = {}  # today's orders by id: their latest state
+        self.history: Dict[str, List[Dict[str, Any]]] = {}  # every state each order went through
+        self.trades: List[Dict[str, Any]] = []
         try:
+            os.makedirs(local.cache_dir, exist_ok=True)
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout = 10000")  # another process's transaction: wait for it
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
-            self.db.executescript(_PAPER_SCHEMA)
-            self._load()
+            self.db.execute(_PAPER_SCHEMA)
+            with self.lock, self._transaction():
+                pass  # loads the account (or creates it)
         except sqlite3.Error as exc:
-            raise ConfigurationError(f"the paper account file {self.path} cannot be used ({exc}); move it aside to "
-                                     "start afresh, or pick another config 'account'") from None
+            raise _paper_db_error(self.path, exc) from None
         except OSError as exc:
             raise _cache_dir_error(local.cache_dir, exc) from None
 
     # -- state ----------------------------------------------------------------------------
 
     def _load(self) -> None:
-        now = self.clock()
-        row = self.db.execute("SELECT capital, cash, day, squared, next_id FROM account").fetchone()
-        if row is None:
-            day = _paper_session_day(now).isoformat()
-            self.db.execute("INSERT INTO account VALUES (1, ?, ?, ?, '', 1, ?)", (self.capital, self.capital, day, now))
-            row = (self.capital, self.capital, day, "", 1)
-        self.capital, self.cash, self.day, self.squared, self.next_id = row
-        self.positions: Dict[Tuple[str, ProductType], _PaperPosition] = {}
-        for inst, product, qty, cost, blocked, realised in self.db.execute("SELECT * FROM positions"):
-            self.positions[(inst, ProductType(product))] = _PaperPosition(inst, ProductType(product), qty, cost, blocked,
-                                                                          realised)
-        self.holdings: Dict[str, Tuple[int, int]] = {i: (q, c) for i, q, c in self.db.execute("SELECT * FROM holdings")}
-        working = ", ".join(f"'{s.value}'" for s in _LIVE_STATUSES)
-        for values in self.db.execute(f"SELECT * FROM orders WHERE status IN ({working})"):
-            order = dict(zip(_PAPER_ORDER_COLUMNS, values))
-            self._book(order["instrument"]).orders[order["id"]] = order
+        """The account as the log says: its last whole state, then the changes since."""
+        import json
+
+        rows = self.db.execute("SELECT seq, kind, data FROM events WHERE seq >= (SELECT COALESCE(MAX(seq), 0) FROM "
+                               "events WHERE kind = 'state') ORDER BY seq").fetchall()
+        self._books, self._scanned, self._next_event = {}, {}, 0.0
+        if not rows:  # a new account
+            self.cash, self.day, self.squared, self.next_id = self.capital, _paper_session_day(self.clock()).isoformat(), "", 1
+            self.positions, self.holdings = {}, {}
+            self.orders, self.history, self.trades = {}, {}, []
+            self._seq, self._whole = 0, True
+            return
+        try:
+            for seq, kind, data in rows:
+                change = json.loads(data)
+                if kind == "state":
+                    self._apply_state(change)
+                else:
+                    self._apply_change(change)
+                self._seq = seq
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ConfigurationError(f"the paper account file {self.path} is damaged ({_describe(exc)} in log row "
+                                     f"{seq}); move it aside to start the account afresh") from None
+        self._changes = len(rows) - 1
+
+    def _account_row(self) -> List[Any]:
+        return [_PAPER_LOG_VERSION, self.capital, self.cash, self.day, self.squared, self.next_id]
+
+    def _apply_account(self, values: Sequence[Any]) -> None:
+        row = dict(zip(_PAPER_ACCOUNT_FIELDS, values))
+        if row["v"] != _PAPER_LOG_VERSION:
+            raise ValueError(f"log version {row['v']!r} (this ttconnect reads {_PAPER_LOG_VERSION})")
+        self.capital, self.cash, self.day, self.squared, self.next_id = (
+            int(row["capital"]), int(row["cash"]), str(row["day"]), str(row["squared"]), int(row["next_id"]))
+        _dt.date.fromisoformat(self.day)
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        self._apply_account(state["a"])
+        self.orders, self.history = {}, {}
+        for values in state["h"]:
+            order = _paper_order_state(values)
+            self.history.setdefault(order["id"], []).append(order)
+            self.orders[order["id"]] = dict(order)
+        self.trades = [_paper_trade_state(t) for t in state["t"]]
+        self.positions = {}
+        for row in state["p"]:
+            self._apply_position(row)
+        self.holdings = {token: (int(qty), int(cost)) for token, qty, cost in state["k"]}
+        for order in self.orders.values():
+            if order["status"] in _P_LIVE:
+                self._book(order["instrument"]).orders[order["id"]] = order
         for book in self._books.values():
             book.refresh()
-        self._scanned = {}
+
+    def _apply_position(self, row: Sequence[Any]) -> None:
+        token, product = row[0], ProductType(row[1]).value
+        if row[2] is None:
+            self.positions.pop((token, product), None)
+        else:
+            self.positions[(token, product)] = _PaperPosition(token, product, *(int(v) for v in row[2:6]))
+
+    def _apply_change(self, change: Mapping[str, Any]) -> None:
+        self._apply_account(change["a"])
+        for values in change["h"]:
+            state = _paper_order_state(values)
+            order = self.orders.get(state["id"])
+            if order is None:
+                order = self.orders[state["id"]] = dict(state)
+            else:
+                order.update(state)
+            self.history.setdefault(state["id"], []).append(dict(state))
+            book = self._book(order["instrument"])
+            if order["status"] in _P_LIVE:
+                book.orders[order["id"]] = order
+            else:
+                book.orders.pop(order["id"], None)
+            book.refresh()
+        self.trades.extend(_paper_trade_state(t) for t in change["t"])
+        for row in change["p"]:
+            self._apply_position(row)
+        for token, qty, cost in change["k"]:
+            if qty:
+                self.holdings[token] = (int(qty), int(cost))
+            else:
+                self.holdings.pop(token, None)
+
+    def _state_row(self) -> Dict[str, Any]:
+        return {"a": self._account_row(),
+                "h": [_PAPER_ORDER_VALUES(s) for states in self.history.values() for s in states],
+                "t": [_PAPER_TRADE_VALUES(t) for t in self.trades],
+                "p": [p.row() for p in self.positions.values()],
+                "k": [[token, qty, cost] for token, (qty, cost) in self.holdings.items()]}
+
+    def _transaction(self) -> "_PaperTransaction":
+        """One transaction (see _PaperTransaction); a nested one joins the outer."""
+        return self._txn
+
+    def _begin(self) -> None:
+        self._log = {"h": [], "t": [], "p": {}, "k": {}}
+        self.db.execute("BEGIN IMMEDIATE")
+        if (self.db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) != self._seq:
+            try:
+                self._load()  # another process wrote (or this is the first look)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def _commit(self) -> None:
+        log_ = self._log
+        if self._whole or self._changes >= _PAPER_COMPACT_AFTER:
+            cursor = self.db.execute("INSERT INTO events (kind, data) VALUES ('state', ?)",
+                                     (self._encode(self._state_row()),))
+            seq = int(cursor.lastrowid or 0)
+            self.db.execute("DELETE FROM events WHERE seq < ?", (seq,))
+            self._seq, self._changes, self._whole = seq, 0, False
+        elif log_["h"] or log_["t"] or log_["p"] or log_["k"] or log_.get("a"):
+            row = {"a": self._account_row(), "h": [_PAPER_ORDER_VALUES(s) for s in log_["h"]],
+                   "t": [_PAPER_TRADE_VALUES(t) for t in log_["t"]], "p": list(log_["p"].values()),
+                   "k": [[token, qty, cost] for token, (qty, cost) in log_["k"].items()]}
+            cursor = self.db.execute("INSERT INTO events (kind, data) VALUES ('change', ?)", (self._encode(row),))
+            self._seq, self._changes = int(cursor.lastrowid or 0), self._changes + 1
+        self.db.execute("COMMIT")
+        updates, self._updates = self._updates, []
+        for sock in list(self.sockets):
+            for row in updates:
+                sock.order_update(row)
+
+    def _abort(self) -> None:
+        changed = any(self._log.values()) or self._whole
+        self.db.execute("ROLLBACK")
+        self._updates.clear()
+        if changed:
+            self._load()  # memory back to what the log says
 
     def close(self) -> None:
         with self.lock:
@@ -5323,6 +5519,9 @@ class _PaperEngine:
         last matched, square off MIS positions at 15:20, roll the day at the session's close."""
         now = self.clock() if now is None else now
         with self.lock:
+            if now < self._next_event:  # nothing due but matching
+                self.source.match_until(now)
+                return
             while True:
                 day = _dt.date.fromisoformat(self.day)
                 square_off, close = _paper_at(day, _PAPER_SQUARE_OFF), _paper_at(day, _PAPER_CLOSE)
@@ -5331,6 +5530,7 @@ class _PaperEngine:
                     self._square_off(square_off)
                     continue
                 if now < close:
+                    self._next_event = square_off if self.squared != self.day else close
                     self.source.match_until(now)
                     return
                 self.source.match_until(close)
@@ -5339,16 +5539,16 @@ class _PaperEngine:
     def _square_off(self, at: float) -> None:
         with self._transaction():
             for book in list(self._books.values()):
-                for order in [o for o in book.orders.values() if o["product"] == ProductType.MIS.value]:
-                    self._finish(order, OrderStatus.CANCELLED, "cancelled by the 15:20 MIS square-off", at)
-            for pos in [p for p in self.positions.values() if p.product is ProductType.MIS and p.qty]:
+                for order in [o for o in book.orders.values() if o["product"] == _P_MIS]:
+                    self._finish(order, _P_CANCELLED, "cancelled by the 15:20 MIS square-off", at)
+            for pos in [p for p in self.positions.values() if p.product == _P_MIS and p.qty]:
                 quote = self.source.quote(pos.instrument, at)
                 if quote is None:
                     log.warning("paper: no price for %s at the MIS square-off; it stays open", pos.instrument)
                     continue
                 self._close_position(pos, quote, at, "MIS square-off at 15:20")
             self.squared = self.day
-            self.db.execute("UPDATE account SET squared = ?", (self.squared,))
+            self._log["a"] = True
 
     def _roll(self, at: float, next_day: _dt.date) -> None:
         """The session's close: working orders expire, delivery buys become holdings, expired
@@ -5356,7 +5556,7 @@ class _PaperEngine:
         with self._transaction():
             for book in list(self._books.values()):
                 for order in list(book.orders.values()):
-                    self._finish(order, OrderStatus.CANCELLED, "expired at the end of the trading day", at)
+                    self._finish(order, _P_CANCELLED, "expired at the end of the trading day", at)
             day = _dt.date.fromisoformat(self.day)
             for key, pos in list(self.positions.items()):
                 inst = self.info(pos.instrument)[0] if self._known(pos.instrument) else None
@@ -5365,29 +5565,22 @@ class _PaperEngine:
                     settle = self.source.settlement(pos.instrument, _paper_expiry_epoch(expiry))
                     if settle is not None:
                         self._close_position(pos, settle, at, "settled at expiry")
-                if pos.product is ProductType.CNC:
+                if pos.product == _P_CNC:
                     if pos.qty:
                         qty, cost = self.holdings.get(pos.instrument, (0, 0))
                         qty, cost = qty + pos.qty, cost + pos.cost
                         if qty > 0:
                             self.holdings[pos.instrument] = (qty, cost)
-                            self.db.execute("INSERT OR REPLACE INTO holdings VALUES (?,?,?)", (pos.instrument, qty, cost))
                         else:
                             self.holdings.pop(pos.instrument, None)
-                            self.db.execute("DELETE FROM holdings WHERE instrument = ?", (pos.instrument,))
                     del self.positions[key]
-                    self.db.execute("DELETE FROM positions WHERE instrument = ? AND product = ?",
-                                    (pos.instrument, pos.product.value))
                 elif not pos.qty:
                     del self.positions[key]
-                    self.db.execute("DELETE FROM positions WHERE instrument = ? AND product = ?",
-                                    (pos.instrument, pos.product.value))
                 else:
                     pos.realised = 0
-                    self.db.execute("UPDATE positions SET realised = 0 WHERE instrument = ? AND product = ?",
-                                    (pos.instrument, pos.product.value))
             self.day = next_day.isoformat()
-            self.db.execute("UPDATE account SET day = ?", (self.day,))
+            self.orders, self.history, self.trades = {}, {}, []  # the new day's books start empty
+            self._whole = True  # written whole: the log starts afresh with the new day
 
     def _known(self, token: str) -> bool:
         try:
@@ -5398,24 +5591,28 @@ class _PaperEngine:
 
     # -- matching ---------------------------------------------------------------------------
 
-    def on_quote(self, token: str, quote: _PaperQuote) -> None:
-        """A new price of ``token``: fill or trigger whatever it reaches (caller holds the lock)."""
+    def on_quote(self, token: str, quote: _PaperQuote, past: bool = False) -> None:
+        """A new price of ``token``: fill or trigger whatever it reaches (caller holds the lock).
+        ``past``: a price from before now (the random path, matched step by step): an order
+        placed or changed after it is not touched by it."""
         book = self._books.get(token)
         if book is None or not book.orders or not book.moves(quote):
             return
+        at_ms = _ms(quote.at)
         with self._transaction():
             for order in sorted(book.orders.values(), key=lambda o: o["id"]):
-                self._match(order, quote)
+                if not (past and order["updated_at"] > at_ms):
+                    self._match(order, quote)
 
     def _match(self, order: Dict[str, Any], quote: _PaperQuote) -> None:
-        buy = order["side"] == "BUY"
-        if order["status"] == OrderStatus.TRIGGER_PENDING.value:
+        buy = order["side"] == _P_BUY
+        if order["status"] == _P_TRIGGER:
             if not (quote.ltp >= order["trigger_price"] if buy else quote.ltp <= order["trigger_price"]):
                 return
-            if order["order_type"] == OrderType.SL_M.value:
+            if order["order_type"] == _P_SL_M:
                 self._fill(order, quote.ask if buy else quote.bid, quote)
                 return
-            self._update(order, quote.at, status=OrderStatus.OPEN.value, message="triggered")
+            self._update(order, quote.at, status=_P_OPEN, message="triggered")
         if order["price"] is None:  # a MARKET order that waited for a first price
             self._fill(order, quote.ask if buy else quote.bid, quote)
         elif buy and quote.ask <= order["price"]:
@@ -5423,11 +5620,11 @@ class _PaperEngine:
         elif not buy and quote.bid >= order["price"]:
             self._fill(order, quote.bid, quote)
 
-    def _fill_effect(self, token: str, product: ProductType, side: str, qty: int, price: int, at: float) -> _PaperFill:
+    def _fill_effect(self, token: str, product: str, side: str, qty: int, price: int, at: float) -> _PaperFill:
         """What filling ``qty`` at ``price`` (paise) would do to the position and the cash."""
         inst, underlying, _, _ = self.info(token)
         pos = self.positions.get((token, product)) or _PaperPosition(token, product)
-        sign = 1 if side == "BUY" else -1
+        sign = 1 if side == _P_BUY else -1
         old_qty, old_cost, blocked = pos.qty, pos.cost, pos.blocked
         realised = 0
         if old_qty == 0 or (old_qty > 0) == (sign > 0):  # opening or adding
@@ -5442,7 +5639,7 @@ class _PaperEngine:
             opened = qty - closed
             if opened:  # a flip: the rest opens a new position at this price
                 new_qty, cost, blocked = sign * opened, sign * opened * price, 0
-        if product is ProductType.CNC and side == "SELL" and qty > max(0, old_qty):
+        if product == _P_CNC and side == _P_SELL and qty > max(0, old_qty):
             # Beyond today's buys, a delivery sale sells held shares: their cost is the holding's
             # average, their P&L is against it (the position goes negative until the day's end).
             today = max(0, old_qty)
@@ -5454,7 +5651,7 @@ class _PaperEngine:
             realised = qty * price - today_cost - basis
             opened = 0
         kind = "O" if isinstance(inst, Option) else "F" if isinstance(inst, Future) else "E"
-        premium = kind == "O" or product is ProductType.CNC  # settles its value in cash at each fill
+        premium = kind == "O" or product == _P_CNC  # settles its value in cash at each fill
         cash = -sign * qty * price if premium else realised
         if opened and (kind != "O" or new_qty < 0):
             rate = _PAPER_MARGIN.get((kind, product))
@@ -5466,14 +5663,18 @@ class _PaperEngine:
                 blocked += -(-rate * opened * base // 100)  # rounded up to the paisa
         return _PaperFill(new_qty, cost, blocked if new_qty else 0, realised, cash)
 
-    def _fill(self, order: Dict[str, Any], price: int, quote: _PaperQuote, message: str = "") -> None:
-        token, product, at = order["instrument"], ProductType(order["product"]), quote.at
-        effect = self._fill_effect(token, product, order["side"], order["qty"], price, at)
+    def _fill(self, order: Dict[str, Any], price: int, quote: _PaperQuote, message: str = "",
+              effect: Optional[_PaperFill] = None, available: Optional[int] = None) -> None:
+        """Fill ``order`` whole at ``price`` (``effect`` and ``available``: already worked out)."""
+        token, product, at = order["instrument"], order["product"], quote.at
+        if effect is None:
+            effect = self._fill_effect(token, product, order["side"], order["qty"], price, at)
         pos = self.positions.get((token, product))
-        released = order["blocked"]
-        after = self.available() + released + effect.cash - (effect.blocked - (pos.blocked if pos else 0))
+        if available is None:
+            available = self.available()
+        after = available + order["blocked"] + effect.cash - (effect.blocked - (pos.blocked if pos else 0))
         if after < 0:
-            self._finish(order, OrderStatus.REJECTED, f"insufficient funds at the fill price {price / 100:.2f} "
+            self._finish(order, _P_REJECTED, f"insufficient funds at the fill price {price / 100:.2f} "
                          f"(short by {-after / 100:.2f})", at)
             return
         if pos is None:
@@ -5481,99 +5682,83 @@ class _PaperEngine:
         pos.qty, pos.cost, pos.blocked = effect.qty, effect.cost, effect.blocked
         pos.realised += effect.realised
         self.cash += effect.cash
-        trade_id = self._new_id()
-        self.db.execute("INSERT INTO trades VALUES (?,?,?,?,?,?,?,?,?)",
-                        (trade_id, order["id"], token, order["side"], order["qty"], price, product.value, at, self.day))
-        self.db.execute("INSERT OR REPLACE INTO positions VALUES (?,?,?,?,?,?)", pos.row())
-        self.db.execute("UPDATE account SET cash = ?", (self.cash,))
+        trade = {"id": self._new_id(), "order_id": order["id"], "instrument": token, "side": order["side"],
+                 "qty": order["qty"], "price": price, "product": product, "at": _ms(at), "day": self.day}
+        self.trades.append(trade)
+        self._log["t"].append(trade)
+        self._log["p"][(token, product)] = pos.row()
         order["blocked"] = 0
-        self._finish(order, OrderStatus.COMPLETE, message, at, filled=order["qty"], average=price)
+        self._finish(order, _P_COMPLETE, message, at, filled=order["qty"], average=price)
 
     def _close_position(self, pos: _PaperPosition, quote: _PaperQuote, at: float, why: str) -> None:
         """Offset a position with a filled MARKET order (the square-off, an expiry)."""
-        side = "SELL" if pos.qty > 0 else "BUY"
-        order = self._new_order(pos.instrument, side, abs(pos.qty), OrderType.MARKET, pos.product, None, None,
+        side = _P_SELL if pos.qty > 0 else _P_BUY
+        order = self._new_order(pos.instrument, side, abs(pos.qty), _P_MARKET, pos.product, None, None,
                                 why.split()[0].lower(), "DAY", at)
-        self._record(order, OrderStatus.OPEN, why)
-        self._fill(order, quote.bid if side == "SELL" else quote.ask, quote._replace(at=at), why)
+        self._record(order, _P_OPEN, why)
+        self._fill(order, quote.bid if side == _P_SELL else quote.ask, quote._replace(at=at), why)
 
     # -- orders -----------------------------------------------------------------------------
 
     def _new_id(self) -> str:
+        """The next order or trade id: the session's date, then a running number."""
+        if self._id_day != self.day:
+            self._id_day, self._id_prefix = self.day, self.day[2:].replace("-", "")
         self.next_id += 1
-        self.db.execute("UPDATE account SET next_id = ?", (self.next_id,))
-        return f"{self.day.replace('-', '')[2:]}{self.next_id - 1:09d}"
+        return f"{self._id_prefix}{self.next_id - 1:09d}"
 
-    def _new_order(self, token: str, side: str, qty: int, order_type: OrderType, product: ProductType,
+    def _new_order(self, token: str, side: str, qty: int, order_type: str, product: str,
                    price: Optional[int], trigger: Optional[int], tag: Optional[str], validity: str,
                    at: float) -> Dict[str, Any]:
         return {"id": self._new_id(), "instrument": token, "side": side, "qty": qty, "filled": 0,
-                "order_type": order_type.value, "product": product.value, "price": price, "trigger_price": trigger,
-                "average": None, "status": OrderStatus.PENDING.value, "message": "", "tag": tag, "validity": validity,
-                "placed_at": at, "updated_at": at, "blocked": 0, "day": self.day}
+                "order_type": order_type, "product": product, "price": price, "trigger_price": trigger,
+                "average": None, "status": _P_PENDING, "message": "", "tag": tag, "validity": validity,
+                "placed_at": _ms(at), "updated_at": _ms(at), "blocked": 0, "day": self.day}
 
-    def _record(self, order: Dict[str, Any], status: OrderStatus, message: str) -> None:
-        """Insert a new order in ``status``; working ones join their instrument's book."""
-        order["status"], order["message"] = status.value, message
-        self.db.execute(f"INSERT INTO orders VALUES ({','.join('?' * len(_PAPER_ORDER_COLUMNS))})",
-                        [order[c] for c in _PAPER_ORDER_COLUMNS])
+    def _record(self, order: Dict[str, Any], status: str, message: str, rests: bool = True) -> None:
+        """Insert a new order in ``status``; working ones join their instrument's book (unless
+        it fills at once: ``rests`` False)."""
+        order["status"], order["message"] = status, message
+        self.orders[order["id"]] = order
         self._history(order)
-        if status in _LIVE_STATUSES:
+        if rests and status in _P_LIVE:
             book = self._book(order["instrument"])
             book.orders[order["id"]] = order
             book.refresh()
 
     def _history(self, order: Dict[str, Any]) -> None:
-        self.db.execute("INSERT INTO history SELECT ?, COALESCE(MAX(seq), 0) + 1, ?,?,?,?,?,?,?,?,? FROM history "
-                        "WHERE order_id = ?",
-                        (order["id"], order["qty"], order["filled"], order["order_type"], order["price"],
-                         order["trigger_price"], order["average"], order["status"], order["message"],
-                         order["updated_at"], order["id"]))
-        self._updates.append(dict(order))
+        state = dict(order)
+        self.history.setdefault(order["id"], []).append(state)
+        self._log["h"].append(state)
+        self._updates.append(state)
 
     def _update(self, order: Dict[str, Any], at: float, **changes: Any) -> None:
-        order.update(changes, updated_at=at)
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        self.db.execute(f"UPDATE orders SET {sets}, updated_at = ? WHERE id = ?", (*changes.values(), at, order["id"]))
+        order.update(changes, updated_at=_ms(at))
         self._history(order)
         book = self._books.get(order["instrument"])
-        if book is not None:
+        if book is not None and order["id"] in book.orders:
             book.refresh()
 
-    def _finish(self, order: Dict[str, Any], status: OrderStatus, message: str, at: float, **changes: Any) -> None:
+    def _finish(self, order: Dict[str, Any], status: str, message: str, at: float, **changes: Any) -> None:
         book = self._books.get(order["instrument"])
-        if book is not None:
-            book.orders.pop(order["id"], None)
-        self._update(order, at, status=status.value, message=message, blocked=0, **changes)
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One transaction; on any error it rolls back and the in-memory state is reloaded."""
-        if self.db.in_transaction:
-            yield
-            return
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            self._updates.clear()
-            self._load()
-            raise
-        updates, self._updates = self._updates, []
-        for sock in list(self.sockets):
-            for row in updates:
-                sock.order_update(row)
+        was_working = book is not None and book.orders.pop(order["id"], None) is not None
+        self._update(order, at, status=status, message=message, blocked=0, **changes)
+        if was_working:
+            book.refresh()  # type: ignore[union-attr]
 
     # -- the routes -------------------------------------------------------------------------
 
     def answer(self, name: str, request: _Request) -> Any:
         """The payload of route ``name`` (rows shaped like the paper section's parsers read)."""
-        handler = getattr(self, f"_route_{name}")
-        with self.lock:
-            self.advance()
-            return handler(request)
+        import sqlite3
+
+        try:
+            with self.lock, self._txn:
+                self.now = self.clock()
+                self.advance(self.now)
+                return self._handlers[name](request)
+        except sqlite3.Error as exc:
+            raise _paper_db_error(self.path, exc) from None
 
     def _route_get_profile(self, request: _Request) -> Dict[str, Any]:
         return {"user_id": self.account, "name": f"Paper account {self.account}", "capital": self.capital / 100}
@@ -5597,72 +5782,61 @@ class _PaperEngine:
 
     def _route_get_positions(self, request: _Request) -> List[Dict[str, Any]]:
         out = []
-        for (token, product), pos in sorted(self.positions.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
+        for (token, product), pos in sorted(self.positions.items()):
             quote = self.source.quote(token, self.clock()) if pos.qty else None
             exchange, symbol = token.split(":", 1)
-            out.append({"instrument": token, "exchange": exchange, "symbol": symbol, "product": product.value,
+            out.append({"instrument": token, "exchange": exchange, "symbol": symbol, "product": product,
                         "qty": pos.qty, "cost": pos.cost, "realised": pos.realised, "ltp": quote.ltp if quote else None})
         return out
 
     def _route_get_orders(self, request: _Request) -> List[Dict[str, Any]]:
-        cols = ", ".join(_PAPER_ORDER_COLUMNS)
-        rows = self.db.execute(f"SELECT {cols} FROM orders WHERE day = ? ORDER BY id", (self.day,))
-        return [dict(zip(_PAPER_ORDER_COLUMNS, r)) for r in rows]
+        return [dict(o) for o in sorted(self.orders.values(), key=lambda o: o["id"])]
 
     def _order_row(self, order_id: str) -> Dict[str, Any]:
-        for book in self._books.values():
-            if order_id in book.orders:
-                return dict(book.orders[order_id])
-        row = self.db.execute(f"SELECT {', '.join(_PAPER_ORDER_COLUMNS)} FROM orders WHERE id = ?", (order_id,)).fetchone()
-        if row is None:
-            raise OrderNotFoundError(f"paper account {self.account!r} has no order {order_id}")
-        return dict(zip(_PAPER_ORDER_COLUMNS, row))
+        order = self.orders.get(order_id)
+        if order is None:
+            raise OrderNotFoundError(f"paper account {self.account!r} has no order {order_id} today")
+        return dict(order)
 
     def _route_get_order(self, request: _Request) -> Dict[str, Any]:
         return self._order_row(request.path["order_id"])
 
     def _route_get_order_history(self, request: _Request) -> List[Dict[str, Any]]:
-        order = self._order_row(request.path["order_id"])
-        rows = self.db.execute("SELECT qty, filled, order_type, price, trigger_price, average, status, message, at "
-                               "FROM history WHERE order_id = ? ORDER BY seq", (order["id"],))
-        keys = ("qty", "filled", "order_type", "price", "trigger_price", "average", "status", "message", "updated_at")
-        return [{**order, **dict(zip(keys, r))} for r in rows]
+        self._order_row(request.path["order_id"])
+        return [dict(state) for state in self.history[request.path["order_id"]]]
 
     def _route_get_trades(self, request: _Request) -> List[Dict[str, Any]]:
-        keys = ("id", "order_id", "instrument", "side", "qty", "price", "product", "at")
-        rows = self.db.execute(f"SELECT {', '.join(keys)} FROM trades WHERE day = ? ORDER BY id", (self.day,))
-        return [dict(zip(keys, r)) for r in rows]
+        return [dict(t) for t in self.trades]
 
     def _route_place_order(self, request: _Request) -> Dict[str, Any]:
         b = request.body
-        now = self.clock()
+        now = self.now
         token, side, qty = b["instrument"], b["side"], b["qty"]
-        order_type, product = OrderType(b["order_type"]), ProductType(b["product"])
+        order_type, product = b["order_type"], b["product"]
         price, trigger, validity = b["price"], b["trigger_price"], b["validity"]
         self._check_session(now)
         quote = self.source.quote(token, now)
-        if quote is None and order_type is not OrderType.MARKET:
+        if quote is None and order_type != _P_MARKET:
             quote = self.source.wait_quote(token)
-        buy = side == "BUY"
-        if order_type in (OrderType.SL, OrderType.SL_M) and quote is not None:
+        buy = side == _P_BUY
+        if order_type in _P_STOPS and quote is not None:
             if (buy and trigger <= quote.ltp) or (not buy and trigger >= quote.ltp):
                 where = "above" if buy else "below"
                 raise InvalidOrderError(f"trigger price {trigger / 100:.2f} would fire at once: a {side} stop's trigger "
                                         f"must be {where} the last price {quote.ltp / 100:.2f}")
-        if validity == "IOC" and order_type in (OrderType.SL, OrderType.SL_M):
+        if validity == "IOC" and order_type in _P_STOPS:
             raise InvalidOrderError("IOC is for MARKET and LIMIT orders; stop-loss orders are DAY orders")
-        if product is ProductType.CNC and not buy:
+        if product == _P_CNC and not buy:
             self._check_holding(token, qty)
         # What the order would take if it filled at its own price (a stop at its limit or
         # trigger, a MARKET order at the touch): refused now if it does not fit.
         reference = price if price is not None else trigger if trigger is not None else (
             (quote.ask if buy else quote.bid) if quote is not None else None)
-        blocked = 0
+        blocked, effect, available = 0, None, self.available()
         if reference is not None:
             effect = self._fill_effect(token, product, side, qty, reference, now)
             pos = self.positions.get((token, product))
             need = -(effect.cash - (effect.blocked - (pos.blocked if pos else 0)))
-            available = self.available()
             if need > available:
                 raise InsufficientFundsError(
                     f"paper account {self.account!r}: {side} {qty} {self.info(token)[0]} needs {need / 100:,.2f}, "
@@ -5671,12 +5845,16 @@ class _PaperEngine:
         with self._transaction():
             order = self._new_order(token, side, qty, order_type, product, price, trigger, b["tag"], validity, now)
             order["blocked"] = blocked
-            stop = order_type in (OrderType.SL, OrderType.SL_M)
-            self._record(order, OrderStatus.TRIGGER_PENDING if stop else OrderStatus.OPEN, "")
-            if quote is not None:
+            stop = order_type in _P_STOPS
+            at_once = quote is not None and order_type == _P_MARKET  # at the touch: its checked price
+            self._record(order, _P_TRIGGER if stop else _P_OPEN, "", rests=not at_once)
+            if at_once:  # nothing changed since it was checked: its effect and the funds stand
+                self._fill(order, reference, quote._replace(at=now), effect=effect,  # type: ignore[arg-type, union-attr]
+                           available=available - blocked)
+            elif quote is not None:
                 self._match(order, quote._replace(at=now))
-                if validity == "IOC" and order["status"] == OrderStatus.OPEN.value:
-                    self._finish(order, OrderStatus.CANCELLED, "IOC: no match at placement", now)
+                if validity == "IOC" and order["status"] == _P_OPEN:
+                    self._finish(order, _P_CANCELLED, "IOC: no match at placement", now)
             else:
                 self.source.watch(token)
         return {"order_id": order["id"]}
@@ -5691,9 +5869,9 @@ class _PaperEngine:
 
     def _check_holding(self, token: str, qty: int) -> None:
         held = self.holdings.get(token, (0, 0))[0]
-        today = self.positions.get((token, ProductType.CNC))
+        today = self.positions.get((token, _P_CNC))
         selling = sum(o["qty"] for o in self._book(token).orders.values()
-                      if o["side"] == "SELL" and o["product"] == ProductType.CNC.value)
+                      if o["side"] == _P_SELL and o["product"] == _P_CNC)
         sellable = held + (today.qty if today else 0) - selling
         if qty > sellable:
             raise InsufficientFundsError(f"paper account {self.account!r} can sell at most {max(0, sellable)} of "
@@ -5701,18 +5879,19 @@ class _PaperEngine:
                                          f"{max(0, today.qty if today else 0)}, in open sell orders {selling})")
 
     def _working(self, order_id: str) -> Dict[str, Any]:
-        for book in self._books.values():
-            if order_id in book.orders:
-                return book.orders[order_id]
-        row = self._order_row(order_id)  # raises OrderNotFoundError
-        raise OrderError(f"order {order_id} is {row['status']}: only open orders can be changed")
+        order = self.orders.get(order_id)
+        if order is None:
+            raise OrderNotFoundError(f"paper account {self.account!r} has no order {order_id} today")
+        if order["status"] not in _P_LIVE:
+            raise OrderError(f"order {order_id} is {order['status']}: only open orders can be changed")
+        return order
 
     def _route_modify_order(self, request: _Request) -> Dict[str, Any]:
         b, now = request.body, self.clock()
         order = self._working(b["order_id"])
         changes = {k: b[k] for k in ("qty", "price", "trigger_price", "order_type")}
         trial = {**order, **changes}
-        token, product = order["instrument"], ProductType(order["product"])
+        token, product = order["instrument"], order["product"]
         reference = trial["price"] if trial["price"] is not None else trial["trigger_price"]
         if reference is not None:
             effect = self._fill_effect(token, product, order["side"], trial["qty"], reference, now)
@@ -5723,17 +5902,16 @@ class _PaperEngine:
                 raise InsufficientFundsError(f"paper account {self.account!r}: the modified order needs "
                                              f"{need / 100:,.2f}, available {available / 100:,.2f}")
             changes["blocked"] = max(0, need)
-        stop = trial["order_type"] in (OrderType.SL.value, OrderType.SL_M.value)
+        stop = trial["order_type"] in _P_STOPS
         quote = self.source.quote(token, now)
-        untriggered = order["status"] == OrderStatus.TRIGGER_PENDING.value or order["order_type"] not in (
-            OrderType.SL.value, OrderType.SL_M.value)
+        untriggered = order["status"] == _P_TRIGGER or order["order_type"] not in _P_STOPS
         if stop and untriggered and quote is not None:
-            buy, trigger = order["side"] == "BUY", trial["trigger_price"]
+            buy, trigger = order["side"] == _P_BUY, trial["trigger_price"]
             if (buy and trigger <= quote.ltp) or (not buy and trigger >= quote.ltp):
                 raise InvalidOrderError(f"trigger price {trigger / 100:.2f} would fire at once: the last price is "
                                         f"{quote.ltp / 100:.2f}")
         with self._transaction():
-            status = (OrderStatus.TRIGGER_PENDING if stop and untriggered else OrderStatus.OPEN).value
+            status = _P_TRIGGER if stop and untriggered else _P_OPEN
             self._update(order, now, status=status, message="modified", **changes)
             if quote is not None:
                 self._match(order, quote._replace(at=now))
@@ -5742,7 +5920,7 @@ class _PaperEngine:
     def _route_cancel_order(self, request: _Request) -> Dict[str, Any]:
         order = self._working(request.path["order_id"])
         with self._transaction():
-            self._finish(order, OrderStatus.CANCELLED, "cancelled by the user", self.clock())
+            self._finish(order, _P_CANCELLED, "cancelled by the user", self.clock())
         return {"order_id": order["id"]}
 
     def _route_calculate_margin(self, request: _Request) -> Dict[str, Any]:
@@ -5755,13 +5933,13 @@ class _PaperEngine:
             if not with_positions:
                 self.positions, self.holdings = {}, {}
             for leg in request.body["legs"]:
-                token, product = leg["instrument"], ProductType(leg["product"])
+                token, product = leg["instrument"], leg["product"]
                 price = leg["price"]
                 if price is None:
                     quote = self.source.quote(token, now)
                     if quote is None:
                         raise OrderError(f"no price yet for {self.info(token)[0]}: give the leg a price")
-                    price = quote.ask if leg["side"] == "BUY" else quote.bid
+                    price = quote.ask if leg["side"] == _P_BUY else quote.bid
                 effect = self._fill_effect(token, product, leg["side"], leg["qty"], price, now)
                 pos = self.positions.get((token, product))
                 before = pos.blocked if pos else 0
@@ -5789,6 +5967,15 @@ def _paper_unlisted(token: str) -> Instrument:
     inst = _make(cls, 0, **values)
     object.__setattr__(inst, "_iid", _instrument_id(inst._key()))
     return inst  # type: ignore[no-any-return]
+
+
+def _paper_db_error(path: str, exc: BaseException) -> TTConnectError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return BrokerError(f"the paper account file {path} is busy in another process ({text}); retry",
+                           retryable=True)
+    return ConfigurationError(f"the paper account file {path} cannot be used ({text}); check the cache dir's free "
+                              "space and permissions, or move the file aside to start the account afresh")
 
 
 def _paper_reset(path: str) -> None:
@@ -5859,6 +6046,8 @@ class _PaperRandomSource:
         self.engine = engine
         self.prices = _PaperRandomPrices(seed)
         self._closes: Dict[Tuple[str, str], float] = {}
+        self._cached: Dict[str, _PaperQuote] = {}
+        self._cached_step = -1
 
     def close(self) -> None:
         pass
@@ -5873,8 +6062,15 @@ class _PaperRandomSource:
         return max(tick_p, int(round(price * 100 / tick_p)) * tick_p), tick_p
 
     def quote_at(self, token: str, k: int) -> _PaperQuote:
-        ltp, tick = self._ltp(token, k)
-        return _PaperQuote(ltp, max(tick, ltp - tick), ltp + tick, _PAPER_EPOCH + k * _PAPER_STEP)
+        if k != self._cached_step:  # one step's quotes are asked for again and again: keep them
+            self._cached.clear()
+            self._cached_step = k
+        quote = self._cached.get(token)
+        if quote is None:
+            ltp, tick = self._ltp(token, k)
+            quote = self._cached[token] = _PaperQuote(ltp, max(tick, ltp - tick), ltp + tick,
+                                                      _PAPER_EPOCH + k * _PAPER_STEP)
+        return quote
 
     def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
         return self.quote_at(token, _paper_step(at))
@@ -5893,12 +6089,12 @@ class _PaperRandomSource:
                 continue
             start = engine._scanned.get(token)
             if start is None:
-                start = _paper_step(min(o["updated_at"] for o in book.orders.values()))
+                start = _paper_step(min(o["updated_at"] for o in book.orders.values()) / 1000)
             start = max(start, end - self._MAX_SCAN)
             for k in range(start + 1, end + 1):
                 quote = self.quote_at(token, k)
                 if book.moves(quote):
-                    engine.on_quote(token, quote)
+                    engine.on_quote(token, quote, past=True)
                     if not book.orders:
                         break
             engine._scanned[token] = end
@@ -6249,8 +6445,8 @@ def _paper_local(local: "_LocalContext") -> _PaperEngine:
     return _PaperEngine(local)
 
 
-def _paper_time(value: Any) -> Optional[_dt.datetime]:
-    return _dt.datetime.fromtimestamp(value, IST) if value else None
+def _paper_time(ms: Any) -> Optional[_dt.datetime]:
+    return _dt.datetime.fromtimestamp(ms / 1000, IST) if ms else None
 
 
 def _paper_rupees(paise: Any) -> Optional[float]:
