@@ -6873,3 +6873,1454 @@ def test_no_secret_leaks_when_a_proxy_echoes_the_request_headers(tmp_path: Path,
         MockApi(rs, "zerodha").on("get_profile", body=page, status=502)
         exc = expect(tt.BrokerError, kite.get_profile, "HTTP 502")
     _assert_no_secret(["kite-access-SECRET-1"], _texts(caplog, [exc]))
+
+
+# ============================================================================
+# 12.9 Hostile: the paper broker (its account file, config, clock, orders, tick files, live
+# source, feed) and instrument texts. Time is injected; the only waits are bounded waits on
+# queues and events for the feed thread (and on a helper subprocess holding an SQLite lock).
+# ============================================================================
+
+NIFTY = tt.Index(exchange="NSE", symbol="NIFTY")
+TCS = tt.Equity(exchange="NSE", symbol="TCS")
+OPEN, COMPLETE, CANCELLED, REJECTED, TRIGGER_PENDING = (
+    tt.OrderStatus.OPEN, tt.OrderStatus.COMPLETE, tt.OrderStatus.CANCELLED, tt.OrderStatus.REJECTED,
+    tt.OrderStatus.TRIGGER_PENDING)
+
+
+def account_file(tmp_path: Path, account: str = "default") -> Path:
+    return tmp_path / f"paper_{account}.db"
+
+
+def nifty_future(client: tt.TTConnect) -> tt.Future:
+    return tt.Future(exchange="NFO", symbol="NIFTY", expiry=client.expiries("NIFTY")[-3])
+
+
+def rich_account(clients: list, tmp_path: Path, scripted: str) -> Tuple[Path, List[str]]:
+    """An account file with a holding (yesterday's delivery buy), positions of three products and
+    working orders; closed again. Returns (its path, the ids of its orders)."""
+    clock = FakeClock(ist(2026, 12, 1, 14, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    ids = [client.place_order(PAPER_SBIN, 5, "BUY", "CNC", "MARKET")]
+    clock.set(ist(2026, 12, 2, 10, 0))  # the 1 Dec roll: a holding
+    push(client, PAPER_SBIN, 900.0)
+    push(client, NIFTY, 23500.0)
+    fut = nifty_future(client)
+    push(client, fut, 23600.0)
+    ids.append(client.place_order(PAPER_SBIN, 3, "BUY", "CNC", "MARKET"))
+    ids.append(client.place_order(PAPER_SBIN, 2, "BUY", "MIS", "MARKET"))
+    ids.append(client.place_order(fut, 65, "BUY", "NRML", "MARKET"))
+    ids.append(client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0))
+    ids.append(client.place_order(PAPER_SBIN, 1, "SELL", "CNC", "SL_M", trigger_price=850.0))
+    client.close()
+    return account_file(tmp_path), ids
+
+
+def open_paper(clients: list, tmp_path: Path, clock: Any, **config: Any) -> tt.TTConnect:
+    client = tt.TTConnect("paper", {"cache_dir": str(tmp_path), **config}, clock=clock)
+    clients.append(client)
+    return client
+
+
+def tables(path: Path) -> List[str]:
+    con = sqlite3.connect(str(path))
+    try:
+        return [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                          "AND name NOT LIKE 'sqlite_%'")]
+    finally:
+        con.close()
+
+
+def assert_refused_or_works(clients: list, tmp_path: Path, path: Path, scripted: str) -> None:
+    """A damaged account file: refused with a ConfigurationError that names the file (at open or
+    at the first call), or an account that still works. Never a raw exception."""
+    clock = FakeClock(ist(2026, 12, 2, 11, 0))
+    try:
+        client = open_paper(clients, tmp_path, clock, prices=scripted)
+        client.get_funds()
+        client.get_orders()
+        client.get_positions()
+        client.get_holdings()
+    except tt.ConfigurationError as exc:
+        assert str(path) in str(exc) or path.name in str(exc)
+        return
+    push(client, PAPER_SBIN, 900.0)
+    new = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=700.0)
+    assert client.get_order(new).status is OPEN
+    assert client.cancel_order(new) == new
+
+
+# ============================================================================
+# A. The account file
+# ============================================================================
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff" * 2048, b"SQLite format 3\x00" + b"\x07" * 500,
+                                     b"this is my trading journal, not a database\n" * 50])
+def test_account_file_of_garbage_is_refused_by_name(content: bytes, tmp_path: Path, clients: list,
+                                                    paper_clock: FakeClock) -> None:
+    path = account_file(tmp_path)
+    path.write_bytes(content)
+    with pytest.raises(tt.ConfigurationError, match=r"paper account file .*paper_default\.db cannot be used"):
+        open_paper(clients, tmp_path, paper_clock)
+    assert path.read_bytes() == content  # nothing was overwritten
+
+
+def test_account_file_truncated_is_refused_and_kept(tmp_path: Path, clients: list, scripted: str) -> None:
+    path, _ = rich_account(clients, tmp_path, scripted)
+    con = sqlite3.connect(str(path))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = path.read_bytes()
+    assert len(data) >= 8192
+    path.write_bytes(data[: len(data) // 2])
+    for leftover in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if leftover.exists():
+            leftover.unlink()
+    with pytest.raises(tt.ConfigurationError, match="paper_default.db"):
+        client = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+        client.get_orders()
+    assert path.read_bytes() == data[: len(data) // 2]
+
+
+def test_account_file_that_is_a_directory_is_refused(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    account_file(tmp_path).mkdir()
+    with pytest.raises(tt.ConfigurationError, match="paper_default.db"):
+        open_paper(clients, tmp_path, paper_clock)
+
+
+def test_account_file_of_zero_bytes_starts_a_fresh_account(tmp_path: Path, clients: list,
+                                                           paper_clock: FakeClock) -> None:
+    account_file(tmp_path).write_bytes(b"")
+    client = open_paper(clients, tmp_path, paper_clock, capital=12345.67)
+    funds = client.get_funds()
+    assert (funds.available, funds.total, funds.used) == (12345.67, 12345.67, 0.0)
+    assert client.get_orders() == [] and client.get_positions() == []
+
+
+def test_account_file_with_a_garbage_wal_keeps_the_committed_state(tmp_path: Path, clients: list,
+                                                                   scripted: str) -> None:
+    path, ids = rich_account(clients, tmp_path, scripted)
+    before = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+    snapshot = (before.get_funds(), [o.id for o in before.get_orders()])
+    before.close()
+    Path(f"{path}-wal").write_bytes(os.urandom(10000))
+    again = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+    assert (again.get_funds(), [o.id for o in again.get_orders()]) == snapshot
+    assert snapshot[1] == ids[1:]
+
+
+def test_account_file_from_a_newer_schema_is_refused_or_works(tmp_path: Path, clients: list,
+                                                              scripted: str) -> None:
+    """A newer ttconnect added a column to every table and bumped the schema version."""
+    path, _ = rich_account(clients, tmp_path, scripted)
+    con = sqlite3.connect(str(path))
+    for name in tables(path):
+        con.execute(f'ALTER TABLE "{name}" ADD COLUMN future_field TEXT')
+    con.execute("PRAGMA user_version = 99")
+    con.commit()
+    con.close()
+    assert_refused_or_works(clients, tmp_path, path, scripted)
+
+
+def test_account_file_whose_tables_have_wrong_columns_is_refused_by_name(tmp_path: Path, clients: list,
+                                                                         scripted: str) -> None:
+    path, _ = rich_account(clients, tmp_path, scripted)
+    con = sqlite3.connect(str(path))
+    for name in tables(path):
+        con.execute(f'DROP TABLE "{name}"')
+        con.execute(f'CREATE TABLE "{name}" (something_else TEXT)')
+        con.execute(f'INSERT INTO "{name}" VALUES (\'x\')')
+    con.commit()
+    con.close()
+    with pytest.raises(tt.ConfigurationError, match="paper_default.db"):
+        client = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+        client.get_funds()
+        client.get_positions()
+
+
+def test_account_file_with_values_of_wrong_types_is_refused_by_name(tmp_path: Path, clients: list,
+                                                                    scripted: str) -> None:
+    path, _ = rich_account(clients, tmp_path, scripted)
+    con = sqlite3.connect(str(path))
+    for name in tables(path):
+        for (_, column, *_rest) in con.execute(f'PRAGMA table_info("{name}")').fetchall():
+            try:
+                con.execute(f'UPDATE "{name}" SET "{column}" = \'garbage\'')
+            except sqlite3.Error:
+                pass  # a constraint keeps that column as it was
+    con.commit()
+    con.close()
+    with pytest.raises(tt.ConfigurationError, match="paper_default.db"):
+        client = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+        client.get_funds()
+        client.get_positions()
+        client.get_holdings()
+        client.get_orders()
+
+
+def test_account_file_that_lost_its_last_log_row_is_the_account_one_transaction_earlier(
+        tmp_path: Path, clients: list, scripted: str) -> None:
+    """A partial restore (the WAL's last commit lost to a power cut can do the same): the log
+    reads as the account one transaction earlier, whole and consistent, never half of one."""
+    path, ids = rich_account(clients, tmp_path, scripted)
+    con = sqlite3.connect(str(path))
+    con.execute("DELETE FROM events WHERE seq = (SELECT MAX(seq) FROM events)")
+    con.commit()
+    con.close()
+    client = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+    orders = client.get_orders()
+    assert [o.id for o in orders] == ids[1:-1]  # the last order (the SL_M sell) is gone, whole
+    assert [o.status for o in orders] == [COMPLETE, COMPLETE, COMPLETE, OPEN]
+    funds = client.get_funds()
+    assert funds.available == funds.total - funds.used and funds.available > 0
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sqlite3, sys
+    con = sqlite3.connect(sys.argv[1], isolation_level=None)
+    if sys.argv[2] == "exclusive":
+        con.execute("PRAGMA locking_mode = EXCLUSIVE")
+        con.execute("BEGIN EXCLUSIVE")
+        con.execute("CREATE TABLE IF NOT EXISTS lock_probe (x)")
+    else:
+        con.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    sys.stdin.readline()
+    con.execute("ROLLBACK")
+""")
+
+
+def hold_lock(path: Path, how: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), how], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def release(proc: subprocess.Popen) -> None:
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_account_locked_by_another_process_during_an_order_is_a_typed_error(
+        tmp_path: Path, clients: list, scripted: str) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    proc = hold_lock(account_file(tmp_path), "immediate")
+    try:
+        try:
+            placed: Optional[str] = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0)
+        except tt.TTConnectError as exc:  # typed, and says why
+            placed = None
+            assert "lock" in str(exc).lower() or "in use" in str(exc).lower() or "another" in str(exc).lower()
+    finally:
+        release(proc)
+    orders = client.get_orders()
+    assert [o.id for o in orders] == ([placed] if placed else [])  # nothing half-written
+    again = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0)  # usable afterwards
+    assert client.get_order(again).status is OPEN
+
+
+def test_account_locked_exclusively_at_open_says_so_without_bad_advice(
+        tmp_path: Path, clients: list, scripted: str) -> None:
+    path, _ = rich_account(clients, tmp_path, scripted)
+    proc = hold_lock(path, "exclusive")
+    try:
+        with pytest.raises(tt.ConfigurationError) as info:
+            client = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+            client.get_funds()
+    finally:
+        release(proc)
+    message = str(info.value)
+    assert "locked" in message or "in use" in message
+    # The file is in use, not damaged: moving it aside would orphan the other process's account.
+    assert "move it aside" not in message
+
+
+# ============================================================================
+# B. Two clients, one account
+# ============================================================================
+
+
+def test_two_clients_on_one_account_in_one_process_share_it(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                            scripted: str) -> None:
+    a = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    try:
+        b = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    except tt.ConfigurationError as exc:  # refusing the second is as good, if it says why
+        assert "in use" in str(exc) or "another" in str(exc)
+        return
+    push(a, PAPER_SBIN, 900.0)
+    push(b, PAPER_SBIN, 900.0)
+    first = a.place_order(PAPER_SBIN, 5, "BUY", "CNC", "LIMIT", price=800.0)  # blocks 4,000
+    with pytest.raises(tt.InsufficientFundsError, match="available 6,000.00"):
+        b.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")  # 9,000 does not fit what is left
+    second = b.place_order(PAPER_SBIN, 5, "BUY", "CNC", "MARKET")  # 4,500 does
+    assert second != first
+    for client in (a, b):
+        funds = client.get_funds()
+        assert (funds.available, funds.used, funds.total) == (1500.0, 4000.0, 5500.0)
+        assert sorted(o.id for o in client.get_orders()) == sorted([first, second])
+
+
+def test_a_second_client_can_cancel_an_order_the_first_placed(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                              scripted: str) -> None:
+    a = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    try:
+        b = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    except tt.ConfigurationError:
+        return  # refused at open: covered above
+    push(a, PAPER_SBIN, 900.0)
+    first = a.place_order(PAPER_SBIN, 5, "BUY", "CNC", "LIMIT", price=800.0)
+    assert b.get_order(first).status is OPEN
+    assert b.cancel_order(first) == first
+    assert a.get_order(first).status is CANCELLED
+    assert a.get_funds().available == b.get_funds().available == 10000.0
+
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    import ttconnect as tt, datetime as dt
+    now = dt.datetime(2026, 12, 2, 10, 0, tzinfo=tt.IST).timestamp()
+    client = tt.TTConnect("paper", cache_dir=sys.argv[1], clock=lambda: now, capital=50000)
+    sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+    ids, errors = [], []
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for _ in range(60):
+        try:
+            ids.append(client.place_order(sbin, 1, "BUY", "CNC", "LIMIT", price=500.0))
+        except tt.TTConnectError as exc:
+            errors.append(type(exc).__name__)
+        except Exception as exc:
+            errors.append("RAW " + type(exc).__name__ + ": " + str(exc))
+    client.close()
+    print(json.dumps({"ids": ids, "errors": errors}), flush=True)
+""")
+
+
+def test_two_processes_on_one_account_never_overspend_or_share_ids(tmp_path: Path, clients: list) -> None:
+    now = ist(2026, 12, 2, 10, 0).timestamp()
+    parent = open_paper(clients, tmp_path, lambda: now, capital=50000)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(HERE)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        ids, errors = [], []
+        for _ in range(60):
+            try:
+                ids.append(parent.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0))
+            except tt.TTConnectError as exc:
+                errors.append(type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - recorded: a raw exception is the defect
+                errors.append(f"RAW {type(exc).__name__}: {exc}")
+        child = json.loads(proc.stdout.readline())
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    raw = [e for e in errors + child["errors"] if e.startswith("RAW")]
+    assert raw == []
+    assert set(e for e in errors + child["errors"]) <= {"InsufficientFundsError", "OrderError", "BrokerError"}
+    assert not set(ids) & set(child["ids"])  # no id given to two orders
+    parent.close()
+    check = open_paper(clients, tmp_path, lambda: now, capital=50000)
+    working = [o for o in check.get_orders() if o.status is OPEN]
+    assert sorted(o.id for o in working) == sorted(ids + child["ids"])
+    assert len(working) <= 100  # 50,000 / 500
+    funds = check.get_funds()
+    assert funds.available == 50000 - 500 * len(working) >= 0
+
+
+# ============================================================================
+# C. Config
+# ============================================================================
+
+
+@pytest.mark.parametrize("account", ["../escape", "a/b", "a\\b", "caf\u00e9", "x" * 65, "", " ", ".", "..",
+                                     "a\x00b", "tab\tname", 5, None])
+def test_account_names_that_are_not_plain_file_names_are_refused(account: Any, tmp_path: Path, clients: list,
+                                                                 paper_clock: FakeClock) -> None:
+    with pytest.raises(tt.ConfigurationError, match="config 'account' must be 1-64 letters, digits"):
+        open_paper(clients, tmp_path / "cache", paper_clock, account=account)
+    assert not any(p.name.startswith("paper_") for p in tmp_path.rglob("*"))
+
+
+def test_an_account_name_of_64_characters_names_its_file(tmp_path: Path, clients: list,
+                                                         paper_clock: FakeClock) -> None:
+    name = "A-_9" * 16
+    client = open_paper(clients, tmp_path, paper_clock, account=name)
+    assert client.get_profile().user_id == name
+    assert account_file(tmp_path, name).is_file()
+
+
+@pytest.mark.parametrize("capital", [True, "100000", None, float("inf"), float("nan"), -1, 0, 1.0000001e13,
+                                     10 ** 400, [1000]])
+def test_capital_that_is_not_an_amount_is_refused(capital: Any, tmp_path: Path, clients: list,
+                                                  paper_clock: FakeClock) -> None:
+    with pytest.raises(tt.ConfigurationError, match="config 'capital' must be a positive amount"):
+        open_paper(clients, tmp_path, paper_clock, capital=capital)
+
+
+def test_capital_below_one_paisa_is_refused(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    with pytest.raises(tt.ConfigurationError, match="config 'capital'"):
+        open_paper(clients, tmp_path, paper_clock, capital=0.001)  # would be an account of 0 paise
+
+
+def test_capital_that_differs_from_the_existing_account_is_not_silently_ignored(
+        tmp_path: Path, clients: list, paper_clock: FakeClock, caplog: Any) -> None:
+    open_paper(clients, tmp_path, paper_clock, capital=1000).close()
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    try:
+        client = open_paper(clients, tmp_path, paper_clock, capital=5000)
+    except tt.ConfigurationError as exc:
+        assert "capital" in str(exc)
+        return
+    total = client.get_funds().total
+    assert total == 5000.0 or any("capital" in r.getMessage() for r in caplog.records), (
+        f"asked for capital 5000, got an account of {total} and no word about it")
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 100, "", "\u00fc\u00f1\u00ee", 10 ** 30, "0"])
+def test_odd_seeds_work_and_are_deterministic(seed: Any, tmp_path: Path, clients: list,
+                                              paper_clock: FakeClock) -> None:
+    a = open_paper(clients, tmp_path / "a", paper_clock, seed=seed)
+    b = open_paper(clients, tmp_path / "b", paper_clock, seed=seed)
+    at = paper_clock() + 3600
+    assert a._local.source.quote("NSE:SBIN", at) == b._local.source.quote("NSE:SBIN", at)
+    order = a.get_order(a.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET"))
+    assert order.status is COMPLETE and order.average_price > 0
+
+
+@pytest.mark.parametrize("seed", [1.5, None, b"x", [1], float("nan"), False])
+def test_seeds_that_are_not_int_or_str_are_refused(seed: Any, tmp_path: Path, clients: list,
+                                                   paper_clock: FakeClock) -> None:
+    with pytest.raises(tt.ConfigurationError, match="config 'seed' must be an int or a string"):
+        open_paper(clients, tmp_path, paper_clock, seed=seed)
+
+
+@pytest.mark.parametrize("instruments", ["DB", "database", "Bundled", None, 1])
+def test_instruments_other_than_bundled_or_db_is_refused(instruments: Any, tmp_path: Path, clients: list,
+                                                         paper_clock: FakeClock) -> None:
+    with pytest.raises(tt.ConfigurationError, match="instruments"):
+        open_paper(clients, tmp_path, paper_clock, instruments=instruments)
+
+
+def test_prices_that_is_a_directory_is_refused(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    folder = tmp_path / "ticks"
+    folder.mkdir()
+    with pytest.raises(tt.ConfigurationError, match="tick file"):
+        open_paper(clients, tmp_path, paper_clock, prices=str(folder))
+    with pytest.raises(tt.ConfigurationError, match="'random'"):
+        open_paper(clients, tmp_path, paper_clock, prices="RANDOM")
+
+
+def test_prices_that_is_another_paper_client_is_refused(tmp_path: Path, clients: list,
+                                                        paper_clock: FakeClock) -> None:
+    other = open_paper(clients, tmp_path / "other", paper_clock)
+    with pytest.raises(tt.ConfigurationError, match="not another paper one"):
+        open_paper(clients, tmp_path, paper_clock, prices=other)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("tick_interval", 0, "tick_interval"), ("tick_interval", float("nan"), "tick_interval"),
+    ("tick_interval", True, "tick_interval"), ("market_hours", 1, "market_hours"),
+    ("replay_speed", float("nan"), "replay_speed"), ("replay_speed", "fast", "replay_speed"),
+])
+def test_odd_feed_options_are_refused(key: str, value: Any, words: str, tmp_path: Path, clients: list,
+                                      paper_clock: FakeClock) -> None:
+    with pytest.raises(tt.ConfigurationError, match=words):
+        open_paper(clients, tmp_path, paper_clock, **{key: value})
+
+
+def test_cache_dir_that_is_a_file_is_refused(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(tt.ConfigurationError, match="cache dir"):
+        open_paper(clients, blocker, paper_clock)
+
+
+# ============================================================================
+# D. The clock
+# ============================================================================
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e12, 1e20, -1e20])
+def test_a_clock_giving_an_impossible_time_is_refused_at_init(value: float, tmp_path: Path, clients: list) -> None:
+    with pytest.raises(tt.ConfigurationError, match="clock"):
+        open_paper(clients, tmp_path, lambda: value)
+
+
+class SwitchClock:
+    """An aware-datetime clock whose later answers a test can replace."""
+
+    def __init__(self, when: dt.datetime) -> None:
+        self.answer: Any = when
+
+    def __call__(self) -> Any:
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize("later", ["2026-12-02 10:00", None, RuntimeError("the time server is down")],
+                         ids=["a string", "None", "raising"])
+def test_a_clock_that_goes_bad_later_is_a_typed_error(later: Any, tmp_path: Path, clients: list) -> None:
+    clock = SwitchClock(ist(2026, 12, 2, 10, 0))
+    client = open_paper(clients, tmp_path, clock)
+    order = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
+    clock.answer = later
+    with pytest.raises(tt.ConfigurationError, match="clock"):
+        client.get_funds()
+    clock.answer = ist(2026, 12, 2, 10, 0)
+    assert client.get_order(order).status is OPEN
+
+
+def test_a_clock_that_turns_naive_later_is_refused_not_misread(tmp_path: Path, clients: list) -> None:
+    clock = SwitchClock(ist(2026, 12, 2, 10, 0))
+    client = open_paper(clients, tmp_path, clock)
+    order = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
+    clock.answer = dt.datetime(2026, 12, 2, 10, 0)  # naive: which zone?
+    with pytest.raises(tt.ConfigurationError, match="naive"):
+        client.get_funds()
+    clock.answer = ist(2026, 12, 2, 10, 0)
+    assert client.get_order(order).status is OPEN  # not expired by a misread 15:30
+
+
+def find_gap(source: Any, token: str, scan_from: float, placed: float) -> Optional[int]:
+    """A limit (paise) the path reached between ``scan_from`` and ``placed`` but not in the 10 s
+    after ``placed``: an order at it placed at ``placed`` must stay open for those 10 s."""
+    steps = int((placed - scan_from) / 0.25)
+    low = min(source.quote(token, scan_from + 0.25 * k).ask for k in range(1, steps))
+    after = min(source.quote(token, placed + 0.25 * k).ask for k in range(0, 41))
+    return low if after > low else None
+
+
+def test_an_order_never_fills_at_a_price_from_before_it_was_placed(tmp_path: Path, clients: list) -> None:
+    """An earlier order on the instrument was matched up to 10:01 and cancelled; a new one placed at
+    11:00 must be matched from 11:00 on, not over the hour before it existed."""
+    for seed in range(20):
+        clock = FakeClock(ist(2026, 12, 2, 10, 0))
+        client = paper_client(clients, tmp_path / str(seed), clock, seed=seed)
+        start = clock()
+        earlier = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
+        clock.t = start + 60
+        client.cancel_order(earlier)
+        limit = find_gap(client._local.source, "NSE:SBIN", start + 60, start + 3600)
+        if limit is not None:
+            break
+    else:
+        pytest.fail("no seed gave a usable path")
+    clock.t = start + 3600
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=limit / 100)
+    clock.t = start + 3610
+    order = client.get_order(order_id)
+    assert (order.status, client.get_trades()) == (OPEN, [])
+
+
+def test_a_clock_going_backwards_never_fills_an_order_before_it_was_placed(tmp_path: Path, clients: list) -> None:
+    for seed in range(20):
+        clock = FakeClock(ist(2026, 12, 2, 11, 0))
+        client = paper_client(clients, tmp_path / str(seed), clock, seed=seed)
+        placed = clock()
+        limit = find_gap(client._local.source, "NSE:SBIN", placed - 3600, placed)
+        if limit is not None:
+            break
+    else:
+        pytest.fail("no seed gave a usable path")
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=limit / 100)
+    clock.t = placed - 3600  # the clock steps back an hour
+    client.get_funds()
+    clock.t = placed + 10
+    order = client.get_order(order_id)
+    assert order.status is OPEN
+    assert all(t.timestamp >= order.placed_at for t in client.get_trades())
+
+
+def test_a_clock_going_back_over_a_day_roll_keeps_the_account_consistent(tmp_path: Path, clients: list,
+                                                                         scripted: str) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted, capital=100000)
+    push(client, PAPER_SBIN, 900.0)
+    first = client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    clock.set(ist(2026, 12, 3, 10, 0))
+    assert [(h.qty, h.avg_price) for h in client.get_holdings()] == [(10, 900.0)]
+    clock.set(ist(2026, 12, 2, 14, 0))  # back across the roll
+    funds = client.get_funds()
+    assert (funds.total, funds.used) == (91000.0, 0.0)
+    assert [(h.qty, h.avg_price) for h in client.get_holdings()] == [(10, 900.0)]
+    second = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0)
+    assert second != first and client.get_order(second).status is OPEN
+
+
+# ============================================================================
+# E. Orders, matching and money
+# ============================================================================
+
+
+@pytest.mark.parametrize("qty", [0, -1, 1.0, True, "1", None, 2.5, float("nan")])
+def test_quantities_that_are_not_whole_units_are_refused(qty: Any, tmp_path: Path, clients: list,
+                                                         paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    with pytest.raises(tt.InvalidOrderError, match="qty must be a positive whole number"):
+        client.place_order(PAPER_SBIN, qty, "BUY", "CNC", "MARKET")
+    assert client.get_orders() == []
+
+
+def test_a_huge_quantity_with_a_price_is_refused_for_funds(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                           scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    with pytest.raises(tt.InsufficientFundsError, match="needs 900,000,000,000,000.00, available 1,000,000.00"):
+        client.place_order(PAPER_SBIN, 10 ** 12, "BUY", "CNC", "MARKET")
+    assert client.get_orders() == []
+
+
+def test_a_huge_market_quantity_before_any_price_is_a_typed_error(tmp_path: Path, clients: list,
+                                                                  paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)  # no price yet
+    with pytest.raises(tt.InvalidOrderError):
+        client.place_order(PAPER_SBIN, 10 ** 19, "BUY", "CNC", "MARKET")
+    assert client.get_orders() == []
+
+
+@pytest.mark.parametrize("price, words", [
+    (0, "price must be positive"), (-1, "price must be positive"), (float("nan"), "price must be positive"),
+    (float("inf"), "price must be positive"), ("abc", "is not a number"), (1e-9, "not a multiple of the tick"),
+    (900.03, "use 900 or 900.05"), (10 ** 11, "beyond any listed price"), (True, "price must be a number"),
+    ([900], "price must be a number"),
+])
+def test_prices_that_make_no_sense_are_refused(price: Any, words: str, tmp_path: Path, clients: list,
+                                               paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    with pytest.raises(tt.InvalidOrderError, match=words):
+        client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=price)
+    assert client.get_orders() == [] and client.get_funds().available == 1000000.0
+
+
+def test_orders_that_cannot_exist_are_refused(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                              scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    fut = nifty_future(client)
+    expiry = client.expiries("NIFTY")[0]
+    with pytest.raises(tt.InstrumentNotFoundError, match="strike 23525 not listed"):
+        tt.Option(exchange="NFO", symbol="NIFTY", expiry=expiry, strike=23525, option_type="CE")
+    with pytest.raises(tt.InvalidOrderError, match="indices cannot be traded"):
+        client.place_order(NIFTY, 1, "BUY", "MIS", "MARKET")
+    with pytest.raises(tt.InvalidOrderError, match="product CNC is for cash equities"):
+        client.place_order(fut, 65, "BUY", "CNC", "MARKET")
+    with pytest.raises(tt.InvalidOrderError, match="product NRML is for derivatives"):
+        client.place_order(PAPER_SBIN, 1, "BUY", "NRML", "MARKET")
+    with pytest.raises(tt.InvalidOrderError, match="IOC is for MARKET and LIMIT"):
+        client.place_order(PAPER_SBIN, 1, "BUY", "MIS", "SL", price=906.0, trigger_price=905.0, validity="IOC")
+    with pytest.raises(tt.InvalidOrderError, match="validity 'GTC' is not supported"):
+        client.place_order(PAPER_SBIN, 1, "BUY", "MIS", "LIMIT", price=899.0, validity="GTC")
+    with pytest.raises(tt.InvalidOrderError, match="MARKET orders take no price"):
+        client.place_order(PAPER_SBIN, 1, "BUY", "MIS", "MARKET", price=900.0)
+    with pytest.raises(tt.InvalidOrderError, match="lot size 65"):
+        client.place_order(fut, 1, "BUY", "NRML", "MARKET")
+    assert client.get_orders() == []
+
+
+@pytest.mark.parametrize("order_type", ["MARKET", "LIMIT"])
+def test_ioc_without_any_price_does_not_rest(order_type: str, tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                             scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)  # no price known yet
+    price = 900.0 if order_type == "LIMIT" else None
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", order_type, price=price, validity="IOC")
+    assert client.get_order(order_id).status is CANCELLED  # immediate or cancel: nothing to match now
+    push(client, PAPER_SBIN, 899.0)
+    assert client.get_order(order_id).status is CANCELLED and client.get_trades() == []
+
+
+def test_a_short_option_without_an_underlying_price_is_not_margined_on_its_premium(
+        tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    ce = paper_option(client)
+    push(client, ce, 120.0)  # the option has a price, NIFTY has none yet
+    with pytest.raises(tt.OrderError):  # 12% of the notional (~1.8 lakh) cannot fit in 10,000
+        client.place_order(ce, 65, "SELL", "NRML", "MARKET")
+    assert client.get_orders() == [] and client.get_funds().total == 10000.0
+
+
+def test_the_margin_of_a_short_option_without_an_underlying_price_is_not_zero(
+        tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    ce = paper_option(client)
+    push(client, ce, 120.0)
+    try:
+        margin = client.calculate_margin([tt.OrderLeg(ce, 65, tt.Side.SELL, tt.ProductType.NRML,
+                                                      tt.OrderType.LIMIT, price=120)])
+    except tt.OrderError as exc:
+        assert "NSE:NIFTY" in str(exc)  # no price for the underlying: says so
+        return
+    assert margin.total > 100000  # 12% of ~23,500 x 65 less the premium
+
+
+def test_a_margin_leg_without_a_price_gives_advice_that_works(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                              scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    leg = tt.OrderLeg(PAPER_SBIN, 1, tt.Side.BUY, tt.ProductType.CNC, tt.OrderType.MARKET)
+    with pytest.raises(tt.OrderError) as info:
+        client.calculate_margin([leg])
+    # A MARKET leg cannot be given a price (that is refused): the advice must name LIMIT.
+    assert "LIMIT" in str(info.value)
+
+
+@pytest.mark.parametrize("legs, words", [
+    ([], "non-empty list"), ("NSE:SBIN", "non-empty list"), (None, "non-empty list"),
+    ([{"instrument": PAPER_SBIN, "qty": 1, "side": "BUY", "product": "CNC", "order_type": "LIMIT", "price": 900,
+       "bogus": 1}], "must have OrderLeg's fields"),
+    ([tt.OrderLeg(NIFTY, 1, tt.Side.BUY, tt.ProductType.MIS, tt.OrderType.MARKET)], "indices cannot be traded"),
+    ([tt.OrderLeg(PAPER_SBIN, 0, tt.Side.BUY, tt.ProductType.CNC, tt.OrderType.LIMIT, price=900)], "qty"),
+    ([42], "OrderLeg or a dict"),
+])
+def test_margin_with_odd_legs_is_refused(legs: Any, words: str, tmp_path: Path, clients: list,
+                                         paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock)
+    with pytest.raises(tt.InvalidOrderError, match=words):
+        client.calculate_margin(legs)
+
+
+def test_modify_cannot_sell_more_delivery_shares_than_are_held(tmp_path: Path, clients: list,
+                                                               paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 5, "BUY", "CNC", "MARKET")
+    sell = client.place_order(PAPER_SBIN, 5, "SELL", "CNC", "LIMIT", price=950.0)
+    with pytest.raises(tt.InsufficientFundsError, match="can sell at most 5"):
+        client.modify_order(sell, qty=50)
+    assert client.get_order(sell).qty == 5
+    push(client, PAPER_SBIN, 950.0)
+    assert client.get_funds().total == 100000.0 - 5 * 900 + 5 * 950
+
+
+def test_modify_to_a_quantity_that_does_not_fit_changes_nothing(tmp_path: Path, clients: list,
+                                                                paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    push(client, PAPER_SBIN, 900.0)
+    order_id = client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "LIMIT", price=890.0)
+    before = client.get_order(order_id)
+    with pytest.raises(tt.InsufficientFundsError, match="needs 10,680.00, available 10,000.00"):
+        client.modify_order(order_id, qty=12)
+    after = client.get_order(order_id)
+    assert (after.qty, after.price, after.status) == (before.qty, before.price, before.status) == (10, 890.0, OPEN)
+    assert client.get_funds().available == 1100.0
+    assert [h.status_message for h in client.get_order_history(order_id)] == [None]
+
+
+def test_modify_sl_to_limit_and_back_keeps_exact_blocks_and_history(tmp_path: Path, clients: list,
+                                                                    paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    push(client, PAPER_SBIN, 900.0)
+    order_id = client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "SL", price=906.0, trigger_price=905.0)
+    assert client.get_funds().available == 100000 - 9060.0
+    paper_clock.t += 1
+    client.modify_order(order_id, order_type="LIMIT", price=890.0)
+    order = client.get_order(order_id)
+    assert (order.status, order.order_type, order.price, order.trigger_price) == (OPEN, tt.OrderType.LIMIT, 890.0,
+                                                                                  None)
+    assert client.get_funds().available == 100000 - 8900.0
+    paper_clock.t += 1
+    client.modify_order(order_id, order_type="SL", price=912.0, trigger_price=910.0)
+    order = client.get_order(order_id)
+    assert (order.status, order.price, order.trigger_price) == (TRIGGER_PENDING, 912.0, 910.0)
+    assert client.get_funds().available == 100000 - 9120.0
+    paper_clock.t += 1
+    push(client, PAPER_SBIN, 910.0)
+    order = client.get_order(order_id)
+    assert (order.status, order.average_price) == (COMPLETE, 910.0)
+    funds = client.get_funds()
+    assert (funds.available, funds.total, funds.used) == (90900.0, 90900.0, 0.0)
+    history = client.get_order_history(order_id)
+    assert [(h.status, h.order_type.value) for h in history] == [
+        (TRIGGER_PENDING, "SL"), (OPEN, "LIMIT"), (TRIGGER_PENDING, "SL"), (OPEN, "SL"), (COMPLETE, "SL")]
+    times = [h.updated_at for h in history]
+    assert times == sorted(times)
+
+
+def test_modify_to_a_stop_that_would_fire_at_once_changes_nothing(tmp_path: Path, clients: list,
+                                                                  paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    push(client, PAPER_SBIN, 900.0)
+    order_id = client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "LIMIT", price=890.0)
+    with pytest.raises(tt.InvalidOrderError, match="would fire at once"):
+        client.modify_order(order_id, order_type="SL", price=900.0, trigger_price=899.0)
+    order = client.get_order(order_id)
+    assert (order.status, order.order_type, order.price, order.trigger_price) == (OPEN, tt.OrderType.LIMIT, 890.0,
+                                                                                  None)
+    assert client.get_funds().available == 100000 - 8900.0
+
+
+def test_modify_and_cancel_of_orders_that_cannot_change(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                        scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, account="mine")
+    other = paper_client(clients, tmp_path, paper_clock, prices=scripted, account="theirs")
+    push(client, PAPER_SBIN, 900.0)
+    done = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET")
+    gone = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0)
+    client.cancel_order(gone)
+    working = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0)
+    for order_id, status in ((done, "COMPLETE"), (gone, "CANCELLED")):
+        with pytest.raises(tt.OrderError, match=f"is {status}: only open orders can be modified"):
+            client.modify_order(order_id, qty=2)
+        with pytest.raises(tt.OrderError, match=f"is {status}: only open orders can be cancelled"):
+            client.cancel_order(order_id)
+    for call in (lambda: client.modify_order("261202999999999", qty=2),
+                 lambda: client.cancel_order("261202999999999"),
+                 lambda: other.cancel_order(working), lambda: other.modify_order(working, price=801.0),
+                 lambda: other.get_order_history(working)):
+        with pytest.raises(tt.OrderNotFoundError):
+            call()
+    for bad in ("../x", "", " ", "..", None, 5, "a/b", "\u0661\u0662"):
+        with pytest.raises(tt.InvalidOrderError, match="order_id must be"):
+            client.cancel_order(bad)  # type: ignore[arg-type]
+    assert client.get_order(working).status is OPEN and client.get_order(working).price == 800.0
+
+
+def test_market_orders_waiting_for_a_first_price_never_overdraw(tmp_path: Path, clients: list,
+                                                                paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    ids = [client.place_order(PAPER_SBIN, 3, "BUY", "CNC", "MARKET") for _ in range(5)]  # no price yet
+    push(client, PAPER_SBIN, 900.0)
+    assert [client.get_order(i).status for i in ids] == [COMPLETE] * 3 + [REJECTED] * 2
+    funds = client.get_funds()
+    assert (funds.available, funds.total, funds.used) == (1900.0, 1900.0, 0.0)
+    assert all("insufficient funds" in (client.get_order(i).status_message or "") for i in ids[3:])
+
+
+def test_a_losing_intraday_position_can_still_be_closed(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                        scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=20000)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 100, "BUY", "MIS", "MARKET")  # blocks 18,000
+    push(client, PAPER_SBIN, 500.0)  # a 40,000 loss
+    exit_id = client.place_order(PAPER_SBIN, 100, "SELL", "MIS", "MARKET")  # reducing risk needs no funds
+    assert client.get_order(exit_id).status is COMPLETE
+    assert client.get_positions() == []
+
+
+def test_the_1520_square_off_closes_mis_even_at_a_loss_beyond_the_cash(tmp_path: Path, clients: list,
+                                                                       paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=20000)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 100, "BUY", "MIS", "MARKET")
+    push(client, PAPER_SBIN, 500.0)
+    paper_clock.set(ist(2026, 12, 2, 15, 21))
+    assert [p for p in client.get_positions() if p.product is tt.ProductType.MIS] == []
+    paper_clock.set(ist(2026, 12, 3, 10, 0))
+    assert [p for p in client.get_positions() if p.product is tt.ProductType.MIS] == []  # never carried
+
+
+def test_the_square_off_after_weeks_away_is_exact_and_fast(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    client = paper_client(clients, tmp_path, clock)
+    source = client._local.source
+    start = clock()
+    fut = nifty_future(client)
+    sbin_ask, fut_ask = source.quote("NSE:SBIN", start).ask, source.quote(str(fut), start).ask
+    mis = client.place_order(PAPER_SBIN, 10, "BUY", "MIS", "MARKET")
+    cnc = client.place_order(PAPER_SBIN, 7, "BUY", "CNC", "MARKET")
+    client.place_order(fut, 65, "BUY", "NRML", "MARKET")
+    resting = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
+    client.close()
+    clock.set(ist(2026, 12, 23, 10, 0))  # three weeks later, the process started again
+    began = time.monotonic()
+    again = paper_client(clients, tmp_path, clock)
+    funds = again.get_funds()
+    assert time.monotonic() - began < 3.0
+    square_off = source.quote("NSE:SBIN", ist(2026, 12, 2, 15, 20).timestamp())
+    expected_cash = 1000000 * 100 - 7 * sbin_ask + 10 * (square_off.bid - sbin_ask)
+    assert round(funds.total * 100) == expected_cash
+    assert round(funds.used * 100) == -(-12 * 65 * fut_ask // 100)
+    for order_id in (mis, cnc, resting):  # as at a real broker, the order book is today's
+        with pytest.raises(tt.OrderNotFoundError, match="today"):
+            again.get_order(order_id)
+    (holding,) = again.get_holdings()
+    assert (holding.instrument, holding.qty, round(holding.avg_price * 100)) == (PAPER_SBIN, 7, sbin_ask)
+    assert [(p.instrument, p.qty, p.product) for p in again.get_positions()] == [(fut, 65, tt.ProductType.NRML)]
+    assert again.get_orders() == [] and again.get_trades() == []
+
+
+def test_a_clock_a_year_ahead_settles_everything_quickly(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    client = paper_client(clients, tmp_path, clock)
+    source = client._local.source
+    fut = nifty_future(client)
+    fut_ask = source.quote(str(fut), clock()).ask
+    client.place_order(fut, 65, "BUY", "NRML", "MARKET")
+    clock.set(ist(2027, 12, 2, 10, 0))
+    began = time.monotonic()
+    funds = client.get_funds()
+    assert time.monotonic() - began < 3.0
+    settle = source.quote(str(fut), tt._paper_expiry_epoch(fut.expiry))
+    assert client.get_positions() == [] and funds.used == 0.0
+    assert round(funds.total * 100) == 1000000 * 100 + 65 * (settle.ltp - fut_ask)  # at the settlement price
+
+
+def test_a_worthless_option_settles_at_zero(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 12, 8, 10, 0))  # the weekly expiry
+    client = paper_client(clients, tmp_path, clock)
+    chain = client.option_chain("NIFTY", "2026-12-08")
+    ce = max((o for o in chain if o.option_type is tt.OptionType.CE), key=lambda o: o.strike)
+    spot = client._local.source.quote("NSE:NIFTY", tt._paper_expiry_epoch(ce.expiry)).ltp / 100
+    assert spot < ce.strike  # far out of the money at expiry
+    client.place_order(ce, 65, "BUY", "NRML", "MARKET")
+    paid = client.get_funds().total
+    clock.set(ist(2026, 12, 9, 10, 0))
+    assert client.get_positions() == []
+    assert client.get_funds().total == paid  # worth nothing: no 0.05 a unit paid out
+
+
+def test_an_expired_option_settles_at_its_last_price_not_the_bid(tmp_path: Path, clients: list,
+                                                                 scripted: str) -> None:
+    clock = FakeClock(ist(2026, 12, 8, 10, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted, capital=200000)
+    ce = paper_option(client)
+    push(client, ce, 50.0)
+    client.place_order(ce, 65, "BUY", "NRML", "MARKET")
+    push(client, ce, 80.0, bid=79.0, ask=81.0)
+    cash = client.get_funds().total
+    clock.set(ist(2026, 12, 9, 9, 30))
+    assert client.get_positions() == []
+    assert client.get_funds().total == cash + 65 * 80.0
+
+
+def test_an_expired_contract_cannot_be_traded_after_its_expiry(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 12, 8, 10, 0))
+    client = paper_client(clients, tmp_path, clock)
+    ce = paper_option(client)
+    assert ce.expiry == dt.date(2026, 12, 8)
+    clock.set(ist(2026, 12, 9, 10, 0))  # the same process, the next session
+    with pytest.raises(tt.TTConnectError, match="expire"):
+        client.place_order(ce, 65, "BUY", "NRML", "MARKET")
+    assert client.get_orders() == []
+
+
+def test_an_expired_short_option_does_not_block_margin_forever_after_a_restart(
+        tmp_path: Path, clients: list, scripted: str) -> None:
+    clock = FakeClock(ist(2026, 12, 8, 10, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    ce = paper_option(client)
+    push(client, NIFTY, 23500.0)
+    push(client, ce, 120.0)
+    client.place_order(ce, 65, "SELL", "NRML", "MARKET")
+    assert client.get_funds().used == 183300.0
+    client.close()
+    clock.set(ist(2026, 12, 9, 10, 0))
+    again = paper_client(clients, tmp_path, clock, prices=scripted)
+    funds = again.get_funds()
+    shown = [p for p in again.get_positions() if str(p.instrument) == str(ce)]
+    # settled (nothing blocked), or still shown so the blocked margin is explained and can be closed
+    assert funds.used == 0.0 or shown, f"{funds.used} blocked by a position get_positions() does not show"
+
+
+def test_cancel_all_orders_cancels_exactly_the_working_ones(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                            scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    push(client, PAPER_SBIN, 900.0)
+    filled = client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    working = [client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=p) for p in (890.0, 880.0, 870.0)]
+    working.append(client.place_order(PAPER_SBIN, 5, "SELL", "CNC", "SL_M", trigger_price=850.0))
+    working.append(client.place_order(PAPER_SBIN, 2, "BUY", "MIS", "SL", price=921.0, trigger_price=920.0))
+    gone = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=860.0)
+    client.cancel_order(gone)
+    cancelled, failed = client.cancel_all_orders()
+    assert (sorted(cancelled), failed) == (sorted(working), [])
+    assert {o.id: o.status for o in client.get_orders()} == {filled: COMPLETE, gone: CANCELLED,
+                                                               **{i: CANCELLED for i in working}}
+    funds = client.get_funds()
+    assert (funds.available, funds.used, funds.total) == (91000.0, 0.0, 91000.0)
+    assert client.cancel_all_orders() == ([], [])
+
+
+def test_close_all_positions_closes_every_product_with_exact_ids_and_money(
+        tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    ce, fut = paper_option(client), nifty_future(client)
+    for inst, price in ((PAPER_SBIN, 900.0), (TCS, 3100.0), (fut, 23600.0), (ce, 120.0), (NIFTY, 23500.0)):
+        push(client, inst, price)
+    client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    client.place_order(TCS, 5, "SELL", "MIS", "MARKET")
+    client.place_order(fut, 65, "BUY", "NRML", "MARKET")
+    client.place_order(ce, 65, "SELL", "NRML", "MARKET")
+    before = {o.id for o in client.get_orders()}
+    for inst, price in ((PAPER_SBIN, 910.0), (TCS, 3090.0), (fut, 23650.0), (ce, 110.0)):
+        push(client, inst, price)
+    placed, failed = client.close_all_positions()
+    assert failed == [] and len(placed) == 4 == len(set(placed))
+    new = {o.id: o for o in client.get_orders() if o.id not in before}
+    assert set(new) == set(placed)
+    assert sorted((str(o.instrument), o.side.value, o.qty, o.status, o.average_price) for o in new.values()) == sorted([
+        ("NSE:SBIN", "SELL", 10, COMPLETE, 910.0), ("NSE:TCS", "BUY", 5, COMPLETE, 3090.0),
+        (str(fut), "SELL", 65, COMPLETE, 23650.0), (str(ce), "BUY", 65, COMPLETE, 110.0)])
+    assert client.get_positions() == []
+    funds = client.get_funds()
+    pnl = 10 * 10 + 5 * 10 + 65 * 50 + 65 * 10
+    assert (funds.available, funds.total, funds.used, funds.m2m_realized) == (1000000.0 + pnl, 1000000.0 + pnl, 0.0,
+                                                                              pnl)
+    assert client.close_all_positions() == ([], [])
+
+
+def test_a_sliced_order_that_runs_out_of_funds_names_exactly_the_slices_placed(
+        tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=20000)
+    ce = paper_option(client)
+    push(client, ce, 10.0)
+    with pytest.raises(tt.OrderError) as info:
+        client.place_order(ce, 3510, "BUY", "NRML", "MARKET", slice=True)  # two slices of 1,755
+    orders = client.get_orders()
+    assert [(o.qty, o.status) for o in orders] == [(1755, COMPLETE)]
+    assert info.value.placed_ids == [orders[0].id]
+    assert client.get_funds().total == 20000 - 17550.0
+
+
+def test_order_history_is_oldest_first_with_each_change(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                        scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 20, "BUY", "CNC", "MARKET")
+    paper_clock.t += 1
+    stop = client.place_order(PAPER_SBIN, 10, "SELL", "CNC", "SL", price=893.0, trigger_price=894.0)
+    paper_clock.t += 1
+    client.modify_order(stop, price=894.0, trigger_price=895.0)
+    paper_clock.t += 1
+    push(client, PAPER_SBIN, 895.0)
+    history = client.get_order_history(stop)
+    assert [(h.status, h.trigger_price, h.price, h.status_message) for h in history] == [
+        (TRIGGER_PENDING, 894.0, 893.0, None), (TRIGGER_PENDING, 895.0, 894.0, "modified"),
+        (OPEN, 895.0, 894.0, "triggered"), (COMPLETE, 895.0, 894.0, None)]
+    assert [h.updated_at.timestamp() - PAPER_DAY.timestamp() for h in history] == [1.0, 2.0, 3.0, 3.0]
+    assert {h.id for h in history} == {stop} and history[-1].average_price == 895.0
+
+
+# ============================================================================
+# F. Tick files
+# ============================================================================
+
+T0_MS = int(PAPER_DAY.timestamp() * 1000)
+
+
+def tick_line(ltp: Any, i: int = 0, instrument: str = "NSE:SBIN", **extra: Any) -> Dict[str, Any]:
+    return {"instrument": instrument, "ts": T0_MS + 1000 * i, "mode": "ltp", "ltp": ltp, **extra}
+
+
+def tick_file(path: Path, lines: List[Any]) -> str:
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return str(path)
+
+
+def stream(client: tt.TTConnect, want: int, timeout: float = 5.0, mode: str = "ltp") -> List[float]:
+    """The ltps of the first ``want`` ticks of SBIN (fewer if the feed gives no more in time)."""
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode=mode)
+    got: List[float] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        try:
+            got.append(ticks.get(timeout=max(0.01, min(0.25, deadline - time.monotonic()))).ltp)
+        except queue.Empty:
+            pass
+    return got
+
+
+def test_a_tick_file_of_junk_lines_delivers_exactly_its_good_ticks(tmp_path: Path, clients: list,
+                                                                   paper_clock: FakeClock) -> None:
+    path = tick_file(tmp_path / "ticks.jsonl", [
+        tick_line(901.0, 0), "", "   ", "garbage{", "[1, 2, 3]", '"a string"', "null", "{}",
+        '{"instrument": "NSE:SBIN", "ts": 1, "ltp": NaN}', tick_line(-5, 1), tick_line(0, 1), tick_line("abc", 1),
+        tick_line(None, 1), {"instrument": ["x"], "ts": 1, "ltp": 3}, {"instrument": 7, "ts": 1, "ltp": 3},
+        {"ts": 5, "ltp": 1}, {"instrument": "NSE:SBIN", "ltp": 900}, {"instrument": "NSE:SBIN", "ts": "x", "ltp": 900},
+        tick_line(900.0, 1, mode="weird"), tick_line(900.0, 1, mode="full", bids=[[1, 2]]),
+        tick_line(902.0, 2), b"\x00\x01\x02\x03", tick_line(1.0, 3, instrument="NSE:NOSUCH"),
+        tick_line(1.0, 3, instrument="garbage"), tick_line(903.0, 4),
+    ])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    assert stream(client, 3, timeout=2.0) == [901.0, 902.0, 903.0]
+    assert client.stream_stats()["reconnects"] == 0
+
+
+def test_a_tick_file_line_that_is_not_utf8_is_skipped(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0), b"\xff\xfe\xfd not utf-8 \xc3\x28",
+                                                tick_line(902.0, 1)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    assert stream(client, 2, timeout=2.0) == [901.0, 902.0]
+
+
+def test_a_tick_file_price_too_large_to_hold_is_skipped(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0), tick_line(1e308, 1), tick_line(902.0, 2)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    assert stream(client, 2, timeout=2.0) == [901.0, 902.0]
+    assert client.stream_stats()["reconnects"] == 0
+
+
+def test_a_tick_file_line_of_ten_megabytes_is_skipped(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0), '{"instrument": "' + "A" * (10 << 20) + '"}',
+                                                tick_line(902.0, 1)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    assert stream(client, 2, timeout=5.0) == [901.0, 902.0]
+
+
+@pytest.mark.parametrize("ts", ["10000000000000000", "NaN", "-1e300", "1e400"])
+def test_a_tick_file_time_that_is_no_time_never_poisons_the_account(ts: str, tmp_path: Path, clients: list,
+                                                                   paper_clock: FakeClock) -> None:
+    bad = '{"instrument": "NSE:SBIN", "ts": %s, "mode": "ltp", "ltp": 899.0}' % ts
+    path = tick_file(tmp_path / "ticks.jsonl", [bad, tick_line(898.0, 1)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=900.0)
+    got = stream(client, 1, timeout=2.0)
+    assert got == [898.0]
+    # the line with no usable time is skipped: the account stays readable
+    order = client.get_order(order_id)
+    assert (order.status, order.average_price) in {(COMPLETE, 898.0), (COMPLETE, 899.0)}
+    (trade,) = client.get_trades()
+    assert trade.avg_price == order.average_price and trade.timestamp.year < 10000
+    assert client.stream_stats()["reconnects"] == 0
+
+
+@pytest.mark.parametrize("side, order_type, price, bids, asks", [
+    ("SELL", "MARKET", None, [[-5.0, 100, 1]], [[900.05, 100, 1]]),
+    ("BUY", "MARKET", None, [[899.95, 100, 1]], [[0.0001, 100, 1]]),
+    ("SELL", "LIMIT", 950.0, [[5000.0, 100, 1]], [[900.05, 100, 1]]),
+], ids=["negative bid", "ask of zero", "bid far above the ask"])
+def test_tick_file_depth_that_cannot_be_never_gives_a_fill(side: str, order_type: str, price: Optional[float],
+                                                           bids: Any, asks: Any, tmp_path: Path, clients: list,
+                                                           paper_clock: FakeClock) -> None:
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(900.0, 0, mode="full", bids=bids, asks=asks)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    order_id = client.place_order(PAPER_SBIN, 10, side, "MIS", order_type, price=price)  # before any price
+    assert stream(client, 1, timeout=2.0, mode="full") == [900.0]
+    order = client.get_order(order_id)
+    if order_type == "MARKET":  # the bad depth ignored (the last price is the touch), or the line skipped
+        assert (order.status, order.average_price) in {(OPEN, None), (COMPLETE, 900.0)}
+    else:
+        assert (order.status, order.average_price) == (OPEN, None)
+
+
+def test_a_paced_replay_delivers_its_first_tick_at_once_and_answers_calls(tmp_path: Path, clients: list,
+                                                                         paper_clock: FakeClock) -> None:
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0), tick_line(902.0, 1), tick_line(903.0, 2)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path, replay_speed=1)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    took: Dict[str, float] = {}
+    asked = threading.Event()
+
+    def ask() -> None:
+        asked.wait(0.3)  # a bounded wait: the replay is pacing by then
+        began = time.monotonic()
+        client.get_funds()
+        took["get_funds"] = time.monotonic() - began
+
+    helper = threading.Thread(target=ask)
+    began = time.monotonic()
+    client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode="ltp")
+    helper.start()
+    first = ticks.get(timeout=5)
+    took["first tick"] = time.monotonic() - began
+    helper.join(10)
+    assert first.ltp == 901.0
+    assert took["first tick"] < 0.8 and took["get_funds"] < 0.5, took
+
+
+# ============================================================================
+# G. A live price source
+# ============================================================================
+
+
+def test_a_live_source_first_price_is_used_as_soon_as_it_arrives(tmp_path: Path, clients: list,
+                                                                 paper_clock: FakeClock) -> None:
+    live = open_client(clients, "zerodha", tmp_path / "zerodha", FakeClock(ist(2026, 11, 21, 10, 0)), KITE_CSV)
+
+    def fake_subscribe(instrument: Any, on_tick: Any = None, mode: str = "quote", on_order_update: Any = None) -> None:
+        def later() -> None:
+            threading.Event().wait(0.05)  # the live feed's first tick, 50 ms later
+            tick = tt._TickBuilder(instrument, "ltp", 900.0)
+            tick.__class__ = tt.Tick
+            on_tick(tick)
+        threading.Thread(target=later, daemon=True).start()
+
+    live.subscribe = fake_subscribe  # type: ignore[assignment]
+    client = paper_client(clients, tmp_path / "paper", paper_clock, prices=live)
+    began = time.monotonic()
+    with pytest.raises(tt.InvalidOrderError, match="would fire at once"):  # checked against that first price
+        client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "SL", price=896.0, trigger_price=895.0)
+    assert time.monotonic() - began < 1.0
+
+
+# ============================================================================
+# H. The feed, threads and the client's lifecycle
+# ============================================================================
+
+
+def test_close_while_the_feed_runs_stops_it_promptly(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, tick_interval=0.005)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    updates: "queue.Queue[tt.Order]" = queue.Queue()
+    client.subscribe([PAPER_SBIN, TCS], on_tick=ticks.put, mode="full", on_order_update=updates.put)
+    ticks.get(timeout=5)
+    began = time.monotonic()
+    client.close()
+    assert time.monotonic() - began < 3.0
+    while not ticks.empty():
+        ticks.get_nowait()
+    with pytest.raises(queue.Empty):
+        ticks.get(timeout=0.3)
+    assert client.stream_stats()["connected"] is False
+    client.close()  # twice: still fine
+
+
+def test_a_closed_client_refuses_every_call_with_one_typed_error(tmp_path: Path, clients: list,
+                                                                 paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock)
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
+    client.close()
+    calls = [client.get_funds, client.get_orders, client.get_positions, client.get_holdings, client.get_trades,
+             client.get_profile, lambda: client.get_order(order_id), lambda: client.get_order_history(order_id),
+             lambda: client.cancel_order(order_id), lambda: client.modify_order(order_id, price=501.0),
+             lambda: client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET"), client.cancel_all_orders,
+             client.close_all_positions, lambda: client.resolve(PAPER_SBIN), lambda: client.search("SB"),
+             lambda: client.expiries("NIFTY"), lambda: client.subscribe(PAPER_SBIN, on_tick=print),
+             lambda: client.on_order_update(print), lambda: client.calculate_margin(
+                 [tt.OrderLeg(PAPER_SBIN, 1, tt.Side.BUY, tt.ProductType.CNC, tt.OrderType.LIMIT, price=900)])]
+    for call in calls:
+        with pytest.raises(tt.ConfigurationError, match="this paper client is closed"):
+            call()
+    again = paper_client(clients, tmp_path, paper_clock)
+    assert again.get_order(order_id).status is OPEN  # nothing was lost by the close
+
+
+def test_close_racing_an_order_is_a_typed_error(tmp_path: Path, clients: list) -> None:
+    now = PAPER_DAY.timestamp()
+    armed: Dict[str, Any] = {}
+
+    def clock() -> float:
+        victim = armed.pop("client", None)
+        if victim is not None:  # another thread closes the client just as the order goes out
+            closer = threading.Thread(target=victim.close)
+            closer.start()
+            closer.join(5)
+        return now
+
+    client = open_paper(clients, tmp_path, clock)
+    armed["client"] = client
+    with pytest.raises(tt.ConfigurationError, match="closed"):
+        client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
+    again = open_paper(clients, tmp_path, lambda: now)
+    assert again.get_orders() == []  # not half-placed
+
+
+def test_a_thread_storm_with_the_feed_running_stays_exact(tmp_path: Path, clients: list,
+                                                          paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, capital=50000, tick_interval=0.002)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    updates: "queue.Queue[tt.Order]" = queue.Queue()
+    client.subscribe([PAPER_SBIN, TCS], on_tick=ticks.put, mode="full")
+    client.on_order_update(updates.put)
+    ticks.get(timeout=5)
+    prices: Dict[str, float] = {}
+    raw: List[str] = []
+    guard = threading.Lock()
+
+    def worker(n: int) -> None:
+        rnd = random.Random(n)
+        mine: List[str] = []
+        for _ in range(50):
+            try:
+                roll = rnd.random()
+                price = 400.0 + rnd.randrange(100) * 0.05  # far below SBIN: they rest
+                if roll < 0.5 or not mine:
+                    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=price)
+                    with guard:
+                        prices[order_id] = price
+                    mine.append(order_id)
+                elif roll < 0.75:
+                    client.cancel_order(mine.pop(rnd.randrange(len(mine))))
+                else:
+                    order_id = rnd.choice(mine)
+                    client.modify_order(order_id, price=price)
+                    with guard:
+                        prices[order_id] = price
+            except tt.TTConnectError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - recorded: the defect
+                raw.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "deadlock: a worker never finished"
+    assert raw == []
+    orders = client.get_orders()
+    assert len({o.id for o in orders}) == len(orders) == len(prices)
+    working = [o for o in orders if o.status is OPEN]
+    assert all(o.price == prices[o.id] for o in working)
+    funds = client.get_funds()
+    assert funds.available >= 0
+    assert round(funds.available * 100) == 50000 * 100 - sum(round(o.price * 100) for o in working)
+    events = sum(len(client.get_order_history(o.id)) for o in orders)
+    assert client._streamer is not None
+    client._streamer.wait_for(lambda: updates.qsize() >= events, 10)
+    last: Dict[str, tt.Order] = {}
+    while not updates.empty():
+        update = updates.get_nowait()
+        last[update.id] = update
+    assert {i: (u.status, u.price) for i, u in last.items()} == {o.id: (o.status, o.price) for o in orders}
+
+
+def test_subscribing_to_what_cannot_stream_is_refused(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock)
+    with pytest.raises(tt.UnsupportedFeatureError, match="stream mode 'tick'"):
+        client.subscribe(PAPER_SBIN, on_tick=print, mode="tick")
+    with pytest.raises(tt.InvalidInstrumentError):
+        client.subscribe("NSE:SBIN", on_tick=print)  # type: ignore[arg-type]
+    with pytest.raises(tt.ConfigurationError, match="needs on_tick"):
+        client.subscribe(PAPER_SBIN)
+    with pytest.raises(tt.ConfigurationError, match="on_tick must be a callable"):
+        client.subscribe(PAPER_SBIN, on_tick=42)  # type: ignore[arg-type]
+
+
+# ============================================================================
+# I. parse_instrument
+# ============================================================================
+
+
+def universe(client: tt.TTConnect) -> List[Any]:
+    found = list(client.search("", limit=100000))
+    for symbol in sorted({i.symbol for i in found}):
+        for exchange in ("NFO", "BFO"):
+            for expiry in client.expiries(symbol, exchange):
+                try:
+                    found.extend(client.option_chain(symbol, expiry, exchange))
+                except tt.InstrumentNotFoundError:
+                    pass  # futures only on that expiry
+    return found
+
+
+def assert_round_trips(client: tt.TTConnect, instruments: List[Any]) -> None:
+    bad = []
+    for inst in instruments:
+        text = str(inst)
+        back = tt.parse_instrument(text)
+        if back != inst or type(back) is not type(inst) or client.resolve(inst) != text:
+            bad.append((text, type(inst).__name__, type(back).__name__, str(back)))
+    assert bad == []
+
+
+def test_every_bundled_instrument_round_trips_through_its_text(tmp_path: Path, clients: list,
+                                                               paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock)
+    found = universe(client)
+    kinds = {type(i).__name__ for i in found}
+    assert kinds == {"Index", "Equity", "Future", "Option"} and len(found) > 1000
+    assert_round_trips(client, found)
+
+
+@pytest.mark.parametrize("broker, body", [("zerodha", KITE_CSV), ("angelone", ANGEL_JSON), ("upstox", UPSTOX_GZ)])
+def test_every_instrument_of_a_real_brokers_db_round_trips(broker: str, body: bytes, tmp_path: Path,
+                                                           clients: list) -> None:
+    clock = FakeClock(ist(2026, 11, 21, 10, 0))
+    open_client(clients, broker, tmp_path, clock, body)
+    client = paper_client(clients, tmp_path, clock, instruments="db")
+    found = universe(client)
+    assert len(found) > 20
+    assert_round_trips(client, found)
+
+
+@pytest.mark.parametrize("text", [None, 7, b"NSE:SBIN", "", ":", "NSE:", ":SBIN", "NSE:sbin", "XYZ:SBIN",
+                                  "NFO:NIFTY 2026-02-30 23500 CE", "NFO:NIFTY FUT 2026-02-30", "NFO:NIFTY FUT",
+                                  "NFO:NIFTY 2026-12-29 -23500 CE", "NFO:NIFTY 2026-12-29 0 CE",
+                                  "NFO:NIFTY 2026-12-29 nan CE", "NFO:NIFTY 2026-12-29 inf CE",
+                                  "NFO:NIFTY FUT 2026-12-29T00", "NFO:NIFTY  2026-12-29 23500 CE",
+                                  "NFO:NIFTY 2026-12-29 23500  CE", "NFO:NIFTY 2026-12-29 23500 ce", "NFO:NIFTY",
+                                  "NSE:SBIN FUT 2026-12-29", "NFO:NIFTY 2026-12-29 0x5BCC CE", "NSE: SBIN"])
+def test_malformed_instrument_texts_raise_value_error(text: Any, tmp_path: Path, clients: list,
+                                                      paper_clock: FakeClock) -> None:
+    paper_client(clients, tmp_path, paper_clock)
+    with pytest.raises(ValueError, match="write one of: 'NSE:SBIN'"):
+        tt.parse_instrument(text)
+
+
+@pytest.mark.parametrize("strike", ["2.35e4", "23_500", "+23500", "23500.0",
+                                    "\uff12\uff13\uff15\uff10\uff10", "\u0662\u0663\u0665\u0660\u0660"],
+                         ids=["exponent", "underscore", "plus", "trailing .0", "fullwidth digits",
+                              "arabic-indic digits"])
+def test_a_strike_not_spelled_as_str_prints_it_is_malformed(strike: str, tmp_path: Path, clients: list,
+                                                            paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock)
+    expiry = client.expiries("NIFTY")[-1].isoformat()
+    assert str(tt.parse_instrument(f"NFO:NIFTY {expiry} 23500 CE")) == f"NFO:NIFTY {expiry} 23500 CE"
+    with pytest.raises(ValueError):
+        tt.parse_instrument(f"NFO:NIFTY {expiry} {strike} CE")
+
+
+@pytest.mark.parametrize("text", ["NSE:SB\tIN", "NSE:SBIN\x00", "NSE:SB\nIN", "NSE:\u0053\u0042\u0049\u004e\u200b"])
+def test_control_characters_in_a_symbol_are_malformed_not_unlisted(text: str, tmp_path: Path, clients: list,
+                                                                   paper_clock: FakeClock) -> None:
+    paper_client(clients, tmp_path, paper_clock)
+    with pytest.raises(ValueError):
+        tt.parse_instrument(text)
+
+
+@pytest.mark.parametrize("text", ["nse:SBIN", "Nse:SBIN", "nfo:NIFTY FUT 2026-12-29"])
+def test_a_lower_case_exchange_is_not_what_str_prints(text: str, tmp_path: Path, clients: list,
+                                                      paper_clock: FakeClock) -> None:
+    paper_client(clients, tmp_path, paper_clock)
+    with pytest.raises(ValueError, match="write one of"):
+        tt.parse_instrument(text)
+
+
+def test_a_very_long_instrument_text_fails_fast_with_a_short_message(tmp_path: Path, clients: list,
+                                                                     paper_clock: FakeClock) -> None:
+    paper_client(clients, tmp_path, paper_clock)
+    for text in ("NSE:" + "A" * 200000, "NFO:" + "NIFTY " * 50000 + "FUT 2026-12-29", "N" * 10 ** 6):
+        began = time.monotonic()
+        with pytest.raises(tt.TTConnectError) as info:
+            tt.parse_instrument(text)
+        assert time.monotonic() - began < 1.0
+        assert len(str(info.value)) < 1000, f"a message of {len(str(info.value))} characters"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("NFO:NIFTY FUT", "expiry"), ("NFO:NIFTY 2026-12-29 23500 ce", "CE"), ("NFO:NIFTY 2026-12-29 23500 XX", "CE"),
+])
+def test_malformed_texts_are_told_what_is_actually_wrong(text: str, words: str, tmp_path: Path, clients: list,
+                                                        paper_clock: FakeClock) -> None:
+    paper_client(clients, tmp_path, paper_clock)
+    with pytest.raises(ValueError) as info:
+        tt.parse_instrument(text)
+    assert words in str(info.value).split("write one of")[0], str(info.value)  # in the reason, not the examples
+
+
+def test_index_names_and_well_formed_unlisted_texts(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock)
+    for alias in ("NSE:NIFTY 50", "NSE:NIFTY", "NSE:NIFTY50"):
+        assert tt.parse_instrument(alias) == NIFTY and type(tt.parse_instrument(alias)) is tt.Index
+    expiry = client.expiries("NIFTY")[-1].isoformat()
+    for text in ("NSE:NOSUCHSTOCK", f"NFO:NIFTY {expiry} 23525 CE", "NFO:SBIN FUT 2026-12-29", "BSE:SBIN",
+                 "NFO:NIFTY FUT 2026-12-30"):
+        with pytest.raises(tt.InstrumentNotFoundError):
+            tt.parse_instrument(text)

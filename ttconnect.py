@@ -840,17 +840,35 @@ def _not_an_instrument(text: Any, why: str) -> InvalidInstrumentError:
                                   + ", ".join(_INSTRUMENT_FORMS))
 
 
+def _looks_like_date(text: str) -> bool:
+    return len(text) == 10 and text[4] == text[7] == "-" and (text[:4] + text[5:7] + text[8:]).isdigit()
+
+
 def _instrument_parts(text: Any) -> Tuple[type, Dict[str, Any]]:
-    """(class, constructor arguments) of an instrument's text; only the layout is checked here."""
+    """(class, constructor arguments) of an instrument's text, written as ``str()`` prints it;
+    only the layout is checked here."""
     if not isinstance(text, str):
         raise _not_an_instrument(text, "not a string")
+    if len(text) > 100:
+        raise _not_an_instrument(text, f"{len(text)} characters; an instrument's text is far shorter")
+    if not (text.isascii() and text.isprintable()):
+        raise _not_an_instrument(text, "it holds a control or non-ASCII character")
     exchange, sep, rest = text.strip().partition(":")
     if not sep or not exchange or not rest or rest != rest.strip():
         raise _not_an_instrument(text, "expected EXCHANGE:SYMBOL...")
+    if exchange != exchange.upper():
+        raise _not_an_instrument(text, f"the exchange is written in capitals, {exchange.upper()}")
     parts = rest.split(" ")
-    if len(parts) >= 4 and parts[-1] in ("CE", "PE"):
-        return Option, {"exchange": exchange, "symbol": " ".join(parts[:-3]), "expiry": parts[-3], "strike": parts[-2],
+    if len(parts) >= 4 and _looks_like_date(parts[-3]):  # an option's layout: the type and strike as printed
+        if parts[-1] not in ("CE", "PE"):
+            raise _not_an_instrument(text, f"option type {parts[-1]!r}: write CE or PE")
+        strike = parts[-2]
+        if not (strike.replace(".", "", 1).isdigit() and _fmt_num(float(strike)) == strike):
+            raise _not_an_instrument(text, f"strike {strike!r}: write it as printed, e.g. 23500 or 52.5")
+        return Option, {"exchange": exchange, "symbol": " ".join(parts[:-3]), "expiry": parts[-3], "strike": strike,
                         "option_type": parts[-1]}
+    if parts[-1] == "FUT":
+        raise _not_an_instrument(text, "a future needs its expiry after FUT, as YYYY-MM-DD")
     if len(parts) >= 3 and parts[-2] == "FUT":
         return Future, {"exchange": exchange, "symbol": " ".join(parts[:-2]), "expiry": parts[-1]}
     if " " in rest or _canonical_index_symbol(rest) in _INDEX_UNDERLYINGS or rest.upper() in _INDEX_ALIASES:
@@ -4920,13 +4938,13 @@ def _paper_from_db(db_path: str) -> List[_MasterRow]:
 
 
 def _paper_master(ctx: "_MasterContext") -> Iterable[_MasterRow]:
-    if ctx.config.get("instruments", "bundled") == "db":
+    if _paper_instruments(ctx.config) == "db":
         return _paper_from_db(ctx.db_path)
     return _paper_bundled(_paper_session_day(ctx.now.timestamp()))
 
 
 def _paper_master_label(config: Mapping[str, Any]) -> str:
-    return "instruments of the cache dir's DB" if config.get("instruments") == "db" else "bundled NIFTY universe"
+    return "instruments of the cache dir's DB" if _paper_instruments(config) == "db" else "bundled NIFTY universe"
 
 
 # -- prices -------------------------------------------------------------------------------
@@ -5179,6 +5197,9 @@ def _paper_at(day: _dt.date, hm: Tuple[int, int]) -> float:
     return _dt.datetime(day.year, day.month, day.day, *hm, tzinfo=IST).timestamp()
 
 
+_PAPER_MAX_QTY = 10 ** 15  # units in one order: beyond any real order, below a typo's 10**19
+
+
 class _PaperQuote(NamedTuple):
     ltp: int  # paise
     bid: int  # best bid (the last price where no depth is known)
@@ -5207,6 +5228,7 @@ class _PaperFill(NamedTuple):
     blocked: int
     realised: int  # P&L realised by this fill
     cash: int  # change of cash
+    reduces: bool  # it only closes (part of) a position: never refused for funds, a loss may leave a debit
 
 
 class _PaperBook:
@@ -5292,7 +5314,7 @@ class _PaperEngine:
         cfg = local.config
         self.ctx, self.instruments, self.clock = local.ctx, local.instruments, local.clock
         self.account = _paper_account_name(cfg.get("account", "default"))
-        self.capital = _paper_capital(cfg.get("capital", 1_000_000))
+        self.capital = asked = _paper_capital(cfg.get("capital", 1_000_000))
         self.market_hours = cfg.get("market_hours", False)
         if not isinstance(self.market_hours, bool):
             raise ConfigurationError(f"config 'market_hours' must be True or False, got {self.market_hours!r}")
@@ -5325,16 +5347,23 @@ class _PaperEngine:
         try:
             os.makedirs(local.cache_dir, exist_ok=True)
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA busy_timeout = 10000")  # another process's transaction: wait for it
+            self.db.execute("PRAGMA busy_timeout = 1000")  # another process's transaction (microseconds): wait for it
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.execute(_PAPER_SCHEMA)
             with self.lock, self._transaction():
                 pass  # loads the account (or creates it)
         except sqlite3.Error as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise ConfigurationError(f"the paper account file {self.path} is locked by another process ({exc}): "
+                                         "close the program using it, or use another 'account'") from None
             raise _paper_db_error(self.path, exc) from None
         except OSError as exc:
             raise _cache_dir_error(local.cache_dir, exc) from None
+        if "capital" in cfg and asked != self.capital:
+            log.warning("paper account %r keeps the capital it was opened with (%s); config capital %s is ignored: "
+                        "use a new 'account' to start with it", self.account, f"{self.capital / 100:,.2f}",
+                        f"{asked / 100:,.2f}")
 
     # -- state ----------------------------------------------------------------------------
 
@@ -5563,8 +5592,13 @@ class _PaperEngine:
                 expiry = getattr(inst, "expiry", None)
                 if pos.qty and expiry is not None and expiry <= day:
                     settle = self.source.settlement(pos.instrument, _paper_expiry_epoch(expiry))
-                    if settle is not None:
-                        self._close_position(pos, settle, at, "settled at expiry")
+                    why = "settled at expiry"
+                    if settle is None:  # no price seen (a tick file without it): no P&L, say so
+                        log.warning("paper: no price for %s at its expiry; settled at its average price",
+                                    pos.instrument)
+                        average = _div_round(abs(pos.cost), abs(pos.qty))
+                        settle, why = _PaperQuote(average, average, average, at), why + " at the average price"
+                    self._close_position(pos, settle, at, why, settle=True)
                 if pos.product == _P_CNC:
                     if pos.qty:
                         qty, cost = self.holdings.get(pos.instrument, (0, 0))
@@ -5659,21 +5693,29 @@ class _PaperEngine:
                 base = price
                 if kind == "O":  # a short option: on its underlying's notional
                     quote = self.source.quote(str(underlying), at)
-                    base = quote.ltp if quote is not None else price
+                    if quote is None:
+                        raise OrderError(f"no price yet for {underlying}: a short option's margin is on its "
+                                         "underlying's notional; retry once it has a price")
+                    base = quote.ltp
                 blocked += -(-rate * opened * base // 100)  # rounded up to the paisa
-        return _PaperFill(new_qty, cost, blocked if new_qty else 0, realised, cash)
+        reduces = old_qty != 0 and not opened and (old_qty > 0) != (sign > 0)
+        return _PaperFill(new_qty, cost, blocked if new_qty else 0, realised, cash, reduces)
 
     def _fill(self, order: Dict[str, Any], price: int, quote: _PaperQuote, message: str = "",
               effect: Optional[_PaperFill] = None, available: Optional[int] = None) -> None:
         """Fill ``order`` whole at ``price`` (``effect`` and ``available``: already worked out)."""
         token, product, at = order["instrument"], order["product"], quote.at
         if effect is None:
-            effect = self._fill_effect(token, product, order["side"], order["qty"], price, at)
+            try:
+                effect = self._fill_effect(token, product, order["side"], order["qty"], price, at)
+            except OrderError as exc:
+                self._finish(order, _P_REJECTED, str(exc), at)
+                return
         pos = self.positions.get((token, product))
         if available is None:
             available = self.available()
         after = available + order["blocked"] + effect.cash - (effect.blocked - (pos.blocked if pos else 0))
-        if after < 0:
+        if after < 0 and not effect.reduces:
             self._finish(order, _P_REJECTED, f"insufficient funds at the fill price {price / 100:.2f} "
                          f"(short by {-after / 100:.2f})", at)
             return
@@ -5690,13 +5732,16 @@ class _PaperEngine:
         order["blocked"] = 0
         self._finish(order, _P_COMPLETE, message, at, filled=order["qty"], average=price)
 
-    def _close_position(self, pos: _PaperPosition, quote: _PaperQuote, at: float, why: str) -> None:
-        """Offset a position with a filled MARKET order (the square-off, an expiry)."""
+    def _close_position(self, pos: _PaperPosition, quote: _PaperQuote, at: float, why: str,
+                        settle: bool = False) -> None:
+        """Offset a position with a filled MARKET order: at the bid or ask (the square-off), or
+        at the settlement price, ``quote.ltp``, when a contract expires (``settle``)."""
         side = _P_SELL if pos.qty > 0 else _P_BUY
         order = self._new_order(pos.instrument, side, abs(pos.qty), _P_MARKET, pos.product, None, None,
                                 why.split()[0].lower(), "DAY", at)
         self._record(order, _P_OPEN, why)
-        self._fill(order, quote.bid if side == _P_SELL else quote.ask, quote._replace(at=at), why)
+        price = quote.ltp if settle else quote.bid if side == _P_SELL else quote.ask
+        self._fill(order, price, quote._replace(at=at), why)
 
     # -- orders -----------------------------------------------------------------------------
 
@@ -5815,6 +5860,12 @@ class _PaperEngine:
         order_type, product = b["order_type"], b["product"]
         price, trigger, validity = b["price"], b["trigger_price"], b["validity"]
         self._check_session(now)
+        if qty > _PAPER_MAX_QTY:
+            raise InvalidOrderError(f"qty {qty} is beyond what an exchange takes in one order (paper: at most "
+                                    f"{_PAPER_MAX_QTY:,})")
+        inst = self.info(token)[0]
+        if isinstance(inst, (Future, Option)) and inst.expiry.isoformat() < self.day:
+            raise InvalidOrderError(f"{inst} expired on {inst.expiry}: it cannot be traded")
         quote = self.source.quote(token, now)
         if quote is None and order_type != _P_MARKET:
             quote = self.source.wait_quote(token)
@@ -5837,11 +5888,11 @@ class _PaperEngine:
             effect = self._fill_effect(token, product, side, qty, reference, now)
             pos = self.positions.get((token, product))
             need = -(effect.cash - (effect.blocked - (pos.blocked if pos else 0)))
-            if need > available:
+            if need > available and not effect.reduces:
                 raise InsufficientFundsError(
                     f"paper account {self.account!r}: {side} {qty} {self.info(token)[0]} needs {need / 100:,.2f}, "
                     f"available {available / 100:,.2f}")
-            blocked = max(0, need)
+            blocked = 0 if effect.reduces else max(0, need)
         with self._transaction():
             order = self._new_order(token, side, qty, order_type, product, price, trigger, b["tag"], validity, now)
             order["blocked"] = blocked
@@ -5855,6 +5906,8 @@ class _PaperEngine:
                 self._match(order, quote._replace(at=now))
                 if validity == "IOC" and order["status"] == _P_OPEN:
                     self._finish(order, _P_CANCELLED, "IOC: no match at placement", now)
+            elif validity == "IOC":
+                self._finish(order, _P_CANCELLED, "IOC: no price to match at placement", now)
             else:
                 self.source.watch(token)
         return {"order_id": order["id"]}
@@ -5867,11 +5920,13 @@ class _PaperEngine:
             raise OrderError(f"the market is closed ({local:%a %d %b %H:%M} IST); paper orders are taken 09:15-15:30 "
                              "IST on trading days (config market_hours=True)")
 
-    def _check_holding(self, token: str, qty: int) -> None:
+    def _check_holding(self, token: str, qty: int, replacing: Optional[Dict[str, Any]] = None) -> None:
+        """Refuse a delivery sale of ``qty`` beyond what is held and bought today, less what open
+        sell orders (but the one it replaces, on a modify) already sell."""
         held = self.holdings.get(token, (0, 0))[0]
         today = self.positions.get((token, _P_CNC))
         selling = sum(o["qty"] for o in self._book(token).orders.values()
-                      if o["side"] == _P_SELL and o["product"] == _P_CNC)
+                      if o["side"] == _P_SELL and o["product"] == _P_CNC and o is not replacing)
         sellable = held + (today.qty if today else 0) - selling
         if qty > sellable:
             raise InsufficientFundsError(f"paper account {self.account!r} can sell at most {max(0, sellable)} of "
@@ -5892,16 +5947,18 @@ class _PaperEngine:
         changes = {k: b[k] for k in ("qty", "price", "trigger_price", "order_type")}
         trial = {**order, **changes}
         token, product = order["instrument"], order["product"]
+        if product == _P_CNC and order["side"] == _P_SELL and trial["qty"] > order["qty"]:
+            self._check_holding(token, trial["qty"], replacing=order)
         reference = trial["price"] if trial["price"] is not None else trial["trigger_price"]
         if reference is not None:
             effect = self._fill_effect(token, product, order["side"], trial["qty"], reference, now)
             pos = self.positions.get((token, product))
             need = -(effect.cash - (effect.blocked - (pos.blocked if pos else 0)))
             available = self.available() + order["blocked"]
-            if need > available:
+            if need > available and not effect.reduces:
                 raise InsufficientFundsError(f"paper account {self.account!r}: the modified order needs "
                                              f"{need / 100:,.2f}, available {available / 100:,.2f}")
-            changes["blocked"] = max(0, need)
+            changes["blocked"] = 0 if effect.reduces else max(0, need)
         stop = trial["order_type"] in _P_STOPS
         quote = self.source.quote(token, now)
         untriggered = order["status"] == _P_TRIGGER or order["order_type"] not in _P_STOPS
@@ -5938,7 +5995,8 @@ class _PaperEngine:
                 if price is None:
                     quote = self.source.quote(token, now)
                     if quote is None:
-                        raise OrderError(f"no price yet for {self.info(token)[0]}: give the leg a price")
+                        raise OrderError(f"no price yet for {self.info(token)[0]}: make the leg a LIMIT one with "
+                                         "a price, or ask again once it has a price")
                     price = quote.ask if leg["side"] == _P_BUY else quote.bid
                 effect = self._fill_effect(token, product, leg["side"], leg["qty"], price, now)
                 pos = self.positions.get((token, product))
@@ -5954,6 +6012,14 @@ class _PaperEngine:
         finally:
             self.positions, self.holdings = saved
         return {"total": total, "span": span, "premium": premium}
+
+
+def _paper_instrument(ctx: _Ctx, token: str) -> Instrument:
+    """The instrument of a paper token, also one that has expired since (and left the DB)."""
+    try:
+        return ctx.instrument_by_token(token)
+    except InstrumentNotFoundError:
+        return _paper_unlisted(token)
 
 
 def _paper_unlisted(token: str) -> Instrument:
@@ -5972,8 +6038,10 @@ def _paper_unlisted(token: str) -> Instrument:
 def _paper_db_error(path: str, exc: BaseException) -> TTConnectError:
     text = str(exc)
     if "locked" in text or "busy" in text:
-        return BrokerError(f"the paper account file {path} is busy in another process ({text}); retry",
-                           retryable=True)
+        err = BrokerError(f"the paper account file {path} is busy in another process ({text}); retry",
+                          retryable=True)
+        err.maybe_sent = False  # type: ignore[attr-defined]  # its transaction was rolled back: nothing changed
+        return err
     return ConfigurationError(f"the paper account file {path} cannot be used ({text}); check the cache dir's free "
                               "space and permissions, or move the file aside to start the account afresh")
 
@@ -5993,9 +6061,17 @@ def _paper_account_name(value: Any) -> str:
 
 
 def _paper_capital(value: Any) -> int:
-    if not _finite_positive(value) or value > 1e13:
-        raise ConfigurationError(f"config 'capital' must be a positive amount of rupees (at most 1e13), got {value!r}")
+    if not _finite_positive(value) or value > 1e13 or round(value * 100) < 100:
+        raise ConfigurationError(f"config 'capital' must be a positive amount of rupees (1 to 1e13), got {value!r}")
     return int(round(value * 100))
+
+
+def _paper_instruments(config: Mapping[str, Any]) -> str:
+    value = config.get("instruments", "bundled")
+    if value not in ("bundled", "db") or not isinstance(value, str):
+        raise ConfigurationError(f"config 'instruments' must be 'bundled' (the built-in NIFTY universe) or 'db' (the "
+                                 f"real brokers' instruments already in the cache dir), got {value!r}")
+    return value
 
 
 def _paper_source(cfg: Mapping[str, Any], engine: "_PaperEngine") -> Any:
@@ -6079,7 +6155,18 @@ class _PaperRandomSource:
         return self.quote(token, self.engine.clock())
 
     def settlement(self, token: str, at: float) -> Optional[_PaperQuote]:
-        return self.quote(token, at)
+        """An expiring contract's last price; an option's is its intrinsic value at the
+        underlying's last price (a far out-of-the-money one is worth nothing, not one tick)."""
+        quote = self.quote(token, at)
+        inst, underlying, _, _ = self.engine.info(token)
+        if quote is None or not isinstance(inst, Option) or underlying is None:
+            return quote
+        spot = self.quote(str(underlying), at)
+        if spot is None:
+            return quote
+        strike = int(round(inst.strike * 100))
+        value = max(0, spot.ltp - strike if inst.option_type is OptionType.CE else strike - spot.ltp)
+        return quote._replace(ltp=value, bid=value, ask=value)
 
     def match_until(self, until: float) -> None:
         engine = self.engine
@@ -6153,6 +6240,8 @@ class _PaperReplaySource:
         self._started: Optional[Tuple[float, float]] = None  # (first tick's time, monotonic then)
         self._labels: Dict[str, Optional[str]] = {}  # a file's instrument text -> paper token (None: unknown)
         self.unknown = 0
+        self._pending: Optional[Tuple[str, Tick, float]] = None  # a paced tick read before its time
+        self.resume_at = 0.0  # paced: when (monotonic) the pending tick is due
 
     def close(self) -> None:
         if self._file is not None:
@@ -6188,28 +6277,39 @@ class _PaperReplaySource:
         import json
 
         if self._file is None:
-            self._file = open(self.path, encoding="utf-8")
+            self._file = open(self.path, encoding="utf-8", errors="replace")  # a bad line fails as JSON
         engine = self.engine
         out: List[Tick] = []
+        self.resume_at = 0.0
         with engine.lock:
             for _ in range(self._BATCH):
-                line = self._file.readline()
-                if not line:
-                    return out, bool(out)
-                self._line += 1
-                try:
-                    record = json.loads(line)
-                    token = self._token(record["instrument"])
-                    if token is None:
-                        self.unknown += 1
+                if self._pending is not None:
+                    (token, tick, at), self._pending = self._pending, None
+                else:
+                    line = self._file.readline()
+                    if not line:
+                        return out, bool(out)
+                    self._line += 1
+                    try:
+                        record = json.loads(line)
+                        found = self._token(record["instrument"])
+                        if found is None:
+                            self.unknown += 1
+                            continue
+                        token = found
+                        at = _record_epoch(record["ts"], "ts")
+                        if not at:
+                            raise ValueError("ts 0")
+                        tick = _tick_from_record(record, engine.info(token)[0])
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                        log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path,
+                                    _describe(exc))
                         continue
-                    tick = _tick_from_record(record, engine.info(token)[0])
-                    at = record["ts"] / 1000
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path, _describe(exc))
-                    continue
-                if self.speed:
-                    self._pace(at)
+                if self.speed:  # paced: a tick not due yet waits (outside the lock) for its time
+                    due = self._due(at)
+                    if due > time.monotonic():
+                        self._pending, self.resume_at = (token, tick, at), due
+                        return out, True
                 quote = _quote_of_tick(tick, at)
                 engine._quotes[token] = quote
                 engine.on_quote(token, quote)
@@ -6218,13 +6318,12 @@ class _PaperReplaySource:
                     out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
         return out, True
 
-    def _pace(self, at: float) -> None:
+    def _due(self, at: float) -> float:
+        """When (monotonic) a tick of file time ``at`` is due at the replay's speed."""
         if self._started is None:
             self._started = (at, time.monotonic())
         first, then = self._started
-        wait = (at - first) / self.speed - (time.monotonic() - then)
-        if wait > 0:
-            time.sleep(min(wait, 5.0))
+        return then + (at - first) / self.speed
 
 
 def _downgraded(tick: Tick, mode: str) -> Tick:
@@ -6276,16 +6375,16 @@ class _PaperLiveSource:
     def _on_tick(self, tick: Tick) -> None:
         engine = self.engine
         token = str(tick.instrument)
-        with engine.lock:
-            if token not in engine._infos and not engine._known(token):
-                return
-            quote = _quote_of_tick(tick, engine.clock())
+        if token not in engine._infos and not engine._known(token):
+            return
+        quote = _quote_of_tick(tick, engine.clock())
+        with self._arrived:  # first, for a call that waits for this price (it holds the engine's lock)
             engine._quotes[token] = quote
+            self._arrived.notify_all()
+        with engine.lock:
             engine.on_quote(token, quote)
             for sock in list(engine.sockets):
                 sock.live_tick(token, tick)
-        with self._arrived:
-            self._arrived.notify_all()
 
 
 def _tick_record(tick: Tick, at: float) -> Dict[str, Any]:
@@ -6306,24 +6405,47 @@ def _tick_record(tick: Tick, at: float) -> Dict[str, Any]:
     return record
 
 
+_RECORD_PRICE_MAX = 1e11  # rupees: beyond any listed price (the order checks' bound too)
+
+
+def _record_price(value: Any, what: str) -> float:
+    price = float(value)
+    if not 0.01 <= price < _RECORD_PRICE_MAX:  # NaN fails this too
+        raise ValueError(f"{what} {value!r}")
+    return price
+
+
+def _record_epoch(value: Any, what: str) -> float:
+    """Epoch seconds of a tick file's milliseconds (0 for none), refused outside 2000-2100."""
+    if value is None or value == 0:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not _CLOCK_SPAN[0] <= value / 1000 < _CLOCK_SPAN[1]:
+        raise ValueError(f"{what} {value!r} is no time in epoch milliseconds")
+    return value / 1000
+
+
 def _tick_from_record(record: Mapping[str, Any], instrument: Instrument) -> Tick:
     get = record.get
     mode = get("mode", "full")
     if mode not in _STREAM_MODES:
         raise ValueError(f"mode {mode!r}")
-    ltp = float(record["ltp"])
-    if not 0 < ltp < float("inf"):
-        raise ValueError(f"ltp {ltp!r}")
+    ltp = _record_price(record["ltp"], "ltp")
     depth = None
     if get("bids") or get("asks"):
-        def side(levels: Any) -> Tuple[Any, ...]:
+        def side(levels: Any) -> Tuple[Any, ...]:  # a malformed level fails the line
             return tuple(v for price, qty, orders in levels or () for v in (int(qty), float(price), orders))
 
-        depth = (side(get("bids")), side(get("asks")), 1.0)
+        bids, asks = side(get("bids")), side(get("asks"))
+        prices = bids[1::3] + asks[1::3]
+        if all(0.01 <= p < _RECORD_PRICE_MAX for p in prices) and not (bids and asks and bids[1] > asks[1]):
+            depth = (bids, asks, 1.0)
+        else:  # prices that cannot be (negative, zero, a crossed book): the tick keeps its last price only
+            log.warning("paper replay: a tick of %s has impossible depth; its depth is ignored", instrument)
     tick = _TickBuilder(instrument, mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
                         get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"), get("oi"),
-                        get("oi_day_high"), get("oi_day_low"), (get("last_trade_time") or 0) / 1000,
-                        (get("exchange_time") or 0) / 1000, depth)
+                        get("oi_day_high"), get("oi_day_low"), _record_epoch(get("last_trade_time"), "last_trade_time"),
+                        _record_epoch(get("exchange_time"), "exchange_time"), depth)
     tick.__class__ = Tick
     return tick
 
@@ -6411,23 +6533,25 @@ class _PaperSocket:
                     return abnf.OPCODE_BINARY, ticks
                 subs = dict(self.subs)
             now = time.monotonic()
+            wake_at = deadline
             if source.feed == "replay" and subs:
                 ticks, more = source.read(subs)
                 if ticks:
                     return abnf.OPCODE_BINARY, ticks
-                if more:
+                if more and not source.resume_at:
                     continue
-            elif source.feed == "random" and subs and now >= self._next:
-                self._next = max(self._next + self.engine.tick_interval, now)
-                return abnf.OPCODE_BINARY, source.ticks(subs, self.engine.clock())
-            wait = deadline - now
-            if source.feed == "random" and subs:
-                wait = min(wait, self._next - now)
-            if wait <= 0 and now >= deadline:
+                if more:  # paced: the next tick is due at resume_at
+                    wake_at = min(wake_at, source.resume_at)
+            elif source.feed == "random" and subs:
+                if now >= self._next:
+                    self._next = max(self._next + self.engine.tick_interval, now)
+                    return abnf.OPCODE_BINARY, source.ticks(subs, self.engine.clock())
+                wake_at = min(wake_at, self._next)
+            if now >= deadline:
                 raise self._ws.WebSocketTimeoutException("no paper tick yet")
             with self._wake:
                 if not (self._closed or self._orders or self._live):
-                    self._wake.wait(max(0.0, wait))
+                    self._wake.wait(max(0.0, wake_at - now))
 
 
 def _paper_socket(local: Any) -> _PaperSocket:
@@ -6468,7 +6592,7 @@ def _paper_funds(ctx: _Ctx, data: Any) -> Fund:
 def _paper_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
     qty, cost, ltp = row["qty"], row["cost"], _paper_rupees(row["ltp"])
     avg = cost / qty / 100
-    return Holding(instrument=ctx.instrument_by_token(row["instrument"]), qty=qty, avg_price=avg, ltp=ltp,
+    return Holding(instrument=_paper_instrument(ctx, row["instrument"]), qty=qty, avg_price=avg, ltp=ltp,
                    pnl=None if ltp is None else round(qty * ltp - cost / 100, 2),
                    pnl_percent=_pnl_percent(avg, ltp, None), raw=row)
 
@@ -6478,7 +6602,7 @@ def _paper_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
     product = ProductType(row["product"])
     sold_held = product is ProductType.CNC and qty < 0  # a sale of held shares: nothing is open
     unrealised = 0.0 if ltp is None or not qty or sold_held else qty * ltp - cost / 100
-    return Position(instrument=ctx.instrument_by_token(row["instrument"]), qty=qty,
+    return Position(instrument=_paper_instrument(ctx, row["instrument"]), qty=qty,
                     avg_price=cost / qty / 100 if qty else 0.0, ltp=ltp,
                     pnl=round(row["realised"] / 100 + unrealised, 2), product=product, raw=row)
 
@@ -6486,7 +6610,7 @@ def _paper_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
 def _paper_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
     status = OrderStatus(row["status"])
     qty, filled = row["qty"], row["filled"]
-    return Order(id=row["id"], instrument=ctx.instrument_by_token(row["instrument"]), side=Side(row["side"]), qty=qty,
+    return Order(id=row["id"], instrument=_paper_instrument(ctx, row["instrument"]), side=Side(row["side"]), qty=qty,
                  filled_qty=filled, pending_qty=qty - filled if status in _LIVE_STATUSES else 0,
                  order_type=OrderType(row["order_type"]), product=ProductType(row["product"]), status=status,
                  price=_paper_rupees(row["price"]), trigger_price=_paper_rupees(row["trigger_price"]),
@@ -6495,7 +6619,7 @@ def _paper_order(ctx: _Ctx, row: Mapping[str, Any]) -> Order:
 
 
 def _paper_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
-    return Trade(trade_id=row["id"], order_id=row["order_id"], instrument=ctx.instrument_by_token(row["instrument"]),
+    return Trade(trade_id=row["id"], order_id=row["order_id"], instrument=_paper_instrument(ctx, row["instrument"]),
                  side=Side(row["side"]), qty=row["qty"], avg_price=row["price"] / 100,
                  trade_value=row["qty"] * row["price"] / 100, product=ProductType(row["product"]),
                  timestamp=_paper_time(row["at"]), raw=row)
@@ -7195,25 +7319,40 @@ _GENERAL_KEYS = frozenset({
 })
 
 
+_CLOCK_SPAN = (946684800.0, 4102444800.0)  # what a clock may say: 2000-01-01 to 2100-01-01 (UTC)
+
+
 def _clock_option(clock: Any) -> Callable[[], float]:
-    """The client's clock as epoch seconds: ``clock`` may return those or an aware datetime."""
+    """The client's clock as epoch seconds: ``clock`` may return those or an aware datetime.
+
+    Every reading is checked, not just the first: a clock that later raises, turns naive or
+    says something that is no time gives a ConfigurationError, never a misread date."""
     if clock is None:
         return time.time
     if not callable(clock):
         raise ConfigurationError(f"config 'clock' must be a callable returning an aware datetime (or epoch seconds), "
                                  f"got {clock!r}")
-    try:
-        sample = clock()
-    except Exception as exc:  # noqa: BLE001 - the caller's code
-        raise ConfigurationError(f"config 'clock' raised when called ({_describe(exc)})") from None
-    if isinstance(sample, _dt.datetime):
-        if sample.tzinfo is None:
-            raise ConfigurationError("config 'clock' returned a naive datetime; return an aware one, e.g. "
-                                     "datetime.now(ttconnect.IST)")
-        return lambda: clock().timestamp()
-    if isinstance(sample, bool) or not isinstance(sample, (int, float)):
-        raise ConfigurationError(f"config 'clock' must return an aware datetime (or epoch seconds), got {sample!r}")
-    return clock  # type: ignore[no-any-return]
+
+    def read() -> float:
+        try:
+            value = clock()
+        except Exception as exc:  # noqa: BLE001 - the caller's code
+            raise ConfigurationError(f"config 'clock' raised when called ({_describe(exc)})") from None
+        if isinstance(value, _dt.datetime):
+            if value.tzinfo is None:
+                raise ConfigurationError("config 'clock' returned a naive datetime; return an aware one, e.g. "
+                                         "datetime.now(ttconnect.IST)")
+            value = value.timestamp()
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigurationError(f"config 'clock' must return an aware datetime (or epoch seconds), "
+                                     f"got {value!r}")
+        if not _CLOCK_SPAN[0] <= value < _CLOCK_SPAN[1]:  # NaN fails this too
+            hint = " (milliseconds? return seconds)" if _CLOCK_SPAN[0] * 1000 <= value < _CLOCK_SPAN[1] * 1000 else ""
+            raise ConfigurationError(f"config 'clock' returned {value!r}, not a time between 2000 and 2100{hint}")
+        return float(value)
+
+    read()
+    return read
 
 
 def _known_keys(spec: BrokerSpec) -> frozenset:
