@@ -5111,6 +5111,58 @@ def test_cli_login_stores_a_session_later_commands_use(tmp_path: Path, fake_kite
     assert cli(["login"], tmp_path).stdout.strip() == "paper needs no login"
 
 
+
+# ============================================================================
+# 11.1 The README: its Quickstart, its first example and its snippets' types
+# ============================================================================
+
+README = (HERE / "README.md").read_text(encoding="utf-8")
+
+
+def readme_blocks(language: str) -> List[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def test_the_quickstart_has_exactly_the_two_commands_ci_runs() -> None:
+    quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", quickstart, re.S)
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert commands == ["pip install -e . && python -m ttconnect demo",
+                        "python -m pip install -e '.[test]' && python -m pytest -q"]
+    ci = (HERE / ".ci" / "run").read_text()
+    assert "python -m pip install --quiet -e '.[test]'" in ci and "\npython -m pytest -q\n" in ci
+
+
+def test_the_readme_first_example_runs_on_paper(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)  # its cache dir is ./_cache
+    monkeypatch.delenv("TTCONNECT_CACHE_DIR", raising=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(readme_blocks("python")[0], "README.md", "exec"), {"__name__": "readme"})
+    assert out.getvalue().strip() == "OrderStatus.COMPLETE"
+    assert [p.name for p in tmp_path.iterdir()] == ["_cache"]
+    assert (tmp_path / "_cache" / "paper_default.db").is_file()
+
+
+def test_the_readme_snippets_type_check_as_a_user_would(tmp_path: Path) -> None:
+    """A user's mypy accepts the README's own examples (issue 8, item 22)."""
+    pytest.importorskip("mypy")
+    prelude = textwrap.dedent("""
+        import ttconnect as tt
+        KEY = SECRET = REQ = TOKEN = JWT = FEED = URI = CODE = ""
+        broker: tt.TTConnect = tt.TTConnect("paper")
+        ce = tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-12-29", strike=23500, option_type="CE")
+        """)
+    blocks = readme_blocks("python")
+    assert len(blocks) >= 8
+    for i, block in enumerate(blocks):
+        (tmp_path / f"readme_{i}.py").write_text(prelude + block)
+    done = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent",
+                           "--cache-dir", str(tmp_path / ".mypy"), *sorted(str(p) for p in tmp_path.glob("*.py"))],
+                          capture_output=True, text=True, timeout=300, cwd=str(HERE),
+                          env={**os.environ, "MYPYPATH": str(HERE)})
+    assert done.returncode == 0, done.stdout + done.stderr
+
 # ============================================================================
 # 12. Hostile inputs and faults (issue 8)
 # ============================================================================

@@ -728,6 +728,9 @@ class Index(_Instrument):
     symbol: str
     _iid: int = field(init=False, repr=False, compare=False, default=0)
 
+    if TYPE_CHECKING:  # what callers may pass: __post_init__ checks and normalises it
+        def __init__(self, exchange: Union[Exchange, str], symbol: str) -> None: ...
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "exchange", _check_exchange(self.exchange, _CASH_EXCHANGES, "indices"))
         if not isinstance(self.symbol, str) or not self.symbol.strip():
@@ -753,6 +756,9 @@ class Equity(_Instrument):
     symbol: str
     _iid: int = field(init=False, repr=False, compare=False, default=0)
 
+    if TYPE_CHECKING:  # what callers may pass: __post_init__ checks and normalises it
+        def __init__(self, exchange: Union[Exchange, str], symbol: str) -> None: ...
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "exchange", _check_exchange(self.exchange, _CASH_EXCHANGES, "equities"))
         _check_symbol(self.symbol)
@@ -773,6 +779,9 @@ class Future(_Instrument):
     symbol: str
     expiry: _dt.date
     _iid: int = field(init=False, repr=False, compare=False, default=0)
+
+    if TYPE_CHECKING:  # what callers may pass: __post_init__ checks and normalises it
+        def __init__(self, exchange: Union[Exchange, str], symbol: str, expiry: Union[_dt.date, str]) -> None: ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exchange", _check_exchange(self.exchange, _DERIVATIVE_EXCHANGES, "futures"))
@@ -797,6 +806,10 @@ class Option(_Instrument):
     strike: float
     option_type: OptionType
     _iid: int = field(init=False, repr=False, compare=False, default=0)
+
+    if TYPE_CHECKING:  # what callers may pass: __post_init__ checks and normalises it
+        def __init__(self, exchange: Union[Exchange, str], symbol: str, expiry: Union[_dt.date, str],
+                     strike: Union[float, str, "Decimal"], option_type: Union[OptionType, str]) -> None: ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exchange", _check_exchange(self.exchange, _DERIVATIVE_EXCHANGES, "options"))
