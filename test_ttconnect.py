@@ -6559,7 +6559,7 @@ def test_a_totp_secret_that_is_not_base32(tmp_path: Path, day_clock: FakeClock, 
     angel = rest_client(clients, "angelone", tmp_path, day_clock, totp_secret="not-base32-!!")
     with no_request():
         exc = expect(tt.ConfigurationError, angel.get_profile, "'totp_secret'", "base32")
-    assert "not-base32-!!" not in "".join(traceback.format_exception(exc))
+    assert "not-base32-!!" not in "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 # ============================================================================
@@ -6808,7 +6808,7 @@ def _texts(caplog: Any, errors: List[BaseException], *more: Any) -> List[str]:
     text, repr and formatted traceback (with its causes), and the given objects' reprs."""
     out = [r.getMessage() + " " + repr(r.args) for r in caplog.records]
     for exc in errors:
-        out += [str(exc), repr(exc), "".join(traceback.format_exception(exc))]
+        out += [str(exc), repr(exc), "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))]
     out += [repr(x) + " " + str(x) for x in more]
     return out
 
