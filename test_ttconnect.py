@@ -2616,7 +2616,7 @@ def test_paper_money_is_exact_to_the_paisa(tmp_path: Path, clients: list, paper_
     funds = client.get_funds()
     assert (funds.used, funds.total) == (183300.0, before.total + 7800.0)  # 12% of 65 x 23,500; premium in
     assert funds.available == before.available - 175500.0
-    with pytest.raises(tt.InsufficientFundsError, match="needs 175,500.00, available 28,690.25"):
+    with pytest.raises(tt.InsufficientFundsError, match="needs 183,300.00, available 28,690.25"):
         client.place_order(ce, 65, "SELL", "NRML", "MARKET")
 
 
@@ -2634,7 +2634,7 @@ def test_paper_margin_calculator_uses_the_documented_rates(tmp_path: Path, clien
     assert (m.total, m.option_premium) == (7832.5 + 90000.0, 7832.5)
     m = client.calculate_margin([{"instrument": ce, "qty": 65, "side": "SELL", "product": "NRML",
                                   "order_type": "LIMIT", "price": 120.0}])
-    assert m.total == 183300.0 - 7800.0  # 12% of 65 x 23,500, less the premium received
+    assert m.total == 183300.0  # 12% of 65 x 23,500 (the premium received does not count towards it)
 
 
 def test_paper_refuses_what_does_not_fit_and_changes_nothing(tmp_path: Path, clients: list, paper_clock: FakeClock,
@@ -2907,7 +2907,7 @@ def test_paper_runs_the_same_strategy_as_a_real_broker(tmp_path: Path, clients: 
     assert types["funds"] is tt.Fund and types["margin"] is tt.Margin and types["profile"] is tt.Profile
     assert [o.status for o in out["orders"]] == [tt.OrderStatus.CANCELLED]
     assert out["positions"] == out["holdings"] == out["trades"] == []
-    assert out["profile"].broker == "paper" and out["margin"].total == 65 * 120.5 + 183300.0 - 65 * 80.0
+    assert out["profile"].broker == "paper" and out["margin"].total == 65 * 120.5 + 183300.0
     for model in (out["funds"], out["margin"], out["profile"], out["orders"][0]):  # canonical fields only
         assert set(f.name for f in dataclasses.fields(model)) == set(f.name for f in dataclasses.fields(type(model)))
 
@@ -8376,3 +8376,136 @@ def test_index_names_and_well_formed_unlisted_texts(tmp_path: Path, clients: lis
                  "NFO:NIFTY FUT 2026-12-30"):
         with pytest.raises(tt.InstrumentNotFoundError):
             tt.parse_instrument(text)
+
+
+# ============================================================================
+# 12.10 Hostile: a review pass on the paper broker (each case reproduced a defect first)
+# ============================================================================
+
+
+def test_two_clients_on_one_account_never_fill_an_order_twice(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                               scripted: str) -> None:
+    a = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    b = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    order_id = a.place_order(PAPER_SBIN, 10, "BUY", "CNC", "LIMIT", price=100.0)
+    assert b.get_order(order_id).status is OPEN  # b has read the order from the log
+    push(b, PAPER_SBIN, 99.0)  # b's price fills it
+    assert b.get_order(order_id).status is COMPLETE
+    push(a, PAPER_SBIN, 99.0)  # a's book still held it as open: it must see the fill, not fill it again
+    for client in (a, b):
+        assert [(t.order_id, t.qty) for t in client.get_trades()] == [(order_id, 10)]
+        assert [p.qty for p in client.get_positions()] == [10] and client.get_funds().total == 1000000.0 - 990.0
+    again = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    assert [h.status for h in again.get_order_history(order_id)] == [OPEN, COMPLETE]
+
+
+def test_an_order_cancelled_by_another_client_is_never_filled(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                              scripted: str) -> None:
+    a = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    b = paper_client(clients, tmp_path, paper_clock, prices=scripted)
+    order_id = a.place_order(PAPER_SBIN, 10, "BUY", "CNC", "LIMIT", price=100.0)
+    b.cancel_order(order_id)
+    push(a, PAPER_SBIN, 99.0)
+    assert [h.status for h in a.get_order_history(order_id)] == [OPEN, CANCELLED]
+    assert a.get_trades() == [] and a.get_positions() == [] and b.get_funds().available == 1000000.0
+
+
+def test_no_mis_order_after_the_square_off(tmp_path: Path, clients: list, scripted: str) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 15, 25))
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    with pytest.raises(tt.OrderError, match="not taken after the 15:20 square-off"):
+        client.place_order(PAPER_SBIN, 10, "BUY", "MIS", "MARKET")
+    assert client.get_orders() == []
+    assert client.get_order(client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")).status is COMPLETE
+    clock.set(ist(2026, 12, 2, 16, 0))  # after the close the next session's MIS orders are taken
+    assert client.get_order(client.place_order(PAPER_SBIN, 1, "BUY", "MIS", "LIMIT", price=800.0)).status is OPEN
+
+
+def test_a_sale_from_holdings_is_no_open_short_in_funds_or_holdings(tmp_path: Path, clients: list,
+                                                                      scripted: str) -> None:
+    clock = FakeClock(ist(2026, 12, 7, 10, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    push(client, PAPER_SBIN, 100.0)
+    client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    clock.set(ist(2026, 12, 8, 10, 0))  # the 10 are a holding at 100
+    push(client, PAPER_SBIN, 110.0)
+    client.place_order(PAPER_SBIN, 4, "SELL", "CNC", "MARKET")
+    push(client, PAPER_SBIN, 120.0)
+    (holding,) = client.get_holdings()
+    assert (holding.qty, holding.avg_price) == (6, 100.0)  # what is left of it
+    funds = client.get_funds()
+    assert (funds.m2m_realized, funds.m2m_unrealized) == (40.0, 0.0)
+    client.place_order(PAPER_SBIN, 6, "SELL", "CNC", "MARKET")
+    assert client.get_holdings() == [] and client.get_funds().m2m_unrealized == 0.0
+    assert client.get_funds().total == 1000000.0 - 1000.0 + 440.0 + 720.0
+
+
+def test_a_short_option_margin_is_12_percent_of_the_underlying_in_margin_and_orders(
+        tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=190000)
+    ce = paper_option(client)
+    push(client, NIFTY, 23500.0)
+    push(client, ce, 200.0)
+    margin = client.calculate_margin([tt.OrderLeg(ce, 65, tt.Side.SELL, tt.ProductType.NRML, tt.OrderType.LIMIT,
+                                                  price=200.0)])
+    assert (margin.total, margin.span, margin.final_total) == (183300.0, 183300.0, 183300.0)
+    client.place_order(ce, 65, "SELL", "NRML", "MARKET")
+    funds = client.get_funds()
+    assert (funds.used, funds.total) == (183300.0, 190000.0 + 65 * 200.0)
+    with pytest.raises(tt.InsufficientFundsError, match="needs 183,300.00"):  # the premium received is no margin
+        client.place_order(ce, 65, "SELL", "NRML", "MARKET")
+
+
+def test_a_replayed_tick_never_fills_an_order_before_it_was_placed(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    early = int(ist(2026, 12, 2, 9, 30).timestamp() * 1000)  # recorded half an hour before the order
+    path = tmp_path / "ticks.jsonl"
+    path.write_text(json.dumps({"instrument": "NSE:SBIN", "ts": early, "mode": "ltp", "ltp": 899.0}) + "\n")
+    client = paper_client(clients, tmp_path, clock, prices=str(path))
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=900.0)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode="ltp")
+    assert ticks.get(timeout=5).ltp == 899.0
+    order = client.get_order(order_id)
+    (trade,) = client.get_trades()
+    assert order.status is COMPLETE and trade.timestamp >= order.placed_at and order.updated_at >= order.placed_at
+
+
+def test_order_updates_right_after_registering_are_not_lost(tmp_path: Path, clients: list,
+                                                            paper_clock: FakeClock) -> None:
+    client = paper_client(clients, tmp_path, paper_clock)
+    updates: "queue.Queue[tt.Order]" = queue.Queue()
+    client.on_order_update(updates.put)
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET")  # before the feed has connected
+    got = [updates.get(timeout=5), updates.get(timeout=5)]
+    assert [(o.id, o.status) for o in got] == [(order_id, OPEN), (order_id, COMPLETE)]
+    with pytest.raises(queue.Empty):
+        updates.get(timeout=0.3)  # each change once
+
+
+def test_cli_stream_faults_are_one_line_errors(tmp_path: Path) -> None:
+    done = cli(["stream", "NSE:SBIN", "--seconds", "1", "--record", str(tmp_path / "no" / "such" / "x.jsonl")],
+               tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: --record") and "cannot write it" in done.stderr
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TTCONNECT_")}
+    full_env["PYTHONPATH"] = str(HERE)
+    reader = subprocess.run(f"{shlex_quote(sys.executable)} -m ttconnect stream NSE:SBIN --seconds 3 | head -1",
+                            shell=True, cwd=str(tmp_path), env=full_env, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in reader.stderr and "BrokenPipe" not in reader.stderr
+    assert reader.stdout.startswith("NSE:SBIN")
+
+
+def test_cli_seed_from_the_environment_may_be_text(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    a = cli_json(["funds"], tmp_path / "a", env={"TTCONNECT_SEED": "abc"})
+    assert a["total"] == 1000000.0
+    assert cli_json(["funds"], tmp_path / "b", env={"TTCONNECT_SEED": "-12"})["total"] == 1000000.0
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)

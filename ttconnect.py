@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 import codecs
+import collections
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -78,6 +79,7 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
+    Deque,
     Dict,
     Iterable,
     Iterator,
@@ -5182,6 +5184,11 @@ def _paper_trade_state(values: Sequence[Any]) -> Dict[str, Any]:
     Side(trade["side"]), ProductType(trade["product"])
     return trade
 _PAPER_COMPACT_AFTER = 5000  # change events before the state is written whole again
+# The next change row, appended only if the log still ends at the row the state was read from.
+_PAPER_APPEND = ("INSERT INTO events (seq, kind, data) SELECT ?, 'change', ? "
+                 "WHERE (SELECT COALESCE(MAX(seq), 0) FROM events) = ?")
+_PAPER_RETRIES = 5  # answers re-run after losing the race to another process's append
+_PAPER_BACKLOG_SECONDS = 5.0  # order updates made while no feed was connected, delivered when one connects
 
 
 def _div_round(a: int, b: int) -> int:
@@ -5243,6 +5250,13 @@ class _PaperFill(NamedTuple):
     cash: int  # change of cash
     reduces: bool  # it only closes (part of) a position: never refused for funds, a loss may leave a debit
 
+    def need(self, blocked_before: int) -> int:
+        """The funds this fill needs: the margin it adds plus what it pays. Premium it receives
+        (a short option's) does not count towards its own margin; an exit needs nothing."""
+        if self.reduces:
+            return 0
+        return max(0, self.blocked - blocked_before + max(0, -self.cash))
+
 
 class _PaperBook:
     """The working orders of one instrument, with the prices that would move any of them."""
@@ -5277,11 +5291,16 @@ class _PaperBook:
                 or q.ltp <= self.max_sell_stop)
 
 
+class _PaperConflict(Exception):
+    """Another process appended to the account's log first: the state was re-read; do it again."""
+
+
 class _PaperTransaction:
     """The account's transaction: the account as the log has it (another process may have
-    written since), and the changes made in it appended as one log row. On any error it rolls
-    back, and the state in memory is re-read from the log. Entered again while open, it is the
-    same transaction (a fill inside a placement)."""
+    written since), and the changes made in it appended as one log row, only if the log is
+    still where it was read (else ``_PaperConflict``). On any error the state in memory is
+    re-read from the log. Entered again while open, it is the same transaction (a fill inside
+    a placement)."""
 
     __slots__ = ("engine", "depth")
 
@@ -5341,12 +5360,15 @@ class _PaperEngine:
         self._quotes: Dict[str, _PaperQuote] = {}  # the last price seen per instrument (feed sources)
         self._scanned: Dict[str, int] = {}  # random source: the last step each book was matched at
         self._updates: List[Dict[str, Any]] = []  # order states changed in the current transaction
+        # Order updates no feed socket took: the next one to connect within a few seconds gets them.
+        self._backlog: "Deque[Tuple[float, Dict[str, Any]]]" = collections.deque(maxlen=1000)
         self._log: Dict[str, Any] = {}  # what the current transaction changed, for its log row
         self._txn = _PaperTransaction(self)
         self._handlers = {name[7:]: getattr(self, name) for name in dir(self) if name.startswith("_route_")}
         self.now = 0.0  # the time of the route being answered
         self._id_day, self._id_prefix = "", ""
         self._seq = -1  # the last log row this state includes (-1: not read yet)
+        self._version = -1  # PRAGMA data_version when the log was last looked at
         self._changes = 0  # change rows since the last whole state
         self._whole = False  # the current transaction writes the whole state (a new day, compaction)
         self._next_event = 0.0  # when advance() next has something to do besides matching
@@ -5404,7 +5426,7 @@ class _PaperEngine:
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise ConfigurationError(f"the paper account file {self.path} is damaged ({_describe(exc)} in log row "
                                      f"{seq}); move it aside to start the account afresh") from None
-        self._changes = len(rows) - 1
+        self._changes, self._whole = len(rows) - 1, False
 
     def _account_row(self) -> List[Any]:
         return [_PAPER_LOG_VERSION, self.capital, self.cash, self.day, self.squared, self.next_id]
@@ -5479,40 +5501,56 @@ class _PaperEngine:
         return self._txn
 
     def _begin(self) -> None:
+        """Bring the state up to the log: re-read it if another connection has written."""
         self._log = {"h": [], "t": [], "p": {}, "k": {}}
-        self.db.execute("BEGIN IMMEDIATE")
-        if (self.db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) != self._seq:
-            try:
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]  # moves when another connection commits
+        if version != self._version:
+            if (self.db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) != self._seq:
                 self._load()  # another process wrote (or this is the first look)
+            self._version = version
+
+    def _commit(self) -> None:
+        """Append what the transaction changed as the log's next row, only if the log is still
+        at the row this state was read from: one INSERT, its own transaction (optimistic: the
+        write lock is held only while it runs)."""
+        log_ = self._log
+        if self._whole or self._changes >= _PAPER_COMPACT_AFTER:
+            data = self._encode(self._state_row())
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if (self.db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) != self._seq:
+                    raise _PaperConflict()
+                seq = self._seq + 1
+                self.db.execute("INSERT INTO events (seq, kind, data) VALUES (?, 'state', ?)", (seq, data))
+                self.db.execute("DELETE FROM events WHERE seq < ?", (seq,))
+                self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-
-    def _commit(self) -> None:
-        log_ = self._log
-        if self._whole or self._changes >= _PAPER_COMPACT_AFTER:
-            cursor = self.db.execute("INSERT INTO events (kind, data) VALUES ('state', ?)",
-                                     (self._encode(self._state_row()),))
-            seq = int(cursor.lastrowid or 0)
-            self.db.execute("DELETE FROM events WHERE seq < ?", (seq,))
             self._seq, self._changes, self._whole = seq, 0, False
         elif log_["h"] or log_["t"] or log_["p"] or log_["k"] or log_.get("a"):
             row = {"a": self._account_row(), "h": [_PAPER_ORDER_VALUES(s) for s in log_["h"]],
                    "t": [_PAPER_TRADE_VALUES(t) for t in log_["t"]], "p": list(log_["p"].values()),
                    "k": [[token, qty, cost] for token, (qty, cost) in log_["k"].items()]}
-            cursor = self.db.execute("INSERT INTO events (kind, data) VALUES ('change', ?)", (self._encode(row),))
-            self._seq, self._changes = int(cursor.lastrowid or 0), self._changes + 1
-        self.db.execute("COMMIT")
+            seq = self._seq + 1
+            cursor = self.db.execute(_PAPER_APPEND, (seq, self._encode(row), self._seq))
+            if cursor.rowcount != 1:
+                raise _PaperConflict()
+            self._seq, self._changes = seq, self._changes + 1
         updates, self._updates = self._updates, []
+        if not self.sockets:  # kept a moment for a feed that is connecting (on_order_update was just called)
+            self._backlog.extend((time.monotonic(), row) for row in updates)
         for sock in list(self.sockets):
             for row in updates:
                 sock.order_update(row)
 
     def _abort(self) -> None:
         changed = any(self._log.values()) or self._whole
-        self.db.execute("ROLLBACK")
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
         self._updates.clear()
         if changed:
+            self._version = -1
             self._load()  # memory back to what the log says
 
     def close(self) -> None:
@@ -5561,22 +5599,34 @@ class _PaperEngine:
         last matched, square off MIS positions at 15:20, roll the day at the session's close."""
         now = self.clock() if now is None else now
         with self.lock:
-            if now < self._next_event:  # nothing due but matching
+            if self._txn.depth:  # inside an answer: on the state it read
+                self._advance(now)
+                return
+            for _ in range(_PAPER_RETRIES):  # a feed thread: on the account as the log has it now
+                try:
+                    with self._txn:
+                        self._advance(now)
+                    return
+                except _PaperConflict:
+                    continue
+
+    def _advance(self, now: float) -> None:
+        if now < self._next_event:  # nothing due but matching
+            self.source.match_until(now)
+            return
+        while True:
+            day = _dt.date.fromisoformat(self.day)
+            square_off, close = _paper_at(day, _PAPER_SQUARE_OFF), _paper_at(day, _PAPER_CLOSE)
+            if self.squared != self.day and now >= square_off:
+                self.source.match_until(square_off)
+                self._square_off(square_off)
+                continue
+            if now < close:
+                self._next_event = square_off if self.squared != self.day else close
                 self.source.match_until(now)
                 return
-            while True:
-                day = _dt.date.fromisoformat(self.day)
-                square_off, close = _paper_at(day, _PAPER_SQUARE_OFF), _paper_at(day, _PAPER_CLOSE)
-                if self.squared != self.day and now >= square_off:
-                    self.source.match_until(square_off)
-                    self._square_off(square_off)
-                    continue
-                if now < close:
-                    self._next_event = square_off if self.squared != self.day else close
-                    self.source.match_until(now)
-                    return
-                self.source.match_until(close)
-                self._roll(close, _paper_session_day(close))
+            self.source.match_until(close)
+            self._roll(close, _paper_session_day(close))
 
     def _square_off(self, at: float) -> None:
         with self._transaction():
@@ -5644,12 +5694,27 @@ class _PaperEngine:
         placed or changed after it is not touched by it."""
         book = self._books.get(token)
         if book is None or not book.orders or not book.moves(quote):
+            return  # reaches nothing this engine knows of (an order only another client placed waits for its prices)
+        if self._txn.depth:
+            self._match_book(token, quote, past)
+            return
+        for _ in range(_PAPER_RETRIES):
+            try:
+                with self._transaction():  # the account as the log has it now: another client may have filled it
+                    self._match_book(token, quote, past)
+                return
+            except _PaperConflict:
+                continue
+        log.warning("paper: a price of %s was not matched (other processes kept writing the account)", token)
+
+    def _match_book(self, token: str, quote: _PaperQuote, past: bool) -> None:
+        book = self._books.get(token)
+        if book is None or not book.orders or not book.moves(quote):
             return
         at_ms = _ms(quote.at)
-        with self._transaction():
-            for order in sorted(book.orders.values(), key=lambda o: o["id"]):
-                if not (past and order["updated_at"] > at_ms):
-                    self._match(order, quote)
+        for order in sorted(book.orders.values(), key=lambda o: o["id"]):
+            if not (past and order["updated_at"] > at_ms) and order["status"] in _P_LIVE:
+                self._match(order, quote)
 
     def _match(self, order: Dict[str, Any], quote: _PaperQuote) -> None:
         buy = order["side"] == _P_BUY
@@ -5717,7 +5782,8 @@ class _PaperEngine:
     def _fill(self, order: Dict[str, Any], price: int, quote: _PaperQuote, message: str = "",
               effect: Optional[_PaperFill] = None, available: Optional[int] = None) -> None:
         """Fill ``order`` whole at ``price`` (``effect`` and ``available``: already worked out)."""
-        token, product, at = order["instrument"], order["product"], quote.at
+        token, product = order["instrument"], order["product"]
+        at = max(quote.at, order["updated_at"] / 1000)  # a replayed tick's recorded time can precede the order
         if effect is None:
             try:
                 effect = self._fill_effect(token, product, order["side"], order["qty"], price, at)
@@ -5811,12 +5877,17 @@ class _PaperEngine:
         import sqlite3
 
         try:
-            with self.lock, self._txn:
-                self.now = self.clock()
-                self.advance(self.now)
-                return self._handlers[name](request)
+            for _ in range(_PAPER_RETRIES):
+                try:
+                    with self.lock, self._txn:
+                        self.now = self.clock()
+                        self.advance(self.now)
+                        return self._handlers[name](request)
+                except _PaperConflict:
+                    continue  # the account was re-read from the log: answer again on it
         except sqlite3.Error as exc:
             raise _paper_db_error(self.path, exc) from None
+        raise _paper_db_error(self.path, sqlite3.OperationalError("database is busy: other processes kept writing"))
 
     def _route_get_profile(self, request: _Request) -> Dict[str, Any]:
         return {"user_id": self.account, "name": f"Paper account {self.account}", "capital": self.capital / 100}
@@ -5825,6 +5896,8 @@ class _PaperEngine:
         available = self.available()
         unrealised = 0
         for pos in self.positions.values():
+            if pos.product == _P_CNC and pos.qty < 0:
+                continue  # shares sold from holdings: no short, nothing open (the holding's P&L is realised)
             quote = self.source.quote(pos.instrument, self.clock()) if pos.qty else None
             if quote is not None:
                 unrealised += pos.qty * quote.ltp - pos.cost
@@ -5834,6 +5907,12 @@ class _PaperEngine:
     def _route_get_holdings(self, request: _Request) -> List[Dict[str, Any]]:
         out = []
         for token, (qty, cost) in sorted(self.holdings.items()):
+            today = self.positions.get((token, _P_CNC))
+            sold = -today.qty if today is not None and today.qty < 0 else 0  # sold from the holding today
+            if sold >= qty:
+                continue
+            if sold:
+                qty, cost = qty - sold, cost - _div_round(cost * sold, qty)
             quote = self.source.quote(token, self.clock())
             out.append({"instrument": token, "qty": qty, "cost": cost, "ltp": quote.ltp if quote else None})
         return out
@@ -5873,6 +5952,9 @@ class _PaperEngine:
         order_type, product = b["order_type"], b["product"]
         price, trigger, validity = b["price"], b["trigger_price"], b["validity"]
         self._check_session(now)
+        if product == _P_MIS and self.squared == self.day:
+            raise OrderError("MIS orders are not taken after the 15:20 square-off (it closed the day's intraday "
+                             "positions); use CNC or NRML, or place it after the session's close for the next one")
         if qty > _PAPER_MAX_QTY:
             raise InvalidOrderError(f"qty {qty} is beyond what an exchange takes in one order (paper: at most "
                                     f"{_PAPER_MAX_QTY:,})")
@@ -5900,12 +5982,12 @@ class _PaperEngine:
         if reference is not None:
             effect = self._fill_effect(token, product, side, qty, reference, now)
             pos = self.positions.get((token, product))
-            need = -(effect.cash - (effect.blocked - (pos.blocked if pos else 0)))
+            need = effect.need(pos.blocked if pos else 0)
             if need > available and not effect.reduces:
                 raise InsufficientFundsError(
                     f"paper account {self.account!r}: {side} {qty} {self.info(token)[0]} needs {need / 100:,.2f}, "
                     f"available {available / 100:,.2f}")
-            blocked = 0 if effect.reduces else max(0, need)
+            blocked = need
         with self._transaction():
             order = self._new_order(token, side, qty, order_type, product, price, trigger, b["tag"], validity, now)
             order["blocked"] = blocked
@@ -5966,12 +6048,12 @@ class _PaperEngine:
         if reference is not None:
             effect = self._fill_effect(token, product, order["side"], trial["qty"], reference, now)
             pos = self.positions.get((token, product))
-            need = -(effect.cash - (effect.blocked - (pos.blocked if pos else 0)))
+            need = effect.need(pos.blocked if pos else 0)
             available = self.available() + order["blocked"]
             if need > available and not effect.reduces:
                 raise InsufficientFundsError(f"paper account {self.account!r}: the modified order needs "
                                              f"{need / 100:,.2f}, available {available / 100:,.2f}")
-            changes["blocked"] = 0 if effect.reduces else max(0, need)
+            changes["blocked"] = need
         stop = trial["order_type"] in _P_STOPS
         quote = self.source.quote(token, now)
         untriggered = order["status"] == _P_TRIGGER or order["order_type"] not in _P_STOPS
@@ -6014,8 +6096,7 @@ class _PaperEngine:
                 effect = self._fill_effect(token, product, leg["side"], leg["qty"], price, now)
                 pos = self.positions.get((token, product))
                 before = pos.blocked if pos else 0
-                need = max(0, -(effect.cash - (effect.blocked - before)))
-                total += need
+                total += effect.need(before)
                 if effect.cash < 0 and effect.blocked == before:
                     premium += -effect.cash if isinstance(self.info(token)[0], Option) else 0
                 span += max(0, effect.blocked - before)
@@ -6481,8 +6562,14 @@ class _PaperSocket:
 
     # the streamer's side
     def connect(self, url: str, header: Sequence[str] = (), timeout: float = 0) -> None:
-        with self.engine.lock:
-            self.engine.sockets.append(self)
+        engine = self.engine
+        with engine.lock:
+            engine.sockets.append(self)
+            since = time.monotonic() - _PAPER_BACKLOG_SECONDS
+            for at, row in engine._backlog:
+                if at >= since:
+                    self.order_update(row)
+            engine._backlog.clear()
         self.connected = True
 
     def settimeout(self, timeout: float) -> None:
@@ -8603,11 +8690,18 @@ class _Connection:
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
-        ws = self.ws
-        if ws is not None:
-            _quietly_shut(ws)  # wakes the reader blocked in recv
-        if threading.current_thread() is not self._thread:  # close() from a handler: the thread ends itself
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            ws = self.ws
+            if ws is not None:
+                _quietly_shut(ws)  # wakes the reader blocked in recv
+            if threading.current_thread() is self._thread:  # close() from a handler: the thread ends itself
+                return
+            # Shut again until the thread ends: a TCP connect that completes after the first
+            # shut (its socket not yet published) would otherwise sit in the upgrade read.
+            self._thread.join(min(0.05, max(0.0, deadline - time.monotonic())))
+            if not self._thread.is_alive() or time.monotonic() >= deadline:
+                return
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -9136,12 +9230,15 @@ def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
     for name, value in os.environ.items():
         if name.startswith("TTCONNECT_") and name != CACHE_DIR_ENV and len(name) > 10:
             key = name[10:].lower()
-            if key in _CLI_TYPED_KEYS:
+            typed: Any = value
+            if key == "seed":  # an int or any text
+                typed = int(value) if value.lstrip("-").isdigit() else value
+            elif key in _CLI_TYPED_KEYS:
                 try:
-                    value = json.loads(value)
+                    typed = json.loads(value)
                 except ValueError:
                     raise _CliError(f"environment variable {name} must be a number or true/false, got {value!r}", 3) from None
-            cfg[key] = value
+            cfg[key] = typed
     broker = getattr(args, "broker", None) or os.environ.get("TTCONNECT_BROKER") or file_broker or _DEFAULT_BROKER
     cfg.pop("broker", None)
     if not isinstance(broker, str) or broker not in _BROKERS:
@@ -9296,6 +9393,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a Unix tool does
+        try:
+            sys.stdout = open(os.devnull, "w")  # nothing more to flush into the closed pipe at exit
+        except OSError:
+            pass
+        return 0
     except (TTConnectError, _CliError) as exc:
         if verbose:
             import traceback
@@ -9362,7 +9465,10 @@ def _cli_stream(client: "TTConnect", args: Any, out: _CliOut) -> int:
 
     instruments = [parse_instrument(text) for text in args.instruments]
     ticks: "queue.Queue[Tick]" = queue.Queue()
-    record = open(args.record, "a", encoding="utf-8") if args.record else None
+    try:
+        record = open(args.record, "a", encoding="utf-8") if args.record else None
+    except OSError as exc:
+        raise _CliError(f"--record {args.record}: cannot write it ({exc.strerror or exc})", 2) from None
     live = sys.stdout.isatty() and not out.as_json
     latest: Dict[str, Tick] = {}
     try:
