@@ -8509,3 +8509,21 @@ def shlex_quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def test_two_clients_writing_in_turn_across_compactions_agree(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                              scripted: str, monkeypatch: Any) -> None:
+    monkeypatch.setattr(tt, "_PAPER_COMPACT_AFTER", 3)  # the whole state is rewritten every few orders
+    a = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    b = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    placed = []
+    for i in range(20):
+        client = (a, b)[i % 2] if i % 5 else b  # in turn, sometimes one twice: each write starts on a stale state
+        placed.append(client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0 + i))
+    assert len(set(placed)) == 20
+    for client in (a, b, paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)):
+        assert sorted(o.id for o in client.get_orders()) == sorted(placed)
+        funds = client.get_funds()
+        assert (funds.used, funds.available) == (sum(500.0 + i for i in range(20)), 100000 - 10190.0)
+    events = sqlite3.connect(str(tmp_path / "paper_default.db")).execute("SELECT seq, kind FROM events").fetchall()
+    assert events[0][1] == "state" and [seq for seq, _ in events] == list(range(events[0][0], events[-1][0] + 1))
