@@ -8527,3 +8527,43 @@ def test_two_clients_writing_in_turn_across_compactions_agree(tmp_path: Path, cl
         assert (funds.used, funds.available) == (sum(500.0 + i for i in range(20)), 100000 - 10190.0)
     events = sqlite3.connect(str(tmp_path / "paper_default.db")).execute("SELECT seq, kind FROM events").fetchall()
     assert events[0][1] == "state" and [seq for seq, _ in events] == list(range(events[0][0], events[-1][0] + 1))
+
+
+def test_opening_an_account_another_process_creates_at_the_same_moment(tmp_path: Path, clients: list,
+                                                                       paper_clock: FakeClock, scripted: str,
+                                                                       monkeypatch: Any) -> None:
+    real_load = tt._PaperEngine._load
+    raced: List[bool] = []
+
+    def load_then_lose_the_race(engine: Any) -> None:
+        real_load(engine)
+        if not raced:  # it found no account; another process creates it before this one writes
+            raced.append(True)
+            other = tt.TTConnect("paper", {"cache_dir": str(tmp_path), "prices": scripted, "capital": 5000},
+                                 clock=paper_clock)
+            other.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0)
+            other.close()
+
+    monkeypatch.setattr(tt._PaperEngine, "_load", load_then_lose_the_race)
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=5000)
+    assert raced == [True]
+    (order,) = client.get_orders()  # the other process's account, read again: not overwritten
+    assert order.price == 800.0 and client.get_funds().available == 4200.0
+
+
+def test_a_busy_account_file_on_the_feed_thread_is_a_warning(tmp_path: Path, clients: list, scripted: str,
+                                                             caplog: Any) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    client = paper_client(clients, tmp_path, clock)  # the random walk: the feed runs advance()
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=1.0)
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    proc = hold_lock(account_file(tmp_path), "immediate")
+    try:
+        clock.set(ist(2026, 12, 2, 16, 0))  # the day's close is due: the roll must write
+        client._local.advance()  # as the feed thread calls it
+    finally:
+        release(proc)
+    assert any("account file is busy" in r.getMessage() for r in caplog.records)
+    assert client.get_orders() == [] and client.get_funds().available == 1000000.0  # the next look rolls the day
+    with pytest.raises(tt.OrderNotFoundError):
+        client.get_order(order_id)  # expired with the session it was placed in

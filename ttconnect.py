@@ -5187,7 +5187,7 @@ _PAPER_COMPACT_AFTER = 5000  # change events before the state is written whole a
 # The next change row, appended only if the log still ends at the row the state was read from.
 _PAPER_APPEND = ("INSERT INTO events (seq, kind, data) SELECT ?, 'change', ? "
                  "WHERE (SELECT COALESCE(MAX(seq), 0) FROM events) = ?")
-_PAPER_RETRIES = 5  # answers re-run after losing the race to another process's append
+_PAPER_RETRIES = 10  # answers re-run after losing the race to another process's append
 _PAPER_BACKLOG_SECONDS = 5.0  # order updates made while no feed was connected, delivered when one connects
 
 
@@ -5386,8 +5386,14 @@ class _PaperEngine:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.execute(_PAPER_SCHEMA)
-            with self.lock, self._transaction():
-                pass  # loads the account (or creates it)
+            for _ in range(_PAPER_RETRIES):
+                try:
+                    with self.lock, self._transaction():
+                        break  # loads the account (or creates it, or writes it whole)
+                except _PaperConflict:
+                    continue  # another process wrote it first: read it again
+            else:
+                raise sqlite3.OperationalError("database is busy: other processes kept writing")
         except sqlite3.Error as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise ConfigurationError(f"the paper account file {self.path} is locked by another process ({exc}): "
@@ -5597,6 +5603,8 @@ class _PaperEngine:
     def advance(self, now: Optional[float] = None) -> None:
         """Bring the account to ``now``: match working orders against the prices since they were
         last matched, square off MIS positions at 15:20, roll the day at the session's close."""
+        import sqlite3
+
         now = self.clock() if now is None else now
         with self.lock:
             if self._txn.depth:  # inside an answer: on the state it read
@@ -5609,6 +5617,9 @@ class _PaperEngine:
                     return
                 except _PaperConflict:
                     continue
+                except sqlite3.Error as exc:
+                    log.warning("paper: the account file is busy (%s); matching resumes with the next price", exc)
+                    return
 
     def _advance(self, now: float) -> None:
         if now < self._next_event:  # nothing due but matching
@@ -5698,6 +5709,8 @@ class _PaperEngine:
         if self._txn.depth:
             self._match_book(token, quote, past)
             return
+        import sqlite3
+
         for _ in range(_PAPER_RETRIES):
             try:
                 with self._transaction():  # the account as the log has it now: another client may have filled it
@@ -5705,6 +5718,9 @@ class _PaperEngine:
                 return
             except _PaperConflict:
                 continue
+            except sqlite3.Error as exc:
+                log.warning("paper: the account file is busy (%s); a price of %s was not matched", exc, token)
+                return
         log.warning("paper: a price of %s was not matched (other processes kept writing the account)", token)
 
     def _match_book(self, token: str, quote: _PaperQuote, past: bool) -> None:
