@@ -1441,13 +1441,13 @@ def test_angel_order_updates_need_only_the_jwt(tmp_path: Path, day_clock: FakeCl
                             order_ws_url=orders_srv.url + "/smart-order-update", stream_reconnect_delay=0.01)
         updates: "queue.Queue[tt.Order]" = queue.Queue()
         angel.on_order_update(updates.put)  # no feed_token, no client_id: fine for order updates
-        hello = orders_srv.handshakes.get(timeout=3)
+        hello = orders_srv.handshakes.get(timeout=10)
         assert hello["headers"]["authorization"] == "Bearer jwt-SECRET-9"
         assert "x-feed-token" not in hello["headers"] and "x-client-code" not in hello["headers"]
         row = json.loads(ANGELONE.payload("get_orders.json"))["data"][1]
         assert stream_event(angel, lambda s: s["orders_connected"])
         orders_srv.send(json.dumps({"order-status": "AB05", "orderData": row}).encode(), opcode=1)
-        assert updates.get(timeout=3).status is tt.OrderStatus.COMPLETE
+        assert updates.get(timeout=10).status is tt.OrderStatus.COMPLETE
     finally:
         for client in clients:
             client.close()
