@@ -5137,8 +5137,13 @@ def test_the_readme_first_example_runs_on_paper(tmp_path: Path, monkeypatch: Any
     monkeypatch.chdir(tmp_path)  # its cache dir is ./_cache
     monkeypatch.delenv("TTCONNECT_CACHE_DIR", raising=False)
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(readme_blocks("python")[0], "README.md", "exec"), {"__name__": "readme"})
+    namespace: Dict[str, Any] = {"__name__": "readme"}
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(readme_blocks("python")[0], "README.md", "exec"), namespace)
+    finally:
+        if isinstance(namespace.get("paper"), tt.TTConnect):
+            namespace["paper"].close()  # (its functions hold the namespace: a cycle only the gc would free)
     assert out.getvalue().strip() == "OrderStatus.COMPLETE"
     assert [p.name for p in tmp_path.iterdir()] == ["_cache"]
     assert (tmp_path / "_cache" / "paper_default.db").is_file()
