@@ -4028,9 +4028,9 @@ class WsServer:
                 conn.close()
                 return
             accept = base64.b64encode(hashlib.sha1((headers["sec-websocket-key"] + self.GUID).encode()).digest()).decode()
-            conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
-            with self.lock:
+            with self.lock:  # listed before the client can see the upgrade: a send() right after reaches it
+                conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
                 self.conns.append(conn)
             if self.heartbeat is not None:
                 beat = threading.Thread(target=self._beat, args=(conn,), daemon=True)
