@@ -8572,3 +8572,41 @@ def test_a_busy_account_file_on_the_feed_thread_is_a_warning(tmp_path: Path, cli
     assert client.get_orders() == [] and client.get_funds().available == 1000000.0  # the next look rolls the day
     with pytest.raises(tt.OrderNotFoundError):
         client.get_order(order_id)  # expired with the session it was placed in
+
+
+# -- the account log is checked at the end of each answer (optimistic): a stale state is never believed
+
+def test_a_cancel_of_an_order_another_process_placed_is_not_refused_on_a_stale_state(
+        tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
+    a = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    b = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    placed = b.place_order(PAPER_SBIN, 10, "BUY", "CNC", "LIMIT", price=500.0)
+    assert a.cancel_order(placed) == placed  # a's state had no such order: refused on it, then read again
+    assert [o.status for o in b.get_orders()] == [tt.OrderStatus.CANCELLED]
+    with pytest.raises(tt.OrderNotFoundError):  # an order no process has is still refused
+        a.cancel_order("261202999999999")
+
+
+def test_funds_another_process_released_are_seen_before_an_order_is_refused(
+        tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
+    a = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    first = a.place_order(PAPER_SBIN, 18, "BUY", "CNC", "LIMIT", price=500.0)  # blocks 9,000 of 10,000
+    b = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    a.cancel_order(first)  # b's state still has the 9,000 blocked
+    second = b.place_order(PAPER_SBIN, 18, "BUY", "CNC", "LIMIT", price=500.0)
+    assert b.get_funds().available == 1000.0 and a.get_order(second).status is tt.OrderStatus.OPEN
+    with pytest.raises(tt.InsufficientFundsError):  # refused on the log's latest state: it does not fit
+        a.place_order(PAPER_SBIN, 4, "BUY", "CNC", "LIMIT", price=500.0)
+
+
+def test_the_paper_log_refuses_a_row_that_is_not_its_next(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                          scripted: str) -> None:
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
+    db = sqlite3.connect(str(tmp_path / "paper_default.db"))
+    (last,) = db.execute("SELECT MAX(seq) FROM events").fetchone()
+    for seq in (last, last + 2):  # a writer behind the log, or one that skips a row
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("INSERT INTO events (seq, kind, data) VALUES (?, 'change', '{}')", (seq,))
+    db.close()
+    assert len(client.get_orders()) == 1

@@ -90,6 +90,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Type,
     TypedDict,
     TypeVar,
     Union,
@@ -631,7 +632,8 @@ def _instrument_id(key: str, _md5: Any = _md5, _from_bytes: Any = int.from_bytes
 _ENUM_TEXT: Dict[Tuple[type, str], Any] = {}  # (enum, text as given) -> member: the order path's strings
 
 
-def _as_enum(enum_cls: Any, value: Any, what: str) -> Any:
+def _as_enum(enum_cls: Any, value: Any, what: str, error: Type[TTConnectError] = InvalidInstrumentError) -> Any:
+    """``value`` (a member, or its text in any case) as a member of ``enum_cls``; else ``error``."""
     if isinstance(value, enum_cls):
         return value
     if isinstance(value, str):
@@ -647,7 +649,7 @@ def _as_enum(enum_cls: Any, value: Any, what: str) -> Any:
                 _ENUM_TEXT[(enum_cls, value)] = found
             return found
     valid = ", ".join(m.value for m in enum_cls)
-    raise InvalidInstrumentError(f"{what} {value!r} is not valid; expected one of {valid}")
+    raise error(f"{what} {value!r} is not valid; expected one of {valid}")
 
 
 def _check_symbol(symbol: Any) -> str:
@@ -955,13 +957,6 @@ class _OrderRequest(NamedTuple):
     native_slice: bool = False  # ask the broker to split this order at the freeze limit itself
 
 
-def _order_enum(enum_cls: Any, value: Any, what: str) -> Any:
-    try:
-        return _as_enum(enum_cls, value, what)
-    except ValueError as exc:
-        raise InvalidOrderError(str(exc)) from None
-
-
 def _check_stop(order_type: OrderType, side: Side, price: Optional["Decimal"], trigger: Optional["Decimal"]) -> None:
     if order_type is OrderType.SL and price is not None and trigger is not None:
         if side is Side.BUY and trigger > price:
@@ -1037,9 +1032,9 @@ def _check_order(spec: "BrokerSpec", instrument: Any, qty: Any, side: Any, produ
         raise InvalidOrderError(f"instrument must be an Equity, Future or Option, got {instrument!r}")
     if instrument.exchange not in spec["exchanges"]:
         raise UnsupportedFeatureError(f"{broker} does not trade the {instrument.exchange.value} segment through ttconnect")
-    side_e = _order_enum(Side, side, "side")
-    product_e = None if product is None else _order_enum(ProductType, product, "product")
-    type_e = _order_enum(OrderType, order_type, "order_type")
+    side_e = _as_enum(Side, side, "side", InvalidOrderError)
+    product_e = None if product is None else _as_enum(ProductType, product, "product", InvalidOrderError)
+    type_e = _as_enum(OrderType, order_type, "order_type", InvalidOrderError)
     if product_e is not None and product_e not in spec["products"]:
         raise UnsupportedFeatureError(f"{broker} does not support product {product_e.value}")
     if type_e not in spec["order_types"]:
@@ -5184,9 +5179,12 @@ def _paper_trade_state(values: Sequence[Any]) -> Dict[str, Any]:
     Side(trade["side"]), ProductType(trade["product"])
     return trade
 _PAPER_COMPACT_AFTER = 5000  # change events before the state is written whole again
-# The next change row, appended only if the log still ends at the row the state was read from.
-_PAPER_APPEND = ("INSERT INTO events (seq, kind, data) SELECT ?, 'change', ? "
-                 "WHERE (SELECT COALESCE(MAX(seq), 0) FROM events) = ?")
+# A row goes in only as the log's next one: a writer whose state is behind the log (another
+# process appended since it read) is refused, and reads the log again.
+_PAPER_IN_ORDER = ("CREATE TRIGGER IF NOT EXISTS events_in_order BEFORE INSERT ON events "
+                   "WHEN NEW.seq <> (SELECT COALESCE(MAX(seq), 0) FROM events) + 1 "
+                   "BEGIN SELECT RAISE(ABORT, 'the paper log moved on'); END")
+_PAPER_APPEND = "INSERT INTO events (seq, kind, data) VALUES (?, 'change', ?)"
 _PAPER_RETRIES = 10  # answers re-run after losing the race to another process's append
 _PAPER_BACKLOG_SECONDS = 5.0  # order updates made while no feed was connected, delivered when one connects
 
@@ -5324,10 +5322,10 @@ class _PaperTransaction:
             try:
                 self.engine._commit()
                 return
-            except BaseException:
-                self.engine._abort()
+            except BaseException as error:
+                self.engine._abort(reload=isinstance(error, _PaperConflict))
                 raise
-        self.engine._abort()
+        self.engine._abort(reload=kind is _PaperConflict)
 
 
 class _PaperEngine:
@@ -5386,6 +5384,7 @@ class _PaperEngine:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.execute(_PAPER_SCHEMA)
+            self.db.execute(_PAPER_IN_ORDER)
             for _ in range(_PAPER_RETRIES):
                 try:
                     with self.lock, self._transaction():
@@ -5507,18 +5506,27 @@ class _PaperEngine:
         return self._txn
 
     def _begin(self) -> None:
-        """Bring the state up to the log: re-read it if another connection has written."""
+        """Start a transaction on the state in memory. It is checked against the log at its end
+        (optimistic): what it writes is appended only if the log is still at the row this state
+        was read from; one that writes nothing, or fails, looks then (``_stale``)."""
         self._log = {"h": [], "t": [], "p": {}, "k": {}}
+        if self._seq < 0:
+            self._load()  # the first look
+
+    def _stale(self) -> bool:
+        """Has another connection written the log since this state was read?"""
         version = self.db.execute("PRAGMA data_version").fetchone()[0]  # moves when another connection commits
-        if version != self._version:
-            if (self.db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) != self._seq:
-                self._load()  # another process wrote (or this is the first look)
-            self._version = version
+        if version == self._version:
+            return False
+        self._version = version
+        return (self.db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) != self._seq
 
     def _commit(self) -> None:
         """Append what the transaction changed as the log's next row, only if the log is still
         at the row this state was read from: one INSERT, its own transaction (optimistic: the
         write lock is held only while it runs)."""
+        import sqlite3
+
         log_ = self._log
         if self._whole or self._changes >= _PAPER_COMPACT_AFTER:
             data = self._encode(self._state_row())
@@ -5539,10 +5547,13 @@ class _PaperEngine:
                    "t": [_PAPER_TRADE_VALUES(t) for t in log_["t"]], "p": list(log_["p"].values()),
                    "k": [[token, qty, cost] for token, (qty, cost) in log_["k"].items()]}
             seq = self._seq + 1
-            cursor = self.db.execute(_PAPER_APPEND, (seq, self._encode(row), self._seq))
-            if cursor.rowcount != 1:
-                raise _PaperConflict()
+            try:
+                self.db.execute(_PAPER_APPEND, (seq, self._encode(row)))
+            except sqlite3.IntegrityError:
+                raise _PaperConflict() from None
             self._seq, self._changes = seq, self._changes + 1
+        elif self._stale():
+            raise _PaperConflict()  # what it read may have changed: answer again on the log's state
         updates, self._updates = self._updates, []
         if not self.sockets:  # kept a moment for a feed that is connecting (on_order_update was just called)
             self._backlog.extend((time.monotonic(), row) for row in updates)
@@ -5550,12 +5561,14 @@ class _PaperEngine:
             for row in updates:
                 sock.order_update(row)
 
-    def _abort(self) -> None:
+    def _abort(self, reload: bool = False) -> None:
+        """Undo a transaction: memory back to what the log says (read again where it changed
+        anything, or lost the race to another process: ``reload``)."""
         changed = any(self._log.values()) or self._whole
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
         self._updates.clear()
-        if changed:
+        if changed or reload:
             self._version = -1
             self._load()  # memory back to what the log says
 
@@ -5738,15 +5751,15 @@ class _PaperEngine:
             if not (quote.ltp >= order["trigger_price"] if buy else quote.ltp <= order["trigger_price"]):
                 return
             if order["order_type"] == _P_SL_M:
-                self._fill(order, quote.ask if buy else quote.bid, quote)
+                self._fill(order, quote.ask if buy else quote.bid, quote.at)
                 return
             self._update(order, quote.at, status=_P_OPEN, message="triggered")
         if order["price"] is None:  # a MARKET order that waited for a first price
-            self._fill(order, quote.ask if buy else quote.bid, quote)
+            self._fill(order, quote.ask if buy else quote.bid, quote.at)
         elif buy and quote.ask <= order["price"]:
-            self._fill(order, quote.ask, quote)
+            self._fill(order, quote.ask, quote.at)
         elif not buy and quote.bid >= order["price"]:
-            self._fill(order, quote.bid, quote)
+            self._fill(order, quote.bid, quote.at)
 
     def _fill_effect(self, token: str, product: str, side: str, qty: int, price: int, at: float) -> _PaperFill:
         """What filling ``qty`` at ``price`` (paise) would do to the position and the cash."""
@@ -5795,11 +5808,12 @@ class _PaperEngine:
         reduces = old_qty != 0 and not opened and (old_qty > 0) != (sign > 0)
         return _PaperFill(new_qty, cost, blocked if new_qty else 0, realised, cash, reduces)
 
-    def _fill(self, order: Dict[str, Any], price: int, quote: _PaperQuote, message: str = "",
+    def _fill(self, order: Dict[str, Any], price: int, at: float, message: str = "",
               effect: Optional[_PaperFill] = None, available: Optional[int] = None) -> None:
-        """Fill ``order`` whole at ``price`` (``effect`` and ``available``: already worked out)."""
+        """Fill ``order`` whole at ``price`` at the time of its price, ``at`` (``effect`` and
+        ``available``: already worked out)."""
         token, product = order["instrument"], order["product"]
-        at = max(quote.at, order["updated_at"] / 1000)  # a replayed tick's recorded time can precede the order
+        at = max(at, order["updated_at"] / 1000)  # a replayed tick's recorded time can precede the order
         if effect is None:
             try:
                 effect = self._fill_effect(token, product, order["side"], order["qty"], price, at)
@@ -5836,7 +5850,7 @@ class _PaperEngine:
                                 why.split()[0].lower(), "DAY", at)
         self._record(order, _P_OPEN, why)
         price = quote.ltp if settle else quote.bid if side == _P_SELL else quote.ask
-        self._fill(order, price, quote._replace(at=at), why)
+        self._fill(order, price, at, why)
 
     # -- orders -----------------------------------------------------------------------------
 
@@ -5850,10 +5864,11 @@ class _PaperEngine:
     def _new_order(self, token: str, side: str, qty: int, order_type: str, product: str,
                    price: Optional[int], trigger: Optional[int], tag: Optional[str], validity: str,
                    at: float) -> Dict[str, Any]:
+        at_ms = _ms(at)
         return {"id": self._new_id(), "instrument": token, "side": side, "qty": qty, "filled": 0,
                 "order_type": order_type, "product": product, "price": price, "trigger_price": trigger,
                 "average": None, "status": _P_PENDING, "message": "", "tag": tag, "validity": validity,
-                "placed_at": _ms(at), "updated_at": _ms(at), "blocked": 0, "day": self.day}
+                "placed_at": at_ms, "updated_at": at_ms, "blocked": 0, "day": self.day}
 
     def _record(self, order: Dict[str, Any], status: str, message: str, rests: bool = True) -> None:
         """Insert a new order in ``status``; working ones join their instrument's book (unless
@@ -5893,14 +5908,22 @@ class _PaperEngine:
         import sqlite3
 
         try:
-            for _ in range(_PAPER_RETRIES):
-                try:
-                    with self.lock, self._txn:
-                        self.now = self.clock()
-                        self.advance(self.now)
-                        return self._handlers[name](request)
-                except _PaperConflict:
-                    continue  # the account was re-read from the log: answer again on it
+            with self.lock:
+                for _ in range(_PAPER_RETRIES):
+                    seq = self._seq
+                    try:
+                        with self._txn:
+                            self.now = self.clock()
+                            self._advance(self.now)  # inside the transaction: matching up to now joins it
+                            return self._handlers[name](request)
+                    except _PaperConflict:
+                        continue  # the account was re-read from the log: answer again on it
+                    except TTConnectError:
+                        if self._stale():
+                            self._load()
+                        if self._seq == seq:
+                            raise  # refused on the account as the log has it
+                        # refused on a state another process had changed since: answer again
         except sqlite3.Error as exc:
             raise _paper_db_error(self.path, exc) from None
         raise _paper_db_error(self.path, sqlite3.OperationalError("database is busy: other processes kept writing"))
@@ -6011,7 +6034,7 @@ class _PaperEngine:
             at_once = quote is not None and order_type == _P_MARKET  # at the touch: its checked price
             self._record(order, _P_TRIGGER if stop else _P_OPEN, "", rests=not at_once)
             if at_once:  # nothing changed since it was checked: its effect and the funds stand
-                self._fill(order, reference, quote._replace(at=now), effect=effect,  # type: ignore[arg-type, union-attr]
+                self._fill(order, reference, now, effect=effect,  # type: ignore[arg-type]
                            available=available - blocked)
             elif quote is not None:
                 self._match(order, quote._replace(at=now))
@@ -6756,8 +6779,9 @@ def _paper_placed(ctx: _Ctx, data: Any) -> str:
 
 
 def _paper_place_order(req: _OrderRequest) -> _Request:
-    return _Request(body={"instrument": req.token, "side": req.side.value, "qty": req.qty,
-                          "order_type": req.order_type.value, "product": _product(req).value,
+    # ``_value_`` is the member's value as stored (``.value`` is a descriptor call: a tenth of this path)
+    return _Request(body={"instrument": req.token, "side": req.side._value_, "qty": req.qty,
+                          "order_type": req.order_type._value_, "product": _product(req)._value_,
                           "price": _to_paise(req.price), "trigger_price": _to_paise(req.trigger_price), "tag": req.tag,
                           "validity": req.validity})
 
