@@ -8610,3 +8610,68 @@ def test_the_paper_log_refuses_a_row_that_is_not_its_next(tmp_path: Path, client
             db.execute("INSERT INTO events (seq, kind, data) VALUES (?, 'change', '{}')", (seq,))
     db.close()
     assert len(client.get_orders()) == 1
+
+
+def test_a_read_is_answered_while_another_process_keeps_writing(tmp_path: Path, clients: list,
+                                                                 paper_clock: FakeClock, scripted: str,
+                                                                 monkeypatch: Any) -> None:
+    writer = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    reader = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    writer.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=100.0)  # the reader is behind
+    real_load = tt._PaperEngine._load
+    reads = [0]
+
+    def read_then_the_writer_appends(engine: Any) -> None:  # the log has moved again by every check
+        real_load(engine)
+        if engine is not writer._local:
+            reads[0] += 1
+            writer.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=100.0)
+
+    monkeypatch.setattr(tt._PaperEngine, "_load", read_then_the_writer_appends)
+    # Each call reads the log once and answers on that (the account as of a moment during the call),
+    # not again until the log stands still: a busy writer would starve the reader.
+    assert len(reader.get_orders()) == 1 and reads == [1]
+    assert reader.get_funds().available == 100000 - 2 * 100.0 and reads == [2]
+    with pytest.raises(tt.OrderNotFoundError):  # a refusal on a state read during the call is final
+        reader.cancel_order("261202999999999")
+    assert reads == [3]
+    third = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)  # opening reads too
+    assert len(third.get_orders()) == 5 and reads == [5]
+
+
+def test_an_interrupted_re_read_is_done_again_by_the_next_call(tmp_path: Path, clients: list,
+                                                                paper_clock: FakeClock, scripted: str,
+                                                                monkeypatch: Any) -> None:
+    a = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    b = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    placed = b.place_order(PAPER_SBIN, 10, "BUY", "CNC", "LIMIT", price=500.0)  # a is behind
+    real_load = tt._PaperEngine._load
+    interrupted: List[bool] = []
+
+    def ctrl_c_once(engine: Any) -> None:
+        if engine is a._local and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt  # the user pressed Ctrl-C while the account was read again
+        real_load(engine)
+
+    monkeypatch.setattr(tt._PaperEngine, "_load", ctrl_c_once)
+    with pytest.raises(KeyboardInterrupt):
+        a.cancel_order(placed)
+    assert [o.id for o in a.get_orders()] == [placed]  # not taken as up to date: read again
+    assert a.get_funds().available == 95000.0
+    assert a.cancel_order(placed) == placed and b.get_order(placed).status is tt.OrderStatus.CANCELLED
+
+
+def test_opening_an_account_file_puts_back_its_order_check(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                           scripted: str) -> None:
+    first = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    first.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=100.0)
+    first.close()
+    db = sqlite3.connect(str(tmp_path / "paper_default.db"))
+    db.execute("DROP TRIGGER events_in_order")  # a file written by an older ttconnect has none
+    db.close()
+    again = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=100000)
+    db = sqlite3.connect(str(tmp_path / "paper_default.db"))
+    assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == [("events_in_order",)]
+    db.close()
+    assert len(again.get_orders()) == 1

@@ -5369,6 +5369,7 @@ class _PaperEngine:
         self._version = -1  # PRAGMA data_version when the log was last looked at
         self._changes = 0  # change rows since the last whole state
         self._whole = False  # the current transaction writes the whole state (a new day, compaction)
+        self._fresh = False  # the state was read from the log during the current answer
         self._next_event = 0.0  # when advance() next has something to do besides matching
         # The account itself, as _load() reads it from the log:
         self.cash, self.day, self.squared, self.next_id = 0, "", "", 1
@@ -5411,6 +5412,8 @@ class _PaperEngine:
         """The account as the log says: its last whole state, then the changes since."""
         import json
 
+        self._version = self.db.execute("PRAGMA data_version").fetchone()[0]  # before the rows: never newer than them
+        self._fresh = True  # read during this answer: what it says is final for a read or a refusal
         rows = self.db.execute("SELECT seq, kind, data FROM events WHERE seq >= (SELECT COALESCE(MAX(seq), 0) FROM "
                                "events WHERE kind = 'state') ORDER BY seq").fetchall()
         self._books, self._scanned, self._next_event = {}, {}, 0.0
@@ -5518,8 +5521,10 @@ class _PaperEngine:
         version = self.db.execute("PRAGMA data_version").fetchone()[0]  # moves when another connection commits
         if version == self._version:
             return False
+        if (self.db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) != self._seq:
+            return True  # the caller re-reads; _load records the version
         self._version = version
-        return (self.db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) != self._seq
+        return False
 
     def _commit(self) -> None:
         """Append what the transaction changed as the log's next row, only if the log is still
@@ -5552,7 +5557,7 @@ class _PaperEngine:
             except sqlite3.IntegrityError:
                 raise _PaperConflict() from None
             self._seq, self._changes = seq, self._changes + 1
-        elif self._stale():
+        elif not self._fresh and self._stale():
             raise _PaperConflict()  # what it read may have changed: answer again on the log's state
         updates, self._updates = self._updates, []
         if not self.sockets:  # kept a moment for a feed that is connecting (on_order_update was just called)
@@ -5623,6 +5628,7 @@ class _PaperEngine:
             if self._txn.depth:  # inside an answer: on the state it read
                 self._advance(now)
                 return
+            self._fresh = False
             for _ in range(_PAPER_RETRIES):  # a feed thread: on the account as the log has it now
                 try:
                     with self._txn:
@@ -5724,6 +5730,7 @@ class _PaperEngine:
             return
         import sqlite3
 
+        self._fresh = False
         for _ in range(_PAPER_RETRIES):
             try:
                 with self._transaction():  # the account as the log has it now: another client may have filled it
@@ -5909,8 +5916,9 @@ class _PaperEngine:
 
         try:
             with self.lock:
+                self._fresh = False
                 for _ in range(_PAPER_RETRIES):
-                    seq = self._seq
+                    seq, fresh = self._seq, self._fresh
                     try:
                         with self._txn:
                             self.now = self.clock()
@@ -5919,6 +5927,8 @@ class _PaperEngine:
                     except _PaperConflict:
                         continue  # the account was re-read from the log: answer again on it
                     except TTConnectError:
+                        if fresh:
+                            raise  # refused on the account as the log had it during this call: final
                         if self._stale():
                             self._load()
                         if self._seq == seq:
