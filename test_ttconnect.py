@@ -8675,3 +8675,38 @@ def test_opening_an_account_file_puts_back_its_order_check(tmp_path: Path, clien
     assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == [("events_in_order",)]
     db.close()
     assert len(again.get_orders()) == 1
+
+
+def test_the_lazy_indexes_are_written_under_the_store_file_lock(tmp_path: Path, clients: list,
+                                                                paper_clock: FakeClock, monkeypatch: Any) -> None:
+    # The one in-place write to the shared instruments file: another process checking the file
+    # under the lock must never see it grow between its size and its header (it would move a
+    # good store aside as damaged; 12 processes opening and searching at once did, 1 round in 3).
+    client = paper_client(clients, tmp_path, paper_clock)
+    held = [False]
+    seen: List[bool] = []
+    real_lock = tt._FileLock
+
+    class RecordingLock(real_lock):  # type: ignore[misc, valid-type]
+        def __enter__(self) -> Any:
+            got = super().__enter__()
+            held[0] = True
+            return got
+
+        def __exit__(self, *exc: Any) -> None:
+            held[0] = False
+            super().__exit__(*exc)
+
+    class Probe(tuple):
+        def __iter__(self) -> Any:
+            seen.append(held[0])
+            return super().__iter__()
+
+    monkeypatch.setattr(tt, "_FileLock", RecordingLock)
+    monkeypatch.setattr(tt, "_LAZY_INDEXES", Probe(tt._LAZY_INDEXES))
+    assert PAPER_SBIN in client.search("SBI")
+    assert seen == [True] and held == [False]
+    db = sqlite3.connect(str(tmp_path / "instruments.db"))
+    names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    db.close()
+    assert "ix_broker_tokens_symbol" in names

@@ -1395,21 +1395,29 @@ class _InstrumentStore:
         with self._lock:
             if self._symbol_indexed == self._generation:
                 return
+            generation = self._generation
             found = self.conn().execute(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name IN "
                 "('ix_broker_tokens_symbol', 'ix_broker_tokens_token', 'ix_instruments_exchange_symbol')").fetchone()[0]
-            if found < len(_LAZY_INDEXES):
-                try:
-                    writer = sqlite3.connect(self.path, timeout=30)
+        if found < len(_LAZY_INDEXES):
+            try:
+                # The only in-place write to the shared file: under the store's file lock, like every
+                # other change (build, swap, move aside), so another process's check() never sees the
+                # file grow between its size and its header, and no swap lands mid-write (leaving this
+                # journal beside the new file). Taken outside self._lock: a thread holding the file
+                # lock calls reopen(). mode=rw: never create an empty file where the DB was moved aside.
+                with _FileLock(self.path + ".lock"):
+                    writer = sqlite3.connect("file:" + _sqlite_uri_path(self.path) + "?mode=rw", uri=True, timeout=30)
                     try:
                         for statement in _LAZY_INDEXES:
                             writer.execute(statement)
                         writer.commit()
                     finally:
                         writer.close()
-                except sqlite3.Error as exc:  # e.g. a read-only cache dir: look-ups still work, by scanning
-                    log.warning("instrument store: could not index broker symbols (%s); reverse look-ups will scan", exc)
-            self._symbol_indexed = self._generation
+            except (sqlite3.Error, OSError) as exc:  # e.g. a read-only cache dir: look-ups still work, by scanning
+                log.warning("instrument store: could not index broker symbols (%s); reverse look-ups will scan", exc)
+        with self._lock:
+            self._symbol_indexed = generation
 
     def by_broker_symbol(self, broker_id: str, exchange: str, broker_symbol: str) -> Optional[Instrument]:
         """Reverse look-up: a broker's (exchange, trading symbol) -> canonical instrument."""
