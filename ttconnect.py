@@ -1229,7 +1229,9 @@ class _Loader:
     """Files canonical master rows into a fresh database with bounded memory.
 
     Rows are appended to one wide staging table as they are parsed (one insert per row),
-    then fanned out to the normalised tables by ``INSERT ... SELECT`` inside SQLite.
+    then fanned out to the normalised tables by ``INSERT ... SELECT`` inside SQLite. The
+    type tables of the few cash and future rows (options are ~90% of a master) are filed
+    from lists kept during the parse instead: each ``INSERT ... SELECT`` reads the whole stage.
     A derivative may come before its underlying (a master may list cash last): the underlying's id is
     known from its key alone, and a placeholder row is filed at the end only for underlyings
     the master never lists itself.
@@ -1242,9 +1244,6 @@ class _Loader:
     )
     FAN_OUT = (
         "INSERT INTO instruments SELECT id, exchange, symbol, name, lot_size, tick_size FROM temp.stage",
-        "INSERT INTO indices SELECT id FROM temp.stage WHERE kind = 'I'",
-        "INSERT INTO equities SELECT id, '' FROM temp.stage WHERE kind = 'E'",
-        "INSERT INTO futures SELECT id, underlying_id, expiry FROM temp.stage WHERE kind = 'F'",
         "INSERT INTO options SELECT id, underlying_id, expiry, strike, option_type FROM temp.stage WHERE kind = 'O'",
         "INSERT INTO broker_tokens SELECT id, ?, token, broker_symbol, freeze_qty FROM temp.stage",
     )
@@ -1253,15 +1252,22 @@ class _Loader:
         self.conn, self.broker_id, self.stats = conn, broker_id, stats
         self.cash_seen: set = set()
         self.pending: Dict[int, Tuple[str, str, str]] = {}  # id -> (kind, exchange, symbol)
+        # in master order, like the stage: a duplicate's first row is the one kept
+        self.indices: List[Tuple[int]] = []
+        self.equities: List[Tuple[int]] = []
+        self.futures: List[Tuple[int, int, str]] = []
 
     def load(self, rows: Iterable[_MasterRow]) -> None:
         conn = self.conn
         conn.execute(self.STAGE)
-        conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self._staged(rows))
-        self.stats.rows = conn.execute("SELECT COUNT(*) FROM temp.stage").fetchone()[0]
+        self.stats.rows = conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                           self._staged(rows)).rowcount
         for sql in self.FAN_OUT[:-1]:
             conn.execute(sql)
         conn.execute(self.FAN_OUT[-1], (self.broker_id,))  # temp.stage goes with the connection
+        conn.executemany("INSERT INTO indices VALUES (?)", self.indices)
+        conn.executemany("INSERT INTO equities VALUES (?, '')", self.equities)
+        conn.executemany("INSERT INTO futures VALUES (?, ?, ?)", self.futures)
         # Underlyings the master never listed itself get a row (no token) so that every
         # derivative points at an instrument.
         for uid, (kind, exchange, symbol) in self.pending.items():
@@ -1282,15 +1288,17 @@ class _Loader:
             if kind == "O":
                 uid = underlyings.get((row[1], row[2])) or self._underlying(underlyings, row)
                 key = f"{row[1]}|{row[2]}|{row[8]}|{row[10]!r}|{row[11]}"  # = _option_key
-                yield (from_bytes(digest(key.encode()).digest()[:8], "big") >> 1, uid) + row
+                iid = from_bytes(digest(key.encode()).digest()[:8], "big") >> 1
             elif kind == "F":
                 uid = underlyings.get((row[1], row[2])) or self._underlying(underlyings, row)
-                key = f"{row[1]}|{row[2]}|{row[8]}|FUT"
-                yield (from_bytes(digest(key.encode()).digest()[:8], "big") >> 1, uid) + row
+                iid = _instrument_id(f"{row[1]}|{row[2]}|{row[8]}|FUT")
+                self.futures.append((iid, uid, row[8]))
             else:
+                uid = None
                 iid = _instrument_id(f"{row[1]}|{row[2]}")
                 cash_seen.add(iid)
-                yield (iid, None) + row
+                (self.indices if kind == "I" else self.equities).append((iid,))
+            yield (iid, uid) + row
 
     def _underlying(self, underlyings: Dict[Tuple[str, str], int], row: _MasterRow) -> int:
         und_exchange = _UNDERLYING_CODE[row[1]]
