@@ -1601,7 +1601,13 @@ def _build_store(path: str, broker_id: str, rows: Iterable[_MasterRow], stats: _
         conn.execute("PRAGMA journal_mode = MEMORY")
         conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA secure_delete = OFF")  # some builds default it on: no page wiping
+        # 16 KiB pages (default 4): a quarter as many page reads and writes for the staging
+        # table (it spills to a temp file), the fan-out and the index sorts. It also sets the
+        # temp database's pages. Set before the cache sizes (set after them, the main cache
+        # grew ~4x), and the temp cache capped in KiB too: its default, 500 pages, is 8 MiB here.
+        conn.execute("PRAGMA page_size = 16384")
         conn.execute("PRAGMA cache_size = -4096")  # 4 MiB: most index sorting stays in memory
+        conn.execute("PRAGMA temp.cache_size = -2048")
         conn.executescript(_SCHEMA)
         carry = os.path.exists(path)
         if carry:  # attached outside the transaction: DETACH is refused inside one
