@@ -1237,14 +1237,17 @@ class _Loader:
     the master never lists itself.
     """
 
+    # A master row without its kind and underlying's kind (the type tables below are filled
+    # without them: options are the rows with an option type), prefixed by the two ids.
     STAGE = (
-        "CREATE TEMP TABLE stage (id INTEGER, underlying_id INTEGER, kind TEXT, exchange TEXT, symbol TEXT,"
+        "CREATE TEMP TABLE stage (id INTEGER, underlying_id INTEGER, exchange TEXT, symbol TEXT,"
         " name TEXT, lot_size INTEGER, tick_size REAL, token TEXT, broker_symbol TEXT, expiry TEXT,"
-        " und_kind TEXT, strike REAL, option_type TEXT, freeze_qty INTEGER)"
+        " strike REAL, option_type TEXT, freeze_qty INTEGER)"
     )
     FAN_OUT = (
         "INSERT INTO instruments SELECT id, exchange, symbol, name, lot_size, tick_size FROM temp.stage",
-        "INSERT INTO options SELECT id, underlying_id, expiry, strike, option_type FROM temp.stage WHERE kind = 'O'",
+        "INSERT INTO options SELECT id, underlying_id, expiry, strike, option_type FROM temp.stage"
+        " WHERE option_type IS NOT NULL",
         "INSERT INTO broker_tokens SELECT id, ?, token, broker_symbol, freeze_qty FROM temp.stage",
     )
 
@@ -1260,7 +1263,7 @@ class _Loader:
     def load(self, rows: Iterable[_MasterRow]) -> None:
         conn = self.conn
         conn.execute(self.STAGE)
-        self.stats.rows = conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        self.stats.rows = conn.executemany("INSERT INTO temp.stage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                            self._staged(rows)).rowcount
         for sql in self.FAN_OUT[:-1]:
             conn.execute(sql)
@@ -1279,7 +1282,8 @@ class _Loader:
                     conn.execute("INSERT INTO equities VALUES (?, '')", (uid,))
 
     def _staged(self, rows: Iterable[_MasterRow]) -> Iterator[tuple]:
-        """Prefix each row with its canonical id and its underlying's (tuple concatenation: C speed)."""
+        """Each row as a stage row: its canonical id and its underlying's, then the row without
+        its two kinds (tuple slices and concatenation: C speed, cheaper than binding the two)."""
         digest, from_bytes = _md5, int.from_bytes  # _instrument_id, inlined: this runs per row
         underlyings: Dict[Tuple[str, str], int] = {}
         cash_seen = self.cash_seen
@@ -1298,7 +1302,7 @@ class _Loader:
                 iid = _instrument_id(f"{row[1]}|{row[2]}")
                 cash_seen.add(iid)
                 (self.indices if kind == "I" else self.equities).append((iid,))
-            yield (iid, uid) + row
+            yield (iid, uid) + row[1:9] + row[10:]
 
     def _underlying(self, underlyings: Dict[Tuple[str, str], int], row: _MasterRow) -> int:
         und_exchange = _UNDERLYING_CODE[row[1]]
