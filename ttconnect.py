@@ -1286,12 +1286,13 @@ class _Loader:
         its two kinds (tuple slices and concatenation: C speed, cheaper than binding the two)."""
         digest, from_bytes = _md5, int.from_bytes  # _instrument_id, inlined: this runs per row
         underlyings: Dict[Tuple[str, str], int] = {}
+        strike_text = _Memo(repr)  # repr(float) is slow and a master has a few thousand distinct strikes
         cash_seen = self.cash_seen
         for row in rows:
             kind = row[0]
             if kind == "O":
                 uid = underlyings.get((row[1], row[2])) or self._underlying(underlyings, row)
-                key = f"{row[1]}|{row[2]}|{row[8]}|{row[10]!r}|{row[11]}"  # = _option_key
+                key = f"{row[1]}|{row[2]}|{row[8]}|{strike_text[row[10]]}|{row[11]}"  # = _option_key
                 iid = from_bytes(digest(key.encode()).digest()[:8], "big") >> 1
             elif kind == "F":
                 uid = underlyings.get((row[1], row[2])) or self._underlying(underlyings, row)
