@@ -292,6 +292,17 @@ def test_duplicate_canonical_rows_are_counted(tmp_path: Path, clock: FakeClock, 
         assert kite.refresh_instruments()["duplicates"] == 1
 
 
+def test_an_equity_spelled_like_an_index_shares_its_id(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    """A cash row with an index's canonical key (NSE:NIFTY listed as an equity too) is the same id: both types are
+    filed, the first row's instrument and token stay, and the later row counts as a duplicate."""
+    body = KITE_CSV + b'999001,9,NIFTY,"NIFTY EQ",0,,0,0.05,1,EQ,NSE,NSE\n'
+    kite = open_client(clients, "zerodha", tmp_path, clock, body)
+    assert kite._instruments.loaded is not None and kite._instruments.loaded["duplicates"] == 1
+    tt.Equity(exchange="NSE", symbol="NIFTY")  # exists: construction checks the open client's DB
+    assert kite.resolve(tt.Index(exchange="NSE", symbol="NIFTY")) == "256265"
+    assert kite.lot_size(tt.Index(exchange="NSE", symbol="NIFTY")) == 0  # the index row's, listed first
+
+
 def test_construction_checks_existence_when_a_client_is_open(tmp_path: Path, clock: FakeClock, clients: list) -> None:
     open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
     with responses.RequestsMock(assert_all_requests_are_fired=False):  # nothing may reach the network
