@@ -6348,7 +6348,9 @@ class _PaperReplaySource:
         self._file: Optional[IO[str]] = None
         self._line = 0
         self._started: Optional[Tuple[float, float]] = None  # (first tick's time, monotonic then)
-        self._labels: Dict[str, Optional[str]] = {}  # a file's instrument text -> paper token (None: unknown)
+        # a file's instrument text -> (paper token, its instrument); None: not a paper instrument
+        self._labels: Dict[Any, Optional[Tuple[str, Instrument]]] = {}
+        self._decoder: Any = None  # json.JSONDecoder, once the file is open
         self.unknown = 0
         self._pending: Optional[Tuple[str, Tick, float]] = None  # a paced tick read before its time
         self.resume_at = 0.0  # paced: when (monotonic) the pending tick is due
@@ -6371,16 +6373,18 @@ class _PaperReplaySource:
     def match_until(self, until: float) -> None:
         pass  # prices move only as the file is read
 
-    def _token(self, text: Any) -> Optional[str]:
-        token = self._labels.get(text, "")
-        if token == "":
-            try:
-                token = self.engine.instruments.lookup(parse_instrument(text))[0]
-            except (TTConnectError, ValueError):
-                log.warning("paper replay: %s is not a paper instrument; its ticks are skipped", _short(str(text), 80))
-                token = None
-            self._labels[text] = token
-        return token
+    def _label(self, text: Any) -> Optional[Tuple[str, Instrument]]:
+        """The paper token and instrument a file's instrument text names (None: none; said once)."""
+        if text in self._labels:
+            return self._labels[text]
+        try:
+            token = self.engine.instruments.lookup(parse_instrument(text))[0]
+        except (TTConnectError, ValueError):
+            log.warning("paper replay: %s is not a paper instrument; its ticks are skipped", _short(str(text), 80))
+            self._labels[text] = None
+            return None
+        label = self._labels[text] = (token, self.engine.info(token)[0])
+        return label
 
     def read(self, subs: Mapping[str, str]) -> Tuple[List[Tick], bool]:
         """The next batch of the file: (ticks for the subscriptions, whether the file went on)."""
@@ -6388,6 +6392,8 @@ class _PaperReplaySource:
 
         if self._file is None:
             self._file = open(self.path, encoding="utf-8", errors="replace")  # a bad line fails as JSON
+            self._decoder = json.JSONDecoder()
+        readline, decode, labels = self._file.readline, self._decoder.raw_decode, self._labels
         engine = self.engine
         out: List[Tick] = []
         self.resume_at = 0.0
@@ -6396,21 +6402,33 @@ class _PaperReplaySource:
                 if self._pending is not None:
                     (token, tick, at), self._pending = self._pending, None
                 else:
-                    line = self._file.readline()
+                    line = readline()
                     if not line:
                         return out, bool(out)
                     self._line += 1
                     try:
-                        record = json.loads(line)
-                        found = self._token(record["instrument"])
-                        if found is None:
+                        # json.loads, without its per-call checks for the common line: a value
+                        # from the first character to the newline.
+                        try:
+                            record, end = decode(line)
+                            plain = line[end:] in ("\n", "")
+                        except ValueError:
+                            plain = False
+                        if not plain:  # blanks around it, or no JSON: json.loads reads it or says what is wrong
+                            record = json.loads(line)
+                        label = labels.get(record["instrument"]) or self._label(record["instrument"])
+                        if label is None:
                             self.unknown += 1
                             continue
-                        token = found
-                        at = _record_epoch(record["ts"], "ts")
-                        if not at:
-                            raise ValueError("ts 0")
-                        tick = _tick_from_record(record, engine.info(token)[0])
+                        token, instrument = label
+                        ts = record["ts"]
+                        if type(ts) is int and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1]:  # the common case
+                            at = ts / 1000
+                        else:
+                            at = _record_epoch(ts, "ts")
+                            if not at:
+                                raise ValueError("ts 0")
+                        tick = _tick_from_record(record, instrument)
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:
                         log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path,
                                     _describe(exc))
@@ -6420,9 +6438,15 @@ class _PaperReplaySource:
                     if due > time.monotonic():
                         self._pending, self.resume_at = (token, tick, at), due
                         return out, True
-                quote = _quote_of_tick(tick, at)
+                if tick._depth is None:  # no depth: the touch is the last price (a float: round gives an int)
+                    paise = round(tick.ltp * 100)
+                    quote = _PaperQuote(paise, paise, paise, at, tick)
+                else:
+                    quote = _quote_of_tick(tick, at)
                 engine._quotes[token] = quote
-                engine.on_quote(token, quote)
+                book = engine._books.get(token)
+                if book is not None and book.orders and book.moves(quote):  # on_quote's first test, without its call
+                    engine.on_quote(token, quote)
                 mode = subs.get(token)
                 if mode is not None:
                     out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
@@ -6540,7 +6564,9 @@ def _tick_from_record(record: Mapping[str, Any], instrument: Instrument) -> Tick
     mode = get("mode", "full")
     if mode not in _STREAM_MODES:
         raise ValueError(f"mode {mode!r}")
-    ltp = _record_price(record["ltp"], "ltp")
+    ltp = record["ltp"]
+    if type(ltp) is not float or not 0.01 <= ltp < _RECORD_PRICE_MAX:  # the common case passes without a call
+        ltp = _record_price(ltp, "ltp")
     depth = None
     if get("bids") or get("asks"):
         def side(levels: Any) -> Tuple[Any, ...]:  # a malformed level fails the line
@@ -6552,10 +6578,12 @@ def _tick_from_record(record: Mapping[str, Any], instrument: Instrument) -> Tick
             depth = (bids, asks, 1.0)
         else:  # prices that cannot be (negative, zero, a crossed book): the tick keeps its last price only
             log.warning("paper replay: a tick of %s has impossible depth; its depth is ignored", instrument)
+    last_trade, exchange = get("last_trade_time"), get("exchange_time")  # mostly absent: then no call
     tick = _TickBuilder(instrument, mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
                         get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"), get("oi"),
-                        get("oi_day_high"), get("oi_day_low"), _record_epoch(get("last_trade_time"), "last_trade_time"),
-                        _record_epoch(get("exchange_time"), "exchange_time"), depth)
+                        get("oi_day_high"), get("oi_day_low"),
+                        0.0 if last_trade is None else _record_epoch(last_trade, "last_trade_time"),
+                        0.0 if exchange is None else _record_epoch(exchange, "exchange_time"), depth)
     tick.__class__ = Tick
     return tick
 
@@ -7436,6 +7464,7 @@ _GENERAL_KEYS = frozenset({
 
 
 _CLOCK_SPAN = (946684800.0, 4102444800.0)  # what a clock may say: 2000-01-01 to 2100-01-01 (UTC)
+_CLOCK_SPAN_MS = (946684800000, 4102444800000)  # the same, in epoch milliseconds
 
 
 def _clock_option(clock: Any) -> Callable[[], float]:
