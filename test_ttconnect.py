@@ -8069,6 +8069,22 @@ def test_a_tick_file_field_of_an_odd_type_is_read_as_a_plain_one_would_be(tmp_pa
     assert client.get_positions() == [] and client.stream_stats()["reconnects"] == 0
 
 
+def test_a_tick_file_number_beyond_a_float_or_json_nested_too_deep_is_a_skipped_line(tmp_path: Path, clients: list,
+                                                                                    paper_clock: FakeClock) -> None:
+    """Not an error of the feed: the ticks read with it in its batch are delivered, nothing reconnects."""
+    huge = "1" + "0" * 400  # a JSON int no float can hold
+    path = tick_file(tmp_path / "ticks.jsonl", [
+        tick_line(901.0, 0), '{"instrument": "NSE:SBIN", "ts": %s, "ltp": 900.0}' % huge,
+        '{"instrument": "NSE:SBIN", "ts": %d, "ltp": %s}' % (T0_MS, huge),
+        tick_line(900.0, 1, mode="full", bids=[[899.0, 1e400, 1]], asks=[[900.5, 10, 1]]),  # qty: Infinity
+        '{"instrument": "NSE:SBIN", "ts": %d, "ltp": 900.0, "exchange_time": %s}' % (T0_MS, huge),
+        "[" * 100_000, tick_line(902.0, 2),
+    ])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    assert stream(client, 2, timeout=5.0) == [901.0, 902.0]
+    assert client.stream_stats()["reconnects"] == 0
+
+
 def test_a_tick_file_line_that_is_not_utf8_is_skipped(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
     path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0), b"\xff\xfe\xfd not utf-8 \xc3\x28",
                                                 tick_line(902.0, 1)])

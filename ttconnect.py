@@ -6429,7 +6429,9 @@ class _PaperReplaySource:
                             if not at:
                                 raise ValueError("ts 0")
                         tick = _tick_from_record(record, instrument)
-                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+                        # OverflowError: a number beyond a float (ts of 400 digits, an infinite depth qty);
+                        # RecursionError: JSON nested deeper than the parser goes
                         log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path,
                                     _describe(exc))
                         continue
