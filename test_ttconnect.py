@@ -8085,6 +8085,28 @@ def test_a_tick_file_number_beyond_a_float_or_json_nested_too_deep_is_a_skipped_
     assert client.stream_stats()["reconnects"] == 0
 
 
+def test_a_replayed_fill_sees_the_prices_of_the_lines_before_it(tmp_path: Path, clients: list,
+                                                                paper_clock: FakeClock) -> None:
+    """A short option's margin is on its underlying's price: a fill by a line of the file uses the
+    underlying's price of the file's lines before it (the same feed frame), not an older one."""
+    client = paper_client(clients, tmp_path, paper_clock, prices=tick_file(tmp_path / "none.jsonl", []))
+    nifty = tt.Index(exchange="NSE", symbol="NIFTY")
+    ce = tt.Option(exchange="NFO", symbol="NIFTY", expiry=client.expiries("NIFTY")[0], strike=23500, option_type="CE")
+    client.close()
+    path = tick_file(tmp_path / "ticks.jsonl", [
+        tick_line(23500.0, 0, instrument=str(nifty)), tick_line(23600.0, 1, instrument=str(nifty)),
+        tick_line(130.0, 2, instrument=str(ce)), tick_line(901.0, 3),
+    ])
+    client = paper_client(clients, tmp_path / "replay", paper_clock, prices=path)
+    push(client, nifty, 23000.0)  # a price to place the short sale against
+    lot = client.lot_size(ce)
+    order_id = client.place_order(ce, lot, "SELL", "NRML", "LIMIT", price=125.0)
+    assert stream(client, 1) == [901.0]
+    order = client.get_order(order_id)
+    assert (order.status, order.average_price) == (COMPLETE, 130.0)
+    assert client.get_funds().used == pytest.approx(0.12 * lot * 23600.0)  # 12% of the notional at the last price
+
+
 def test_a_tick_file_line_that_is_not_utf8_is_skipped(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
     path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0), b"\xff\xfe\xfd not utf-8 \xc3\x28",
                                                 tick_line(902.0, 1)])

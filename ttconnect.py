@@ -5287,8 +5287,12 @@ class _PaperBook:
                 self.min_sell = min(self.min_sell, o["price"])
 
     def moves(self, q: _PaperQuote) -> bool:
-        return (self.waiting or q.ask <= self.max_buy or q.bid >= self.min_sell or q.ltp >= self.min_buy_stop
-                or q.ltp <= self.max_sell_stop)
+        return self.reaches(q.ltp, q.bid, q.ask)
+
+    def reaches(self, ltp: int, bid: int, ask: int) -> bool:
+        """Whether a price (paise) fills or triggers any of these orders (what ``moves`` asks of a quote)."""
+        return (self.waiting or ask <= self.max_buy or bid >= self.min_sell or ltp >= self.min_buy_stop
+                or ltp <= self.max_sell_stop)
 
 
 class _PaperConflict(Exception):
@@ -6393,66 +6397,88 @@ class _PaperReplaySource:
         if self._file is None:
             self._file = open(self.path, encoding="utf-8", errors="replace")  # a bad line fails as JSON
             self._decoder = json.JSONDecoder()
-        readline, decode, labels = self._file.readline, self._decoder.raw_decode, self._labels
+        readline = self._file.readline
         engine = self.engine
         out: List[Tick] = []
+        # The batch's last price of each instrument, as a quote's fields: made into the engine's
+        # quotes once, when the batch ends or before a price reaches an order.
+        latest: Dict[str, Tuple[int, int, int, float, Tick]] = {}
         self.resume_at = 0.0
         with engine.lock:
-            for _ in range(self._BATCH):
-                if self._pending is not None:
-                    (token, tick, at), self._pending = self._pending, None
-                else:
-                    line = readline()
-                    if not line:
-                        return out, bool(out)
-                    self._line += 1
-                    try:
-                        # json.loads, without its per-call checks for the common line: a value
-                        # from the first character to the newline.
+            try:
+                for _ in range(self._BATCH):
+                    if self._pending is not None:
+                        (token, tick, at), self._pending = self._pending, None
+                    else:
+                        line = readline()
+                        if not line:
+                            return out, bool(out)
+                        self._line += 1
                         try:
-                            record, end = decode(line)
-                            plain = line[end:] in ("\n", "")
-                        except ValueError:
-                            plain = False
-                        if not plain:  # blanks around it, or no JSON: json.loads reads it or says what is wrong
-                            record = json.loads(line)
-                        label = labels.get(record["instrument"]) or self._label(record["instrument"])
-                        if label is None:
+                            found = self._parse(line)
+                        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+                            # OverflowError: a number beyond a float (ts of 400 digits, an infinite depth qty);
+                            # RecursionError: JSON nested deeper than the parser goes
+                            log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path,
+                                        _describe(exc))
+                            continue
+                        if found is None:
                             self.unknown += 1
                             continue
-                        token, instrument = label
-                        ts = record["ts"]
-                        if type(ts) is int and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1]:  # the common case
-                            at = ts / 1000
-                        else:
-                            at = _record_epoch(ts, "ts")
-                            if not at:
-                                raise ValueError("ts 0")
-                        tick = _tick_from_record(record, instrument)
-                    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
-                        # OverflowError: a number beyond a float (ts of 400 digits, an infinite depth qty);
-                        # RecursionError: JSON nested deeper than the parser goes
-                        log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path,
-                                    _describe(exc))
-                        continue
-                if self.speed:  # paced: a tick not due yet waits (outside the lock) for its time
-                    due = self._due(at)
-                    if due > time.monotonic():
-                        self._pending, self.resume_at = (token, tick, at), due
-                        return out, True
-                if tick._depth is None:  # no depth: the touch is the last price (a float: round gives an int)
-                    paise = round(tick.ltp * 100)
-                    quote = _PaperQuote(paise, paise, paise, at, tick)
-                else:
-                    quote = _quote_of_tick(tick, at)
-                engine._quotes[token] = quote
-                book = engine._books.get(token)
-                if book is not None and book.orders and book.moves(quote):  # on_quote's first test, without its call
-                    engine.on_quote(token, quote)
-                mode = subs.get(token)
-                if mode is not None:
-                    out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
-        return out, True
+                        token, tick, at = found
+                    if self.speed:  # paced: a tick not due yet waits (outside the lock) for its time
+                        due = self._due(at)
+                        if due > time.monotonic():
+                            self._pending, self.resume_at = (token, tick, at), due
+                            return out, True
+                    if tick._depth is None:  # the touch is the last price (a float: round gives an int)
+                        ltp = bid = ask = round(tick.ltp * 100)
+                    else:
+                        ltp, bid, ask = _quote_of_tick(tick, at)[:3]
+                    latest[token] = (ltp, bid, ask, at, tick)
+                    book = engine._books.get(token)
+                    if book is not None and book.orders and book.reaches(ltp, bid, ask):  # on_quote's first test
+                        self._store(latest)  # every price so far first: a fill may look at another instrument's
+                        engine.on_quote(token, engine._quotes[token])
+                    mode = subs.get(token)
+                    if mode is not None:
+                        out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
+                return out, True
+            finally:
+                self._store(latest)
+
+    def _parse(self, line: str) -> Optional[Tuple[str, Tick, float]]:
+        """(paper token, tick, epoch seconds) of one line; None for an instrument paper does not
+        list; an exception for a line that is no tick."""
+        # json.loads, without its per-call checks for the common line: one value from the first
+        # character to the newline. Anything else goes to json.loads, to read it or say what is wrong.
+        try:
+            record, end = self._decoder.raw_decode(line)
+            plain = line[end:] in ("\n", "")
+        except ValueError:
+            plain = False
+        if not plain:
+            import json
+
+            record = json.loads(line)
+        label = self._labels.get(record["instrument"]) or self._label(record["instrument"])
+        if label is None:
+            return None
+        token, instrument = label
+        ts = record["ts"]
+        if type(ts) is int and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1]:  # the common case, without a call
+            at = ts / 1000
+        else:
+            at = _record_epoch(ts, "ts")
+            if not at:
+                raise ValueError("ts 0")
+        return token, _tick_from_record(record, instrument), at
+
+    def _store(self, latest: Dict[str, Tuple[int, int, int, float, Tick]]) -> None:
+        quotes = self.engine._quotes
+        for token, price in latest.items():
+            quotes[token] = _PaperQuote._make(price)
+        latest.clear()
 
     def _due(self, at: float) -> float:
         """When (monotonic) a tick of file time ``at`` is due at the replay's speed."""
