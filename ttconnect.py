@@ -6448,16 +6448,19 @@ class _PaperReplaySource:
                 self._store(latest)
 
     def _parse(self, line: str) -> Optional[Tuple[str, Tick, float]]:
-        """(paper token, tick, epoch seconds) of one line; None for an instrument paper does not
-        list; an exception for a line that is no tick."""
-        # json.loads, without its per-call checks for the common line: one value from the first
-        # character to the newline. Anything else goes to json.loads, to read it or say what is wrong.
+        """(paper token, tick, epoch seconds) of one line of the file; None for an instrument paper
+        does not list; an exception for a line that is no tick.
+
+        The common line is read without a call beyond the JSON decoder's: one JSON value from the
+        first character to the newline, an int ts and a float ltp in range, no times, no depth.
+        Any other part takes the general path (json.loads, _record_epoch, _record_price,
+        _record_depth), so it is read, or refused, with the same result and message."""
         try:
             record, end = self._decoder.raw_decode(line)
             plain = line[end:] in ("\n", "")
         except ValueError:
             plain = False
-        if not plain:
+        if not plain:  # blanks around the value, or no JSON value at all
             import json
 
             record = json.loads(line)
@@ -6466,13 +6469,29 @@ class _PaperReplaySource:
             return None
         token, instrument = label
         ts = record["ts"]
-        if type(ts) is int and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1]:  # the common case, without a call
+        if type(ts) is int and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1]:
             at = ts / 1000
         else:
             at = _record_epoch(ts, "ts")
             if not at:
                 raise ValueError("ts 0")
-        return token, _tick_from_record(record, instrument), at
+        get = record.get
+        mode = get("mode", "full")
+        if mode not in _STREAM_MODES:
+            raise ValueError(f"mode {mode!r}")
+        ltp = record["ltp"]
+        if type(ltp) is not float or not 0.01 <= ltp < _RECORD_PRICE_MAX:
+            ltp = _record_price(ltp, "ltp")
+        bids, asks = get("bids"), get("asks")
+        depth = _record_depth(bids, asks, instrument) if bids or asks else None
+        last_trade, exchange = get("last_trade_time"), get("exchange_time")
+        tick = _TickBuilder(instrument, mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
+                            get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"),
+                            get("oi"), get("oi_day_high"), get("oi_day_low"),
+                            0.0 if last_trade is None else _record_epoch(last_trade, "last_trade_time"),
+                            0.0 if exchange is None else _record_epoch(exchange, "exchange_time"), depth)
+        tick.__class__ = Tick
+        return token, tick, at
 
     def _store(self, latest: Dict[str, Tuple[int, int, int, float, Tick]]) -> None:
         quotes = self.engine._quotes
@@ -6587,33 +6606,19 @@ def _record_epoch(value: Any, what: str) -> float:
     return value / 1000
 
 
-def _tick_from_record(record: Mapping[str, Any], instrument: Instrument) -> Tick:
-    get = record.get
-    mode = get("mode", "full")
-    if mode not in _STREAM_MODES:
-        raise ValueError(f"mode {mode!r}")
-    ltp = record["ltp"]
-    if type(ltp) is not float or not 0.01 <= ltp < _RECORD_PRICE_MAX:  # the common case passes without a call
-        ltp = _record_price(ltp, "ltp")
-    depth = None
-    if get("bids") or get("asks"):
-        def side(levels: Any) -> Tuple[Any, ...]:  # a malformed level fails the line
-            return tuple(v for price, qty, orders in levels or () for v in (int(qty), float(price), orders))
+def _record_depth(bids: Any, asks: Any, instrument: Instrument) -> Optional[Tuple[Any, Any, float]]:
+    """A tick file's depth ([price, qty, orders] per level) as a Tick holds it; None (with a
+    warning) for prices that cannot be: negative, zero, a crossed book. A malformed level fails
+    the line."""
+    def side(levels: Any) -> Tuple[Any, ...]:
+        return tuple(v for price, qty, orders in levels or () for v in (int(qty), float(price), orders))
 
-        bids, asks = side(get("bids")), side(get("asks"))
-        prices = bids[1::3] + asks[1::3]
-        if all(0.01 <= p < _RECORD_PRICE_MAX for p in prices) and not (bids and asks and bids[1] > asks[1]):
-            depth = (bids, asks, 1.0)
-        else:  # prices that cannot be (negative, zero, a crossed book): the tick keeps its last price only
-            log.warning("paper replay: a tick of %s has impossible depth; its depth is ignored", instrument)
-    last_trade, exchange = get("last_trade_time"), get("exchange_time")  # mostly absent: then no call
-    tick = _TickBuilder(instrument, mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
-                        get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"), get("oi"),
-                        get("oi_day_high"), get("oi_day_low"),
-                        0.0 if last_trade is None else _record_epoch(last_trade, "last_trade_time"),
-                        0.0 if exchange is None else _record_epoch(exchange, "exchange_time"), depth)
-    tick.__class__ = Tick
-    return tick
+    bid_levels, ask_levels = side(bids), side(asks)
+    crossed = bool(bid_levels and ask_levels and bid_levels[1] > ask_levels[1])
+    if crossed or not all(0.01 <= p < _RECORD_PRICE_MAX for p in bid_levels[1::3] + ask_levels[1::3]):
+        log.warning("paper replay: a tick of %s has impossible depth; its depth is ignored", instrument)
+        return None  # the tick keeps its last price only
+    return bid_levels, ask_levels, 1.0
 
 
 class _PaperSocket:
