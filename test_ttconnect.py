@@ -8030,6 +8030,94 @@ def test_a_tick_file_of_junk_lines_delivers_exactly_its_good_ticks(tmp_path: Pat
     assert client.stream_stats()["reconnects"] == 0
 
 
+def test_a_tick_file_field_of_an_odd_type_is_read_as_a_plain_one_would_be(tmp_path: Path, clients: list,
+                                                                         paper_clock: FakeClock, caplog: Any) -> None:
+    """The replay takes a plain line (one JSON value to the newline, an int ts, a float ltp in
+    range, no times) without its general checks: every other shape gets them all, so these
+    lines are kept or skipped as json.loads and the checks say. Each line is known by its volume."""
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    last_ms = int(dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc).timestamp() * 1000) - 1
+    first_ms = int(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    lines: List[Any] = [  # (line, kept)
+        (tick_line(900.0, volume=0), True),
+        (tick_line(900.0, ts=float(T0_MS), volume=1), True),  # a float ts
+        (tick_line(900.0, ts=first_ms, volume=2), True), (tick_line(900.0, ts=last_ms, volume=3), True),
+        (tick_line(900.0, ts=first_ms - 1, volume=4), False), (tick_line(900.0, ts=last_ms + 1, volume=5), False),
+        (tick_line(900.0, ts=True, volume=6), False), (tick_line(900.0, ts=str(T0_MS), volume=7), False),
+        (tick_line(900.0, ts=0, volume=8), False), (tick_line(900.0, ts=None, volume=9), False),
+        (tick_line(900.0, ts=[T0_MS], volume=10), False),
+        (tick_line(900, volume=11), True), (tick_line("900.5", volume=12), True),  # an int, a numeric string
+        (tick_line(0.01, volume=13), True), (tick_line(0.009, volume=14), False), (tick_line(1e11, volume=15), False),
+        (tick_line(-900.0, volume=16), False), ('{"instrument": "NSE:SBIN", "ts": %d, "ltp": Infinity, "volume": 17}'
+                                               % T0_MS, False),
+        (tick_line(900.0, last_trade_time=None, exchange_time=0, volume=18), True),
+        (tick_line(900.0, last_trade_time=T0_MS - 1000, volume=19), True),
+        (tick_line(900.0, last_trade_time="x", volume=20), False), (tick_line(900.0, exchange_time=1, volume=21), False),
+        ("  " + json.dumps(tick_line(900.0, volume=22)) + " \t", True),  # blanks around the value: json.loads's
+        (json.dumps(tick_line(900.0, volume=23)) + "\r", True),
+        (json.dumps(tick_line(900.0, volume=24)) + " x", False), (json.dumps(tick_line(900.0, volume=25)) * 2, False),
+        (json.dumps(tick_line(900.0, volume=26)) + " {}", False),
+        (tick_line(910.0, volume=27), True),  # the end
+    ]
+    path = tmp_path / "ticks.jsonl"
+    tick_file(path, [line for line, _ in lines])
+    with open(path, "ab") as f:
+        f.write(json.dumps(tick_line(911.0, volume=28)).encode())  # a last line without its newline
+    client = paper_client(clients, tmp_path, paper_clock, prices=str(path))
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode="full")
+    got = [ticks.get(timeout=5)]
+    while got[-1].volume != 28:
+        got.append(ticks.get(timeout=5))
+    assert [t.volume for t in got] == [i for i, (_, kept) in enumerate(lines) if kept] + [28]
+    by_volume = {t.volume: t for t in got}
+    assert by_volume[11].ltp == 900.0 and type(by_volume[11].ltp) is float and by_volume[12].ltp == 900.5
+    assert by_volume[1].exchange_time is None and by_volume[18].last_trade_time is None
+    assert by_volume[19].last_trade_time == PAPER_DAY - dt.timedelta(seconds=1)
+    skipped = {int(m.group(1)) - 1 for r in caplog.records
+               for m in [re.match(r"paper replay: skipped line (\d+) of ", r.getMessage())] if m}
+    assert skipped == {i for i, (_, kept) in enumerate(lines) if not kept}  # each named by its line number
+    assert client.get_positions() == [] and client.stream_stats()["reconnects"] == 0
+
+
+def test_a_tick_file_number_beyond_a_float_or_json_nested_too_deep_is_a_skipped_line(tmp_path: Path, clients: list,
+                                                                                    paper_clock: FakeClock) -> None:
+    """Not an error of the feed: the ticks read with it in its batch are delivered, nothing reconnects."""
+    huge = "1" + "0" * 400  # a JSON int no float can hold
+    path = tick_file(tmp_path / "ticks.jsonl", [
+        tick_line(901.0, 0), '{"instrument": "NSE:SBIN", "ts": %s, "ltp": 900.0}' % huge,
+        '{"instrument": "NSE:SBIN", "ts": %d, "ltp": %s}' % (T0_MS, huge),
+        tick_line(900.0, 1, mode="full", bids=[[899.0, 1e400, 1]], asks=[[900.5, 10, 1]]),  # qty: Infinity
+        '{"instrument": "NSE:SBIN", "ts": %d, "ltp": 900.0, "exchange_time": %s}' % (T0_MS, huge),
+        "[" * 100_000, tick_line(902.0, 2),
+    ])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    assert stream(client, 2, timeout=5.0) == [901.0, 902.0]
+    assert client.stream_stats()["reconnects"] == 0
+
+
+def test_a_replayed_fill_sees_the_prices_of_the_lines_before_it(tmp_path: Path, clients: list,
+                                                                paper_clock: FakeClock) -> None:
+    """A short option's margin is on its underlying's price: a fill by a line of the file uses the
+    underlying's price of the file's lines before it (the same feed frame), not an older one."""
+    client = paper_client(clients, tmp_path, paper_clock, prices=tick_file(tmp_path / "none.jsonl", []))
+    nifty = tt.Index(exchange="NSE", symbol="NIFTY")
+    ce = tt.Option(exchange="NFO", symbol="NIFTY", expiry=client.expiries("NIFTY")[0], strike=23500, option_type="CE")
+    client.close()
+    path = tick_file(tmp_path / "ticks.jsonl", [
+        tick_line(23500.0, 0, instrument=str(nifty)), tick_line(23600.0, 1, instrument=str(nifty)),
+        tick_line(130.0, 2, instrument=str(ce)), tick_line(901.0, 3),
+    ])
+    client = paper_client(clients, tmp_path / "replay", paper_clock, prices=path)
+    push(client, nifty, 23000.0)  # a price to place the short sale against
+    lot = client.lot_size(ce)
+    order_id = client.place_order(ce, lot, "SELL", "NRML", "LIMIT", price=125.0)
+    assert stream(client, 1) == [901.0]
+    order = client.get_order(order_id)
+    assert (order.status, order.average_price) == (COMPLETE, 130.0)
+    assert client.get_funds().used == pytest.approx(0.12 * lot * 23600.0)  # 12% of the notional at the last price
+
+
 def test_a_tick_file_line_that_is_not_utf8_is_skipped(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
     path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0), b"\xff\xfe\xfd not utf-8 \xc3\x28",
                                                 tick_line(902.0, 1)])

@@ -5312,8 +5312,12 @@ class _PaperBook:
                 self.min_sell = min(self.min_sell, o["price"])
 
     def moves(self, q: _PaperQuote) -> bool:
-        return (self.waiting or q.ask <= self.max_buy or q.bid >= self.min_sell or q.ltp >= self.min_buy_stop
-                or q.ltp <= self.max_sell_stop)
+        return self.reaches(q.ltp, q.bid, q.ask)
+
+    def reaches(self, ltp: int, bid: int, ask: int) -> bool:
+        """Whether a price (paise) fills or triggers any of these orders (what ``moves`` asks of a quote)."""
+        return (self.waiting or ask <= self.max_buy or bid >= self.min_sell or ltp >= self.min_buy_stop
+                or ltp <= self.max_sell_stop)
 
 
 class _PaperConflict(Exception):
@@ -6408,7 +6412,9 @@ class _PaperReplaySource:
         self._file: Optional[IO[str]] = None
         self._line = 0
         self._started: Optional[Tuple[float, float]] = None  # (first tick's time, monotonic then)
-        self._labels: Dict[str, Optional[str]] = {}  # a file's instrument text -> paper token (None: unknown)
+        # a file's instrument text -> (paper token, its instrument); None: not a paper instrument
+        self._labels: Dict[Any, Optional[Tuple[str, Instrument]]] = {}
+        self._decoder: Any = None  # json.JSONDecoder, once the file is open
         self.unknown = 0
         self._pending: Optional[Tuple[str, Tick, float]] = None  # a paced tick read before its time
         self.resume_at = 0.0  # paced: when (monotonic) the pending tick is due
@@ -6431,16 +6437,18 @@ class _PaperReplaySource:
     def match_until(self, until: float) -> None:
         pass  # prices move only as the file is read
 
-    def _token(self, text: Any) -> Optional[str]:
-        token = self._labels.get(text, "")
-        if token == "":
-            try:
-                token = self.engine.instruments.lookup(parse_instrument(text))[0]
-            except (TTConnectError, ValueError):
-                log.warning("paper replay: %s is not a paper instrument; its ticks are skipped", _short(str(text), 80))
-                token = None
-            self._labels[text] = token
-        return token
+    def _label(self, text: Any) -> Optional[Tuple[str, Instrument]]:
+        """The paper token and instrument a file's instrument text names (None: none; said once)."""
+        if text in self._labels:
+            return self._labels[text]
+        try:
+            token = self.engine.instruments.lookup(parse_instrument(text))[0]
+        except (TTConnectError, ValueError):
+            log.warning("paper replay: %s is not a paper instrument; its ticks are skipped", _short(str(text), 80))
+            self._labels[text] = None
+            return None
+        label = self._labels[text] = (token, self.engine.info(token)[0])
+        return label
 
     def read(self, subs: Mapping[str, str]) -> Tuple[List[Tick], bool]:
         """The next batch of the file: (ticks for the subscriptions, whether the file went on)."""
@@ -6448,45 +6456,108 @@ class _PaperReplaySource:
 
         if self._file is None:
             self._file = open(self.path, encoding="utf-8", errors="replace")  # a bad line fails as JSON
+            self._decoder = json.JSONDecoder()
+        readline = self._file.readline
         engine = self.engine
         out: List[Tick] = []
+        # The batch's last price of each instrument, as a quote's fields: made into the engine's
+        # quotes once, when the batch ends or before a price reaches an order.
+        latest: Dict[str, Tuple[int, int, int, float, Tick]] = {}
         self.resume_at = 0.0
         with engine.lock:
-            for _ in range(self._BATCH):
-                if self._pending is not None:
-                    (token, tick, at), self._pending = self._pending, None
-                else:
-                    line = self._file.readline()
-                    if not line:
-                        return out, bool(out)
-                    self._line += 1
-                    try:
-                        record = json.loads(line)
-                        found = self._token(record["instrument"])
+            try:
+                for _ in range(self._BATCH):
+                    if self._pending is not None:
+                        (token, tick, at), self._pending = self._pending, None
+                    else:
+                        line = readline()
+                        if not line:
+                            return out, bool(out)
+                        self._line += 1
+                        try:
+                            found = self._parse(line)
+                        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+                            # OverflowError: a number beyond a float (ts of 400 digits, an infinite depth qty);
+                            # RecursionError: JSON nested deeper than the parser goes
+                            log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path,
+                                        _describe(exc))
+                            continue
                         if found is None:
                             self.unknown += 1
                             continue
-                        token = found
-                        at = _record_epoch(record["ts"], "ts")
-                        if not at:
-                            raise ValueError("ts 0")
-                        tick = _tick_from_record(record, engine.info(token)[0])
-                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                        log.warning("paper replay: skipped line %d of %s (%s)", self._line, self.path,
-                                    _describe(exc))
-                        continue
-                if self.speed:  # paced: a tick not due yet waits (outside the lock) for its time
-                    due = self._due(at)
-                    if due > time.monotonic():
-                        self._pending, self.resume_at = (token, tick, at), due
-                        return out, True
-                quote = _quote_of_tick(tick, at)
-                engine._quotes[token] = quote
-                engine.on_quote(token, quote)
-                mode = subs.get(token)
-                if mode is not None:
-                    out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
-        return out, True
+                        token, tick, at = found
+                    if self.speed:  # paced: a tick not due yet waits (outside the lock) for its time
+                        due = self._due(at)
+                        if due > time.monotonic():
+                            self._pending, self.resume_at = (token, tick, at), due
+                            return out, True
+                    if tick._depth is None:  # the touch is the last price (a float: round gives an int)
+                        ltp = bid = ask = round(tick.ltp * 100)
+                    else:
+                        ltp, bid, ask = _quote_of_tick(tick, at)[:3]
+                    latest[token] = (ltp, bid, ask, at, tick)
+                    book = engine._books.get(token)
+                    if book is not None and book.orders and book.reaches(ltp, bid, ask):  # on_quote's first test
+                        self._store(latest)  # every price so far first: a fill may look at another instrument's
+                        engine.on_quote(token, engine._quotes[token])
+                    mode = subs.get(token)
+                    if mode is not None:
+                        out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
+                return out, True
+            finally:
+                self._store(latest)
+
+    def _parse(self, line: str) -> Optional[Tuple[str, Tick, float]]:
+        """(paper token, tick, epoch seconds) of one line of the file; None for an instrument paper
+        does not list; an exception for a line that is no tick.
+
+        The common line is read without a call beyond the JSON decoder's: one JSON value from the
+        first character to the newline, an int ts and a float ltp in range, no times, no depth.
+        Any other part takes the general path (json.loads, _record_epoch, _record_price,
+        _record_depth), so it is read, or refused, with the same result and message."""
+        try:
+            record, end = self._decoder.raw_decode(line)
+            plain = line[end:] in ("\n", "")
+        except ValueError:
+            plain = False
+        if not plain:  # blanks around the value, or no JSON value at all
+            import json
+
+            record = json.loads(line)
+        label = self._labels.get(record["instrument"]) or self._label(record["instrument"])
+        if label is None:
+            return None
+        token, instrument = label
+        ts = record["ts"]
+        if type(ts) is int and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1]:
+            at = ts / 1000
+        else:
+            at = _record_epoch(ts, "ts")
+            if not at:
+                raise ValueError("ts 0")
+        get = record.get
+        mode = get("mode", "full")
+        if mode not in _STREAM_MODES:
+            raise ValueError(f"mode {mode!r}")
+        ltp = record["ltp"]
+        if type(ltp) is not float or not 0.01 <= ltp < _RECORD_PRICE_MAX:
+            ltp = _record_price(ltp, "ltp")
+        bids, asks = get("bids"), get("asks")
+        depth = _record_depth(bids, asks, instrument) if bids or asks else None
+        last_trade, exchange = get("last_trade_time"), get("exchange_time")
+        tick = _TickBuilder(instrument, mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
+                            get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"),
+                            get("oi"), get("oi_day_high"), get("oi_day_low"),
+                            0.0 if last_trade is None else _record_epoch(last_trade, "last_trade_time"),
+                            0.0 if exchange is None else _record_epoch(exchange, "exchange_time"), depth)
+        tick.__class__ = Tick
+        return token, tick, at
+
+    def _store(self, latest: Dict[str, Tuple[int, int, int, float, Tick]]) -> None:
+        quotes = self.engine._quotes
+        for token, price in latest.items():
+            quotes[token] = _PaperQuote._make(price)
+        latest.clear()
 
     def _due(self, at: float) -> float:
         """When (monotonic) a tick of file time ``at`` is due at the replay's speed."""
@@ -6595,29 +6666,19 @@ def _record_epoch(value: Any, what: str) -> float:
     return value / 1000
 
 
-def _tick_from_record(record: Mapping[str, Any], instrument: Instrument) -> Tick:
-    get = record.get
-    mode = get("mode", "full")
-    if mode not in _STREAM_MODES:
-        raise ValueError(f"mode {mode!r}")
-    ltp = _record_price(record["ltp"], "ltp")
-    depth = None
-    if get("bids") or get("asks"):
-        def side(levels: Any) -> Tuple[Any, ...]:  # a malformed level fails the line
-            return tuple(v for price, qty, orders in levels or () for v in (int(qty), float(price), orders))
+def _record_depth(bids: Any, asks: Any, instrument: Instrument) -> Optional[Tuple[Any, Any, float]]:
+    """A tick file's depth ([price, qty, orders] per level) as a Tick holds it; None (with a
+    warning) for prices that cannot be: negative, zero, a crossed book. A malformed level fails
+    the line."""
+    def side(levels: Any) -> Tuple[Any, ...]:
+        return tuple(v for price, qty, orders in levels or () for v in (int(qty), float(price), orders))
 
-        bids, asks = side(get("bids")), side(get("asks"))
-        prices = bids[1::3] + asks[1::3]
-        if all(0.01 <= p < _RECORD_PRICE_MAX for p in prices) and not (bids and asks and bids[1] > asks[1]):
-            depth = (bids, asks, 1.0)
-        else:  # prices that cannot be (negative, zero, a crossed book): the tick keeps its last price only
-            log.warning("paper replay: a tick of %s has impossible depth; its depth is ignored", instrument)
-    tick = _TickBuilder(instrument, mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
-                        get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"), get("oi"),
-                        get("oi_day_high"), get("oi_day_low"), _record_epoch(get("last_trade_time"), "last_trade_time"),
-                        _record_epoch(get("exchange_time"), "exchange_time"), depth)
-    tick.__class__ = Tick
-    return tick
+    bid_levels, ask_levels = side(bids), side(asks)
+    crossed = bool(bid_levels and ask_levels and bid_levels[1] > ask_levels[1])
+    if crossed or not all(0.01 <= p < _RECORD_PRICE_MAX for p in bid_levels[1::3] + ask_levels[1::3]):
+        log.warning("paper replay: a tick of %s has impossible depth; its depth is ignored", instrument)
+        return None  # the tick keeps its last price only
+    return bid_levels, ask_levels, 1.0
 
 
 class _PaperSocket:
@@ -7497,6 +7558,7 @@ _GENERAL_KEYS = frozenset({
 
 
 _CLOCK_SPAN = (946684800.0, 4102444800.0)  # what a clock may say: 2000-01-01 to 2100-01-01 (UTC)
+_CLOCK_SPAN_MS = (946684800000, 4102444800000)  # the same, in epoch milliseconds
 
 
 def _clock_option(clock: Any) -> Callable[[], float]:
