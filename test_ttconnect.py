@@ -8057,19 +8057,20 @@ def test_a_tick_file_field_of_an_odd_type_is_read_as_a_plain_one_would_be(tmp_pa
         (json.dumps(tick_line(900.0, volume=23)) + "\r", True),
         (json.dumps(tick_line(900.0, volume=24)) + " x", False), (json.dumps(tick_line(900.0, volume=25)) * 2, False),
         (json.dumps(tick_line(900.0, volume=26)) + " {}", False),
-        (tick_line(910.0, volume=27), True),  # the end
+        ("\ufeff" + json.dumps(tick_line(900.0, volume=27)), False),  # a byte-order mark: json.loads refuses it
+        (tick_line(910.0, volume=28), True),  # the end
     ]
     path = tmp_path / "ticks.jsonl"
     tick_file(path, [line for line, _ in lines])
     with open(path, "ab") as f:
-        f.write(json.dumps(tick_line(911.0, volume=28)).encode())  # a last line without its newline
+        f.write(json.dumps(tick_line(911.0, volume=29)).encode())  # a last line without its newline
     client = paper_client(clients, tmp_path, paper_clock, prices=str(path))
     ticks: "queue.Queue[tt.Tick]" = queue.Queue()
     client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode="full")
     got = [ticks.get(timeout=5)]
-    while got[-1].volume != 28:
+    while got[-1].volume != 29:
         got.append(ticks.get(timeout=5))
-    assert [t.volume for t in got] == [i for i, (_, kept) in enumerate(lines) if kept] + [28]
+    assert [t.volume for t in got] == [i for i, (_, kept) in enumerate(lines) if kept] + [29]
     by_volume = {t.volume: t for t in got}
     assert by_volume[11].ltp == 900.0 and type(by_volume[11].ltp) is float and by_volume[12].ltp == 900.5
     assert by_volume[1].exchange_time is None and by_volume[18].last_trade_time is None

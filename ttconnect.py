@@ -6554,6 +6554,7 @@ class _PaperReplaySource:
         return token, tick, at
 
     def _store(self, latest: Dict[str, Tuple[int, int, int, float, Tick]]) -> None:
+        """Make the batch's prices so far the engine's quotes (the caller holds the engine's lock)."""
         quotes = self.engine._quotes
         for token, price in latest.items():
             quotes[token] = _PaperQuote._make(price)
