@@ -281,12 +281,20 @@ def test_master_rows_are_counted_skipped_and_malformed(tmp_path: Path, clock: Fa
     assert kite.resolve(tt.Equity(exchange="NSE", symbol="INFY")) == "408065"
 
 
-def test_duplicate_canonical_rows_are_counted(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+@pytest.mark.parametrize("symbol, token, instrument", [
+    ("NIFTY26NOVFUT", "13355010", tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-11-24")),
+    # the options table is keyed by the chain: a repeated option is filed once too
+    ("NIFTY26NOV23500CE", "13364994", tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-11-24", strike=23500,
+                                                option_type="CE")),
+])
+def test_duplicate_canonical_rows_are_counted(symbol: str, token: str, instrument: tt.Instrument, tmp_path: Path,
+                                              clock: FakeClock, clients: list) -> None:
     lines = KITE_CSV.decode().splitlines()
-    dup = next(line for line in lines if ",NIFTY26NOVFUT," in line).replace("13355010", "99999999")
+    dup = next(line for line in lines if f",{symbol}," in line).replace(token, "99999999")
     body = ("\n".join(lines + [dup]) + "\n").encode()
     kite = open_client(clients, "zerodha", tmp_path, clock, body)
-    assert kite.resolve(tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-11-24")) == "13355010"  # first wins
+    assert kite.resolve(instrument) == token  # first wins
+    assert [str(o) for o in kite.option_chain("NIFTY", "2026-11-24")].count("NFO:NIFTY 2026-11-24 23500 CE") == 1
     with responses.RequestsMock() as rs:
         rs.get(URLS["zerodha"], body=body)
         assert kite.refresh_instruments()["duplicates"] == 1
@@ -539,6 +547,32 @@ def test_corrupt_db_is_detected_and_rebuilt(damage: str, tmp_path: Path, clock: 
     assert kite.resolve(tt.Equity(exchange="NSE", symbol="SBIN")) == "779521"
     assert any("damaged" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "instruments.db.corrupt").exists()
+
+
+def test_a_db_of_the_previous_schema_is_rebuilt_the_same_day(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    """Schema 2 (options a rowid table beside a separate chain index) predates the chain-keyed
+    options table: a DB file of it is reloaded, not read, even though its masters are current;
+    the other broker in it reloads on its next start (nothing is carried from an older schema)."""
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    open_client(clients, "angelone", tmp_path, clock, ANGEL_JSON).close()
+    clients.clear()
+    old = sqlite3.connect(tmp_path / "instruments.db")
+    old.executescript(
+        "CREATE TABLE options_v2 AS SELECT * FROM options; DROP TABLE options;"
+        " ALTER TABLE options_v2 RENAME TO options;"
+        " CREATE INDEX ix_options_chain ON options(underlying_id, expiry, strike, option_type, instrument_id);"
+        " PRAGMA user_version = 2;")
+    old.close()
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)  # the download must happen
+    assert NIFTY_CE in kite.option_chain("NIFTY", "2026-11-24")
+    assert kite.resolve(NIFTY_CE) == "13364994"
+    db = sqlite3.connect(tmp_path / "instruments.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == tt._SCHEMA_VERSION
+    assert db.execute("SELECT DISTINCT broker_id FROM broker_tokens").fetchall() == [("zerodha",)]
+    db.close()
+    angel = open_client(clients, "angelone", tmp_path, clock, ANGEL_JSON)  # reloads too
+    assert angel.resolve(NIFTY_CE) == "52207"
+    assert kite.resolve(NIFTY_CE) == "13364994"
 
 
 def test_a_crash_mid_refresh_leaves_readers_on_the_old_data(tmp_path: Path, clock: FakeClock, clients: list) -> None:

@@ -1076,12 +1076,15 @@ def _check_order(spec: "BrokerSpec", instrument: Any, qty: Any, side: Any, produ
 # 5. Instrument store (sqlite3)
 # ============================================================================
 
-_SCHEMA_VERSION = 2  # 2: broker_tokens.freeze_qty
+_SCHEMA_VERSION = 3  # 2: broker_tokens.freeze_qty; 3: options keyed by the chain (WITHOUT ROWID)
 
 # Rows are appended in load order and every key is a unique index built after the bulk load:
 # inserting ~1e5 hashed ids into a keyed b-tree row by row is ~3x slower than appending and
 # sorting once. ``id`` is the canonical identity (see _instrument_id), the same in every
-# broker's rows.
+# broker's rows. ``options`` is the exception: keyed by the chain, which covers every column,
+# it is stored once instead of as a table plus a chain index copying it, and filing each row
+# into that key costs less than appending and sorting (masters list a chain's strikes
+# together; even shuffled, it still does).
 _SCHEMA = """
 CREATE TABLE instruments (
     id        INTEGER NOT NULL,
@@ -1108,8 +1111,10 @@ CREATE TABLE options (
     underlying_id INTEGER NOT NULL REFERENCES instruments(id),
     expiry        TEXT    NOT NULL,
     strike        REAL    NOT NULL,
-    option_type   TEXT    NOT NULL CHECK (option_type IN ('CE', 'PE'))
-);
+    option_type   TEXT    NOT NULL CHECK (option_type IN ('CE', 'PE')),
+    -- the chain; ending in the id, an option is also found within its underlying's range
+    PRIMARY KEY (underlying_id, expiry, strike, option_type, instrument_id)
+) WITHOUT ROWID;
 CREATE TABLE broker_tokens (
     instrument_id INTEGER NOT NULL REFERENCES instruments(id),
     broker_id     TEXT    NOT NULL,
@@ -1130,12 +1135,12 @@ CREATE TABLE _meta (
 # Derivative ids are unique to their type (the key spells FUT or strike and CE/PE), so the
 # unique key of ``instruments`` covers futures and options; only cash ids, shared by the
 # index and the equity spelling of one symbol, need the type tables to tell them apart.
+# (``options`` holds no duplicates to drop: its loader skips a repeated key, see _Loader.)
 _DEDUPE_KEYS = (
     ("instruments", "id"),
     ("indices", "instrument_id"),
     ("equities", "instrument_id"),
     ("futures", "instrument_id"),
-    ("options", "instrument_id"),
     ("broker_tokens", "instrument_id, broker_id"),
 )
 _INDEXES = (
@@ -1144,9 +1149,6 @@ _INDEXES = (
     "CREATE UNIQUE INDEX ix_broker_tokens_key ON broker_tokens(instrument_id, broker_id)",
     "CREATE INDEX ix_futures_underlying_expiry ON futures(underlying_id, expiry)",
     "CREATE UNIQUE INDEX ix_futures_key ON futures(instrument_id)",
-    # The option chain; it also ends in the id, so an option is found within its underlying's
-    # range without a separate id index.
-    "CREATE INDEX ix_options_chain ON options(underlying_id, expiry, strike, option_type, instrument_id)",
 )
 
 
@@ -1241,7 +1243,9 @@ class _Loader:
     )
     FAN_OUT = (
         "INSERT INTO instruments SELECT id, exchange, symbol, name, lot_size, tick_size FROM temp.stage",
-        "INSERT INTO options SELECT id, underlying_id, expiry, strike, option_type FROM temp.stage"
+        # A repeated option's rows are equal in every column (all follow from its key): the
+        # first one stays, as _create_indexes keeps the first of other rows.
+        "INSERT OR IGNORE INTO options SELECT id, underlying_id, expiry, strike, option_type FROM temp.stage"
         " WHERE option_type IS NOT NULL",
         "INSERT INTO broker_tokens SELECT id, ?, token, broker_symbol, freeze_qty FROM temp.stage",
     )
@@ -1455,7 +1459,7 @@ class _InstrumentStore:
     def _instrument(self, iid: int, exch: Exchange, symbol: str) -> Instrument:
         """The canonical instrument filed under ``iid`` (its type tables say which kind)."""
         conn = self.conn()
-        # the chain index ends in the id: find the option within its underlying's range
+        # the options key (the chain) ends in the id: find the option within its underlying's range
         uid = self.underlying_id(exch, symbol)
         opt = conn.execute("SELECT expiry, strike, option_type FROM options WHERE underlying_id = ? AND instrument_id = ?",
                            (uid, iid)).fetchone() if uid is not None else None
