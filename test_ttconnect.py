@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import queue
 import random
 import re
@@ -8809,6 +8810,78 @@ def test_opening_an_account_file_puts_back_its_order_check(tmp_path: Path, clien
     assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == [("events_in_order",)]
     db.close()
     assert len(again.get_orders()) == 1
+
+
+def account_snapshot(client: tt.TTConnect) -> Tuple[Any, ...]:
+    return (client.get_funds(), client.get_orders(), client.get_positions(), client.get_holdings(),
+            client.get_trades(), [client.get_order_history(o.id) for o in client.get_orders()])
+
+
+def test_an_account_logged_as_json_text_by_an_earlier_version_reads_the_same(tmp_path: Path, clients: list,
+                                                                              scripted: str) -> None:
+    """Earlier versions wrote each log row as JSON text; this one pickles them. An account of
+    JSON rows reads exactly as it was, and goes on (new rows pickled after the old ones)."""
+    path, ids = rich_account(clients, tmp_path, scripted)
+    before = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+    expected = account_snapshot(before)
+    before.close()
+    con = sqlite3.connect(str(path))
+    rows = con.execute("SELECT seq, data FROM events ORDER BY seq").fetchall()
+    assert rows and all(isinstance(data, bytes) for _, data in rows)
+    unpickled = [(seq, pickle.loads(data)) for seq, data in rows]
+    for seq, value in unpickled:
+        con.execute("UPDATE events SET data = ? WHERE seq = ?", (json.dumps(value, separators=(",", ":")), seq))
+    con.commit()
+    assert all(isinstance(data, str) for (data,) in con.execute("SELECT data FROM events"))
+    con.close()
+    again = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+    assert account_snapshot(again) == expected
+    assert [o.id for o in expected[1]] == ids[1:] and expected[1][-1].status is tt.OrderStatus.TRIGGER_PENDING
+    push(again, PAPER_SBIN, 900.0)
+    new = again.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=700.0)
+    con = sqlite3.connect(str(path))
+    kinds = [type(data) for (data,) in con.execute("SELECT data FROM events ORDER BY seq")]
+    con.close()
+    assert kinds[:len(rows)] == [str] * len(rows) and kinds[len(rows):] == [bytes]
+    again.close()
+    third = open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+    assert third.get_order(new).status is tt.OrderStatus.OPEN and len(third.get_orders()) == len(ids)
+
+
+class _Touch:
+    """Pickled, it would run ``open(path, "w")`` when loaded: what a doctored log row could try."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("doctor", ["code", "class", "truncated", "not a pickle", "garbage json"])
+def test_a_doctored_log_row_is_refused_by_name_and_runs_nothing(doctor: str, tmp_path: Path, clients: list,
+                                                                scripted: str) -> None:
+    path, _ = rich_account(clients, tmp_path, scripted)
+    touched = tmp_path / "touched"
+    con = sqlite3.connect(str(path))
+    seq, data = con.execute("SELECT seq, data FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    value = pickle.loads(data)
+    doctored: Any = {
+        "code": pickle.dumps(_Touch(str(touched))),
+        "class": pickle.dumps({**value, "a": dt.date(2026, 12, 2)}),  # a class, even a harmless one
+        "truncated": data[: len(data) // 2],
+        "not a pickle": b"\x80\x04this is no pickle",
+        "garbage json": "{not json",
+    }[doctor]
+    con.execute("UPDATE events SET data = ? WHERE seq = ?", (doctored, seq))
+    con.commit()
+    con.close()
+    with pytest.raises(tt.ConfigurationError, match=r"paper account file .*paper_default\.db is damaged") as caught:
+        open_paper(clients, tmp_path, FakeClock(ist(2026, 12, 2, 11, 0)), prices=scripted)
+    assert f"log row {seq}" in str(caught.value) and "move it aside" in str(caught.value)
+    assert not touched.exists()
+    if doctor in ("code", "class"):
+        assert "rows hold only data" in str(caught.value)
 
 
 def test_the_lazy_indexes_are_written_under_the_store_file_lock(tmp_path: Path, clients: list,
