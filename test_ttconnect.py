@@ -2483,6 +2483,7 @@ def push(client: tt.TTConnect, instrument: Any, ltp: float, bid: Optional[float]
 
 
 PAPER_SBIN = tt.Equity(exchange="NSE", symbol="SBIN")
+PAPER_ITC = tt.Equity(exchange="NSE", symbol="ITC")
 
 
 def paper_option(client: tt.TTConnect, strike: float = 23500, option_type: str = "CE", nth: int = 0) -> tt.Option:
@@ -8245,20 +8246,58 @@ def test_a_live_source_first_price_is_used_as_soon_as_it_arrives(tmp_path: Path,
                                                                  paper_clock: FakeClock) -> None:
     live = open_client(clients, "zerodha", tmp_path / "zerodha", FakeClock(ist(2026, 11, 21, 10, 0)), KITE_CSV)
 
-    def fake_subscribe(instrument: Any, on_tick: Any = None, mode: str = "quote", on_order_update: Any = None) -> None:
-        def later() -> None:
-            threading.Event().wait(0.05)  # the live feed's first tick, 50 ms later
-            tick = tt._TickBuilder(instrument, "ltp", 900.0)
-            tick.__class__ = tt.Tick
-            on_tick(tick)
-        threading.Thread(target=later, daemon=True).start()
+    class FakeFeed:
+        def subscribe(self, instruments: List[Any], mode: str, on_tick: Any) -> None:
+            def later() -> None:
+                threading.Event().wait(0.05)  # the live feed's first tick, 50 ms later
+                tick = tt._TickBuilder(instruments[0], "ltp", 900.0)
+                tick.__class__ = tt.Tick
+                on_tick(tick)
+            threading.Thread(target=later, daemon=True).start()
 
-    live.subscribe = fake_subscribe  # type: ignore[assignment]
+    live._price_feed = FakeFeed  # type: ignore[assignment]
     client = paper_client(clients, tmp_path / "paper", paper_clock, prices=live)
     began = time.monotonic()
     with pytest.raises(tt.InvalidOrderError, match="would fire at once"):  # checked against that first price
         client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "SL", price=896.0, trigger_price=895.0)
     assert time.monotonic() - began < 1.0
+
+
+def test_a_live_price_source_leaves_the_live_clients_own_feed_alone(tmp_path: Path, clients: list,
+                                                                     day_clock: FakeClock, ws_server: WsServer,
+                                                                     monkeypatch: Any) -> None:
+    """Paper takes its prices on a feed of its own: the strategy's handler, subscriptions and
+    modes on the live client stay as they were (paper's watch used to replace its on_tick, and a
+    later subscribe of the strategy's took paper's prices away)."""
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)  # no first price is waited for: the order rests
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    sbin_token = 779521
+    mine: "queue.Queue[tt.Tick]" = queue.Queue()
+    live.subscribe(PAPER_SBIN, on_tick=mine.put, mode="quote")
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    first = paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=893.0)
+    modes: Set[str] = set()
+    while modes != {"quote", "full"}:  # the strategy's connection and paper's, each with its own mode
+        message = json.loads(ws_server.wait_message())
+        if message["a"] == "mode" and sbin_token in message["v"][1]:
+            modes.add(message["v"][0])
+    feed = live._paper_streamer
+    assert feed is not None and feed is not live._streamer
+    ws_server.send(kite_frame(kite_packet(sbin_token, 44, ltp=892.0, close=890.0)))
+    tick = mine.get(timeout=3)
+    assert (tick.instrument, tick.mode, tick.ltp) == (PAPER_SBIN, "quote", 892.0)
+    assert feed.wait_for(lambda: paper.get_order(first).status is tt.OrderStatus.COMPLETE, 3)
+    assert paper.get_order(first).average_price == 892.0
+    # The strategy subscribes more with a handler of its own: paper's prices go on.
+    theirs: "queue.Queue[tt.Tick]" = queue.Queue()
+    live.subscribe(tt.Equity(exchange="NSE", symbol="INFY"), on_tick=theirs.put, mode="ltp")
+    second = paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=885.0)
+    ws_server.send(kite_frame(kite_packet(sbin_token, 44, ltp=880.0, close=890.0)))
+    assert theirs.get(timeout=3).ltp == 880.0 and mine.empty()
+    assert feed.wait_for(lambda: paper.get_order(second).status is tt.OrderStatus.COMPLETE, 3)
+    assert paper.get_order(second).average_price == 880.0
+    paper.close()
+    assert live.stream_stats()["subscriptions"] == 2  # the strategy's own: SBIN and INFY
 
 
 # ============================================================================
@@ -8579,6 +8618,34 @@ def test_a_sale_from_holdings_is_no_open_short_in_funds_or_holdings(tmp_path: Pa
     client.place_order(PAPER_SBIN, 6, "SELL", "CNC", "MARKET")
     assert client.get_holdings() == [] and client.get_funds().m2m_unrealized == 0.0
     assert client.get_funds().total == 1000000.0 - 1000.0 + 440.0 + 720.0
+
+
+def test_buying_back_shares_sold_from_holdings_pays_in_full_and_is_refused_without_funds(
+        tmp_path: Path, clients: list, scripted: str) -> None:
+    """Shares sold from the holding show as a negative CNC position, but that is no short: a
+    delivery buy of them pays its value in full, so it is refused where the funds do not cover it
+    (it was taken as an exit, and funds went negative)."""
+    clock = FakeClock(ist(2026, 12, 7, 10, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted, capital=10000)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    clock.set(ist(2026, 12, 8, 10, 0))  # a holding of 10 at 900
+    push(client, PAPER_SBIN, 890.0)
+    push(client, PAPER_ITC, 400.0)
+    client.place_order(PAPER_SBIN, 10, "SELL", "CNC", "MARKET")  # 8,900 back in cash
+    client.place_order(PAPER_ITC, 22, "BUY", "CNC", "MARKET")  # 8,800 of it spent
+    before = client.get_funds()
+    assert before.available == 10000 - 9000 + 8900 - 8800 == 1100.0
+    with pytest.raises(tt.InsufficientFundsError, match="needs 8,900.00, available 1,100.00"):
+        client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    assert client.get_funds() == before and len(client.get_orders()) == 2
+    client.place_order(PAPER_ITC, 22, "SELL", "CNC", "MARKET")  # the ITC sold again: funds for the buy-back
+    client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "MARKET")
+    assert client.get_funds().available == 1100.0 + 8800.0 - 8900.0 == 1000.0
+    clock.set(ist(2026, 12, 9, 10, 0))
+    (holding,) = client.get_holdings()
+    assert (holding.qty, holding.avg_price) == (10, 900.0)  # sold and bought back the same day: the holding stays
+    assert client.get_funds().total == 1000.0
 
 
 def test_a_short_option_margin_is_12_percent_of_the_underlying_in_margin_and_orders(

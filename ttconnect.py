@@ -5875,7 +5875,9 @@ class _PaperEngine:
                                          "underlying's notional; retry once it has a price")
                     base = quote.ltp
                 blocked += -(-rate * opened * base // 100)  # rounded up to the paisa
-        reduces = old_qty != 0 and not opened and (old_qty > 0) != (sign > 0)
+        # Only an exit is never refused for funds; a delivery buy pays its value in full, also
+        # the buy-back of shares sold from the holding today (that position is no short).
+        reduces = old_qty != 0 and not opened and (old_qty > 0) != (sign > 0) and not (product == _P_CNC and sign > 0)
         return _PaperFill(new_qty, cost, blocked if new_qty else 0, realised, cash, reduces)
 
     def _fill(self, order: Dict[str, Any], price: int, at: float, message: str = "",
@@ -6628,7 +6630,8 @@ class _PaperLiveSource:
     def watch(self, token: str) -> None:
         if token not in self._watched:
             self._watched.add(token)
-            self.live.subscribe(self.engine.info(token)[0], on_tick=self._on_tick, mode="full")
+            # a feed of its own: the live client's subscriptions and on_tick stay the user's
+            self.live._price_feed().subscribe([self.engine.info(token)[0]], "full", self._on_tick)
 
     def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
         return self.engine._quotes.get(token)
@@ -7782,6 +7785,7 @@ class TTConnect:
                                          self._clock, self._on_stale, self._transport.download, cfg)
         self._ctx = _Ctx(self._instruments, self._clock)
         self._streamer: Optional[_Streamer] = None
+        self._paper_streamer: Optional[_Streamer] = None  # a paper account's prices (_price_feed)
         self._stream_lock = threading.Lock()
         self._local: Any = None
         self._order_refs: Dict[str, str] = {}  # order id -> the broker's own address for it (order_ref hook)
@@ -8510,19 +8514,31 @@ class TTConnect:
     # -- streaming -------------------------------------------------------------------------
 
     def _stream(self) -> "_Streamer":
+        """The feed of this client's subscriptions (made on first use)."""
+        with self._stream_lock:
+            if self._streamer is None:
+                self._streamer = self._new_streamer()
+            return self._streamer
+
+    def _price_feed(self) -> "_Streamer":
+        """A feed of its own, for a paper account that takes its prices from this client: the
+        user's subscriptions, their modes and their on_tick stay as they are. It is a second
+        connection on the same session (brokers allow a few per key)."""
+        with self._stream_lock:
+            if self._paper_streamer is None:
+                self._paper_streamer = self._new_streamer()
+            return self._paper_streamer
+
+    def _new_streamer(self) -> "_Streamer":
         self._open()
         if not self._spec["has"]["streaming"]:
             raise UnsupportedFeatureError(f"{self.broker} has no live feed through ttconnect")
-        with self._stream_lock:
-            self._open()
-            if self._streamer is None:
-                if "stream_socket" not in self._spec["hooks"]:
-                    try:
-                        import websocket  # noqa: F401 - fail here, clearly, not on the background thread
-                    except ImportError:
-                        raise UnsupportedFeatureError("streaming needs websocket-client: pip install websocket-client") from None
-                self._streamer = _Streamer(self._stream_context())
-            return self._streamer
+        if "stream_socket" not in self._spec["hooks"]:
+            try:
+                import websocket  # noqa: F401 - fail here, clearly, not on the background thread
+            except ImportError:
+                raise UnsupportedFeatureError("streaming needs websocket-client: pip install websocket-client") from None
+        return _Streamer(self._stream_context())
 
     def _stream_context(self) -> "_StreamContext":
         spec = self._spec
@@ -8585,8 +8601,8 @@ class TTConnect:
             if self._closed:
                 return
             self._closed = True
-            streamer = self._streamer
-        if streamer is not None:
+            streamers = [s for s in (self._streamer, self._paper_streamer) if s is not None]
+        for streamer in streamers:
             streamer.close()
         _unregister_store(self._instruments.store)
         self._instruments.close()
