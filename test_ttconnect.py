@@ -5048,12 +5048,21 @@ def test_cli_paper_reset(tmp_path: Path) -> None:
     (["--config", "typo.json", "funds"], 3, "config key 'capitl' is not one ttconnect knows; did you mean 'capital'?"),
     (["nosuchcommand"], 2, "invalid choice"),
     (["funds"], 3, "TTCONNECT_CAPITAL must be a number"),
+    (["demo", "--cache-dir", "afile"], 3, "afile/paper_demo.db: Not a directory"),
+    (["paper", "reset", "--yes", "--account", "x", "--cache-dir", "dirs"], 3, "paper_x.db: Is a directory"),
+    (["paper", "reset", "--yes", "--account", ""], 3, "config 'account' must be 1-64 letters"),
+    (["funds", "--cache-dir", ""], 3, "config 'cache_dir' must be a path"),
+    (["stream", "NSE:SBIN", "--seconds", "nan"], 2, "--seconds: must be a number of seconds above 0, got 'nan'"),
+    (["stream", "NSE:SBIN", "--seconds", "-1"], 2, "--seconds: must be a number of seconds above 0, got '-1'"),
+    (["instruments", "expiries", "NOPE"], 2, "no contracts of 'NOPE' are listed on NFO"),
 ])
 def test_cli_errors_say_what_was_wrong_with_the_documented_exit_code(args: List[str], code: int, words: str,
                                                                      tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "typo.json").write_text('{"capitl": 5}')
+    (tmp_path / "afile").write_text("a file where a directory should be")
+    (tmp_path / "dirs" / "paper_x.db").mkdir(parents=True)
     env = {"TTCONNECT_CAPITAL": "lots"} if words.startswith("TTCONNECT_CAPITAL") else {}
     done = cli(args, tmp_path, env=env)
     assert done.returncode == code, (done.stdout, done.stderr)
@@ -8281,7 +8290,7 @@ def test_a_live_price_source_leaves_the_live_clients_own_feed_alone(tmp_path: Pa
         message = json.loads(ws_server.wait_message())
         if message["a"] == "mode" and sbin_token in message["v"][1]:
             modes.add(message["v"][0])
-    feed = live._paper_streamer
+    feed = live._price_streamer
     assert feed is not None and feed is not live._streamer
     ws_server.send(kite_frame(kite_packet(sbin_token, 44, ltp=892.0, close=890.0)))
     tick = mine.get(timeout=3)
@@ -8702,6 +8711,50 @@ def test_cli_stream_faults_are_one_line_errors(tmp_path: Path) -> None:
                             shell=True, cwd=str(tmp_path), env=full_env, capture_output=True, text=True, timeout=60)
     assert "Traceback" not in reader.stderr and "BrokenPipe" not in reader.stderr
     assert reader.stdout.startswith("NSE:SBIN")
+
+
+def test_cli_environment_variables_of_other_tools_are_ignored_and_typos_refused(tmp_path: Path) -> None:
+    assert cli_json(["funds"], tmp_path, env={"TTCONNECT_CI_VENV": "/tmp/venv"})["total"] == 1000000.0  # .ci/run's
+    typo = cli(["funds"], tmp_path, env={"TTCONNECT_API_KY": "abc"})
+    assert typo.returncode == 3 and "TTCONNECT_API_KY names no config key; did you mean TTCONNECT_API_KEY?" in typo.stderr
+    hours = cli(["funds"], tmp_path, env={"TTCONNECT_MARKET_HOURS": "1"})  # as shells say true
+    assert hours.returncode == 0, hours.stderr
+    for seed in ("--5", "\u00b2", "-"):  # not integers: text seeds, as any other text
+        assert cli_json(["funds"], tmp_path, env={"TTCONNECT_SEED": seed})["total"] == 1000000.0
+
+
+def test_cli_errors_writing_the_output_are_one_line(tmp_path: Path) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "ttconnect", "orders"], cwd=str(tmp_path), stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**{k: v for k, v in os.environ.items() if not k.startswith("TTCONNECT_")},
+                                   "PYTHONPATH": str(HERE)})
+    assert done.returncode == 3 and done.stderr.strip() == "error: No space left on device"
+    record = cli(["stream", "NSE:SBIN", "--seconds", "5", "--record", "/dev/full"], tmp_path)
+    assert record.returncode == 3 and "Traceback" not in record.stderr and "No space left on device" in record.stderr
+
+
+def test_cli_stream_stopped_by_sigterm_keeps_every_tick_it_showed(tmp_path: Path) -> None:
+    """kill/timeout/a service manager stop with SIGTERM: the recording is closed whole."""
+    import signal
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TTCONNECT_")}, "PYTHONPATH": str(HERE)}
+    proc = subprocess.Popen([sys.executable, "-m", "ttconnect", "stream", "NSE:SBIN", "NSE:NIFTY", "--seconds", "60",
+                             "--record", "rec.jsonl"], cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        shown = [proc.stdout.readline() for _ in range(6)]  # type: ignore[union-attr]
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip() == "terminated", err
+    assert all(line.startswith(("NSE:SBIN", "NSE:NIFTY")) for line in shown)
+    recorded = (tmp_path / "rec.jsonl").read_text().splitlines()
+    assert len(recorded) == len(shown) + len(rest.splitlines()) >= 6
+    assert [json.loads(line)["instrument"] for line in recorded[:6]] == [line.split()[0] for line in shown]
 
 
 def test_cli_seed_from_the_environment_may_be_text(tmp_path: Path) -> None:

@@ -7785,7 +7785,7 @@ class TTConnect:
                                          self._clock, self._on_stale, self._transport.download, cfg)
         self._ctx = _Ctx(self._instruments, self._clock)
         self._streamer: Optional[_Streamer] = None
-        self._paper_streamer: Optional[_Streamer] = None  # a paper account's prices (_price_feed)
+        self._price_streamer: Optional[_Streamer] = None  # another client's prices taken from this one (_price_feed)
         self._stream_lock = threading.Lock()
         self._local: Any = None
         self._order_refs: Dict[str, str] = {}  # order id -> the broker's own address for it (order_ref hook)
@@ -7905,9 +7905,11 @@ class TTConnect:
 
     @staticmethod
     def _cache_dir_option(cfg: Mapping[str, Any]) -> str:
-        value = cfg.get("cache_dir") or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
-        if not isinstance(value, (str, os.PathLike)):
-            raise ConfigurationError(f"config 'cache_dir' must be a path, got {value!r}")
+        value = cfg.get("cache_dir")
+        if value is None:
+            value = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            raise ConfigurationError(f"config 'cache_dir' must be a path (a directory), got {value!r}")
         return os.fspath(value)
 
     def _local_context(self) -> "_LocalContext":
@@ -8521,13 +8523,13 @@ class TTConnect:
             return self._streamer
 
     def _price_feed(self) -> "_Streamer":
-        """A feed of its own, for a paper account that takes its prices from this client: the
-        user's subscriptions, their modes and their on_tick stay as they are. It is a second
-        connection on the same session (brokers allow a few per key)."""
+        """A feed of its own, for another client that takes its prices from this one (a simulated
+        account): the user's subscriptions, their modes and their on_tick stay as they are. It is
+        a second connection on the same session (brokers allow a few per key)."""
         with self._stream_lock:
-            if self._paper_streamer is None:
-                self._paper_streamer = self._new_streamer()
-            return self._paper_streamer
+            if self._price_streamer is None:
+                self._price_streamer = self._new_streamer()
+            return self._price_streamer
 
     def _new_streamer(self) -> "_Streamer":
         self._open()
@@ -8601,7 +8603,7 @@ class TTConnect:
             if self._closed:
                 return
             self._closed = True
-            streamers = [s for s in (self._streamer, self._paper_streamer) if s is not None]
+            streamers = [s for s in (self._streamer, self._price_streamer) if s is not None]
         for streamer in streamers:
             streamer.close()
         _unregister_store(self._instruments.store)
@@ -9385,7 +9387,7 @@ def _cli_parser() -> Any:
     p = command("stream", "stream ticks: a live table on a terminal, lines otherwise")
     p.add_argument("instruments", nargs="+", metavar="INSTRUMENT")
     p.add_argument("--mode", default="quote", choices=list(_STREAM_MODES))
-    p.add_argument("--seconds", type=float, default=10.0, help="how long (default 10)")
+    p.add_argument("--seconds", type=_cli_seconds, default=10.0, help="how long (default 10)")
     p.add_argument("--record", metavar="FILE", help="also write every tick to FILE (JSON Lines, replayable by paper)")
     command("login", "log in once (in a browser, where the broker asks for it); later commands reuse the session")
     p = command("paper", "paper account tools")
@@ -9394,6 +9396,19 @@ def _cli_parser() -> Any:
     r = psub.add_parser("reset", parents=[common], help="clear the chosen paper account (asks first)")
     r.add_argument("--yes", action="store_true", help="do not ask")
     return parser
+
+
+def _cli_seconds(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
 
 
 def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
@@ -9415,26 +9430,39 @@ def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
                             f"{type(loaded).__name__}", 3)
         cfg.update(loaded)
     file_broker = cfg.pop("broker", None)
+    known = _all_known_keys()
     for name, value in os.environ.items():
         if name.startswith("TTCONNECT_") and name != CACHE_DIR_ENV and len(name) > 10:
             key = name[10:].lower()
+            if key not in known and key != "broker":
+                import difflib
+
+                near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+                if near:  # a typo of a key is an error; other tools' TTCONNECT_* variables are not ours
+                    raise _CliError(f"environment variable {name} names no config key; did you mean "
+                                    f"TTCONNECT_{near[0].upper()}?", 3)
+                log.info("ignoring environment variable %s: it names no config key", name)
+                continue
             typed: Any = value
             if key == "seed":  # an int or any text
-                typed = int(value) if value.lstrip("-").isdigit() else value
+                digits = value[1:] if value.startswith("-") else value
+                typed = int(value) if digits.isascii() and digits.isdigit() else value
             elif key in _CLI_TYPED_KEYS:
                 try:
                     typed = json.loads(value)
                 except ValueError:
                     raise _CliError(f"environment variable {name} must be a number or true/false, got {value!r}", 3) from None
+                if key == "market_hours" and typed in (0, 1) and not isinstance(typed, bool):
+                    typed = bool(typed)  # TTCONNECT_MARKET_HOURS=1, as shells say it
             cfg[key] = typed
     broker = getattr(args, "broker", None) or os.environ.get("TTCONNECT_BROKER") or file_broker or _DEFAULT_BROKER
     cfg.pop("broker", None)
     if not isinstance(broker, str) or broker not in _BROKERS:
         raise _CliError(f"unknown broker {broker!r}; known brokers: {', '.join(sorted(_BROKERS))}", 2)
-    if getattr(args, "cache_dir", None):
-        cfg["cache_dir"] = args.cache_dir
-    if getattr(args, "account", None):
-        cfg["account"] = args.account
+    for option in ("cache_dir", "account"):
+        value = getattr(args, option, None)
+        if value is not None:  # given, even empty: an empty one is refused by name, never skipped
+            cfg[option] = value
     if "local" not in _BROKERS[broker]["hooks"]:
         cfg.setdefault("cache_session", True)  # a login lasts the day, across commands
     return broker, cfg
@@ -9532,8 +9560,8 @@ def _jsonable(value: Any) -> Any:
 def _cli_cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:,.2f}" if abs(value) >= 1 or value == 0 else f"{value:.4f}"
+    if isinstance(value, float):  # money and prices: to the paisa
+        return f"{value:,.2f}"
     if isinstance(value, list):
         return ",".join(map(str, value))
     return str(value)
@@ -9576,11 +9604,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = _CliOut(getattr(args, "json", False))
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        # `kill`, a service manager, `timeout`: stop as on Ctrl-C, so files (a --record) are closed whole
+        signal.signal(signal.SIGTERM, lambda signum, frame: _cli_terminated())
     try:
         return _cli_run(args, out, verbose)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _CliTerminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a Unix tool does
         try:
             sys.stdout = open(os.devnull, "w")  # nothing more to flush into the closed pipe at exit
@@ -9594,6 +9630,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return _cli_exit_code(exc)
+    except OSError as exc:  # a file or directory this command reads or writes (a full disk, a path that is a file)
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 3
+
+
+class _CliTerminated(BaseException):
+    """SIGTERM, raised in the main thread (a BaseException, like KeyboardInterrupt: nothing catches it by mistake)."""
+
+
+def _cli_terminated() -> None:
+    raise _CliTerminated()
 
 
 def _cli_run(args: Any, out: _CliOut, verbose: bool) -> int:
@@ -9641,7 +9693,11 @@ def _cli_instruments(client: "TTConnect", args: Any, out: _CliOut) -> int:
         found = client.search(args.prefix, args.exchange, args.limit)
         out.emit([{"instrument": str(i), "token": client.resolve(i)} for i in found])
     elif args.action == "expiries":
-        out.emit([e.isoformat() for e in client.expiries(args.symbol, args.exchange)])
+        expiries = client.expiries(args.symbol, args.exchange)
+        if not expiries:
+            raise _CliError(f"no contracts of {args.symbol!r} are listed"
+                            f"{' on ' + args.exchange if args.exchange else ''}; try 'instruments search'", 2)
+        out.emit([e.isoformat() for e in expiries])
     else:
         out.emit([str(o) for o in client.option_chain(args.symbol, args.expiry, args.exchange)])
     return 0
@@ -9654,7 +9710,8 @@ def _cli_stream(client: "TTConnect", args: Any, out: _CliOut) -> int:
     instruments = [parse_instrument(text) for text in args.instruments]
     ticks: "queue.Queue[Tick]" = queue.Queue()
     try:
-        record = open(args.record, "a", encoding="utf-8") if args.record else None
+        # line-buffered: a line is in the file once its tick is shown (a kill -9 loses at most a part line)
+        record = open(args.record, "a", encoding="utf-8", buffering=1) if args.record else None
     except OSError as exc:
         raise _CliError(f"--record {args.record}: cannot write it ({exc.strerror or exc})", 2) from None
     live = sys.stdout.isatty() and not out.as_json
