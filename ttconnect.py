@@ -957,8 +957,9 @@ class _OrderRequest(NamedTuple):
     native_slice: bool = False  # ask the broker to split this order at the freeze limit itself
 
 
-def _check_stop(order_type: OrderType, side: Side, price: Optional["Decimal"], trigger: Optional["Decimal"]) -> None:
-    if order_type is OrderType.SL and price is not None and trigger is not None:
+def _check_stop(side: Side, price: Optional["Decimal"], trigger: Optional["Decimal"]) -> None:
+    """An SL order's trigger on the right side of its limit price."""
+    if price is not None and trigger is not None:
         if side is Side.BUY and trigger > price:
             raise InvalidOrderError(f"a stop-loss BUY triggers at or below its limit price: trigger {trigger} > price {price}")
         if side is Side.SELL and trigger < price:
@@ -1054,8 +1055,8 @@ def _check_order(spec: "BrokerSpec", instrument: Any, qty: Any, side: Any, produ
         raise InvalidOrderError(f"qty {qty} is not a multiple of the lot size {lot} for {instrument}; use {options}")
     needs_price = type_e in (OrderType.LIMIT, OrderType.SL)
     needs_trigger = type_e in (OrderType.SL, OrderType.SL_M)
-    price_d = _order_price(price, "price", tick, instrument)
-    trigger_d = _order_price(trigger_price, "trigger_price", tick, instrument)
+    price_d = None if price is None else _order_price(price, "price", tick, instrument)
+    trigger_d = None if trigger_price is None else _order_price(trigger_price, "trigger_price", tick, instrument)
     if price_d is None and needs_price:
         price_d = _on_tick(kept_price, tick)
     if trigger_d is None and needs_trigger:
@@ -1068,7 +1069,8 @@ def _check_order(spec: "BrokerSpec", instrument: Any, qty: Any, side: Any, produ
         raise InvalidOrderError(f"{type_e.value} orders need a trigger_price")
     if not needs_trigger and trigger_d is not None:
         raise InvalidOrderError(f"{type_e.value} orders take no trigger_price (got {trigger_price!r}); use SL or SL_M")
-    _check_stop(type_e, side_e, price_d, trigger_d)
+    if type_e is OrderType.SL:
+        _check_stop(side_e, price_d, trigger_d)
     return qty, side_e, product_e, type_e, price_d, trigger_d
 
 
@@ -5421,8 +5423,10 @@ class _PaperEngine:
         self._scanned: Dict[str, int] = {}  # random source: the last step each book was matched at
         self._updates: List[Dict[str, Any]] = []  # order states changed in the current transaction
         # Order updates no feed socket took: the next one to connect within a few seconds gets them.
-        self._backlog: "Deque[Tuple[float, Dict[str, Any]]]" = collections.deque(maxlen=1000)
+        self._backlog: "Deque[Tuple[float, List[Dict[str, Any]]]]" = collections.deque(maxlen=1000)  # per transaction
         self._log: Dict[str, Any] = {}  # what the current transaction changed, for its log row
+        # sqlite3's errors, kept so the order path runs no import statement (~1k instructions each)
+        self._db_error, self._out_of_order = sqlite3.Error, sqlite3.IntegrityError
         self._txn = _PaperTransaction(self)
         self._handlers = {name[7:]: getattr(self, name) for name in dir(self) if name.startswith("_route_")}
         self.now = 0.0  # the time of the route being answered
@@ -5593,8 +5597,6 @@ class _PaperEngine:
         """Append what the transaction changed as the log's next row, only if the log is still
         at the row this state was read from: one INSERT, its own transaction (optimistic: the
         write lock is held only while it runs)."""
-        import sqlite3
-
         log_ = self._log
         if self._whole or self._changes >= _PAPER_COMPACT_AFTER:
             data = self._encode(self._state_row())
@@ -5611,20 +5613,23 @@ class _PaperEngine:
                 raise
             self._seq, self._changes, self._whole = seq, 0, False
         elif log_["h"] or log_["t"] or log_["p"] or log_["k"] or log_.get("a"):
-            row = {"a": self._account_row(), "h": [_PAPER_ORDER_VALUES(s) for s in log_["h"]],
-                   "t": [_PAPER_TRADE_VALUES(t) for t in log_["t"]], "p": list(log_["p"].values()),
-                   "k": [[token, qty, cost] for token, (qty, cost) in log_["k"].items()]}
+            # list(map()): a comprehension runs as a function of its own (~1.5k instructions each here)
+            row = {"a": self._account_row(), "h": list(map(_PAPER_ORDER_VALUES, log_["h"])),
+                   "t": list(map(_PAPER_TRADE_VALUES, log_["t"])), "p": list(log_["p"].values()),
+                   "k": list(log_["k"].values())}
             seq = self._seq + 1
             try:
                 self.db.execute(_PAPER_APPEND, (seq, self._encode(row)))
-            except sqlite3.IntegrityError:
+            except self._out_of_order:
                 raise _PaperConflict() from None
             self._seq, self._changes = seq, self._changes + 1
         elif not self._fresh and self._stale():
             raise _PaperConflict()  # what it read may have changed: answer again on the log's state
         updates, self._updates = self._updates, []
         if not self.sockets:  # kept a moment for a feed that is connecting (on_order_update was just called)
-            self._backlog.extend((time.monotonic(), row) for row in updates)
+            if updates:
+                self._backlog.append((time.monotonic(), updates))
+            return
         for sock in list(self.sockets):
             for row in updates:
                 sock.order_update(row)
@@ -5675,9 +5680,13 @@ class _PaperEngine:
         return found
 
     def available(self) -> int:
-        blocked = sum(p.blocked for p in self.positions.values())
-        blocked += sum(o["blocked"] for book in self._books.values() for o in book.orders.values())
-        return self.cash - blocked
+        available = self.cash
+        for pos in self.positions.values():  # loops, not sum() of generators: this is on every order's path
+            available -= pos.blocked
+        for book in self._books.values():
+            for order in book.orders.values():
+                available -= order["blocked"]
+        return available
 
     # -- time: the square-off, the day's end, and matching up to now -----------------------
 
@@ -5967,18 +5976,17 @@ class _PaperEngine:
             book.refresh()
 
     def _finish(self, order: Dict[str, Any], status: str, message: str, at: float, **changes: Any) -> None:
+        """An order's last state: it leaves its book, and its margin is released."""
+        order.update(changes, status=status, message=message, blocked=0, updated_at=_ms(at))
+        self._history(order)
         book = self._books.get(order["instrument"])
-        was_working = book is not None and book.orders.pop(order["id"], None) is not None
-        self._update(order, at, status=status, message=message, blocked=0, **changes)
-        if was_working:
-            book.refresh()  # type: ignore[union-attr]
+        if book is not None and book.orders.pop(order["id"], None) is not None:
+            book.refresh()
 
     # -- the routes -------------------------------------------------------------------------
 
     def answer(self, name: str, request: _Request) -> Any:
         """The payload of route ``name`` (rows shaped like the paper section's parsers read)."""
-        import sqlite3
-
         try:
             with self.lock:
                 self._fresh = False
@@ -5999,8 +6007,10 @@ class _PaperEngine:
                         if self._seq == seq:
                             raise  # refused on the account as the log has it
                         # refused on a state another process had changed since: answer again
-        except sqlite3.Error as exc:
+        except self._db_error as exc:
             raise _paper_db_error(self.path, exc) from None
+        import sqlite3
+
         raise _paper_db_error(self.path, sqlite3.OperationalError("database is busy: other processes kept writing"))
 
     def _route_get_profile(self, request: _Request) -> Dict[str, Any]:
@@ -6065,7 +6075,8 @@ class _PaperEngine:
         token, side, qty = b["instrument"], b["side"], b["qty"]
         order_type, product = b["order_type"], b["product"]
         price, trigger, validity = b["price"], b["trigger_price"], b["validity"]
-        self._check_session(now)
+        if self.market_hours:
+            self._check_session(now)
         if product == _P_MIS and self.squared == self.day:
             raise OrderError("MIS orders are not taken after the 15:20 square-off (it closed the day's intraday "
                              "positions); use CNC or NRML, or place it after the session's close for the next one")
@@ -6102,28 +6113,25 @@ class _PaperEngine:
                     f"paper account {self.account!r}: {side} {qty} {self.info(token)[0]} needs {need / 100:,.2f}, "
                     f"available {available / 100:,.2f}")
             blocked = need
-        with self._transaction():
-            order = self._new_order(token, side, qty, order_type, product, price, trigger, b["tag"], validity, now)
-            order["blocked"] = blocked
-            stop = order_type in _P_STOPS
-            at_once = quote is not None and order_type == _P_MARKET  # at the touch: its checked price
-            self._record(order, _P_TRIGGER if stop else _P_OPEN, "", rests=not at_once)
-            if at_once:  # nothing changed since it was checked: its effect and the funds stand
-                self._fill(order, reference, now, effect=effect,  # type: ignore[arg-type]
-                           available=available - blocked)
-            elif quote is not None:
-                self._match(order, quote._replace(at=now))
-                if validity == "IOC" and order["status"] == _P_OPEN:
-                    self._finish(order, _P_CANCELLED, "IOC: no match at placement", now)
-            elif validity == "IOC":
-                self._finish(order, _P_CANCELLED, "IOC: no price to match at placement", now)
-            else:
-                self.source.watch(token)
+        order = self._new_order(token, side, qty, order_type, product, price, trigger, b["tag"], validity, now)
+        order["blocked"] = blocked
+        stop = order_type in _P_STOPS
+        at_once = quote is not None and order_type == _P_MARKET  # at the touch: its checked price
+        self._record(order, _P_TRIGGER if stop else _P_OPEN, "", rests=not at_once)
+        if at_once:  # nothing changed since it was checked: its effect and the funds stand
+            self._fill(order, reference, now, effect=effect,  # type: ignore[arg-type]
+                       available=available - blocked)
+        elif quote is not None:
+            self._match(order, quote._replace(at=now))
+            if validity == "IOC" and order["status"] == _P_OPEN:
+                self._finish(order, _P_CANCELLED, "IOC: no match at placement", now)
+        elif validity == "IOC":
+            self._finish(order, _P_CANCELLED, "IOC: no price to match at placement", now)
+        else:
+            self.source.watch(token)
         return {"order_id": order["id"]}
 
     def _check_session(self, now: float) -> None:
-        if not self.market_hours:
-            return
         local = _dt.datetime.fromtimestamp(now, IST)
         if not (_paper_trading_day(local.date()) and _PAPER_OPEN <= (local.hour, local.minute) < _PAPER_CLOSE):
             raise OrderError(f"the market is closed ({local:%a %d %b %H:%M} IST); paper orders are taken 09:15-15:30 "
@@ -6739,9 +6747,10 @@ class _PaperSocket:
         with engine.lock:
             engine.sockets.append(self)
             since = time.monotonic() - _PAPER_BACKLOG_SECONDS
-            for at, row in engine._backlog:
+            for at, rows in engine._backlog:
                 if at >= since:
-                    self.order_update(row)
+                    for row in rows:
+                        self.order_update(row)
             engine._backlog.clear()
         self.connected = True
 
@@ -6914,10 +6923,11 @@ def _paper_placed(ctx: _Ctx, data: Any) -> str:
 
 def _paper_place_order(req: _OrderRequest) -> _Request:
     # ``_value_``: the member's value as stored (``.value`` is a descriptor call, ~2.5k instructions each here)
-    return _Request(body={"instrument": req.token, "side": req.side._value_, "qty": req.qty,
-                          "order_type": req.order_type._value_, "product": _product(req)._value_,
-                          "price": _to_paise(req.price), "trigger_price": _to_paise(req.trigger_price), "tag": req.tag,
-                          "validity": req.validity})
+    price, trigger = req.price, req.trigger_price
+    return _Request(_NO_ARGS, None, {
+        "instrument": req.token, "side": req.side._value_, "qty": req.qty, "order_type": req.order_type._value_,
+        "product": _product(req)._value_, "price": None if price is None else _to_paise(price),
+        "trigger_price": None if trigger is None else _to_paise(trigger), "tag": req.tag, "validity": req.validity})
 
 
 def _paper_modify_order(current: Order, req: _OrderRequest) -> _Request:
@@ -7613,6 +7623,8 @@ def _clock_option(clock: Any) -> Callable[[], float]:
             value = clock()
         except Exception as exc:  # noqa: BLE001 - the caller's code
             raise ConfigurationError(f"config 'clock' raised when called ({_describe(exc)})") from None
+        if type(value) is float and _CLOCK_SPAN[0] <= value < _CLOCK_SPAN[1]:
+            return value  # epoch seconds in range: read twice per order, so the common case goes first
         if isinstance(value, _dt.datetime):
             if value.tzinfo is None:
                 raise ConfigurationError("config 'clock' returned a naive datetime; return an aware one, e.g. "
@@ -8219,7 +8231,7 @@ class TTConnect:
         qty, side_e, product_e, type_e, price_d, trigger_d = _check_order(
             self._spec, instrument, qty, side, product, order_type, price, trigger_price, validity, lot, tick)
         return _OrderRequest(instrument, token, bsym, qty, side_e, product_e, type_e, price_d, trigger_d,
-                             self._order_tag(tag), validity, user_tag=tag)
+                             self._order_tag(tag), validity, tag)
 
     # A user's tag gets this suffix, so each order's tag is unique and the never-twice look-up
     # after a lost reply can only find the order it sent.
