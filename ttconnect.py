@@ -9472,9 +9472,9 @@ def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
     if not isinstance(broker, str) or broker not in _BROKERS:
         raise _CliError(f"unknown broker {broker!r}; known brokers: {', '.join(sorted(_BROKERS))}", 2)
     for option in ("cache_dir", "account"):
-        value = getattr(args, option, None)
-        if value is not None:  # given, even empty: an empty one is refused by name, never skipped
-            cfg[option] = value
+        given = getattr(args, option, None)
+        if given is not None:  # given, even empty: an empty one is refused by name, never skipped
+            cfg[option] = given
     if "local" not in _BROKERS[broker]["hooks"]:
         cfg.setdefault("cache_session", True)  # a login lasts the day, across commands
     return broker, cfg
