@@ -8256,12 +8256,15 @@ def test_a_live_source_first_price_is_used_as_soon_as_it_arrives(tmp_path: Path,
     live = open_client(clients, "zerodha", tmp_path / "zerodha", FakeClock(ist(2026, 11, 21, 10, 0)), KITE_CSV)
 
     class FakeFeed:
+        def __init__(self, listener: Any) -> None:
+            self.listener = listener
+
         def subscribe(self, instruments: List[Any], mode: str, on_tick: Any) -> None:
             def later() -> None:
                 threading.Event().wait(0.05)  # the live feed's first tick, 50 ms later
                 tick = tt._TickBuilder(instruments[0], "ltp", 900.0)
                 tick.__class__ = tt.Tick
-                on_tick(tick)
+                self.listener(tick)
             threading.Thread(target=later, daemon=True).start()
 
     live._price_feed = FakeFeed  # type: ignore[assignment]
@@ -8307,6 +8310,41 @@ def test_a_live_price_source_leaves_the_live_clients_own_feed_alone(tmp_path: Pa
     assert paper.get_order(second).average_price == 880.0
     paper.close()
     assert live.stream_stats()["subscriptions"] == 2  # the strategy's own: SBIN and INFY
+    assert live._price_streamer is None  # its last listener gone, paper's connection is closed
+
+
+def test_paper_accounts_sharing_a_live_source_all_get_its_prices(tmp_path: Path, clients: list,
+                                                                 day_clock: FakeClock, ws_server: WsServer,
+                                                                 monkeypatch: Any) -> None:
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    a = paper_client(clients, tmp_path / "paper", clock, prices=live, account="a")
+    b = paper_client(clients, tmp_path / "paper", clock, prices=live, account="b")
+    ids = [a.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=893.0),
+           b.place_order(PAPER_SBIN, 2, "BUY", "CNC", "LIMIT", price=894.0)]
+    assert json.loads(ws_server.wait_message())["a"] == "subscribe"  # one connection: the price feed's
+    feed = live._price_streamer
+    assert feed is not None and live._streamer is None
+    feed.wait_for(lambda: feed.snapshot()["connected"], 3)
+    ws_server.send(kite_frame(kite_packet(779521, 44, ltp=892.0, close=890.0)))
+    assert feed.wait_for(lambda: a.get_order(ids[0]).status is b.get_order(ids[1]).status is tt.OrderStatus.COMPLETE, 3)
+    assert (a.get_order(ids[0]).average_price, b.get_order(ids[1]).average_price) == (892.0, 892.0)
+    a.close()
+    assert live._price_streamer is feed  # b still listens
+    b.close()
+    assert live._price_streamer is None and not feed.snapshot()["connected"]
+
+
+def test_a_live_source_whose_client_is_closed_refuses_every_order_that_needs_its_price(
+        tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer) -> None:
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    live.close()
+    for _ in range(2):  # the second too: the failed watch was not taken as done
+        with pytest.raises(tt.ConfigurationError, match="this zerodha client is closed"):
+            paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=893.0)
+    assert paper.get_orders() == []
 
 
 # ============================================================================
@@ -8721,6 +8759,31 @@ def test_cli_environment_variables_of_other_tools_are_ignored_and_typos_refused(
     assert hours.returncode == 0, hours.stderr
     for seed in ("--5", "\u00b2", "-"):  # not integers: text seeds, as any other text
         assert cli_json(["funds"], tmp_path, env={"TTCONNECT_SEED": seed})["total"] == 1000000.0
+    for name, near in (("TTCONNECT_SEDD", "TTCONNECT_SEED"), ("TTCONNECT_PIM", "TTCONNECT_PIN")):
+        done = cli(["funds"], tmp_path, env={name: "1"})  # one letter off a short key
+        assert done.returncode == 3 and f"did you mean {near}?" in done.stderr
+    for other in ("TTCONNECT_API_SECRET_FILE", "TTCONNECT_MARKET_HOURS_TZ"):  # another tool's names: not typos
+        assert cli(["funds"], tmp_path, env={other: "x"}).returncode == 0
+
+
+def test_cli_main_in_process_puts_back_the_sigterm_handler(tmp_path: Path, monkeypatch: Any,
+                                                           capsys: Any) -> None:
+    import signal
+
+    monkeypatch.setenv("TTCONNECT_CACHE_DIR", str(tmp_path))
+    mine = lambda signum, frame: None  # noqa: E731 - the host program's own handler
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert tt.main(["funds", "--json"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert json.loads(capsys.readouterr().out)["total"] == 1000000.0
+
+
+def test_cli_cells_show_money_to_the_paisa_and_finer_prices_whole() -> None:
+    cells = [tt._cli_cell(v) for v in (0.5, -0.05, 0.1 + 0.2, 1234.5, 0.0025, 0.1225, 0.0)]
+    assert cells == ["0.50", "-0.05", "0.30", "1,234.50", "0.0025", "0.1225", "0.00"]
 
 
 def test_cli_errors_writing_the_output_are_one_line(tmp_path: Path) -> None:
@@ -8968,6 +9031,33 @@ def test_an_account_logged_as_json_text_by_an_earlier_version_reads_the_same(tmp
     assert third.get_order(new).status is tt.OrderStatus.OPEN and len(third.get_orders()) == len(ids)
 
 
+class _Validity(str, enum.Enum):
+    """A strategy's own enum of validities: equal to the strings, but no plain str."""
+
+    DAY = "DAY"
+
+
+class _Lots(int):
+    pass
+
+
+def test_order_values_of_the_callers_own_str_and_int_types_are_stored_plain(tmp_path: Path, clients: list,
+                                                                            scripted: str) -> None:
+    """They pass validation (they equal what is valid); the account must still read back."""
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    client = open_paper(clients, tmp_path, clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    placed = client.place_order(PAPER_SBIN, _Lots(2), "BUY", "CNC", "LIMIT", price=800.0, validity=_Validity.DAY)
+    client.close()
+    again = open_paper(clients, tmp_path, clock, prices=scripted)
+    order = again.get_order(placed)
+    assert (order.qty, order.status) == (2, tt.OrderStatus.OPEN) and type(order.qty) is int
+    con = sqlite3.connect(str(account_file(tmp_path)))
+    (data,) = con.execute("SELECT data FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    con.close()
+    assert b"_Validity" not in data and b"_Lots" not in data
+
+
 class _Touch:
     """Pickled, it would run ``open(path, "w")`` when loaded: what a doctored log row could try."""
 
@@ -8978,7 +9068,8 @@ class _Touch:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("doctor", ["code", "class", "truncated", "not a pickle", "garbage json"])
+@pytest.mark.parametrize("doctor", ["code", "class", "truncated", "not a pickle", "garbage json", "huge length",
+                                    "deep json"])
 def test_a_doctored_log_row_is_refused_by_name_and_runs_nothing(doctor: str, tmp_path: Path, clients: list,
                                                                 scripted: str) -> None:
     path, _ = rich_account(clients, tmp_path, scripted)
@@ -8992,6 +9083,8 @@ def test_a_doctored_log_row_is_refused_by_name_and_runs_nothing(doctor: str, tmp
         "truncated": data[: len(data) // 2],
         "not a pickle": b"\x80\x04this is no pickle",
         "garbage json": "{not json",
+        "huge length": b"\x80\x04\x8e" + (2 ** 62).to_bytes(8, "little") + b"abc",  # BINBYTES8: MemoryError
+        "deep json": "[" * 100000 + "]" * 100000,  # RecursionError
     }[doctor]
     con.execute("UPDATE events SET data = ? WHERE seq = ?", (doctored, seq))
     con.commit()

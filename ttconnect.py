@@ -1049,6 +1049,7 @@ def _check_order(spec: "BrokerSpec", instrument: Any, qty: Any, side: Any, produ
         raise InvalidOrderError(f"validity {validity!r} is not supported by {broker}; use one of {', '.join(spec['validities'])}")
     if isinstance(qty, bool) or not isinstance(qty, int) or qty <= 0:
         raise InvalidOrderError(f"qty must be a positive whole number of units, got {qty!r}")
+    qty = int(qty)  # a plain int from here on (a caller's int subclass is no value to store or send)
     if lot > 1 and qty % lot:
         below, above = qty // lot * lot, (qty // lot + 1) * lot
         options = f"{above}" if below == 0 else f"{below} or {above}"
@@ -5498,7 +5499,7 @@ class _PaperEngine:
                     self._apply_change(change)
                 self._seq = seq
         except (ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError, OverflowError,
-                pickle.UnpicklingError) as exc:
+                MemoryError, RecursionError, pickle.UnpicklingError) as exc:  # a length field of 2**62: MemoryError
             raise ConfigurationError(f"the paper account file {self.path} is damaged ({_describe(exc)} in log row "
                                      f"{seq}); move it aside to start the account afresh") from None
         self._changes, self._whole = len(rows) - 1, False
@@ -6633,13 +6634,13 @@ class _PaperLiveSource:
         self._arrived = threading.Condition(threading.Lock())
 
     def close(self) -> None:
-        pass  # the live client is the caller's: it stays open
+        self.live._price_feed_release(self._on_tick)  # the live client is the caller's: it stays open
 
     def watch(self, token: str) -> None:
         if token not in self._watched:
-            self._watched.add(token)
             # a feed of its own: the live client's subscriptions and on_tick stay the user's
-            self.live._price_feed().subscribe([self.engine.info(token)[0]], "full", self._on_tick)
+            self.live._price_feed(self._on_tick).subscribe([self.engine.info(token)[0]], "full", None)
+            self._watched.add(token)  # once subscribed: a refusal (a closed live client) is met again next time
 
     def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
         return self.engine._quotes.get(token)
@@ -7798,6 +7799,7 @@ class TTConnect:
         self._ctx = _Ctx(self._instruments, self._clock)
         self._streamer: Optional[_Streamer] = None
         self._price_streamer: Optional[_Streamer] = None  # another client's prices taken from this one (_price_feed)
+        self._price_listeners: List[Callable[[Tick], Any]] = []
         self._stream_lock = threading.Lock()
         self._local: Any = None
         self._order_refs: Dict[str, str] = {}  # order id -> the broker's own address for it (order_ref hook)
@@ -8230,6 +8232,8 @@ class TTConnect:
             token, bsym, lot, tick = "", "", 0, 0.0  # _check_order refuses it, naming why
         qty, side_e, product_e, type_e, price_d, trigger_d = _check_order(
             self._spec, instrument, qty, side, product, order_type, price, trigger_price, validity, lot, tick)
+        if validity is not None and type(validity) is not str:  # a caller's str subclass (its own enum): plain text
+            validity = self._spec["validities"][self._spec["validities"].index(validity)]
         return _OrderRequest(instrument, token, bsym, qty, side_e, product_e, type_e, price_d, trigger_d,
                              self._order_tag(tag), validity, tag)
 
@@ -8534,14 +8538,35 @@ class TTConnect:
                 self._streamer = self._new_streamer()
             return self._streamer
 
-    def _price_feed(self) -> "_Streamer":
-        """A feed of its own, for another client that takes its prices from this one (a simulated
-        account): the user's subscriptions, their modes and their on_tick stay as they are. It is
-        a second connection on the same session (brokers allow a few per key)."""
+    def _price_feed(self, listener: Callable[[Tick], Any]) -> "_Streamer":
+        """A feed of its own, for clients that take their prices from this one (simulated
+        accounts): each ``listener`` gets every tick of it; the user's subscriptions, their modes
+        and their on_tick stay as they are. It is a second connection on the same session (brokers
+        allow a few per key), closed when the last listener is released."""
         with self._stream_lock:
+            if listener not in self._price_listeners:
+                self._price_listeners.append(listener)
             if self._price_streamer is None:
                 self._price_streamer = self._new_streamer()
+                self._price_streamer.on_tick = self._price_tick
             return self._price_streamer
+
+    def _price_tick(self, tick: Tick) -> None:
+        for listener in list(self._price_listeners):
+            try:
+                listener(tick)
+            except Exception:  # noqa: BLE001 - one listener's fault must not starve the others
+                log.exception("%s price feed: a listener raised; the feed goes on", self.broker)
+
+    def _price_feed_release(self, listener: Callable[[Tick], Any]) -> None:
+        with self._stream_lock:
+            if listener in self._price_listeners:
+                self._price_listeners.remove(listener)
+            streamer = self._price_streamer if not self._price_listeners else None
+            if streamer is not None:
+                self._price_streamer = None
+        if streamer is not None:
+            streamer.close()
 
     def _new_streamer(self) -> "_Streamer":
         self._open()
@@ -9410,6 +9435,16 @@ def _cli_parser() -> Any:
     return parser
 
 
+def _edits(a: str, b: str) -> int:
+    """The Levenshtein distance of two strings: insertions, deletions and substitutions."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ca != cb))
+    return row[-1]
+
+
 def _cli_seconds(text: str) -> float:
     import argparse
     import math
@@ -9447,9 +9482,7 @@ def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
         if name.startswith("TTCONNECT_") and name != CACHE_DIR_ENV and len(name) > 10:
             key = name[10:].lower()
             if key not in known and key != "broker":
-                import difflib
-
-                near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+                near = [k for k in sorted(known) if _edits(key, k) <= (1 if len(k) <= 5 else 2)]
                 if near:  # a typo of a key is an error; other tools' TTCONNECT_* variables are not ours
                     raise _CliError(f"environment variable {name} names no config key; did you mean "
                                     f"TTCONNECT_{near[0].upper()}?", 3)
@@ -9572,8 +9605,8 @@ def _jsonable(value: Any) -> Any:
 def _cli_cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):  # money and prices: to the paisa
-        return f"{value:,.2f}"
+    if isinstance(value, float):  # money to the paisa; a finer price (a 0.0025 tick) as it is
+        return f"{value:,.2f}" if abs(value - round(value, 2)) < 1e-9 else f"{value:,.4f}"
     if isinstance(value, list):
         return ",".join(map(str, value))
     return str(value)
@@ -9618,10 +9651,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = _CliOut(getattr(args, "json", False))
     import signal
 
-    if threading.current_thread() is threading.main_thread():
-        # `kill`, a service manager, `timeout`: stop as on Ctrl-C, so files (a --record) are closed whole
-        signal.signal(signal.SIGTERM, lambda signum, frame: _cli_terminated())
+    before = signal.getsignal(signal.SIGTERM)
+    catch = threading.current_thread() is threading.main_thread() and before not in (None, signal.SIG_IGN)
     try:
+        if catch:
+            # `kill`, a service manager, `timeout`: stop as on Ctrl-C, so files (a --record) are closed whole
+            signal.signal(signal.SIGTERM, lambda signum, frame: _cli_terminated())
         return _cli_run(args, out, verbose)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -9650,6 +9685,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 3
+    finally:
+        if catch:
+            signal.signal(signal.SIGTERM, before)  # a program calling main() keeps its own handling
 
 
 class _CliTerminated(BaseException):
