@@ -67,6 +67,7 @@ import datetime as _dt
 import enum
 import operator
 import os
+import random
 import struct
 import sys
 import threading
@@ -5026,8 +5027,6 @@ class _PaperWalk:
         self._block_at: Tuple[Optional[int], Optional[int]] = (None, None)
 
     def _shock(self, day: int) -> float:
-        import random
-
         return random.Random(_paper_seed(self.seed, self.key, "day", day)).gauss(0.0, 1.0)
 
     def _open(self, day: int) -> float:
@@ -8243,13 +8242,15 @@ class TTConnect:
 
     def _order_tag(self, tag: Any) -> str:
         limit = self._spec["max_tag_len"] - self._TAG_SUFFIX
+        # random's generator (seeded from os.urandom, again in a forked child): unique tags without a
+        # system call per order
         if tag is None:
-            return "tt" + os.urandom(7).hex()[: limit + self._TAG_SUFFIX - 2]
+            return f"tt{random.getrandbits(56):014x}"[: limit + self._TAG_SUFFIX]
         if not isinstance(tag, str) or not 0 < len(tag) <= limit or not tag.isascii() \
                 or not all(c.isalnum() or c in "-_" for c in tag):
             raise InvalidOrderError(f"tag must be 1-{limit} ASCII letters, digits, '-' or '_' for {self.broker} (ttconnect "
                                     f"appends '-' and 4 characters to make each order's tag unique), got {tag!r}")
-        return f"{tag}-{os.urandom(2).hex()}"
+        return f"{tag}-{random.getrandbits(16):04x}"
 
     @overload
     def place_order(self, instrument: Instrument, qty: int, side: Union[Side, str], product: Union[ProductType, str],
@@ -9076,8 +9077,6 @@ class _Streamer:
         self.orders: Optional[_Connection] = None
         self._decode = self.spec["hooks"]["stream_decode"]
         self._ticks: List[Tick] = []
-        import random
-
         self._random = random.Random()
 
     @staticmethod
