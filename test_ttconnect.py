@@ -8292,6 +8292,30 @@ def test_a_paced_replay_keeps_the_rest_of_its_batch_for_later(tmp_path: Path, cl
     assert 0.9 <= time.monotonic() - began < 5.0  # the last tick is 1 s of file time after the first
 
 
+def test_a_full_tick_replayed_to_a_lesser_mode_keeps_only_that_modes_fields(tmp_path: Path, clients: list,
+                                                                           paper_clock: FakeClock) -> None:
+    full = tick_line(900.0, mode="full", last_qty=5, avg_price=899.5, volume=END, buy_qty=10, sell_qty=20, open=890.0,
+                     high=905.0, low=889.0, close=895.0, change=0.5, oi=7, oi_day_high=8, oi_day_low=6,
+                     last_trade_time=T0_MS - 1000, exchange_time=T0_MS, bids=[[899.9, 10, 1]], asks=[[900.1, 5, 2]])
+    path = tick_file(tmp_path / "ticks.jsonl", [full])
+    got: Dict[str, tt.Tick] = {}
+    for mode in ("full", "quote", "ltp"):
+        client = paper_client(clients, tmp_path / mode, paper_clock, prices=path)
+        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+        client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode=mode)
+        got[mode] = ticks.get(timeout=5)
+        client.close()
+    expected = {  # the fields of each mode; every other one as a tick of that mode has it
+        "quote": dataclasses.replace(got["full"], mode="quote", oi=None, oi_day_high=None, oi_day_low=None,
+                                     _last_trade_epoch=0, _exchange_epoch=0, _depth=None),
+        "ltp": tt.Tick(instrument=got["full"].instrument, mode="ltp", ltp=900.0),
+    }
+    for mode in ("quote", "ltp"):
+        assert tick_fields(got[mode]) == tick_fields(expected[mode])
+    assert got["full"].bids[0].price == 899.9 and got["quote"].bids == () and got["quote"].volume == END
+    assert got["quote"].last_trade_time is None and got["ltp"].close is None and got["full"].oi == 7
+
+
 def test_a_tick_file_number_beyond_a_float_or_json_nested_too_deep_is_a_skipped_line(tmp_path: Path, clients: list,
                                                                                     paper_clock: FakeClock) -> None:
     """Not an error of the feed: the ticks read with it in its batch are delivered, nothing reconnects."""
