@@ -8316,6 +8316,28 @@ def test_a_full_tick_replayed_to_a_lesser_mode_keeps_only_that_modes_fields(tmp_
     assert got["quote"].last_trade_time is None and got["ltp"].close is None and got["full"].oi == 7
 
 
+def test_replayed_ticks_are_counted_by_the_frame_and_a_raising_handler_by_the_tick(tmp_path: Path, clients: list,
+                                                                                  paper_clock: FakeClock) -> None:
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(900.0 + i, i, volume=i) for i in range(6)]
+                     + [tick_line(990.0, 6, volume=END)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    seen: List[Tuple[int, int]] = []  # (volume, the ticks counted when its handler ran)
+    done = threading.Event()
+
+    def on_tick(tick: tt.Tick) -> None:
+        seen.append((tick.volume, client.stream_stats()["ticks"]))
+        if tick.volume == END:
+            done.set()
+        elif tick.volume in (1, 4):
+            raise RuntimeError("a handler's bug")
+
+    client.subscribe(PAPER_SBIN, on_tick=on_tick, mode="ltp")
+    assert done.wait(5)
+    assert [v for v, _ in seen] == [0, 1, 2, 3, 4, 5, END] and all(n >= i + 1 for i, (_, n) in enumerate(seen))
+    stats = client.stream_stats()
+    assert (stats["ticks"], stats["handler_errors"]) == (7, 2)
+
+
 def test_a_tick_file_number_beyond_a_float_or_json_nested_too_deep_is_a_skipped_line(tmp_path: Path, clients: list,
                                                                                     paper_clock: FakeClock) -> None:
     """Not an error of the feed: the ticks read with it in its batch are delivered, nothing reconnects."""
