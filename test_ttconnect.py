@@ -8292,6 +8292,30 @@ def test_a_paced_replay_keeps_the_rest_of_its_batch_for_later(tmp_path: Path, cl
     assert 0.9 <= time.monotonic() - began < 5.0  # the last tick is 1 s of file time after the first
 
 
+def test_the_ticks_after_one_whose_fill_failed_are_still_replayed(tmp_path: Path, clients: list,
+                                                                  paper_clock: FakeClock, caplog: Any) -> None:
+    """An error in the fill of one tick ends its feed frame (the stream reconnects); the rest of
+    its batch is replayed after it, as the lines after it in the file were."""
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0, volume=0), tick_line(902.0, 1, volume=1),
+                                                tick_line(903.0, 2, volume=END)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=905.0)
+    engine = client._local
+    on_quote = engine.on_quote
+    failed: List[float] = []
+
+    def failing_once(token: str, quote: Any) -> None:
+        if not failed:
+            failed.append(quote.ltp)
+            raise RuntimeError("a fill's bug")
+        on_quote(token, quote)
+
+    engine.on_quote = failing_once
+    got = replayed(client, mode="ltp")
+    assert failed == [90100] and [t.volume for t in got] == [1, END]
+    assert (client.get_order(order_id).status, client.get_order(order_id).average_price) == (COMPLETE, 902.0)
+
+
 def test_a_full_tick_replayed_to_a_lesser_mode_keeps_only_that_modes_fields(tmp_path: Path, clients: list,
                                                                            paper_clock: FakeClock) -> None:
     full = tick_line(900.0, mode="full", last_qty=5, avg_price=899.5, volume=END, buy_qty=10, sell_qty=20, open=890.0,

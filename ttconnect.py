@@ -6471,13 +6471,13 @@ class _PaperReplaySource:
         latest: Dict[str, Tuple[str, Tick, float]] = {}
         self.resume_at = 0.0
         with engine.lock:
+            if not self._ready:
+                lines = list(itertools.islice(self._file, self._BATCH))
+                if not lines:
+                    return out, False
+                self._ready = self._ticks(lines)
+            ready, self._ready = iter(self._ready), []
             try:
-                if not self._ready:
-                    lines = list(itertools.islice(self._file, self._BATCH))
-                    if not lines:
-                        return out, False
-                    self._ready = self._ticks(lines)
-                ready, self._ready = iter(self._ready), []
                 for item in ready:
                     token, tick, at = item
                     if speed:  # paced: a tick not due yet waits (outside the lock) for its time
@@ -6500,6 +6500,7 @@ class _PaperReplaySource:
                         out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
                 return out, True
             finally:
+                self._ready += ready  # the ticks after one whose fill raised: replayed on the next read
                 self._store(latest)
 
     def _ticks(self, lines: List[str]) -> List[Tuple[str, Tick, float]]:
