@@ -6560,7 +6560,7 @@ class _PaperReplaySource:
         ends in a newline, which no string holds, so at each join the decoder is in an object or
         in the one array: in an object, a key would have to follow the comma, not "null"; so every
         join is two commas around one more element of the array, and each line gives at least one
-        element. With 2n - 1 elements and the array ending at the end, each line gave exactly one:
+        element. With 2n - 1 elements for n lines, the array ending at the end, each line gave one:
         its own value, blanks around it."""
         joined = "[" + ",null,".join(lines) + "]"
         if joined.find("[", 1) != -1:  # an array could take the joins in as elements of its own
