@@ -8126,6 +8126,253 @@ def test_a_tick_file_field_of_an_odd_type_is_read_as_a_plain_one_would_be(tmp_pa
     assert client.get_positions() == [] and client.stream_stats()["reconnects"] == 0
 
 
+END = 999_999  # the volume of the last line of a file the tests below replay
+
+
+def replayed(client: tt.TTConnect, mode: str = "full") -> List[tt.Tick]:
+    """Every tick of SBIN the file gives, up to the one of volume END."""
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode=mode)
+    got = [ticks.get(timeout=5)]
+    while got[-1].volume != END:
+        got.append(ticks.get(timeout=5))
+    return got
+
+
+def tick_fields(tick: tt.Tick) -> List[Tuple[str, Any, type]]:
+    """Every field of a tick with its type: 900 and 900.0 are equal, but not the same reading."""
+    return [(f.name, getattr(tick, f.name), type(getattr(tick, f.name))) for f in dataclasses.fields(tick)]
+
+
+def skipped_lines(caplog: Any) -> List[int]:
+    return [int(m.group(1)) for r in caplog.records
+            for m in [re.match(r"paper replay: skipped line (\d+) of ", r.getMessage())] if m]
+
+
+def spy_batches(monkeypatch: Any) -> List[bool]:
+    """Whether each batch of the replay was decoded as one JSON array (False: line by line)."""
+    decoded: List[bool] = []
+    records = tt._PaperReplaySource._records
+
+    def spy(self: Any, lines: List[str]) -> Any:
+        out = records(self, lines)
+        decoded.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tt._PaperReplaySource, "_records", spy)
+    return decoded
+
+
+def test_a_tick_file_read_in_batches_gives_what_its_lines_give_one_by_one(tmp_path: Path, clients: list,
+                                                                         paper_clock: FakeClock, caplog: Any,
+                                                                         monkeypatch: Any) -> None:
+    """A batch of lines is decoded as one JSON array, and its common records are read inline,
+    only where that is what each line gives alone: the same ticks (each field, each type), the
+    same warnings and line numbers, the same fills, whatever the lines hold. Batches of 4 lines
+    here, so that some are decoded whole and some line by line. Each line is known by its volume."""
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    monkeypatch.setattr(tt._PaperReplaySource, "_BATCH", 4)
+    deep = '{"a": ' * 100_000  # no "[": the batch's decoder goes too deep, as the line's does
+    last_ms = int(dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc).timestamp() * 1000) - 1
+    first_ms = int(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    lines: List[Any] = [
+        tick_line(901.0, volume=0, mode="quote", close=890.0, change=1.2, oi=None),
+        tick_line(902.0, volume=1, ts=float(T0_MS)), tick_line(903, volume=2), tick_line("903.5", volume=3),
+        tick_line(904.0, volume=4, mode=None), {"instrument": "NSE:SBIN", "ts": T0_MS, "ltp": 904.5, "volume": 5},
+        '{"instrument": "NSE:SBIN", "ts": %d, "\\u006ctp": 905.0, "volume": 6}' % T0_MS,  # an escaped key
+        '{"instrument": "NSE:SBIN", "ts": %d, "ltp": 1.0, "ltp": 905.5, "volume": 7}' % T0_MS,  # the last one counts
+        tick_line(906.0, volume=8, note="}{ ,{", meta={"a": {"b": None}}), tick_line(906.5, volume=9, bids=5),
+        tick_line(907.0, volume=10, instrument={"a": 1}), tick_line(907.5, volume=11, instrument="NSE:NOSUCH"),
+        tick_line(908.0, volume=12, last_trade_time=None, exchange_time=T0_MS), tick_line(908.5, volume=13, bids=[]),
+        tick_line(float("nan"), volume=14), '{"instrument": "NSE:SBIN", "ltp": 909.5, "volume": 15}',
+        tick_line(910.0, volume=16, note="[x]"), "", json.dumps(tick_line(910.5, volume=18)) + "\r",
+        "  " + json.dumps(tick_line(911.0, volume=19)), "\ufeff" + json.dumps(tick_line(911.5, volume=20)),
+        deep, tick_line(912.0, volume=22), '{"instrument": "NSE:SBIN", "ts": 1%s, "ltp": 912.5}' % ("0" * 5000),
+        tick_line(913.0, volume=24, mode="full", bids=[[912.9, 10, 1]], asks=[[913.1, 5, 2]]),
+        tick_line(913.5, volume=25, last_trade_time=T0_MS - 1000, mode="quote"), tick_line(914.0, volume=26),
+        tick_line(914.5, volume=27), tick_line(915.0, volume=28, ts=first_ms - 1),
+        tick_line(915.0, volume=29, ts=last_ms + 1), tick_line(915.0, volume=30, ts=last_ms), tick_line(915.0, volume=31, ts=True), tick_line(0.009, volume=32),
+        tick_line(1e11, volume=33), tick_line(0.01, volume=34), tick_line(float("inf"), volume=35),
+        tick_line(916.0, volume=36, mode="weird"), tick_line(916.0, volume=37, exchange_time=1),
+        tick_line(916.0, volume=38, last_trade_time=0), tick_line(916.0, volume=39, ts=str(T0_MS)),
+        tick_line(916.5, volume=40, last_trade_time=T0_MS - 1000), tick_line(916.5, volume=41, asks=5),
+    ]
+    path = tmp_path / "ticks.jsonl"
+    tick_file(path, lines)
+    with open(path, "ab") as f:
+        f.write(json.dumps(tick_line(917.0, volume=END)).encode())  # a last line without its newline
+    runs = []
+    for run in ("batches", "one by one"):
+        caplog.clear()
+        decoded = spy_batches(monkeypatch)
+        if run == "one by one":
+            monkeypatch.setattr(tt._PaperReplaySource, "_records", lambda self, lines: None)
+        client = paper_client(clients, tmp_path / run, paper_clock, prices=str(path))
+        buy = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=904.0)
+        sell = client.place_order(PAPER_SBIN, 1, "SELL", "MIS", "LIMIT", price=912.0)
+        got = replayed(client)
+        fills = [(o.status, o.average_price) for o in map(client.get_order, (buy, sell))]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        runs.append(([tick_fields(t) for t in got], warnings, client._local.source.unknown, fills))
+        if run == "batches":
+            assert True in decoded and False in decoded  # both ways were taken
+        client.close()
+    assert runs[0] == runs[1]
+    ticks, _, unknown, fills = runs[0]
+    skipped = skipped_lines(caplog)
+    volumes = [dict((name, value) for name, value, _ in t)["volume"] for t in ticks]
+    assert volumes == [0, 1, 2, 3, 5, 6, 7, 8, 12, 13, 16, 18, 19, 22, 24, 25, 26, 27, 30, 34, 38, 40, END]
+    assert skipped == [5, 10, 11, 15, 16, 18, 21, 22, 24, 29, 30, 32, 33, 34, 36, 37, 38, 40, 42] and unknown == 1
+    assert fills == [(COMPLETE, 901.0), (COMPLETE, 912.0)]
+    by_volume = {dict((n, v) for n, v, _ in t)["volume"]: dict((n, (v, k)) for n, v, k in t) for t in ticks}
+    assert by_volume[2]["ltp"] == (903.0, float) and by_volume[3]["ltp"] == (903.5, float)
+    assert by_volume[6]["ltp"] == (905.0, float) and by_volume[7]["ltp"] == (905.5, float)
+    assert by_volume[0]["close"] == (890.0, float) and by_volume[0]["mode"] == ("quote", str)
+    assert by_volume[5]["mode"] == ("full", str) and by_volume[24]["_depth"][0] is not None
+    assert by_volume[40]["_last_trade_epoch"] == (T0_MS / 1000 - 1, float)
+
+
+@pytest.mark.parametrize("first, second, joiner, extra", [
+    ('{"instrument": "NSE:SBIN", "ts": %d, "mode": "ltp", "volume": 1' % T0_MS, '"ltp": 905.0}', ",", 2),
+    ('{"instrument": "NSE:SBIN", "ts": %d, "mode": "ltp", "volume": 1' % T0_MS, '  "ltp": 905.0}', ",", 2),
+    ('{"instrument": "NSE:SBIN", "ts": %d, "mode": "ltp", "ltp": 905.0, "volume": 1, "x": [1' % T0_MS, '{"y": 2}]}',
+     ",null,", 3),
+], ids=["an object over two lines", "a key after blanks", "an array over two lines"])
+def test_tick_file_lines_that_make_one_value_only_when_joined_are_skipped(first: str, second: str, joiner: str,
+                                                                          extra: int, tmp_path: Path, clients: list,
+                                                                          paper_clock: FakeClock, caplog: Any,
+                                                                          monkeypatch: Any) -> None:
+    """Two broken lines that join into one tick inside a JSON array (joined by ``joiner``), and a
+    line of ``extra`` ticks that makes the count of values what it would be for one value a line:
+    each is skipped, as it is read alone, and none of their prices reaches an order."""
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    several = ", ".join(json.dumps(tick_line(906.0 + i, volume=2 + i)) for i in range(extra))
+    lines = [json.dumps(tick_line(901.0, volume=0)), first, second, several, json.dumps(tick_line(902.0, volume=END))]
+    joined = json.loads("[" + joiner.join(line + "\n" for line in lines) + "]")
+    per_line = 1 if joiner == "," else 2  # the values a line and its joiner would give
+    assert len(joined) == per_line * len(lines) - per_line + 1  # what a line-a-value batch has
+    assert [v["ltp"] for v in joined if isinstance(v, dict)][1] == 905.0  # the two lines, read as one tick
+    decoded = spy_batches(monkeypatch)
+    client = paper_client(clients, tmp_path, paper_clock, prices=tick_file(tmp_path / "ticks.jsonl", lines))
+    order_id = client.place_order(PAPER_SBIN, 1, "SELL", "MIS", "LIMIT", price=904.0)
+    assert [t.ltp for t in replayed(client, mode="ltp")] == [901.0, 902.0]
+    assert decoded[0] is False and skipped_lines(caplog) == [2, 3, 4]
+    assert client.get_order(order_id).status is OPEN
+
+
+@pytest.mark.parametrize("bad, whole", [
+    (json.dumps(tick_line(906.0, volume=1)) + ", " + json.dumps(tick_line(907.0, volume=2)), False),
+    ("{}, {}", False), ("null, null", False), (json.dumps(tick_line(906.0, volume=1)) + "]", False),
+    ("7", True), ('"NSE:SBIN"', True), ("null", True), ("  {}  ", True),
+], ids=["two ticks", "two objects", "two nulls", "a closing bracket", "a number", "a string", "null", "blanks"])
+def test_a_tick_file_line_of_no_single_object_is_read_in_a_batch_as_alone(bad: str, whole: bool, tmp_path: Path,
+                                                                          clients: list, paper_clock: FakeClock,
+                                                                          caplog: Any, monkeypatch: Any) -> None:
+    """Such a line, the first of its batch or the last, is skipped with the warning it gets
+    alone. A line of one value is decoded with its batch (``whole``), a line of two or of a
+    stray "]" makes its batch be read line by line."""
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    monkeypatch.setattr(tt._PaperReplaySource, "_BATCH", 2)
+    path = tick_file(tmp_path / "ticks.jsonl", [bad, tick_line(901.0, volume=0), tick_line(902.0, volume=3), bad,
+                                                tick_line(903.0, volume=END)])
+    runs = []
+    for run in ("batches", "one by one"):
+        caplog.clear()
+        decoded = spy_batches(monkeypatch)
+        if run == "one by one":
+            monkeypatch.setattr(tt._PaperReplaySource, "_records", lambda self, lines: None)
+        client = paper_client(clients, tmp_path / run, paper_clock, prices=path)
+        got = [(t.ltp, t.volume) for t in replayed(client, mode="ltp")]
+        runs.append((got, [r.getMessage() for r in caplog.records]))
+        assert decoded == ([whole, whole, True] if run == "batches" else [])
+        client.close()
+    assert runs[0] == runs[1] and runs[0][0] == [(901.0, 0), (902.0, 3), (903.0, END)]
+    assert skipped_lines(caplog) == [1, 4]
+
+
+def test_a_paced_replay_keeps_the_rest_of_its_batch_for_later(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                             monkeypatch: Any) -> None:
+    """A paced replay parses a batch at once and delivers it tick by tick as each falls due."""
+    monkeypatch.setattr(tt._PaperReplaySource, "_BATCH", 2)
+    path = tick_file(tmp_path / "ticks.jsonl", [{**tick_line(901.0 + i, volume=i), "ts": T0_MS + 60 * i}
+                                                for i in range(4)] + [tick_line(990.0, 1, volume=END)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path, replay_speed=1)
+    began = time.monotonic()
+    got = replayed(client, mode="ltp")
+    assert [t.ltp for t in got] == [901.0, 902.0, 903.0, 904.0, 990.0]
+    assert 0.9 <= time.monotonic() - began < 5.0  # the last tick is 1 s of file time after the first
+
+
+def test_the_ticks_after_one_whose_fill_failed_are_still_replayed(tmp_path: Path, clients: list,
+                                                                  paper_clock: FakeClock, caplog: Any) -> None:
+    """An error in the fill of one tick ends its feed frame (the stream reconnects); the rest of
+    its batch is replayed after it, as the lines after it in the file were."""
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(901.0, 0, volume=0), tick_line(902.0, 1, volume=1),
+                                                tick_line(903.0, 2, volume=END)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=905.0)
+    engine = client._local
+    on_quote = engine.on_quote
+    failed: List[float] = []
+
+    def failing_once(token: str, quote: Any) -> None:
+        if not failed:
+            failed.append(quote.ltp)
+            raise RuntimeError("a fill's bug")
+        on_quote(token, quote)
+
+    engine.on_quote = failing_once
+    got = replayed(client, mode="ltp")
+    assert failed == [90100] and [t.volume for t in got] == [1, END]
+    assert (client.get_order(order_id).status, client.get_order(order_id).average_price) == (COMPLETE, 902.0)
+
+
+def test_a_full_tick_replayed_to_a_lesser_mode_keeps_only_that_modes_fields(tmp_path: Path, clients: list,
+                                                                           paper_clock: FakeClock) -> None:
+    full = tick_line(900.0, mode="full", last_qty=5, avg_price=899.5, volume=END, buy_qty=10, sell_qty=20, open=890.0,
+                     high=905.0, low=889.0, close=895.0, change=0.5, oi=7, oi_day_high=8, oi_day_low=6,
+                     last_trade_time=T0_MS - 1000, exchange_time=T0_MS, bids=[[899.9, 10, 1]], asks=[[900.1, 5, 2]])
+    path = tick_file(tmp_path / "ticks.jsonl", [full])
+    got: Dict[str, tt.Tick] = {}
+    for mode in ("full", "quote", "ltp"):
+        client = paper_client(clients, tmp_path / mode, paper_clock, prices=path)
+        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+        client.subscribe(PAPER_SBIN, on_tick=ticks.put, mode=mode)
+        got[mode] = ticks.get(timeout=5)
+        client.close()
+    expected = {  # the fields of each mode; every other one as a tick of that mode has it
+        "quote": dataclasses.replace(got["full"], mode="quote", oi=None, oi_day_high=None, oi_day_low=None,
+                                     _last_trade_epoch=0, _exchange_epoch=0, _depth=None),
+        "ltp": tt.Tick(instrument=got["full"].instrument, mode="ltp", ltp=900.0),
+    }
+    for mode in ("quote", "ltp"):
+        assert tick_fields(got[mode]) == tick_fields(expected[mode])
+    assert got["full"].bids[0].price == 899.9 and got["quote"].bids == () and got["quote"].volume == END
+    assert got["quote"].last_trade_time is None and got["ltp"].close is None and got["full"].oi == 7
+
+
+def test_replayed_ticks_are_counted_by_the_frame_and_a_raising_handler_by_the_tick(tmp_path: Path, clients: list,
+                                                                                  paper_clock: FakeClock) -> None:
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(900.0 + i, i, volume=i) for i in range(6)]
+                     + [tick_line(990.0, 6, volume=END)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    seen: List[Tuple[int, int]] = []  # (volume, the ticks counted when its handler ran)
+    done = threading.Event()
+
+    def on_tick(tick: tt.Tick) -> None:
+        seen.append((tick.volume, client.stream_stats()["ticks"]))
+        if tick.volume == END:
+            done.set()
+        elif tick.volume in (1, 4):
+            raise RuntimeError("a handler's bug")
+
+    client.subscribe(PAPER_SBIN, on_tick=on_tick, mode="ltp")
+    assert done.wait(5)
+    assert [v for v, _ in seen] == [0, 1, 2, 3, 4, 5, END] and all(n >= i + 1 for i, (_, n) in enumerate(seen))
+    stats = client.stream_stats()
+    assert (stats["ticks"], stats["handler_errors"]) == (7, 2)
+
+
 def test_a_tick_file_number_beyond_a_float_or_json_nested_too_deep_is_a_skipped_line(tmp_path: Path, clients: list,
                                                                                     paper_clock: FakeClock) -> None:
     """Not an error of the feed: the ticks read with it in its batch are delivered, nothing reconnects."""
