@@ -6499,7 +6499,7 @@ class _PaperReplaySource:
 
         if self._file is None:
             self._file = open(self.path, encoding="utf-8", errors="replace")  # a bad line fails as JSON
-            self._decoder = json.JSONDecoder()
+            self._decoder = json.JSONDecoder(parse_constant=_record_no_constant)
         engine = self.engine
         books = engine._books
         speed = self.speed
@@ -6551,7 +6551,7 @@ class _PaperReplaySource:
         ticks: List[Tuple[str, Tick, float]] = []
         number = self._line
         self._line += len(lines)
-        for item in items:
+        for item, line in zip(items, lines):
             number += 1
             try:
                 if records is None:
@@ -6560,17 +6560,20 @@ class _PaperReplaySource:
                     found = self._record(item)
                 else:
                     # The common record without a call (~3k instructions a tick less than _record):
-                    # a listed instrument, an int ts and a float ltp in range, a known mode, no
-                    # times, no depth. Any other goes to _record, read or refused there as it
-                    # would be from its line alone.
+                    # a listed instrument, fields and types of _RECORD_PLAIN only (no times, no
+                    # depth), ts and ltp in range, a known mode. Any other goes to _record, read or
+                    # refused there as it would be from its line alone.
                     get = item.get
                     text = get("instrument")
                     label = labels.get(text) if type(text) is str else None
                     ts, ltp, mode = get("ts"), get("ltp"), get("mode", "full")
-                    if (label is not None and type(ts) is int and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1]
-                            and type(ltp) is float and 0.01 <= ltp < _RECORD_PRICE_MAX and mode in _STREAM_MODES
-                            and "bids" not in item and "asks" not in item and "last_trade_time" not in item
-                            and "exchange_time" not in item):
+                    # Its only text is the instrument's and the mode's: the line's quotes are its keys'
+                    # and theirs (a field of text adds two; the batch holds no true, false or {}).
+                    if (label is not None and type(ts) is int and type(ltp) is float
+                            and line.count('"') == 2 * len(item) + (4 if "mode" in item else 2)
+                            and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1] and 0.01 <= ltp < _RECORD_PRICE_MAX
+                            and mode in _STREAM_MODES and "bids" not in item and "asks" not in item
+                            and "last_trade_time" not in item and "exchange_time" not in item):
                         tick = _TickBuilder(label[1], mode, ltp, get("last_qty"), get("avg_price"), get("volume"),
                                             get("buy_qty"), get("sell_qty"), get("open"), get("high"), get("low"),
                                             get("close"), get("change"), get("oi"), get("oi_day_high"),
@@ -6603,6 +6606,8 @@ class _PaperReplaySource:
         joined = "[" + ",null,".join(lines) + "]"
         if joined.find("[", 1) != -1:  # an array could take the joins in as elements of its own
             return None
+        if "true" in joined or "false" in joined or "{}" in joined or "{ " in joined or "{\t" in joined:
+            return None  # a field of no number that has no quotes: read line by line, where _record refuses it
         try:
             values, end = self._decoder.raw_decode(joined)
         except (ValueError, RecursionError):  # some line is no JSON: read one by one, it gets its warning
@@ -6620,7 +6625,7 @@ class _PaperReplaySource:
         if not plain:  # blanks around the value, or no JSON value at all
             import json
 
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=_record_no_constant)
         return self._record(record)
 
     def _record(self, record: Any) -> Optional[Tuple[str, Tick, float]]:
@@ -6648,9 +6653,7 @@ class _PaperReplaySource:
         bids, asks = get("bids"), get("asks")
         depth = _record_depth(bids, asks, instrument) if bids or asks else None
         last_trade, exchange = get("last_trade_time"), get("exchange_time")
-        tick = _TickBuilder(instrument, mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
-                            get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"),
-                            get("oi"), get("oi_day_high"), get("oi_day_low"),
+        tick = _TickBuilder(instrument, mode, ltp, *[_record_number(get(name), name) for name in _RECORD_FIELDS],
                             0.0 if last_trade is None else _record_epoch(last_trade, "last_trade_time"),
                             0.0 if exchange is None else _record_epoch(exchange, "exchange_time"), depth)
         tick.__class__ = Tick
@@ -6755,11 +6758,29 @@ def _tick_record(tick: Tick, at: float) -> Dict[str, Any]:
 _RECORD_PRICE_MAX = 1e11  # rupees: beyond any listed price (the order checks' bound too)
 
 
+# A tick's optional fields, in Tick's order
+_RECORD_FIELDS = ("last_qty", "avg_price", "volume", "buy_qty", "sell_qty", "open", "high", "low", "close", "change",
+                  "oi", "oi_day_high", "oi_day_low")
+
+
+def _record_number(value: Any, what: str) -> Any:
+    """A tick file's number as JSON has it (an int or a float; None stays None). Text, a bool, a
+    list or an object is refused: a tick's numbers are JSON numbers (NaN and Infinity, no JSON,
+    are refused by the decoder)."""
+    if value is None or type(value) is int or type(value) is float:
+        return value
+    raise ValueError(f"{what} {_short(repr(value), 40)} is no number")
+
+
+def _record_no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is no number")  # JSON has no NaN or Infinity; Python's decoder reads them
+
+
 def _record_price(value: Any, what: str) -> float:
-    price = float(value)
-    if not 0.01 <= price < _RECORD_PRICE_MAX:  # NaN fails this too
-        raise ValueError(f"{what} {value!r}")
-    return price
+    price = _record_number(value, what)
+    if price is None or not 0.01 <= price < _RECORD_PRICE_MAX:
+        raise ValueError(f"{what} {_short(repr(value), 40)}")
+    return float(price)
 
 
 def _record_epoch(value: Any, what: str) -> float:
@@ -6777,7 +6798,14 @@ def _record_depth(bids: Any, asks: Any, instrument: Instrument) -> Optional[Tupl
     warning) for prices that cannot be: negative, zero, a crossed book. A malformed level fails
     the line."""
     def side(levels: Any) -> Tuple[Any, ...]:
-        return tuple(v for price, qty, orders in levels or () for v in (int(qty), float(price), orders))
+        out: List[Any] = []
+        for price, qty, orders in levels or ():
+            level = (_record_number(qty, "depth qty"), _record_number(price, "depth price"),
+                     _record_number(orders, "depth orders"))
+            if None in level:
+                raise ValueError(f"depth level {_short(repr([price, qty, orders]), 60)} lacks a number")
+            out += (int(level[0]), float(level[1]), level[2])
+        return tuple(out)
 
     bid_levels, ask_levels = side(bids), side(asks)
     crossed = bool(bid_levels and ask_levels and bid_levels[1] > ask_levels[1])
