@@ -5580,6 +5580,7 @@ class _PaperEngine:
         """Start a transaction on the state in memory. It is checked against the log at its end
         (optimistic): what it writes is appended only if the log is still at the row this state
         was read from; one that writes nothing, or fails, looks then (``_stale``)."""
+        # order states, trades, positions by (token, product) -> row, holdings by token -> [token, qty, cost]
         self._log = {"h": [], "t": [], "p": {}, "k": {}}
         if self._seq < 0:
             self._load()  # the first look
