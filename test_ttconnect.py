@@ -8181,14 +8181,16 @@ def skipped_lines(caplog: Any) -> List[int]:
             for m in [re.match(r"paper replay: skipped line (\d+) of ", r.getMessage())] if m]
 
 
-def spy_batches(monkeypatch: Any) -> List[bool]:
-    """Whether each batch of the replay was decoded as one JSON array (False: line by line)."""
+def spy_batches(monkeypatch: Any, run: str = "batches") -> List[bool]:
+    """Whether each batch of the replay was decoded as one JSON array (False: line by line).
+    ``run`` "one by one": no batch is decoded whole (each line is read alone)."""
     decoded: List[bool] = []
     records = tt._PaperReplaySource._records
 
     def spy(self: Any, lines: List[str]) -> Any:
-        out = records(self, lines)
-        decoded.append(out is not None)
+        out = records(self, lines) if run == "batches" else None
+        if run == "batches":
+            decoded.append(out is not None)
         return out
 
     monkeypatch.setattr(tt._PaperReplaySource, "_records", spy)
@@ -8236,9 +8238,7 @@ def test_a_tick_file_read_in_batches_gives_what_its_lines_give_one_by_one(tmp_pa
     runs = []
     for run in ("batches", "one by one"):
         caplog.clear()
-        decoded = spy_batches(monkeypatch)
-        if run == "one by one":
-            monkeypatch.setattr(tt._PaperReplaySource, "_records", lambda self, lines: None)
+        decoded = spy_batches(monkeypatch, run)
         client = paper_client(clients, tmp_path / run, paper_clock, prices=str(path))
         buy = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=904.0)
         sell = client.place_order(PAPER_SBIN, 1, "SELL", "MIS", "LIMIT", price=912.0)
@@ -8310,9 +8310,7 @@ def test_a_tick_file_line_of_no_single_object_is_read_in_a_batch_as_alone(bad: s
     runs = []
     for run in ("batches", "one by one"):
         caplog.clear()
-        decoded = spy_batches(monkeypatch)
-        if run == "one by one":
-            monkeypatch.setattr(tt._PaperReplaySource, "_records", lambda self, lines: None)
+        decoded = spy_batches(monkeypatch, run)
         client = paper_client(clients, tmp_path / run, paper_clock, prices=path)
         got = [(t.ltp, t.volume) for t in replayed(client, mode="ltp")]
         runs.append((got, [r.getMessage() for r in caplog.records]))
