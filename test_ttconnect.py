@@ -8187,8 +8187,8 @@ def spy_batches(monkeypatch: Any, run: str = "batches") -> List[bool]:
     decoded: List[bool] = []
     records = tt._PaperReplaySource._records
 
-    def spy(self: Any, lines: List[str]) -> Any:
-        out = records(self, lines) if run == "batches" else None
+    def spy(self: Any, joined: str, count: int) -> Any:
+        out = records(self, joined, count) if run == "batches" else None
         if run == "batches":
             decoded.append(out is not None)
         return out
@@ -8295,7 +8295,7 @@ def test_tick_file_lines_that_make_one_value_only_when_joined_are_skipped(first:
 @pytest.mark.parametrize("bad, whole", [
     (json.dumps(tick_line(906.0, volume=1)) + ", " + json.dumps(tick_line(907.0, volume=2)), False),
     ("{}, {}", False), ("null, null", False), (json.dumps(tick_line(906.0, volume=1)) + "]", False),
-    ("7", True), ('"NSE:SBIN"', True), ("null", True), ("  {}  ", False),  # "{}": maybe a field's, read alone
+    ("7", True), ('"NSE:SBIN"', True), ("null", True), ("  {}  ", True),
 ], ids=["two ticks", "two objects", "two nulls", "a closing bracket", "a number", "a string", "null", "blanks"])
 def test_a_tick_file_line_of_no_single_object_is_read_in_a_batch_as_alone(bad: str, whole: bool, tmp_path: Path,
                                                                           clients: list, paper_clock: FakeClock,
@@ -8318,6 +8318,46 @@ def test_a_tick_file_line_of_no_single_object_is_read_in_a_batch_as_alone(bad: s
         client.close()
     assert runs[0] == runs[1] and runs[0][0] == [(901.0, 0), (902.0, 3), (903.0, END)]
     assert skipped_lines(caplog) == [1, 4]
+
+
+@pytest.mark.parametrize("odd", [
+    ["7", tick_line(901.5, volume={})],  # no object: the other line's empty object is not made up for
+    [tick_line(901.5, volume={}), "7"],
+    [tick_line(901.5, volume="12"), tick_line(901.6, instrument="NSE:NOSUCH", volume=4)],  # text beside an unlisted line
+    [tick_line(901.5, instrument="NSE:NOSUCH", note='a "quoted" {} text'), tick_line(901.6, volume=4)],
+    [tick_line(901.5, instrument="NSE:NOSUCH", flag=True), tick_line(901.6, volume=4)],
+    ['{"instrument": "NSE:SBIN", "ts": %d, "mode": "ltp", "ltp": 901.5, "volume": 5, "volume": "5"}' % T0_MS,
+     tick_line(901.6, volume=4)],
+    ['{"instrument": "NSE:SBIN", "ts": %d, "mode": "ltp", "ltp": 901.5, "volume": 5, "note": "\\"\\""}' % T0_MS,
+     tick_line(901.6, volume=4)],
+], ids=["no object first", "no object last", "text", "an unlisted line's text", "an unlisted line's bool",
+        "a duplicate key", "escaped quotes"])
+def test_a_batch_read_whole_gives_what_its_lines_give_alone_whatever_they_hold(
+        odd: List[Any], tmp_path: Path, clients: list, paper_clock: FakeClock, caplog: Any, monkeypatch: Any) -> None:
+    """A batch's plain records are read without _record only where the batch's own counts (its
+    quotes, its braces) show that no line holds more than a plain record: one line cannot make up
+    for another's text or empty object. Each batch (4 lines) gives what its lines give alone."""
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    monkeypatch.setattr(tt._PaperReplaySource, "_BATCH", 4)
+    first = [tick_line(900.5, instrument="NSE:NOSUCH"), tick_line(901.0, volume=0), tick_line(901.2, volume=7),
+             tick_line(901.3, volume=8)]  # a batch of its own: NOSUCH is known as unlisted from here on
+    lines = [*first, *odd, tick_line(902.0, volume=1), tick_line(903.0, volume=2), tick_line(904.0, volume=3),
+             tick_line(905.0, volume=6), tick_line(906.0, volume=END)]
+    path = tick_file(tmp_path / "ticks.jsonl", lines)
+    runs = []
+    for run in ("batches", "one by one"):
+        caplog.clear()
+        decoded = spy_batches(monkeypatch, run)
+        client = paper_client(clients, tmp_path / run, paper_clock, prices=path)
+        got = replayed(client)
+        runs.append(([tick_fields(t) for t in got], [r.getMessage() for r in caplog.records],
+                     client._local.source.unknown))
+        assert decoded == ([True, True, True] if run == "batches" else [])
+        client.close()
+    assert runs[0] == runs[1]
+    assert all(type(v) in (int, float, type(None)) for t in runs[0][0] for name, v, _ in t
+               if name in tt._RECORD_FIELDS)  # no text, bool or object reached a tick
+    assert [dict((n, v) for n, v, _ in t)["volume"] for t in runs[0][0]][-5:] == [1, 2, 3, 6, END]
 
 
 def test_a_paced_replay_keeps_the_rest_of_its_batch_for_later(tmp_path: Path, clients: list, paper_clock: FakeClock,

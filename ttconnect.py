@@ -5318,7 +5318,8 @@ class _PaperFill(NamedTuple):
 class _PaperBook:
     """The working orders of one instrument, with the prices that would move any of them."""
 
-    __slots__ = ("orders", "max_buy", "min_sell", "min_buy_stop", "max_sell_stop", "waiting")
+    __slots__ = ("orders", "max_buy", "min_sell", "min_buy_stop", "max_sell_stop", "waiting", "quiet_low",
+                 "quiet_high")
 
     def __init__(self) -> None:
         self.orders: Dict[str, Dict[str, Any]] = {}
@@ -5342,6 +5343,14 @@ class _PaperBook:
                 self.max_buy = max(self.max_buy, o["price"])
             else:
                 self.min_sell = min(self.min_sell, o["price"])
+        # A last price (rupees, no depth) strictly between these moves none of the orders: its paise,
+        # rounded, are above every buy limit and sell stop and below every sell limit and buy stop.
+        # The 0.6 paise of slack keep a float's error and the rounding on the side of a full look.
+        if self.waiting:
+            self.quiet_low, self.quiet_high = inf, -inf
+        else:
+            self.quiet_low = (max(self.max_buy, self.max_sell_stop) + 0.6) / 100
+            self.quiet_high = (min(self.min_sell, self.min_buy_stop) - 0.6) / 100
 
     def moves(self, q: _PaperQuote) -> bool:
         return self.reaches(q.ltp, q.bid, q.ask)
@@ -6526,7 +6535,8 @@ class _PaperReplaySource:
                             return out, True
                     latest[token] = item
                     book = books.get(token)
-                    if book is not None and book.orders:
+                    if book is not None and (tick._depth is not None
+                                             or not book.quiet_low < tick.ltp < book.quiet_high):
                         if tick._depth is None:  # the touch is the last price (a float: round gives an int)
                             ltp = bid = ask = round(tick.ltp * 100)
                         else:
@@ -6546,43 +6556,19 @@ class _PaperReplaySource:
         """(paper token, tick, epoch seconds) of each tick in these next lines of the file. A line
         naming an instrument paper does not list is counted; a line that is no tick is skipped
         with a warning naming it."""
-        records = self._records(lines)
-        items: Sequence[Any] = lines if records is None else records  # the lines, or their values decoded
-        labels = self._labels
-        ticks: List[Tuple[str, Tick, float]] = []
         number = self._line
         self._line += len(lines)
-        for item, line in zip(items, lines):
+        joined = "[" + ",null,".join(lines) + "]"
+        records = self._records(joined, len(lines))
+        if records is not None:
+            ticks = self._plain(records, lines, joined)
+            if ticks is not None:
+                return ticks
+        ticks = []
+        for item in lines if records is None else records:  # the lines, or their values decoded
             number += 1
             try:
-                if records is None:
-                    found = self._parse(item)
-                elif type(item) is not dict:  # a line of no object: refused as it would be alone
-                    found = self._record(item)
-                else:
-                    # The common record without a call (~3k instructions a tick less than _record):
-                    # a listed instrument, fields and types of _RECORD_PLAIN only (no times, no
-                    # depth), ts and ltp in range, a known mode. Any other goes to _record, read or
-                    # refused there as it would be from its line alone.
-                    get = item.get
-                    text = get("instrument")
-                    label = labels.get(text) if type(text) is str else None
-                    ts, ltp, mode = get("ts"), get("ltp"), get("mode", "full")
-                    # Its only text is the instrument's and the mode's: the line's quotes are its keys'
-                    # and theirs (a field of text adds two; the batch holds no true, false or {}).
-                    if (label is not None and type(ts) is int and type(ltp) is float
-                            and line.count('"') == 2 * len(item) + (4 if "mode" in item else 2)
-                            and _CLOCK_SPAN_MS[0] <= ts < _CLOCK_SPAN_MS[1] and 0.01 <= ltp < _RECORD_PRICE_MAX
-                            and mode in _STREAM_MODES and "bids" not in item and "asks" not in item
-                            and "last_trade_time" not in item and "exchange_time" not in item):
-                        tick = _TickBuilder(label[1], mode, ltp, get("last_qty"), get("avg_price"), get("volume"),
-                                            get("buy_qty"), get("sell_qty"), get("open"), get("high"), get("low"),
-                                            get("close"), get("change"), get("oi"), get("oi_day_high"),
-                                            get("oi_day_low"), 0.0, 0.0, None)
-                        tick.__class__ = Tick
-                        ticks.append((label[0], tick, ts / 1000))
-                        continue
-                    found = self._record(item)
+                found = self._parse(item) if records is None else self._record(item)
             except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
                 # OverflowError: a number beyond a float (ts of 400 digits, an infinite depth qty);
                 # RecursionError: JSON nested deeper than the parser goes
@@ -6594,26 +6580,68 @@ class _PaperReplaySource:
                 ticks.append(found)
         return ticks
 
-    def _records(self, lines: List[str]) -> Optional[List[Any]]:
-        """The lines' JSON values, decoded as one array (~1.5k instructions a line less than a call
-        each), or None where that might not give what each line gives alone.
+    def _records(self, joined: str, count: int) -> Optional[List[Any]]:
+        """The JSON values of ``count`` lines joined as ``joined`` ("[" + ",null,".join(lines) + "]"),
+        decoded as one array (~1.5k instructions a line less than a call each), or None where that
+        might not give what each line gives alone.
 
-        The lines are joined with ",null," and none may hold a "[". Every line but the file's last
-        ends in a newline, which no string holds, so at each join the decoder is in an object or
-        in the one array: in an object, a key would have to follow the comma, not "null"; so every
-        join is two commas around one more element of the array, and each line gives at least one
-        element. With 2n - 1 elements for n lines, the array ending at the end, each line gave one:
-        its own value, blanks around it."""
-        joined = "[" + ",null,".join(lines) + "]"
+        No line may hold a "[". Every line but the file's last ends in a newline, which no string
+        holds, so at each join the decoder is in an object or in the one array: in an object, a key
+        would have to follow the comma, not "null"; so every join is two commas around one more
+        element of the array, and each line gives at least one element. With 2n - 1 elements for n
+        lines, the array ending at the end, each line gave one: its own value, blanks around it."""
         if joined.find("[", 1) != -1:  # an array could take the joins in as elements of its own
             return None
-        if "true" in joined or "false" in joined or "{}" in joined or "{ " in joined or "{\t" in joined:
-            return None  # a field of no number that has no quotes: read line by line, where _record refuses it
         try:
             values, end = self._decoder.raw_decode(joined)
         except (ValueError, RecursionError):  # some line is no JSON: read one by one, it gets its warning
             return None
-        return values[::2] if end == len(joined) and len(values) == 2 * len(lines) - 1 else None
+        return values[::2] if end == len(joined) and len(values) == 2 * count - 1 else None
+
+    def _plain(self, records: List[Any], lines: List[str], joined: str) -> Optional[List[Tuple[str, Tick, float]]]:
+        """The ticks of a batch whose every line is a plain record, read without a call a line
+        (~3k instructions a tick less than _record); None for any other batch, which _record
+        reads (or refuses) line by line as it would each line alone.
+
+        A plain record: an object of a listed instrument; ts and ltp in range; a known mode; no
+        depth, no times; no text but the instrument's and the mode's, no true or false, no object
+        inside (each a number or null, then; and a "[" is not in the batch). A line naming an
+        instrument paper does not list is counted as _record would, whatever else it holds."""
+        if "true" in joined or "false" in joined or joined.count("{") != len(records):
+            return None  # with every line an object (checked below), no line holds a second "{"
+        labels = self._labels
+        first_ms, end_ms = _CLOCK_SPAN_MS
+        ticks: List[Tuple[str, Tick, float]] = []
+        quotes = unknown = 0  # the quotes the lines' keys and texts need; the lines of no listed instrument
+        for item, line in zip(records, lines):
+            if type(item) is not dict:
+                return None
+            get = item.get
+            text = get("instrument")
+            label = labels.get(text) if type(text) is str else None
+            if label is None:
+                if type(text) is not str or text not in labels:
+                    return None
+                unknown += 1  # known as no paper instrument: counted, whatever else the line holds
+                quotes += line.count('"')
+                continue
+            ts, ltp, mode = get("ts"), get("ltp"), get("mode", "full")
+            if not (type(ts) is int and type(ltp) is float and first_ms <= ts < end_ms
+                    and 0.01 <= ltp < _RECORD_PRICE_MAX and mode in _STREAM_MODES and "bids" not in item
+                    and "asks" not in item and "last_trade_time" not in item and "exchange_time" not in item):
+                return None
+            quotes += 2 * len(item) + (4 if "mode" in item else 2)
+            tick = _TickBuilder(label[1], mode, ltp, get("last_qty"), get("avg_price"), get("volume"), get("buy_qty"),
+                                get("sell_qty"), get("open"), get("high"), get("low"), get("close"), get("change"),
+                                get("oi"), get("oi_day_high"), get("oi_day_low"), 0.0, 0.0, None)
+            tick.__class__ = Tick
+            ticks.append((label[0], tick, ts / 1000))
+        # Each line has at least the quotes its keys and texts need (more for a duplicate key, an
+        # escaped quote or a field of text): the batch has no more only if no line has.
+        if joined.count('"') != quotes:
+            return None
+        self.unknown += unknown
+        return ticks
 
     def _parse(self, line: str) -> Optional[Tuple[str, Tick, float]]:
         """(paper token, tick, epoch seconds) of one line of the file; None for an instrument paper
