@@ -8360,6 +8360,32 @@ def test_a_batch_read_whole_gives_what_its_lines_give_alone_whatever_they_hold(
     assert [dict((n, v) for n, v, _ in t)["volume"] for t in runs[0][0]][-5:] == [1, 2, 3, 6, END]
 
 
+@pytest.mark.parametrize("price", [1.15, 2.45, 0.55, 1.1, 4.35, 8.2])  # each * 100 is no whole number in a float
+@pytest.mark.parametrize("side", ["BUY", "SELL"])
+@pytest.mark.parametrize("hair", [0, 1e-7])  # the price itself, or a hair on the far side: its paise are the limit's
+def test_a_replayed_last_price_at_a_limit_fills_it_though_its_float_is_off_by_a_hair(
+        price: float, side: str, hair: float, tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    """A book's quiet band (last prices that move none of its orders, looked at without a call)
+    leaves a price that rounds to a limit's paise to the full test: the limit fills at the tick
+    that reaches it, at the limit, not before, not after."""
+    step = 0.05 if side == "BUY" else -0.05
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(round(price + 2 * step, 2), 0, volume=0),
+                                                tick_line(round(price + step, 2), 1, volume=1),
+                                                tick_line(price + hair * step, 2, volume=2),
+                                                tick_line(round(price - step, 2), 3, volume=3),
+                                                tick_line(round(price + step, 2), 4, volume=END)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    order_id = client.place_order(PAPER_SBIN, 1, side, "MIS", "LIMIT", price=price)
+    updates: "queue.Queue[tt.Order]" = queue.Queue()
+    client.on_order_update = updates.put
+    seen = [t.volume for t in replayed(client, mode="ltp")]
+    assert seen == [0, 1, 2, 3, END]
+    order = client.get_order(order_id)
+    assert (order.status, order.average_price) == (COMPLETE, price)
+    trade, = client.get_trades()
+    assert trade.avg_price == price and trade.timestamp == PAPER_DAY + dt.timedelta(seconds=2)
+
+
 def test_a_paced_replay_keeps_the_rest_of_its_batch_for_later(tmp_path: Path, clients: list, paper_clock: FakeClock,
                                                              monkeypatch: Any) -> None:
     """A paced replay parses a batch at once and delivers it tick by tick as each falls due."""
