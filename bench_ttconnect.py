@@ -11,8 +11,9 @@ Sections:
   ticks        decode throughput of Kite full packets and AngelOne SnapQuotes into Ticks, vs
                one precompiled struct.Struct.unpack_from over the same bytes.
   paper        paper place_order -> filled MARKET order vs one INSERT + COMMIT into a WAL table in
-               the same cache dir; replay of 1,000,000 recorded ticks with 100 resting LIMIT orders;
-               the wall time of `python -m ttconnect demo`.
+               the same cache dir (the best of 5 interleaved rounds each); replay of 1,000,000 recorded
+               ticks with 100 resting LIMIT orders (the best of 3 replays); the wall time of
+               `python -m ttconnect demo`.
 """
 
 from __future__ import annotations
