@@ -8386,6 +8386,44 @@ def test_a_replayed_last_price_at_a_limit_fills_it_though_its_float_is_off_by_a_
     assert trade.avg_price == price and trade.timestamp == PAPER_DAY + dt.timedelta(seconds=2)
 
 
+def test_a_deeply_nested_line_is_read_alone_as_in_its_batch(tmp_path: Path, clients: list, paper_clock: FakeClock,
+                                                           caplog: Any, monkeypatch: Any) -> None:
+    """Lines nested about as deep as the decoder goes, blanks around them: each is read alone
+    (one level less deep) wherever its batch reads it. On 3.11 json.loads's own frames made one
+    depth fail alone that its batch read."""
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    monkeypatch.setattr(tt._PaperReplaySource, "_BATCH", 1)  # each line a batch: one level deeper than alone
+    head = ' {"instrument": "NSE:SBIN", "ts": %d, "mode": "ltp", "ltp": 900.0, "volume": %d, "x": '
+    lines = [head % (T0_MS, depth) + '{"a": ' * depth + "1" + "}" * depth + "} " for depth in range(900, 1001)]
+    path = tick_file(tmp_path / "ticks.jsonl", [*lines, tick_line(901.0, volume=END)])
+    runs = []
+    for run in ("batches", "one by one"):  # no spy on the batches: a frame more would move the limit
+        caplog.clear()
+        if run == "one by one":
+            monkeypatch.setattr(tt._PaperReplaySource, "_records", lambda self, joined, count: None)
+        client = paper_client(clients, tmp_path / run, paper_clock, prices=path)
+        runs.append(([t.volume for t in replayed(client, mode="ltp")], skipped_lines(caplog)))
+        client.close()
+    assert runs[0] == runs[1]
+    assert runs[0][0][0] == 900 and runs[0][0][-1] == END
+
+
+def test_a_tick_after_the_account_was_read_again_mid_batch_meets_the_new_books(
+        tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
+    """Another client's order, read in when a fill found the log moved on, is matched by the
+    rest of the same batch: the fill does not wait for the next batch, or miss its price."""
+    path = tick_file(tmp_path / "ticks.jsonl", [tick_line(400.0, 0, instrument="NSE:ITC"), tick_line(904.0, 1, volume=1),
+                                                tick_line(910.0, 2, volume=END)])
+    mine = paper_client(clients, tmp_path, paper_clock, prices=path)
+    other = paper_client(clients, tmp_path, paper_clock, prices=path)  # the same account, not streaming
+    itc = mine.place_order(tt.Equity(exchange="NSE", symbol="ITC"), 1, "BUY", "MIS", "LIMIT", price=401.0)
+    theirs = other.place_order(PAPER_SBIN, 1, "BUY", "MIS", "LIMIT", price=905.0)  # unknown to mine until it reads
+    assert [t.volume for t in replayed(mine, mode="ltp")] == [1, END]
+    assert (mine.get_order(itc).status, mine.get_order(itc).average_price) == (COMPLETE, 400.0)
+    assert (mine.get_order(theirs).status, mine.get_order(theirs).average_price) == (COMPLETE, 904.0)
+    assert other.get_order(theirs).average_price == 904.0
+
+
 def test_a_paced_replay_keeps_the_rest_of_its_batch_for_later(tmp_path: Path, clients: list, paper_clock: FakeClock,
                                                              monkeypatch: Any) -> None:
     """A paced replay parses a batch at once and delivers it tick by tick as each falls due."""

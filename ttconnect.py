@@ -6544,6 +6544,7 @@ class _PaperReplaySource:
                         if book.reaches(ltp, bid, ask):  # on_quote's first test
                             self._store(latest)  # every price so far first: a fill may look at another instrument's
                             engine.on_quote(token, engine._quotes[token])
+                            books = engine._books  # new books where the account was read again (another writer)
                     mode = subs.get(token)
                     if mode is not None:
                         out.append(tick if mode == tick.mode or mode == "full" else _downgraded(tick, mode))
@@ -6646,12 +6647,17 @@ class _PaperReplaySource:
     def _parse(self, line: str) -> Optional[Tuple[str, Tick, float]]:
         """(paper token, tick, epoch seconds) of one line of the file; None for an instrument paper
         does not list; an exception for a line that is no tick."""
+        from json.decoder import WHITESPACE
+
+        # Blanks around the value are skipped here, not by json.loads: its two frames more would
+        # make a deeply nested line fail alone (on 3.11 frames and nesting share one limit) that
+        # its batch, decoded one level deeper, reads.
         try:
-            record, end = self._decoder.raw_decode(line)
-            plain = line[end:] in ("\n", "")
+            record, end = self._decoder.raw_decode(line, WHITESPACE.match(line).end())
+            plain = WHITESPACE.match(line, end).end() == len(line)
         except ValueError:
             plain = False
-        if not plain:  # blanks around the value, or no JSON value at all
+        if not plain:  # no JSON value, or more than one: json.loads says which, as the warning
             import json
 
             record = json.loads(line, parse_constant=_record_no_constant)
