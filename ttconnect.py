@@ -6468,6 +6468,7 @@ class _PaperReplaySource:
         # a file's instrument text -> (paper token, its instrument); None: not a paper instrument
         self._labels: Dict[Any, Optional[Tuple[str, Instrument]]] = {}
         self._decoder: Any = None  # json.JSONDecoder, once the file is open
+        self._blanks: Any = None  # the match of JSON's blanks (a regex's), likewise
         self.unknown = 0
         self._ready: List[Tuple[str, Tick, float]] = []  # ticks read, not yet replayed (a paced one waits)
         self.resume_at = 0.0  # paced: when (monotonic) the first ready tick is due
@@ -6506,10 +6507,12 @@ class _PaperReplaySource:
     def read(self, subs: Mapping[str, str]) -> Tuple[List[Tick], bool]:
         """The next batch of the file: (ticks for the subscriptions, whether the file went on)."""
         import json
+        import re
 
         if self._file is None:
             self._file = open(self.path, encoding="utf-8", errors="replace")  # a bad line fails as JSON
             self._decoder = json.JSONDecoder(parse_constant=_record_no_constant)
+            self._blanks = re.compile(r"[ \t\n\r]*").match
         engine = self.engine
         books = engine._books
         speed = self.speed
@@ -6647,14 +6650,12 @@ class _PaperReplaySource:
     def _parse(self, line: str) -> Optional[Tuple[str, Tick, float]]:
         """(paper token, tick, epoch seconds) of one line of the file; None for an instrument paper
         does not list; an exception for a line that is no tick."""
-        from json.decoder import WHITESPACE
-
         # Blanks around the value are skipped here, not by json.loads: its two frames more would
         # make a deeply nested line fail alone (on 3.11 frames and nesting share one limit) that
         # its batch, decoded one level deeper, reads.
         try:
-            record, end = self._decoder.raw_decode(line, WHITESPACE.match(line).end())
-            plain = WHITESPACE.match(line, end).end() == len(line)
+            record, end = self._decoder.raw_decode(line, self._blanks(line).end())
+            plain = self._blanks(line, end).end() == len(line)
         except ValueError:
             plain = False
         if not plain:  # no JSON value, or more than one: json.loads says which, as the warning
