@@ -2619,6 +2619,25 @@ def test_paper_modify_and_cancel_working_orders(tmp_path: Path, clients: list, p
     assert client.get_order(ioc).status is tt.OrderStatus.CANCELLED
 
 
+def test_paper_modify_to_market_is_checked_for_funds_at_the_touch(tmp_path: Path, clients: list,
+                                                                  paper_clock: FakeClock, scripted: str) -> None:
+    """A working order made a MARKET one needs what it takes at the ask (a buy) or bid: if that
+    does not fit, the modify is refused and the order works on as it was (it was accepted, then
+    rejected at its fill)."""
+    client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=10000)
+    push(client, PAPER_SBIN, 900.0, bid=899.9, ask=900.1)
+    buy = client.place_order(PAPER_SBIN, 10, "BUY", "CNC", "LIMIT", price=850.0)  # 8,500 blocked
+    with pytest.raises(tt.InsufficientFundsError, match="needs 10,801.20, available 10,000.00"):
+        client.modify_order(buy, qty=12, order_type="MARKET")
+    order = client.get_order(buy)
+    assert (order.status, order.order_type, order.qty, order.price) == (OPEN, tt.OrderType.LIMIT, 10, 850.0)
+    assert client.get_funds().available == 1500.0
+    client.modify_order(buy, order_type="MARKET")  # 10 at the ask fit: filled at once
+    order = client.get_order(buy)
+    assert (order.status, order.average_price) == (COMPLETE, 900.1)
+    assert client.get_funds().available == 10000 - 9001.0
+
+
 def test_paper_money_is_exact_to_the_paisa(tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
     client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=200000)
     ce = paper_option(client)

@@ -6177,7 +6177,11 @@ class _PaperEngine:
         token, product = order["instrument"], order["product"]
         if product == _P_CNC and order["side"] == _P_SELL and trial["qty"] > order["qty"]:
             self._check_holding(token, trial["qty"], replacing=order)
+        quote = self.source.quote(token, now)
+        # What it would take filled at its own price, as at placement (a MARKET one at the touch)
         reference = trial["price"] if trial["price"] is not None else trial["trigger_price"]
+        if reference is None and quote is not None:
+            reference = quote.ask if order["side"] == _P_BUY else quote.bid
         if reference is not None:
             effect = self._fill_effect(token, product, order["side"], trial["qty"], reference, now)
             pos = self.positions.get((token, product))
@@ -6188,7 +6192,6 @@ class _PaperEngine:
                                              f"{need / 100:,.2f}, available {available / 100:,.2f}")
             changes["blocked"] = need
         stop = trial["order_type"] in _P_STOPS
-        quote = self.source.quote(token, now)
         untriggered = order["status"] == _P_TRIGGER or order["order_type"] not in _P_STOPS
         if stop and untriggered and quote is not None:
             buy, trigger = order["side"] == _P_BUY, trial["trigger_price"]
