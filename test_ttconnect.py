@@ -4955,6 +4955,32 @@ def cli_json(args: List[str], cwd: Path, **kwargs: Any) -> Any:
     return json.loads(done.stdout)
 
 
+@pytest.mark.parametrize("closed, args, code, said", [
+    (0, ["funds"], 0, ""),  # no stdin: nothing to ask, the figures shown
+    (0, ["paper", "reset"], 2, "pass --yes"),  # no terminal to confirm on
+    (1, ["funds"], 3, "standard output is closed"),
+    (1, ["stream", "NSE:SBIN", "--seconds", "0.2"], 3, "standard output is closed"),
+    (2, ["funds"], 0, None),
+], ids=["stdin funds", "stdin reset", "stdout funds", "stdout stream", "stderr funds"])
+def test_cli_with_a_standard_stream_closed_exits_with_a_line_not_a_traceback(
+        closed: int, args: List[str], code: int, said: Optional[str], tmp_path: Path) -> None:
+    """Started with stdin, stdout or stderr closed (``<&-``): Python gives None for it. The CLI
+    printed a traceback (stdin or stdout's isatty) or showed nothing and exited 0 (stdout)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTCONNECT_")}
+    env["PYTHONPATH"] = str(HERE)
+    if args[0] == "paper":  # an account to reset
+        assert cli(["--cache-dir", str(tmp_path / "cache"), "funds"], tmp_path).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "ttconnect", "--cache-dir", str(tmp_path / "cache"), *args],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: os.close(closed))
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    if said is not None:
+        assert said in done.stderr
+    if closed != 1 and code == 0:
+        assert "1,000,000.00" in done.stdout
+
+
 def test_cli_demo_runs_offline_quickly_and_writes_only_the_cache_dir(tmp_path: Path) -> None:
     started = time.monotonic()
     done = cli(["demo"], tmp_path)

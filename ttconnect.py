@@ -9776,6 +9776,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line (``python -m ttconnect --help``); returns the exit code."""
     import logging
 
+    # Started with a standard stream closed (<&-, >&-): stdin reads as empty, no terminal, and a
+    # closed stderr takes the messages; a closed stdout is an error (its output would be lost).
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    if sys.stdout is None:
+        print("error: standard output is closed, so nothing could be shown; run it with stdout open", file=sys.stderr)
+        return 3
     parser = _cli_parser()
     args = parser.parse_args(argv)  # bad usage: argparse prints it and exits 2
     verbose = getattr(args, "verbose", False)
