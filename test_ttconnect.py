@@ -2773,6 +2773,20 @@ def test_paper_state_survives_a_restart_and_accounts_stay_apart(tmp_path: Path, 
     assert sorted(p.name for p in tmp_path.glob("paper_*.db")) == ["paper_default.db", "paper_second.db"]
 
 
+def test_paper_takes_the_credentials_of_other_brokers_and_ignores_them(tmp_path: Path, clients: list,
+                                                                       paper_clock: FakeClock) -> None:
+    """A user with broker credentials in the environment or one config file for all brokers:
+    paper needs none and ignores them (access_token, pin, totp_secret, request_token refused it)."""
+    creds = {"access_token": "tok-x1", "pin": "9731", "totp_secret": "JBSWY3DPEHPK3PXP", "request_token": "rt-x2",
+             "api_key": "key-x3", "api_secret": "sec-x4", "client_id": "C1X5", "auth_code": "ac-x6"}
+    client = paper_client(clients, tmp_path, paper_clock, **creds)
+    assert client.get_funds().available == 1_000_000.0
+    assert not any(v in repr(client.get_profile()) for v in creds.values())
+    done = cli(["--cache-dir", str(tmp_path / "cli"), "funds"], tmp_path,
+               env={"TTCONNECT_ACCESS_TOKEN": "tok", "TTCONNECT_PIN": "1234"})
+    assert done.returncode == 0 and "1,000,000.00" in done.stdout, done.stderr
+
+
 @pytest.mark.parametrize("config, words", [
     ({"account": "../escape"}, "config 'account' must be 1-64 letters"),
     ({"account": ""}, "config 'account'"),

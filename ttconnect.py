@@ -7956,8 +7956,8 @@ class TTConnect:
                 near = difflib.get_close_matches(key, sorted(known), n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(sorted(known))}"
                 raise ConfigurationError(f"config key {key!r} is not one ttconnect knows{hint}")
-        if not self._spec["auth"]:
-            return  # a broker without logins ignores credentials meant for others
+        if not any(flow.needs or flow.trigger for flow in self._spec["auth"]):
+            return  # a broker that needs no credentials (paper) ignores those meant for others
         ours = _known_keys(self._spec)
         for other in _BROKERS.values():
             for flow in other["auth"]:
