@@ -5104,6 +5104,8 @@ def test_cli_paper_reset(tmp_path: Path) -> None:
     (["funds", "--config", "missing.json"], 3, "config file 'missing.json' cannot be read"),
     (["funds", "--config", "bad.json"], 3, "config file 'bad.json' is not valid JSON"),
     (["funds", "--config", "list.json"], 3, "must hold a JSON object"),
+    (["funds", "--config", "huge.json"], 3, "config file 'huge.json' is over 1 MiB"),  # read no further
+    (["funds", "--config", "/dev/zero"], 3, "config file '/dev/zero' is over 1 MiB"),
     (["--config", "typo.json", "funds"], 3, "config key 'capitl' is not one ttconnect knows; did you mean 'capital'?"),
     (["nosuchcommand"], 2, "invalid choice"),
     (["funds"], 3, "TTCONNECT_CAPITAL must be a number"),
@@ -5119,6 +5121,7 @@ def test_cli_errors_say_what_was_wrong_with_the_documented_exit_code(args: List[
                                                                      tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "huge.json").write_text("{" + " " * 1024 ** 2 + "}")
     (tmp_path / "typo.json").write_text('{"capitl": 5}')
     (tmp_path / "afile").write_text("a file where a directory should be")
     (tmp_path / "dirs" / "paper_x.db").mkdir(parents=True)

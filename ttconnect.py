@@ -9590,6 +9590,9 @@ def _cli_seconds(text: str) -> float:
     return value
 
 
+_CLI_CONFIG_MAX = 1024 ** 2  # characters of a --config file
+
+
 def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
     """(broker, config): the config file, then TTCONNECT_* variables, then the options."""
     import json
@@ -9599,7 +9602,11 @@ def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                loaded = json.load(f)
+                text = f.read(_CLI_CONFIG_MAX + 1)  # bounded: --config /dev/zero, or a log given by mistake
+            if len(text) > _CLI_CONFIG_MAX:
+                raise _CliError(f"config file {path!r} is over {_CLI_CONFIG_MAX // 1024 ** 2} MiB: a config file "
+                                "is a small JSON object of config keys", 3)
+            loaded = json.loads(text)
         except OSError as exc:
             raise _CliError(f"config file {path!r} cannot be read ({exc.strerror or exc.__class__.__name__})", 3) from None
         except (ValueError, RecursionError) as exc:
