@@ -2773,6 +2773,23 @@ def test_paper_state_survives_a_restart_and_accounts_stay_apart(tmp_path: Path, 
     assert sorted(p.name for p in tmp_path.glob("paper_*.db")) == ["paper_default.db", "paper_second.db"]
 
 
+def test_text_that_is_no_utf8_is_refused_as_a_symbol_not_raised_deep_inside(tmp_path: Path, clients: list,
+                                                                           paper_clock: FakeClock) -> None:
+    """Bytes that were no UTF-8 (a command-line argument) reach Python as lone surrogates: as a
+    symbol they raised UnicodeEncodeError from the instrument's hash or the DB."""
+    client = paper_client(clients, tmp_path, paper_clock)
+    for call in (lambda: tt.Equity(exchange="NSE", symbol="S\udcff"), lambda: tt.Index(exchange="NSE", symbol="N\ud800"),
+                 lambda: client.search("S\udcff"), lambda: client.expiries("NIFTY\udcff"),
+                 lambda: client.option_chain("N\udcff", "2026-12-29")):
+        with pytest.raises(tt.InvalidInstrumentError, match="no text"):
+            call()
+    done = subprocess.run([sys.executable, "-m", "ttconnect", "--cache-dir", str(tmp_path / "cli"), "instruments",
+                           "search", b"S\xff"], cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("TTCONNECT_")},
+                               "PYTHONPATH": str(HERE)})
+    assert done.returncode == 2 and "no text" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_paper_takes_the_credentials_of_other_brokers_and_ignores_them(tmp_path: Path, clients: list,
                                                                        paper_clock: FakeClock) -> None:
     """A user with broker credentials in the environment or one config file for all brokers:
@@ -2795,6 +2812,7 @@ def test_paper_takes_the_credentials_of_other_brokers_and_ignores_them(tmp_path:
     ({"prices": "no-such-file.jsonl"}, "nor a tick file: no file"),
     ({"prices": 42}, "config 'prices' must be 'random'"),
     ({"seed": True}, "config 'seed' must be an int or a string"),
+    ({"seed": "\udcff"}, "config 'seed' must be an int or a string (UTF-8 text)"),  # failed at every price
     ({"market_hours": "yes"}, "config 'market_hours' must be True or False"),
     ({"replay_speed": -1}, "config 'replay_speed'"),
     ({"clock": lambda: dt.datetime(2026, 12, 2, 10, 0)}, "naive datetime"),

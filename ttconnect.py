@@ -654,9 +654,22 @@ def _as_enum(enum_cls: Any, value: Any, what: str, error: Type[TTConnectError] =
     raise error(f"{what} {value!r} is not valid; expected one of {valid}")
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a lone surrogate cannot: it comes from bytes that
+    were no UTF-8, a command-line argument say, and fails later in the DB or a hash)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_symbol(symbol: Any) -> str:
     if not isinstance(symbol, str) or not symbol.strip():
         raise _InstrumentTypeError(f"symbol must be a non-empty string, got {symbol!r}")
+    if not _utf8(symbol):
+        raise InvalidInstrumentError(f"symbol {symbol!r} holds characters that are no text (bytes that were not "
+                                     "UTF-8?)")
     if symbol != symbol.upper() or symbol != symbol.strip():
         raise InvalidInstrumentError(f"symbol {symbol!r} must be upper case without surrounding spaces, "
                                      f"e.g. {symbol.strip().upper()!r}")
@@ -742,7 +755,7 @@ class Index(_Instrument):
         if not isinstance(self.symbol, str) or not self.symbol.strip():
             raise _InstrumentTypeError(f"symbol must be a non-empty string, got {self.symbol!r}")
         canonical = _canonical_index_symbol(self.symbol)
-        if canonical != self.symbol and self.symbol.strip().upper() not in _INDEX_ALIASES:
+        if (canonical != self.symbol and self.symbol.strip().upper() not in _INDEX_ALIASES) or not _utf8(canonical):
             _check_symbol(self.symbol)
         object.__setattr__(self, "symbol", canonical)
         self._after_init()
@@ -6312,8 +6325,8 @@ def _paper_source(cfg: Mapping[str, Any], engine: "_PaperEngine") -> Any:
                                  f"(1: real time), got {speed!r}")
     if prices == "random":
         seed = cfg.get("seed", 0)
-        if not isinstance(seed, (int, str)) or isinstance(seed, bool):
-            raise ConfigurationError(f"config 'seed' must be an int or a string, got {seed!r}")
+        if not isinstance(seed, (int, str)) or isinstance(seed, bool) or (isinstance(seed, str) and not _utf8(seed)):
+            raise ConfigurationError(f"config 'seed' must be an int or a string (UTF-8 text), got {seed!r}")
         return _PaperRandomSource(engine, seed)
     if isinstance(prices, TTConnect):
         if "local" in prices._spec["hooks"]:
@@ -8796,6 +8809,9 @@ def _why(exc: BaseException) -> str:
 def _discovery_symbol(symbol: Any, allow_empty: bool = False) -> str:
     if not isinstance(symbol, str) or (not symbol.strip() and not allow_empty):
         raise InvalidInstrumentError(f"symbol must be a non-empty string, got {symbol!r}")
+    if not _utf8(symbol):
+        raise InvalidInstrumentError(f"symbol {symbol!r} holds characters that are no text (bytes that were not "
+                                     "UTF-8?)")
     return symbol.strip().upper()
 
 
