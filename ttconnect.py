@@ -7970,7 +7970,7 @@ class TTConnect:
                 hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(sorted(known))}"
                 raise ConfigurationError(f"config key {key!r} is not one ttconnect knows{hint}")
         if not any(flow.needs or flow.trigger for flow in self._spec["auth"]):
-            return  # a broker that needs no credentials (paper) ignores those meant for others
+            return  # a broker that needs no credentials ignores those meant for others
         ours = _known_keys(self._spec)
         for other in _BROKERS.values():
             for flow in other["auth"]:
