@@ -2539,6 +2539,20 @@ def test_parse_instrument_reads_exactly_what_str_prints(tmp_path: Path, clients:
         tt.parse_instrument("NSE:NOSUCHSTOCK")
 
 
+def test_an_instrument_at_the_edges_prints_as_it_is_read_or_is_refused() -> None:
+    """No client open (so no listing is checked): strikes with an exponent in repr are printed
+    without one (1e-05 was refused when read back); an aware expiry at year 1 is refused."""
+    for strike, shown in ((1e-05, "0.00001"), (2.5e-07, "0.00000025"), (23500.05, "23500.05"), (1e16, "10000000000000000")):
+        option = tt.Option(exchange="NFO", symbol="NIFTY", expiry="2026-12-29", strike=strike, option_type="CE")
+        assert str(option) == f"NFO:NIFTY 2026-12-29 {shown} CE"
+        assert tt._instrument_parts(str(option)) == (tt.Option, {"exchange": "NFO", "symbol": "NIFTY",
+                                                                 "expiry": "2026-12-29", "strike": shown,
+                                                                 "option_type": "CE"})
+    edge = dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=5)))  # IST of it is before year 1
+    with pytest.raises(tt.InvalidInstrumentError, match="beyond the dates"):
+        tt.Future(exchange="NFO", symbol="NIFTY", expiry=edge)
+
+
 def test_paper_market_and_limit_orders_fill_at_the_touch(tmp_path: Path, clients: list, paper_clock: FakeClock,
                                                          scripted: str) -> None:
     client = paper_client(clients, tmp_path, paper_clock, prices=scripted)

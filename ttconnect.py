@@ -678,7 +678,10 @@ def _check_symbol(symbol: Any) -> str:
 
 def _check_expiry(expiry: Any) -> _dt.date:
     if isinstance(expiry, _dt.datetime):  # pandas.Timestamp is one too: its date (in IST when aware)
-        return (expiry.astimezone(IST) if expiry.tzinfo is not None else expiry).date()
+        try:
+            return (expiry.astimezone(IST) if expiry.tzinfo is not None else expiry).date()
+        except OverflowError:  # an aware time at the calendar's very edge, year 1 or 9999
+            raise InvalidInstrumentError(f"expiry {expiry!r} is beyond the dates an expiry can have") from None
     if isinstance(expiry, _dt.date):
         return expiry
     if isinstance(expiry, str):
@@ -913,7 +916,16 @@ def _option_key(exchange: str, symbol: str, expiry: str, strike: float, option_t
 
 
 def _fmt_num(value: float) -> str:
-    return str(int(value)) if value == int(value) else repr(value)
+    """A strike as text: whole ones without ".0", others in full and never with an exponent
+    (1e-05 is written 0.00001, which parse_instrument reads back)."""
+    if value == int(value):
+        return str(int(value))
+    text = repr(value)
+    if "e" in text:
+        from decimal import Decimal
+
+        text = format(Decimal(text), "f")
+    return text
 
 
 def _make(cls: Any, iid: int, **values: Any) -> Any:
