@@ -2501,7 +2501,7 @@ def test_paper_universe_follows_nse_expiry_rules(tmp_path: Path, clients: list) 
     assert client.expiries("BANKNIFTY") == client.expiries("FINNIFTY") == [d(2026, 11, 23), d(2026, 12, 29),
                                                                             d(2027, 1, 25)]
     chain = client.option_chain("NIFTY", "2026-12-01")
-    assert len(chain) == 82 and (chain[0].strike, chain[-1].strike) == (22500, 24500)
+    assert len(chain) == 190 and (chain[0].strike, chain[-1].strike) == (21150, 25850)  # 10% each side
     nifty_fut = tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-11-23")
     bank_opt = tt.Option(exchange="NFO", symbol="BANKNIFTY", expiry="2026-12-29", strike=56000, option_type="PE")
     assert (client.lot_size(nifty_fut), client.tick_size(nifty_fut)) == (65, 0.1)
@@ -2522,6 +2522,29 @@ def test_paper_universe_follows_nse_expiry_rules(tmp_path: Path, clients: list) 
 def test_paper_universe_after_the_close_is_the_next_sessions(tmp_path: Path, clients: list) -> None:
     client = paper_client(clients, tmp_path, FakeClock(ist(2026, 12, 1, 16, 0)))  # Tuesday's expiry is over
     assert client.expiries("NIFTY")[0] == dt.date(2026, 12, 8)
+
+
+def test_paper_index_levels_stay_inside_their_listed_strikes(tmp_path: Path, clients: list) -> None:
+    """The walk's level wanders about the seed level: each index stays inside its chain. Every
+    day's opening level of two years is 2% (two intraday swings) inside it, and the price at
+    10:00 and 15:00 of every 20th day inside it, for three seeds (at +-20 strikes NIFTY left its
+    chain one week in six)."""
+    import math
+
+    start = ist(2026, 1, 1, 10, 0).timestamp()
+    for seed in (0, 1, "demo"):
+        client = paper_client(clients, tmp_path / str(seed), FakeClock(ist(2026, 12, 7, 10, 0)), seed=seed)
+        source = client._local.source
+        for symbol in ("NIFTY", "BANKNIFTY", "FINNIFTY"):
+            chain = client.option_chain(symbol, client.expiries(symbol)[0])
+            low, high = chain[0].strike, chain[-1].strike
+            walk = source.prices._walk(tt.Index(exchange="NSE", symbol=symbol))
+            opens = [walk.base * math.exp(walk._open(day)) for day in range(730)]
+            assert low * 1.02 < min(opens) and max(opens) * 1.02 < high, (seed, symbol, low, min(opens), max(opens))
+            prices = [source.quote(f"NSE:{symbol}", start + day * 86400 + hours * 3600).ltp / 100
+                      for day in range(0, 730, 20) for hours in (0, 5)]
+            assert low < min(prices) and max(prices) < high
+        client.close()
 
 
 def test_parse_instrument_reads_exactly_what_str_prints(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
@@ -5056,7 +5079,7 @@ def test_cli_instrument_commands(tmp_path: Path) -> None:
     expiries = cli_json(["instruments", "expiries", "BANKNIFTY"], tmp_path)
     assert len(expiries) == 3 and all(dt.date.fromisoformat(e).weekday() in (0, 1) for e in expiries)
     chain = cli(["instruments", "chain", "BANKNIFTY", expiries[0]], tmp_path)
-    assert chain.returncode == 0 and len(chain.stdout.splitlines()) == 1 + 82  # a header line and the options
+    assert chain.returncode == 0 and len(chain.stdout.splitlines()) == 1 + 226  # a header line and the options
     table = cli(["instruments", "search", "INFY"], tmp_path).stdout.splitlines()
     assert table[0].split() == ["instrument", "token"] and table[1].split() == ["NSE:INFY", "NSE:INFY"]
 

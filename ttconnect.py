@@ -4878,7 +4878,10 @@ _PAPER_INDICES = (
 # Seed levels of indices a real broker's DB may hold besides those (``instruments: "db"``).
 _PAPER_MORE_LEVELS = {"MIDCPNIFTY": 12700.0, "NIFTYNXT50": 66000.0, "SENSEX": 75000.0, "BANKEX": 62000.0,
                       "SENSEX50": 24000.0}
-_PAPER_STRIKES_EACH_SIDE = 20  # strikes listed either side of the seed level
+# Strikes are listed 10% either side of the seed level: the walk's level wanders about it by 2%
+# (one standard deviation), so the index stays inside its chain (at +-20 strikes, +-4%, it left
+# the chain one week in six)
+_PAPER_STRIKE_SPAN = 0.10
 _PAPER_WEEKLIES, _PAPER_MONTHLIES = 4, 3  # NIFTY weekly expiries listed; monthly ones per underlying
 
 
@@ -4956,7 +4959,8 @@ def _paper_bundled(today: _dt.date) -> Iterator[_MasterRow]:
             yield ("F", "NFO", index.symbol, index.symbol, index.lot, index.future_tick, label, label,
                    expiry.isoformat(), "I", None, None, index.freeze)
         atm = round(index.level / index.strike_step) * index.strike_step
-        strikes = [atm + i * index.strike_step for i in range(-_PAPER_STRIKES_EACH_SIDE, _PAPER_STRIKES_EACH_SIDE + 1)]
+        each_side = int(index.level * _PAPER_STRIKE_SPAN // index.strike_step)
+        strikes = [atm + i * index.strike_step for i in range(-each_side, each_side + 1)]
         for expiry in options:
             for strike in strikes:
                 for option_type in ("CE", "PE"):
@@ -5032,7 +5036,7 @@ _PAPER_DAY = 24 * _PAPER_HOUR
 _PAPER_EPOCH = _dt.datetime(2026, 1, 1, tzinfo=IST).timestamp()
 _PAPER_RATE = 0.065  # interest for futures carry and option prices, per year
 # (level swing, intraday swing, option volatility) by underlying kind
-_PAPER_VOL = {"I": (0.03, 0.012, 0.14), "E": (0.05, 0.02, 0.25)}
+_PAPER_VOL = {"I": (0.02, 0.012, 0.14), "E": (0.05, 0.02, 0.25)}
 
 
 def _paper_seed(*parts: Any) -> int:
