@@ -2675,6 +2675,33 @@ def test_paper_modify_to_market_is_checked_for_funds_at_the_touch(tmp_path: Path
     assert client.get_funds().available == 10000 - 9001.0
 
 
+def test_paper_a_sale_of_held_shares_needs_no_funds_also_with_the_account_in_debit(
+        tmp_path: Path, clients: list, scripted: str) -> None:
+    """A day's MIS loss can put the account in debit: a delivery sale of held shares needs
+    nothing, so it is placed, or modified to MARKET, and fills (it was refused "for funds": it
+    needs 0.00, more than the -1,800.00 available)."""
+    clock = FakeClock(ist(2026, 12, 2, 10, 0))
+    client = paper_client(clients, tmp_path, clock, prices=scripted, capital=10000)
+    itc = tt.Equity(exchange="NSE", symbol="ITC")
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 2, "BUY", "CNC", "MARKET")
+    clock.t = ist(2026, 12, 3, 9, 20).timestamp()  # the next session: a holding of 2
+    push(client, PAPER_SBIN, 900.0)
+    push(client, itc, 400.0)
+    working = client.place_order(PAPER_SBIN, 1, "SELL", "CNC", "LIMIT", price=990.0)
+    client.place_order(itc, 100, "BUY", "MIS", "MARKET")
+    push(client, itc, 300.0)
+    client.place_order(itc, 100, "SELL", "MIS", "MARKET")  # a loss of 10,000
+    assert client.get_funds().available == -1800.0
+    client.modify_order(working, order_type="MARKET")
+    assert (client.get_order(working).status, client.get_order(working).average_price) == (COMPLETE, 900.0)
+    again = client.place_order(PAPER_SBIN, 1, "SELL", "CNC", "MARKET")
+    assert client.get_order(again).status is COMPLETE
+    assert client.get_funds().available == 0.0
+    with pytest.raises(tt.InsufficientFundsError):  # a buy needs money: still refused
+        client.place_order(itc, 1, "BUY", "CNC", "MARKET")
+
+
 def test_paper_money_is_exact_to_the_paisa(tmp_path: Path, clients: list, paper_clock: FakeClock, scripted: str) -> None:
     client = paper_client(clients, tmp_path, paper_clock, prices=scripted, capital=200000)
     ce = paper_option(client)
@@ -3981,13 +4008,16 @@ def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock:
     ({"stream_silence_timeout": 0}, "stream_silence_timeout"),
     ({"pin": "1234"}, "zerodha has no login with config 'pin'"),
     ({"access_token": "tok\r\nX-Evil: 1"}, "control character"),
+    ({"access_token": "tok-SECRET\udcff"}, "config 'access_token' holds a character that is not ASCII"),  # no header takes it
+    ({"api_key": "kéy-SECRET"}, "config 'api_key' holds a character that is not ASCII"),
 ])
 def test_bad_config_values_are_refused_naming_the_fix(config: Dict[str, Any], words: str, tmp_path: Path) -> None:
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
-        with pytest.raises(tt.ConfigurationError, match=re.escape(words)):
+        with pytest.raises(tt.ConfigurationError, match=re.escape(words)) as refused:
             client = tt.TTConnect("zerodha", {"cache_dir": str(tmp_path), **config})
             client.subscribe(SBIN, on_tick=lambda t: None)  # stream timings are read when the feed starts
         assert len(rs.calls) == 0
+    assert "SECRET" not in str(refused.value)  # a credential's value is never shown
 
 
 def test_another_brokers_option_is_accepted_and_a_token_with_a_newline_is_stripped(tmp_path: Path, day_clock: FakeClock,
@@ -5048,6 +5078,29 @@ def test_cli_with_a_standard_stream_closed_exits_with_a_line_not_a_traceback(
         assert said in done.stderr
     if closed != 1 and code == 0:
         assert "1,000,000.00" in done.stdout
+
+
+def test_cli_main_in_process_puts_back_the_closed_streams_it_stood_in_for(tmp_path: Path, monkeypatch: Any,
+                                                                          capsys: Any) -> None:
+    """main() called in a process whose stdin and stderr are None: it stands /dev/null in for
+    them for the run, then puts None back and closes its files (they stayed open and set)."""
+    monkeypatch.setattr(sys, "stdin", None)
+    monkeypatch.setattr(sys, "stderr", None)
+    opened: List[Any] = []
+    real_open = open
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        f = real_open(*args, **kwargs)
+        if args and args[0] == os.devnull:
+            opened.append(f)
+        return f
+
+    monkeypatch.setattr("builtins.open", spy)
+    for _ in range(2):
+        assert tt.main(["--cache-dir", str(tmp_path), "funds"]) == 0
+        assert sys.stdin is None and sys.stderr is None
+    assert len(opened) == 4 and all(f.closed for f in opened)
+    assert "1,000,000.00" in capsys.readouterr().out
 
 
 def test_cli_demo_runs_offline_quickly_and_writes_only_the_cache_dir(tmp_path: Path) -> None:

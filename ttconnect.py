@@ -3974,7 +3974,10 @@ def _upstox_headers(config: Mapping[str, Any], session: Optional[SessionData], r
     if session is not None:
         headers["Authorization"] = f"Bearer {session.access_token}"
     if route.rate == "orders" and config.get("algo_name"):
-        headers["X-Algo-Name"] = str(config["algo_name"])
+        algo = str(config["algo_name"])
+        if not (algo.isascii() and algo.isprintable()):
+            raise ConfigurationError("config 'algo_name' must be printable ASCII (it is sent as the X-Algo-Name header)")
+        headers["X-Algo-Name"] = algo
     return headers
 
 
@@ -5944,8 +5947,9 @@ class _PaperEngine:
         pos = self.positions.get((token, product))
         if available is None:
             available = self.available()
-        after = available + order["blocked"] + effect.cash - (effect.blocked - (pos.blocked if pos else 0))
-        if after < 0 and not effect.reduces:
+        before = available + order["blocked"]
+        after = before + effect.cash - (effect.blocked - (pos.blocked if pos else 0))
+        if after < 0 and after < before and not effect.reduces:  # a fill that adds to the funds always goes
             self._finish(order, _P_REJECTED, f"insufficient funds at the fill price {price / 100:.2f} "
                          f"(short by {-after / 100:.2f})", at)
             return
@@ -6148,7 +6152,7 @@ class _PaperEngine:
             effect = self._fill_effect(token, product, side, qty, reference, now)
             pos = self.positions.get((token, product))
             need = effect.need(pos.blocked if pos else 0)
-            if need > available and not effect.reduces:
+            if need > max(available, 0) and not effect.reduces:  # needing nothing fits an account in debit
                 raise InsufficientFundsError(
                     f"paper account {self.account!r}: {side} {qty} {self.info(token)[0]} needs {need / 100:,.2f}, "
                     f"available {available / 100:,.2f}")
@@ -6216,7 +6220,7 @@ class _PaperEngine:
             pos = self.positions.get((token, product))
             need = effect.need(pos.blocked if pos else 0)
             available = self.available() + order["blocked"]
-            if need > available and not effect.reduces:
+            if need > max(available, 0) and not effect.reduces:  # needing nothing fits an account in debit
                 raise InsufficientFundsError(f"paper account {self.account!r}: the modified order needs "
                                              f"{need / 100:,.2f}, available {available / 100:,.2f}")
             changes["blocked"] = need
@@ -8011,6 +8015,9 @@ class TTConnect:
             value = value.strip()
             if any(ord(c) < 32 or ord(c) == 127 for c in value):
                 raise ConfigurationError(f"config {key!r} holds a control character (a line break?); pass the value alone")
+            if not value.isascii():  # it could not go into a header or a form (a surrogate: bytes that were no UTF-8)
+                raise ConfigurationError(f"config {key!r} holds a character that is not ASCII; keys, tokens and PINs "
+                                         "are plain ASCII: check how the value was pasted")
             cfg[key] = value
 
     def _urls_option(self, cfg: Mapping[str, Any]) -> Dict[str, str]:
@@ -9813,17 +9820,28 @@ def _cli_open(broker: str, cfg: Mapping[str, Any], verbose: bool) -> "TTConnect"
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line (``python -m ttconnect --help``); returns the exit code."""
+    # Started with a standard stream closed (<&-, >&-): stdin reads as empty, no terminal, and a
+    # closed stderr takes the messages, for this run only; a closed stdout is an error (its output
+    # would be lost).
+    stand_ins = {name: open(os.devnull, mode) for name, mode in (("stdin", "r"), ("stderr", "w"))
+                 if getattr(sys, name) is None}
+    for name, stand_in in stand_ins.items():
+        setattr(sys, name, stand_in)
+    try:
+        if sys.stdout is None:
+            print("error: standard output is closed, so nothing could be shown; run it with stdout open",
+                  file=sys.stderr)
+            return 3
+        return _cli_main(argv)
+    finally:
+        for name, stand_in in stand_ins.items():
+            setattr(sys, name, None)
+            stand_in.close()
+
+
+def _cli_main(argv: Optional[Sequence[str]]) -> int:
     import logging
 
-    # Started with a standard stream closed (<&-, >&-): stdin reads as empty, no terminal, and a
-    # closed stderr takes the messages; a closed stdout is an error (its output would be lost).
-    if sys.stdin is None:
-        sys.stdin = open(os.devnull)
-    if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w")
-    if sys.stdout is None:
-        print("error: standard output is closed, so nothing could be shown; run it with stdout open", file=sys.stderr)
-        return 3
     parser = _cli_parser()
     args = parser.parse_args(argv)  # bad usage: argparse prints it and exits 2
     verbose = getattr(args, "verbose", False)
