@@ -664,12 +664,16 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _check_symbol(symbol: Any) -> str:
-    if not isinstance(symbol, str) or not symbol.strip():
-        raise _InstrumentTypeError(f"symbol must be a non-empty string, got {symbol!r}")
+def _check_text(symbol: str) -> None:
     if not _utf8(symbol):
         raise InvalidInstrumentError(f"symbol {symbol!r} holds characters that are no text (bytes that were not "
                                      "UTF-8?)")
+
+
+def _check_symbol(symbol: Any) -> str:
+    if not isinstance(symbol, str) or not symbol.strip():
+        raise _InstrumentTypeError(f"symbol must be a non-empty string, got {symbol!r}")
+    _check_text(symbol)
     if symbol != symbol.upper() or symbol != symbol.strip():
         raise InvalidInstrumentError(f"symbol {symbol!r} must be upper case without surrounding spaces, "
                                      f"e.g. {symbol.strip().upper()!r}")
@@ -5359,6 +5363,11 @@ class _PaperFill(NamedTuple):
             return 0
         return max(0, self.blocked - blocked_before + max(0, -self.cash))
 
+    def refused(self, need: int, available: int) -> bool:
+        """Whether funds refuse it: it needs more than there is (needing nothing fits an account
+        in debit) and it is no exit."""
+        return need > max(available, 0) and not self.reduces
+
 
 class _PaperBook:
     """The working orders of one instrument, with the prices that would move any of them."""
@@ -6165,7 +6174,7 @@ class _PaperEngine:
             effect = self._fill_effect(token, product, side, qty, reference, now)
             pos = self.positions.get((token, product))
             need = effect.need(pos.blocked if pos else 0)
-            if need > max(available, 0) and not effect.reduces:  # needing nothing fits an account in debit
+            if effect.refused(need, available):
                 raise InsufficientFundsError(
                     f"paper account {self.account!r}: {side} {qty} {self.info(token)[0]} needs {need / 100:,.2f}, "
                     f"available {available / 100:,.2f}")
@@ -6233,7 +6242,7 @@ class _PaperEngine:
             pos = self.positions.get((token, product))
             need = effect.need(pos.blocked if pos else 0)
             available = self.available() + order["blocked"]
-            if need > max(available, 0) and not effect.reduces:  # needing nothing fits an account in debit
+            if effect.refused(need, available):
                 raise InsufficientFundsError(f"paper account {self.account!r}: the modified order needs "
                                              f"{need / 100:,.2f}, available {available / 100:,.2f}")
             changes["blocked"] = need
@@ -8845,9 +8854,7 @@ def _why(exc: BaseException) -> str:
 def _discovery_symbol(symbol: Any, allow_empty: bool = False) -> str:
     if not isinstance(symbol, str) or (not symbol.strip() and not allow_empty):
         raise InvalidInstrumentError(f"symbol must be a non-empty string, got {symbol!r}")
-    if not _utf8(symbol):
-        raise InvalidInstrumentError(f"symbol {symbol!r} holds characters that are no text (bytes that were not "
-                                     "UTF-8?)")
+    _check_text(symbol)
     return symbol.strip().upper()
 
 
