@@ -9144,6 +9144,31 @@ def test_malformed_texts_are_told_what_is_actually_wrong(text: str, words: str, 
     assert words in str(info.value).split("write one of")[0], str(info.value)  # in the reason, not the examples
 
 
+@pytest.mark.parametrize("inst, text", [
+    (tt.Index(exchange="BSE", symbol="BSE500"), "BSE:BSE500 INDEX"),  # an index outside the known names
+    (tt.Index(exchange="NSE", symbol="NIFTY IT"), "NSE:NIFTY IT"),  # a space: bare, an index
+    (tt.Index(exchange="NSE", symbol="X FUT"), "NSE:X FUT INDEX"),  # bare, it reads as a future without expiry
+    (tt.Index(exchange="NSE", symbol="A INDEX"), "NSE:A INDEX INDEX"),
+    (tt.Equity(exchange="NSE", symbol="NIFTY"), "NSE:NIFTY EQ"),  # an index's name
+    (tt.Equity(exchange="BSE", symbol="NIFTY50"), "BSE:NIFTY50 EQ"),  # an index's alias
+    (tt.Equity(exchange="BSE", symbol="TATA STEEL"), "BSE:TATA STEEL EQ"),  # a space
+    (tt.Equity(exchange="NSE", symbol="FUT"), "NSE:FUT EQ"),
+    (tt.Equity(exchange="NSE", symbol="A 2026-12-29 5 CE"), "NSE:A 2026-12-29 5 CE EQ"),  # an option's layout
+    (tt.Equity(exchange="NSE", symbol="EQ"), "NSE:EQ"), (tt.Equity(exchange="NSE", symbol="SBIN"), "NSE:SBIN"),
+], ids=str)
+def test_an_index_or_equity_named_like_the_other_kind_still_reads_back_as_itself(inst: Any, text: str) -> None:
+    # Made while no client is open (nothing checks that they are listed): only the text is at stake.
+    assert str(inst) == text
+    back = tt.parse_instrument(text)
+    assert back == inst and type(back) is type(inst)
+
+
+def test_a_kind_suffix_on_a_plain_name_is_read_as_that_kind() -> None:
+    assert tt.parse_instrument("NSE:SBIN EQ") == tt.Equity(exchange="NSE", symbol="SBIN")
+    assert type(tt.parse_instrument("NSE:NIFTY INDEX")) is tt.Index
+    assert type(tt.parse_instrument("NSE:EQ")) is tt.Equity  # a bare word is a symbol, not a suffix
+
+
 def test_index_names_and_well_formed_unlisted_texts(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
     client = paper_client(clients, tmp_path, paper_clock)
     for alias in ("NSE:NIFTY 50", "NSE:NIFTY", "NSE:NIFTY50"):

@@ -771,7 +771,14 @@ class Index(_Instrument):
         return f"{self.exchange.value}|{self.symbol}"
 
     def _label(self) -> str:
-        return f"{self.exchange.value}:{self.symbol}"
+        bare = f"{self.exchange.value}:{self.symbol}"
+        try:  # bare where it reads back as this index (an index name, or a name with a space), else marked
+            cls, fields = _instrument_parts(bare)
+            if cls is Index and _canonical_index_symbol(fields["symbol"]) == self.symbol:
+                return bare
+        except InvalidInstrumentError:
+            pass
+        return f"{bare} INDEX"
 
 
 @_model
@@ -794,6 +801,8 @@ class Equity(_Instrument):
         return f"{self.exchange.value}|{self.symbol}"
 
     def _label(self) -> str:
+        if " " in self.symbol or self.symbol in _NOT_BARE_EQUITY:  # would read back as an index (or a future)
+            return f"{self.exchange.value}:{self.symbol} EQ"
         return f"{self.exchange.value}:{self.symbol}"
 
 
@@ -856,14 +865,22 @@ Instrument = Union[Index, Equity, Future, Option]
 
 
 _INSTRUMENT_FORMS = ("'NSE:SBIN' (an equity)", "'NSE:NIFTY' (an index)", "'NFO:NIFTY FUT 2026-12-29' (a future)",
-                     "'NFO:NIFTY 2026-12-29 23500 CE' (an option)")
+                     "'NFO:NIFTY 2026-12-29 23500 CE' (an option)",
+                     "'BSE:BSE500 INDEX' or 'NSE:NIFTY EQ' (an index or equity whose bare name reads as the other)")
+# Bare "EXCHANGE:SYMBOL" is an index when the symbol names one (or has a space): an equity of such
+# a name is written with " EQ" after it, and an index of any other name with " INDEX", so that
+# every instrument's text reads back as itself.
+_KIND_SUFFIXES = ("EQ", "INDEX")
+_NOT_BARE_EQUITY = frozenset(_INDEX_UNDERLYINGS | {a for a in _INDEX_ALIASES if " " not in a} | {"FUT"})
 
 
 def parse_instrument(text: str) -> Instrument:
     """The instrument ``str(instrument)`` printed: ``parse_instrument(str(x)) == x`` for every kind.
 
     ``"EXCHANGE:SYMBOL"`` is an index when the symbol is an index's canonical name (or has a
-    space, as only index names do), else an equity. A malformed text raises ``ValueError`` (an
+    space, as index names do), else an equity; ``" EQ"`` or ``" INDEX"`` after the symbol says
+    which where the bare name would read as the other kind (``str()`` adds it only then:
+    ``"BSE:BSE500 INDEX"``, ``"NSE:NIFTY EQ"``). A malformed text raises ``ValueError`` (an
     ``InvalidInstrumentError``) naming the accepted forms; a well-formed one that an open
     client's instrument DB lacks raises ``InstrumentNotFoundError``.
     """
@@ -898,6 +915,8 @@ def _instrument_parts(text: Any) -> Tuple[type, Dict[str, Any]]:
     if exchange != exchange.upper():
         raise _not_an_instrument(text, f"the exchange is written in capitals, {exchange.upper()}")
     parts = rest.split(" ")
+    if len(parts) >= 2 and parts[-1] in _KIND_SUFFIXES:  # an equity or index named like the other kind
+        return Equity if parts[-1] == "EQ" else Index, {"exchange": exchange, "symbol": " ".join(parts[:-1])}
     if len(parts) >= 4 and _looks_like_date(parts[-3]):  # an option's layout: the type and strike as printed
         if parts[-1] not in ("CE", "PE"):
             raise _not_an_instrument(text, f"option type {parts[-1]!r}: write CE or PE")
