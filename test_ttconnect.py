@@ -6069,6 +6069,27 @@ def test_a_session_file_path_taken_by_a_directory(tmp_path: Path, day_clock: Fak
         _fail_clean(problem)
 
 
+def test_a_file_or_symlink_planted_where_the_session_is_written_gets_no_token(tmp_path: Path) -> None:
+    # A shared cache dir (mode 0777): another user plants, at every name the old code could have
+    # picked, a world-readable file and a symlink to a file of theirs.
+    os.chmod(tmp_path, 0o777)
+    path = tmp_path / "zerodha_session.json"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("their data\n")
+    planted = tmp_path / f"zerodha_session.json.{os.getpid()}.{threading.get_ident()}.tmp"
+    planted.symlink_to(victim)
+    now = dt.datetime(2026, 11, 23, 10, 0, tzinfo=tt.IST)
+    session = tt.SessionData(broker="zerodha", mode=tt.AuthMode.MANUAL, access_token="kite-access-SECRET",
+                             obtained_at=now, expires_at=now + dt.timedelta(hours=20))
+    store = tt._FileStore(str(path))
+    store.save(session)
+    store.save(session)
+    assert victim.read_text() == "their data\n" and planted.is_symlink()
+    assert (path.stat().st_mode & 0o777) == 0o600 and not path.is_symlink()
+    assert store.load() == session
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, victim.name, planted.name])  # no temp left
+
+
 # ============================================================================
 # 12.4 Hostile: Broker replies, route by route
 # ============================================================================

@@ -7538,10 +7538,13 @@ class _FileStore:
         data.update({k: getattr(session, k) for k in _SESSION_TEXT_FIELDS})
         data.update({k: getattr(session, k).isoformat() if getattr(session, k) else None
                      for k in ("obtained_at", "expires_at")})
+        import tempfile
+
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A new file of a name no one can guess, owner-only (mkstemp: O_EXCL, mode 0600): a file or
+        # symlink planted at a predictable name in a shared cache dir would get the tokens.
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(self.path) + ".", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f)
