@@ -8818,6 +8818,65 @@ def test_a_paced_replay_delivers_its_first_tick_at_once_and_answers_calls(tmp_pa
     assert took["first tick"] < 0.8 and took["get_funds"] < 0.5, took
 
 
+@pytest.mark.parametrize("batch", [256, 2])  # the long line inside a batch, and across batches
+def test_a_line_too_long_to_be_a_tick_is_skipped_without_being_held_whole(batch: int, tmp_path: Path, clients: list,
+                                                                           paper_clock: FakeClock, caplog: Any,
+                                                                           monkeypatch: Any) -> None:
+    """A tick file's line is read at most _RECORD_LINE_MAX characters at a time: a longer one (a
+    400 MB line made the batch's join run out of memory, and every tick around it was lost) is
+    skipped with a warning naming it, and the ticks either side of it are replayed."""
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    monkeypatch.setattr(tt, "_RECORD_LINE_MAX", 200)
+    monkeypatch.setattr(tt._PaperReplaySource, "_BATCH", batch)
+    long = json.dumps(tick_line(903.0, 3, note="x" * 500))  # valid JSON, but no line of a tick file is that long
+    lines = [tick_line(901.0, 1), tick_line(902.0, 2), long, tick_line(904.0, 4), "x" * 150, long,
+             tick_line(906.0, 6), ('{"instrument": "NSE:SBIN", "note": "' + "y" * 199)[:197] + '"}']  # 200 with "\n"
+    path = tick_file(tmp_path / "ticks.jsonl", lines)
+    with open(path, "ab") as f:
+        f.write(b"z" * 450)  # and the file ends inside one
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    source = client._local.source
+    reads: List[int] = []
+    real_lines = source._lines
+
+    def spied() -> Any:  # the pieces read: none longer than the bound
+        found = real_lines()
+        reads.extend(len(line) for line in found or () if line is not tt._LONG_LINE)
+        return found
+
+    monkeypatch.setattr(source, "_lines", spied)
+    subs = {client.resolve(PAPER_SBIN): "ltp"}
+    got: List[float] = []
+    more = True
+    while more:  # read here, not by a feed: the file's end is reached deterministically
+        ticks, more = source.read(subs)
+        got += [t.ltp for t in ticks]
+    assert got == [901.0, 902.0, 904.0, 906.0]
+    assert skipped_lines(caplog) == [3, 5, 6, 8, 9]  # the long lines by number, and the short junk lines 5 and 8
+    assert [m for m in caplog.messages if "longer than 200" in m] == [
+        f"paper replay: skipped line {n} of {path} (longer than 200 characters: no tick)" for n in (3, 6, 9)]
+    assert max(reads) == 200
+
+
+def test_a_file_of_endless_distinct_junk_instruments_is_counted_not_kept(tmp_path: Path, clients: list,
+                                                                          paper_clock: FakeClock, caplog: Any,
+                                                                          monkeypatch: Any) -> None:
+    """Each text that names no paper instrument is warned about once and remembered, up to a
+    bound; a text of over 100 characters (no instrument's) never is: 40 lines of 10 MB texts
+    kept 400 MB."""
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    monkeypatch.setattr(tt, "_RECORD_UNKNOWN_MAX", 5)
+    junk = [tick_line(900.0, i, instrument=f"NSE:JUNK{i}") for i in range(8)]
+    long = [tick_line(900.0, 10 + i, instrument="NSE:" + "L" * 300 + str(i)) for i in range(2)]
+    path = tick_file(tmp_path / "ticks.jsonl", [*long, *junk, tick_line(950.0, 30, volume=END)])
+    client = paper_client(clients, tmp_path, paper_clock, prices=path)
+    assert [t.ltp for t in replayed(client, mode="ltp")] == [950.0]
+    source = client._local.source
+    assert source.unknown == 10
+    assert [text for text, label in source._labels.items() if label is None] == [f"NSE:JUNK{i}" for i in range(3)]
+    assert len([m for m in caplog.messages if "is not a paper instrument" in m]) == 5  # the first five texts
+
+
 # ============================================================================
 # G. A live price source
 # ============================================================================

@@ -6541,9 +6541,12 @@ class _PaperReplaySource:
         self.engine, self.path, self.speed = engine, path, speed
         self._file: Optional[IO[str]] = None
         self._line = 0
+        self._readline: Any = None  # the file's readline, at most _RECORD_LINE_MAX characters a call
+        self._long = False  # the line being read is longer than _RECORD_LINE_MAX: skipped
         self._started: Optional[Tuple[float, float]] = None  # (first tick's time, monotonic then)
         # a file's instrument text -> (paper token, its instrument); None: not a paper instrument
         self._labels: Dict[Any, Optional[Tuple[str, Instrument]]] = {}
+        self._unknown_texts = 0  # the texts of no paper instrument in _labels
         self._decoder: Any = None  # json.JSONDecoder, once the file is open
         self._blanks: Any = None  # the match of JSON's blanks (a regex's), likewise
         self.unknown = 0
@@ -6575,19 +6578,26 @@ class _PaperReplaySource:
         try:
             token = self.engine.instruments.lookup(parse_instrument(text))[0]
         except (TTConnectError, ValueError):
-            log.warning("paper replay: %s is not a paper instrument; its ticks are skipped", _short(str(text), 80))
-            self._labels[text] = None
+            # Warned about and remembered once each, up to a bound: a file of endless distinct junk
+            # is counted, not kept (and a text of over 100 characters, no instrument's, never is).
+            if self._unknown_texts < _RECORD_UNKNOWN_MAX:
+                self._unknown_texts += 1
+                log.warning("paper replay: %s is not a paper instrument; its ticks are skipped", _short(str(text), 80))
+                if not isinstance(text, str) or len(text) <= 100:
+                    self._labels[text] = None
             return None
         label = self._labels[text] = (token, self.engine.info(token)[0])
         return label
 
     def read(self, subs: Mapping[str, str]) -> Tuple[List[Tick], bool]:
         """The next batch of the file: (ticks for the subscriptions, whether the file went on)."""
+        import functools
         import json
         import re
 
         if self._file is None:
             self._file = open(self.path, encoding="utf-8", errors="replace")  # a bad line fails as JSON
+            self._readline = functools.partial(self._file.readline, _RECORD_LINE_MAX)
             self._decoder = json.JSONDecoder(parse_constant=_record_no_constant)
             self._blanks = re.compile(r"[ \t\n\r]*").match
         engine = self.engine
@@ -6600,8 +6610,8 @@ class _PaperReplaySource:
         self.resume_at = 0.0
         with engine.lock:
             if not self._ready:
-                lines = list(itertools.islice(self._file, self._BATCH))
-                if not lines:
+                lines = self._lines()
+                if lines is None:
                     return out, False
                 self._ready = self._ticks(lines)
             ready, self._ready = iter(self._ready), []
@@ -6633,6 +6643,31 @@ class _PaperReplaySource:
                 self._ready += ready  # the ticks after one whose fill raised: replayed on the next read
                 self._store(latest)
 
+    def _lines(self) -> Optional[List[str]]:
+        """The file's next lines, up to a batch (None: the end, for now: a file being written may
+        grow). A line is read at most _RECORD_LINE_MAX characters at a time: a longer one is
+        never held whole; it is skipped, its place taken by _LONG_LINE, which _ticks warns about
+        with the line's number."""
+        lines = list(itertools.islice(iter(self._readline, ""), self._BATCH))
+        if not lines:
+            if not self._long:
+                return None
+            self._long = False  # the file ends in the middle of a line too long to read
+            return [_LONG_LINE]
+        if not self._long and max(map(len, lines)) < _RECORD_LINE_MAX:
+            return lines
+        kept = []
+        for piece in lines:
+            if self._long:  # a piece of a line too long to read: its last piece ends it
+                if piece[-1] == "\n":
+                    self._long = False
+                    kept.append(_LONG_LINE)
+            elif len(piece) >= _RECORD_LINE_MAX and piece[-1] != "\n":  # readline stopped mid-line
+                self._long = True
+            else:
+                kept.append(piece)
+        return kept
+
     def _ticks(self, lines: List[str]) -> List[Tuple[str, Tick, float]]:
         """(paper token, tick, epoch seconds) of each tick in these next lines of the file. A line
         naming an instrument paper does not list is counted; a line that is no tick is skipped
@@ -6648,6 +6683,10 @@ class _PaperReplaySource:
         ticks = []
         for item in lines if records is None else records:  # the lines, or their values decoded
             number += 1
+            if item is _LONG_LINE:
+                log.warning("paper replay: skipped line %d of %s (longer than %d characters: no tick)", number,
+                            self.path, _RECORD_LINE_MAX)
+                continue
             try:
                 found = self._parse(item) if records is None else self._record(item)
             except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
@@ -6869,6 +6908,9 @@ def _tick_record(tick: Tick, at: float) -> Dict[str, Any]:
 
 
 _RECORD_PRICE_MAX = 1e11  # rupees: beyond any listed price (the order checks' bound too)
+_RECORD_LINE_MAX = 1 << 16  # characters: a tick with full depth is under 2k; a longer line is no tick
+_LONG_LINE = "\x00 a line longer than _RECORD_LINE_MAX"  # its stand-in (no JSON: its batch is read line by line)
+_RECORD_UNKNOWN_MAX = 10_000  # distinct non-paper instrument texts remembered (and warned about) per file
 
 
 # A tick's optional fields, in Tick's order
