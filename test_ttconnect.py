@@ -7030,6 +7030,59 @@ def test_raising_handlers_do_not_kill_the_feed(tmp_path: Path, day_clock: FakeCl
 
 
 # ============================================================================
+# 12.7a Hostile: feed frames and the streamer (adversarial pass, each case reproduced first)
+# ============================================================================
+
+
+def _decode_within(broker_decode: Callable[[], Any], seconds: float = 2.0) -> Any:
+    """Run a decode on a daemon thread: what it returned or raised, or "hung" after ``seconds``."""
+    outcome: List[Any] = ["hung"]
+
+    def run() -> None:
+        try:
+            outcome[0] = broker_decode()
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome[0] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0]
+
+
+@pytest.mark.parametrize("frame", [
+    pytest.param(pb_varint(5 << 3 | 2) + pb_varint(-11), id="top-level-length-minus-11"),
+    pytest.param(pb_feed_response({"NSE_EQ|INE062A01020": pb_field(1, pb_varint(6 << 3 | 2) + pb_varint(-3))}),
+                 id="inside-a-feed"),
+])
+def test_upstox_a_negative_length_is_a_frame_error_not_a_hang(frame: bytes) -> None:
+    # an int64 varint as a length: stepping back onto its own key looped forever on the feed thread
+    outcome = _decode_within(lambda: upstox_decode(frame, {"NSE_EQ|INE062A01020": (SBIN, "ltp")}))
+    assert isinstance(outcome, tt._FrameError) and "negative length" in str(outcome), outcome
+
+
+def test_upstox_a_negative_length_frame_is_dropped_and_the_feed_goes_on(tmp_path: Path, day_clock: FakeClock,
+                                                                        clients: list) -> None:
+    server = WsServer(heartbeat=None)
+    try:
+        client = upstox_feed(clients, tmp_path, day_clock)
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            MockApi(rs, UPSTOX).on("feed_authorize", callback=authorize_to(server, "feeds", []))
+            ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+            client.subscribe(SBIN, on_tick=ticks.put, mode="ltp")
+            server.binary_messages.get(timeout=3)
+            server.send(pb_varint(5 << 3 | 2) + pb_varint(-11))
+            server.send(pb_feed_response({"NSE_EQ|INE062A01020": pb_field(1, pb_ltpc(801.05))}))
+            assert ticks.get(timeout=3).ltp == 801.05
+            stats = client.stream_stats()
+            assert (stats["frames_dropped"], stats["ticks"], stats["reconnects"]) == (1, 1, 0)
+            client.close()
+            assert _feed_threads(client) == []
+    finally:
+        server.close()
+
+
+# ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================
 

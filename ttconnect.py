@@ -4244,6 +4244,8 @@ def _pb_skip(buf: bytes, pos: int, key: int, end: int) -> int:
         pos += 8
     elif wire == 2:
         size, pos = _pb_varint(buf, pos)
+        if size < 0:  # a length read as int64: stepping back onto the key would loop forever
+            raise _FrameError("a negative length")
         pos += size
     elif wire == 5:
         pos += 4
