@@ -7082,6 +7082,46 @@ def test_upstox_a_negative_length_frame_is_dropped_and_the_feed_goes_on(tmp_path
         server.close()
 
 
+def _upstox_overruns() -> List[Any]:
+    """Frames where one sub-message is shorter than its fields, followed by good bytes it would borrow."""
+    good = pb_field(1, pb_ltpc(801.05))
+    quote = pb_field(1, 65) + pb_field(2, 120.45) + pb_field(3, 130) + pb_field(4, 120.5)
+    candle = pb_field(1, "1d") + pb_field(2, 115.0) + pb_field(3, 122.0) + pb_field(4, 110.5)
+    after = {"NSE_EQ|INE062A01020": good}  # a second entry: the bytes an overrun reads
+
+    def with_market(market: bytes) -> bytes:
+        return pb_feed_response({"NSE_FO|52207": pb_full(market), **after})
+
+    return [
+        pytest.param(pb_feed_response({"NSE_FO|52207": pb_field(1, b"\x09"), **after}), "LTPC", id="ltpc-of-one-byte"),
+        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(2, pb_field(1, b"\x08") + pb_field(1, quote))),
+                     "Quote", id="depth-quote-of-one-byte"),
+        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(2, pb_field(1, quote[:-4]) + pb_field(1, quote))),
+                     "Quote", id="depth-quote-cut-in-its-ask-price"),
+        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(4, pb_field(1, candle[:-5])
+                                                                         + pb_field(1, candle))),
+                     "OHLC", id="day-candle-cut-in-its-low"),
+        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + b"\x29"), "MarketFullFeed", id="market-atp-key-alone"),
+        pytest.param(pb_feed_response({"NSE_FO|52207": pb_field(3, pb_field(1, pb_ltpc(120.5)) + b"\x20"), **after}),
+                     "FirstLevelWithGreeks", id="greeks-vtt-key-alone"),
+        pytest.param(pb_field(4, pb_field(1, pb_field(1, "NSE_EQ") + b"\x10") + pb_field(1, pb_field(1, "NSE_FO")
+                                                                                      + pb_field(2, 2))),
+                     "segment status", id="market-info-status-key-alone"),
+    ]
+
+
+@pytest.mark.parametrize("frame, what", _upstox_overruns())
+def test_upstox_a_sub_message_shorter_than_its_fields_is_refused(frame: bytes, what: str) -> None:
+    # each read stays inside its message: before, the LTPC of one byte gave ltp 8.7e150 out of
+    # the next entry's bytes, and a one-byte Quote took the next level's key as its quantity
+    targets = {"NSE_FO|52207": (NIFTY_CE, "full"), "NSE_EQ|INE062A01020": (SBIN, "ltp")}
+    with pytest.raises(tt._FrameError, match=f"{what} .*runs past its"):
+        upstox_decode(frame, targets)
+    # the neighbour whose bytes an overrun would read decodes alone to its real values
+    (tick,) = upstox_decode(pb_feed_response({"NSE_EQ|INE062A01020": pb_field(1, pb_ltpc(801.05))}), targets)
+    assert (tick.instrument, tick.ltp) == (SBIN, 801.05)
+
+
 # ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================

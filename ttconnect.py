@@ -4271,7 +4271,9 @@ def _pb_message(buf: bytes, pos: int, end: int) -> Tuple[int, int]:
 
 # The decoders below read keys and lengths of one byte (every field this schema numbers
 # below 16, and any message under 128 bytes) inline, falling back to _pb_varint for longer
-# ones: a function call per field was two thirds of a frame's cost.
+# ones: a function call per field was two thirds of a frame's cost. Their values are read
+# unchecked, and each loop checks once, at its end, that it stopped at the message's end: a
+# field that ran past it read its neighbour's bytes, and the frame is refused.
 
 
 def _upstox_ltpc(buf: bytes, pos: int, end: int) -> Tuple[float, int, int, float]:
@@ -4299,6 +4301,8 @@ def _upstox_ltpc(buf: bytes, pos: int, end: int) -> Tuple[float, int, int, float
             if key >= 0x80:
                 key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
+    if pos > end:
+        raise _FrameError("an LTPC field runs past its message")
     return ltp, ltt, ltq, cp
 
 
@@ -4323,6 +4327,8 @@ def _upstox_quote(buf: bytes, pos: int, end: int) -> Tuple[int, float, int, floa
             if key >= 0x80:
                 key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
+    if pos > end:
+        raise _FrameError("a Quote field runs past its message")
     return bid_q, bid_p, ask_q, ask_p
 
 
@@ -4391,7 +4397,7 @@ def _upstox_depth(buf: bytes, pos: int, end: int) -> Tuple[Tuple[Any, ...], Tupl
         if p < pos and buf[p] == 0x21:
             ask_p = double(buf, p + 1)[0]
             p += 9
-        if p != pos:
+        if p != pos:  # another layout, or a Quote shorter than its fields (the general reader refuses it)
             bid_q, bid_p, ask_q, ask_p = _upstox_quote(buf, start, pos)
         bids.extend((bid_q, bid_p, None))
         asks.extend((ask_q, ask_p, None))
@@ -4436,6 +4442,8 @@ def _upstox_day_ohlc(buf: bytes, pos: int, end: int) -> Tuple[Optional[float], O
                 if key >= 0x80:
                     key, start = _pb_varint(buf, start - 1)
                 start = _pb_skip(buf, start, key, pos)
+        if start > pos:
+            raise _FrameError("an OHLC field runs past its message")
         return o, h, lo
     return None, None, None
 
@@ -4530,6 +4538,8 @@ def _upstox_market(instrument: Instrument, mode: str, buf: bytes, pos: int, end:
             if key >= 0x80:
                 key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
+    if pos > end:
+        raise _FrameError("a MarketFullFeed field runs past its message")
     change = (ltp - cp) * 100 / cp if cp else None
     if mode == "quote":  # what a quote tick carries on every broker: no depth, no OI, no times
         return _TickBuilder(instrument, "quote", ltp, ltq, atp, vtt, int(tbq), int(tsq), o, h, lo, cp or None, change)
@@ -4575,6 +4585,8 @@ def _upstox_first_level(instrument: Instrument, mode: str, buf: bytes, pos: int,
             pos += 8
         else:
             pos = _pb_skip(buf, pos, key, end)
+    if pos > end:
+        raise _FrameError("a FirstLevelWithGreeks field runs past its message")
     change = (ltp - cp) * 100 / cp if cp else None
     return _TickBuilder(instrument, "full", ltp, ltq, None, vtt, None, None, None, None, None, cp or None, change,
                         int(oi), None, None, 0, 0, depth)
@@ -4603,6 +4615,8 @@ def _upstox_market_info(buf: bytes, pos: int, end: int, now_ms: int) -> Dict[str
                 status, start = _pb_varint(buf, start)
             else:
                 start = _pb_skip(buf, start, key, stop)
+        if start > stop:
+            raise _FrameError("a segment status runs past its map entry")
         segments[name] = _UPSTOX_MARKET_STATUS[status] if 0 <= status < len(_UPSTOX_MARKET_STATUS) else str(status)
     return {"type": "market_info", "segments": segments,
             "at": _epoch_time(now_ms / 1000) if now_ms else None}
