@@ -7122,6 +7122,24 @@ def test_upstox_a_sub_message_shorter_than_its_fields_is_refused(frame: bytes, w
     assert (tick.instrument, tick.ltp) == (SBIN, 801.05)
 
 
+def test_a_text_frame_that_is_not_utf8_is_skipped_and_counted_without_a_reconnect(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer) -> None:
+    # websocket-client's own UTF-8 check tore the connection down: a reconnect for one frame
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    orders: "queue.Queue[tt.Order]" = queue.Queue()
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, ticks.put)
+    kite.on_order_update(orders.put)
+    ws_server.handshakes.get(timeout=3)
+    row = {**payload("zerodha", "get_orders")["data"][1], "tag": "caf\u00e9"}
+    ws_server.send(json.dumps({"type": "order", "data": row}, ensure_ascii=False).encode("latin-1"), opcode=1)
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3).ltp == 801.05
+    stats = kite.stream_stats()
+    assert (stats["frames_dropped"], stats["reconnects"], stats["ticks"], stats["order_updates"]) == (1, 0, 1, 0)
+    assert "not UTF-8" in stats["last_error"] and orders.empty()
+    assert ws_server.handshakes.empty()  # the one connection still
+
+
 # ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================

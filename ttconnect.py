@@ -9196,7 +9196,10 @@ class _Connection:
         session, generation = ctx.session()
         url, headers = self._connect_hook(ctx.call, ctx.config, session, ctx.urls[self._url_key])
         make_socket = ctx.spec["hooks"].get("stream_socket")
-        ws = make_socket(ctx.local) if make_socket is not None else websocket.WebSocket(enable_multithread=True)
+        # UTF-8 is checked by _read, which skips a bad text frame: websocket-client's own check
+        # would tear the connection down over it (a reconnect and a resubscribe for one frame).
+        ws = (make_socket(ctx.local) if make_socket is not None
+              else websocket.WebSocket(enable_multithread=True, skip_utf8_validation=True))
         # Published so that stop() can abort the upgrade; a TCP connect or TLS handshake in
         # progress cannot be interrupted and ends by stream_connect_timeout (the thread is a
         # daemon, and it exits right after: _read checks the stop flag before going live).
@@ -9256,7 +9259,13 @@ class _Connection:
                     if self._on_binary is not None:
                         self._on_binary(payload)
                 elif opcode == text:
-                    self._on_text(payload.decode("utf-8", "replace"))
+                    try:
+                        message = payload.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        streamer.dropped(self.name, f"skipped a text frame of {len(payload)} bytes that is not UTF-8 "
+                                                    f"(byte {exc.start})")
+                    else:
+                        self._on_text(message)
                 elif opcode == close:
                     streamer.failed(self.name, "the server closed the connection")
                     return
@@ -9460,16 +9469,20 @@ class _Streamer:
         log.warning("%s %s stream: %s", self.broker, name, message)
         self.changed()
 
+    def dropped(self, name: str, message: str) -> None:
+        """A frame was skipped as malformed: counted, logged, and the feed goes on."""
+        self.stats["frames_dropped"] += 1
+        self.stats["last_error"] = f"{name}: {message}"
+        log.warning("%s %s stream: %s", self.broker, name, message)
+        self.changed()
+
     def _binary(self, data: bytes) -> None:
         ticks = self._ticks
         try:
             self._decode(data, self.instruments, ticks)
         except Exception as exc:  # noqa: BLE001 - any undecodable frame (struct, overflow...) is dropped and counted
-            self.stats["frames_dropped"] += 1
-            self.stats["last_error"] = f"market: skipped a malformed frame of {len(data)} bytes ({exc})"
-            log.warning("%s stream: skipped a malformed frame of %d bytes: %s", self.broker, len(data), exc)
             ticks.clear()  # a half-decoded frame delivers nothing
-            self.changed()
+            self.dropped("market", f"skipped a malformed frame of {len(data)} bytes ({exc})")
             return
         if not ticks:
             return
