@@ -7140,6 +7140,52 @@ def test_a_text_frame_that_is_not_utf8_is_skipped_and_counted_without_a_reconnec
     assert ws_server.handshakes.empty()  # the one connection still
 
 
+def test_a_handler_calling_sys_exit_is_a_handler_error_and_the_feed_goes_on(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer) -> None:
+    # SystemExit is no Exception: it ended the feed thread silently, and later subscribes
+    # never started another
+    ticks: "queue.Queue[float]" = queue.Queue()
+
+    def on_tick(tick: tt.Tick) -> None:
+        if tick.ltp == 1.0:
+            sys.exit("strategy says stop")
+        ticks.put(tick.ltp)
+
+    def on_order(order: tt.Order) -> None:
+        sys.exit(3)
+
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, on_tick)
+    kite.on_order_update(on_order)
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=1.0)))
+    ws_server.send(json.dumps({"type": "order", "data": payload("zerodha", "get_orders")["data"][1]}).encode(), opcode=1)
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3) == 801.05
+    stats = kite.stream_stats()
+    assert (stats["handler_errors"], stats["order_updates"], stats["reconnects"], stats["ticks"]) == (2, 1, 0, 2)
+    assert kite._streamer is not None and kite._streamer.market is not None and kite._streamer.market.alive()
+
+
+def test_a_handler_raising_keyboard_interrupt_ends_the_feed_loudly_and_subscribe_restarts_it(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer, caplog: Any) -> None:
+    ticks: "queue.Queue[float]" = queue.Queue()
+
+    def on_tick(tick: tt.Tick) -> None:
+        if tick.ltp == 1.0:
+            raise KeyboardInterrupt
+        ticks.put(tick.ltp)
+
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, on_tick)
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=1.0)))
+    assert stream_event(kite, lambda s: not s["connected"])
+    assert _feed_threads(kite) == []
+    assert "stopped by KeyboardInterrupt" in (kite.stream_stats()["last_error"] or "")
+    assert any("stopped by KeyboardInterrupt" in m for m in messages(caplog))
+    kite.subscribe(INFY, mode="ltp")  # a new feed, greeted with both instruments
+    kite_subscribed(ws_server)
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3) == 801.05
+
+
 # ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================

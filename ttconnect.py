@@ -9157,6 +9157,10 @@ class _Connection:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def ended(self) -> bool:
+        """Did the thread end without stop() (a KeyboardInterrupt from a handler)? Then start another."""
+        return not self._stop.is_set() and self._thread.ident is not None and not self._thread.is_alive()
+
     def _run(self) -> None:
         websocket = _websocket_module()
 
@@ -9175,6 +9179,10 @@ class _Connection:
             except Exception as exc:  # noqa: BLE001 - the feed thread must outlive any bug; logged with traceback
                 log.exception("%s %s stream: unexpected error; reconnecting", streamer.broker, self.name)
                 streamer.failed(self.name, f"unexpected error: {_describe(exc)}")
+            except BaseException as exc:  # a KeyboardInterrupt raised by a handler: this feed ends, not silently
+                log.exception("%s %s stream: stopped by %s", streamer.broker, self.name, exc.__class__.__name__)
+                streamer.failed(self.name, f"stopped by {_describe(exc)}; the next subscribe() starts the feed again")
+                return
             finally:
                 with streamer.lock:
                     self.connected.clear()
@@ -9398,11 +9406,11 @@ class _Streamer:
         if "order_stream_connect" not in self.spec["hooks"]:
             self._ensure_market()  # order updates arrive on the market feed
             return
-        if self.orders is None:
+        if self.orders is None or self.orders.ended():
             self.preflight("order_stream_connect", "order_ws_url")
         with self.lock:
             self._check_open()
-            if self.orders is None:
+            if self.orders is None or self.orders.ended():
                 self.orders = _Connection(self, "orders", "order_ws_url", self.spec["hooks"]["order_stream_connect"],
                                           self._order_text, None, lambda ws: None, "")
                 self.orders.start()
@@ -9418,11 +9426,11 @@ class _Streamer:
         self.spec["hooks"][hook](ctx.call, ctx.config, ctx.session()[0], ctx.urls[url_key])  # type: ignore[literal-required]
 
     def _ensure_market(self) -> None:
-        if self.market is None:
+        if self.market is None or self.market.ended():
             self.preflight("stream_connect", "ws_url")
         with self.lock:
             self._check_open()
-            if self.market is None:
+            if self.market is None or self.market.ended():
                 self.market = _Connection(self, "market", "ws_url", self.spec["hooks"]["stream_connect"],
                                           self._market_text, self._binary, self._greet_market,
                                           self.spec["stream_keepalive"])
@@ -9491,19 +9499,22 @@ class _Streamer:
         # Counted a frame at a time, before its handlers run (an add a tick was ~700 instructions
         # a tick, ~2% of a replayed tick file's); a feed-status message is taken off when reached.
         stats["ticks"] += len(ticks)
-        for tick in ticks:
-            if isinstance(tick, dict):  # a decoder's feed-status message (which segments are open...)
-                stats["ticks"] -= 1
-                stats["market_messages"] += 1
-                stats["last_market_info"] = tick
-                continue
-            if handler is not None:
-                try:
-                    handler(tick)
-                except Exception:  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
-                    self.stats["handler_errors"] += 1
-                    log.exception("%s stream: on_tick handler raised; the stream goes on", self.broker)
-        ticks.clear()
+        try:
+            for tick in ticks:
+                if isinstance(tick, dict):  # a decoder's feed-status message (which segments are open...)
+                    stats["ticks"] -= 1
+                    stats["market_messages"] += 1
+                    stats["last_market_info"] = tick
+                    continue
+                if handler is not None:
+                    try:
+                        handler(tick)
+                    # sys.exit() on this thread would end the feed, never the program: a handler error too
+                    except (Exception, SystemExit):  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
+                        self.stats["handler_errors"] += 1
+                        log.exception("%s stream: on_tick handler raised; the stream goes on", self.broker)
+        finally:  # also when a KeyboardInterrupt ends the feed: the next one must not deliver this frame again
+            ticks.clear()
         self.changed()
 
     def _market_text(self, text: str) -> None:
@@ -9527,7 +9538,7 @@ class _Streamer:
             if handler is not None:
                 try:
                     handler(order)
-                except Exception:  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
+                except (Exception, SystemExit):  # noqa: BLE001 - as on_tick: logged with traceback, the stream goes on
                     self.stats["handler_errors"] += 1
                     log.exception("%s stream: on_order_update handler raised; the stream goes on", self.broker)
         elif kind == "error":
