@@ -7186,6 +7186,28 @@ def test_a_handler_raising_keyboard_interrupt_ends_the_feed_loudly_and_subscribe
     assert ticks.get(timeout=3) == 801.05
 
 
+def _kite_frame_counting(count: int, *packets: bytes) -> bytes:
+    return _struct.pack(">H", count) + kite_frame(*packets)[2:]
+
+
+def test_kite_a_packet_count_lower_than_the_packets_sent_drops_and_counts_the_frame(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer) -> None:
+    # the packets past the count were ignored without a trace
+    packets = (kite_packet(779521, 8, ltp=801.0), kite_packet(408065, 8, ltp=1573.7), kite_packet(779521, 8, ltp=802.0))
+    instruments = {779521: SBIN, 408065: INFY}
+    assert [t.ltp for t in decode("zerodha", _kite_frame_counting(3, *packets), instruments)] == [801.0, 1573.7, 802.0]
+    with pytest.raises(tt._FrameError, match=r"declares 1 packet\(s\) but 20 bytes follow"):
+        decode("zerodha", _kite_frame_counting(1, *packets), instruments)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, ticks.put)
+    ws_server.send(_kite_frame_counting(1, *packets))
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3).ltp == 801.05  # nothing of the lying frame
+    stats = kite.stream_stats()
+    assert (stats["frames_dropped"], stats["ticks"], stats["reconnects"]) == (1, 1, 0)
+    assert "declares 1 packet(s)" in stats["last_error"]
+
+
 # ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================

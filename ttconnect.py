@@ -3117,6 +3117,8 @@ def _zerodha_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Lis
             tick.__class__ = Tick
             out.append(tick)
         pos += length
+    if pos != size:  # a count lower than the packets sent: which one is wrong is not known, so neither is trusted
+        raise _FrameError(f"the frame declares {count} packet(s) but {size - pos} bytes follow them")
 
 
 def _zerodha_stream_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
