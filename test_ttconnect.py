@@ -7208,6 +7208,39 @@ def test_kite_a_packet_count_lower_than_the_packets_sent_drops_and_counts_the_fr
     assert "declares 1 packet(s)" in stats["last_error"]
 
 
+def test_angel_a_token_ends_at_its_nul_and_a_one_byte_keep_alive_is_no_malformed_frame(
+        tmp_path: Path, day_clock: FakeClock, clients: list, caplog: Any) -> None:
+    # the token is NUL-terminated (brokers/angelone.md 7.4; the official SDK reads it up to the
+    # first NUL): bytes after the NUL lost the tick; the keep-alive b"\\x00" was logged as malformed
+    key = bytes([1]) + b"3045".ljust(25, b"\0")
+    after_nul = bytearray(angel_packet(1, 1, "3045", ltp=801.05))
+    after_nul[2:27] = b"3045\0" + b"\x7f" * 20
+    assert [(t.instrument, t.ltp) for t in decode("angelone", bytes(after_nul), {key: SBIN})] == [(SBIN, 801.05)]
+    other = bytearray(after_nul)
+    other[2:7] = b"30450"  # a different token, not a prefix match
+    assert decode("angelone", bytes(other), {key: SBIN}) == []
+    assert decode("angelone", b"\x00", {key: SBIN}) == [] and decode("angelone", b"", {key: SBIN}) == []
+    market = WsServer(heartbeat=None, text_replies={"ping": "pong"})
+    try:
+        angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
+                            feed_token="feed-SECRET-9", ws_url=market.url, stream_silence_timeout=1.0,
+                            stream_reconnect_delay=0.01)
+        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+        angel.subscribe(SBIN, on_tick=ticks.put, mode="ltp")
+        market.wait_message(skip=("ping",))
+        assert stream_event(angel, lambda s: s["connected"])
+        market.send(b"\x00")
+        market.send(bytes(after_nul))
+        assert ticks.get(timeout=3).ltp == 801.05
+        stats = angel.stream_stats()
+        assert (stats["frames_dropped"], stats["ticks"], stats["last_error"]) == (0, 1, None)
+        assert not [m for m in messages(caplog) if "stream" in m and "malformed" in m]
+    finally:
+        for client in clients:
+            client.close()
+        market.close()
+
+
 # ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================

@@ -3655,10 +3655,17 @@ def _angelone_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Li
     """Decode one binary frame (one packet) into ``out``; raise _FrameError if malformed."""
     size = len(data)
     if size not in (51, 123, 379):
+        if size < 2:  # the server's one-byte keep-alive (b"\x00", brokers/angelone.md 7.3): no packet
+            return
         raise _FrameError(f"packet of {size} bytes (expected 51, 123 or 379)")
     instrument = instruments.get(data[1:27])  # exchange type + 25-byte token: the subscription key
     if instrument is None:
-        return
+        # The token ends at its first NUL (the official SDK reads it so): what follows is not
+        # part of it, and need not be NULs. Looked at only on a miss, off the usual path.
+        token = data[2:27].partition(b"\0")[0]
+        instrument = instruments.get(data[1:2] + token.ljust(25, b"\0"))
+        if instrument is None:
+            return
     div = _ANGEL_DIVISORS.get(data[1], 100.0)
     if size == 379:
         v = _ANGEL_SNAP.unpack_from(data)
