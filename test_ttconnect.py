@@ -7241,6 +7241,35 @@ def test_angel_a_token_ends_at_its_nul_and_a_one_byte_keep_alive_is_no_malformed
         market.close()
 
 
+def test_no_tick_reaches_a_handler_after_close_or_unsubscribe_inside_it(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer) -> None:
+    # the rest of the frame's ticks were still delivered after close()/unsubscribe() had returned
+    got: List[Tuple[str, float]] = []
+    done = threading.Event()
+    holder: Dict[str, tt.TTConnect] = {}
+
+    def handler(tick: tt.Tick) -> None:
+        got.append((str(tick.instrument), tick.ltp))
+        if tick.ltp == 800.0:
+            holder["kite"].unsubscribe(SBIN)
+        elif tick.ltp == 900.0:
+            holder["kite"].close()
+        elif tick.ltp == 1573.7:
+            done.set()
+
+    holder["kite"] = kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, handler)
+    kite.subscribe(INFY, mode="ltp")
+    assert [json.loads(ws_server.wait_message())["a"] for _ in range(2)] == ["subscribe", "mode"]
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=800.0), kite_packet(779521, 8, ltp=801.0),
+                              kite_packet(408065, 8, ltp=1573.7), kite_packet(779521, 8, ltp=802.0)))
+    assert done.wait(3)
+    assert got == [("NSE:SBIN", 800.0), ("NSE:INFY", 1573.7)]  # SBIN's later ticks are not delivered
+    assert kite.stream_stats()["ticks"] == 2
+    ws_server.send(kite_frame(*[kite_packet(408065, 8, ltp=900.0 + i) for i in range(4)]))
+    assert stream_event(kite, lambda s: s["ticks"] == 3) and _feed_threads(kite) == []
+    assert got[2:] == [("NSE:INFY", 900.0)]  # nothing after close()
+
+
 # ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================

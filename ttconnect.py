@@ -9469,6 +9469,7 @@ class _Streamer:
     def close(self, timeout: float = 1.5) -> None:
         with self.lock:
             self.closed = True  # a subscribe racing this one starts no thread afterwards
+            self.instruments = {}  # and a frame being delivered delivers no more (see _binary)
             conns = [c for c in (self.market, self.orders) if c is not None]
         deadline = time.monotonic() + timeout
         for conn in conns:
@@ -9495,8 +9496,9 @@ class _Streamer:
 
     def _binary(self, data: bytes) -> None:
         ticks = self._ticks
+        instruments = self.instruments  # replaced by close() and (un)subscribe(): then each tick is checked
         try:
-            self._decode(data, self.instruments, ticks)
+            self._decode(data, instruments, ticks)
         except Exception as exc:  # noqa: BLE001 - any undecodable frame (struct, overflow...) is dropped and counted
             ticks.clear()  # a half-decoded frame delivers nothing
             self.dropped("market", f"skipped a malformed frame of {len(data)} bytes ({exc})")
@@ -9508,6 +9510,8 @@ class _Streamer:
         # Counted a frame at a time, before its handlers run (an add a tick was ~700 instructions
         # a tick, ~2% of a replayed tick file's); a feed-status message is taken off when reached.
         stats["ticks"] += len(ticks)
+        seen: Any = instruments
+        wanted: Set[Any] = set()
         try:
             for tick in ticks:
                 if isinstance(tick, dict):  # a decoder's feed-status message (which segments are open...)
@@ -9515,6 +9519,13 @@ class _Streamer:
                     stats["market_messages"] += 1
                     stats["last_market_info"] = tick
                     continue
+                if self.instruments is not instruments:  # closed or (un)subscribed mid-frame, by a handler or not
+                    if self.instruments is not seen:
+                        seen = self.instruments
+                        wanted = self._subscribed()
+                    if tick.instrument not in wanted:
+                        stats["ticks"] -= 1  # not delivered: unsubscribed, or the client is closed
+                        continue
                 if handler is not None:
                     try:
                         handler(tick)
@@ -9525,6 +9536,11 @@ class _Streamer:
         finally:  # also when a KeyboardInterrupt ends the feed: the next one must not deliver this frame again
             ticks.clear()
         self.changed()
+
+    def _subscribed(self) -> Set[Any]:
+        """The instruments ticks may still go to (none once closed)."""
+        with self.lock:
+            return set() if self.closed else {item[0] for item in self.subscriptions.values()}
 
     def _market_text(self, text: str) -> None:
         self._text(text, self.spec["hooks"]["stream_text"])
