@@ -7270,6 +7270,21 @@ def test_no_tick_reaches_a_handler_after_close_or_unsubscribe_inside_it(
     assert got[2:] == [("NSE:INFY", 900.0)]  # nothing after close()
 
 
+def test_a_second_on_tick_handler_replaces_the_first_with_a_warning(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer, caplog: Any) -> None:
+    # it replaced the first one for every instrument without a word (README: one handler per client)
+    first: "queue.Queue[tt.Tick]" = queue.Queue()
+    second: "queue.Queue[tt.Tick]" = queue.Queue()
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, first.put)
+    kite.subscribe(SBIN, on_tick=first.put, mode="ltp")  # the same handler again: no warning
+    assert not [m for m in messages(caplog) if "replaces the previous one" in m]
+    kite.subscribe(INFY, on_tick=second.put, mode="ltp")
+    (warning,) = [m for m in messages(caplog) if "replaces the previous one" in m]
+    assert "for every instrument" in warning and "tick.instrument" in warning
+    ws_server.send(SBIN_TICK)
+    assert (second.get(timeout=3).instrument, first.empty()) == (SBIN, True)
+
+
 # ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================

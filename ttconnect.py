@@ -9380,6 +9380,9 @@ class _Streamer:
                 if why:
                     raise UnsupportedFeatureError(f"{why}; unsubscribe some, or split them across clients")
             if on_tick is not None:
+                if self.on_tick is not None and on_tick != self.on_tick:  # == holds for the same bound method
+                    log.warning("%s stream: a new on_tick handler replaces the previous one for every instrument "
+                                "(one handler per client: dispatch on tick.instrument inside it)", self.broker)
                 self.on_tick = on_tick
             if self.spec["stream_modes_additive"]:
                 # Where each (token, mode) is its own subscription, a mode change must drop the old one.
