@@ -7051,6 +7051,262 @@ def test_raising_handlers_do_not_kill_the_feed(tmp_path: Path, day_clock: FakeCl
 
 
 # ============================================================================
+# 12.7a Hostile: feed frames and the streamer (adversarial pass, each case reproduced first)
+# ============================================================================
+
+
+def _decode_within(broker_decode: Callable[[], Any], seconds: float = 2.0) -> Any:
+    """Run a decode on a daemon thread: what it returned or raised, or "hung" after ``seconds``."""
+    outcome: List[Any] = ["hung"]
+
+    def run() -> None:
+        try:
+            outcome[0] = broker_decode()
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome[0] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0]
+
+
+@pytest.mark.parametrize("frame", [
+    pytest.param(pb_varint(5 << 3 | 2) + pb_varint(-11), id="top-level-length-minus-11"),
+    pytest.param(pb_feed_response({"NSE_EQ|INE062A01020": pb_field(1, pb_varint(6 << 3 | 2) + pb_varint(-3))}),
+                 id="inside-a-feed"),
+])
+def test_upstox_a_negative_length_is_a_frame_error_not_a_hang(frame: bytes) -> None:
+    # an int64 varint as a length: stepping back onto its own key looped forever on the feed thread
+    outcome = _decode_within(lambda: upstox_decode(frame, {"NSE_EQ|INE062A01020": (SBIN, "ltp")}))
+    assert isinstance(outcome, tt._FrameError) and "negative length" in str(outcome), outcome
+
+
+def test_upstox_a_negative_length_frame_is_dropped_and_the_feed_goes_on(tmp_path: Path, day_clock: FakeClock,
+                                                                        clients: list) -> None:
+    server = WsServer(heartbeat=None)
+    try:
+        client = upstox_feed(clients, tmp_path, day_clock)
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            MockApi(rs, UPSTOX).on("feed_authorize", callback=authorize_to(server, "feeds", []))
+            ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+            client.subscribe(SBIN, on_tick=ticks.put, mode="ltp")
+            server.binary_messages.get(timeout=3)
+            server.send(pb_varint(5 << 3 | 2) + pb_varint(-11))
+            server.send(pb_feed_response({"NSE_EQ|INE062A01020": pb_field(1, pb_ltpc(801.05))}))
+            assert ticks.get(timeout=3).ltp == 801.05
+            stats = client.stream_stats()
+            assert (stats["frames_dropped"], stats["ticks"], stats["reconnects"]) == (1, 1, 0)
+            client.close()
+            assert _feed_threads(client) == []
+    finally:
+        server.close()
+
+
+def _upstox_overruns() -> List[Any]:
+    """Frames where one sub-message is shorter than its fields, followed by good bytes it would borrow."""
+    good = pb_field(1, pb_ltpc(801.05))
+    quote = pb_field(1, 65) + pb_field(2, 120.45) + pb_field(3, 130) + pb_field(4, 120.5)
+    candle = pb_field(1, "1d") + pb_field(2, 115.0) + pb_field(3, 122.0) + pb_field(4, 110.5)
+    after = {"NSE_EQ|INE062A01020": good}  # a second entry: the bytes an overrun reads
+
+    def with_market(market: bytes) -> bytes:
+        return pb_feed_response({"NSE_FO|52207": pb_full(market), **after})
+
+    return [
+        pytest.param(pb_feed_response({"NSE_FO|52207": pb_field(1, b"\x09"), **after}), "LTPC", id="ltpc-of-one-byte"),
+        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(2, pb_field(1, b"\x08") + pb_field(1, quote))),
+                     "Quote", id="depth-quote-of-one-byte"),
+        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(2, pb_field(1, quote[:-4]) + pb_field(1, quote))),
+                     "Quote", id="depth-quote-cut-in-its-ask-price"),
+        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(4, pb_field(1, candle[:-5])
+                                                                         + pb_field(1, candle))),
+                     "OHLC", id="day-candle-cut-in-its-low"),
+        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + b"\x29"), "MarketFullFeed", id="market-atp-key-alone"),
+        pytest.param(pb_feed_response({"NSE_FO|52207": pb_field(3, pb_field(1, pb_ltpc(120.5)) + b"\x20"), **after}),
+                     "FirstLevelWithGreeks", id="greeks-vtt-key-alone"),
+        pytest.param(pb_field(4, pb_field(1, pb_field(1, "NSE_EQ") + b"\x10") + pb_field(1, pb_field(1, "NSE_FO")
+                                                                                      + pb_field(2, 2))),
+                     "segment status", id="market-info-status-key-alone"),
+    ]
+
+
+@pytest.mark.parametrize("frame, what", _upstox_overruns())
+def test_upstox_a_sub_message_shorter_than_its_fields_is_refused(frame: bytes, what: str) -> None:
+    # each read stays inside its message: before, the LTPC of one byte gave ltp 8.7e150 out of
+    # the next entry's bytes, and a one-byte Quote took the next level's key as its quantity
+    targets = {"NSE_FO|52207": (NIFTY_CE, "full"), "NSE_EQ|INE062A01020": (SBIN, "ltp")}
+    with pytest.raises(tt._FrameError, match=f"{what} .*runs past its"):
+        upstox_decode(frame, targets)
+    # the neighbour whose bytes an overrun would read decodes alone to its real values
+    (tick,) = upstox_decode(pb_feed_response({"NSE_EQ|INE062A01020": pb_field(1, pb_ltpc(801.05))}), targets)
+    assert (tick.instrument, tick.ltp) == (SBIN, 801.05)
+
+
+def test_a_text_frame_that_is_not_utf8_is_skipped_and_counted_without_a_reconnect(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer) -> None:
+    # websocket-client's own UTF-8 check tore the connection down: a reconnect for one frame
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    orders: "queue.Queue[tt.Order]" = queue.Queue()
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, ticks.put)
+    kite.on_order_update(orders.put)
+    ws_server.handshakes.get(timeout=3)
+    row = {**payload("zerodha", "get_orders")["data"][1], "tag": "caf\u00e9"}
+    ws_server.send(json.dumps({"type": "order", "data": row}, ensure_ascii=False).encode("latin-1"), opcode=1)
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3).ltp == 801.05
+    stats = kite.stream_stats()
+    assert (stats["frames_dropped"], stats["reconnects"], stats["ticks"], stats["order_updates"]) == (1, 0, 1, 0)
+    assert "not UTF-8" in stats["last_error"] and orders.empty()
+    assert ws_server.handshakes.empty()  # the one connection still
+
+
+def test_a_handler_calling_sys_exit_is_a_handler_error_and_the_feed_goes_on(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer) -> None:
+    # SystemExit is no Exception: it ended the feed thread silently, and later subscribes
+    # never started another
+    ticks: "queue.Queue[float]" = queue.Queue()
+
+    def on_tick(tick: tt.Tick) -> None:
+        if tick.ltp == 1.0:
+            sys.exit("strategy says stop")
+        ticks.put(tick.ltp)
+
+    def on_order(order: tt.Order) -> None:
+        sys.exit(3)
+
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, on_tick)
+    kite.on_order_update(on_order)
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=1.0)))
+    ws_server.send(json.dumps({"type": "order", "data": payload("zerodha", "get_orders")["data"][1]}).encode(), opcode=1)
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3) == 801.05
+    stats = kite.stream_stats()
+    assert (stats["handler_errors"], stats["order_updates"], stats["reconnects"], stats["ticks"]) == (2, 1, 0, 2)
+    assert kite._streamer is not None and kite._streamer.market is not None and kite._streamer.market.alive()
+
+
+def test_a_handler_raising_keyboard_interrupt_ends_the_feed_loudly_and_subscribe_restarts_it(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer, caplog: Any) -> None:
+    ticks: "queue.Queue[float]" = queue.Queue()
+
+    def on_tick(tick: tt.Tick) -> None:
+        if tick.ltp == 1.0:
+            raise KeyboardInterrupt
+        ticks.put(tick.ltp)
+
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, on_tick)
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=1.0)))
+    assert stream_event(kite, lambda s: not s["connected"])
+    assert _feed_threads(kite) == []
+    assert "stopped by KeyboardInterrupt" in (kite.stream_stats()["last_error"] or "")
+    assert any("stopped by KeyboardInterrupt" in m for m in messages(caplog))
+    kite.subscribe(INFY, mode="ltp")  # a new feed, greeted with both instruments
+    kite_subscribed(ws_server)
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3) == 801.05
+
+
+def _kite_frame_counting(count: int, *packets: bytes) -> bytes:
+    return _struct.pack(">H", count) + kite_frame(*packets)[2:]
+
+
+def test_kite_a_packet_count_lower_than_the_packets_sent_drops_and_counts_the_frame(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer) -> None:
+    # the packets past the count were ignored without a trace
+    packets = (kite_packet(779521, 8, ltp=801.0), kite_packet(408065, 8, ltp=1573.7), kite_packet(779521, 8, ltp=802.0))
+    instruments = {779521: SBIN, 408065: INFY}
+    assert [t.ltp for t in decode("zerodha", _kite_frame_counting(3, *packets), instruments)] == [801.0, 1573.7, 802.0]
+    with pytest.raises(tt._FrameError, match=r"declares 1 packet\(s\) but 20 bytes follow"):
+        decode("zerodha", _kite_frame_counting(1, *packets), instruments)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, ticks.put)
+    ws_server.send(_kite_frame_counting(1, *packets))
+    ws_server.send(SBIN_TICK)
+    assert ticks.get(timeout=3).ltp == 801.05  # nothing of the lying frame
+    stats = kite.stream_stats()
+    assert (stats["frames_dropped"], stats["ticks"], stats["reconnects"]) == (1, 1, 0)
+    assert "declares 1 packet(s)" in stats["last_error"]
+
+
+def test_angel_a_token_ends_at_its_nul_and_a_one_byte_keep_alive_is_no_malformed_frame(
+        tmp_path: Path, day_clock: FakeClock, clients: list, caplog: Any) -> None:
+    # the token is NUL-terminated (brokers/angelone.md 7.4; the official SDK reads it up to the
+    # first NUL): bytes after the NUL lost the tick; the keep-alive b"\\x00" was logged as malformed
+    key = bytes([1]) + b"3045".ljust(25, b"\0")
+    after_nul = bytearray(angel_packet(1, 1, "3045", ltp=801.05))
+    after_nul[2:27] = b"3045\0" + b"\x7f" * 20
+    assert [(t.instrument, t.ltp) for t in decode("angelone", bytes(after_nul), {key: SBIN})] == [(SBIN, 801.05)]
+    other = bytearray(after_nul)
+    other[2:7] = b"30450"  # a different token, not a prefix match
+    assert decode("angelone", bytes(other), {key: SBIN}) == []
+    assert decode("angelone", b"\x00", {key: SBIN}) == [] and decode("angelone", b"", {key: SBIN}) == []
+    market = WsServer(heartbeat=None, text_replies={"ping": "pong"})
+    try:
+        angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
+                            feed_token="feed-SECRET-9", ws_url=market.url, stream_silence_timeout=1.0,
+                            stream_reconnect_delay=0.01)
+        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+        angel.subscribe(SBIN, on_tick=ticks.put, mode="ltp")
+        market.wait_message(skip=("ping",))
+        assert stream_event(angel, lambda s: s["connected"])
+        market.send(b"\x00")
+        market.send(bytes(after_nul))
+        assert ticks.get(timeout=3).ltp == 801.05
+        stats = angel.stream_stats()
+        assert (stats["frames_dropped"], stats["ticks"], stats["last_error"]) == (0, 1, None)
+        assert not [m for m in messages(caplog) if "stream" in m and "malformed" in m]
+    finally:
+        for client in clients:
+            client.close()
+        market.close()
+
+
+def test_no_tick_reaches_a_handler_after_close_or_unsubscribe_inside_it(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer) -> None:
+    # the rest of the frame's ticks were still delivered after close()/unsubscribe() had returned
+    got: List[Tuple[str, float]] = []
+    done = threading.Event()
+    holder: Dict[str, tt.TTConnect] = {}
+
+    def handler(tick: tt.Tick) -> None:
+        got.append((str(tick.instrument), tick.ltp))
+        if tick.ltp == 800.0:
+            holder["kite"].unsubscribe(SBIN)
+        elif tick.ltp == 900.0:
+            holder["kite"].close()
+        elif tick.ltp == 1573.7:
+            done.set()
+
+    holder["kite"] = kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, handler)
+    kite.subscribe(INFY, mode="ltp")
+    assert [json.loads(ws_server.wait_message())["a"] for _ in range(2)] == ["subscribe", "mode"]
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=800.0), kite_packet(779521, 8, ltp=801.0),
+                              kite_packet(408065, 8, ltp=1573.7), kite_packet(779521, 8, ltp=802.0)))
+    assert done.wait(3)
+    assert got == [("NSE:SBIN", 800.0), ("NSE:INFY", 1573.7)]  # SBIN's later ticks are not delivered
+    assert kite.stream_stats()["ticks"] == 2
+    ws_server.send(kite_frame(*[kite_packet(408065, 8, ltp=900.0 + i) for i in range(4)]))
+    assert stream_event(kite, lambda s: s["ticks"] == 3) and _feed_threads(kite) == []
+    assert got[2:] == [("NSE:INFY", 900.0)]  # nothing after close()
+
+
+def test_a_second_on_tick_handler_replaces_the_first_with_a_warning(
+        tmp_path: Path, day_clock: FakeClock, clients: list, ws_server: WsServer, caplog: Any) -> None:
+    # it replaced the first one for every instrument without a word (README: one handler per client)
+    first: "queue.Queue[tt.Tick]" = queue.Queue()
+    second: "queue.Queue[tt.Tick]" = queue.Queue()
+    kite = _kite_streaming(clients, tmp_path, day_clock, ws_server, first.put)
+    kite.subscribe(SBIN, on_tick=first.put, mode="ltp")  # the same handler again: no warning
+    assert not [m for m in messages(caplog) if "replaces the previous one" in m]
+    kite.subscribe(INFY, on_tick=second.put, mode="ltp")
+    (warning,) = [m for m in messages(caplog) if "replaces the previous one" in m]
+    assert "for every instrument" in warning and "tick.instrument" in warning
+    ws_server.send(SBIN_TICK)
+    assert (second.get(timeout=3).instrument, first.empty()) == (SBIN, True)
+
+
+# ============================================================================
 # 12.8 Hostile: Secrets under DEBUG logging
 # ============================================================================
 

@@ -3117,6 +3117,8 @@ def _zerodha_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Lis
             tick.__class__ = Tick
             out.append(tick)
         pos += length
+    if pos != size:  # a count lower than the packets sent: which one is wrong is not known, so neither is trusted
+        raise _FrameError(f"the frame declares {count} packet(s) but {size - pos} bytes follow them")
 
 
 def _zerodha_stream_connect(call: _Call, config: Mapping[str, Any], session: SessionData, url: str
@@ -3653,10 +3655,17 @@ def _angelone_decode(data: bytes, instruments: Mapping[Any, Instrument], out: Li
     """Decode one binary frame (one packet) into ``out``; raise _FrameError if malformed."""
     size = len(data)
     if size not in (51, 123, 379):
+        if size < 2:  # the server's one-byte keep-alive (b"\x00", brokers/angelone.md 7.3): no packet
+            return
         raise _FrameError(f"packet of {size} bytes (expected 51, 123 or 379)")
     instrument = instruments.get(data[1:27])  # exchange type + 25-byte token: the subscription key
     if instrument is None:
-        return
+        # The token ends at its first NUL (the official SDK reads it so): what follows is not
+        # part of it, and need not be NULs. Looked at only on a miss, off the usual path.
+        token = data[2:27].partition(b"\0")[0]
+        instrument = instruments.get(data[1:2] + token.ljust(25, b"\0"))
+        if instrument is None:
+            return
     div = _ANGEL_DIVISORS.get(data[1], 100.0)
     if size == 379:
         v = _ANGEL_SNAP.unpack_from(data)
@@ -4244,6 +4253,8 @@ def _pb_skip(buf: bytes, pos: int, key: int, end: int) -> int:
         pos += 8
     elif wire == 2:
         size, pos = _pb_varint(buf, pos)
+        if size < 0:  # a length read as int64: stepping back onto the key would loop forever
+            raise _FrameError("a negative length")
         pos += size
     elif wire == 5:
         pos += 4
@@ -4269,7 +4280,9 @@ def _pb_message(buf: bytes, pos: int, end: int) -> Tuple[int, int]:
 
 # The decoders below read keys and lengths of one byte (every field this schema numbers
 # below 16, and any message under 128 bytes) inline, falling back to _pb_varint for longer
-# ones: a function call per field was two thirds of a frame's cost.
+# ones: a function call per field was two thirds of a frame's cost. Their values are read
+# unchecked, and each loop checks once, at its end, that it stopped at the message's end: a
+# field that ran past it read its neighbour's bytes, and the frame is refused.
 
 
 def _upstox_ltpc(buf: bytes, pos: int, end: int) -> Tuple[float, int, int, float]:
@@ -4297,6 +4310,8 @@ def _upstox_ltpc(buf: bytes, pos: int, end: int) -> Tuple[float, int, int, float
             if key >= 0x80:
                 key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
+    if pos > end:
+        raise _FrameError("an LTPC field runs past its message")
     return ltp, ltt, ltq, cp
 
 
@@ -4321,6 +4336,8 @@ def _upstox_quote(buf: bytes, pos: int, end: int) -> Tuple[int, float, int, floa
             if key >= 0x80:
                 key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
+    if pos > end:
+        raise _FrameError("a Quote field runs past its message")
     return bid_q, bid_p, ask_q, ask_p
 
 
@@ -4389,7 +4406,7 @@ def _upstox_depth(buf: bytes, pos: int, end: int) -> Tuple[Tuple[Any, ...], Tupl
         if p < pos and buf[p] == 0x21:
             ask_p = double(buf, p + 1)[0]
             p += 9
-        if p != pos:
+        if p != pos:  # another layout, or a Quote shorter than its fields (the general reader refuses it)
             bid_q, bid_p, ask_q, ask_p = _upstox_quote(buf, start, pos)
         bids.extend((bid_q, bid_p, None))
         asks.extend((ask_q, ask_p, None))
@@ -4434,6 +4451,8 @@ def _upstox_day_ohlc(buf: bytes, pos: int, end: int) -> Tuple[Optional[float], O
                 if key >= 0x80:
                     key, start = _pb_varint(buf, start - 1)
                 start = _pb_skip(buf, start, key, pos)
+        if start > pos:
+            raise _FrameError("an OHLC field runs past its message")
         return o, h, lo
     return None, None, None
 
@@ -4528,6 +4547,8 @@ def _upstox_market(instrument: Instrument, mode: str, buf: bytes, pos: int, end:
             if key >= 0x80:
                 key, pos = _pb_varint(buf, pos - 1)
             pos = _pb_skip(buf, pos, key, end)
+    if pos > end:
+        raise _FrameError("a MarketFullFeed field runs past its message")
     change = (ltp - cp) * 100 / cp if cp else None
     if mode == "quote":  # what a quote tick carries on every broker: no depth, no OI, no times
         return _TickBuilder(instrument, "quote", ltp, ltq, atp, vtt, int(tbq), int(tsq), o, h, lo, cp or None, change)
@@ -4573,6 +4594,8 @@ def _upstox_first_level(instrument: Instrument, mode: str, buf: bytes, pos: int,
             pos += 8
         else:
             pos = _pb_skip(buf, pos, key, end)
+    if pos > end:
+        raise _FrameError("a FirstLevelWithGreeks field runs past its message")
     change = (ltp - cp) * 100 / cp if cp else None
     return _TickBuilder(instrument, "full", ltp, ltq, None, vtt, None, None, None, None, None, cp or None, change,
                         int(oi), None, None, 0, 0, depth)
@@ -4601,6 +4624,8 @@ def _upstox_market_info(buf: bytes, pos: int, end: int, now_ms: int) -> Dict[str
                 status, start = _pb_varint(buf, start)
             else:
                 start = _pb_skip(buf, start, key, stop)
+        if start > stop:
+            raise _FrameError("a segment status runs past its map entry")
         segments[name] = _UPSTOX_MARKET_STATUS[status] if 0 <= status < len(_UPSTOX_MARKET_STATUS) else str(status)
     return {"type": "market_info", "segments": segments,
             "at": _epoch_time(now_ms / 1000) if now_ms else None}
@@ -9186,6 +9211,10 @@ class _Connection:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def ended(self) -> bool:
+        """Did the thread end without stop() (a KeyboardInterrupt from a handler)? Then start another."""
+        return not self._stop.is_set() and self._thread.ident is not None and not self._thread.is_alive()
+
     def _run(self) -> None:
         websocket = _websocket_module()
 
@@ -9204,6 +9233,10 @@ class _Connection:
             except Exception as exc:  # noqa: BLE001 - the feed thread must outlive any bug; logged with traceback
                 log.exception("%s %s stream: unexpected error; reconnecting", streamer.broker, self.name)
                 streamer.failed(self.name, f"unexpected error: {_describe(exc)}")
+            except BaseException as exc:  # a KeyboardInterrupt raised by a handler: this feed ends, not silently
+                log.exception("%s %s stream: stopped by %s", streamer.broker, self.name, exc.__class__.__name__)
+                streamer.failed(self.name, f"stopped by {_describe(exc)}; the next subscribe() starts the feed again")
+                return
             finally:
                 with streamer.lock:
                     self.connected.clear()
@@ -9225,7 +9258,10 @@ class _Connection:
         session, generation = ctx.session()
         url, headers = self._connect_hook(ctx.call, ctx.config, session, ctx.urls[self._url_key])
         make_socket = ctx.spec["hooks"].get("stream_socket")
-        ws = make_socket(ctx.local) if make_socket is not None else websocket.WebSocket(enable_multithread=True)
+        # UTF-8 is checked by _read, which skips a bad text frame: websocket-client's own check
+        # would tear the connection down over it (a reconnect and a resubscribe for one frame).
+        ws = (make_socket(ctx.local) if make_socket is not None
+              else websocket.WebSocket(enable_multithread=True, skip_utf8_validation=True))
         # Published so that stop() can abort the upgrade; a TCP connect or TLS handshake in
         # progress cannot be interrupted and ends by stream_connect_timeout (the thread is a
         # daemon, and it exits right after: _read checks the stop flag before going live).
@@ -9285,7 +9321,13 @@ class _Connection:
                     if self._on_binary is not None:
                         self._on_binary(payload)
                 elif opcode == text:
-                    self._on_text(payload.decode("utf-8", "replace"))
+                    try:
+                        message = payload.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        streamer.dropped(self.name, f"skipped a text frame of {len(payload)} bytes that is not UTF-8 "
+                                                    f"(byte {exc.start})")
+                    else:
+                        self._on_text(message)
                 elif opcode == close:
                     streamer.failed(self.name, "the server closed the connection")
                     return
@@ -9383,6 +9425,9 @@ class _Streamer:
                 if why:
                     raise UnsupportedFeatureError(f"{why}; unsubscribe some, or split them across clients")
             if on_tick is not None:
+                if self.on_tick is not None and on_tick != self.on_tick:  # == holds for the same bound method
+                    log.warning("%s stream: a new on_tick handler replaces the previous one for every instrument "
+                                "(one handler per client: dispatch on tick.instrument inside it)", self.broker)
                 self.on_tick = on_tick
             if self.spec["stream_modes_additive"]:
                 # Where each (token, mode) is its own subscription, a mode change must drop the old one.
@@ -9418,11 +9463,11 @@ class _Streamer:
         if "order_stream_connect" not in self.spec["hooks"]:
             self._ensure_market()  # order updates arrive on the market feed
             return
-        if self.orders is None:
+        if self.orders is None or self.orders.ended():
             self.preflight("order_stream_connect", "order_ws_url")
         with self.lock:
             self._check_open()
-            if self.orders is None:
+            if self.orders is None or self.orders.ended():
                 self.orders = _Connection(self, "orders", "order_ws_url", self.spec["hooks"]["order_stream_connect"],
                                           self._order_text, None, lambda ws: None, "")
                 self.orders.start()
@@ -9438,11 +9483,11 @@ class _Streamer:
         self.spec["hooks"][hook](ctx.call, ctx.config, ctx.session()[0], ctx.urls[url_key])  # type: ignore[literal-required]
 
     def _ensure_market(self) -> None:
-        if self.market is None:
+        if self.market is None or self.market.ended():
             self.preflight("stream_connect", "ws_url")
         with self.lock:
             self._check_open()
-            if self.market is None:
+            if self.market is None or self.market.ended():
                 self.market = _Connection(self, "market", "ws_url", self.spec["hooks"]["stream_connect"],
                                           self._market_text, self._binary, self._greet_market,
                                           self.spec["stream_keepalive"])
@@ -9472,6 +9517,7 @@ class _Streamer:
     def close(self, timeout: float = 1.5) -> None:
         with self.lock:
             self.closed = True  # a subscribe racing this one starts no thread afterwards
+            self.instruments = {}  # and a frame being delivered delivers no more (see _binary)
             conns = [c for c in (self.market, self.orders) if c is not None]
         deadline = time.monotonic() + timeout
         for conn in conns:
@@ -9489,16 +9535,21 @@ class _Streamer:
         log.warning("%s %s stream: %s", self.broker, name, message)
         self.changed()
 
+    def dropped(self, name: str, message: str) -> None:
+        """A frame was skipped as malformed: counted, logged, and the feed goes on."""
+        self.stats["frames_dropped"] += 1
+        self.stats["last_error"] = f"{name}: {message}"
+        log.warning("%s %s stream: %s", self.broker, name, message)
+        self.changed()
+
     def _binary(self, data: bytes) -> None:
         ticks = self._ticks
+        instruments = self.instruments  # replaced by close() and (un)subscribe(): then each tick is checked
         try:
-            self._decode(data, self.instruments, ticks)
+            self._decode(data, instruments, ticks)
         except Exception as exc:  # noqa: BLE001 - any undecodable frame (struct, overflow...) is dropped and counted
-            self.stats["frames_dropped"] += 1
-            self.stats["last_error"] = f"market: skipped a malformed frame of {len(data)} bytes ({exc})"
-            log.warning("%s stream: skipped a malformed frame of %d bytes: %s", self.broker, len(data), exc)
             ticks.clear()  # a half-decoded frame delivers nothing
-            self.changed()
+            self.dropped("market", f"skipped a malformed frame of {len(data)} bytes ({exc})")
             return
         if not ticks:
             return
@@ -9507,20 +9558,37 @@ class _Streamer:
         # Counted a frame at a time, before its handlers run (an add a tick was ~700 instructions
         # a tick, ~2% of a replayed tick file's); a feed-status message is taken off when reached.
         stats["ticks"] += len(ticks)
-        for tick in ticks:
-            if isinstance(tick, dict):  # a decoder's feed-status message (which segments are open...)
-                stats["ticks"] -= 1
-                stats["market_messages"] += 1
-                stats["last_market_info"] = tick
-                continue
-            if handler is not None:
-                try:
-                    handler(tick)
-                except Exception:  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
-                    self.stats["handler_errors"] += 1
-                    log.exception("%s stream: on_tick handler raised; the stream goes on", self.broker)
-        ticks.clear()
+        seen: Any = instruments
+        wanted: Set[Any] = set()
+        try:
+            for tick in ticks:
+                if isinstance(tick, dict):  # a decoder's feed-status message (which segments are open...)
+                    stats["ticks"] -= 1
+                    stats["market_messages"] += 1
+                    stats["last_market_info"] = tick
+                    continue
+                if self.instruments is not instruments:  # closed or (un)subscribed mid-frame, by a handler or not
+                    if self.instruments is not seen:
+                        seen = self.instruments
+                        wanted = self._subscribed()
+                    if tick.instrument not in wanted:
+                        stats["ticks"] -= 1  # not delivered: unsubscribed, or the client is closed
+                        continue
+                if handler is not None:
+                    try:
+                        handler(tick)
+                    # sys.exit() on this thread would end the feed, never the program: a handler error too
+                    except (Exception, SystemExit):  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
+                        self.stats["handler_errors"] += 1
+                        log.exception("%s stream: on_tick handler raised; the stream goes on", self.broker)
+        finally:  # also when a KeyboardInterrupt ends the feed: the next one must not deliver this frame again
+            ticks.clear()
         self.changed()
+
+    def _subscribed(self) -> Set[Any]:
+        """The instruments ticks may still go to (none once closed)."""
+        with self.lock:
+            return set() if self.closed else {item[0] for item in self.subscriptions.values()}
 
     def _market_text(self, text: str) -> None:
         self._text(text, self.spec["hooks"]["stream_text"])
@@ -9543,7 +9611,7 @@ class _Streamer:
             if handler is not None:
                 try:
                     handler(order)
-                except Exception:  # noqa: BLE001 - a user handler must not kill the stream; logged with traceback
+                except (Exception, SystemExit):  # noqa: BLE001 - as on_tick: logged with traceback, the stream goes on
                     self.stats["handler_errors"] += 1
                     log.exception("%s stream: on_order_update handler raised; the stream goes on", self.broker)
         elif kind == "error":
