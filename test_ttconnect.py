@@ -6519,6 +6519,58 @@ def test_cancel_all_orders_over_a_stalling_connection_reports_every_failure(tmp_
         server.close()
 
 
+# 12.4a Hostile: REST transport, replies and sessions (adversarial pass, each case reproduced first)
+
+
+def _placed_by_tag(case: Case, day_clock: FakeClock, reply: Any) -> Tuple[Any, Any, List[str]]:
+    """(place_order's callback answering ``reply``, get_orders' callback listing the order then, the tags sent)."""
+    tags: List[str] = []
+
+    def place(request: Any) -> Any:
+        tags.append(case.body(request)[case.tag_key])
+        return reply
+
+    def book(request: Any) -> Any:
+        return 200, {}, _book_with(case, tags, dt.datetime.fromtimestamp(day_clock(), tt.IST))
+
+    return place, book, tags
+
+
+def test_a_redirected_place_order_is_not_followed_and_is_found_by_its_tag(broker: Case, tmp_path: Path,
+                                                                        day_clock: FakeClock, clients: list) -> None:
+    """A 302 on the POST used to be followed as a GET of the book: another order's id came back."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    place, book, tags = _placed_by_tag(broker, day_clock, (302, {"Location": "/elsewhere"}, ""))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("place_order", callback=place)
+        api.on("get_orders", callback=book)
+        order_id = no_raw(lambda: client.place_order(SBIN, 5, "SELL", "CNC", "MARKET"))
+        assert len(api.calls("place_order")) == 1 and all("/elsewhere" not in c.request.url for c in rs.calls)
+    assert order_id == broker.order_ids[0] and len(tags) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_broker_error_naming_the_route_and_nothing_follows_it(status: int, tmp_path: Path,
+                                                                            day_clock: FakeClock,
+                                                                            clients: list) -> None:
+    """A redirected DELETE read as success; a 307 on AngelOne's login re-posted the password elsewhere."""
+    kite = contract_client(clients, ZERODHA, tmp_path / "kite", day_clock)
+    angel = contract_client(clients, ANGELONE, tmp_path / "angel", day_clock, warm=False)
+    elsewhere = "http://collector.example.net/grab"
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, ZERODHA).on("get_order_history")
+        MockApi(rs, ZERODHA).on("cancel_order", status=status, headers={"Location": elsewhere})
+        MockApi(rs, ANGELONE).on("login", status=status, headers={"Location": elsewhere})
+        rs.add(responses.GET, elsewhere, body="{}")
+        rs.add(responses.POST, elsewhere, body="{}")
+        expect(tt.BrokerError, lambda: kite.cancel_order(ZERODHA.placed_id), "zerodha cancel_order", f"HTTP {status}",
+               "redirect")
+        expect(tt.BrokerError, angel.get_profile, "angelone login", f"HTTP {status}", "redirect")
+        assert [c.request.url for c in rs.calls if c.request.url.startswith(elsewhere)] == []
+    assert day_clock.slept == []  # a redirect is not retried
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

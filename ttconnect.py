@@ -2652,12 +2652,18 @@ def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") 
     """The one check every broker reply passes: return the payload or raise the right error."""
     import json
 
+    where = f"{spec['id']} {name}"
+    if 300 <= resp.status < 400:  # the transport follows no redirect (see _Transport.request)
+        moved = BrokerError(f"{where}: HTTP {resp.status}, a redirect, which ttconnect does not follow (a proxy, a "
+                            "login portal or a wrong root URL in the way); check the configured URLs and the network",
+                            http_status=resp.status)
+        moved.unread_reply = True  # type: ignore[attr-defined]  # the request may have been acted on before it
+        raise moved
     text = resp.text or ""
     try:
         body = json.loads(text) if text.strip() else None
     except (ValueError, RecursionError):
         body = None
-    where = f"{spec['id']} {name}"
     if body is None:
         lowered = text.lower()
         retry_after = _retry_after(resp.headers)
@@ -7337,8 +7343,11 @@ class _Transport:
         started = time.monotonic()
         deadline = started + self.timeout
         try:
+            # Never follows a redirect: requests would re-send a POST as a GET (a place_order read
+            # back as the order book) or re-send a login's password to whatever host it names.
             resp = self.session().request(method, url, headers=headers, params=params, data=form, json=json_body,
-                                          timeout=self.timeout, proxies=self._proxies(url), stream=True)
+                                          timeout=self.timeout, proxies=self._proxies(url), stream=True,
+                                          allow_redirects=False)
             with resp:
                 body = self._read(resp, deadline)
         except requests.RequestException as exc:
@@ -7403,7 +7412,7 @@ class _Transport:
 
     def _download_once(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
         with self.session().get(url, headers=dict(headers), stream=True, timeout=self.timeout,
-                                proxies=self._proxies(url)) as resp:
+                                proxies=self._proxies(url), allow_redirects=False) as resp:
             if resp.status_code != 200:
                 snippet = _short(resp.text)
                 raise BrokerError(
@@ -8546,7 +8555,9 @@ class TTConnect:
         try:
             data = self._call("place_order", route, request)
         except (NetworkError, BrokerError) as exc:
-            if not (exc.retryable and getattr(exc, "maybe_sent", True)):
+            # Ambiguous: a failure after the order may have gone out, or a reply (a redirect, a
+            # 2xx cut short) that cannot say whether it was taken.
+            if not (exc.retryable and getattr(exc, "maybe_sent", True)) and not getattr(exc, "unread_reply", False):
                 raise
             return [self._find_placed(req, exc, sent_at)]
         try:
