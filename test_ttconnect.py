@@ -6571,6 +6571,23 @@ def test_a_redirect_is_a_broker_error_naming_the_route_and_nothing_follows_it(st
     assert day_clock.slept == []  # a redirect is not retried
 
 
+@pytest.mark.parametrize("cut", ["half", "empty", "json-null"])
+def test_a_place_order_200_whose_body_cannot_be_read_is_found_by_its_tag(broker: Case, cut: str, tmp_path: Path,
+                                                                       day_clock: FakeClock, clients: list) -> None:
+    """A 200 cut short used to raise a final BrokerError with no look-up (a retry by hand doubles the order)."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    full = broker.payload("place_order.json")
+    body = {"half": full[: len(full) // 2], "empty": "", "json-null": "null"}[cut]
+    place, book, tags = _placed_by_tag(broker, day_clock, (200, {}, body))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("place_order", callback=place)
+        api.on("get_orders", callback=book)
+        order_id = no_raw(lambda: client.place_order(SBIN, 5, "SELL", "CNC", "MARKET"))
+        assert len(api.calls("place_order")) == 1 and len(api.calls("get_orders")) == 1
+    assert order_id == broker.order_ids[0] and len(tags) == 1
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

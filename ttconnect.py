@@ -2664,12 +2664,15 @@ def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") 
         body = json.loads(text) if text.strip() else None
     except (ValueError, RecursionError):
         body = None
+    # A 2xx cut short or garbled: the broker took the request, what it did is unknown.
+    unread = 200 <= resp.status < 300
     if body is None:
         lowered = text.lower()
         retry_after = _retry_after(resp.headers)
         if resp.status == 429 or any(t in lowered for t in spec["rate_limit_texts"]):
             err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(text, 80)}); slow down and retry",
                                                  http_status=resp.status)
+            unread = False  # refused, not processed
         elif not text.strip():
             err = BrokerError(f"{where}: empty response body with HTTP {resp.status}", http_status=resp.status,
                               retryable=resp.status >= 500)
@@ -2677,10 +2680,13 @@ def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") 
             err = BrokerError(f"{where}: HTTP {resp.status} with a non-JSON body: {_short(text, 120)}",
                               http_status=resp.status, retryable=resp.status >= 500)
         err.retry_after = retry_after  # type: ignore[attr-defined]
+        err.unread_reply = unread  # type: ignore[attr-defined]
         raise err
     if not isinstance(body, dict):  # every broker wraps its replies in a JSON object
-        raise BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: {_short(text, 120)}",
+        odd = BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: {_short(text, 120)}",
                           http_status=resp.status, retryable=resp.status >= 500)
+        odd.unread_reply = unread  # type: ignore[attr-defined]
+        raise odd
     reply = (route.envelope or spec["hooks"]["envelope"])(resp.status, body)
     if reply.ok:
         return reply.data
