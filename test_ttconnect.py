@@ -6588,6 +6588,54 @@ def test_a_place_order_200_whose_body_cannot_be_read_is_found_by_its_tag(broker:
     assert order_id == broker.order_ids[0] and len(tags) == 1
 
 
+class GzipApi:
+    """An HTTP server on 127.0.0.1 answering each path with its body gzipped (Content-Encoding:
+    gzip, as a compressing proxy sends it); ``responses`` cannot stand in: it decodes by itself."""
+
+    def __init__(self, bodies: Mapping[str, bytes]) -> None:
+        zipped = {path: gzip.compress(body) for path, body in bodies.items()}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = zipped[self.path.split("?")[0]]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_gzip_reply_is_decoded_and_a_gzip_bomb_stays_bounded(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                              monkeypatch: Any) -> None:
+    """requests asks for gzip; the reply used to be read undecoded (a non-JSON body, an accepted order unread)."""
+    monkeypatch.setattr(tt._Transport, "_MAX_REPLY", 1 << 20, raising=False)
+    server = GzipApi({"/user/profile": ZERODHA.payload("get_profile.json").encode(),
+                      "/orders/regular": ZERODHA.payload("place_order.json").encode(),
+                      "/user/margins": b" " * (8 << 20)})  # 8 KiB on the wire, 8 MiB decoded
+    try:
+        kite = contract_client(clients, ZERODHA, tmp_path, day_clock, root_url=server.url, max_retries=0)
+        assert no_raw(kite.get_profile).user_id == "AB1234"
+        assert no_raw(lambda: kite.place_order(**ORDER_1)) == ZERODHA.placed_id
+        expect(tt.BrokerError, kite.get_funds, "GET /user/margins", "over 1 MiB")
+    finally:
+        server.close()
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

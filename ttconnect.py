@@ -7355,7 +7355,7 @@ class _Transport:
                                           timeout=self.timeout, proxies=self._proxies(url), stream=True,
                                           allow_redirects=False)
             with resp:
-                body = self._read(resp, deadline)
+                body = self._read(resp, deadline, method)
         except requests.RequestException as exc:
             sent = not _never_sent(exc)
             text = _scrub(str(exc), headers.values())
@@ -7378,25 +7378,35 @@ class _Transport:
         # Decoded here: Response.text would guess the charset (slowly) when none is declared.
         return _Response(resp.status_code, resp.headers, body.decode(resp.encoding or "utf-8", "replace"))
 
-    @staticmethod
-    def _read(resp: "requests.Response", deadline: float) -> Optional[bytes]:
-        """The whole body, or None when it does not arrive by ``deadline``.
+    _MAX_REPLY = 64 << 20  # bytes of a REST reply, decoded: an order book of 100k rows is ~50 MB
+
+    @classmethod
+    def _read(cls, resp: "requests.Response", deadline: float, method: str) -> Optional[bytes]:
+        """The whole body, decoded (gzip, deflate), or None when it does not arrive by ``deadline``.
 
         Each socket read is bounded by the timeout already; reading chunk by chunk with one read
-        each (``read1``) lets the deadline bound the total too. urllib3 1.x lacks ``read1``: there
-        the body is read in one call, bounded per read only.
+        each (``read1``) lets the deadline bound the total too, and the size cap bounds what a
+        small compressed body may expand to. urllib3 1.x lacks ``read1``: there the body is read
+        in one call, bounded per read only.
         """
         raw = resp.raw
         read1 = getattr(raw, "read1", None)
         if read1 is None:  # pragma: no cover - urllib3 < 2
             return resp.content
         chunks: List[bytes] = []
+        size = 0
         while True:
             if time.monotonic() > deadline:
                 return None
-            chunk = read1(1 << 16)
+            chunk = read1(1 << 16, decode_content=True)
             if not chunk:
                 return b"".join(chunks)
+            size += len(chunk)
+            if size > cls._MAX_REPLY:
+                err = BrokerError(f"{method} {_path_of(resp.url)}: the reply is over {cls._MAX_REPLY >> 20} MiB "
+                                  "(decoded), more than any broker sends; it was not read", http_status=resp.status_code)
+                err.unread_reply = 200 <= resp.status_code < 300  # type: ignore[attr-defined]
+                raise err
             chunks.append(chunk)
 
     def download(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
