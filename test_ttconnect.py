@@ -6636,6 +6636,20 @@ def test_a_gzip_reply_is_decoded_and_a_gzip_bomb_stays_bounded(tmp_path: Path, d
         server.close()
 
 
+@pytest.mark.parametrize("status, cls", [(502, tt.BrokerError), (429, tt.RateLimitError)])
+def test_an_echoed_token_is_scrubbed_before_the_body_is_shortened(status: int, cls: type, tmp_path: Path,
+                                                                  day_clock: FakeClock, clients: list) -> None:
+    """Cut to 120 (80) characters first, a token straddling the cut leaked all but its tail."""
+    token = "Xk39fLq02ZpW7mNvB4tR8sYc1uHe6dJa"  # Kite-like: 32 characters
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock, access_token=token, max_retries=0)
+    for pad in range(0, 140, 7):  # the token across every cut point
+        page = f"<h1>{status}</h1>" + "." * pad + f" upstream: Authorization: token kitekey01:{token}</p>"
+        with responses.RequestsMock() as rs:
+            MockApi(rs, ZERODHA).on("get_profile", body=page, status=status)
+            message = str(expect(cls, kite.get_profile, "zerodha get_profile", f"HTTP {status}"))
+        assert not [token[i:i + 6] for i in range(len(token) - 5) if token[i:i + 6] in message], (pad, message)
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

@@ -2648,8 +2648,12 @@ def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
     return None
 
 
-def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") -> Any:
-    """The one check every broker reply passes: return the payload or raise the right error."""
+def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response", sent: Sequence[str] = ()) -> Any:
+    """The one check every broker reply passes: return the payload or raise the right error.
+
+    A body quoted in an error is shortened only after what was ``sent`` (tokens, keys) is
+    blanked out of it: cut first, a token straddling the cut would no longer be found whole.
+    """
     import json
 
     where = f"{spec['id']} {name}"
@@ -2670,20 +2674,21 @@ def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") 
         lowered = text.lower()
         retry_after = _retry_after(resp.headers)
         if resp.status == 429 or any(t in lowered for t in spec["rate_limit_texts"]):
-            err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(text, 80)}); slow down and retry",
+            err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(_scrub(text, sent), 80)}); slow down and retry",
                                                  http_status=resp.status)
             unread = False  # refused, not processed
         elif not text.strip():
             err = BrokerError(f"{where}: empty response body with HTTP {resp.status}", http_status=resp.status,
                               retryable=resp.status >= 500)
         else:
-            err = BrokerError(f"{where}: HTTP {resp.status} with a non-JSON body: {_short(text, 120)}",
+            err = BrokerError(f"{where}: HTTP {resp.status} with a non-JSON body: {_short(_scrub(text, sent), 120)}",
                               http_status=resp.status, retryable=resp.status >= 500)
         err.retry_after = retry_after  # type: ignore[attr-defined]
         err.unread_reply = unread  # type: ignore[attr-defined]
         raise err
     if not isinstance(body, dict):  # every broker wraps its replies in a JSON object
-        odd = BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: {_short(text, 120)}",
+        odd = BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: "
+                          f"{_short(_scrub(text, sent), 120)}",
                           http_status=resp.status, retryable=resp.status >= 500)
         odd.unread_reply = unread  # type: ignore[attr-defined]
         raise odd
@@ -7430,7 +7435,7 @@ class _Transport:
         with self.session().get(url, headers=dict(headers), stream=True, timeout=self.timeout,
                                 proxies=self._proxies(url), allow_redirects=False) as resp:
             if resp.status_code != 200:
-                snippet = _short(resp.text)
+                snippet = _short(_scrub(resp.text, headers.values()))
                 raise BrokerError(
                     f"GET {url} answered HTTP {resp.status_code}: {snippet}",
                     http_status=resp.status_code, retryable=resp.status_code >= 500,
@@ -8266,13 +8271,13 @@ class TTConnect:
         resp = self._transport.request(route.verb, self._urls[route.host] + path, headers, request.query,
                                        body if route.encoding == "form" else None,
                                        body if route.encoding == "json" else None)
+        # A reply can echo the request (a proxy's error page listing its headers, a login
+        # form's fields): nothing that was sent is quoted back.
+        sent = [*headers.values(), *(v for v in (body.values() if isinstance(body, Mapping) else ())
+                                     if isinstance(v, str))]
         try:
-            return _check_reply(self._spec, name, route, resp)
+            return _check_reply(self._spec, name, route, resp, sent)
         except TTConnectError as exc:
-            # A reply can echo the request (a proxy's error page listing its headers, a login
-            # form's fields): nothing that was sent is quoted back.
-            sent = [*headers.values(), *(v for v in (body.values() if isinstance(body, Mapping) else ())
-                                         if isinstance(v, str))]
             scrubbed = _scrub(exc.message, sent)
             if scrubbed != exc.message:
                 exc.message, exc.args = scrubbed, (scrubbed,)
