@@ -6650,6 +6650,44 @@ def test_an_echoed_token_is_scrubbed_before_the_body_is_shortened(status: int, c
         assert not [token[i:i + 6] for i in range(len(token) - 5) if token[i:i + 6] in message], (pad, message)
 
 
+LEAK = "eyJhbGciOi.LEAK-SECRET-JWT.sig"
+# (broker, route, the "success" reply, what the BrokerError names): a login reply without a usable token
+BAD_SESSION_REPLIES = [
+    pytest.param("zerodha", "login", ok_body("zerodha", {"user_id": "AB1234"}), "'access_token' is missing",
+                 id="kite-exchange-no-access-token"),
+    pytest.param("zerodha", "login", ok_body("zerodha", {"access_token": [LEAK]}), "'access_token' is of type list",
+                 id="kite-exchange-token-a-list"),
+    pytest.param("upstox", "login", {"access_token": {"value": LEAK}, "user_id": "5UX9KQ"}, "'access_token' is of type dict",
+                 id="upstox-exchange-token-an-object"),
+    pytest.param("angelone", "login", ok_body("angelone", None), "payload is NoneType", id="angel-login-data-null"),
+    pytest.param("angelone", "login", ok_body("angelone", {"jwtToken": [LEAK], "refreshToken": "r", "feedToken": "f"}),
+                 "'jwtToken' is of type list", id="angel-login-jwt-a-list"),
+    pytest.param("angelone", "renew_token", ok_body("angelone", ""), "payload is str", id="angel-renew-data-empty"),
+    pytest.param("angelone", "renew_token", ok_body("angelone", {"jwtToken": 7, "feedToken": LEAK}), "'jwtToken' is of type int",
+                 id="angel-renew-jwt-a-number"),
+]
+
+
+@pytest.mark.parametrize("broker_id, route, reply, words", BAD_SESSION_REPLIES)
+def test_a_login_reply_without_a_usable_token_is_a_broker_error_that_quotes_no_token(
+        broker_id: str, route: str, reply: Any, words: str, tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """The login hooks read outside _parse: the private _Malformed escaped, quoting an odd token's value."""
+    case = CASE[broker_id]
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        rs.get(URLS[broker_id], body=case.master)
+        api = MockApi(rs, case)
+        api.on(route, body=json.dumps(reply))
+        if broker_id != "angelone":  # a single-use code, exchanged at init
+            call: Callable[[], Any] = lambda: kept(clients, broker_id, {"cache_dir": str(tmp_path), **case.login_creds},
+                                                   clock=day_clock, sleep=day_clock.sleep)
+        else:
+            angel = contract_client(clients, case, tmp_path, day_clock, warm=route == "renew_token")
+            api.on("get_profile", fixture="error.AG8001.json")  # the JWT expired: renewed with the refresh token
+            call = angel.get_profile
+        exc = expect(tt.BrokerError, call, f"{broker_id} {route}: malformed reply", words)
+    assert "LEAK-SECRET" not in str(exc) and "LEAK-SECRET" not in repr(exc.args)
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

@@ -2370,6 +2370,22 @@ def _str_field(row: Mapping[str, Any], key: str) -> str:
     return _text(_field(row, key), f"field {key!r}")
 
 
+def _secret_field(data: Any, key: str, where: str, required: bool = True) -> str:
+    """A token a login or renewal reply carries ("" for an optional one it lacks). Login hooks run
+    outside the parsers' checks, so a reply without it is a BrokerError here, never quoting it."""
+    if not isinstance(data, Mapping):
+        problem = f"the payload is {type(data).__name__}, expected an object"
+    else:
+        value = data.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+        if value in (None, "") and not required:
+            return ""
+        problem = f"field {key!r} is " + ("missing" if value in (None, "") else f"of type {type(value).__name__}, not text")
+    raise BrokerError(f"{where}: malformed reply ({problem}); the broker said success but gave no usable session: "
+                      "log in again, and report it if it persists")
+
+
 def _mapped(table: Mapping[Any, Any], row: Mapping[str, Any], key: str) -> Any:
     """A field translated through a broker table; an unknown value is malformed."""
     raw = _field(row, key)
@@ -2879,10 +2895,11 @@ def _zerodha_exchange_token(call: _Call, config: Mapping[str, Any], now: float) 
 
     api_key, request_token = config["api_key"], config["request_token"]
     checksum = hashlib.sha256((api_key + request_token + config["api_secret"]).encode()).hexdigest()
-    data = _object(call("login", _Request(body={"api_key": api_key, "request_token": request_token, "checksum": checksum})))
-    return SessionData(broker="zerodha", mode=AuthMode.MANUAL, access_token=_str_field(data, "access_token"),
-                       refresh_token=data.get("refresh_token") or None, obtained_at=_dt.datetime.fromtimestamp(now, IST),
-                       user_id=str(data.get("user_id") or "") or None)
+    data = call("login", _Request(body={"api_key": api_key, "request_token": request_token, "checksum": checksum}))
+    token = _secret_field(data, "access_token", "zerodha login")
+    return SessionData(broker="zerodha", mode=AuthMode.MANUAL, access_token=token,
+                       refresh_token=_secret_field(data, "refresh_token", "zerodha login", required=False) or None,
+                       obtained_at=_dt.datetime.fromtimestamp(now, IST), user_id=str(data.get("user_id") or "") or None)
 
 
 def _zerodha_login_url(config: Mapping[str, Any], base: str) -> str:
@@ -3444,11 +3461,11 @@ def _angelone_raw_jwt(token: str) -> str:
     return token[len("Bearer "):].strip() if token.startswith("Bearer ") else token
 
 
-def _angelone_session(data: Any, now: float, client_id: Optional[str]) -> SessionData:
-    data = _object(data)
-    jwt = _angelone_raw_jwt(_str_field(data, "jwtToken"))
+def _angelone_session(data: Any, now: float, client_id: Optional[str], where: str) -> SessionData:
+    jwt = _angelone_raw_jwt(_secret_field(data, "jwtToken", where))
     return SessionData(broker="angelone", mode=AuthMode.AUTO, access_token=jwt,
-                       refresh_token=data.get("refreshToken") or None, feed_token=data.get("feedToken") or None,
+                       refresh_token=_secret_field(data, "refreshToken", where, required=False) or None,
+                       feed_token=_secret_field(data, "feedToken", where, required=False) or None,
                        obtained_at=_dt.datetime.fromtimestamp(now, IST), user_id=client_id)
 
 
@@ -3463,13 +3480,13 @@ def _angelone_login(call: _Call, config: Mapping[str, Any], now: float) -> Sessi
     except (ValueError, TypeError) as exc:  # binascii.Error (bad base32) is a ValueError
         raise ConfigurationError("config 'totp_secret' is not a base32 TOTP secret (the text under the QR code)") from exc
     data = call("login", _Request(body={"clientcode": config["client_id"], "password": config["pin"], "totp": code}))
-    return _angelone_session(data, now, config["client_id"])
+    return _angelone_session(data, now, config["client_id"], "angelone login")
 
 
 def _angelone_renew(call: _Call, config: Mapping[str, Any], session: SessionData, now: float) -> SessionData:
     """Trade the refresh token for a new JWT/feed token."""
     data = call("renew_token", _Request(body={"refreshToken": session.refresh_token}), session=session)
-    return _angelone_session(data, now, session.user_id)
+    return _angelone_session(data, now, session.user_id, "angelone renew_token")
 
 
 def _angelone_login_url(config: Mapping[str, Any], base: str) -> str:
@@ -4041,10 +4058,11 @@ def _upstox_token_envelope(status: int, body: Dict[str, Any]) -> _Reply:
 def _upstox_exchange_code(call: _Call, config: Mapping[str, Any], now: float) -> SessionData:
     """Turn a login redirect's single-use ``code`` into an access token
     (https://upstox.com/developer/api-documentation/get-token)."""
-    data = _object(call("login", _Request(body={
+    data = call("login", _Request(body={
         "code": config["auth_code"], "client_id": config["api_key"], "client_secret": config["api_secret"],
-        "redirect_uri": config["redirect_uri"], "grant_type": "authorization_code"})))
-    return SessionData(broker="upstox", mode=AuthMode.MANUAL, access_token=_str_field(data, "access_token"),
+        "redirect_uri": config["redirect_uri"], "grant_type": "authorization_code"}))
+    token = _secret_field(data, "access_token", "upstox login")
+    return SessionData(broker="upstox", mode=AuthMode.MANUAL, access_token=token,
                        obtained_at=_dt.datetime.fromtimestamp(now, IST), user_id=str(data.get("user_id") or "") or None)
 
 
