@@ -6688,6 +6688,50 @@ def test_a_login_reply_without_a_usable_token_is_a_broker_error_that_quotes_no_t
     assert "LEAK-SECRET" not in str(exc) and "LEAK-SECRET" not in repr(exc.args)
 
 
+def _sliced_book(case: Case, tag: str, quantities: Tuple[int, ...], when: dt.datetime) -> str:
+    """The scenario's book whose first rows are the slices the broker made of order (1) (BUY NIFTY CE LIMIT)."""
+    payload = json.loads(case.payload("get_orders.json"))
+    rows = at(payload, case.book_rows)
+    first = rows[0]
+    for i, qty in enumerate(quantities):
+        rows[i] = {**first, case.id_field: rows[i][case.id_field], case.tag_field: tag, "quantity": qty,
+                   "pending_quantity": qty, **case.placed_fields(when)}
+    return json.dumps(payload)
+
+
+@pytest.mark.parametrize("listed", [(1755, 1755, 390), (1755, 1755)], ids=["every-slice", "two-of-three"])
+def test_a_natively_sliced_order_whose_reply_is_lost_is_found_slice_by_slice(
+        listed: Tuple[int, ...], tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """The look-up returned the first slice alone: 1755 of 3900 units reported, 2145 live and unreported.
+    (Upstox: its master gives the freeze limit, 1800, so one order of 3900 goes with "slice": true and
+    comes back as slices of whole lots of 65 within it.)"""
+    case = UPSTOX
+    client = contract_client(clients, case, tmp_path, day_clock)
+    assert client._instruments.freeze_qty(NIFTY_CE) == 1800
+    tags: List[str] = []
+
+    def lost(request: Any) -> Any:
+        tags.append(case.body(request)[case.tag_key])
+        raise requests.exceptions.ReadTimeout("read timed out")
+
+    def book(request: Any) -> Any:
+        return 200, {}, _sliced_book(case, tags[0], listed, dt.datetime.fromtimestamp(day_clock(), tt.IST))
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, case)
+        api.on("place_order", callback=lost)
+        api.on("get_orders", callback=book)
+        place = lambda: client.place_order(NIFTY_CE, 3900, "BUY", "NRML", "LIMIT", price=120.5, slice=True)
+        if len(listed) == 3:
+            assert no_raw(place) == list(case.order_ids[:3])
+            assert len(api.calls("get_orders")) == 1
+        else:
+            exc = expect(tt.OrderError, place, "3510 units, not 3900", f"{case.order_ids[0]} (1755)",
+                         f"{case.order_ids[1]} (1755)")
+            assert exc.placed_ids == list(case.order_ids[:2]) and len(api.calls("get_orders")) == 4
+        assert len(api.calls("place_order")) == 1
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

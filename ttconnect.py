@@ -8598,11 +8598,11 @@ class TTConnect:
             # 2xx cut short) that cannot say whether it was taken.
             if not (exc.retryable and getattr(exc, "maybe_sent", True)) and not getattr(exc, "unread_reply", False):
                 raise
-            return [self._find_placed(req, exc, sent_at)]
+            return self._find_placed(req, exc, sent_at)
         try:
             placed = self._parse("place_order", route, data, None)
         except BrokerError as exc:  # accepted, but the reply names no order: find it by its tag
-            return [self._find_placed(req, exc, sent_at)]
+            return self._find_placed(req, exc, sent_at)
         ids = [placed] if isinstance(placed, str) else list(placed)
         ref = self._spec["hooks"].get("order_ref")
         if ref is not None and isinstance(data, Mapping) and ref(data):
@@ -8622,14 +8622,16 @@ class TTConnect:
             return False
         return order.placed_at is None or order.placed_at.timestamp() >= sent_at - self._CLOCK_SKEW
 
-    def _find_placed(self, req: _OrderRequest, cause: TTConnectError, sent_at: float) -> str:
-        """After an ambiguous failure: find the order by its tag instead of sending it again.
+    def _find_placed(self, req: _OrderRequest, cause: TTConnectError, sent_at: float) -> List[str]:
+        """After an ambiguous failure: find the order by its tag instead of sending it again; its id
+        (the ids of every slice, for an order the broker slices itself).
 
         The book is read four times over ~3.5 s (an OMS can take a moment to list an order). Only
         a book that was actually read and lacks the order counts as "not placed".
         """
         log.warning("%s place_order outcome unknown (%s); looking for tag %s", self.broker, cause.__class__.__name__, req.tag)
         read = False  # did the last, latest look-up succeed? only then can absence be believed
+        found: List[Order] = []
         for attempt in range(4):
             if attempt:
                 self._sleep(_backoff(attempt - 1))
@@ -8640,11 +8642,19 @@ class TTConnect:
                 read = False
                 continue
             read = True
-            for order in orders:
-                if self._is_placed(order, req, sent_at):
-                    log.info("%s order with tag %s was placed: %s", self.broker, req.tag, order.id)
-                    return order.id
+            found = [order for order in orders if self._is_placed(order, req, sent_at)]
+            # A natively sliced order is found once its slices add up to it (they may still be listing).
+            if found and (not req.native_slice or sum(order.qty for order in found) == req.qty):
+                ids = [order.id for order in found] if req.native_slice else [found[0].id]
+                log.info("%s order with tag %s was placed: %s", self.broker, req.tag, ", ".join(ids))
+                return ids
         what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
+        if found:
+            listed = ", ".join(f"{order.id} ({order.qty})" for order in found)
+            raise OrderError(
+                f"{what}; the broker sliced it, and the order book lists slices tagged {req.tag!r} of "
+                f"{sum(order.qty for order in found)} units, not {req.qty}: {listed}. Check the order book before "
+                "placing the rest", placed_ids=[order.id for order in found], retryable=False) from cause
         if not read:
             raise OrderError(
                 f"{what} and the order book could not be read (after the broker had time to list it) to find "
