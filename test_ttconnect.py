@@ -6732,6 +6732,26 @@ def test_a_natively_sliced_order_whose_reply_is_lost_is_found_slice_by_slice(
         assert len(api.calls("place_order")) == 1
 
 
+@pytest.mark.parametrize("action", ["cancel", "modify"])
+def test_cancel_and_modify_refuse_a_reply_about_another_order(broker: Case, action: str, tmp_path: Path,
+                                                              day_clock: FakeClock, clients: list) -> None:
+    """The one-order reply named order B for order A: B was cancelled (or changed), and its id returned."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    knows_order(client, broker, f"{broker.current_route}.json", broker.placed_id)
+    other = broker.placed_id[:-4] + "9999"
+    reply = broker.payload(f"{broker.current_route}.json").replace(broker.placed_id, other)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on(broker.current_route, body=reply)
+        api.on("cancel_order")
+        api.on("modify_order")
+        call = (lambda: client.cancel_order(broker.placed_id)) if action == "cancel" else \
+            (lambda: client.modify_order(broker.placed_id, qty=130))
+        expect(tt.BrokerError, call, f"asked for order {broker.placed_id}", f"answered with order {other}",
+               {"cancel": "nothing was cancelled", "modify": "nothing was modified"}[action])
+        assert api.calls("cancel_order") == [] and api.calls("modify_order") == []
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

@@ -8667,6 +8667,9 @@ class TTConnect:
     def _live_order(self, order_id: str, action: str) -> Order:
         order_id = self._order_id(order_id)
         order = self.get_order(order_id)
+        if order.id != order_id:  # acting on it would change another order
+            raise BrokerError(f"{self.broker}: asked for order {order_id}, the broker answered with order {order.id}; "
+                              f"nothing was {action}: check the order book")
         if order.status not in _LIVE_STATUSES:
             raise OrderError(f"order {order_id} is {order.status.value}: only open orders can be {action}")
         return order
