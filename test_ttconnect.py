@@ -6752,6 +6752,19 @@ def test_cancel_and_modify_refuse_a_reply_about_another_order(broker: Case, acti
         assert api.calls("cancel_order") == [] and api.calls("modify_order") == []
 
 
+@pytest.mark.parametrize("header", ["\u00b2", "\u0662", "1\u00bd", "Wed, 21 Oct 2026 07:28:00 GMT", "soon"])
+def test_an_unreadable_retry_after_is_treated_as_absent(header: str, tmp_path: Path, day_clock: FakeClock,
+                                                        clients: list) -> None:
+    """'Retry-After: \u00b2' (latin-1 0xB2 passes str.isdigit) raised a raw ValueError from float()."""
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock, max_retries=1)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ZERODHA)
+        for _ in range(2):
+            api.on("get_profile", fixture="error.network_exception.json", status=429, headers={"Retry-After": header})
+        exc = expect(tt.RateLimitError, kite.get_profile, "zerodha get_profile", "HTTP 429")
+    assert exc.retry_after is None and day_clock.slept == [0.5]  # the usual backoff, not the header's
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

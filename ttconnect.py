@@ -2659,7 +2659,8 @@ class _Memo(dict):
 
 def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
     value = headers.get("Retry-After") if headers else None
-    if value and value.strip().replace(".", "", 1).isdigit():
+    # Seconds only; anything else (an HTTP date, "²", which isdigit() accepts) is treated as absent.
+    if value and value.isascii() and value.strip().replace(".", "", 1).isdigit():
         return float(value)
     return None
 
