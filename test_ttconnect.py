@@ -6765,6 +6765,28 @@ def test_an_unreadable_retry_after_is_treated_as_absent(header: str, tmp_path: P
     assert exc.retry_after is None and day_clock.slept == [0.5]  # the usual backoff, not the header's
 
 
+HUGE_ORDERS = [
+    pytest.param(dict(qty=10 ** 5000), "qty is beyond any order", id="qty-5000-digits"),
+    pytest.param(dict(qty=-10 ** 5000), "qty must be a positive whole number", id="qty-minus-5000-digits"),
+    pytest.param(dict(qty=65 * 10 ** 20), "qty is beyond any order (over 1,000,000,000,000,000 units)", id="qty-6.5e21"),
+    pytest.param(dict(price=10 ** 5000), "price is beyond any listed price", id="price-5000-digits"),
+    pytest.param(dict(price=-10 ** 5000), "price is beyond any listed price", id="price-minus-5000-digits"),
+    pytest.param(dict(order_type="SL", trigger_price=10 ** 5000), "trigger_price is beyond any listed price",
+                 id="trigger-5000-digits"),
+]
+
+
+@pytest.mark.parametrize("changes, words", HUGE_ORDERS)
+def test_an_absurd_qty_or_price_is_refused_before_anything_is_sent(changes: Dict[str, Any], words: str, tmp_path: Path,
+                                                                   day_clock: FakeClock, clients: list) -> None:
+    """10**5000 raised str()'s raw ValueError (4300 digits); 10**30 units went to the broker as is."""
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock)
+    order = {**LIMIT_BUY, **changes}
+    with no_request():
+        expect(tt.InvalidOrderError, lambda: kite.place_order(**order), words)
+        expect(tt.InvalidOrderError, lambda: kite.calculate_margin([order]), words)
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================
@@ -6782,7 +6804,7 @@ BAD_ORDERS = [
     pytest.param(dict(qty=True), "positive whole number", id="qty-bool"),
     pytest.param(dict(qty="65"), "positive whole number", id="qty-text"),
     pytest.param(dict(qty=65.0), "positive whole number", id="qty-float"),
-    pytest.param(dict(qty=10 ** 30), "multiple of the lot size 65", id="qty-huge"),
+    pytest.param(dict(qty=10 ** 30), "qty is beyond any order", id="qty-huge"),
     pytest.param(dict(tag="नमन1"), "tag must be", id="tag-devanagari-letters"),
     pytest.param(dict(tag="ＡＢＣ１"), "tag must be", id="tag-fullwidth-letters"),
     pytest.param(dict(tag="a\nb"), "tag must be", id="tag-with-a-newline"),
@@ -6803,8 +6825,8 @@ def test_bad_order_input_is_refused_before_sending(change: Dict[str, Any], words
 def test_a_huge_quantity_stops_at_the_freeze_limit(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     angel = contract_client(clients, ANGELONE, tmp_path, day_clock)
     with no_request():
-        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 20}), "freeze limit of 1800")
-        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 20}, slice=True),
+        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 10}), "freeze limit of 1800")
+        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 10}, slice=True),
                "at most 100")
 
 

@@ -1036,6 +1036,9 @@ def _on_tick(value: Optional[float], tick: float) -> Optional["Decimal"]:
 # Prices beyond this are typing mistakes (no listed instrument trades near it); refusing them
 # also keeps Decimal arithmetic far from its exponent limits.
 _MAX_PRICE = 10_000_000_000
+# Likewise quantities (units in one call, before any slicing; the simulated account's limit too). An
+# int this side of it also stays far from str()'s 4300-digit limit, which raised a raw ValueError.
+_MAX_ORDER_QTY = 10 ** 15
 
 
 def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional["Decimal"]:
@@ -1046,6 +1049,8 @@ def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> 
 
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise InvalidOrderError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > _MAX_PRICE:  # before str(): 10**5000 has no str
+        raise InvalidOrderError(f"{what} is beyond any listed price (over {_MAX_PRICE:,} rupees)")
     try:
         price = Decimal(str(value).strip())
     except InvalidOperation:
@@ -1098,7 +1103,10 @@ def _check_order(spec: "BrokerSpec", instrument: Any, qty: Any, side: Any, produ
     if validity is not None and validity not in spec["validities"]:
         raise InvalidOrderError(f"validity {validity!r} is not supported by {broker}; use one of {', '.join(spec['validities'])}")
     if isinstance(qty, bool) or not isinstance(qty, int) or qty <= 0:
-        raise InvalidOrderError(f"qty must be a positive whole number of units, got {qty!r}")
+        shown = repr(qty) if not isinstance(qty, int) or abs(qty) <= _MAX_ORDER_QTY else "a huge negative number"
+        raise InvalidOrderError(f"qty must be a positive whole number of units, got {shown}")
+    if qty > _MAX_ORDER_QTY:  # not quoted: str() of a 5000-digit int raises
+        raise InvalidOrderError(f"qty is beyond any order (over {_MAX_ORDER_QTY:,} units); check the quantity")
     qty = int(qty)  # a plain int from here on (a caller's int subclass is no value to store or send)
     if lot > 1 and qty % lot:
         below, above = qty // lot * lot, (qty // lot + 1) * lot
