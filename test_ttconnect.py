@@ -6787,6 +6787,16 @@ def test_an_absurd_qty_or_price_is_refused_before_anything_is_sent(changes: Dict
         expect(tt.InvalidOrderError, lambda: kite.calculate_margin([order]), words)
 
 
+@pytest.mark.parametrize("value", ["false", "no", "0", 0, 1, None])
+def test_cache_session_must_be_a_bool(value: Any, tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """Read by truthiness, cache_session="false" (an .ini's, an env var's) wrote the token to disk."""
+    config = {"cache_dir": str(tmp_path), **CREDS["zerodha"], "cache_session": value}
+    with no_request():
+        expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", config, clock=day_clock),
+               f"config 'cache_session' must be True or False, got {value!r}")
+    assert not (tmp_path / "zerodha_session.json").exists()
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

@@ -8170,12 +8170,15 @@ class TTConnect:
         return limits
 
     def _session_store_option(self, cfg: Mapping[str, Any]) -> Any:
+        cache = cfg.get("cache_session", False)
+        if not isinstance(cache, bool):  # by truthiness, "false" from an .ini or env would write the token to disk
+            raise ConfigurationError(f"config 'cache_session' must be True or False, got {cache!r}")
         store = cfg.get("session_store")
         if store is not None:
             if not all(callable(getattr(store, m, None)) for m in ("load", "save", "clear")):
                 raise ConfigurationError("config 'session_store' must have load(), save(session) and clear() methods")
             return store
-        if cfg.get("cache_session"):
+        if cache:
             return _FileStore(os.path.join(self._cache_dir, f"{self.broker}_session.json"))
         return _MemoryStore()
 
