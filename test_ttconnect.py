@@ -6797,6 +6797,39 @@ def test_cache_session_must_be_a_bool(value: Any, tmp_path: Path, day_clock: Fak
     assert not (tmp_path / "zerodha_session.json").exists()
 
 
+@pytest.fixture
+def french_months(monkeypatch: Any) -> None:
+    """strptime's month names as under LC_TIME=fr_FR (its %b reads them from calendar.month_abbr,
+    which follows the locale); the box may have no French locale installed to switch to."""
+    import _strptime
+    import calendar
+
+    monkeypatch.setattr(calendar, "month_abbr",
+                        ["", "janv.", "févr.", "mars", "avr.", "mai", "juin", "juil.", "août", "sept.", "oct.", "nov.", "déc."])
+    monkeypatch.setattr(_strptime, "_TimeRE_cache", _strptime.TimeRE())
+    monkeypatch.setattr(_strptime, "_regex_cache", {})
+    with pytest.raises(ValueError):
+        dt.datetime.strptime("23-Nov-2026", "%d-%b-%Y")
+
+
+def test_month_names_are_read_without_the_locale(french_months: None, tmp_path: Path, day_clock: FakeClock,
+                                                  clients: list) -> None:
+    """AngelOne's "23-Nov-2026 09:20:05" (and Upstox's documented trade time) parsed with %b: under a
+    French or German LC_TIME every placed_at and updated_at became None."""
+    angel = contract_client(clients, ANGELONE, tmp_path / "angel", day_clock)
+    upstox = contract_client(clients, UPSTOX, tmp_path / "upstox", day_clock)
+    trades = payload("upstox", "get_trades")
+    trades["data"][0]["exchange_timestamp"] = "23-Nov-2026 09:25:10"  # the docs' example's spelling
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ANGELONE).on("get_orders")
+        MockApi(rs, UPSTOX).on("get_trades", body=trades)
+        orders = angel.get_orders()
+        fills = upstox.get_trades()
+    assert [o.placed_at for o in orders[:2]] == [ist(2026, 11, 23, 9, 20, 5), ist(2026, 11, 23, 9, 25, 10)]
+    assert all(o.updated_at is not None for o in orders)
+    assert fills[0].timestamp == ist(2026, 11, 23, 9, 25, 10)
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

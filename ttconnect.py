@@ -2574,12 +2574,30 @@ def _required_num(row: Mapping[str, Any], key: str) -> float:
     return number
 
 
+_MONTH_NUMBERS = {name: f"{number:02d}" for number, name in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+
+
+def _strptime(text: str, fmt: str) -> _dt.datetime:
+    """``datetime.strptime`` with ``%b`` read as an English month abbreviation, whatever the
+    process locale (strptime's own %b follows LC_TIME: "Nov" fails under fr_FR); ValueError if not."""
+    if "%b" in fmt:
+        import re
+
+        found = re.search(r"[A-Za-z]+", text)
+        number = _MONTH_NUMBERS.get(found.group().lower()) if found else None
+        if found is None or number is None:
+            raise ValueError(f"no English month abbreviation in {text!r}")
+        text, fmt = text[:found.start()] + number + text[found.end():], fmt.replace("%b", "%m")
+    return _dt.datetime.strptime(text, fmt)
+
+
 def _ist(text: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> Optional[_dt.datetime]:
     """Parse a naive IST timestamp; blank and the "0001-01-01" placeholder give None."""
     if not text or not isinstance(text, str) or text.startswith("0001-01-01"):
         return None
     try:
-        return _dt.datetime.strptime(text, fmt).replace(tzinfo=IST)
+        return _strptime(text, fmt).replace(tzinfo=IST)
     except ValueError:
         log.warning("unparsed timestamp %r (expected %s)", text, fmt)
         return None
@@ -4169,7 +4187,7 @@ def _upstox_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
             text = row.get(field_)
             if isinstance(text, str) and text:
                 try:
-                    stamp = _dt.datetime.strptime(text, fmt).replace(tzinfo=IST)
+                    stamp = _strptime(text, fmt).replace(tzinfo=IST)
                     break
                 except ValueError:
                     continue
