@@ -6830,6 +6830,22 @@ def test_month_names_are_read_without_the_locale(french_months: None, tmp_path: 
     assert fills[0].timestamp == ist(2026, 11, 23, 9, 25, 10)
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "text/html; charset=ISO-8859-1"])
+def test_a_reply_is_read_as_utf8_json_with_or_without_a_bom(content_type: str, tmp_path: Path, day_clock: FakeClock,
+                                                            clients: list) -> None:
+    """A BOM made the reply "non-JSON" (an accepted order reported failed); text/plain read UTF-8 as latin-1."""
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock)
+    profile = payload("zerodha", "get_profile")
+    profile["data"]["user_name"] = "Sūrya Nārāyaṇ"
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ZERODHA)
+        api.on("get_profile", body=json.dumps(profile, ensure_ascii=False).encode(), content_type=content_type)
+        api.on("place_order", body=b"\xef\xbb\xbf" + ZERODHA.payload("place_order.json").encode(),
+               content_type=content_type)
+        assert no_raw(kite.get_profile).name == "Sūrya Nārāyaṇ"
+        assert no_raw(lambda: kite.place_order(**ORDER_1)) == ZERODHA.placed_id
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

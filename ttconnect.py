@@ -7425,8 +7425,10 @@ class _Transport:
             raise err
         if log.isEnabledFor(10):  # logging.DEBUG
             log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.monotonic() - started) * 1e3)
-        # Decoded here: Response.text would guess the charset (slowly) when none is declared.
-        return _Response(resp.status_code, resp.headers, body.decode(resp.encoding or "utf-8", "replace"))
+        # Decoded here: Response.text would guess the charset (slowly) when none is declared. A
+        # REST reply is JSON, which is UTF-8 (RFC 8259) whatever the Content-Type says (requests
+        # reads text/plain without a charset as latin-1); a byte-order mark some gateways add is dropped.
+        return _Response(resp.status_code, resp.headers, body.decode("utf-8-sig", "replace"))
 
     _MAX_REPLY = 64 << 20  # bytes of a REST reply, decoded: an order book of 100k rows is ~50 MB
 
