@@ -6846,6 +6846,26 @@ def test_a_reply_is_read_as_utf8_json_with_or_without_a_bom(content_type: str, t
         assert no_raw(lambda: kite.place_order(**ORDER_1)) == ZERODHA.placed_id
 
 
+def test_a_profile_lists_exchanges_and_products_in_enum_order_once(tmp_path: Path, day_clock: FakeClock,
+                                                                    clients: list) -> None:
+    """MAPPING.md: declaration order, de-duplicated, so one account's Profile compares equal across
+    brokers; they came out in each payload's order, and Kite's repeated entries twice."""
+    profiles = []
+    for case in (ZERODHA, ANGELONE, UPSTOX):
+        client = contract_client(clients, case, tmp_path / case.broker, day_clock)
+        body = payload(case.broker, "get_profile")
+        if case is ZERODHA:
+            body["data"]["exchanges"] += ["NSE"]
+            body["data"]["products"] += ["CNC"]
+        with responses.RequestsMock() as rs:
+            MockApi(rs, case).on("get_profile", body=body)
+            profiles.append(client.get_profile())
+    E, P = tt.Exchange, tt.ProductType
+    for profile in profiles:
+        assert profile.exchanges == (E.NSE, E.BSE, E.NFO, E.BFO, E.CDS, E.MCX), profile.broker
+        assert profile.products == (P.CNC, P.MIS, P.NRML), profile.broker
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================

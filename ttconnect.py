@@ -2603,6 +2603,13 @@ def _ist(text: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> Optional[_dt.datetime]:
         return None
 
 
+def _declared_order(cls: Any, members: Iterable[Any]) -> Tuple[Any, ...]:
+    """``members`` of the enum ``cls`` in its declaration order, each once: brokers list a profile's
+    exchanges and products in orders of their own, and the tuples must compare equal across them."""
+    found = set(members)
+    return tuple(member for member in cls if member in found)
+
+
 def _reverse(mapping: Mapping[Any, str]) -> Dict[Any, Any]:
     return {raw: canonical for canonical, raw in mapping.items()}
 
@@ -2947,8 +2954,10 @@ def _zerodha_profile(ctx: _Ctx, data: Any) -> Profile:
     data = _object(data)
     return Profile(
         user_id=_str_field(data, "user_id"), name=str(data.get("user_name") or ""), email=data.get("email") or None,
-        broker="zerodha", exchanges=tuple(Exchange(e) for e in data.get("exchanges") or () if e in Exchange.__members__),
-        products=tuple(ProductType(p) for p in data.get("products") or () if p in ProductType.__members__), raw=data,
+        broker="zerodha",
+        exchanges=_declared_order(Exchange, (Exchange(e) for e in data.get("exchanges") or () if e in Exchange.__members__)),
+        products=_declared_order(ProductType, (ProductType(p) for p in data.get("products") or ()
+                                               if p in ProductType.__members__)), raw=data,
     )
 
 
@@ -3536,9 +3545,9 @@ def _angelone_profile(ctx: _Ctx, data: Any) -> Profile:
     # AngelOne lists segments as nse_cm, nse_fo, bse_cm, bse_fo, mcx_fo, cde_fo...
     segments = {"nse_cm": Exchange.NSE, "bse_cm": Exchange.BSE, "nse_fo": Exchange.NFO, "bse_fo": Exchange.BFO,
                 "mcx_fo": Exchange.MCX, "cde_fo": Exchange.CDS}
-    exchanges = tuple(dict.fromkeys(segments[e] for e in data.get("exchanges") or () if e in segments))
-    products = tuple(dict.fromkeys(_ANGEL_PRODUCT_OF.get(p) or ProductType(p) for p in data.get("products") or ()
-                                   if p in _ANGEL_PRODUCT_OF or p in ProductType.__members__))
+    exchanges = _declared_order(Exchange, (segments[e] for e in data.get("exchanges") or () if e in segments))
+    products = _declared_order(ProductType, (_ANGEL_PRODUCT_OF.get(p) or ProductType(p) for p in data.get("products") or ()
+                                             if p in _ANGEL_PRODUCT_OF or p in ProductType.__members__))
     return Profile(user_id=_str_field(data, "clientcode"), name=str(data.get("name") or "").strip(),
                    email=data.get("email") or None, broker="angelone", exchanges=exchanges, products=products, raw=data)
 
