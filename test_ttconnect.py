@@ -6540,6 +6540,353 @@ def test_cancel_all_orders_over_a_stalling_connection_reports_every_failure(tmp_
         server.close()
 
 
+# 12.4a Hostile: REST transport, replies and sessions (adversarial pass, each case reproduced first)
+
+
+def _placed_by_tag(case: Case, day_clock: FakeClock, reply: Any) -> Tuple[Any, Any, List[str]]:
+    """(place_order's callback answering ``reply``, get_orders' callback listing the order then, the tags sent)."""
+    tags: List[str] = []
+
+    def place(request: Any) -> Any:
+        tags.append(case.body(request)[case.tag_key])
+        return reply
+
+    def book(request: Any) -> Any:
+        return 200, {}, _book_with(case, tags, dt.datetime.fromtimestamp(day_clock(), tt.IST))
+
+    return place, book, tags
+
+
+def test_a_redirected_place_order_is_not_followed_and_is_found_by_its_tag(broker: Case, tmp_path: Path,
+                                                                        day_clock: FakeClock, clients: list) -> None:
+    """A 302 on the POST used to be followed as a GET of the book: another order's id came back."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    place, book, tags = _placed_by_tag(broker, day_clock, (302, {"Location": "/elsewhere"}, ""))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("place_order", callback=place)
+        api.on("get_orders", callback=book)
+        order_id = no_raw(lambda: client.place_order(SBIN, 5, "SELL", "CNC", "MARKET"))
+        assert len(api.calls("place_order")) == 1 and all("/elsewhere" not in c.request.url for c in rs.calls)
+    assert order_id == broker.order_ids[0] and len(tags) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_broker_error_naming_the_route_and_nothing_follows_it(status: int, tmp_path: Path,
+                                                                            day_clock: FakeClock,
+                                                                            clients: list) -> None:
+    """A redirected DELETE read as success; a 307 on AngelOne's login re-posted the password elsewhere."""
+    kite = contract_client(clients, ZERODHA, tmp_path / "kite", day_clock)
+    angel = contract_client(clients, ANGELONE, tmp_path / "angel", day_clock, warm=False)
+    elsewhere = "http://collector.example.net/grab"
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, ZERODHA).on("get_order_history")
+        MockApi(rs, ZERODHA).on("cancel_order", status=status, headers={"Location": elsewhere})
+        MockApi(rs, ANGELONE).on("login", status=status, headers={"Location": elsewhere})
+        rs.add(responses.GET, elsewhere, body="{}")
+        rs.add(responses.POST, elsewhere, body="{}")
+        expect(tt.BrokerError, lambda: kite.cancel_order(ZERODHA.placed_id), "zerodha cancel_order", f"HTTP {status}",
+               "redirect")
+        expect(tt.BrokerError, angel.get_profile, "angelone login", f"HTTP {status}", "redirect")
+        assert [c.request.url for c in rs.calls if c.request.url.startswith(elsewhere)] == []
+    assert day_clock.slept == []  # a redirect is not retried
+
+
+@pytest.mark.parametrize("cut", ["half", "empty", "json-null"])
+def test_a_place_order_200_whose_body_cannot_be_read_is_found_by_its_tag(broker: Case, cut: str, tmp_path: Path,
+                                                                       day_clock: FakeClock, clients: list) -> None:
+    """A 200 cut short used to raise a final BrokerError with no look-up (a retry by hand doubles the order)."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    full = broker.payload("place_order.json")
+    body = {"half": full[: len(full) // 2], "empty": "", "json-null": "null"}[cut]
+    place, book, tags = _placed_by_tag(broker, day_clock, (200, {}, body))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("place_order", callback=place)
+        api.on("get_orders", callback=book)
+        order_id = no_raw(lambda: client.place_order(SBIN, 5, "SELL", "CNC", "MARKET"))
+        assert len(api.calls("place_order")) == 1 and len(api.calls("get_orders")) == 1
+    assert order_id == broker.order_ids[0] and len(tags) == 1
+
+
+class GzipApi:
+    """An HTTP server on 127.0.0.1 answering each path with its body gzipped (Content-Encoding:
+    gzip, as a compressing proxy sends it); ``responses`` cannot stand in: it decodes by itself."""
+
+    def __init__(self, bodies: Mapping[str, bytes]) -> None:
+        zipped = {path: gzip.compress(body) for path, body in bodies.items()}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = zipped[self.path.split("?")[0]]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_gzip_reply_is_decoded_and_a_gzip_bomb_stays_bounded(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                              monkeypatch: Any) -> None:
+    """requests asks for gzip; the reply used to be read undecoded (a non-JSON body, an accepted order unread)."""
+    monkeypatch.setattr(tt._Transport, "_MAX_REPLY", 1 << 20, raising=False)
+    server = GzipApi({"/user/profile": ZERODHA.payload("get_profile.json").encode(),
+                      "/orders/regular": ZERODHA.payload("place_order.json").encode(),
+                      "/user/margins": b" " * (8 << 20)})  # 8 KiB on the wire, 8 MiB decoded
+    try:
+        kite = contract_client(clients, ZERODHA, tmp_path, day_clock, root_url=server.url, max_retries=0)
+        assert no_raw(kite.get_profile).user_id == "AB1234"
+        assert no_raw(lambda: kite.place_order(**ORDER_1)) == ZERODHA.placed_id
+        expect(tt.BrokerError, kite.get_funds, "GET /user/margins", "over 1 MiB")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("status, cls", [(502, tt.BrokerError), (429, tt.RateLimitError)])
+def test_an_echoed_token_is_scrubbed_before_the_body_is_shortened(status: int, cls: type, tmp_path: Path,
+                                                                  day_clock: FakeClock, clients: list) -> None:
+    """Cut to 120 (80) characters first, a token straddling the cut leaked all but its tail."""
+    token = "Xk39fLq02ZpW7mNvB4tR8sYc1uHe6dJa"  # Kite-like: 32 characters
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock, access_token=token, max_retries=0)
+    for pad in range(0, 140, 7):  # the token across every cut point
+        page = f"<h1>{status}</h1>" + "." * pad + f" upstream: Authorization: token kitekey01:{token}</p>"
+        with responses.RequestsMock() as rs:
+            MockApi(rs, ZERODHA).on("get_profile", body=page, status=status)
+            message = str(expect(cls, kite.get_profile, "zerodha get_profile", f"HTTP {status}"))
+        assert not [token[i:i + 6] for i in range(len(token) - 5) if token[i:i + 6] in message], (pad, message)
+
+
+LEAK = "eyJhbGciOi.LEAK-SECRET-JWT.sig"
+# (broker, route, the "success" reply, what the BrokerError names): a login reply without a usable token
+BAD_SESSION_REPLIES = [
+    pytest.param("zerodha", "login", ok_body("zerodha", {"user_id": "AB1234"}), "'access_token' is missing",
+                 id="kite-exchange-no-access-token"),
+    pytest.param("zerodha", "login", ok_body("zerodha", {"access_token": [LEAK]}), "'access_token' is of type list",
+                 id="kite-exchange-token-a-list"),
+    pytest.param("upstox", "login", {"access_token": {"value": LEAK}, "user_id": "5UX9KQ"}, "'access_token' is of type dict",
+                 id="upstox-exchange-token-an-object"),
+    pytest.param("angelone", "login", ok_body("angelone", None), "payload is NoneType", id="angel-login-data-null"),
+    pytest.param("angelone", "login", ok_body("angelone", {"jwtToken": [LEAK], "refreshToken": "r", "feedToken": "f"}),
+                 "'jwtToken' is of type list", id="angel-login-jwt-a-list"),
+    pytest.param("angelone", "renew_token", ok_body("angelone", ""), "payload is str", id="angel-renew-data-empty"),
+    pytest.param("angelone", "renew_token", ok_body("angelone", {"jwtToken": 7, "feedToken": LEAK}), "'jwtToken' is of type int",
+                 id="angel-renew-jwt-a-number"),
+]
+
+
+@pytest.mark.parametrize("broker_id, route, reply, words", BAD_SESSION_REPLIES)
+def test_a_login_reply_without_a_usable_token_is_a_broker_error_that_quotes_no_token(
+        broker_id: str, route: str, reply: Any, words: str, tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """The login hooks read outside _parse: the private _Malformed escaped, quoting an odd token's value."""
+    case = CASE[broker_id]
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        rs.get(URLS[broker_id], body=case.master)
+        api = MockApi(rs, case)
+        api.on(route, body=json.dumps(reply))
+        if broker_id != "angelone":  # a single-use code, exchanged at init
+            call: Callable[[], Any] = lambda: kept(clients, broker_id, {"cache_dir": str(tmp_path), **case.login_creds},
+                                                   clock=day_clock, sleep=day_clock.sleep)
+        else:
+            angel = contract_client(clients, case, tmp_path, day_clock, warm=route == "renew_token")
+            api.on("get_profile", fixture="error.AG8001.json")  # the JWT expired: renewed with the refresh token
+            call = angel.get_profile
+        exc = expect(tt.BrokerError, call, f"{broker_id} {route}: malformed reply", words)
+    assert "LEAK-SECRET" not in str(exc) and "LEAK-SECRET" not in repr(exc.args)
+
+
+def _sliced_book(case: Case, tag: str, quantities: Tuple[int, ...], when: dt.datetime) -> str:
+    """The scenario's book whose first rows are the slices the broker made of order (1) (BUY NIFTY CE LIMIT)."""
+    payload = json.loads(case.payload("get_orders.json"))
+    rows = at(payload, case.book_rows)
+    first = rows[0]
+    for i, qty in enumerate(quantities):
+        rows[i] = {**first, case.id_field: rows[i][case.id_field], case.tag_field: tag, "quantity": qty,
+                   "pending_quantity": qty, **case.placed_fields(when)}
+    return json.dumps(payload)
+
+
+@pytest.mark.parametrize("listed", [(1755, 1755, 390), (1755, 1755)], ids=["every-slice", "two-of-three"])
+def test_a_natively_sliced_order_whose_reply_is_lost_is_found_slice_by_slice(
+        listed: Tuple[int, ...], tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """The look-up returned the first slice alone: 1755 of 3900 units reported, 2145 live and unreported.
+    (Upstox: its master gives the freeze limit, 1800, so one order of 3900 goes with "slice": true and
+    comes back as slices of whole lots of 65 within it.)"""
+    case = UPSTOX
+    client = contract_client(clients, case, tmp_path, day_clock)
+    assert client._instruments.freeze_qty(NIFTY_CE) == 1800
+    tags: List[str] = []
+
+    def lost(request: Any) -> Any:
+        tags.append(case.body(request)[case.tag_key])
+        raise requests.exceptions.ReadTimeout("read timed out")
+
+    def book(request: Any) -> Any:
+        return 200, {}, _sliced_book(case, tags[0], listed, dt.datetime.fromtimestamp(day_clock(), tt.IST))
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, case)
+        api.on("place_order", callback=lost)
+        api.on("get_orders", callback=book)
+        place = lambda: client.place_order(NIFTY_CE, 3900, "BUY", "NRML", "LIMIT", price=120.5, slice=True)
+        if len(listed) == 3:
+            assert no_raw(place) == list(case.order_ids[:3])
+            assert len(api.calls("get_orders")) == 1
+        else:
+            exc = expect(tt.OrderError, place, "3510 units, not 3900", f"{case.order_ids[0]} (1755)",
+                         f"{case.order_ids[1]} (1755)")
+            assert exc.placed_ids == list(case.order_ids[:2]) and len(api.calls("get_orders")) == 4
+        assert len(api.calls("place_order")) == 1
+
+
+@pytest.mark.parametrize("action", ["cancel", "modify"])
+def test_cancel_and_modify_refuse_a_reply_about_another_order(broker: Case, action: str, tmp_path: Path,
+                                                              day_clock: FakeClock, clients: list) -> None:
+    """The one-order reply named order B for order A: B was cancelled (or changed), and its id returned."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    knows_order(client, broker, f"{broker.current_route}.json", broker.placed_id)
+    other = broker.placed_id[:-4] + "9999"
+    reply = broker.payload(f"{broker.current_route}.json").replace(broker.placed_id, other)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on(broker.current_route, body=reply)
+        api.on("cancel_order")
+        api.on("modify_order")
+        call = (lambda: client.cancel_order(broker.placed_id)) if action == "cancel" else \
+            (lambda: client.modify_order(broker.placed_id, qty=130))
+        expect(tt.BrokerError, call, f"asked for order {broker.placed_id}", f"answered with order {other}",
+               {"cancel": "nothing was cancelled", "modify": "nothing was modified"}[action])
+        assert api.calls("cancel_order") == [] and api.calls("modify_order") == []
+
+
+@pytest.mark.parametrize("header", ["\u00b2", "\u0662", "1\u00bd", "Wed, 21 Oct 2026 07:28:00 GMT", "soon"])
+def test_an_unreadable_retry_after_is_treated_as_absent(header: str, tmp_path: Path, day_clock: FakeClock,
+                                                        clients: list) -> None:
+    """'Retry-After: \u00b2' (latin-1 0xB2 passes str.isdigit) raised a raw ValueError from float()."""
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock, max_retries=1)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ZERODHA)
+        for _ in range(2):
+            api.on("get_profile", fixture="error.network_exception.json", status=429, headers={"Retry-After": header})
+        exc = expect(tt.RateLimitError, kite.get_profile, "zerodha get_profile", "HTTP 429")
+    assert exc.retry_after is None and day_clock.slept == [0.5]  # the usual backoff, not the header's
+
+
+HUGE_ORDERS = [
+    pytest.param(dict(qty=10 ** 5000), "qty is beyond any order", id="qty-5000-digits"),
+    pytest.param(dict(qty=-10 ** 5000), "qty must be a positive whole number", id="qty-minus-5000-digits"),
+    pytest.param(dict(qty=65 * 10 ** 20), "qty is beyond any order (over 1,000,000,000,000,000 units)", id="qty-6.5e21"),
+    pytest.param(dict(price=10 ** 5000), "price is beyond any listed price", id="price-5000-digits"),
+    pytest.param(dict(price=-10 ** 5000), "price is beyond any listed price", id="price-minus-5000-digits"),
+    pytest.param(dict(order_type="SL", trigger_price=10 ** 5000), "trigger_price is beyond any listed price",
+                 id="trigger-5000-digits"),
+]
+
+
+@pytest.mark.parametrize("changes, words", HUGE_ORDERS)
+def test_an_absurd_qty_or_price_is_refused_before_anything_is_sent(changes: Dict[str, Any], words: str, tmp_path: Path,
+                                                                   day_clock: FakeClock, clients: list) -> None:
+    """10**5000 raised str()'s raw ValueError (4300 digits); 10**30 units went to the broker as is."""
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock)
+    order = {**LIMIT_BUY, **changes}
+    with no_request():
+        expect(tt.InvalidOrderError, lambda: kite.place_order(**order), words)
+        expect(tt.InvalidOrderError, lambda: kite.calculate_margin([order]), words)
+
+
+@pytest.mark.parametrize("value", ["false", "no", "0", 0, 1, None])
+def test_cache_session_must_be_a_bool(value: Any, tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """Read by truthiness, cache_session="false" (an .ini's, an env var's) wrote the token to disk."""
+    config = {"cache_dir": str(tmp_path), **CREDS["zerodha"], "cache_session": value}
+    with no_request():
+        expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", config, clock=day_clock),
+               f"config 'cache_session' must be True or False, got {value!r}")
+    assert not (tmp_path / "zerodha_session.json").exists()
+
+
+@pytest.fixture
+def french_months(monkeypatch: Any) -> None:
+    """strptime's month names as under LC_TIME=fr_FR (its %b reads them from calendar.month_abbr,
+    which follows the locale); the box may have no French locale installed to switch to."""
+    import _strptime
+    import calendar
+
+    monkeypatch.setattr(calendar, "month_abbr",
+                        ["", "janv.", "févr.", "mars", "avr.", "mai", "juin", "juil.", "août", "sept.", "oct.", "nov.", "déc."])
+    monkeypatch.setattr(_strptime, "_TimeRE_cache", _strptime.TimeRE())
+    monkeypatch.setattr(_strptime, "_regex_cache", {})
+    with pytest.raises(ValueError):
+        dt.datetime.strptime("23-Nov-2026", "%d-%b-%Y")
+
+
+def test_month_names_are_read_without_the_locale(french_months: None, tmp_path: Path, day_clock: FakeClock,
+                                                  clients: list) -> None:
+    """AngelOne's "23-Nov-2026 09:20:05" (and Upstox's documented trade time) parsed with %b: under a
+    French or German LC_TIME every placed_at and updated_at became None."""
+    angel = contract_client(clients, ANGELONE, tmp_path / "angel", day_clock)
+    upstox = contract_client(clients, UPSTOX, tmp_path / "upstox", day_clock)
+    trades = payload("upstox", "get_trades")
+    trades["data"][0]["exchange_timestamp"] = "23-Nov-2026 09:25:10"  # the docs' example's spelling
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ANGELONE).on("get_orders")
+        MockApi(rs, UPSTOX).on("get_trades", body=trades)
+        orders = angel.get_orders()
+        fills = upstox.get_trades()
+    assert [o.placed_at for o in orders[:2]] == [ist(2026, 11, 23, 9, 20, 5), ist(2026, 11, 23, 9, 25, 10)]
+    assert all(o.updated_at is not None for o in orders)
+    assert fills[0].timestamp == ist(2026, 11, 23, 9, 25, 10)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "text/html; charset=ISO-8859-1"])
+def test_a_reply_is_read_as_utf8_json_with_or_without_a_bom(content_type: str, tmp_path: Path, day_clock: FakeClock,
+                                                            clients: list) -> None:
+    """A BOM made the reply "non-JSON" (an accepted order reported failed); text/plain read UTF-8 as latin-1."""
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock)
+    profile = payload("zerodha", "get_profile")
+    profile["data"]["user_name"] = "Sūrya Nārāyaṇ"
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ZERODHA)
+        api.on("get_profile", body=json.dumps(profile, ensure_ascii=False).encode(), content_type=content_type)
+        api.on("place_order", body=b"\xef\xbb\xbf" + ZERODHA.payload("place_order.json").encode(),
+               content_type=content_type)
+        assert no_raw(kite.get_profile).name == "Sūrya Nārāyaṇ"
+        assert no_raw(lambda: kite.place_order(**ORDER_1)) == ZERODHA.placed_id
+
+
+def test_a_profile_lists_exchanges_and_products_in_enum_order_once(tmp_path: Path, day_clock: FakeClock,
+                                                                    clients: list) -> None:
+    """MAPPING.md: declaration order, de-duplicated, so one account's Profile compares equal across
+    brokers; they came out in each payload's order, and Kite's repeated entries twice."""
+    profiles = []
+    for case in (ZERODHA, ANGELONE, UPSTOX):
+        client = contract_client(clients, case, tmp_path / case.broker, day_clock)
+        body = payload(case.broker, "get_profile")
+        if case is ZERODHA:
+            body["data"]["exchanges"] += ["NSE"]
+            body["data"]["products"] += ["CNC"]
+        with responses.RequestsMock() as rs:
+            MockApi(rs, case).on("get_profile", body=body)
+            profiles.append(client.get_profile())
+    E, P = tt.Exchange, tt.ProductType
+    for profile in profiles:
+        assert profile.exchanges == (E.NSE, E.BSE, E.NFO, E.BFO, E.CDS, E.MCX), profile.broker
+        assert profile.products == (P.CNC, P.MIS, P.NRML), profile.broker
+
+
 # ============================================================================
 # 12.5 Hostile: User input
 # ============================================================================
@@ -6557,7 +6904,7 @@ BAD_ORDERS = [
     pytest.param(dict(qty=True), "positive whole number", id="qty-bool"),
     pytest.param(dict(qty="65"), "positive whole number", id="qty-text"),
     pytest.param(dict(qty=65.0), "positive whole number", id="qty-float"),
-    pytest.param(dict(qty=10 ** 30), "multiple of the lot size 65", id="qty-huge"),
+    pytest.param(dict(qty=10 ** 30), "qty is beyond any order", id="qty-huge"),
     pytest.param(dict(tag="नमन1"), "tag must be", id="tag-devanagari-letters"),
     pytest.param(dict(tag="ＡＢＣ１"), "tag must be", id="tag-fullwidth-letters"),
     pytest.param(dict(tag="a\nb"), "tag must be", id="tag-with-a-newline"),
@@ -6578,8 +6925,8 @@ def test_bad_order_input_is_refused_before_sending(change: Dict[str, Any], words
 def test_a_huge_quantity_stops_at_the_freeze_limit(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     angel = contract_client(clients, ANGELONE, tmp_path, day_clock)
     with no_request():
-        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 20}), "freeze limit of 1800")
-        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 20}, slice=True),
+        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 10}), "freeze limit of 1800")
+        expect(tt.InvalidOrderError, lambda: angel.place_order(**{**LIMIT_BUY, "qty": 65 * 10 ** 10}, slice=True),
                "at most 100")
 
 

@@ -1036,6 +1036,9 @@ def _on_tick(value: Optional[float], tick: float) -> Optional["Decimal"]:
 # Prices beyond this are typing mistakes (no listed instrument trades near it); refusing them
 # also keeps Decimal arithmetic far from its exponent limits.
 _MAX_PRICE = 10_000_000_000
+# Likewise quantities (units in one call, before any slicing; the simulated account's limit too). An
+# int this side of it also stays far from str()'s 4300-digit limit, which raised a raw ValueError.
+_MAX_ORDER_QTY = 10 ** 15
 
 
 def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> Optional["Decimal"]:
@@ -1046,6 +1049,8 @@ def _order_price(value: Any, what: str, tick: float, instrument: Instrument) -> 
 
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise InvalidOrderError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > _MAX_PRICE:  # before str(): 10**5000 has no str
+        raise InvalidOrderError(f"{what} is beyond any listed price (over {_MAX_PRICE:,} rupees)")
     try:
         price = Decimal(str(value).strip())
     except InvalidOperation:
@@ -1098,7 +1103,10 @@ def _check_order(spec: "BrokerSpec", instrument: Any, qty: Any, side: Any, produ
     if validity is not None and validity not in spec["validities"]:
         raise InvalidOrderError(f"validity {validity!r} is not supported by {broker}; use one of {', '.join(spec['validities'])}")
     if isinstance(qty, bool) or not isinstance(qty, int) or qty <= 0:
-        raise InvalidOrderError(f"qty must be a positive whole number of units, got {qty!r}")
+        shown = repr(qty) if not isinstance(qty, int) or abs(qty) <= _MAX_ORDER_QTY else "a huge negative number"
+        raise InvalidOrderError(f"qty must be a positive whole number of units, got {shown}")
+    if qty > _MAX_ORDER_QTY:  # not quoted: str() of a 5000-digit int raises
+        raise InvalidOrderError(f"qty is beyond any order (over {_MAX_ORDER_QTY:,} units); check the quantity")
     qty = int(qty)  # a plain int from here on (a caller's int subclass is no value to store or send)
     if lot > 1 and qty % lot:
         below, above = qty // lot * lot, (qty // lot + 1) * lot
@@ -2370,6 +2378,22 @@ def _str_field(row: Mapping[str, Any], key: str) -> str:
     return _text(_field(row, key), f"field {key!r}")
 
 
+def _secret_field(data: Any, key: str, where: str, required: bool = True) -> str:
+    """A token a login or renewal reply carries ("" for an optional one it lacks). Login hooks run
+    outside the parsers' checks, so a reply without it is a BrokerError here, never quoting it."""
+    if not isinstance(data, Mapping):
+        problem = f"the payload is {type(data).__name__}, expected an object"
+    else:
+        value = data.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+        if value in (None, "") and not required:
+            return ""
+        problem = f"field {key!r} is " + ("missing" if value in (None, "") else f"of type {type(value).__name__}, not text")
+    raise BrokerError(f"{where}: malformed reply ({problem}); the broker said success but gave no usable session: "
+                      "log in again, and report it if it persists")
+
+
 def _mapped(table: Mapping[Any, Any], row: Mapping[str, Any], key: str) -> Any:
     """A field translated through a broker table; an unknown value is malformed."""
     raw = _field(row, key)
@@ -2550,15 +2574,40 @@ def _required_num(row: Mapping[str, Any], key: str) -> float:
     return number
 
 
+_MONTH_NUMBERS = {name: f"{number:02d}" for number, name in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+
+
+def _strptime(text: str, fmt: str) -> _dt.datetime:
+    """``datetime.strptime`` with ``%b`` read as an English month abbreviation, whatever the
+    process locale (strptime's own %b follows LC_TIME: "Nov" fails under fr_FR); ValueError if not."""
+    if "%b" in fmt:
+        import re
+
+        found = re.search(r"[A-Za-z]+", text)
+        number = _MONTH_NUMBERS.get(found.group().lower()) if found else None
+        if found is None or number is None:
+            raise ValueError(f"no English month abbreviation in {text!r}")
+        text, fmt = text[:found.start()] + number + text[found.end():], fmt.replace("%b", "%m")
+    return _dt.datetime.strptime(text, fmt)
+
+
 def _ist(text: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> Optional[_dt.datetime]:
     """Parse a naive IST timestamp; blank and the "0001-01-01" placeholder give None."""
     if not text or not isinstance(text, str) or text.startswith("0001-01-01"):
         return None
     try:
-        return _dt.datetime.strptime(text, fmt).replace(tzinfo=IST)
+        return _strptime(text, fmt).replace(tzinfo=IST)
     except ValueError:
         log.warning("unparsed timestamp %r (expected %s)", text, fmt)
         return None
+
+
+def _declared_order(cls: Any, members: Iterable[Any]) -> Tuple[Any, ...]:
+    """``members`` of the enum ``cls`` in its declaration order, each once: brokers list a profile's
+    exchanges and products in orders of their own, and the tuples must compare equal across them."""
+    found = set(members)
+    return tuple(member for member in cls if member in found)
 
 
 def _reverse(mapping: Mapping[Any, str]) -> Dict[Any, Any]:
@@ -2643,38 +2692,56 @@ class _Memo(dict):
 
 def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
     value = headers.get("Retry-After") if headers else None
-    if value and value.strip().replace(".", "", 1).isdigit():
+    # Seconds only; anything else (an HTTP date, "²", which isdigit() accepts) is treated as absent.
+    if value and value.isascii() and value.strip().replace(".", "", 1).isdigit():
         return float(value)
     return None
 
 
-def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response") -> Any:
-    """The one check every broker reply passes: return the payload or raise the right error."""
+def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response", sent: Sequence[str] = ()) -> Any:
+    """The one check every broker reply passes: return the payload or raise the right error.
+
+    A body quoted in an error is shortened only after what was ``sent`` (tokens, keys) is
+    blanked out of it: cut first, a token straddling the cut would no longer be found whole.
+    """
     import json
 
+    where = f"{spec['id']} {name}"
+    if 300 <= resp.status < 400:  # the transport follows no redirect (see _Transport.request)
+        moved = BrokerError(f"{where}: HTTP {resp.status}, a redirect, which ttconnect does not follow (a proxy, a "
+                            "login portal or a wrong root URL in the way); check the configured URLs and the network",
+                            http_status=resp.status)
+        moved.unread_reply = True  # type: ignore[attr-defined]  # the request may have been acted on before it
+        raise moved
     text = resp.text or ""
     try:
         body = json.loads(text) if text.strip() else None
     except (ValueError, RecursionError):
         body = None
-    where = f"{spec['id']} {name}"
+    # A 2xx cut short or garbled: the broker took the request, what it did is unknown.
+    unread = 200 <= resp.status < 300
     if body is None:
         lowered = text.lower()
         retry_after = _retry_after(resp.headers)
         if resp.status == 429 or any(t in lowered for t in spec["rate_limit_texts"]):
-            err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(text, 80)}); slow down and retry",
+            err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(_scrub(text, sent), 80)}); slow down and retry",
                                                  http_status=resp.status)
+            unread = False  # refused, not processed
         elif not text.strip():
             err = BrokerError(f"{where}: empty response body with HTTP {resp.status}", http_status=resp.status,
                               retryable=resp.status >= 500)
         else:
-            err = BrokerError(f"{where}: HTTP {resp.status} with a non-JSON body: {_short(text, 120)}",
+            err = BrokerError(f"{where}: HTTP {resp.status} with a non-JSON body: {_short(_scrub(text, sent), 120)}",
                               http_status=resp.status, retryable=resp.status >= 500)
         err.retry_after = retry_after  # type: ignore[attr-defined]
+        err.unread_reply = unread  # type: ignore[attr-defined]
         raise err
     if not isinstance(body, dict):  # every broker wraps its replies in a JSON object
-        raise BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: {_short(text, 120)}",
+        odd = BrokerError(f"{where}: HTTP {resp.status} with an unexpected JSON body: "
+                          f"{_short(_scrub(text, sent), 120)}",
                           http_status=resp.status, retryable=resp.status >= 500)
+        odd.unread_reply = unread  # type: ignore[attr-defined]
+        raise odd
     reply = (route.envelope or spec["hooks"]["envelope"])(resp.status, body)
     if reply.ok:
         return reply.data
@@ -2862,10 +2929,11 @@ def _zerodha_exchange_token(call: _Call, config: Mapping[str, Any], now: float) 
 
     api_key, request_token = config["api_key"], config["request_token"]
     checksum = hashlib.sha256((api_key + request_token + config["api_secret"]).encode()).hexdigest()
-    data = _object(call("login", _Request(body={"api_key": api_key, "request_token": request_token, "checksum": checksum})))
-    return SessionData(broker="zerodha", mode=AuthMode.MANUAL, access_token=_str_field(data, "access_token"),
-                       refresh_token=data.get("refresh_token") or None, obtained_at=_dt.datetime.fromtimestamp(now, IST),
-                       user_id=str(data.get("user_id") or "") or None)
+    data = call("login", _Request(body={"api_key": api_key, "request_token": request_token, "checksum": checksum}))
+    token = _secret_field(data, "access_token", "zerodha login")
+    return SessionData(broker="zerodha", mode=AuthMode.MANUAL, access_token=token,
+                       refresh_token=_secret_field(data, "refresh_token", "zerodha login", required=False) or None,
+                       obtained_at=_dt.datetime.fromtimestamp(now, IST), user_id=str(data.get("user_id") or "") or None)
 
 
 def _zerodha_login_url(config: Mapping[str, Any], base: str) -> str:
@@ -2886,8 +2954,10 @@ def _zerodha_profile(ctx: _Ctx, data: Any) -> Profile:
     data = _object(data)
     return Profile(
         user_id=_str_field(data, "user_id"), name=str(data.get("user_name") or ""), email=data.get("email") or None,
-        broker="zerodha", exchanges=tuple(Exchange(e) for e in data.get("exchanges") or () if e in Exchange.__members__),
-        products=tuple(ProductType(p) for p in data.get("products") or () if p in ProductType.__members__), raw=data,
+        broker="zerodha",
+        exchanges=_declared_order(Exchange, (Exchange(e) for e in data.get("exchanges") or () if e in Exchange.__members__)),
+        products=_declared_order(ProductType, (ProductType(p) for p in data.get("products") or ()
+                                               if p in ProductType.__members__)), raw=data,
     )
 
 
@@ -3429,11 +3499,11 @@ def _angelone_raw_jwt(token: str) -> str:
     return token[len("Bearer "):].strip() if token.startswith("Bearer ") else token
 
 
-def _angelone_session(data: Any, now: float, client_id: Optional[str]) -> SessionData:
-    data = _object(data)
-    jwt = _angelone_raw_jwt(_str_field(data, "jwtToken"))
+def _angelone_session(data: Any, now: float, client_id: Optional[str], where: str) -> SessionData:
+    jwt = _angelone_raw_jwt(_secret_field(data, "jwtToken", where))
     return SessionData(broker="angelone", mode=AuthMode.AUTO, access_token=jwt,
-                       refresh_token=data.get("refreshToken") or None, feed_token=data.get("feedToken") or None,
+                       refresh_token=_secret_field(data, "refreshToken", where, required=False) or None,
+                       feed_token=_secret_field(data, "feedToken", where, required=False) or None,
                        obtained_at=_dt.datetime.fromtimestamp(now, IST), user_id=client_id)
 
 
@@ -3448,13 +3518,13 @@ def _angelone_login(call: _Call, config: Mapping[str, Any], now: float) -> Sessi
     except (ValueError, TypeError) as exc:  # binascii.Error (bad base32) is a ValueError
         raise ConfigurationError("config 'totp_secret' is not a base32 TOTP secret (the text under the QR code)") from exc
     data = call("login", _Request(body={"clientcode": config["client_id"], "password": config["pin"], "totp": code}))
-    return _angelone_session(data, now, config["client_id"])
+    return _angelone_session(data, now, config["client_id"], "angelone login")
 
 
 def _angelone_renew(call: _Call, config: Mapping[str, Any], session: SessionData, now: float) -> SessionData:
     """Trade the refresh token for a new JWT/feed token."""
     data = call("renew_token", _Request(body={"refreshToken": session.refresh_token}), session=session)
-    return _angelone_session(data, now, session.user_id)
+    return _angelone_session(data, now, session.user_id, "angelone renew_token")
 
 
 def _angelone_login_url(config: Mapping[str, Any], base: str) -> str:
@@ -3477,9 +3547,9 @@ def _angelone_profile(ctx: _Ctx, data: Any) -> Profile:
     # AngelOne lists segments as nse_cm, nse_fo, bse_cm, bse_fo, mcx_fo, cde_fo...
     segments = {"nse_cm": Exchange.NSE, "bse_cm": Exchange.BSE, "nse_fo": Exchange.NFO, "bse_fo": Exchange.BFO,
                 "mcx_fo": Exchange.MCX, "cde_fo": Exchange.CDS}
-    exchanges = tuple(dict.fromkeys(segments[e] for e in data.get("exchanges") or () if e in segments))
-    products = tuple(dict.fromkeys(_ANGEL_PRODUCT_OF.get(p) or ProductType(p) for p in data.get("products") or ()
-                                   if p in _ANGEL_PRODUCT_OF or p in ProductType.__members__))
+    exchanges = _declared_order(Exchange, (segments[e] for e in data.get("exchanges") or () if e in segments))
+    products = _declared_order(ProductType, (_ANGEL_PRODUCT_OF.get(p) or ProductType(p) for p in data.get("products") or ()
+                                             if p in _ANGEL_PRODUCT_OF or p in ProductType.__members__))
     return Profile(user_id=_str_field(data, "clientcode"), name=str(data.get("name") or "").strip(),
                    email=data.get("email") or None, broker="angelone", exchanges=exchanges, products=products, raw=data)
 
@@ -4033,10 +4103,11 @@ def _upstox_token_envelope(status: int, body: Dict[str, Any]) -> _Reply:
 def _upstox_exchange_code(call: _Call, config: Mapping[str, Any], now: float) -> SessionData:
     """Turn a login redirect's single-use ``code`` into an access token
     (https://upstox.com/developer/api-documentation/get-token)."""
-    data = _object(call("login", _Request(body={
+    data = call("login", _Request(body={
         "code": config["auth_code"], "client_id": config["api_key"], "client_secret": config["api_secret"],
-        "redirect_uri": config["redirect_uri"], "grant_type": "authorization_code"})))
-    return SessionData(broker="upstox", mode=AuthMode.MANUAL, access_token=_str_field(data, "access_token"),
+        "redirect_uri": config["redirect_uri"], "grant_type": "authorization_code"}))
+    token = _secret_field(data, "access_token", "upstox login")
+    return SessionData(broker="upstox", mode=AuthMode.MANUAL, access_token=token,
                        obtained_at=_dt.datetime.fromtimestamp(now, IST), user_id=str(data.get("user_id") or "") or None)
 
 
@@ -4134,7 +4205,7 @@ def _upstox_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
             text = row.get(field_)
             if isinstance(text, str) and text:
                 try:
-                    stamp = _dt.datetime.strptime(text, fmt).replace(tzinfo=IST)
+                    stamp = _strptime(text, fmt).replace(tzinfo=IST)
                     break
                 except ValueError:
                     continue
@@ -7404,10 +7475,13 @@ class _Transport:
         started = time.monotonic()
         deadline = started + self.timeout
         try:
+            # Never follows a redirect: requests would re-send a POST as a GET (a place_order read
+            # back as the order book) or re-send a login's password to whatever host it names.
             resp = self.session().request(method, url, headers=headers, params=params, data=form, json=json_body,
-                                          timeout=self.timeout, proxies=self._proxies(url), stream=True)
+                                          timeout=self.timeout, proxies=self._proxies(url), stream=True,
+                                          allow_redirects=False)
             with resp:
-                body = self._read(resp, deadline)
+                body = self._read(resp, deadline, method)
         except requests.RequestException as exc:
             sent = not _never_sent(exc)
             text = _scrub(str(exc), headers.values())
@@ -7427,28 +7501,40 @@ class _Transport:
             raise err
         if log.isEnabledFor(10):  # logging.DEBUG
             log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.monotonic() - started) * 1e3)
-        # Decoded here: Response.text would guess the charset (slowly) when none is declared.
-        return _Response(resp.status_code, resp.headers, body.decode(resp.encoding or "utf-8", "replace"))
+        # Decoded here: Response.text would guess the charset (slowly) when none is declared. A
+        # REST reply is JSON, which is UTF-8 (RFC 8259) whatever the Content-Type says (requests
+        # reads text/plain without a charset as latin-1); a byte-order mark some gateways add is dropped.
+        return _Response(resp.status_code, resp.headers, body.decode("utf-8-sig", "replace"))
 
-    @staticmethod
-    def _read(resp: "requests.Response", deadline: float) -> Optional[bytes]:
-        """The whole body, or None when it does not arrive by ``deadline``.
+    _MAX_REPLY = 64 << 20  # bytes of a REST reply, decoded: an order book of 100k rows is ~50 MB
+
+    @classmethod
+    def _read(cls, resp: "requests.Response", deadline: float, method: str) -> Optional[bytes]:
+        """The whole body, decoded (gzip, deflate), or None when it does not arrive by ``deadline``.
 
         Each socket read is bounded by the timeout already; reading chunk by chunk with one read
-        each (``read1``) lets the deadline bound the total too. urllib3 1.x lacks ``read1``: there
-        the body is read in one call, bounded per read only.
+        each (``read1``) lets the deadline bound the total too, and the size cap bounds what a
+        small compressed body may expand to. urllib3 1.x lacks ``read1``: there the body is read
+        in one call, bounded per read only.
         """
         raw = resp.raw
         read1 = getattr(raw, "read1", None)
         if read1 is None:  # pragma: no cover - urllib3 < 2
             return resp.content
         chunks: List[bytes] = []
+        size = 0
         while True:
             if time.monotonic() > deadline:
                 return None
-            chunk = read1(1 << 16)
+            chunk = read1(1 << 16, decode_content=True)
             if not chunk:
                 return b"".join(chunks)
+            size += len(chunk)
+            if size > cls._MAX_REPLY:
+                err = BrokerError(f"{method} {_path_of(resp.url)}: the reply is over {cls._MAX_REPLY >> 20} MiB "
+                                  "(decoded), more than any broker sends; it was not read", http_status=resp.status_code)
+                err.unread_reply = 200 <= resp.status_code < 300  # type: ignore[attr-defined]
+                raise err
             chunks.append(chunk)
 
     def download(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
@@ -7470,9 +7556,9 @@ class _Transport:
 
     def _download_once(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
         with self.session().get(url, headers=dict(headers), stream=True, timeout=self.timeout,
-                                proxies=self._proxies(url)) as resp:
+                                proxies=self._proxies(url), allow_redirects=False) as resp:
             if resp.status_code != 200:
-                snippet = _short(resp.text)
+                snippet = _short(_scrub(resp.text, headers.values()))
                 raise BrokerError(
                     f"GET {url} answered HTTP {resp.status_code}: {snippet}",
                     http_status=resp.status_code, retryable=resp.status_code >= 500,
@@ -8183,12 +8269,15 @@ class TTConnect:
         return limits
 
     def _session_store_option(self, cfg: Mapping[str, Any]) -> Any:
+        cache = cfg.get("cache_session", False)
+        if not isinstance(cache, bool):  # by truthiness, "false" from an .ini or env would write the token to disk
+            raise ConfigurationError(f"config 'cache_session' must be True or False, got {cache!r}")
         store = cfg.get("session_store")
         if store is not None:
             if not all(callable(getattr(store, m, None)) for m in ("load", "save", "clear")):
                 raise ConfigurationError("config 'session_store' must have load(), save(session) and clear() methods")
             return store
-        if cfg.get("cache_session"):
+        if cache:
             return _FileStore(os.path.join(self._cache_dir, f"{self.broker}_session.json"))
         return _MemoryStore()
 
@@ -8311,13 +8400,13 @@ class TTConnect:
         resp = self._transport.request(route.verb, self._urls[route.host] + path, headers, request.query,
                                        body if route.encoding == "form" else None,
                                        body if route.encoding == "json" else None)
+        # A reply can echo the request (a proxy's error page listing its headers, a login
+        # form's fields): nothing that was sent is quoted back.
+        sent = [*headers.values(), *(v for v in (body.values() if isinstance(body, Mapping) else ())
+                                     if isinstance(v, str))]
         try:
-            return _check_reply(self._spec, name, route, resp)
+            return _check_reply(self._spec, name, route, resp, sent)
         except TTConnectError as exc:
-            # A reply can echo the request (a proxy's error page listing its headers, a login
-            # form's fields): nothing that was sent is quoted back.
-            sent = [*headers.values(), *(v for v in (body.values() if isinstance(body, Mapping) else ())
-                                         if isinstance(v, str))]
             scrubbed = _scrub(exc.message, sent)
             if scrubbed != exc.message:
                 exc.message, exc.args = scrubbed, (scrubbed,)
@@ -8616,13 +8705,15 @@ class TTConnect:
         try:
             data = self._call("place_order", route, request)
         except (NetworkError, BrokerError) as exc:
-            if not (exc.retryable and getattr(exc, "maybe_sent", True)):
+            # Ambiguous: a failure after the order may have gone out, or a reply (a redirect, a
+            # 2xx cut short) that cannot say whether it was taken.
+            if not (exc.retryable and getattr(exc, "maybe_sent", True)) and not getattr(exc, "unread_reply", False):
                 raise
-            return [self._find_placed(req, exc, sent_at)]
+            return self._find_placed(req, exc, sent_at)
         try:
             placed = self._parse("place_order", route, data, None)
         except BrokerError as exc:  # accepted, but the reply names no order: find it by its tag
-            return [self._find_placed(req, exc, sent_at)]
+            return self._find_placed(req, exc, sent_at)
         ids = [placed] if isinstance(placed, str) else list(placed)
         ref = self._spec["hooks"].get("order_ref")
         if ref is not None and isinstance(data, Mapping) and ref(data):
@@ -8642,14 +8733,16 @@ class TTConnect:
             return False
         return order.placed_at is None or order.placed_at.timestamp() >= sent_at - self._CLOCK_SKEW
 
-    def _find_placed(self, req: _OrderRequest, cause: TTConnectError, sent_at: float) -> str:
-        """After an ambiguous failure: find the order by its tag instead of sending it again.
+    def _find_placed(self, req: _OrderRequest, cause: TTConnectError, sent_at: float) -> List[str]:
+        """After an ambiguous failure: find the order by its tag instead of sending it again; its id
+        (the ids of every slice, for an order the broker slices itself).
 
         The book is read four times over ~3.5 s (an OMS can take a moment to list an order). Only
         a book that was actually read and lacks the order counts as "not placed".
         """
         log.warning("%s place_order outcome unknown (%s); looking for tag %s", self.broker, cause.__class__.__name__, req.tag)
         read = False  # did the last, latest look-up succeed? only then can absence be believed
+        found: List[Order] = []
         for attempt in range(4):
             if attempt:
                 self._sleep(_backoff(attempt - 1))
@@ -8660,11 +8753,19 @@ class TTConnect:
                 read = False
                 continue
             read = True
-            for order in orders:
-                if self._is_placed(order, req, sent_at):
-                    log.info("%s order with tag %s was placed: %s", self.broker, req.tag, order.id)
-                    return order.id
+            found = [order for order in orders if self._is_placed(order, req, sent_at)]
+            # A natively sliced order is found once its slices add up to it (they may still be listing).
+            if found and (not req.native_slice or sum(order.qty for order in found) == req.qty):
+                ids = [order.id for order in found] if req.native_slice else [found[0].id]
+                log.info("%s order with tag %s was placed: %s", self.broker, req.tag, ", ".join(ids))
+                return ids
         what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
+        if found:
+            listed = ", ".join(f"{order.id} ({order.qty})" for order in found)
+            raise OrderError(
+                f"{what}; the broker sliced it, and the order book lists slices tagged {req.tag!r} of "
+                f"{sum(order.qty for order in found)} units, not {req.qty}: {listed}. Check the order book before "
+                "placing the rest", placed_ids=[order.id for order in found], retryable=False) from cause
         if not read:
             raise OrderError(
                 f"{what} and the order book could not be read (after the broker had time to list it) to find "
@@ -8677,6 +8778,9 @@ class TTConnect:
     def _live_order(self, order_id: str, action: str) -> Order:
         order_id = self._order_id(order_id)
         order = self.get_order(order_id)
+        if order.id != order_id:  # acting on it would change another order
+            raise BrokerError(f"{self.broker}: asked for order {order_id}, the broker answered with order {order.id}; "
+                              f"nothing was {action}: check the order book")
         if order.status not in _LIVE_STATUSES:
             raise OrderError(f"order {order_id} is {order.status.value}: only open orders can be {action}")
         return order
