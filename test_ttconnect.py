@@ -5918,6 +5918,50 @@ def test_a_lock_file_that_cannot_be_opened(tmp_path: Path, clock: FakeClock, cli
     assert any("serving the cached DB" in m for m in messages(caplog))
 
 
+# ----------------------------------------------------------------------------
+# 12.2a Hostile: masters and the instrument DB (adversarial pass, each case reproduced first)
+# ----------------------------------------------------------------------------
+
+
+def _kite_rows_db(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT rows FROM _meta WHERE broker_id = 'zerodha'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_gzip_master_cut_short_with_a_matching_length_keeps_the_old_db(tmp_path: Path, clock: FakeClock,
+                                                                          clients: list) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    rows = _kite_rows_db(tmp_path / "instruments.db")
+    body = gzip.compress(KITE_CSV)
+    clock.set(DAY2)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        # a proxy serving a partial object: the Content-Length matches the cut body
+        rs.get(URLS["zerodha"], body=body[: len(body) * 4 // 5], headers={"Content-Encoding": "gzip"})
+        expect(tt.BrokerError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock, sleep=clock.sleep),
+               "download truncated", "gzip", "kept untouched")
+        client = no_raw(lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn", clock=clock,
+                                     sleep=clock.sleep))
+    assert client.resolve(SBIN) == "779521"
+    assert _kite_rows_db(tmp_path / "instruments.db") == rows
+
+
+def test_a_whole_gzip_master_still_loads_and_another_encoding_is_refused(tmp_path: Path, clock: FakeClock,
+                                                                         clients: list) -> None:
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=gzip.compress(KITE_CSV), headers={"Content-Encoding": "gzip"})
+        client = kept(clients, "zerodha", cache_dir=str(tmp_path / "a"), clock=clock, sleep=clock.sleep)
+        assert rs.calls[0].request.headers["Accept-Encoding"] == "gzip"
+    assert client.resolve(SBIN) == "779521"
+    assert _kite_rows_db(tmp_path / "a" / "instruments.db") == client._instruments.loaded["rows"] > 10
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=b"\x00" * 64, headers={"Content-Encoding": "br"})
+        expect(tt.BrokerError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path / "b"), clock=clock,
+                                            sleep=clock.sleep), "Content-Encoding 'br'")
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

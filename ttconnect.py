@@ -7387,13 +7387,15 @@ class _Transport:
     def download(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
         """Stream ``url`` into ``dest``; retry connection failures; return the byte count."""
         requests = _import_requests()
+        import urllib3.exceptions as urllib3_errors  # loaded with requests
         attempt = 0
         while True:
             try:
                 return self._download_once(url, dest, headers)
-            except requests.RequestException as exc:
+            except (requests.RequestException, urllib3_errors.HTTPError) as exc:  # urllib3's: the raw body reads
                 if attempt >= self.max_retries:
-                    cut = " (the body was cut short: truncated)" if isinstance(exc, requests.exceptions.ChunkedEncodingError) else ""
+                    cut_short = (requests.exceptions.ChunkedEncodingError, urllib3_errors.ProtocolError)
+                    cut = " (the body was cut short: truncated)" if isinstance(exc, cut_short) else ""
                     raise NetworkError(f"download of {_path_of(url)} failed{cut}: {exc.__class__.__name__}: "
                                        f"{_short(_scrub(str(exc), headers.values()))}") from None
                 delay = _backoff(attempt)
@@ -7402,22 +7404,45 @@ class _Transport:
                 attempt += 1
 
     def _download_once(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
-        with self.session().get(url, headers=dict(headers), stream=True, timeout=self.timeout,
-                                proxies=self._proxies(url)) as resp:
+        import zlib
+
+        # Only gzip is asked for, and it is inflated here rather than by urllib3, whose decoder
+        # never checks that the stream reached its end: a gzip body cut short (a Content-Length
+        # to match) would read as a complete, shorter master, and a CSV has no end marker.
+        with self.session().get(url, headers={"Accept-Encoding": "gzip", **headers}, stream=True,
+                                timeout=self.timeout, proxies=self._proxies(url)) as resp:
             if resp.status_code != 200:
                 snippet = _short(resp.text)
                 raise BrokerError(
                     f"GET {url} answered HTTP {resp.status_code}: {snippet}",
                     http_status=resp.status_code, retryable=resp.status_code >= 500,
                 )
-            size = 0
+            coding = resp.headers.get("Content-Encoding", "").strip().lower()
+            if coding in ("gzip", "x-gzip"):
+                inflate: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            elif coding in ("", "identity"):
+                inflate = None
+            else:
+                raise _MasterFormatError(f"the master came with Content-Encoding {_short(coding, 40)!r}; "
+                                         "only gzip (or none) was asked for")
+            received = size = 0
             with open(dest, "wb") as out:
-                for chunk in resp.iter_content(chunk_size=1 << 18):
+                for chunk in resp.raw.stream(1 << 18, decode_content=False):
+                    received += len(chunk)
+                    if inflate is not None:
+                        if inflate.eof:
+                            raise _MasterFormatError("data after the end of the gzip body")
+                        try:
+                            chunk = inflate.decompress(chunk)
+                        except zlib.error as exc:
+                            raise _MasterFormatError(f"not a readable gzip body ({exc})") from None
                     out.write(chunk)
                     size += len(chunk)
-            expected = resp.headers.get("Content-Length")
-            if expected and expected.isdigit() and not resp.headers.get("Content-Encoding") and int(expected) != size:
-                raise _MasterFormatError(f"download truncated: got {size} of {expected} bytes")
+            expected = resp.headers.get("Content-Length")  # the bytes on the wire, before inflating
+            if expected and expected.isdigit() and int(expected) != received:
+                raise _MasterFormatError(f"download truncated: got {received} of {expected} bytes")
+            if inflate is not None and not inflate.eof:
+                raise _MasterFormatError(f"download truncated: the gzip body stops before its end ({received} bytes)")
             return size
 
     def close(self) -> None:
