@@ -5962,6 +5962,54 @@ def test_a_whole_gzip_master_still_loads_and_another_encoding_is_refused(tmp_pat
                                             sleep=clock.sleep), "Content-Encoding 'br'")
 
 
+def _with_rows(broker: str, extra: List[Any]) -> bytes:
+    """``broker``'s fixture master with ``extra`` rows appended (CSV lines for Kite, objects else)."""
+    if broker == "zerodha":
+        return KITE_CSV.rstrip(b"\n") + b"\n" + "".join(line + "\n" for line in extra).encode()
+    if broker == "angelone":
+        return json.dumps(json.loads(ANGEL_JSON) + extra).encode()
+    return gzip.compress(json.dumps(json.loads(gzip.decompress(UPSTOX_GZ)) + extra).encode())
+
+
+_FIXTURE = {"zerodha": KITE_CSV, "angelone": ANGEL_JSON, "upstox": UPSTOX_GZ}
+_ZERO_LOT_OR_TICK = {  # an option with lot 0, its put with tick 0, an equity with lot 0
+    "zerodha": ['99001,1,NIFTY26NOV24000CE,"NIFTY",0,2026-11-24,24000,0.05,0,CE,NFO-OPT,NFO',
+                '99002,2,NIFTY26NOV24000PE,"NIFTY",0,2026-11-24,24000,0,65,PE,NFO-OPT,NFO',
+                '99003,3,ZEROLOT,"ZERO LOT",0,,0,0.05,0,EQ,NSE,NSE'],
+    "angelone": [
+        {"token": "99001", "symbol": "NIFTY24NOV2624000CE", "name": "NIFTY", "expiry": "24NOV2026",
+         "strike": "2400000.000000", "lotsize": "0", "instrumenttype": "OPTIDX", "exch_seg": "NFO", "tick_size": "5.000000"},
+        {"token": "99002", "symbol": "NIFTY24NOV2624000PE", "name": "NIFTY", "expiry": "24NOV2026",
+         "strike": "2400000.000000", "lotsize": "65", "instrumenttype": "OPTIDX", "exch_seg": "NFO", "tick_size": "0.000000"},
+        {"token": "99003", "symbol": "ZEROLOT-EQ", "name": "ZEROLOT", "expiry": "", "strike": "-1.000000", "lotsize": "0",
+         "instrumenttype": "", "exch_seg": "NSE", "tick_size": "5.000000"}],
+    "upstox": [
+        {"segment": "NSE_FO", "name": "NIFTY", "expiry": 1795544999000, "instrument_type": "CE", "underlying_symbol": "NIFTY",
+         "instrument_key": "NSE_FO|99001", "lot_size": 0, "tick_size": 5.0, "underlying_type": "INDEX",
+         "trading_symbol": "NIFTY 24000 CE 24 NOV 26", "strike_price": 24000.0},
+        {"segment": "NSE_FO", "name": "NIFTY", "expiry": 1795544999000, "instrument_type": "PE", "underlying_symbol": "NIFTY",
+         "instrument_key": "NSE_FO|99002", "lot_size": 65, "tick_size": 0.0, "underlying_type": "INDEX",
+         "trading_symbol": "NIFTY 24000 PE 24 NOV 26", "strike_price": 24000.0},
+        {"segment": "NSE_EQ", "name": "ZERO LOT", "instrument_type": "EQ", "instrument_key": "NSE_EQ|INE000Z01010",
+         "lot_size": 0, "tick_size": 5.0, "trading_symbol": "ZEROLOT"}],
+}
+
+
+@pytest.mark.parametrize("broker", sorted(_ZERO_LOT_OR_TICK))
+def test_a_traded_row_with_lot_or_tick_0_is_malformed(broker: str, tmp_path: Path, clock: FakeClock,
+                                                     clients: list) -> None:
+    plain = open_client(clients, broker, tmp_path / "plain", clock, _FIXTURE[broker])._instruments.loaded
+    client = open_client(clients, broker, tmp_path, clock, _with_rows(broker, _ZERO_LOT_OR_TICK[broker]))
+    loaded = client._instruments.loaded
+    assert (loaded["rows"], loaded["malformed"]) == (plain["rows"], plain["malformed"] + 3)
+    for option_type in ("CE", "PE"):
+        expect(tt.InstrumentNotFoundError, lambda: tt.Option("NFO", "NIFTY", "2026-11-24", 24000, option_type),
+               "strike 24000 not listed")
+    expect(tt.InstrumentNotFoundError, lambda: tt.Equity("NSE", "ZEROLOT"), "no equity 'ZEROLOT'")
+    assert client.lot_size(tt.Option("NFO", "NIFTY", "2026-11-24", 23400, "CE")) == 65  # its neighbours still load
+    assert client.lot_size(tt.Index("NSE", "NIFTY")) in (0, 1)  # index rows may carry 0 (Angel says 1)
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

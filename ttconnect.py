@@ -2434,6 +2434,12 @@ def _tick(raw: str) -> float:
     return value
 
 
+def _untradable(lot: int, tick: float) -> ValueError:
+    """The error of a traded row (equity or derivative) with a lot or tick of 0: only index rows
+    may carry them, and an order on such a row would skip the lot and tick checks."""
+    return ValueError(f"lot size {lot} or tick size {tick:g} is 0 on a traded instrument")
+
+
 def _whole(value: Any, what: str) -> int:
     """A count from JSON: an int, or a float with no fraction (freeze quantities come as 1800.0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not 0 <= value <= _MAX_QTY \
@@ -2785,6 +2791,8 @@ def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_M
             lot = lots[row[c_lot]]
             tick = ticks[row[c_tick]]
             if itype == "CE" or itype == "PE" or itype == "FUT":
+                if not (lot and tick):
+                    raise _untradable(lot, tick)
                 name = row[c_name]
                 underlying = underlyings.get(name)
                 if underlying is None:
@@ -2800,6 +2808,8 @@ def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_M
                 yield ("I", exchange, _canonical_index_symbol(tsym), row[c_name] or tsym, lot, tick, token, tsym,
                        None, None, None, None, 0)
             elif itype == "EQ":
+                if not (lot and tick):
+                    raise _untradable(lot, tick)
                 yield ("E", exchange, tsym.upper(), row[c_name] or tsym, lot, tick, token, tsym, None, None, None, None, 0)
             else:
                 raise ValueError(f"unknown instrument_type {itype!r}")
@@ -3326,6 +3336,8 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
             tick = _tick(obj["tick_size"]) / 100
             # Older rows lack it; "0" (indices) means none is known.
             freeze = _lot(obj.get("freeze_qty") or "0")
+            if not (lot and tick) and (exchange not in cash or kind != "I"):
+                raise _untradable(lot, tick)
             if exchange in cash:
                 if kind == "I":
                     yield ("I", exchange, _canonical_index_symbol(name or bsym), name or bsym, lot, tick, token, bsym,
@@ -3930,6 +3942,8 @@ def _upstox_rows(objects: Iterator[Any], stats: _LoadStats) -> Iterator[_MasterR
             lot = _whole(obj["lot_size"], "lot_size")
             tick = _tick(str(obj["tick_size"])) / 100  # paise
             freeze = _whole(obj.get("freeze_quantity") or 0, "freeze_quantity")
+            if not (lot and tick):  # index rows were filed above
+                raise _untradable(lot, tick)
             if segment.endswith("_EQ"):
                 # NSE shows the series only in instrument_type: other series keep it as a suffix.
                 symbol = tsym if segment == "BSE_EQ" or itype == "EQ" else f"{tsym}-{itype}"
