@@ -301,13 +301,15 @@ def test_duplicate_canonical_rows_are_counted(symbol: str, token: str, instrumen
         assert kite.refresh_instruments()["duplicates"] == 1
 
 
-def test_an_equity_spelled_like_an_index_shares_its_id(tmp_path: Path, clock: FakeClock, clients: list) -> None:
-    """A cash row with an index's canonical key (NSE:NIFTY listed as an equity too) is the same id: both types are
-    filed, the first row's instrument and token stay, and the later row counts as a duplicate."""
+def test_an_equity_spelled_like_an_index_is_refused(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    """A cash row with an index's canonical key (NSE:NIFTY listed as an equity too) would share its id, and so
+    resolve to the index's token: the later row counts as malformed, the first row's instrument and token stay."""
     body = KITE_CSV + b'999001,9,NIFTY,"NIFTY EQ",0,,0,0.05,1,EQ,NSE,NSE\n'
     kite = open_client(clients, "zerodha", tmp_path, clock, body)
-    assert kite._instruments.loaded is not None and kite._instruments.loaded["duplicates"] == 1
-    tt.Equity(exchange="NSE", symbol="NIFTY")  # exists: construction checks the open client's DB
+    assert kite._instruments.loaded is not None
+    assert (kite._instruments.loaded["duplicates"], kite._instruments.loaded["malformed"]) == (0, 2)  # 1: the fixture's
+    with pytest.raises(tt.InstrumentNotFoundError):
+        tt.Equity(exchange="NSE", symbol="NIFTY")  # construction checks the open client's DB
     assert kite.resolve(tt.Index(exchange="NSE", symbol="NIFTY")) == "256265"
     assert kite.lot_size(tt.Index(exchange="NSE", symbol="NIFTY")) == 0  # the index row's, listed first
 
@@ -6008,6 +6010,23 @@ def test_a_traded_row_with_lot_or_tick_0_is_malformed(broker: str, tmp_path: Pat
     expect(tt.InstrumentNotFoundError, lambda: tt.Equity("NSE", "ZEROLOT"), "no equity 'ZEROLOT'")
     assert client.lot_size(tt.Option("NFO", "NIFTY", "2026-11-24", 23400, "CE")) == 65  # its neighbours still load
     assert client.lot_size(tt.Index("NSE", "NIFTY")) in (0, 1)  # index rows may carry 0 (Angel says 1)
+
+
+def test_an_index_and_an_equity_of_one_name_never_share_a_token(tmp_path: Path, clock: FakeClock, clients: list,
+                                                               caplog: Any) -> None:
+    # Their keys are equal (BSE|METAL): the second row would file under the first's id and resolve
+    # to its token. It is refused, loudly.
+    plain = open_client(clients, "zerodha", tmp_path / "plain", clock, KITE_CSV)._instruments.loaded
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    client = open_client(clients, "zerodha", tmp_path, clock, _with_rows("zerodha", [
+        '265,1,METAL,"METAL",0,,0,0,0,EQ,INDICES,BSE',
+        '128000001,500001,METAL,"METAL LTD",0,,0,0.05,1,EQ,BSE,BSE',
+    ]))
+    loaded = client._instruments.loaded
+    assert (loaded["rows"], loaded["malformed"]) == (plain["rows"] + 1, plain["malformed"] + 1)
+    assert client.resolve(tt.Index("BSE", "METAL")) == "265"
+    expect(tt.InstrumentNotFoundError, lambda: tt.Equity("BSE", "METAL"), "no equity 'METAL'")
+    assert any("BSE:METAL" in m and "token 265" in m and "token 128000001" in m for m in messages(caplog))
 
 
 # ============================================================================

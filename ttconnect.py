@@ -1305,7 +1305,7 @@ class _Loader:
 
     def __init__(self, conn: sqlite3.Connection, broker_id: str, stats: _LoadStats) -> None:
         self.conn, self.broker_id, self.stats = conn, broker_id, stats
-        self.cash_seen: set = set()
+        self.cash_seen: Dict[int, Tuple[str, str]] = {}  # id -> (kind, token) of the cash row filed under it
         self.pending: Dict[int, Tuple[str, str, str]] = {}  # id -> (kind, exchange, symbol)
         # in master order, like the stage: a duplicate's first row is the one kept
         self.indices: List[Tuple[int]] = []
@@ -1353,9 +1353,21 @@ class _Loader:
             else:
                 uid = None
                 iid = _instrument_id(f"{row[1]}|{row[2]}")
-                cash_seen.add(iid)
+                first = cash_seen.setdefault(iid, (kind, row[6]))
+                if first[0] != kind:  # an index and an equity of one name share an id (and would share a token)
+                    self._clash(row, first)
+                    continue
                 (self.indices if kind == "I" else self.equities).append((iid,))
             yield (iid, uid) + row[1:9] + row[10:]
+
+    def _clash(self, row: _MasterRow, first: Tuple[str, str]) -> None:
+        """Count the second of an index and an equity of one name as malformed, always loudly:
+        their keys are equal, so each would resolve to the token of whichever row came first."""
+        self.stats.malformed += 1
+        kinds = {"I": "an index", "E": "an equity"}
+        log.warning("instrument master: %s:%s is listed as %s (token %s) and as %s (token %s); the two would share one "
+                    "instrument id, so the second row was skipped as malformed", row[1], row[2], kinds[first[0]],
+                    first[1], kinds[row[0]], row[6])
 
     def _underlying(self, underlyings: Dict[Tuple[str, str], int], row: _MasterRow) -> int:
         und_exchange = _UNDERLYING_CODE[row[1]]
