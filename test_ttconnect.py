@@ -6029,6 +6029,47 @@ def test_an_index_and_an_equity_of_one_name_never_share_a_token(tmp_path: Path, 
     assert any("BSE:METAL" in m and "token 265" in m and "token 128000001" in m for m in messages(caplog))
 
 
+def _die_mid_write(db: Path) -> None:
+    """A process killed (SIGKILL) while it builds indexes in place: its hot journal stays behind."""
+    script = textwrap.dedent(f"""
+        import os, sqlite3
+        w = sqlite3.connect({str(db)!r}, isolation_level=None)
+        w.execute("PRAGMA cache_size = 1")  # spill pages into the file before the commit, as a big master does
+        w.execute("BEGIN")
+        w.execute("CREATE INDEX ix_broker_tokens_symbol ON broker_tokens(broker_symbol)")
+        w.execute("CREATE INDEX ix_broker_tokens_token ON broker_tokens(token)")
+        os.kill(os.getpid(), 9)
+    """)
+    subprocess.run([sys.executable, "-c", script], timeout=20)
+    assert (db.parent / (db.name + "-journal")).stat().st_size > 0
+
+
+def test_a_hot_journal_left_by_a_killed_process_is_rolled_back_at_start(tmp_path: Path, clock: FakeClock,
+                                                                        clients: list) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    db = tmp_path / "instruments.db"
+    _die_mid_write(db)
+    client = no_raw(lambda: open_client(clients, "zerodha", tmp_path, clock))  # same day: nothing to download
+    assert client.resolve(SBIN) == "779521"
+    assert tt.Equity("NSE", "SBIN") in client.search("SB")
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]  # not moved aside
+    client.close()
+    db.unlink()  # a journal whose file is gone must not pair with the next one
+    (tmp_path / "instruments.db-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + b"\x00" * 504)
+    client = no_raw(lambda: open_client(clients, "zerodha", tmp_path, clock, KITE_CSV))
+    assert client.resolve(SBIN) == "779521"
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+
+
+def test_a_hot_journal_left_after_a_client_opened_is_rolled_back_at_its_look_up(tmp_path: Path, clock: FakeClock,
+                                                                                clients: list) -> None:
+    client = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    _die_mid_write(tmp_path / "instruments.db")
+    assert tt.Equity("NSE", "SBIN") in no_raw(lambda: client.search("SB"))
+    assert client.resolve(tt.Equity("BSE", "SBIN")) == "128028676"
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

@@ -1437,6 +1437,31 @@ class _InstrumentStore:
 
     # -- health and metadata -------------------------------------------------------------
 
+    def roll_back_journal(self) -> None:
+        """Undo what a writer killed mid-change left (a hot journal); the caller holds the file lock.
+
+        Only a read-write connection can: every read-only one fails ("attempt to write a readonly
+        database"), for good. A journal whose file is gone is stale: a new file beside it would be
+        "rolled back" with the old file's pages.
+        """
+        import sqlite3
+
+        journal = self.path + "-journal"
+        if not os.path.exists(journal):
+            return
+        if not os.path.exists(self.path):
+            log.warning("instrument store: removed %s, left without its database", journal)
+            _remove_quietly(journal)
+            return
+        try:
+            writer = sqlite3.connect("file:" + _sqlite_uri_path(self.path) + "?mode=rw", uri=True, timeout=30)
+            try:
+                writer.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the first read plays the journal back
+            finally:
+                writer.close()
+        except sqlite3.Error as exc:  # the check that follows finds the file unusable and moves both aside
+            log.warning("instrument store: could not roll back %s (%s)", journal, exc)
+
     def check(self) -> Dict[str, Tuple[str, int, str]]:
         """Return {broker: (refreshed_at, rows, source)}; raise _CorruptStore if the file is damaged."""
         import sqlite3
@@ -1871,6 +1896,8 @@ class _Instruments:
 
     def _state(self, repair: bool) -> Optional[Dict[str, Tuple[str, int, str]]]:
         """Return the store's per-broker metadata, None if there is no usable file."""
+        if repair:  # the caller holds the file lock
+            self.store.roll_back_journal()
         if not os.path.exists(self.store.path):
             return None
         try:
@@ -1887,6 +1914,9 @@ class _Instruments:
         self.store.close()
         self.store.closed = False
         os.replace(self.store.path, aside)
+        journal = self.store.path + "-journal"
+        if os.path.exists(journal):  # it goes with its file: next to a new one it would "roll back" that one
+            os.replace(journal, aside + "-journal")
         self.store.reopen()
 
     def _is_fresh(self, state: Optional[Dict[str, Tuple[str, int, str]]]) -> bool:
@@ -2011,9 +2041,17 @@ class _Instruments:
             return query(*args)
         except sqlite3.Error as exc:
             why = str(exc)
-            if not any(w in why.lower() for w in ("malformed", "not a database", "no such table", "corrupt")):
-                raise ConfigurationError(f"the instrument DB {self.store.path!r} cannot be read ({why})") from None
-            log.warning("instrument store %s found damaged at a look-up (%s); rebuilding it", self.store.path, why)
+        if "readonly" in why and os.path.exists(self.store.path + "-journal"):
+            # another process died mid-change after this one opened the file: roll its journal back, read again
+            with _FileLock(self.store.path + ".lock"):
+                self.store.roll_back_journal()
+            try:
+                return query(*args)
+            except sqlite3.Error as exc:
+                why = str(exc)
+        if not any(w in why.lower() for w in ("malformed", "not a database", "no such table", "corrupt")):
+            raise ConfigurationError(f"the instrument DB {self.store.path!r} cannot be read ({why})") from None
+        log.warning("instrument store %s found damaged at a look-up (%s); rebuilding it", self.store.path, why)
         try:
             with _FileLock(self.store.path + ".lock"):
                 if os.path.exists(self.store.path):
