@@ -6070,6 +6070,31 @@ def test_a_hot_journal_left_after_a_client_opened_is_rolled_back_at_its_look_up(
     assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
 
 
+def test_a_db_locked_by_another_program_is_not_moved_aside(tmp_path: Path, clock: FakeClock, clients: list,
+                                                           monkeypatch: Any) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    db = tmp_path / "instruments.db"
+    before = file_digest(db)
+    monkeypatch.setattr(tt, "_DB_BUSY_TIMEOUT", 0.05)
+    other = sqlite3.connect(db, isolation_level=None)  # a DB browser in the middle of a write
+    other.execute("BEGIN EXCLUSIVE")
+    clock.set(DAY2)
+    try:
+        with no_request():
+            err = expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn",
+                                                             clock=clock, sleep=clock.sleep),
+                         "locked by another program", "retry")
+        assert err.retryable
+        assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert file_digest(db) == before
+    client = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)  # once released, the refresh goes ahead
+    assert client.resolve(SBIN) == "779521"
+    assert _kite_rows_db(db) == client._instruments.loaded["rows"]
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

@@ -1247,6 +1247,18 @@ class _CorruptStore(Exception):
     pass
 
 
+class _BusyStore(Exception):
+    """The file is locked by another program (a DB browser, a backup): transient, not damage."""
+
+
+# How long a connection waits for another program's lock on the file before giving up.
+_DB_BUSY_TIMEOUT = 5.0
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)  # SQLITE_BUSY, SQLITE_LOCKED
+
+
 class _LoadStats:
     """What one master load did: rows filed, rows skipped by segment, malformed rows."""
 
@@ -1413,7 +1425,7 @@ class _InstrumentStore:
         uri = "file:" + _sqlite_uri_path(self.path) + "?mode=ro"
         # Each connection is used by its own thread only; check_same_thread is off so that
         # close() can release the other threads' handles too.
-        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=_DB_BUSY_TIMEOUT)
 
     def _forget(self, conn: sqlite3.Connection) -> None:
         with self._lock:
@@ -1454,7 +1466,8 @@ class _InstrumentStore:
             _remove_quietly(journal)
             return
         try:
-            writer = sqlite3.connect("file:" + _sqlite_uri_path(self.path) + "?mode=rw", uri=True, timeout=30)
+            writer = sqlite3.connect("file:" + _sqlite_uri_path(self.path) + "?mode=rw", uri=True,
+                                     timeout=_DB_BUSY_TIMEOUT)
             try:
                 writer.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the first read plays the journal back
             finally:
@@ -1463,7 +1476,8 @@ class _InstrumentStore:
             log.warning("instrument store: could not roll back %s (%s)", journal, exc)
 
     def check(self) -> Dict[str, Tuple[str, int, str]]:
-        """Return {broker: (refreshed_at, rows, source)}; raise _CorruptStore if the file is damaged."""
+        """Return {broker: (refreshed_at, rows, source)}; raise _CorruptStore if the file is damaged,
+        _BusyStore if another program holds a lock on it (longer than the busy timeout)."""
         import sqlite3
 
         try:
@@ -1476,6 +1490,8 @@ class _InstrumentStore:
             if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
                 raise _CorruptStore("schema version differs")
             rows = conn.execute("SELECT broker_id, refreshed_at, rows, source FROM _meta").fetchall()
+        except sqlite3.OperationalError as exc:
+            raise (_BusyStore if _is_busy(exc) else _CorruptStore)(str(exc)) from exc
         except sqlite3.DatabaseError as exc:
             raise _CorruptStore(str(exc)) from exc
         # A record edited or damaged by hand reads as never refreshed (so the master is loaded again).
@@ -1902,6 +1918,11 @@ class _Instruments:
             return None
         try:
             return self.store.check()
+        except _BusyStore as exc:  # never moved aside: the lock goes when the other program is done
+            raise ConfigurationError(
+                f"the instrument DB {self.store.path!r} is locked by another program ({exc}, for over "
+                f"{_DB_BUSY_TIMEOUT:g} s): close what holds it (a DB browser, a backup, a sqlite3 shell) and retry",
+                retryable=True) from None
         except _CorruptStore as exc:
             if not repair:
                 return None
