@@ -6095,6 +6095,18 @@ def test_a_db_locked_by_another_program_is_not_moved_aside(tmp_path: Path, clock
     assert _kite_rows_db(db) == client._instruments.loaded["rows"]
 
 
+def test_a_kite_derivative_on_a_cash_exchange_is_malformed(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    plain = open_client(clients, "zerodha", tmp_path / "plain", clock, KITE_CSV)._instruments.loaded
+    odd = _with_rows("zerodha", ['99990010,390010,ODDFUT,"SBIN",0,2026-11-24,0,0.05,1,FUT,NSE,NSE',
+                                 '99990011,390011,ODDEQ,"ODD EQ",0,,0,0.05,1,EQ,NFO-OPT,NFO'])
+    client = no_raw(lambda: open_client(clients, "zerodha", tmp_path, clock, odd))
+    assert client._instruments.loaded == dict(plain, malformed=plain["malformed"] + 2)
+    with responses.RequestsMock() as rs:  # the same through refresh_instruments()
+        rs.get(URLS["zerodha"], body=odd)
+        assert no_raw(client.refresh_instruments)["malformed"] == plain["malformed"] + 2
+    assert client.resolve(SBIN) == "779521"
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

@@ -2864,6 +2864,8 @@ def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_M
             if itype == "CE" or itype == "PE" or itype == "FUT":
                 if not (lot and tick):
                     raise _untradable(lot, tick)
+                if exchange not in _UNDERLYING_CODE:
+                    raise ValueError(f"a {itype} row on the cash exchange {exchange}")
                 name = row[c_name]
                 underlying = underlyings.get(name)
                 if underlying is None:
@@ -2875,6 +2877,8 @@ def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_M
                     strike = strikes[row[c_strike]]
                     yield ("O", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]],
                            underlying[1], strike, itype, 0)
+            elif exchange in _UNDERLYING_CODE:
+                raise ValueError(f"a {itype} row on the derivatives exchange {exchange}")
             elif row[c_seg] == "INDICES":
                 yield ("I", exchange, _canonical_index_symbol(tsym), row[c_name] or tsym, lot, tick, token, tsym,
                        None, None, None, None, 0)
