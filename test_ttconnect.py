@@ -6107,6 +6107,30 @@ def test_a_kite_derivative_on_a_cash_exchange_is_malformed(tmp_path: Path, clock
     assert client.resolve(SBIN) == "779521"
 
 
+@pytest.mark.parametrize("broker", ["angelone", "upstox"])
+def test_a_json_master_element_that_never_closes_is_refused_early(broker: str, tmp_path: Path, clock: FakeClock,
+                                                                  clients: list) -> None:
+    never_closes = b'[{"token": "' + b"x" * 300_000  # the buffer used to grow (and be rescanned) to the end
+    body = gzip.compress(never_closes) if broker == "upstox" else never_closes
+    with responses.RequestsMock() as rs:
+        rs.get(URLS[broker], body=body)
+        expect(tt.BrokerError, lambda: kept(clients, broker, cache_dir=str(tmp_path), clock=clock, sleep=clock.sleep),
+               "65,536 characters without closing")
+
+
+def test_a_json_master_past_the_size_cap_is_refused(tmp_path: Path, clock: FakeClock, clients: list,
+                                                    monkeypatch: Any) -> None:
+    monkeypatch.setattr(tt, "_MAX_MASTER_BYTES", 60_000)
+    readable = gzip.decompress(UPSTOX_GZ)
+    assert len(readable) < 60_000
+    assert open_client(clients, "upstox", tmp_path / "a", clock, UPSTOX_GZ).resolve(tt.Equity("NSE", "RELIANCE"))
+    bomb = gzip.compress(b"[" + b" " * 100_000 + readable.lstrip()[1:])  # valid JSON, inflating past the cap
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["upstox"], body=bomb)
+        expect(tt.BrokerError, lambda: kept(clients, "upstox", cache_dir=str(tmp_path / "b"), clock=clock,
+                                            sleep=clock.sleep), "over 60,000 bytes of JSON")
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

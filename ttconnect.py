@@ -2519,11 +2519,20 @@ def _whole(value: Any, what: str) -> int:
     return int(value)
 
 
+# Bounds of a master, far above the real ones (the CSV one ~10 MB, the JSON ones ~35-60 MB
+# inflated, ~120k rows; a row is under 1 KB): what passes them is a gzip bomb or a row that
+# never closes, refused before it fills the disk or memory.
+_MAX_MASTER_BYTES = 256 << 20  # inflated, as a parser reads it
+_MAX_MASTER_ROW = 64 << 10  # characters of one JSON array element
+
+
 def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
     """Yield the elements of a top-level JSON array without holding the whole document.
 
     Each chunk's complete objects are decoded by one ``json.loads`` (C speed); a chunk whose
-    cut falls inside a string falls back to decoding object by object.
+    cut falls inside a string falls back to decoding object by object. What is left over
+    between chunks is one incomplete element, so an element that never closes (or a document
+    past _MAX_MASTER_BYTES) is refused instead of growing and rescanning the buffer.
     """
     import json
 
@@ -2531,8 +2540,12 @@ def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
     raw_decode = json.JSONDecoder().raw_decode
     buf = ""
     started = False
+    total = 0
     while True:
         chunk = f.read(chunk_size)
+        total += len(chunk)
+        if total > _MAX_MASTER_BYTES:
+            raise _MasterFormatError(f"over {_MAX_MASTER_BYTES:,} bytes of JSON, far more than any real master")
         try:
             buf += decoder.decode(chunk, final=not chunk)
         except UnicodeDecodeError as exc:
@@ -2542,6 +2555,7 @@ def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
             if not stripped:
                 if not chunk:
                     raise _MasterFormatError("the file is empty")
+                buf = ""
                 continue
             if stripped[0] != "[":
                 raise _MasterFormatError(f"not a JSON array (starts {stripped[:60]!r})")
@@ -2568,6 +2582,10 @@ def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
                 rest = part[pos:] + buf[cut + 1:]
             yield from items
             buf = rest
+        buf = buf.lstrip(" \t\r\n,")
+        if len(buf) > _MAX_MASTER_ROW:
+            raise _MasterFormatError(f"the JSON array is truncated or malformed: an element runs past "
+                                     f"{_MAX_MASTER_ROW:,} characters without closing (starts {buf[:60]!r})")
         if not chunk:
             tail = buf.strip(" \t\r\n,")
             if tail != "]":
