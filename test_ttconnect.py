@@ -6131,6 +6131,32 @@ def test_a_json_master_past_the_size_cap_is_refused(tmp_path: Path, clock: FakeC
                                             sleep=clock.sleep), "over 60,000 bytes of JSON")
 
 
+@pytest.mark.parametrize("encoded", [True, False], ids=["gzip-bomb", "plain"])
+def test_a_master_download_past_the_size_cap_is_stopped_there(encoded: bool, tmp_path: Path, clock: FakeClock,
+                                                               clients: list, monkeypatch: Any) -> None:
+    monkeypatch.setattr(tt, "_MAX_MASTER_BYTES", 50_000)
+    written: List[int] = []  # what the partial download held when it was removed
+    remove = tt._remove_quietly
+
+    def measured(path: str) -> None:
+        if path.endswith(".download") and os.path.exists(path):
+            written.append(os.path.getsize(path))
+        remove(path)
+
+    monkeypatch.setattr(tt, "_remove_quietly", measured)
+    assert open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).resolve(SBIN) == "779521"  # under the cap
+    big = KITE_CSV.split(b"\n", 1)[0] + b"\n" + b"1" * 400_000
+    clock.set(DAY2)
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=gzip.compress(big) if encoded else big,
+               headers={"Content-Encoding": "gzip"} if encoded else {})
+        expect(tt.BrokerError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock, sleep=clock.sleep),
+               "runs past 50,000 bytes", "kept untouched")
+        assert no_raw(lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn", clock=clock,
+                                   sleep=clock.sleep)).resolve(SBIN) == "779521"
+    assert written and max(written) <= 50_000
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

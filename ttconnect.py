@@ -2522,7 +2522,7 @@ def _whole(value: Any, what: str) -> int:
 # Bounds of a master, far above the real ones (the CSV one ~10 MB, the JSON ones ~35-60 MB
 # inflated, ~120k rows; a row is under 1 KB): what passes them is a gzip bomb or a row that
 # never closes, refused before it fills the disk or memory.
-_MAX_MASTER_BYTES = 256 << 20  # inflated, as a parser reads it
+_MAX_MASTER_BYTES = 256 << 20  # inflated: as downloaded into the cache dir, and as a parser reads it
 _MAX_MASTER_ROW = 64 << 10  # characters of one JSON array element
 
 
@@ -7539,10 +7539,13 @@ class _Transport:
                     if inflate is not None:
                         if inflate.eof:
                             raise _MasterFormatError("data after the end of the gzip body")
-                        try:
-                            chunk = inflate.decompress(chunk)
+                        try:  # inflated no further than the cap: a small bomb never fills the disk
+                            chunk = inflate.decompress(chunk, _MAX_MASTER_BYTES - size + 1)
                         except zlib.error as exc:
                             raise _MasterFormatError(f"not a readable gzip body ({exc})") from None
+                    if size + len(chunk) > _MAX_MASTER_BYTES:
+                        raise _MasterFormatError(f"the master runs past {_MAX_MASTER_BYTES:,} bytes, far more than "
+                                                 "any real one (a gzip bomb, or not a master)")
                     out.write(chunk)
                     size += len(chunk)
             expected = resp.headers.get("Content-Length")  # the bytes on the wire, before inflating
