@@ -6157,6 +6157,21 @@ def test_a_master_download_past_the_size_cap_is_stopped_there(encoded: bool, tmp
     assert written and max(written) <= 50_000
 
 
+def test_a_kite_token_must_be_ascii_digits_that_fit_the_feed(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    plain = open_client(clients, "zerodha", tmp_path / "plain", clock, KITE_CSV)._instruments.loaded
+    client = open_client(clients, "zerodha", tmp_path, clock, _with_rows("zerodha", [
+        '²,3046,SUPERSCRIPT,"S LTD",0,,0,0.05,1,EQ,NSE,NSE',  # str.isdigit() passes these two
+        '١٢٣٤٥٦,3047,ARABIC,"A LTD",0,,0,0.05,1,EQ,NSE,NSE',
+        '4294967296,3048,PASTUINT,"P LTD",0,,0,0.05,1,EQ,NSE,NSE',  # 2**32: the feed's tokens are uint32
+        '4294967295,3049,LASTUINT,"L LTD",0,,0,0.05,1,EQ,NSE,NSE',
+    ]))
+    loaded = client._instruments.loaded
+    assert (loaded["rows"], loaded["malformed"]) == (plain["rows"] + 1, plain["malformed"] + 3)
+    for symbol in ("SUPERSCRIPT", "ARABIC", "PASTUINT"):
+        expect(tt.InstrumentNotFoundError, lambda: tt.Equity("NSE", symbol), f"no equity {symbol!r}")
+    assert client.resolve(tt.Equity("NSE", "LASTUINT")) == "4294967295"
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

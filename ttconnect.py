@@ -2875,7 +2875,8 @@ def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_M
         tsym = row[c_sym]
         itype = row[c_type]
         try:
-            if not token.isdigit() or not tsym:
+            # the feed subscribes by the token as a uint32 (str.isdigit alone also passes '²' and '٣')
+            if not (token.isascii() and token.isdigit()) or (len(token) >= 10 and int(token) >= 1 << 32) or not tsym:
                 raise ValueError(f"bad instrument_token {token!r} or tradingsymbol {tsym!r}")
             lot = lots[row[c_lot]]
             tick = ticks[row[c_tick]]
