@@ -5889,7 +5889,7 @@ def test_disk_full_while_saving_the_download(tmp_path: Path, clock: FakeClock, c
     open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
     before = file_digest(tmp_path / "instruments.db")
 
-    def no_space(self: Any, url: str, dest: str, headers: Any) -> int:
+    def no_space(self: Any, url: str, dest: str, headers: Any, deadline: float) -> int:
         with open(dest, "wb") as f:
             f.write(KITE_CSV[:100])
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -6170,6 +6170,50 @@ def test_a_kite_token_must_be_ascii_digits_that_fit_the_feed(tmp_path: Path, clo
     for symbol in ("SUPERSCRIPT", "ARABIC", "PASTUINT"):
         expect(tt.InstrumentNotFoundError, lambda: tt.Equity("NSE", symbol), f"no equity {symbol!r}")
     assert client.resolve(tt.Equity("NSE", "LASTUINT")) == "4294967295"
+
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """A stalled proxy: the master one byte at a time, each well within the read timeout."""
+
+    stop = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.end_headers()
+        try:
+            for byte in KITE_CSV:
+                if self.stop.wait(0.02):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_master_download_is_bounded_in_all(tmp_path: Path, clock: FakeClock, clients: list,
+                                             monkeypatch: Any) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    monkeypatch.setattr(tt, "_DOWNLOAD_DEADLINE", 0.4)  # 300 s for real; a trickle of 2654 bytes takes 53 s here
+    handler = type("Handler", (_TrickleHandler,), {"stop": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clock.set(DAY2)
+    config = {"cache_dir": str(tmp_path), "instruments_url": f"http://127.0.0.1:{server.server_address[1]}/kite",
+              "timeout": 1, "max_retries": 0}
+    started = time.monotonic()
+    try:
+        expect(tt.NetworkError, lambda: kept(clients, "zerodha", config, clock=clock, sleep=clock.sleep),
+               "took over 0.4 s", "stalled", "kept untouched")
+        assert time.monotonic() - started < 1.5
+        client = no_raw(lambda: kept(clients, "zerodha", dict(config, on_stale="warn"), clock=clock, sleep=clock.sleep))
+    finally:
+        handler.stop.set()
+        server.shutdown()
+        server.server_close()
+    assert client.resolve(SBIN) == "779521"
 
 
 # ============================================================================

@@ -7493,13 +7493,18 @@ class _Transport:
             chunks.append(chunk)
 
     def download(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
-        """Stream ``url`` into ``dest``; retry connection failures; return the byte count."""
+        """Stream ``url`` into ``dest``; retry connection failures; return the byte count.
+
+        All attempts together are bounded by _DOWNLOAD_DEADLINE, also against a server that
+        trickles the body (each read is bounded by ``timeout`` only).
+        """
         requests = _import_requests()
         import urllib3.exceptions as urllib3_errors  # loaded with requests
+        deadline = time.monotonic() + _DOWNLOAD_DEADLINE
         attempt = 0
         while True:
             try:
-                return self._download_once(url, dest, headers)
+                return self._download_once(url, dest, headers, deadline)
             except (requests.RequestException, urllib3_errors.HTTPError) as exc:  # urllib3's: the raw body reads
                 if attempt >= self.max_retries:
                     cut_short = (requests.exceptions.ChunkedEncodingError, urllib3_errors.ProtocolError)
@@ -7511,7 +7516,7 @@ class _Transport:
                 self.sleep(delay)
                 attempt += 1
 
-    def _download_once(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
+    def _download_once(self, url: str, dest: str, headers: Mapping[str, str], deadline: float) -> int:
         import zlib
 
         # Only gzip is asked for, and it is inflated here rather than by urllib3, whose decoder
@@ -7533,9 +7538,18 @@ class _Transport:
             else:
                 raise _MasterFormatError(f"the master came with Content-Encoding {_short(coding, 40)!r}; "
                                          "only gzip (or none) was asked for")
+            # read1 returns what has arrived, so the deadline is checked while a body trickles in
+            # (urllib3 before 2.3 lacks it: there each read is bounded by the timeout only)
+            read = getattr(resp.raw, "read1", None) or resp.raw.read
             received = size = 0
             with open(dest, "wb") as out:
-                for chunk in resp.raw.stream(1 << 18, decode_content=False):
+                while True:
+                    if time.monotonic() > deadline:
+                        raise NetworkError(f"download of {_path_of(url)} took over {_DOWNLOAD_DEADLINE:g} s "
+                                           f"({received:,} bytes so far): a stalled server or proxy; retry later")
+                    chunk = read(1 << 18, decode_content=False)
+                    if not chunk:
+                        break
                     received += len(chunk)
                     if inflate is not None:
                         if inflate.eof:
@@ -7561,6 +7575,10 @@ class _Transport:
             if self._session is not None:
                 self._session.close()
                 self._session = None
+
+
+# The whole master download, retries included: real masters take seconds, a stalled proxy forever.
+_DOWNLOAD_DEADLINE = 300.0
 
 
 def _import_requests() -> Any:
