@@ -6216,6 +6216,19 @@ def test_a_master_download_is_bounded_in_all(tmp_path: Path, clock: FakeClock, c
     assert client.resolve(SBIN) == "779521"
 
 
+def test_an_upstox_expiry_in_another_unit_is_malformed(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    plain = open_client(clients, "upstox", tmp_path / "plain", clock, UPSTOX_GZ)
+    expiries = plain.expiries("NIFTY")
+    row = {"segment": "NSE_FO", "name": "NIFTY", "instrument_type": "FUT", "underlying_symbol": "NIFTY", "lot_size": 65,
+           "tick_size": 10.0, "underlying_type": "INDEX", "trading_symbol": "NIFTY FUT 24 NOV 26", "strike_price": 0.0}
+    client = open_client(clients, "upstox", tmp_path, clock, _with_rows("upstox", [
+        dict(row, expiry=1795544999, instrument_key="NSE_FO|99101"),  # seconds: 1970-01-21 as milliseconds
+        dict(row, expiry=-5, instrument_key="NSE_FO|99102"),
+    ]))
+    assert client._instruments.loaded["malformed"] == plain._instruments.loaded["malformed"] + 2
+    assert client.expiries("NIFTY") == expiries and expiries[0] == dt.date(2026, 11, 24)
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

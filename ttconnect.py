@@ -3988,6 +3988,7 @@ _UPSTOX_SEGMENTS = {  # master segment -> canonical exchange; every other segmen
     "NSE_EQ": "NSE", "BSE_EQ": "BSE", "NSE_INDEX": "NSE", "BSE_INDEX": "BSE", "NSE_FO": "NFO", "BSE_FO": "BFO",
 }
 _UPSTOX_MASTER_KEYS = ("segment", "instrument_key", "instrument_type", "trading_symbol")
+_UPSTOX_MIN_EXPIRY_MS = 946684800000  # 2000-01-01 UTC: no listed contract expires before it
 
 
 def _upstox_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRow]:
@@ -4050,8 +4051,9 @@ def _upstox_rows(objects: Iterator[Any], stats: _LoadStats) -> Iterator[_MasterR
             stamp = obj["expiry"]
             expiry = expiries.get(stamp)
             if expiry is None:
-                if isinstance(stamp, bool) or not isinstance(stamp, int):
-                    raise ValueError(f"expiry {stamp!r} is not epoch milliseconds")
+                # seconds (or any unit but ms) would read as a January 1970 contract
+                if isinstance(stamp, bool) or not isinstance(stamp, int) or stamp < _UPSTOX_MIN_EXPIRY_MS:
+                    raise ValueError(f"expiry {stamp!r} is not epoch milliseconds of a date after 2000")
                 expiry = expiries[stamp] = _dt.datetime.fromtimestamp(stamp / 1000, IST).date().isoformat()
             und_kind = "I" if obj.get("underlying_type") == "INDEX" or underlying in _INDEX_UNDERLYINGS else "E"
             if itype == "FUT":
