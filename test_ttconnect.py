@@ -6229,6 +6229,15 @@ def test_an_upstox_expiry_in_another_unit_is_malformed(tmp_path: Path, clock: Fa
     assert client.expiries("NIFTY") == expiries and expiries[0] == dt.date(2026, 11, 24)
 
 
+def test_a_nul_in_cache_dir_and_a_huge_integer_strike_are_typed_errors(tmp_path: Path, clients: list) -> None:
+    with no_request():
+        expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=f"{tmp_path}/a\x00b"),
+               "'cache_dir'", "no NUL character")
+    expect(tt.InvalidInstrumentError, lambda: tt.Option("NFO", "NIFTY", "2026-11-24", 10**5000, "CE"),
+           "strike must be a positive number")
+    assert tt.Option("NFO", "NIFTY", "2026-11-24", 10**6, "CE").strike == 1e6  # no store open: shape only
+
+
 # ============================================================================
 # 12.3 Hostile: Session files and session stores
 # ============================================================================

@@ -703,6 +703,8 @@ def _check_strike(strike: Any) -> float:
     # A Decimal is accepted without importing decimal here: it converts through str like the rest.
     if isinstance(strike, bool) or not (isinstance(strike, (int, float, str)) or type(strike).__name__ == "Decimal"):
         raise _InstrumentTypeError(f"strike must be a number (int, float, str or Decimal), got {strike!r}")
+    if isinstance(strike, int) and strike.bit_length() > 64:  # str() and repr() of it may be refused outright
+        raise InvalidInstrumentError(f"strike must be a positive number, got an integer of {strike.bit_length():,} bits")
     try:
         value = float(str(strike).strip())
     except ValueError:
@@ -8286,9 +8288,10 @@ class TTConnect:
         value = cfg.get("cache_dir")
         if value is None:
             value = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
-        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-            raise ConfigurationError(f"config 'cache_dir' must be a path (a directory), got {value!r}")
-        return os.fspath(value)
+        path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else ""
+        if not path or "\x00" in os.fsdecode(path):  # a NUL: every file call would raise a raw ValueError
+            raise ConfigurationError(f"config 'cache_dir' must be a path (a directory, no NUL character), got {value!r}")
+        return path
 
     def _local_context(self) -> "_LocalContext":
         return _LocalContext(self.broker, self._config, self._cache_dir, self._clock, self._instruments, self._ctx)
