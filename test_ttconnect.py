@@ -301,13 +301,15 @@ def test_duplicate_canonical_rows_are_counted(symbol: str, token: str, instrumen
         assert kite.refresh_instruments()["duplicates"] == 1
 
 
-def test_an_equity_spelled_like_an_index_shares_its_id(tmp_path: Path, clock: FakeClock, clients: list) -> None:
-    """A cash row with an index's canonical key (NSE:NIFTY listed as an equity too) is the same id: both types are
-    filed, the first row's instrument and token stay, and the later row counts as a duplicate."""
+def test_an_equity_spelled_like_an_index_is_refused(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    """A cash row with an index's canonical key (NSE:NIFTY listed as an equity too) would share its id, and so
+    resolve to the index's token: the later row counts as malformed, the first row's instrument and token stay."""
     body = KITE_CSV + b'999001,9,NIFTY,"NIFTY EQ",0,,0,0.05,1,EQ,NSE,NSE\n'
     kite = open_client(clients, "zerodha", tmp_path, clock, body)
-    assert kite._instruments.loaded is not None and kite._instruments.loaded["duplicates"] == 1
-    tt.Equity(exchange="NSE", symbol="NIFTY")  # exists: construction checks the open client's DB
+    assert kite._instruments.loaded is not None
+    assert (kite._instruments.loaded["duplicates"], kite._instruments.loaded["malformed"]) == (0, 2)  # 1: the fixture's
+    with pytest.raises(tt.InstrumentNotFoundError):
+        tt.Equity(exchange="NSE", symbol="NIFTY")  # construction checks the open client's DB
     assert kite.resolve(tt.Index(exchange="NSE", symbol="NIFTY")) == "256265"
     assert kite.lot_size(tt.Index(exchange="NSE", symbol="NIFTY")) == 0  # the index row's, listed first
 
@@ -5887,7 +5889,7 @@ def test_disk_full_while_saving_the_download(tmp_path: Path, clock: FakeClock, c
     open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
     before = file_digest(tmp_path / "instruments.db")
 
-    def no_space(self: Any, url: str, dest: str, headers: Any) -> int:
+    def no_space(self: Any, url: str, dest: str, headers: Any, deadline: float) -> int:
         with open(dest, "wb") as f:
             f.write(KITE_CSV[:100])
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -5916,6 +5918,324 @@ def test_a_lock_file_that_cannot_be_opened(tmp_path: Path, clock: FakeClock, cli
         assert client.resolve(SBIN) == "779521"
         expect(tt.ConfigurationError, client.refresh_instruments, "cache dir")
     assert any("serving the cached DB" in m for m in messages(caplog))
+
+
+# ----------------------------------------------------------------------------
+# 12.2a Hostile: masters and the instrument DB (adversarial pass, each case reproduced first)
+# ----------------------------------------------------------------------------
+
+
+def _kite_rows_db(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT rows FROM _meta WHERE broker_id = 'zerodha'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_gzip_master_cut_short_with_a_matching_length_keeps_the_old_db(tmp_path: Path, clock: FakeClock,
+                                                                          clients: list) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    rows = _kite_rows_db(tmp_path / "instruments.db")
+    body = gzip.compress(KITE_CSV)
+    clock.set(DAY2)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        # a proxy serving a partial object: the Content-Length matches the cut body
+        rs.get(URLS["zerodha"], body=body[: len(body) * 4 // 5], headers={"Content-Encoding": "gzip"})
+        expect(tt.BrokerError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock, sleep=clock.sleep),
+               "download truncated", "gzip", "kept untouched")
+        client = no_raw(lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn", clock=clock,
+                                     sleep=clock.sleep))
+    assert client.resolve(SBIN) == "779521"
+    assert _kite_rows_db(tmp_path / "instruments.db") == rows
+
+
+def test_a_whole_gzip_master_still_loads_and_another_encoding_is_refused(tmp_path: Path, clock: FakeClock,
+                                                                         clients: list) -> None:
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=gzip.compress(KITE_CSV), headers={"Content-Encoding": "gzip"})
+        client = kept(clients, "zerodha", cache_dir=str(tmp_path / "a"), clock=clock, sleep=clock.sleep)
+        assert rs.calls[0].request.headers["Accept-Encoding"] == "gzip"
+    assert client.resolve(SBIN) == "779521"
+    assert _kite_rows_db(tmp_path / "a" / "instruments.db") == client._instruments.loaded["rows"] > 10
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=b"\x00" * 64, headers={"Content-Encoding": "br"})
+        expect(tt.BrokerError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path / "b"), clock=clock,
+                                            sleep=clock.sleep), "Content-Encoding 'br'")
+
+
+def _with_rows(broker: str, extra: List[Any]) -> bytes:
+    """``broker``'s fixture master with ``extra`` rows appended (CSV lines for Kite, objects else)."""
+    if broker == "zerodha":
+        return KITE_CSV.rstrip(b"\n") + b"\n" + "".join(line + "\n" for line in extra).encode()
+    if broker == "angelone":
+        return json.dumps(json.loads(ANGEL_JSON) + extra).encode()
+    return gzip.compress(json.dumps(json.loads(gzip.decompress(UPSTOX_GZ)) + extra).encode())
+
+
+_FIXTURE = {"zerodha": KITE_CSV, "angelone": ANGEL_JSON, "upstox": UPSTOX_GZ}
+_ZERO_LOT_OR_TICK = {  # an option with lot 0, its put with tick 0, an equity with lot 0
+    "zerodha": ['99001,1,NIFTY26NOV24000CE,"NIFTY",0,2026-11-24,24000,0.05,0,CE,NFO-OPT,NFO',
+                '99002,2,NIFTY26NOV24000PE,"NIFTY",0,2026-11-24,24000,0,65,PE,NFO-OPT,NFO',
+                '99003,3,ZEROLOT,"ZERO LOT",0,,0,0.05,0,EQ,NSE,NSE'],
+    "angelone": [
+        {"token": "99001", "symbol": "NIFTY24NOV2624000CE", "name": "NIFTY", "expiry": "24NOV2026",
+         "strike": "2400000.000000", "lotsize": "0", "instrumenttype": "OPTIDX", "exch_seg": "NFO", "tick_size": "5.000000"},
+        {"token": "99002", "symbol": "NIFTY24NOV2624000PE", "name": "NIFTY", "expiry": "24NOV2026",
+         "strike": "2400000.000000", "lotsize": "65", "instrumenttype": "OPTIDX", "exch_seg": "NFO", "tick_size": "0.000000"},
+        {"token": "99003", "symbol": "ZEROLOT-EQ", "name": "ZEROLOT", "expiry": "", "strike": "-1.000000", "lotsize": "0",
+         "instrumenttype": "", "exch_seg": "NSE", "tick_size": "5.000000"}],
+    "upstox": [
+        {"segment": "NSE_FO", "name": "NIFTY", "expiry": 1795544999000, "instrument_type": "CE", "underlying_symbol": "NIFTY",
+         "instrument_key": "NSE_FO|99001", "lot_size": 0, "tick_size": 5.0, "underlying_type": "INDEX",
+         "trading_symbol": "NIFTY 24000 CE 24 NOV 26", "strike_price": 24000.0},
+        {"segment": "NSE_FO", "name": "NIFTY", "expiry": 1795544999000, "instrument_type": "PE", "underlying_symbol": "NIFTY",
+         "instrument_key": "NSE_FO|99002", "lot_size": 65, "tick_size": 0.0, "underlying_type": "INDEX",
+         "trading_symbol": "NIFTY 24000 PE 24 NOV 26", "strike_price": 24000.0},
+        {"segment": "NSE_EQ", "name": "ZERO LOT", "instrument_type": "EQ", "instrument_key": "NSE_EQ|INE000Z01010",
+         "lot_size": 0, "tick_size": 5.0, "trading_symbol": "ZEROLOT"}],
+}
+
+
+@pytest.mark.parametrize("broker", sorted(_ZERO_LOT_OR_TICK))
+def test_a_traded_row_with_lot_or_tick_0_is_malformed(broker: str, tmp_path: Path, clock: FakeClock,
+                                                     clients: list) -> None:
+    plain = open_client(clients, broker, tmp_path / "plain", clock, _FIXTURE[broker])._instruments.loaded
+    client = open_client(clients, broker, tmp_path, clock, _with_rows(broker, _ZERO_LOT_OR_TICK[broker]))
+    loaded = client._instruments.loaded
+    assert (loaded["rows"], loaded["malformed"]) == (plain["rows"], plain["malformed"] + 3)
+    for option_type in ("CE", "PE"):
+        expect(tt.InstrumentNotFoundError, lambda: tt.Option("NFO", "NIFTY", "2026-11-24", 24000, option_type),
+               "strike 24000 not listed")
+    expect(tt.InstrumentNotFoundError, lambda: tt.Equity("NSE", "ZEROLOT"), "no equity 'ZEROLOT'")
+    assert client.lot_size(tt.Option("NFO", "NIFTY", "2026-11-24", 23400, "CE")) == 65  # its neighbours still load
+    assert client.lot_size(tt.Index("NSE", "NIFTY")) in (0, 1)  # index rows may carry 0 (Angel says 1)
+
+
+def test_an_index_and_an_equity_of_one_name_never_share_a_token(tmp_path: Path, clock: FakeClock, clients: list,
+                                                               caplog: Any) -> None:
+    # Their keys are equal (BSE|METAL): the second row would file under the first's id and resolve
+    # to its token. It is refused, loudly.
+    plain = open_client(clients, "zerodha", tmp_path / "plain", clock, KITE_CSV)._instruments.loaded
+    caplog.set_level(logging.WARNING, logger="ttconnect")
+    client = open_client(clients, "zerodha", tmp_path, clock, _with_rows("zerodha", [
+        '265,1,METAL,"METAL",0,,0,0,0,EQ,INDICES,BSE',
+        '128000001,500001,METAL,"METAL LTD",0,,0,0.05,1,EQ,BSE,BSE',
+    ]))
+    loaded = client._instruments.loaded
+    assert (loaded["rows"], loaded["malformed"]) == (plain["rows"] + 1, plain["malformed"] + 1)
+    assert client.resolve(tt.Index("BSE", "METAL")) == "265"
+    expect(tt.InstrumentNotFoundError, lambda: tt.Equity("BSE", "METAL"), "no equity 'METAL'")
+    assert any("BSE:METAL" in m and "token 265" in m and "token 128000001" in m for m in messages(caplog))
+
+
+def _die_mid_write(db: Path) -> None:
+    """A process killed (SIGKILL) while it builds indexes in place: its hot journal stays behind."""
+    script = textwrap.dedent(f"""
+        import os, sqlite3
+        w = sqlite3.connect({str(db)!r}, isolation_level=None)
+        w.execute("PRAGMA cache_size = 1")  # spill pages into the file before the commit, as a big master does
+        w.execute("BEGIN")
+        w.execute("CREATE INDEX ix_broker_tokens_symbol ON broker_tokens(broker_symbol)")
+        w.execute("CREATE INDEX ix_broker_tokens_token ON broker_tokens(token)")
+        os.kill(os.getpid(), 9)
+    """)
+    subprocess.run([sys.executable, "-c", script], timeout=20)
+    assert (db.parent / (db.name + "-journal")).stat().st_size > 0
+
+
+def test_a_hot_journal_left_by_a_killed_process_is_rolled_back_at_start(tmp_path: Path, clock: FakeClock,
+                                                                        clients: list) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    db = tmp_path / "instruments.db"
+    _die_mid_write(db)
+    client = no_raw(lambda: open_client(clients, "zerodha", tmp_path, clock))  # same day: nothing to download
+    assert client.resolve(SBIN) == "779521"
+    assert tt.Equity("NSE", "SBIN") in client.search("SB")
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]  # not moved aside
+    client.close()
+    db.unlink()  # a journal whose file is gone must not pair with the next one
+    (tmp_path / "instruments.db-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + b"\x00" * 504)
+    client = no_raw(lambda: open_client(clients, "zerodha", tmp_path, clock, KITE_CSV))
+    assert client.resolve(SBIN) == "779521"
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+
+
+def test_a_hot_journal_left_after_a_client_opened_is_rolled_back_at_its_look_up(tmp_path: Path, clock: FakeClock,
+                                                                                clients: list) -> None:
+    client = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)
+    _die_mid_write(tmp_path / "instruments.db")
+    assert tt.Equity("NSE", "SBIN") in no_raw(lambda: client.search("SB"))
+    assert client.resolve(tt.Equity("BSE", "SBIN")) == "128028676"
+    assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+
+
+def test_a_db_locked_by_another_program_is_not_moved_aside(tmp_path: Path, clock: FakeClock, clients: list,
+                                                           monkeypatch: Any) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    db = tmp_path / "instruments.db"
+    before = file_digest(db)
+    monkeypatch.setattr(tt, "_DB_BUSY_TIMEOUT", 0.05)
+    other = sqlite3.connect(db, isolation_level=None)  # a DB browser in the middle of a write
+    other.execute("BEGIN EXCLUSIVE")
+    clock.set(DAY2)
+    try:
+        with no_request():
+            err = expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn",
+                                                             clock=clock, sleep=clock.sleep),
+                         "locked by another program", "retry")
+        assert err.retryable
+        assert sorted(os.listdir(tmp_path)) == ["instruments.db", "instruments.db.lock"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert file_digest(db) == before
+    client = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV)  # once released, the refresh goes ahead
+    assert client.resolve(SBIN) == "779521"
+    assert _kite_rows_db(db) == client._instruments.loaded["rows"]
+
+
+def test_a_kite_derivative_on_a_cash_exchange_is_malformed(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    plain = open_client(clients, "zerodha", tmp_path / "plain", clock, KITE_CSV)._instruments.loaded
+    odd = _with_rows("zerodha", ['99990010,390010,ODDFUT,"SBIN",0,2026-11-24,0,0.05,1,FUT,NSE,NSE',
+                                 '99990011,390011,ODDEQ,"ODD EQ",0,,0,0.05,1,EQ,NFO-OPT,NFO'])
+    client = no_raw(lambda: open_client(clients, "zerodha", tmp_path, clock, odd))
+    assert client._instruments.loaded == dict(plain, malformed=plain["malformed"] + 2)
+    with responses.RequestsMock() as rs:  # the same through refresh_instruments()
+        rs.get(URLS["zerodha"], body=odd)
+        assert no_raw(client.refresh_instruments)["malformed"] == plain["malformed"] + 2
+    assert client.resolve(SBIN) == "779521"
+
+
+@pytest.mark.parametrize("broker", ["angelone", "upstox"])
+def test_a_json_master_element_that_never_closes_is_refused_early(broker: str, tmp_path: Path, clock: FakeClock,
+                                                                  clients: list) -> None:
+    never_closes = b'[{"token": "' + b"x" * 300_000  # the buffer used to grow (and be rescanned) to the end
+    body = gzip.compress(never_closes) if broker == "upstox" else never_closes
+    with responses.RequestsMock() as rs:
+        rs.get(URLS[broker], body=body)
+        expect(tt.BrokerError, lambda: kept(clients, broker, cache_dir=str(tmp_path), clock=clock, sleep=clock.sleep),
+               "65,536 characters without closing")
+
+
+def test_a_json_master_past_the_size_cap_is_refused(tmp_path: Path, clock: FakeClock, clients: list,
+                                                    monkeypatch: Any) -> None:
+    monkeypatch.setattr(tt, "_MAX_MASTER_BYTES", 60_000)
+    readable = gzip.decompress(UPSTOX_GZ)
+    assert len(readable) < 60_000
+    assert open_client(clients, "upstox", tmp_path / "a", clock, UPSTOX_GZ).resolve(tt.Equity("NSE", "RELIANCE"))
+    bomb = gzip.compress(b"[" + b" " * 100_000 + readable.lstrip()[1:])  # valid JSON, inflating past the cap
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["upstox"], body=bomb)
+        expect(tt.BrokerError, lambda: kept(clients, "upstox", cache_dir=str(tmp_path / "b"), clock=clock,
+                                            sleep=clock.sleep), "over 60,000 bytes of JSON")
+
+
+@pytest.mark.parametrize("encoded", [True, False], ids=["gzip-bomb", "plain"])
+def test_a_master_download_past_the_size_cap_is_stopped_there(encoded: bool, tmp_path: Path, clock: FakeClock,
+                                                               clients: list, monkeypatch: Any) -> None:
+    monkeypatch.setattr(tt, "_MAX_MASTER_BYTES", 50_000)
+    written: List[int] = []  # what the partial download held when it was removed
+    remove = tt._remove_quietly
+
+    def measured(path: str) -> None:
+        if path.endswith(".download") and os.path.exists(path):
+            written.append(os.path.getsize(path))
+        remove(path)
+
+    monkeypatch.setattr(tt, "_remove_quietly", measured)
+    assert open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).resolve(SBIN) == "779521"  # under the cap
+    big = KITE_CSV.split(b"\n", 1)[0] + b"\n" + b"1" * 400_000
+    clock.set(DAY2)
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=gzip.compress(big) if encoded else big,
+               headers={"Content-Encoding": "gzip"} if encoded else {})
+        expect(tt.BrokerError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), clock=clock, sleep=clock.sleep),
+               "runs past 50,000 bytes", "kept untouched")
+        assert no_raw(lambda: kept(clients, "zerodha", cache_dir=str(tmp_path), on_stale="warn", clock=clock,
+                                   sleep=clock.sleep)).resolve(SBIN) == "779521"
+    assert written and max(written) <= 50_000
+
+
+def test_a_kite_token_must_be_ascii_digits_that_fit_the_feed(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    plain = open_client(clients, "zerodha", tmp_path / "plain", clock, KITE_CSV)._instruments.loaded
+    client = open_client(clients, "zerodha", tmp_path, clock, _with_rows("zerodha", [
+        '²,3046,SUPERSCRIPT,"S LTD",0,,0,0.05,1,EQ,NSE,NSE',  # str.isdigit() passes these two
+        '١٢٣٤٥٦,3047,ARABIC,"A LTD",0,,0,0.05,1,EQ,NSE,NSE',
+        '4294967296,3048,PASTUINT,"P LTD",0,,0,0.05,1,EQ,NSE,NSE',  # 2**32: the feed's tokens are uint32
+        '4294967295,3049,LASTUINT,"L LTD",0,,0,0.05,1,EQ,NSE,NSE',
+    ]))
+    loaded = client._instruments.loaded
+    assert (loaded["rows"], loaded["malformed"]) == (plain["rows"] + 1, plain["malformed"] + 3)
+    for symbol in ("SUPERSCRIPT", "ARABIC", "PASTUINT"):
+        expect(tt.InstrumentNotFoundError, lambda: tt.Equity("NSE", symbol), f"no equity {symbol!r}")
+    assert client.resolve(tt.Equity("NSE", "LASTUINT")) == "4294967295"
+
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """A stalled proxy: the master one byte at a time, each well within the read timeout."""
+
+    stop = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.end_headers()
+        try:
+            for byte in KITE_CSV:
+                if self.stop.wait(0.02):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_master_download_is_bounded_in_all(tmp_path: Path, clock: FakeClock, clients: list,
+                                             monkeypatch: Any) -> None:
+    open_client(clients, "zerodha", tmp_path, clock, KITE_CSV).close()
+    monkeypatch.setattr(tt, "_DOWNLOAD_DEADLINE", 0.4)  # 300 s for real; a trickle of 2654 bytes takes 53 s here
+    handler = type("Handler", (_TrickleHandler,), {"stop": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clock.set(DAY2)
+    config = {"cache_dir": str(tmp_path), "instruments_url": f"http://127.0.0.1:{server.server_address[1]}/kite",
+              "timeout": 1, "max_retries": 0}
+    started = time.monotonic()
+    try:
+        expect(tt.NetworkError, lambda: kept(clients, "zerodha", config, clock=clock, sleep=clock.sleep),
+               "took over 0.4 s", "stalled", "kept untouched")
+        assert time.monotonic() - started < 1.5
+        client = no_raw(lambda: kept(clients, "zerodha", dict(config, on_stale="warn"), clock=clock, sleep=clock.sleep))
+    finally:
+        handler.stop.set()
+        server.shutdown()
+        server.server_close()
+    assert client.resolve(SBIN) == "779521"
+
+
+def test_an_upstox_expiry_in_another_unit_is_malformed(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    plain = open_client(clients, "upstox", tmp_path / "plain", clock, UPSTOX_GZ)
+    expiries = plain.expiries("NIFTY")
+    row = {"segment": "NSE_FO", "name": "NIFTY", "instrument_type": "FUT", "underlying_symbol": "NIFTY", "lot_size": 65,
+           "tick_size": 10.0, "underlying_type": "INDEX", "trading_symbol": "NIFTY FUT 24 NOV 26", "strike_price": 0.0}
+    client = open_client(clients, "upstox", tmp_path, clock, _with_rows("upstox", [
+        dict(row, expiry=1795544999, instrument_key="NSE_FO|99101"),  # seconds: 1970-01-21 as milliseconds
+        dict(row, expiry=-5, instrument_key="NSE_FO|99102"),
+    ]))
+    assert client._instruments.loaded["malformed"] == plain._instruments.loaded["malformed"] + 2
+    assert client.expiries("NIFTY") == expiries and expiries[0] == dt.date(2026, 11, 24)
+
+
+def test_a_nul_in_cache_dir_and_a_huge_integer_strike_are_typed_errors(tmp_path: Path, clients: list) -> None:
+    with no_request():
+        expect(tt.ConfigurationError, lambda: kept(clients, "zerodha", cache_dir=f"{tmp_path}/a\x00b"),
+               "'cache_dir'", "no NUL character")
+    expect(tt.InvalidInstrumentError, lambda: tt.Option("NFO", "NIFTY", "2026-11-24", 10**5000, "CE"),
+           "strike must be a positive number")
+    assert tt.Option("NFO", "NIFTY", "2026-11-24", 10**6, "CE").strike == 1e6  # no store open: shape only
 
 
 # ============================================================================

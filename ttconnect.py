@@ -703,6 +703,8 @@ def _check_strike(strike: Any) -> float:
     # A Decimal is accepted without importing decimal here: it converts through str like the rest.
     if isinstance(strike, bool) or not (isinstance(strike, (int, float, str)) or type(strike).__name__ == "Decimal"):
         raise _InstrumentTypeError(f"strike must be a number (int, float, str or Decimal), got {strike!r}")
+    if isinstance(strike, int) and strike.bit_length() > 64:  # str() and repr() of it may be refused outright
+        raise InvalidInstrumentError(f"strike must be a positive number, got an integer of {strike.bit_length():,} bits")
     try:
         value = float(str(strike).strip())
     except ValueError:
@@ -1255,6 +1257,18 @@ class _CorruptStore(Exception):
     pass
 
 
+class _BusyStore(Exception):
+    """The file is locked by another program (a DB browser, a backup): transient, not damage."""
+
+
+# How long a connection waits for another program's lock on the file before giving up.
+_DB_BUSY_TIMEOUT = 5.0
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)  # SQLITE_BUSY, SQLITE_LOCKED
+
+
 class _LoadStats:
     """What one master load did: rows filed, rows skipped by segment, malformed rows."""
 
@@ -1313,7 +1327,7 @@ class _Loader:
 
     def __init__(self, conn: sqlite3.Connection, broker_id: str, stats: _LoadStats) -> None:
         self.conn, self.broker_id, self.stats = conn, broker_id, stats
-        self.cash_seen: set = set()
+        self.cash_seen: Dict[int, Tuple[str, str]] = {}  # id -> (kind, token) of the cash row filed under it
         self.pending: Dict[int, Tuple[str, str, str]] = {}  # id -> (kind, exchange, symbol)
         # in master order, like the stage: a duplicate's first row is the one kept
         self.indices: List[Tuple[int]] = []
@@ -1361,9 +1375,21 @@ class _Loader:
             else:
                 uid = None
                 iid = _instrument_id(f"{row[1]}|{row[2]}")
-                cash_seen.add(iid)
+                first = cash_seen.setdefault(iid, (kind, row[6]))
+                if first[0] != kind:  # an index and an equity of one name share an id (and would share a token)
+                    self._clash(row, first)
+                    continue
                 (self.indices if kind == "I" else self.equities).append((iid,))
             yield (iid, uid) + row[1:9] + row[10:]
+
+    def _clash(self, row: _MasterRow, first: Tuple[str, str]) -> None:
+        """Count the second of an index and an equity of one name as malformed, always loudly:
+        their keys are equal, so each would resolve to the token of whichever row came first."""
+        self.stats.malformed += 1
+        kinds = {"I": "an index", "E": "an equity"}
+        log.warning("instrument master: %s:%s is listed as %s (token %s) and as %s (token %s); the two would share one "
+                    "instrument id, so the second row was skipped as malformed", row[1], row[2], kinds[first[0]],
+                    first[1], kinds[row[0]], row[6])
 
     def _underlying(self, underlyings: Dict[Tuple[str, str], int], row: _MasterRow) -> int:
         und_exchange = _UNDERLYING_CODE[row[1]]
@@ -1409,7 +1435,7 @@ class _InstrumentStore:
         uri = "file:" + _sqlite_uri_path(self.path) + "?mode=ro"
         # Each connection is used by its own thread only; check_same_thread is off so that
         # close() can release the other threads' handles too.
-        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=_DB_BUSY_TIMEOUT)
 
     def _forget(self, conn: sqlite3.Connection) -> None:
         with self._lock:
@@ -1433,8 +1459,35 @@ class _InstrumentStore:
 
     # -- health and metadata -------------------------------------------------------------
 
+    def roll_back_journal(self) -> None:
+        """Undo what a writer killed mid-change left (a hot journal); the caller holds the file lock.
+
+        Only a read-write connection can: every read-only one fails ("attempt to write a readonly
+        database"), for good. A journal whose file is gone is stale: a new file beside it would be
+        "rolled back" with the old file's pages.
+        """
+        import sqlite3
+
+        journal = self.path + "-journal"
+        if not os.path.exists(journal):
+            return
+        if not os.path.exists(self.path):
+            log.warning("instrument store: removed %s, left without its database", journal)
+            _remove_quietly(journal)
+            return
+        try:
+            writer = sqlite3.connect("file:" + _sqlite_uri_path(self.path) + "?mode=rw", uri=True,
+                                     timeout=_DB_BUSY_TIMEOUT)
+            try:
+                writer.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the first read plays the journal back
+            finally:
+                writer.close()
+        except sqlite3.Error as exc:  # the check that follows finds the file unusable and moves both aside
+            log.warning("instrument store: could not roll back %s (%s)", journal, exc)
+
     def check(self) -> Dict[str, Tuple[str, int, str]]:
-        """Return {broker: (refreshed_at, rows, source)}; raise _CorruptStore if the file is damaged."""
+        """Return {broker: (refreshed_at, rows, source)}; raise _CorruptStore if the file is damaged,
+        _BusyStore if another program holds a lock on it (longer than the busy timeout)."""
         import sqlite3
 
         try:
@@ -1447,6 +1500,8 @@ class _InstrumentStore:
             if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
                 raise _CorruptStore("schema version differs")
             rows = conn.execute("SELECT broker_id, refreshed_at, rows, source FROM _meta").fetchall()
+        except sqlite3.OperationalError as exc:
+            raise (_BusyStore if _is_busy(exc) else _CorruptStore)(str(exc)) from exc
         except sqlite3.DatabaseError as exc:
             raise _CorruptStore(str(exc)) from exc
         # A record edited or damaged by hand reads as never refreshed (so the master is loaded again).
@@ -1867,10 +1922,17 @@ class _Instruments:
 
     def _state(self, repair: bool) -> Optional[Dict[str, Tuple[str, int, str]]]:
         """Return the store's per-broker metadata, None if there is no usable file."""
+        if repair:  # the caller holds the file lock
+            self.store.roll_back_journal()
         if not os.path.exists(self.store.path):
             return None
         try:
             return self.store.check()
+        except _BusyStore as exc:  # never moved aside: the lock goes when the other program is done
+            raise ConfigurationError(
+                f"the instrument DB {self.store.path!r} is locked by another program ({exc}, for over "
+                f"{_DB_BUSY_TIMEOUT:g} s): close what holds it (a DB browser, a backup, a sqlite3 shell) and retry",
+                retryable=True) from None
         except _CorruptStore as exc:
             if not repair:
                 return None
@@ -1883,6 +1945,9 @@ class _Instruments:
         self.store.close()
         self.store.closed = False
         os.replace(self.store.path, aside)
+        journal = self.store.path + "-journal"
+        if os.path.exists(journal):  # it goes with its file: next to a new one it would "roll back" that one
+            os.replace(journal, aside + "-journal")
         self.store.reopen()
 
     def _is_fresh(self, state: Optional[Dict[str, Tuple[str, int, str]]]) -> bool:
@@ -2007,9 +2072,17 @@ class _Instruments:
             return query(*args)
         except sqlite3.Error as exc:
             why = str(exc)
-            if not any(w in why.lower() for w in ("malformed", "not a database", "no such table", "corrupt")):
-                raise ConfigurationError(f"the instrument DB {self.store.path!r} cannot be read ({why})") from None
-            log.warning("instrument store %s found damaged at a look-up (%s); rebuilding it", self.store.path, why)
+        if "readonly" in why and os.path.exists(self.store.path + "-journal"):
+            # another process died mid-change after this one opened the file: roll its journal back, read again
+            with _FileLock(self.store.path + ".lock"):
+                self.store.roll_back_journal()
+            try:
+                return query(*args)
+            except sqlite3.Error as exc:
+                why = str(exc)
+        if not any(w in why.lower() for w in ("malformed", "not a database", "no such table", "corrupt")):
+            raise ConfigurationError(f"the instrument DB {self.store.path!r} cannot be read ({why})") from None
+        log.warning("instrument store %s found damaged at a look-up (%s); rebuilding it", self.store.path, why)
         try:
             with _FileLock(self.store.path + ".lock"):
                 if os.path.exists(self.store.path):
@@ -2458,6 +2531,12 @@ def _tick(raw: str) -> float:
     return value
 
 
+def _untradable(lot: int, tick: float) -> ValueError:
+    """The error of a traded row (equity or derivative) with a lot or tick of 0: only index rows
+    may carry them, and an order on such a row would skip the lot and tick checks."""
+    return ValueError(f"lot size {lot} or tick size {tick:g} is 0 on a traded instrument")
+
+
 def _whole(value: Any, what: str) -> int:
     """A count from JSON: an int, or a float with no fraction (freeze quantities come as 1800.0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not 0 <= value <= _MAX_QTY \
@@ -2466,11 +2545,20 @@ def _whole(value: Any, what: str) -> int:
     return int(value)
 
 
+# Bounds of a master, far above the real ones (the CSV one ~10 MB, the JSON ones ~35-60 MB
+# inflated, ~120k rows; a row is under 1 KB): what passes them is a gzip bomb or a row that
+# never closes, refused before it fills the disk or memory.
+_MAX_MASTER_BYTES = 256 << 20  # inflated: as downloaded into the cache dir, and as a parser reads it
+_MAX_MASTER_ROW = 64 << 10  # characters of one JSON array element
+
+
 def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
     """Yield the elements of a top-level JSON array without holding the whole document.
 
     Each chunk's complete objects are decoded by one ``json.loads`` (C speed); a chunk whose
-    cut falls inside a string falls back to decoding object by object.
+    cut falls inside a string falls back to decoding object by object. What is left over
+    between chunks is one incomplete element, so an element that never closes (or a document
+    past _MAX_MASTER_BYTES) is refused instead of growing and rescanning the buffer.
     """
     import json
 
@@ -2478,8 +2566,12 @@ def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
     raw_decode = json.JSONDecoder().raw_decode
     buf = ""
     started = False
+    total = 0
     while True:
         chunk = f.read(chunk_size)
+        total += len(chunk)
+        if total > _MAX_MASTER_BYTES:
+            raise _MasterFormatError(f"over {_MAX_MASTER_BYTES:,} bytes of JSON, far more than any real master")
         try:
             buf += decoder.decode(chunk, final=not chunk)
         except UnicodeDecodeError as exc:
@@ -2489,6 +2581,7 @@ def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
             if not stripped:
                 if not chunk:
                     raise _MasterFormatError("the file is empty")
+                buf = ""
                 continue
             if stripped[0] != "[":
                 raise _MasterFormatError(f"not a JSON array (starts {stripped[:60]!r})")
@@ -2515,6 +2608,10 @@ def _iter_json_array(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[Any]:
                 rest = part[pos:] + buf[cut + 1:]
             yield from items
             buf = rest
+        buf = buf.lstrip(" \t\r\n,")
+        if len(buf) > _MAX_MASTER_ROW:
+            raise _MasterFormatError(f"the JSON array is truncated or malformed: an element runs past "
+                                     f"{_MAX_MASTER_ROW:,} characters without closing (starts {buf[:60]!r})")
         if not chunk:
             tail = buf.strip(" \t\r\n,")
             if tail != "]":
@@ -2847,11 +2944,16 @@ def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_M
         tsym = row[c_sym]
         itype = row[c_type]
         try:
-            if not token.isdigit() or not tsym:
+            # the feed subscribes by the token as a uint32 (str.isdigit alone also passes '²' and '٣')
+            if not (token.isascii() and token.isdigit()) or (len(token) >= 10 and int(token) >= 1 << 32) or not tsym:
                 raise ValueError(f"bad instrument_token {token!r} or tradingsymbol {tsym!r}")
             lot = lots[row[c_lot]]
             tick = ticks[row[c_tick]]
             if itype == "CE" or itype == "PE" or itype == "FUT":
+                if not (lot and tick):
+                    raise _untradable(lot, tick)
+                if exchange not in _UNDERLYING_CODE:
+                    raise ValueError(f"a {itype} row on the cash exchange {exchange}")
                 name = row[c_name]
                 underlying = underlyings.get(name)
                 if underlying is None:
@@ -2863,10 +2965,14 @@ def _zerodha_rows(reader: Iterator[List[str]], stats: _LoadStats) -> Iterator[_M
                     strike = strikes[row[c_strike]]
                     yield ("O", exchange, underlying[0], name, lot, tick, token, tsym, expiries[row[c_exp]],
                            underlying[1], strike, itype, 0)
+            elif exchange in _UNDERLYING_CODE:
+                raise ValueError(f"a {itype} row on the derivatives exchange {exchange}")
             elif row[c_seg] == "INDICES":
                 yield ("I", exchange, _canonical_index_symbol(tsym), row[c_name] or tsym, lot, tick, token, tsym,
                        None, None, None, None, 0)
             elif itype == "EQ":
+                if not (lot and tick):
+                    raise _untradable(lot, tick)
                 yield ("E", exchange, tsym.upper(), row[c_name] or tsym, lot, tick, token, tsym, None, None, None, None, 0)
             else:
                 raise ValueError(f"unknown instrument_type {itype!r}")
@@ -3398,6 +3504,8 @@ def _angelone_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterR
             tick = _tick(obj["tick_size"]) / 100
             # Older rows lack it; "0" (indices) means none is known.
             freeze = _lot(obj.get("freeze_qty") or "0")
+            if not (lot and tick) and (exchange not in cash or kind != "I"):
+                raise _untradable(lot, tick)
             if exchange in cash:
                 if kind == "I":
                     yield ("I", exchange, _canonical_index_symbol(name or bsym), name or bsym, lot, tick, token, bsym,
@@ -3961,6 +4069,7 @@ _UPSTOX_SEGMENTS = {  # master segment -> canonical exchange; every other segmen
     "NSE_EQ": "NSE", "BSE_EQ": "BSE", "NSE_INDEX": "NSE", "BSE_INDEX": "BSE", "NSE_FO": "NFO", "BSE_FO": "BFO",
 }
 _UPSTOX_MASTER_KEYS = ("segment", "instrument_key", "instrument_type", "trading_symbol")
+_UPSTOX_MIN_EXPIRY_MS = 946684800000  # 2000-01-01 UTC: no listed contract expires before it
 
 
 def _upstox_parse_master(f: IO[bytes], stats: _LoadStats) -> Iterator[_MasterRow]:
@@ -4009,6 +4118,8 @@ def _upstox_rows(objects: Iterator[Any], stats: _LoadStats) -> Iterator[_MasterR
             lot = _whole(obj["lot_size"], "lot_size")
             tick = _tick(str(obj["tick_size"])) / 100  # paise
             freeze = _whole(obj.get("freeze_quantity") or 0, "freeze_quantity")
+            if not (lot and tick):  # index rows were filed above
+                raise _untradable(lot, tick)
             if segment.endswith("_EQ"):
                 # NSE shows the series only in instrument_type: other series keep it as a suffix.
                 symbol = tsym if segment == "BSE_EQ" or itype == "EQ" else f"{tsym}-{itype}"
@@ -4021,8 +4132,9 @@ def _upstox_rows(objects: Iterator[Any], stats: _LoadStats) -> Iterator[_MasterR
             stamp = obj["expiry"]
             expiry = expiries.get(stamp)
             if expiry is None:
-                if isinstance(stamp, bool) or not isinstance(stamp, int):
-                    raise ValueError(f"expiry {stamp!r} is not epoch milliseconds")
+                # seconds (or any unit but ms) would read as a January 1970 contract
+                if isinstance(stamp, bool) or not isinstance(stamp, int) or stamp < _UPSTOX_MIN_EXPIRY_MS:
+                    raise ValueError(f"expiry {stamp!r} is not epoch milliseconds of a date after 2000")
                 expiry = expiries[stamp] = _dt.datetime.fromtimestamp(stamp / 1000, IST).date().isoformat()
             und_kind = "I" if obj.get("underlying_type") == "INDEX" or underlying in _INDEX_UNDERLYINGS else "E"
             if itype == "FUT":
@@ -7538,15 +7650,22 @@ class _Transport:
             chunks.append(chunk)
 
     def download(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
-        """Stream ``url`` into ``dest``; retry connection failures; return the byte count."""
+        """Stream ``url`` into ``dest``; retry connection failures; return the byte count.
+
+        All attempts together are bounded by _DOWNLOAD_DEADLINE, also against a server that
+        trickles the body (each read is bounded by ``timeout`` only).
+        """
         requests = _import_requests()
+        import urllib3.exceptions as urllib3_errors  # loaded with requests
+        deadline = time.monotonic() + _DOWNLOAD_DEADLINE
         attempt = 0
         while True:
             try:
-                return self._download_once(url, dest, headers)
-            except requests.RequestException as exc:
+                return self._download_once(url, dest, headers, deadline)
+            except (requests.RequestException, urllib3_errors.HTTPError) as exc:  # urllib3's: the raw body reads
                 if attempt >= self.max_retries:
-                    cut = " (the body was cut short: truncated)" if isinstance(exc, requests.exceptions.ChunkedEncodingError) else ""
+                    cut_short = (requests.exceptions.ChunkedEncodingError, urllib3_errors.ProtocolError)
+                    cut = " (the body was cut short: truncated)" if isinstance(exc, cut_short) else ""
                     raise NetworkError(f"download of {_path_of(url)} failed{cut}: {exc.__class__.__name__}: "
                                        f"{_short(_scrub(str(exc), headers.values()))}") from None
                 delay = _backoff(attempt)
@@ -7554,23 +7673,58 @@ class _Transport:
                 self.sleep(delay)
                 attempt += 1
 
-    def _download_once(self, url: str, dest: str, headers: Mapping[str, str]) -> int:
-        with self.session().get(url, headers=dict(headers), stream=True, timeout=self.timeout,
-                                proxies=self._proxies(url), allow_redirects=False) as resp:
+    def _download_once(self, url: str, dest: str, headers: Mapping[str, str], deadline: float) -> int:
+        import zlib
+
+        # Only gzip is asked for, and it is inflated here rather than by urllib3, whose decoder
+        # never checks that the stream reached its end: a gzip body cut short (a Content-Length
+        # to match) would read as a complete, shorter master, and a CSV has no end marker.
+        with self.session().get(url, headers={"Accept-Encoding": "gzip", **headers}, stream=True,
+                                timeout=self.timeout, proxies=self._proxies(url), allow_redirects=False) as resp:
             if resp.status_code != 200:
                 snippet = _short(_scrub(resp.text, headers.values()))
                 raise BrokerError(
                     f"GET {url} answered HTTP {resp.status_code}: {snippet}",
                     http_status=resp.status_code, retryable=resp.status_code >= 500,
                 )
-            size = 0
+            coding = resp.headers.get("Content-Encoding", "").strip().lower()
+            if coding in ("gzip", "x-gzip"):
+                inflate: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            elif coding in ("", "identity"):
+                inflate = None
+            else:
+                raise _MasterFormatError(f"the master came with Content-Encoding {_short(coding, 40)!r}; "
+                                         "only gzip (or none) was asked for")
+            # read1 returns what has arrived, so the deadline is checked while a body trickles in
+            # (urllib3 before 2.3 lacks it: there each read is bounded by the timeout only)
+            read = getattr(resp.raw, "read1", None) or resp.raw.read
+            received = size = 0
             with open(dest, "wb") as out:
-                for chunk in resp.iter_content(chunk_size=1 << 18):
+                while True:
+                    if time.monotonic() > deadline:
+                        raise NetworkError(f"download of {_path_of(url)} took over {_DOWNLOAD_DEADLINE:g} s "
+                                           f"({received:,} bytes so far): a stalled server or proxy; retry later")
+                    chunk = read(1 << 18, decode_content=False)
+                    if not chunk:
+                        break
+                    received += len(chunk)
+                    if inflate is not None:
+                        if inflate.eof:
+                            raise _MasterFormatError("data after the end of the gzip body")
+                        try:  # inflated no further than the cap: a small bomb never fills the disk
+                            chunk = inflate.decompress(chunk, _MAX_MASTER_BYTES - size + 1)
+                        except zlib.error as exc:
+                            raise _MasterFormatError(f"not a readable gzip body ({exc})") from None
+                    if size + len(chunk) > _MAX_MASTER_BYTES:
+                        raise _MasterFormatError(f"the master runs past {_MAX_MASTER_BYTES:,} bytes, far more than "
+                                                 "any real one (a gzip bomb, or not a master)")
                     out.write(chunk)
                     size += len(chunk)
-            expected = resp.headers.get("Content-Length")
-            if expected and expected.isdigit() and not resp.headers.get("Content-Encoding") and int(expected) != size:
-                raise _MasterFormatError(f"download truncated: got {size} of {expected} bytes")
+            expected = resp.headers.get("Content-Length")  # the bytes on the wire, before inflating
+            if expected and expected.isdigit() and int(expected) != received:
+                raise _MasterFormatError(f"download truncated: got {received} of {expected} bytes")
+            if inflate is not None and not inflate.eof:
+                raise _MasterFormatError(f"download truncated: the gzip body stops before its end ({received} bytes)")
             return size
 
     def close(self) -> None:
@@ -7578,6 +7732,10 @@ class _Transport:
             if self._session is not None:
                 self._session.close()
                 self._session = None
+
+
+# The whole master download, retries included: real masters take seconds, a stalled proxy forever.
+_DOWNLOAD_DEADLINE = 300.0
 
 
 def _import_requests() -> Any:
@@ -8286,9 +8444,10 @@ class TTConnect:
         value = cfg.get("cache_dir")
         if value is None:
             value = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
-        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-            raise ConfigurationError(f"config 'cache_dir' must be a path (a directory), got {value!r}")
-        return os.fspath(value)
+        path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else ""
+        if not path or "\x00" in os.fsdecode(path):  # a NUL: every file call would raise a raw ValueError
+            raise ConfigurationError(f"config 'cache_dir' must be a path (a directory, no NUL character), got {value!r}")
+        return path
 
     def _local_context(self) -> "_LocalContext":
         return _LocalContext(self.broker, self._config, self._cache_dir, self._clock, self._instruments, self._ctx)
