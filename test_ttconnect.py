@@ -5042,6 +5042,19 @@ def test_streams_give_the_same_ticks_on_every_broker(name: str, tmp_path: Path, 
 # ============================================================================
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_module() -> None:
+    """The CLI tests start ~100 interpreters that import ttconnect: with bytecode writing off
+    (PYTHONDONTWRITEBYTECODE, as CI machines often set it) each compiled the module anew, ~0.2 s."""
+    import importlib.util
+    import py_compile
+
+    try:
+        py_compile.compile(tt.__file__, cfile=importlib.util.cache_from_source(tt.__file__), doraise=True)
+    except (OSError, py_compile.PyCompileError):
+        pass  # a read-only checkout: each interpreter compiles it, slower but the same
+
+
 def cli(args: List[str], cwd: Path, env: Optional[Dict[str, str]] = None, stdin: str = "",
         timeout: float = 60) -> "subprocess.CompletedProcess[str]":
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TTCONNECT_")}
