@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import enum
+import functools
 import itertools
 import operator
 import os
@@ -773,14 +774,21 @@ class Index(_Instrument):
         return f"{self.exchange.value}|{self.symbol}"
 
     def _label(self) -> str:
-        bare = f"{self.exchange.value}:{self.symbol}"
-        try:  # bare where it reads back as this index (an index name, or a name with a space), else marked
-            cls, fields = _instrument_parts(bare)
-            if cls is Index and _canonical_index_symbol(fields["symbol"]) == self.symbol:
-                return bare
-        except InvalidInstrumentError:
-            pass
-        return f"{bare} INDEX"
+        return _index_label(self.exchange.value, self.symbol)
+
+
+@functools.lru_cache(maxsize=4096)  # a live feed's index ticks are labelled one by one
+def _index_label(exchange: str, symbol: str) -> str:
+    """An index's text: bare where it reads back as this index (an index name, or a name with a
+    space), else marked as one."""
+    bare = f"{exchange}:{symbol}"
+    try:
+        cls, fields = _instrument_parts(bare)
+        if cls is Index and _canonical_index_symbol(fields["symbol"]) == symbol:
+            return bare
+    except InvalidInstrumentError:
+        pass
+    return f"{bare} INDEX"
 
 
 @_model
