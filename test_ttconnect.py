@@ -5977,6 +5977,27 @@ def test_a_whole_gzip_master_still_loads_and_another_encoding_is_refused(tmp_pat
                                             sleep=clock.sleep), "Content-Encoding 'br'")
 
 
+def test_a_gzip_master_of_several_members_loads_whole(tmp_path: Path, clock: FakeClock, clients: list) -> None:
+    """A gzip body may be several members one after another (pigz, bgzip, files joined): the
+    inflater starts again after each (it stopped after the first: the rest was refused, or,
+    arriving in the same read, dropped, and a shorter master kept). Junk after them is refused."""
+    half = KITE_CSV.index(b"\n", len(KITE_CSV) // 2) + 1
+    members = gzip.compress(KITE_CSV[:half]) + gzip.compress(KITE_CSV[half:])
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=members, headers={"Content-Encoding": "gzip"})
+        client = kept(clients, "zerodha", cache_dir=str(tmp_path / "a"), clock=clock, sleep=clock.sleep)
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=KITE_CSV)
+        plain = kept(clients, "zerodha", cache_dir=str(tmp_path / "b"), clock=clock, sleep=clock.sleep)
+    assert client.resolve(SBIN) == "779521"
+    assert _kite_rows_db(tmp_path / "a" / "instruments.db") == _kite_rows_db(tmp_path / "b" / "instruments.db") > 10
+    assert client._instruments.loaded["rows"] == plain._instruments.loaded["rows"]
+    with responses.RequestsMock() as rs:
+        rs.get(URLS["zerodha"], body=members + b"not gzip", headers={"Content-Encoding": "gzip"})
+        expect(tt.BrokerError, lambda: kept(clients, "zerodha", cache_dir=str(tmp_path / "c"), clock=clock,
+                                            sleep=clock.sleep), "gzip")
+
+
 def _with_rows(broker: str, extra: List[Any]) -> bytes:
     """``broker``'s fixture master with ``extra`` rows appended (CSV lines for Kite, objects else)."""
     if broker == "zerodha":

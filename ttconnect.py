@@ -7717,10 +7717,13 @@ class _Transport:
                         break
                     received += len(chunk)
                     if inflate is not None:
-                        if inflate.eof:
-                            raise _MasterFormatError("data after the end of the gzip body")
+                        data, chunk = chunk, b""
                         try:  # inflated no further than the cap: a small bomb never fills the disk
-                            chunk = inflate.decompress(chunk, _MAX_MASTER_BYTES - size + 1)
+                            while data and size + len(chunk) <= _MAX_MASTER_BYTES:
+                                if inflate.eof:  # a gzip body may hold several members, one after another
+                                    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                                chunk += inflate.decompress(data, _MAX_MASTER_BYTES - size - len(chunk) + 1)
+                                data = inflate.unused_data if inflate.eof else b""
                         except zlib.error as exc:
                             raise _MasterFormatError(f"not a readable gzip body ({exc})") from None
                     if size + len(chunk) > _MAX_MASTER_BYTES:
