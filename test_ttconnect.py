@@ -7414,6 +7414,77 @@ def test_a_search_limit_beyond_sqlite_integers(tmp_path: Path, clock: FakeClock,
         assert [str(i) for i in found] == ["BSE:SBIN", "NSE:SBIN"]
 
 
+# 12.5a Hostile: deadlines, sandbox and closing (adversarial pass, each case reproduced first)
+
+
+def _head_trickler(reply: bytes, stopped: threading.Event) -> str:
+    """A server on 127.0.0.1 that sends each reply's status line and headers a byte every 0.05 s
+    (each byte well inside any socket timeout), then the body; its URL."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(0.1)
+    head, body = reply.split(b"\r\n\r\n", 1)
+
+    def serve() -> None:
+        with srv:
+            while not stopped.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    try:
+                        conn.recv(65536)
+                        for i in range(len(head) + 4):
+                            if stopped.wait(0.05):  # the server's pace, not a test's sync
+                                return
+                            conn.sendall((head + b"\r\n\r\n")[i:i + 1])
+                        conn.sendall(body)
+                    except OSError:
+                        continue
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_a_reply_whose_headers_trickle_is_bounded_by_the_timeout(tmp_path: Path, day_clock: FakeClock,
+                                                                 clients: list) -> None:
+    """The per-call deadline covered only the body: headers sent a byte at a time held a
+    timeout=0.5 call for 28 s."""
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 60
+             + b"\r\nContent-Length: %d\r\n\r\n" % len(PROFILE_REPLY) + PROFILE_REPLY)
+    stopped = threading.Event()
+    try:
+        kite = rest_client(clients, "zerodha", tmp_path, day_clock, root_url=_head_trickler(reply, stopped),
+                           timeout=0.5, max_retries=0)
+        started = time.monotonic()
+        err = expect(tt.NetworkError, kite.get_profile, "GET /user/profile: no complete reply within 0.5 s",
+                     "may have reached the broker")
+        elapsed = time.monotonic() - started
+        assert 0.4 < elapsed < 1.5, f"a 0.5 s deadline took {elapsed:.2f} s"
+        assert getattr(err, "maybe_sent") is True
+    finally:
+        stopped.set()
+
+
+def test_the_deadline_watch_ends_with_the_call_and_its_thread_with_the_client(tmp_path: Path, day_clock: FakeClock,
+                                                                              clients: list) -> None:
+    """A call that finishes in time is never cut afterwards (its connection goes back to the pool
+    unharmed), and close() leaves no deadline thread behind."""
+    server = SlowApi(lambda method, path, body: ("ok", PROFILE_REPLY))
+    try:
+        kite = rest_client(clients, "zerodha", tmp_path, day_clock, root_url=server.url, timeout=0.3, max_retries=0)
+        first = kite.get_profile()
+        time.sleep(0.4)  # past the first call's deadline: nothing may fire on its pooled connection
+        assert kite.get_profile() == first
+        assert server.requests.qsize() == 2
+        kite.close()
+        assert not [t.name for t in threading.enumerate() if t.name == "ttconnect-deadline"]
+    finally:
+        server.close()
+
+
 # ============================================================================
 # 12.6 Hostile: Config values
 # ============================================================================

@@ -7539,12 +7539,120 @@ class _Response:
         self.status, self.headers, self.text = status, headers, text
 
 
+class _Watch:
+    __slots__ = ("deadline", "conn", "expired")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline, self.conn, self.expired = deadline, None, False
+
+
+class _Watchdog:
+    """Ends the HTTP calls that outlive their deadline by shutting their socket down.
+
+    A socket timeout bounds each read, not their sum: a server trickling its status line a byte
+    at a time held a call for as long as it liked. Each call is armed with its deadline; the
+    pool notes the connection it lends on the calling thread's watch (``_watched_adapter``), and
+    at the deadline this thread shuts that socket down, which ends the blocked read at once.
+    Arming costs a lock and a dict entry: the thread wakes at deadlines, not per call.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._armed: Dict[int, _Watch] = {}
+        self._wake_at = float("inf")  # when the thread next looks (inf: asleep until armed)
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self._current = threading.local()  # the calling thread's watch: one call at a time per thread
+
+    def arm(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline)
+        with self._cond:
+            self._armed[id(watch)] = watch
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ttconnect-deadline", daemon=True)
+                self._thread.start()
+            elif deadline < self._wake_at:
+                self._cond.notify()
+        self._current.watch = watch
+        return watch
+
+    def note(self, conn: Any) -> None:
+        """Record the connection the calling thread's call goes out on."""
+        watch = getattr(self._current, "watch", None)
+        if watch is not None:
+            watch.conn = conn
+
+    def disarm(self, watch: _Watch) -> bool:
+        """Stop watching (again is harmless); True when the deadline passed and the socket was shut."""
+        self._current.watch = None
+        with self._cond:
+            self._armed.pop(id(watch), None)
+        return watch.expired
+
+    def _run(self) -> None:
+        import socket
+
+        with self._cond:
+            while not self._stop:
+                now = time.monotonic()
+                for key, watch in list(self._armed.items()):
+                    if watch.deadline <= now:
+                        del self._armed[key]
+                        watch.expired = True
+                        sock = getattr(watch.conn, "sock", None)
+                        if sock is not None:
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)
+                            except OSError:  # already closed: the call is ending anyway
+                                pass
+                self._wake_at = min((w.deadline for w in self._armed.values()), default=float("inf"))
+                self._cond.wait(None if self._wake_at == float("inf") else self._wake_at - now)
+
+    def close(self) -> None:
+        with self._cond:
+            thread, self._thread = self._thread, None
+            self._stop = True
+            self._cond.notify()
+        if thread is not None:
+            thread.join(1.0)
+        with self._cond:
+            self._stop = False  # a later call starts a new thread
+
+
+def _watched_adapter(requests: Any, watchdog: _Watchdog) -> Any:
+    """A requests HTTPAdapter class whose pools note each connection they lend on ``watchdog``."""
+    import urllib3
+
+    def noting(pool_class: Any) -> Any:
+        class Pool(pool_class):  # type: ignore[misc,valid-type]
+            def _get_conn(self, timeout: Optional[float] = None) -> Any:
+                conn = super()._get_conn(timeout)
+                watchdog.note(conn)
+                return conn
+        return Pool
+
+    pools = {"http": noting(urllib3.HTTPConnectionPool), "https": noting(urllib3.HTTPSConnectionPool)}
+
+    class Adapter(requests.adapters.HTTPAdapter):  # type: ignore[misc,name-defined]
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if type(manager) is urllib3.ProxyManager:  # a SOCKS manager brings its own pools
+                manager.pool_classes_by_scheme = pools
+            return manager
+    return Adapter
+
+
 class _Transport:
     """The one HTTP path: a pooled, kept-alive ``requests.Session`` (imported on first use).
 
     It knows HTTP, not brokers: one request in, status/headers/text out, or a NetworkError
     that says whether the request may have reached the server (``maybe_sent``). Each attempt
-    is bounded by ``timeout`` seconds in all, also against a server that trickles its reply.
+    is bounded by ``timeout`` seconds in all, also against a server that trickles its reply
+    (its headers included: see _Watchdog).
     """
 
     def __init__(self, timeout: float, max_retries: int, sleep: Callable[[float], None]) -> None:
@@ -7554,6 +7662,7 @@ class _Transport:
         self._session: Optional["requests.Session"] = None
         self._proxy_cache: Dict[str, Dict[str, str]] = {}
         self._lock = threading.Lock()
+        self._watchdog = _Watchdog()
 
     def session(self) -> "requests.Session":
         with self._lock:
@@ -7565,7 +7674,7 @@ class _Transport:
                 # consulted, so it cannot replace the broker's Authorization header.
                 session.trust_env = False
                 session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-                adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+                adapter = _watched_adapter(requests, self._watchdog)(pool_connections=4, pool_maxsize=16)
                 session.mount("https://", adapter)
                 session.mount("http://", adapter)
                 self._session = session
@@ -7586,6 +7695,7 @@ class _Transport:
         import urllib3.exceptions as urllib3_errors  # loaded with requests
         started = time.monotonic()
         deadline = started + self.timeout
+        watch = self._watchdog.arm(deadline)
         try:
             # Never follows a redirect: requests would re-send a POST as a GET (a place_order read
             # back as the order book) or re-send a login's password to whatever host it names.
@@ -7594,18 +7704,31 @@ class _Transport:
                                           allow_redirects=False)
             with resp:
                 body = self._read(resp, deadline, method)
+                # before the connection goes back to the pool; a shut socket may have cut the body short
+                if self._watchdog.disarm(watch):
+                    body = None
         except requests.RequestException as exc:
             sent = not _never_sent(exc)
+            if self._watchdog.disarm(watch):
+                err = NetworkError(f"{method} {_path_of(url)}: no complete reply within {self.timeout:g} s"
+                                   + (" (the request may have reached the broker)" if sent else " (nothing was sent)"))
+                err.maybe_sent = sent  # type: ignore[attr-defined]
+                raise err from None
             text = _scrub(str(exc), headers.values())
             err = NetworkError(f"{method} {_path_of(url)} failed: {exc.__class__.__name__}: {_short(text)}"
                                + (" (the request may have reached the broker)" if sent else " (nothing was sent)"))
             err.maybe_sent = sent  # type: ignore[attr-defined]
             raise err from None
         except (urllib3_errors.HTTPError, OSError) as exc:  # the body's own reads: requests leaves them raw
-            err = NetworkError(f"{method} {_path_of(url)}: the reply broke off ({exc.__class__.__name__}) "
-                               "(the request may have reached the broker)")
-            err.maybe_sent = True  # type: ignore[attr-defined]
-            raise err from None
+            if self._watchdog.disarm(watch):
+                body = None
+            else:
+                err = NetworkError(f"{method} {_path_of(url)}: the reply broke off ({exc.__class__.__name__}) "
+                                   "(the request may have reached the broker)")
+                err.maybe_sent = True  # type: ignore[attr-defined]
+                raise err from None
+        finally:
+            self._watchdog.disarm(watch)
         if body is None:
             err = NetworkError(f"{method} {_path_of(url)}: no complete reply within {self.timeout:g} s "
                                "(the request may have reached the broker)")
@@ -7732,6 +7855,7 @@ class _Transport:
             if self._session is not None:
                 self._session.close()
                 self._session = None
+        self._watchdog.close()
 
 
 # The whole master download, retries included: real masters take seconds, a stalled proxy forever.
