@@ -7485,6 +7485,32 @@ def test_the_deadline_watch_ends_with_the_call_and_its_thread_with_the_client(tm
         server.close()
 
 
+def test_an_upstox_feed_error_frame_is_scrubbed_before_it_is_shortened(tmp_path: Path, day_clock: FakeClock,
+                                                                         clients: list) -> None:
+    """The error text was cut to 200 characters and kept whole otherwise: an access token or the
+    single-use URL's code echoed in it reached stream_stats() and the log."""
+    server = WsServer(heartbeat=None)
+    try:
+        client = upstox_feed(clients, tmp_path, day_clock)
+        hits: List[str] = []
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            MockApi(rs, UPSTOX).on("feed_authorize", callback=authorize_to(server, "feeds", hits))
+            client.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+            assert stream_event(client, lambda s: s["connected"])
+            token = "upstox-access-SECRET-1"
+            text = ("x" * 100 + f" bad token {token} for code single-use-1 " + "y" * 300)
+            server.send(json.dumps({"status": "failed", "message": text}).encode(), opcode=1)
+            assert stream_event(client, lambda s: s["last_error"] is not None)
+            last = client.stream_stats()["last_error"]
+            assert "SECRET" not in last and "single-use-1" not in last and "upstox-access" not in last
+            assert last.startswith('broker: {"status": "failed"') and last.endswith("...")
+            assert len(last) <= len("broker: ") + 203
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+
+
 # ============================================================================
 # 12.6 Hostile: Config values
 # ============================================================================

@@ -4931,7 +4931,7 @@ def _upstox_stream_text(text: str) -> Tuple[str, Any]:
     """The market feed speaks protobuf; a text frame is a status or error object."""
     message = _json_object(text)
     if message is not None and str(message.get("status", "")).lower() in ("failed", "error"):
-        return "error", _short(text, 200)
+        return "error", text  # whole: the streamer scrubs secrets from it, then shortens it
     return "unknown", text
 
 
@@ -9644,6 +9644,8 @@ class _Connection:
         ctx = streamer.ctx
         session, generation = ctx.session()
         url, headers = self._connect_hook(ctx.call, ctx.config, session, ctx.urls[self._url_key])
+        streamer.secrets[self.name] = (session.access_token, session.feed_token or "", session.refresh_token or "",
+                                       url, url.partition("?")[2].replace("&", " ").replace("=", " "), *headers.values())
         make_socket = ctx.spec["hooks"].get("stream_socket")
         # UTF-8 is checked by _read, which skips a bad text frame: websocket-client's own check
         # would tear the connection down over it (a reconnect and a resubscribe for one frame).
@@ -9759,6 +9761,9 @@ class _Streamer:
         self._decode = self.spec["hooks"]["stream_decode"]
         self._ticks: List[Tick] = []
         self._random = random.Random()
+        # per connection, what it connected with (tokens, the single-use URL): scrubbed from the
+        # broker's error and message frames, which may echo them, before they are logged or kept
+        self.secrets: Dict[str, Tuple[str, ...]] = {"market": (), "orders": ()}
 
     @staticmethod
     def empty_stats() -> Dict[str, Any]:
@@ -9985,6 +9990,10 @@ class _Streamer:
 
     def _text(self, text: str, parse: Callable[[str], Tuple[str, Any]]) -> None:
         kind, data = parse(text)
+        if kind in ("error", "message"):
+            data = _scrub(str(data), [secret for sent in list(self.secrets.values()) for secret in sent])
+            if kind == "error":
+                data = _short(data, 200)
         if kind == "order":
             try:
                 order = self.ctx.order(data)
