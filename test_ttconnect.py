@@ -7511,6 +7511,28 @@ def test_an_upstox_feed_error_frame_is_scrubbed_before_it_is_shortened(tmp_path:
         server.close()
 
 
+def test_upstox_sandbox_cancels_without_reading_the_live_host_and_says_what_it_cannot_do(
+        tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """The sandbox serves single place/modify/cancel only: cancel and modify read the order from
+    the live host first and the lost-reply look-up read the live book, each refused the sandbox
+    token (cancel: AuthenticationError; the look-up failed four times)."""
+    client = contract_client(clients, UPSTOX, tmp_path, day_clock, sandbox=True, access_token="sandbox-token-SECRET-1")
+    sandbox = "https://api-sandbox.upstox.com"
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as rs:
+        rs.add("DELETE", f"{sandbox}/v3/order/cancel", body=UPSTOX.payload("cancel_order.json"),
+               match=[responses.matchers.query_param_matcher({"order_id": UPSTOX.placed_id})])
+        assert client.cancel_order(UPSTOX.placed_id) == UPSTOX.placed_id
+        expect(tt.UnsupportedFeatureError, lambda: client.modify_order(UPSTOX.placed_id, price=121.0),
+               "modify_order in the upstox sandbox", "does not serve", "cancel the order and place")
+        rs.add("POST", f"{sandbox}/v3/order/place", body=requests.exceptions.ReadTimeout("timed out"))
+        err = expect(tt.OrderError, lambda: client.place_order(**ORDER_1), "failed ambiguously",
+                     "sandbox serves no order book", "could not be checked", "Do NOT place it again")
+        assert err.retryable is False
+        assert [(c.request.method, c.request.url.split("?")[0]) for c in rs.calls] == [
+            ("DELETE", f"{sandbox}/v3/order/cancel"), ("POST", f"{sandbox}/v3/order/place")]
+    assert day_clock.slept == []  # no look-up rounds waited for
+
+
 # ============================================================================
 # 12.6 Hostile: Config values
 # ============================================================================

@@ -8408,6 +8408,7 @@ class TTConnect:
         self._credentials_option(cfg)
         self._config = cfg
         self._urls = self._urls_option(cfg)
+        self._sandbox = cfg.get("sandbox", False) is True
         self._on_stale = cfg.get("on_stale", "fail")
         if self._on_stale not in ("fail", "warn"):
             raise ConfigurationError(f"config 'on_stale' must be 'fail' or 'warn', got {self._on_stale!r}")
@@ -8660,6 +8661,11 @@ class TTConnect:
         if route is None:
             raise UnsupportedFeatureError(f"{self.broker} has no {name.replace('_', ' ')} through ttconnect")
         return route
+
+    def _sandbox_lacks(self, name: str) -> bool:
+        """Is this a sandbox client, and ``name`` a route on a host the sandbox does not replace?
+        (Upstox's serves single place/modify/cancel only; its token is refused everywhere else.)"""
+        return self._sandbox and self._route(name).host not in self._spec["sandbox_urls"]
 
     def _execute(self, name: str, *args: Any, skipped: Optional[List[Mapping[str, Any]]] = None) -> Any:
         """Build the route's request from ``args``, send it, check the reply, parse it."""
@@ -9023,6 +9029,11 @@ class TTConnect:
         The book is read four times over ~3.5 s (an OMS can take a moment to list an order). Only
         a book that was actually read and lacks the order counts as "not placed".
         """
+        what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
+        if self._sandbox_lacks("get_orders"):
+            raise OrderError(f"{what}, and the {self.broker} sandbox serves no order book, so whether it was placed "
+                             f"could not be checked. Do NOT place it again before checking for tag {req.tag!r}",
+                             retryable=False) from cause
         log.warning("%s place_order outcome unknown (%s); looking for tag %s", self.broker, cause.__class__.__name__, req.tag)
         read = False  # did the last, latest look-up succeed? only then can absence be believed
         found: List[Order] = []
@@ -9042,7 +9053,6 @@ class TTConnect:
                 ids = [order.id for order in found] if req.native_slice else [found[0].id]
                 log.info("%s order with tag %s was placed: %s", self.broker, req.tag, ", ".join(ids))
                 return ids
-        what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
         if found:
             listed = ", ".join(f"{order.id} ({order.qty})" for order in found)
             raise OrderError(
@@ -9075,6 +9085,11 @@ class TTConnect:
         The changed order is checked like a new one (tick, lot, stop-loss rules); unchanged
         prices are restated as the broker has them.
         """
+        if self._sandbox_lacks("get_order"):
+            raise UnsupportedFeatureError(
+                f"modify_order in the {self.broker} sandbox: a modify restates the order's current quantity, type "
+                "and prices, read from the order details, which the sandbox does not serve (only place, modify and "
+                "cancel); cancel the order and place the changed one instead")
         current = self._live_order(order_id, "modified")
         token, bsym = self._instruments.lookup(current.instrument)
         _, lot, tick = self._instruments.info(current.instrument)
@@ -9090,6 +9105,8 @@ class TTConnect:
 
     def cancel_order(self, order_id: str) -> str:
         """Cancel an open order; returns its id."""
+        if self._sandbox_lacks("get_order"):  # the order cannot be read first: the broker's cancel says if it is open
+            return self._cancel(order_id, {})
         order = self._live_order(order_id, "cancelled")
         return self._cancel(order.id, order.raw)
 
