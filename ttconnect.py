@@ -8664,7 +8664,7 @@ class TTConnect:
 
     def _sandbox_lacks(self, name: str) -> bool:
         """Is this a sandbox client, and ``name`` a route on a host the sandbox does not replace?
-        (Upstox's serves single place/modify/cancel only; its token is refused everywhere else.)"""
+        (A sandbox serves only its own routes; its token is refused on the live hosts.)"""
         return self._sandbox and self._route(name).host not in self._spec["sandbox_urls"]
 
     def _execute(self, name: str, *args: Any, skipped: Optional[List[Mapping[str, Any]]] = None) -> Any:
