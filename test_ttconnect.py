@@ -7533,6 +7533,28 @@ def test_upstox_sandbox_cancels_without_reading_the_live_host_and_says_what_it_c
     assert day_clock.slept == []  # no look-up rounds waited for
 
 
+def test_close_ends_an_upstox_feed_stuck_in_its_authorize_call(tmp_path: Path, day_clock: FakeClock,
+                                                                clients: list) -> None:
+    """The feed's connect step is a REST call on its thread: against an API that accepts and never
+    answers, the thread outlived close() by ~20 s (three 7 s attempts)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: "queue.Queue[socket.socket]" = queue.Queue()
+    threading.Thread(target=lambda: [accepted.put(listener.accept()[0]) for _ in range(8)], daemon=True).start()
+    try:
+        client = upstox_feed(clients, tmp_path, day_clock, root_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        client.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+        accepted.get(timeout=2)  # the authorize request is out, its reply never comes
+        started = time.monotonic()
+        client.close()
+        assert not _feed_threads(client)
+        assert time.monotonic() - started < 2.0
+        assert accepted.qsize() == 0  # not tried again after close()
+    finally:
+        listener.close()
+
+
 # ============================================================================
 # 12.6 Hostile: Config values
 # ============================================================================

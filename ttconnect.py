@@ -7609,7 +7609,19 @@ class _Watchdog:
                 self._cond.wait(None if self._wake_at == float("inf") else self._wake_at - now)
 
     def close(self) -> None:
+        """End every call in progress at once, and the thread."""
+        import socket
+
         with self._cond:
+            for watch in self._armed.values():
+                watch.expired = True
+                sock = getattr(watch.conn, "sock", None)
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:  # already closed: the call is ending anyway
+                        pass
+            self._armed.clear()
             thread, self._thread = self._thread, None
             self._stop = True
             self._cond.notify()
@@ -8444,6 +8456,7 @@ class TTConnect:
         self._stream_lock = threading.Lock()
         self._local: Any = None
         self._order_refs: Dict[str, str] = {}  # order id -> the broker's own address for it (order_ref hook)
+        self._closed = False
         try:
             self._instruments.ensure()
             if "local" in spec["hooks"]:
@@ -8453,7 +8466,6 @@ class TTConnect:
             self._instruments.close()
             self._transport.close()
             raise
-        self._closed = False
         _register_store(self._instruments.store)  # from here on, instrument construction checks against this DB
 
     # -- config --------------------------------------------------------------------------
@@ -8717,6 +8729,7 @@ class TTConnect:
         """An authenticated call: retries what is safe to retry, recovers the session once."""
         attempt, recovered = 0, False
         while True:
+            self._open()  # closed: a feed thread's authorize step (its reconnect too) ends here
             session, generation = (self._auth.current_with_generation() if route.signed and self._local is None
                                    else (None, 0))
             try:
@@ -8730,7 +8743,7 @@ class TTConnect:
                 # A rate-limit refusal was not processed; a connection that never opened sent
                 # nothing. Anything else may have reached the broker: only idempotent calls retry.
                 safe = route.idempotent or isinstance(exc, RateLimitError) or not getattr(exc, "maybe_sent", True)
-                if not (exc.retryable and safe) or attempt >= self._transport.max_retries:
+                if not (exc.retryable and safe) or attempt >= self._transport.max_retries or self._closed:
                     raise
                 retry_after = getattr(exc, "retry_after", None)
                 if retry_after is not None and retry_after > (self._ORDER_WAIT if route.about_order else 60.0):
@@ -9322,11 +9335,11 @@ class TTConnect:
                 return
             self._closed = True
             streamers = [s for s in (self._streamer, self._price_streamer) if s is not None]
+        self._transport.close()  # first: it ends a feed's connect step blocked in a REST call (an authorize)
         for streamer in streamers:
             streamer.close()
         _unregister_store(self._instruments.store)
         self._instruments.close()
-        self._transport.close()
         if self._local is not None:
             self._local.close()
 
