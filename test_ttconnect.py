@@ -7435,6 +7435,147 @@ def test_a_search_limit_beyond_sqlite_integers(tmp_path: Path, clock: FakeClock,
         assert [str(i) for i in found] == ["BSE:SBIN", "NSE:SBIN"]
 
 
+# 12.5a Hostile: deadlines, sandbox and closing (adversarial pass, each case reproduced first)
+
+
+def _head_trickler(reply: bytes, stopped: threading.Event) -> str:
+    """A server on 127.0.0.1 that sends each reply's status line and headers a byte every 0.05 s
+    (each byte well inside any socket timeout), then the body; its URL."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(0.1)
+    head, body = reply.split(b"\r\n\r\n", 1)
+
+    def serve() -> None:
+        with srv:
+            while not stopped.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    try:
+                        conn.recv(65536)
+                        for i in range(len(head) + 4):
+                            if stopped.wait(0.05):  # the server's pace, not a test's sync
+                                return
+                            conn.sendall((head + b"\r\n\r\n")[i:i + 1])
+                        conn.sendall(body)
+                    except OSError:
+                        continue
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_a_reply_whose_headers_trickle_is_bounded_by_the_timeout(tmp_path: Path, day_clock: FakeClock,
+                                                                 clients: list) -> None:
+    """The per-call deadline covered only the body: headers sent a byte at a time held a
+    timeout=0.5 call for 28 s."""
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 60
+             + b"\r\nContent-Length: %d\r\n\r\n" % len(PROFILE_REPLY) + PROFILE_REPLY)
+    stopped = threading.Event()
+    try:
+        kite = rest_client(clients, "zerodha", tmp_path, day_clock, root_url=_head_trickler(reply, stopped),
+                           timeout=0.5, max_retries=0)
+        started = time.monotonic()
+        err = expect(tt.NetworkError, kite.get_profile, "GET /user/profile: no complete reply within 0.5 s",
+                     "may have reached the broker")
+        elapsed = time.monotonic() - started
+        assert 0.4 < elapsed < 1.5, f"a 0.5 s deadline took {elapsed:.2f} s"
+        assert getattr(err, "maybe_sent") is True
+    finally:
+        stopped.set()
+
+
+def test_the_deadline_watch_ends_with_the_call_and_its_thread_with_the_client(tmp_path: Path, day_clock: FakeClock,
+                                                                              clients: list) -> None:
+    """A call that finishes in time is never cut afterwards (its connection goes back to the pool
+    unharmed), and close() leaves no deadline thread behind."""
+    server = SlowApi(lambda method, path, body: ("ok", PROFILE_REPLY))
+    try:
+        kite = rest_client(clients, "zerodha", tmp_path, day_clock, root_url=server.url, timeout=0.3, max_retries=0)
+        first = kite.get_profile()
+        time.sleep(0.4)  # past the first call's deadline: nothing may fire on its pooled connection
+        assert kite.get_profile() == first
+        assert server.requests.qsize() == 2
+        kite.close()
+        assert not [t.name for t in threading.enumerate() if t.name == "ttconnect-deadline"]
+    finally:
+        server.close()
+
+
+def test_an_upstox_feed_error_frame_is_scrubbed_before_it_is_shortened(tmp_path: Path, day_clock: FakeClock,
+                                                                         clients: list) -> None:
+    """The error text was cut to 200 characters and kept whole otherwise: an access token or the
+    single-use URL's code echoed in it reached stream_stats() and the log."""
+    server = WsServer(heartbeat=None)
+    try:
+        client = upstox_feed(clients, tmp_path, day_clock)
+        hits: List[str] = []
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+            MockApi(rs, UPSTOX).on("feed_authorize", callback=authorize_to(server, "feeds", hits))
+            client.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+            assert stream_event(client, lambda s: s["connected"])
+            token = "upstox-access-SECRET-1"
+            text = ("x" * 100 + f" bad token {token} for code single-use-1 " + "y" * 300)
+            server.send(json.dumps({"status": "failed", "message": text}).encode(), opcode=1)
+            assert stream_event(client, lambda s: s["last_error"] is not None)
+            last = client.stream_stats()["last_error"]
+            assert "SECRET" not in last and "single-use-1" not in last and "upstox-access" not in last
+            assert last.startswith('broker: {"status": "failed"') and last.endswith("...")
+            assert len(last) <= len("broker: ") + 203
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+
+
+def test_upstox_sandbox_cancels_without_reading_the_live_host_and_says_what_it_cannot_do(
+        tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
+    """The sandbox serves single place/modify/cancel only: cancel and modify read the order from
+    the live host first and the lost-reply look-up read the live book, each refused the sandbox
+    token (cancel: AuthenticationError; the look-up failed four times)."""
+    client = contract_client(clients, UPSTOX, tmp_path, day_clock, sandbox=True, access_token="sandbox-token-SECRET-1")
+    sandbox = "https://api-sandbox.upstox.com"
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as rs:
+        rs.add("DELETE", f"{sandbox}/v3/order/cancel", body=UPSTOX.payload("cancel_order.json"),
+               match=[responses.matchers.query_param_matcher({"order_id": UPSTOX.placed_id})])
+        assert client.cancel_order(UPSTOX.placed_id) == UPSTOX.placed_id
+        expect(tt.UnsupportedFeatureError, lambda: client.modify_order(UPSTOX.placed_id, price=121.0),
+               "modify_order in the upstox sandbox", "does not serve", "cancel the order and place")
+        rs.add("POST", f"{sandbox}/v3/order/place", body=requests.exceptions.ReadTimeout("timed out"))
+        err = expect(tt.OrderError, lambda: client.place_order(**ORDER_1), "failed ambiguously",
+                     "sandbox serves no order book", "could not be checked", "Do NOT place it again")
+        assert err.retryable is False
+        assert [(c.request.method, c.request.url.split("?")[0]) for c in rs.calls] == [
+            ("DELETE", f"{sandbox}/v3/order/cancel"), ("POST", f"{sandbox}/v3/order/place")]
+    assert day_clock.slept == []  # no look-up rounds waited for
+
+
+def test_close_ends_an_upstox_feed_stuck_in_its_authorize_call(tmp_path: Path, day_clock: FakeClock,
+                                                                clients: list) -> None:
+    """The feed's connect step is a REST call on its thread: against an API that accepts and never
+    answers, the thread outlived close() by ~20 s (three 7 s attempts)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: "queue.Queue[socket.socket]" = queue.Queue()
+    threading.Thread(target=lambda: [accepted.put(listener.accept()[0]) for _ in range(8)], daemon=True).start()
+    try:
+        client = upstox_feed(clients, tmp_path, day_clock, root_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        client.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+        accepted.get(timeout=2)  # the authorize request is out, its reply never comes
+        started = time.monotonic()
+        client.close()
+        assert not _feed_threads(client)
+        assert time.monotonic() - started < 2.0
+        assert accepted.qsize() == 0  # not tried again after close()
+    finally:
+        listener.close()
+
+
 # ============================================================================
 # 12.6 Hostile: Config values
 # ============================================================================

@@ -4939,7 +4939,7 @@ def _upstox_stream_text(text: str) -> Tuple[str, Any]:
     """The market feed speaks protobuf; a text frame is a status or error object."""
     message = _json_object(text)
     if message is not None and str(message.get("status", "")).lower() in ("failed", "error"):
-        return "error", _short(text, 200)
+        return "error", text  # whole: the streamer scrubs secrets from it, then shortens it
     return "unknown", text
 
 
@@ -7547,12 +7547,132 @@ class _Response:
         self.status, self.headers, self.text = status, headers, text
 
 
+class _Watch:
+    __slots__ = ("deadline", "conn", "expired")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline, self.conn, self.expired = deadline, None, False
+
+
+class _Watchdog:
+    """Ends the HTTP calls that outlive their deadline by shutting their socket down.
+
+    A socket timeout bounds each read, not their sum: a server trickling its status line a byte
+    at a time held a call for as long as it liked. Each call is armed with its deadline; the
+    pool notes the connection it lends on the calling thread's watch (``_watched_adapter``), and
+    at the deadline this thread shuts that socket down, which ends the blocked read at once.
+    Arming costs a lock and a dict entry: the thread wakes at deadlines, not per call.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._armed: Dict[int, _Watch] = {}
+        self._wake_at = float("inf")  # when the thread next looks (inf: asleep until armed)
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self._current = threading.local()  # the calling thread's watch: one call at a time per thread
+
+    def arm(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline)
+        with self._cond:
+            self._armed[id(watch)] = watch
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ttconnect-deadline", daemon=True)
+                self._thread.start()
+            elif deadline < self._wake_at:
+                self._cond.notify()
+        self._current.watch = watch
+        return watch
+
+    def note(self, conn: Any) -> None:
+        """Record the connection the calling thread's call goes out on."""
+        watch = getattr(self._current, "watch", None)
+        if watch is not None:
+            watch.conn = conn
+
+    def disarm(self, watch: _Watch) -> bool:
+        """Stop watching (again is harmless); True when the deadline passed and the socket was shut."""
+        self._current.watch = None
+        with self._cond:
+            self._armed.pop(id(watch), None)
+        return watch.expired
+
+    def _run(self) -> None:
+        import socket
+
+        with self._cond:
+            while not self._stop:
+                now = time.monotonic()
+                for key, watch in list(self._armed.items()):
+                    if watch.deadline <= now:
+                        del self._armed[key]
+                        watch.expired = True
+                        sock = getattr(watch.conn, "sock", None)
+                        if sock is not None:
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)
+                            except OSError:  # already closed: the call is ending anyway
+                                pass
+                self._wake_at = min((w.deadline for w in self._armed.values()), default=float("inf"))
+                self._cond.wait(None if self._wake_at == float("inf") else self._wake_at - now)
+
+    def close(self) -> None:
+        """End every call in progress at once, and the thread."""
+        import socket
+
+        with self._cond:
+            for watch in self._armed.values():
+                watch.expired = True
+                sock = getattr(watch.conn, "sock", None)
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:  # already closed: the call is ending anyway
+                        pass
+            self._armed.clear()
+            thread, self._thread = self._thread, None
+            self._stop = True
+            self._cond.notify()
+        if thread is not None:
+            thread.join(1.0)
+        with self._cond:
+            self._stop = False  # a later call starts a new thread
+
+
+def _watched_adapter(requests: Any, watchdog: _Watchdog) -> Any:
+    """A requests HTTPAdapter class whose pools note each connection they lend on ``watchdog``."""
+    import urllib3
+
+    def noting(pool_class: Any) -> Any:
+        class Pool(pool_class):  # type: ignore[misc,valid-type]
+            def _get_conn(self, timeout: Optional[float] = None) -> Any:
+                conn = super()._get_conn(timeout)
+                watchdog.note(conn)
+                return conn
+        return Pool
+
+    pools = {"http": noting(urllib3.HTTPConnectionPool), "https": noting(urllib3.HTTPSConnectionPool)}
+
+    class Adapter(requests.adapters.HTTPAdapter):  # type: ignore[misc,name-defined]
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if type(manager) is urllib3.ProxyManager:  # a SOCKS manager brings its own pools
+                manager.pool_classes_by_scheme = pools
+            return manager
+    return Adapter
+
+
 class _Transport:
     """The one HTTP path: a pooled, kept-alive ``requests.Session`` (imported on first use).
 
     It knows HTTP, not brokers: one request in, status/headers/text out, or a NetworkError
     that says whether the request may have reached the server (``maybe_sent``). Each attempt
-    is bounded by ``timeout`` seconds in all, also against a server that trickles its reply.
+    is bounded by ``timeout`` seconds in all, also against a server that trickles its reply
+    (its headers included: see _Watchdog).
     """
 
     def __init__(self, timeout: float, max_retries: int, sleep: Callable[[float], None]) -> None:
@@ -7562,6 +7682,7 @@ class _Transport:
         self._session: Optional["requests.Session"] = None
         self._proxy_cache: Dict[str, Dict[str, str]] = {}
         self._lock = threading.Lock()
+        self._watchdog = _Watchdog()
 
     def session(self) -> "requests.Session":
         with self._lock:
@@ -7573,7 +7694,7 @@ class _Transport:
                 # consulted, so it cannot replace the broker's Authorization header.
                 session.trust_env = False
                 session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-                adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+                adapter = _watched_adapter(requests, self._watchdog)(pool_connections=4, pool_maxsize=16)
                 session.mount("https://", adapter)
                 session.mount("http://", adapter)
                 self._session = session
@@ -7594,6 +7715,7 @@ class _Transport:
         import urllib3.exceptions as urllib3_errors  # loaded with requests
         started = time.monotonic()
         deadline = started + self.timeout
+        watch = self._watchdog.arm(deadline)
         try:
             # Never follows a redirect: requests would re-send a POST as a GET (a place_order read
             # back as the order book) or re-send a login's password to whatever host it names.
@@ -7602,18 +7724,31 @@ class _Transport:
                                           allow_redirects=False)
             with resp:
                 body = self._read(resp, deadline, method)
+                # before the connection goes back to the pool; a shut socket may have cut the body short
+                if self._watchdog.disarm(watch):
+                    body = None
         except requests.RequestException as exc:
             sent = not _never_sent(exc)
+            if self._watchdog.disarm(watch):
+                err = NetworkError(f"{method} {_path_of(url)}: no complete reply within {self.timeout:g} s"
+                                   + (" (the request may have reached the broker)" if sent else " (nothing was sent)"))
+                err.maybe_sent = sent  # type: ignore[attr-defined]
+                raise err from None
             text = _scrub(str(exc), headers.values())
             err = NetworkError(f"{method} {_path_of(url)} failed: {exc.__class__.__name__}: {_short(text)}"
                                + (" (the request may have reached the broker)" if sent else " (nothing was sent)"))
             err.maybe_sent = sent  # type: ignore[attr-defined]
             raise err from None
         except (urllib3_errors.HTTPError, OSError) as exc:  # the body's own reads: requests leaves them raw
-            err = NetworkError(f"{method} {_path_of(url)}: the reply broke off ({exc.__class__.__name__}) "
-                               "(the request may have reached the broker)")
-            err.maybe_sent = True  # type: ignore[attr-defined]
-            raise err from None
+            if self._watchdog.disarm(watch):
+                body = None
+            else:
+                err = NetworkError(f"{method} {_path_of(url)}: the reply broke off ({exc.__class__.__name__}) "
+                                   "(the request may have reached the broker)")
+                err.maybe_sent = True  # type: ignore[attr-defined]
+                raise err from None
+        finally:
+            self._watchdog.disarm(watch)
         if body is None:
             err = NetworkError(f"{method} {_path_of(url)}: no complete reply within {self.timeout:g} s "
                                "(the request may have reached the broker)")
@@ -7743,6 +7878,7 @@ class _Transport:
             if self._session is not None:
                 self._session.close()
                 self._session = None
+        self._watchdog.close()
 
 
 # The whole master download, retries included: real masters take seconds, a stalled proxy forever.
@@ -8295,6 +8431,7 @@ class TTConnect:
         self._credentials_option(cfg)
         self._config = cfg
         self._urls = self._urls_option(cfg)
+        self._sandbox = cfg.get("sandbox", False) is True
         self._on_stale = cfg.get("on_stale", "fail")
         if self._on_stale not in ("fail", "warn"):
             raise ConfigurationError(f"config 'on_stale' must be 'fail' or 'warn', got {self._on_stale!r}")
@@ -8330,6 +8467,7 @@ class TTConnect:
         self._stream_lock = threading.Lock()
         self._local: Any = None
         self._order_refs: Dict[str, str] = {}  # order id -> the broker's own address for it (order_ref hook)
+        self._closed = False
         try:
             self._instruments.ensure()
             if "local" in spec["hooks"]:
@@ -8339,7 +8477,6 @@ class TTConnect:
             self._instruments.close()
             self._transport.close()
             raise
-        self._closed = False
         _register_store(self._instruments.store)  # from here on, instrument construction checks against this DB
 
     # -- config --------------------------------------------------------------------------
@@ -8548,6 +8685,11 @@ class TTConnect:
             raise UnsupportedFeatureError(f"{self.broker} has no {name.replace('_', ' ')} through ttconnect")
         return route
 
+    def _sandbox_lacks(self, name: str) -> bool:
+        """Is this a sandbox client, and ``name`` a route on a host the sandbox does not replace?
+        (A sandbox serves only its own routes; its token is refused on the live hosts.)"""
+        return self._sandbox and self._route(name).host not in self._spec["sandbox_urls"]
+
     def _execute(self, name: str, *args: Any, skipped: Optional[List[Mapping[str, Any]]] = None) -> Any:
         """Build the route's request from ``args``, send it, check the reply, parse it."""
         self._open()
@@ -8598,6 +8740,7 @@ class TTConnect:
         """An authenticated call: retries what is safe to retry, recovers the session once."""
         attempt, recovered = 0, False
         while True:
+            self._open()  # closed: a feed thread's authorize step (its reconnect too) ends here
             session, generation = (self._auth.current_with_generation() if route.signed and self._local is None
                                    else (None, 0))
             try:
@@ -8611,7 +8754,7 @@ class TTConnect:
                 # A rate-limit refusal was not processed; a connection that never opened sent
                 # nothing. Anything else may have reached the broker: only idempotent calls retry.
                 safe = route.idempotent or isinstance(exc, RateLimitError) or not getattr(exc, "maybe_sent", True)
-                if not (exc.retryable and safe) or attempt >= self._transport.max_retries:
+                if not (exc.retryable and safe) or attempt >= self._transport.max_retries or self._closed:
                     raise
                 retry_after = getattr(exc, "retry_after", None)
                 if retry_after is not None and retry_after > (self._ORDER_WAIT if route.about_order else 60.0):
@@ -8910,6 +9053,11 @@ class TTConnect:
         The book is read four times over ~3.5 s (an OMS can take a moment to list an order). Only
         a book that was actually read and lacks the order counts as "not placed".
         """
+        what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
+        if self._sandbox_lacks("get_orders"):
+            raise OrderError(f"{what}, and the {self.broker} sandbox serves no order book, so whether it was placed "
+                             f"could not be checked. Do NOT place it again before checking for tag {req.tag!r}",
+                             retryable=False) from cause
         log.warning("%s place_order outcome unknown (%s); looking for tag %s", self.broker, cause.__class__.__name__, req.tag)
         read = False  # did the last, latest look-up succeed? only then can absence be believed
         found: List[Order] = []
@@ -8929,7 +9077,6 @@ class TTConnect:
                 ids = [order.id for order in found] if req.native_slice else [found[0].id]
                 log.info("%s order with tag %s was placed: %s", self.broker, req.tag, ", ".join(ids))
                 return ids
-        what = f"placing {req.side.value} {req.qty} {req.instrument} failed ambiguously ({cause})"
         if found:
             listed = ", ".join(f"{order.id} ({order.qty})" for order in found)
             raise OrderError(
@@ -8962,6 +9109,11 @@ class TTConnect:
         The changed order is checked like a new one (tick, lot, stop-loss rules); unchanged
         prices are restated as the broker has them.
         """
+        if self._sandbox_lacks("get_order"):
+            raise UnsupportedFeatureError(
+                f"modify_order in the {self.broker} sandbox: a modify restates the order's current quantity, type "
+                "and prices, read from the order details, which the sandbox does not serve (only place, modify and "
+                "cancel); cancel the order and place the changed one instead")
         current = self._live_order(order_id, "modified")
         token, bsym = self._instruments.lookup(current.instrument)
         _, lot, tick = self._instruments.info(current.instrument)
@@ -8977,6 +9129,8 @@ class TTConnect:
 
     def cancel_order(self, order_id: str) -> str:
         """Cancel an open order; returns its id."""
+        if self._sandbox_lacks("get_order"):  # the order cannot be read first: the broker's cancel says if it is open
+            return self._cancel(order_id, {})
         order = self._live_order(order_id, "cancelled")
         return self._cancel(order.id, order.raw)
 
@@ -9192,11 +9346,11 @@ class TTConnect:
                 return
             self._closed = True
             streamers = [s for s in (self._streamer, self._price_streamer) if s is not None]
+        self._transport.close()  # first: it ends a feed's connect step blocked in a REST call (an authorize)
         for streamer in streamers:
             streamer.close()
         _unregister_store(self._instruments.store)
         self._instruments.close()
-        self._transport.close()
         if self._local is not None:
             self._local.close()
 
@@ -9531,6 +9685,8 @@ class _Connection:
         ctx = streamer.ctx
         session, generation = ctx.session()
         url, headers = self._connect_hook(ctx.call, ctx.config, session, ctx.urls[self._url_key])
+        streamer.secrets[self.name] = (session.access_token, session.feed_token or "", session.refresh_token or "",
+                                       url, url.partition("?")[2].replace("&", " ").replace("=", " "), *headers.values())
         make_socket = ctx.spec["hooks"].get("stream_socket")
         # UTF-8 is checked by _read, which skips a bad text frame: websocket-client's own check
         # would tear the connection down over it (a reconnect and a resubscribe for one frame).
@@ -9646,6 +9802,9 @@ class _Streamer:
         self._decode = self.spec["hooks"]["stream_decode"]
         self._ticks: List[Tick] = []
         self._random = random.Random()
+        # per connection, what it connected with (tokens, the single-use URL): scrubbed from the
+        # broker's error and message frames, which may echo them, before they are logged or kept
+        self.secrets: Dict[str, Tuple[str, ...]] = {"market": (), "orders": ()}
 
     @staticmethod
     def empty_stats() -> Dict[str, Any]:
@@ -9872,6 +10031,10 @@ class _Streamer:
 
     def _text(self, text: str, parse: Callable[[str], Tuple[str, Any]]) -> None:
         kind, data = parse(text)
+        if kind in ("error", "message"):
+            data = _scrub(str(data), [secret for sent in list(self.secrets.values()) for secret in sent])
+            if kind == "error":
+                data = _short(data, 200)
         if kind == "order":
             try:
                 order = self.ctx.order(data)
