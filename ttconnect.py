@@ -7597,38 +7597,35 @@ class _Watchdog:
             self._armed.pop(id(watch), None)
         return watch.expired
 
-    def _run(self) -> None:
+    @staticmethod
+    def _end(watch: _Watch) -> None:
+        """Mark a call expired and shut its socket: its blocked read ends at once."""
         import socket
 
+        watch.expired = True
+        sock = getattr(watch.conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed: the call is ending anyway
+                pass
+
+    def _run(self) -> None:
         with self._cond:
             while not self._stop:
                 now = time.monotonic()
                 for key, watch in list(self._armed.items()):
                     if watch.deadline <= now:
                         del self._armed[key]
-                        watch.expired = True
-                        sock = getattr(watch.conn, "sock", None)
-                        if sock is not None:
-                            try:
-                                sock.shutdown(socket.SHUT_RDWR)
-                            except OSError:  # already closed: the call is ending anyway
-                                pass
+                        self._end(watch)
                 self._wake_at = min((w.deadline for w in self._armed.values()), default=float("inf"))
                 self._cond.wait(None if self._wake_at == float("inf") else self._wake_at - now)
 
     def close(self) -> None:
         """End every call in progress at once, and the thread."""
-        import socket
-
         with self._cond:
             for watch in self._armed.values():
-                watch.expired = True
-                sock = getattr(watch.conn, "sock", None)
-                if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:  # already closed: the call is ending anyway
-                        pass
+                self._end(watch)
             self._armed.clear()
             thread, self._thread = self._thread, None
             self._stop = True
