@@ -7127,6 +7127,37 @@ def test_cancel_and_modify_refuse_a_reply_about_another_order(broker: Case, acti
         assert api.calls("cancel_order") == [] and api.calls("modify_order") == []
 
 
+@pytest.mark.parametrize("now", ["CANCELLED", "COMPLETE"])
+def test_a_cancel_resent_after_a_timeout_and_refused_reads_what_the_order_is(now: str, tmp_path: Path,
+                                                                             day_clock: FakeClock,
+                                                                             clients: list) -> None:
+    """The first cancel timed out after the broker had cancelled the order; the re-sent one was
+    refused ("cannot be cancelled"), and cancel_order reported a failure for a cancelled order.
+    It now reads the order: cancelled is success; filled meanwhile is the broker's refusal."""
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock, max_retries=1)
+    history = json.loads(fixture_text("zerodha", "get_order_history.json"))
+    after = json.loads(json.dumps(history))
+    after["data"].append({**after["data"][-1], "status": now})
+    order_id = history["data"][-1]["order_id"]
+    replies = iter([(200, {}, json.dumps(history)), (200, {}, json.dumps(after))])
+    cancels = iter(["timeout", "refused"])
+
+    def cancel(request: Any) -> Any:
+        if next(cancels) == "timeout":
+            raise requests.exceptions.ReadTimeout("read timed out")
+        return 400, {}, fixture_text("zerodha", "cancel_order.order_exception.json")
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, ZERODHA)
+        api.on("get_order_history", callback=lambda request: next(replies))
+        api.on("cancel_order", callback=cancel)
+        if now == "CANCELLED":
+            assert no_raw(lambda: kite.cancel_order(order_id)) == order_id
+        else:
+            expect(tt.OrderError, lambda: kite.cancel_order(order_id), "cannot be cancelled")
+        assert len(api.calls("cancel_order")) == 2 and len(api.calls("get_order_history")) == 2
+
+
 @pytest.mark.parametrize("header", ["\u00b2", "\u0662", "1\u00bd", "Wed, 21 Oct 2026 07:28:00 GMT", "soon"])
 def test_an_unreadable_retry_after_is_treated_as_absent(header: str, tmp_path: Path, day_clock: FakeClock,
                                                         clients: list) -> None:

@@ -9133,8 +9133,25 @@ class TTConnect:
 
     def _cancel(self, order_id: str, raw: Mapping[str, Any]) -> str:
         order_id = self._order_id(order_id)  # also an id from a broker's row (the kill switch)
-        self._execute("cancel_order", order_id, raw)
+        try:
+            self._execute("cancel_order", order_id, raw)
+        except (OrderError, BrokerError, NetworkError) as exc:
+            # A cancel is re-sent after a timeout; the first may have cancelled the order, and
+            # the second is then refused ("cannot be cancelled"). What the order is now decides.
+            if self._sandbox_lacks("get_order") or not self._cancelled_now(order_id):
+                raise
+            log.info("%s: order %s is cancelled (the cancel call said %s)", self.broker, order_id,
+                     exc.__class__.__name__)
         return order_id
+
+    def _cancelled_now(self, order_id: str) -> bool:
+        """Does the broker say ``order_id`` is cancelled (False where it cannot be read, or the
+        reply is about another order)?"""
+        try:
+            order = self.get_order(order_id)
+        except TTConnectError:
+            return False
+        return order.id == order_id and order.status is OrderStatus.CANCELLED
 
     def cancel_all_orders(self) -> Tuple[List[str], List[str]]:
         """Cancel every order still working (pending, open, partly filled, trigger-pending).
