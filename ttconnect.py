@@ -9135,9 +9135,10 @@ class TTConnect:
         order_id = self._order_id(order_id)  # also an id from a broker's row (the kill switch)
         try:
             self._execute("cancel_order", order_id, raw)
-        except (OrderError, BrokerError, NetworkError) as exc:
+        except (OrderError, BrokerError) as exc:
             # A cancel is re-sent after a timeout; the first may have cancelled the order, and
             # the second is then refused ("cannot be cancelled"). What the order is now decides.
+            # (Not after a network failure: the read would fail too, and the kill switch wait.)
             if self._sandbox_lacks("get_order") or not self._cancelled_now(order_id):
                 raise
             log.info("%s: order %s is cancelled (the cancel call said %s)", self.broker, order_id,
