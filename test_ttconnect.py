@@ -7747,6 +7747,19 @@ def test_a_protocol_violation_reconnects_and_resubscribes(tmp_path: Path, day_cl
     assert kite.stream_stats()["reconnects"] >= 1
 
 
+def angel_streaming_sbin(clients: list, tmp_path: Path, day_clock: FakeClock,
+                         market: WsServer) -> Tuple[tt.TTConnect, "queue.Queue[tt.Tick]"]:
+    """An AngelOne client streaming SBIN's ltp from ``market``, connected: (client, its ticks)."""
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
+                        feed_token="feed-SECRET-9", ws_url=market.url, stream_silence_timeout=1.0,
+                        stream_reconnect_delay=0.01)
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    angel.subscribe(SBIN, on_tick=ticks.put, mode="ltp")
+    market.wait_message(skip=("ping",))
+    assert stream_event(angel, lambda s: s["connected"])
+    return angel, ticks
+
+
 @pytest.mark.parametrize("frame", [
     pytest.param(angel_packet(1, 1, "3045", ltp=5.0)[:-1], id="packet-one-byte-short"),
     pytest.param(angel_packet(2, 1, "3045", ltp=5.0, buy_qty=float("nan")), id="quantity-nan"),
@@ -7756,13 +7769,7 @@ def test_a_hostile_angel_frame_is_dropped_and_the_feed_goes_on(frame: bytes, tmp
                                                                clients: list) -> None:
     market = WsServer(heartbeat=None, text_replies={"ping": "pong"})
     try:
-        angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
-                            feed_token="feed-SECRET-9", ws_url=market.url, stream_silence_timeout=1.0,
-                            stream_reconnect_delay=0.01)
-        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
-        angel.subscribe(SBIN, on_tick=ticks.put, mode="ltp")
-        market.wait_message(skip=("ping",))
-        assert stream_event(angel, lambda s: s["connected"])
+        angel, ticks = angel_streaming_sbin(clients, tmp_path, day_clock, market)
         market.send(frame)
         market.send(b"{oops", opcode=1)
         market.send(angel_packet(1, 1, "3045", ltp=801.05))
@@ -8116,13 +8123,7 @@ def test_angel_a_token_ends_at_its_nul_and_a_one_byte_keep_alive_is_no_malformed
     assert decode("angelone", b"\x00", {key: SBIN}) == [] and decode("angelone", b"", {key: SBIN}) == []
     market = WsServer(heartbeat=None, text_replies={"ping": "pong"})
     try:
-        angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
-                            feed_token="feed-SECRET-9", ws_url=market.url, stream_silence_timeout=1.0,
-                            stream_reconnect_delay=0.01)
-        ticks: "queue.Queue[tt.Tick]" = queue.Queue()
-        angel.subscribe(SBIN, on_tick=ticks.put, mode="ltp")
-        market.wait_message(skip=("ping",))
-        assert stream_event(angel, lambda s: s["connected"])
+        angel, ticks = angel_streaming_sbin(clients, tmp_path, day_clock, market)
         market.send(b"\x00")
         market.send(bytes(after_nul))
         assert ticks.get(timeout=3).ltp == 801.05
