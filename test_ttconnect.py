@@ -2879,6 +2879,7 @@ def test_paper_takes_the_credentials_of_other_brokers_and_ignores_them(tmp_path:
     ({"prices": 42}, "config 'prices' must be 'random'"),
     ({"seed": True}, "config 'seed' must be an int or a string"),
     ({"seed": "\udcff"}, "config 'seed' must be an int or a string (UTF-8 text)"),  # failed at every price
+    ({"seed": 10 ** 5000}, "config 'seed' is an int too long to write out"),  # ValueError at every price
     ({"market_hours": "yes"}, "config 'market_hours' must be True or False"),
     ({"replay_speed": -1}, "config 'replay_speed'"),
     ({"clock": lambda: dt.datetime(2026, 12, 2, 10, 0)}, "naive datetime"),

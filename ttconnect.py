@@ -6594,6 +6594,16 @@ def _paper_instruments(config: Mapping[str, Any]) -> str:
     return value
 
 
+def _paper_int_seed(seed: int) -> bool:
+    """Whether an int seed can be written out: every price hashes its text, and str() of an int
+    past Python's digit limit raises ValueError (at every price, not at init)."""
+    try:
+        str(seed)
+    except ValueError:
+        return False
+    return True
+
+
 def _paper_source(cfg: Mapping[str, Any], engine: "_PaperEngine") -> Any:
     prices = cfg.get("prices", "random")
     speed = cfg.get("replay_speed", 0)
@@ -6604,6 +6614,9 @@ def _paper_source(cfg: Mapping[str, Any], engine: "_PaperEngine") -> Any:
         seed = cfg.get("seed", 0)
         if not isinstance(seed, (int, str)) or isinstance(seed, bool) or (isinstance(seed, str) and not _utf8(seed)):
             raise ConfigurationError(f"config 'seed' must be an int or a string (UTF-8 text), got {seed!r}")
+        if isinstance(seed, int) and not _paper_int_seed(seed):
+            raise ConfigurationError("config 'seed' is an int too long to write out (past Python's limit on an int's "
+                                     "digits, 4300 unless changed); use a shorter int or a string")
         return _PaperRandomSource(engine, seed)
     if isinstance(prices, TTConnect):
         if "local" in prices._spec["hooks"]:
