@@ -10553,6 +10553,21 @@ def test_cli_environment_variables_of_other_tools_are_ignored_and_typos_refused(
         assert cli(["funds"], tmp_path, env={other: "x"}).returncode == 0
 
 
+@pytest.mark.parametrize("name, value, words", [
+    ("TTCONNECT_SEED", "9" * 5000, "TTCONNECT_SEED has 5000 digits, more than an int seed may have"),  # int(): ValueError
+    ("TTCONNECT_CAPITAL", "[" * 100000, "TTCONNECT_CAPITAL must be a number or true/false, got '[[["),  # RecursionError
+], ids=["long seed", "deep capital"])
+def test_cli_environment_values_past_pythons_limits_are_one_line_errors(name: str, value: str, words: str,
+                                                                        tmp_path: Path, monkeypatch: Any,
+                                                                        capsys: Any) -> None:
+    """Both printed a traceback and exited 1."""
+    monkeypatch.setenv("TTCONNECT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(name, value)
+    assert tt.main(["funds"]) == 3
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err) < 300
+
+
 def test_cli_main_in_process_puts_back_the_sigterm_handler(tmp_path: Path, monkeypatch: Any,
                                                            capsys: Any) -> None:
     import signal

@@ -10286,12 +10286,17 @@ def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
             typed: Any = value
             if key == "seed":  # an int or any text
                 digits = value[1:] if value.startswith("-") else value
-                typed = int(value) if digits.isascii() and digits.isdigit() else value
+                try:
+                    typed = int(value) if digits.isascii() and digits.isdigit() else value
+                except ValueError:  # past Python's limit on the digits of an int read from text (4300)
+                    raise _CliError(f"environment variable {name} has {len(digits)} digits, more than an int seed "
+                                    "may have; use a shorter one", 3) from None
             elif key in _CLI_TYPED_KEYS:
                 try:
                     typed = json.loads(value)
-                except ValueError:
-                    raise _CliError(f"environment variable {name} must be a number or true/false, got {value!r}", 3) from None
+                except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
+                    raise _CliError(f"environment variable {name} must be a number or true/false, got "
+                                    f"{_short(repr(value), 60)}", 3) from None
                 if key == "market_hours" and typed in (0, 1) and not isinstance(typed, bool):
                     typed = bool(typed)  # TTCONNECT_MARKET_HOURS=1, as shells say it
             cfg[key] = typed
