@@ -10568,6 +10568,23 @@ def test_cli_environment_values_past_pythons_limits_are_one_line_errors(name: st
     assert words in err and "Traceback" not in err and len(err) < 300
 
 
+@pytest.mark.parametrize("args", [
+    ["place", "NSE:SBIN", "BUY", "1_000"], ["place", "NSE:SBIN", "BUY", "1_00"], ["place", "NSE:SBIN", "BUY", "\u0661\u0660"],
+    ["place", "NSE:SBIN", "BUY", "1", "--type", "LIMIT", "--price", "8_00"],
+    ["modify", "261202000000001", "--qty", "1_0"],
+], ids=["underscores", "misplaced underscore", "arabic-indic digits", "price underscores", "modify qty"])
+def test_cli_numbers_are_ascii_digits_only(args: List[str], tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    """int() and float() read '1_000' and other scripts' digits: 'place NSE:SBIN BUY 1_00' placed
+    100 shares (and '1e3' was refused)."""
+    monkeypatch.setenv("TTCONNECT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        tt.main(args)
+    assert exited.value.code == 2
+    assert "in digits" in capsys.readouterr().err
+    assert tt.main(["orders", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
 def test_cli_main_in_process_puts_back_the_sigterm_handler(tmp_path: Path, monkeypatch: Any,
                                                            capsys: Any) -> None:
     import signal

@@ -10192,18 +10192,18 @@ def _cli_parser() -> Any:
     p = command("place", "place an order: place INSTRUMENT BUY|SELL QTY")
     p.add_argument("instrument", help="as printed, e.g. 'NSE:SBIN' or 'NFO:NIFTY 2026-12-29 23500 CE'")
     p.add_argument("side", type=str.upper, choices=["BUY", "SELL"])
-    p.add_argument("qty", type=int)
+    p.add_argument("qty", type=_cli_qty)
     p.add_argument("--type", dest="order_type", type=str.upper, default="MARKET", choices=["MARKET", "LIMIT", "SL", "SL_M"])
-    p.add_argument("--price", type=float)
-    p.add_argument("--trigger", type=float)
+    p.add_argument("--price", type=_cli_price)
+    p.add_argument("--trigger", type=_cli_price)
     p.add_argument("--product", type=str.upper, choices=["CNC", "MIS", "NRML"],
                    help="default CNC for equities, NRML for derivatives")
     p.add_argument("--tag")
     p = command("modify", "change an open order")
     p.add_argument("order_id")
-    p.add_argument("--qty", type=int)
-    p.add_argument("--price", type=float)
-    p.add_argument("--trigger", type=float)
+    p.add_argument("--qty", type=_cli_qty)
+    p.add_argument("--price", type=_cli_price)
+    p.add_argument("--trigger", type=_cli_price)
     p.add_argument("--type", dest="order_type", type=str.upper, choices=["MARKET", "LIMIT", "SL", "SL_M"])
     p = command("cancel", "cancel an open order")
     p.add_argument("order_id")
@@ -10231,6 +10231,29 @@ def _edits(a: str, b: str) -> int:
         for j, cb in enumerate(b, 1):
             previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ca != cb))
     return row[-1]
+
+
+def _cli_qty(text: str) -> int:
+    """An order's quantity as typed: ASCII digits only. int() also reads '1_000', ' 1 ' and other
+    scripts' digits ('\u0661\u0660'), so a slip ('1_00') would place an order of a size not typed."""
+    import argparse
+
+    digits = text[1:] if text.startswith("-") else text  # a negative one: the order checks say why not
+    if not (digits.isascii() and digits.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be a whole number of units in digits (0-9), got {text!r}")
+    return int(text)
+
+
+def _cli_price(text: str) -> float:
+    """A price in rupees as float() reads it, but for '_' and non-ASCII digits (see _cli_qty)."""
+    import argparse
+
+    if "_" in text or not text.isascii():
+        raise argparse.ArgumentTypeError(f"must be a price in rupees in digits (e.g. 1234.05), got {text!r}")
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a price in rupees in digits (e.g. 1234.05), got {text!r}") from None
 
 
 def _cli_seconds(text: str) -> float:
