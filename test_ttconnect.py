@@ -2876,6 +2876,7 @@ def test_paper_takes_the_credentials_of_other_brokers_and_ignores_them(tmp_path:
     ({"capital": -5}, "config 'capital' must be a positive amount"),
     ({"capital": float("nan")}, "config 'capital'"),
     ({"prices": "no-such-file.jsonl"}, "nor a tick file: no file"),
+    ({"prices": "."}, "nor a tick file: a directory, not a file '.'"),
     ({"prices": 42}, "config 'prices' must be 'random'"),
     ({"seed": True}, "config 'seed' must be an int or a string"),
     ({"seed": "\udcff"}, "config 'seed' must be an int or a string (UTF-8 text)"),  # failed at every price

@@ -6625,7 +6625,8 @@ def _paper_source(cfg: Mapping[str, Any], engine: "_PaperEngine") -> Any:
     if isinstance(prices, (str, os.PathLike)):
         path = os.fspath(prices)
         if not os.path.isfile(path):
-            raise ConfigurationError(f"config 'prices' is neither 'random', a live client, nor a tick file: no file "
+            what = "a directory, not a file" if os.path.isdir(path) else "no file"  # 'no file' misled for a directory
+            raise ConfigurationError(f"config 'prices' is neither 'random', a live client, nor a tick file: {what} "
                                      f"{path!r}")
         return _PaperReplaySource(engine, path, float(speed))
     raise ConfigurationError(f"config 'prices' must be 'random', a TTConnect client of a real broker, or the path of "
