@@ -5140,6 +5140,19 @@ def test_cli_demo_runs_offline_quickly_and_writes_only_the_cache_dir(tmp_path: P
     assert [o["status"] for o in data["orders"]] == ["COMPLETE", "OPEN"] and len(data["positions"]) == 1
 
 
+def test_cli_demo_keeps_a_users_own_account_named_demo(tmp_path: Path) -> None:
+    # someone traded in the account 'demo' by hand: the demo, which starts 'demo' afresh, refuses
+    placed = cli_json(["--account", "demo", "place", "NSE:SBIN", "BUY", "10"], tmp_path)
+    done = cli(["demo"], tmp_path)
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    assert "holds orders, positions or holdings the demo did not make" in done.stderr and "paper reset" in done.stderr
+    kept = cli_json(["--account", "demo", "orders"], tmp_path)
+    assert [(o["id"], o["instrument"], o["qty"], o["status"]) for o in kept] == [
+        (placed["order_id"], "NSE:SBIN", 10, "COMPLETE")]
+    assert cli(["--account", "demo", "paper", "reset", "--yes"], tmp_path).returncode == 0
+    assert cli(["demo"], tmp_path).returncode == 0  # the account is the demo's again
+
+
 def test_cli_instrument_commands(tmp_path: Path) -> None:
     loaded = cli_json(["instruments", "refresh"], tmp_path)
     assert loaded["rows"] > 1000 and loaded["malformed"] == 0

@@ -10721,6 +10721,22 @@ def _cli_paper_reset(broker: str, cfg: Mapping[str, Any], args: Any) -> int:
     return 0
 
 
+def _cli_demo_check_own(demo_cfg: Mapping[str, Any], cache_dir: str) -> None:
+    """Refuse to start the demo afresh over a paper account 'demo' that holds more than the
+    demo's own trades (someone traded in it with --account demo): it would be deleted unasked."""
+    with TTConnect(_DEFAULT_BROKER, demo_cfg) as old:
+        orders, positions, holdings = old.get_orders(), old.get_positions(), old.get_holdings()
+    # the demo buys NIFTY options (NRML), tagged "demo"; anything else is someone's
+    own = (not holdings and all((o.tag or "").startswith("demo-") for o in orders)
+           and all(p.product is ProductType.NRML and isinstance(p.instrument, Option)
+                   and p.instrument.symbol == "NIFTY" for p in positions))
+    if not own:
+        raise _CliError(f"the paper account 'demo' in {cache_dir} holds orders, positions or holdings the demo did not "
+                        "make, and the demo starts that account afresh on every run: keep your own trading in another "
+                        "account (--account NAME), or delete it first with 'python -m ttconnect --account demo paper "
+                        "reset'", 3)
+
+
 def _cli_demo(cfg: Mapping[str, Any], out: _CliOut) -> int:
     """The README's first command: the whole interface on paper, offline, in about ten seconds."""
     import queue
@@ -10728,7 +10744,10 @@ def _cli_demo(cfg: Mapping[str, Any], out: _CliOut) -> int:
     started = time.monotonic()
     cache_dir = TTConnect._cache_dir_option(cfg)
     demo_cfg = {"cache_dir": cache_dir, "account": "demo", "tick_interval": 0.25}
-    _paper_reset(os.path.join(cache_dir, "paper_demo.db"))  # every run starts from the same capital
+    path = os.path.join(cache_dir, "paper_demo.db")
+    if os.path.exists(path):
+        _cli_demo_check_own(demo_cfg, cache_dir)
+    _paper_reset(path)  # every run starts from the same capital
     say = print if not out.as_json else (lambda *a, **k: None)
     with TTConnect(_DEFAULT_BROKER, demo_cfg) as broker:
         funds = broker.get_funds()
