@@ -4096,6 +4096,7 @@ class WsServer:
         self.conns: List[socket.socket] = []
         self.refuse = 0
         self.refuse_status = "503 Service Unavailable"
+        self.refuse_echo = False  # a refusal's body repeats the request line, as some proxies' error pages do
         self.silent = threading.Event()
         self.stopped = threading.Event()
         self.lock = threading.Lock()
@@ -4191,7 +4192,11 @@ class WsServer:
             self.handshakes.put({"path": lines[0].split(" ")[1], "headers": headers})
             if self.refuse > 0:
                 self.refuse -= 1
-                conn.sendall(f"HTTP/1.1 {self.refuse_status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+                if self.refuse_echo:  # (no other header: the client's error text shows the body in full)
+                    body = lines[0].encode()
+                    conn.sendall(f"HTTP/1.1 {self.refuse_status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+                else:
+                    conn.sendall(f"HTTP/1.1 {self.refuse_status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
                 conn.close()
                 return
             accept = base64.b64encode(hashlib.sha1((headers["sec-websocket-key"] + self.GUID).encode()).digest()).decode()
@@ -4501,6 +4506,19 @@ def test_kite_stream_outlasts_refusals_and_silence(tmp_path: Path, day_clock: Fa
     assert stream_event(kite, lambda s: s["connected"])
     ws_server.send(kite_frame(kite_packet(779521, 8, ltp=5.5)))
     assert got.get(timeout=3) == 5.5
+
+
+def test_a_refused_upgrade_echoing_the_url_shows_no_token(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                          ws_server: WsServer, caplog: Any) -> None:
+    # A proxy's error page repeating the request line: Kite's feed URL carries the access token.
+    ws_server.refuse, ws_server.refuse_status, ws_server.refuse_echo = 1, "400 Bad Request", True
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    kite.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+    assert stream_event(kite, lambda s: "Handshake status 400" in (s["last_error"] or ""))
+    error = kite.stream_stats()["last_error"]
+    assert "GET /?api_key=" in error and "SECRET" not in error  # the page is shown, the token blanked out
+    assert stream_event(kite, lambda s: s["connected"])  # the next attempt is let in
+    assert not [r for r in caplog.records if "SECRET" in r.getMessage()]
 
 
 def test_kite_order_updates_and_errors_arrive_as_text(tmp_path: Path, day_clock: FakeClock, clients: list,

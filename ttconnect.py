@@ -9979,6 +9979,9 @@ class _Streamer:
         return delay * (0.5 + self._random.random() / 2)  # jitter: reconnecting clients spread out
 
     def failed(self, name: str, message: str) -> None:
+        # A refused upgrade's text carries the reply body, which a proxy may fill with the request
+        # line (a feed URL may hold the access token): scrubbed like the broker's own error frames.
+        message = _scrub(message, [secret for sent in list(self.secrets.values()) for secret in sent])
         self.stats["last_error"] = f"{name}: {message}"
         log.warning("%s %s stream: %s", self.broker, name, message)
         self.changed()
