@@ -4521,6 +4521,20 @@ def test_a_refused_upgrade_echoing_the_url_shows_no_token(tmp_path: Path, day_cl
     assert not [r for r in caplog.records if "SECRET" in r.getMessage()]
 
 
+def test_unsubscribe_with_an_unknown_instrument_changes_nothing(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                               ws_server: WsServer) -> None:
+    ghost = tt.Equity(exchange="NSE", symbol="NOSUCH")  # made before any client opened: not checked yet
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    kite.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+    assert kite_subscribed(ws_server, expected=1) == {779521: "ltp"}
+    with pytest.raises(tt.InstrumentNotFoundError, match="NOSUCH"):
+        kite.unsubscribe([SBIN, ghost])
+    assert kite.stream_stats()["subscriptions"] == 1  # SBIN is still subscribed, on the server too
+    kite.unsubscribe(SBIN)
+    assert ws_server.wait_message() == '{"a": "unsubscribe", "v": [779521]}'
+    assert kite.stream_stats()["subscriptions"] == 0
+
+
 def test_kite_order_updates_and_errors_arrive_as_text(tmp_path: Path, day_clock: FakeClock, clients: list,
                                                       ws_server: WsServer) -> None:
     kite = kite_feed(clients, tmp_path, day_clock, ws_server)

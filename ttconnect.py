@@ -9890,11 +9890,14 @@ class _Streamer:
         self._ensure_market()
 
     def unsubscribe(self, instruments: Sequence[Instrument]) -> None:
+        # Every key first, as subscribe does: an instrument that does not resolve must change
+        # nothing (dropped from the book one by one, the earlier ones were never unsubscribed).
+        key = self.spec["hooks"]["stream_key"]
+        keys = [key(instrument, self.ctx.resolve(instrument)) for instrument in instruments]
         with self.lock:
             gone = []
-            for instrument in instruments:
-                token = self.ctx.resolve(instrument)
-                item = self.subscriptions.pop(self.spec["hooks"]["stream_key"](instrument, token), None)
+            for k in keys:
+                item = self.subscriptions.pop(k, None)
                 if item is not None:
                     gone.append(item)
             self._retarget()
