@@ -4591,6 +4591,14 @@ def test_stream_limits_and_bad_modes_fail_clearly(tmp_path: Path, day_clock: Fak
     assert tt._ZERODHA["stream_max_tokens"] == 2 and tt._ANGELONE["stream_max_tokens"] == 1000
 
 
+def test_subscribe_with_a_bad_order_handler_subscribes_nothing(tmp_path: Path, day_clock: FakeClock,
+                                                               clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, ws_url="ws://127.0.0.1:9/")
+    with pytest.raises(tt.ConfigurationError, match="on_order_update needs a callable"):
+        kite.subscribe(SBIN, on_tick=lambda t: None, on_order_update="print")
+    assert kite.stream_stats()["subscriptions"] == 0 and kite._streamer is None  # no feed was started
+
+
 def test_a_feed_missing_credentials_fails_on_the_callers_thread(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     angel = rest_client(clients, "angelone", tmp_path, day_clock, auth_mode="manual", access_token="jwt-SECRET-9",
                         ws_url="ws://127.0.0.1:9/")

@@ -9323,6 +9323,8 @@ class TTConnect:
         items = _instrument_list(instruments)
         if on_tick is not None and not callable(on_tick):
             raise ConfigurationError("on_tick must be a callable taking a Tick")
+        if on_order_update is not None:  # checked before subscribing: a refusal must leave no feed behind
+            self._check_order_handler(on_order_update)
         streamer = self._stream()
         if on_tick is None and streamer.on_tick is None:
             raise ConfigurationError("subscribe needs on_tick=<callable taking a Tick> the first time")
@@ -9338,13 +9340,16 @@ class TTConnect:
 
     def on_order_update(self, handler: Callable[[Order], Any]) -> None:
         """Call ``handler`` with a canonical ``Order`` whenever the broker reports a change."""
+        self._check_order_handler(handler)
+        streamer = self._stream()
+        streamer.on_order = handler
+        streamer.watch_orders()
+
+    def _check_order_handler(self, handler: Any) -> None:
         if not callable(handler):
             raise ConfigurationError("on_order_update needs a callable taking an Order")
         if not self._spec["has"]["order_updates"]:
             raise UnsupportedFeatureError(f"{self.broker} has no order-update stream through ttconnect")
-        streamer = self._stream()
-        streamer.on_order = handler
-        streamer.watch_orders()
 
     def stream_stats(self) -> Dict[str, Any]:
         """Ticks, frames (and dropped ones), reconnects, handler errors, last error, last frame time."""
