@@ -4508,6 +4508,30 @@ def test_kite_stream_outlasts_refusals_and_silence(tmp_path: Path, day_clock: Fa
     assert got.get(timeout=3) == 5.5
 
 
+def test_a_feed_dropping_every_connection_at_once_is_retried_ever_later(tmp_path: Path, day_clock: FakeClock,
+                                                                       clients: list, ws_server: WsServer) -> None:
+    # Let in, then cut at once (a connection limit, say): the delay must grow as after refusals.
+    def dropper() -> None:
+        while not ws_server.stopped.is_set():
+            try:
+                ws_server.handshakes.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            time.sleep(0.02)  # the upgrade went through
+            ws_server.drop()
+
+    threading.Thread(target=dropper, daemon=True).start()
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    attempts: List[int] = []
+    kite.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+    streamer = kite._streamer
+    assert streamer is not None
+    backoff = streamer.backoff
+    streamer.backoff = lambda attempt: (attempts.append(attempt), backoff(attempt))[1]  # type: ignore[method-assign]
+    assert stream_event(kite, lambda s: len(attempts) >= 4)
+    assert attempts[1:4] == [attempts[0] + 1, attempts[0] + 2, attempts[0] + 3]  # never back to the first delay
+
+
 def test_a_refused_upgrade_echoing_the_url_shows_no_token(tmp_path: Path, day_clock: FakeClock, clients: list,
                                                           ws_server: WsServer, caplog: Any) -> None:
     # A proxy's error page repeating the request line: Kite's feed URL carries the access token.

@@ -9667,12 +9667,14 @@ class _Connection:
         websocket = _websocket_module()
 
         streamer = self.streamer
+        now = streamer.ctx.monotonic
         attempt = 0
         while not self._stop.is_set():
             ws = None
+            opened: Optional[float] = None
             try:
                 ws = self._open(websocket)
-                attempt = 0
+                opened = now()
                 self._read(ws, websocket)
             except (OSError, websocket.WebSocketException, TTConnectError) as exc:
                 if not self._stop.is_set():
@@ -9694,6 +9696,11 @@ class _Connection:
                     _quietly_shut(ws)
             if self._stop.is_set():
                 return
+            # The delay starts over only after a connection that held (a silence period): one let in
+            # and dropped at once (a connection limit, a refused subscription) must not be retried
+            # at the first delay forever.
+            if opened is not None and now() - opened >= streamer.silence:
+                attempt = 0
             delay = streamer.backoff(attempt)
             attempt += 1
             streamer.count("reconnects")
