@@ -4008,6 +4008,10 @@ def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock:
     ({"rate_limits": {"ordrs": 5}}, "unknown class 'ordrs'; zerodha's classes are default, orders"),
     ({"rate_limits": {"orders": float("nan")}}, "positive finite"),
     ({"stream_silence_timeout": 0}, "stream_silence_timeout"),
+    ({"ws_url": "http://127.0.0.1:9/"}, "config 'ws_url' must be a ws:// or wss:// URL with a host"),  # never connects
+    ({"ws_url": "ws://127.0.0.1:99999/"}, "config 'ws_url' must be a ws:// or wss:// URL with a host (and a port"),
+    ({"ws_url": "wss:///feed"}, "config 'ws_url' must be a ws:// or wss:// URL with a host"),
+    ({"ws_url": ""}, "config 'ws_url' must be a ws:// or wss:// URL"),  # Kite's feed needs one
     ({"pin": "1234"}, "zerodha has no login with config 'pin'"),
     ({"access_token": "tok\r\nX-Evil: 1"}, "control character"),
     ({"access_token": "tok-SECRET\udcff"}, "config 'access_token' holds a character that is not ASCII"),  # no header takes it

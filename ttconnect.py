@@ -8375,6 +8375,18 @@ class Capabilities(_Model):
         raise AttributeError(f"Capabilities are read-only (tried to set {name!r})")
 
 
+def _ws_url_ok(url: str) -> bool:
+    """Can websocket-client connect to ``url`` at all: a ws(s) scheme, a host, a valid port."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        return False
+    return parts.scheme in ("ws", "wss") and bool(parts.hostname)
+
+
 def _instrument_list(instruments: Any) -> List[Instrument]:
     """One instrument or a sequence of them, as a list; anything else is refused."""
     if isinstance(instruments, _Instrument):
@@ -8534,6 +8546,10 @@ class TTConnect:
             value = cfg.get(key, urls[key])
             if not isinstance(value, str) or (value and not value.split("://", 1)[0] in ("http", "https", "ws", "wss")):
                 raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL, got {value!r}")
+            if (value or spec["urls"][key]) and key.endswith("ws_url") and not _ws_url_ok(value):
+                # refused here: on the feed's thread it would be retried (and logged) forever
+                raise ConfigurationError(f"config {key!r} must be a ws:// or wss:// URL with a host (and a port "
+                                         f"up to 65535), got {value!r}")
             urls[key] = value.rstrip("/") if key.endswith("root_url") else value
         for follower, leader in spec["url_follows"].items():
             if follower not in cfg and leader in cfg and not sandbox:
