@@ -5009,6 +5009,14 @@ def test_upstox_feed_authorizes_each_connect_and_streams(tmp_path: Path, day_clo
         server.close()
 
 
+@pytest.mark.parametrize("url", ["wss:///feed?code=x", "wss://host:99999/feed", "https://host/feed", None, 5])
+def test_upstox_authorize_reply_without_a_usable_feed_url_is_a_broker_error(url: Any) -> None:
+    # refused as the broker's fault (a retried "connect failed"), not an unexpected error with a traceback
+    with pytest.raises(tt.BrokerError, match="no websocket URL in the reply"):
+        tt._upstox_authorized_url({"authorized_redirect_uri": url})
+    assert tt._upstox_authorized_url({"authorized_redirect_uri": "wss://h.example/f?code=1"}) == "wss://h.example/f?code=1"
+
+
 def test_upstox_feed_limits_follow_the_documented_key_counts(tmp_path: Path, day_clock: FakeClock, clients: list,
                                                               monkeypatch: Any) -> None:
     client = upstox_feed(clients, tmp_path, day_clock)

@@ -2499,6 +2499,18 @@ def _list_rows(data: Any) -> Sequence[Any]:
     return data
 
 
+def _ws_url_ok(url: str) -> bool:
+    """Can websocket-client connect to ``url`` at all: a ws(s) scheme, a host, a valid port."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        return False
+    return parts.scheme in ("ws", "wss") and bool(parts.hostname)
+
+
 def _json_object(text: str) -> Optional[Dict[str, Any]]:
     """A feed's text frame as a JSON object, or None when it is not one."""
     import json
@@ -4886,7 +4898,7 @@ def _upstox_orders_connect(call: _Call, config: Mapping[str, Any], session: Sess
 def _upstox_authorized_url(data: Any) -> str:
     data = _object(data)
     url = data.get("authorized_redirect_uri") or data.get("authorizedRedirectUri")  # snake case; camel deprecated
-    if not isinstance(url, str) or url.split("://", 1)[0] not in ("ws", "wss"):
+    if not isinstance(url, str) or not _ws_url_ok(url):  # (one without a host failed as an "unexpected error")
         raise BrokerError(f"upstox feed authorize: no websocket URL in the reply ({_short(repr(url), 80)})")
     return url
 
@@ -8373,18 +8385,6 @@ class Capabilities(_Model):
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Capabilities are read-only (tried to set {name!r})")
-
-
-def _ws_url_ok(url: str) -> bool:
-    """Can websocket-client connect to ``url`` at all: a ws(s) scheme, a host, a valid port."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError when out of range
-    except ValueError:
-        return False
-    return parts.scheme in ("ws", "wss") and bool(parts.hostname)
 
 
 def _instrument_list(instruments: Any) -> List[Instrument]:
