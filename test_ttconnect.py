@@ -4010,6 +4010,10 @@ def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock:
     ({"rate_limits": {"ordrs": 5}}, "unknown class 'ordrs'; zerodha's classes are default, orders"),
     ({"rate_limits": {"orders": float("nan")}}, "positive finite"),
     ({"stream_silence_timeout": 0}, "stream_silence_timeout"),
+    ({"ws_url": "http://127.0.0.1:9/"}, "config 'ws_url' must be a ws:// or wss:// URL with a host"),  # never connects
+    ({"ws_url": "ws://127.0.0.1:99999/"}, "config 'ws_url' must be a ws:// or wss:// URL with a host (and a port"),
+    ({"ws_url": "wss:///feed"}, "config 'ws_url' must be a ws:// or wss:// URL with a host"),
+    ({"ws_url": ""}, "config 'ws_url' must be a ws:// or wss:// URL"),  # Kite's feed needs one
     ({"pin": "1234"}, "zerodha has no login with config 'pin'"),
     ({"access_token": "tok\r\nX-Evil: 1"}, "control character"),
     ({"access_token": "tok-SECRET\udcff"}, "config 'access_token' holds a character that is not ASCII"),  # no header takes it
@@ -4098,6 +4102,7 @@ class WsServer:
         self.conns: List[socket.socket] = []
         self.refuse = 0
         self.refuse_status = "503 Service Unavailable"
+        self.refuse_echo = False  # a refusal's body repeats the request line, as some proxies' error pages do
         self.silent = threading.Event()
         self.stopped = threading.Event()
         self.lock = threading.Lock()
@@ -4193,7 +4198,11 @@ class WsServer:
             self.handshakes.put({"path": lines[0].split(" ")[1], "headers": headers})
             if self.refuse > 0:
                 self.refuse -= 1
-                conn.sendall(f"HTTP/1.1 {self.refuse_status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+                if self.refuse_echo:  # (no other header: the client's error text shows the body in full)
+                    body = lines[0].encode()
+                    conn.sendall(f"HTTP/1.1 {self.refuse_status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+                else:
+                    conn.sendall(f"HTTP/1.1 {self.refuse_status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
                 conn.close()
                 return
             accept = base64.b64encode(hashlib.sha1((headers["sec-websocket-key"] + self.GUID).encode()).digest()).decode()
@@ -4505,6 +4514,57 @@ def test_kite_stream_outlasts_refusals_and_silence(tmp_path: Path, day_clock: Fa
     assert got.get(timeout=3) == 5.5
 
 
+def test_a_feed_dropping_every_connection_at_once_is_retried_ever_later(tmp_path: Path, day_clock: FakeClock,
+                                                                       clients: list, ws_server: WsServer) -> None:
+    # Let in, then cut at once (a connection limit, say): the delay must grow as after refusals.
+    def dropper() -> None:
+        while not ws_server.stopped.is_set():
+            try:
+                ws_server.handshakes.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            time.sleep(0.02)  # the upgrade went through
+            ws_server.drop()
+
+    threading.Thread(target=dropper, daemon=True).start()
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    attempts: List[int] = []
+    kite.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+    streamer = kite._streamer
+    assert streamer is not None
+    backoff = streamer.backoff
+    streamer.backoff = lambda attempt: (attempts.append(attempt), backoff(attempt))[1]  # type: ignore[method-assign]
+    assert stream_event(kite, lambda s: len(attempts) >= 4)
+    assert attempts[1:4] == [attempts[0] + 1, attempts[0] + 2, attempts[0] + 3]  # never back to the first delay
+
+
+def test_a_refused_upgrade_echoing_the_url_shows_no_token(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                          ws_server: WsServer, caplog: Any) -> None:
+    # A proxy's error page repeating the request line: Kite's feed URL carries the access token.
+    ws_server.refuse, ws_server.refuse_status, ws_server.refuse_echo = 1, "400 Bad Request", True
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    kite.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+    assert stream_event(kite, lambda s: "Handshake status 400" in (s["last_error"] or ""))
+    error = kite.stream_stats()["last_error"]
+    assert "GET /?api_key=" in error and "SECRET" not in error  # the page is shown, the token blanked out
+    assert stream_event(kite, lambda s: s["connected"])  # the next attempt is let in
+    assert not [r for r in caplog.records if "SECRET" in r.getMessage()]
+
+
+def test_unsubscribe_with_an_unknown_instrument_changes_nothing(tmp_path: Path, day_clock: FakeClock, clients: list,
+                                                               ws_server: WsServer) -> None:
+    ghost = tt.Equity(exchange="NSE", symbol="NOSUCH")  # made before any client opened: not checked yet
+    kite = kite_feed(clients, tmp_path, day_clock, ws_server)
+    kite.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
+    assert kite_subscribed(ws_server, expected=1) == {779521: "ltp"}
+    with pytest.raises(tt.InstrumentNotFoundError, match="NOSUCH"):
+        kite.unsubscribe([SBIN, ghost])
+    assert kite.stream_stats()["subscriptions"] == 1  # SBIN is still subscribed, on the server too
+    kite.unsubscribe(SBIN)
+    assert ws_server.wait_message() == '{"a": "unsubscribe", "v": [779521]}'
+    assert kite.stream_stats()["subscriptions"] == 0
+
+
 def test_kite_order_updates_and_errors_arrive_as_text(tmp_path: Path, day_clock: FakeClock, clients: list,
                                                       ws_server: WsServer) -> None:
     kite = kite_feed(clients, tmp_path, day_clock, ws_server)
@@ -4559,6 +4619,14 @@ def test_stream_limits_and_bad_modes_fail_clearly(tmp_path: Path, day_clock: Fak
     with pytest.raises(tt.ConfigurationError, match="on_tick"):
         tt.TTConnect.subscribe(kite, three[:1])
     assert tt._ZERODHA["stream_max_tokens"] == 2 and tt._ANGELONE["stream_max_tokens"] == 1000
+
+
+def test_subscribe_with_a_bad_order_handler_subscribes_nothing(tmp_path: Path, day_clock: FakeClock,
+                                                               clients: list) -> None:
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock, ws_url="ws://127.0.0.1:9/")
+    with pytest.raises(tt.ConfigurationError, match="on_order_update needs a callable"):
+        kite.subscribe(SBIN, on_tick=lambda t: None, on_order_update="print")
+    assert kite.stream_stats()["subscriptions"] == 0 and kite._streamer is None  # no feed was started
 
 
 def test_a_feed_missing_credentials_fails_on_the_callers_thread(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
@@ -4941,6 +5009,14 @@ def test_upstox_feed_authorizes_each_connect_and_streams(tmp_path: Path, day_clo
         for c in clients:
             c.close()
         server.close()
+
+
+@pytest.mark.parametrize("url", ["wss:///feed?code=x", "wss://host:99999/feed", "https://host/feed", None, 5])
+def test_upstox_authorize_reply_without_a_usable_feed_url_is_a_broker_error(url: Any) -> None:
+    # refused as the broker's fault (a retried "connect failed"), not an unexpected error with a traceback
+    with pytest.raises(tt.BrokerError, match="no websocket URL in the reply"):
+        tt._upstox_authorized_url({"authorized_redirect_uri": url})
+    assert tt._upstox_authorized_url({"authorized_redirect_uri": "wss://h.example/f?code=1"}) == "wss://h.example/f?code=1"
 
 
 def test_upstox_feed_limits_follow_the_documented_key_counts(tmp_path: Path, day_clock: FakeClock, clients: list,

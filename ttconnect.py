@@ -2499,6 +2499,18 @@ def _list_rows(data: Any) -> Sequence[Any]:
     return data
 
 
+def _ws_url_ok(url: str) -> bool:
+    """Can websocket-client connect to ``url`` at all: a ws(s) scheme, a host, a valid port."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        return False
+    return parts.scheme in ("ws", "wss") and bool(parts.hostname)
+
+
 def _json_object(text: str) -> Optional[Dict[str, Any]]:
     """A feed's text frame as a JSON object, or None when it is not one."""
     import json
@@ -4886,7 +4898,7 @@ def _upstox_orders_connect(call: _Call, config: Mapping[str, Any], session: Sess
 def _upstox_authorized_url(data: Any) -> str:
     data = _object(data)
     url = data.get("authorized_redirect_uri") or data.get("authorizedRedirectUri")  # snake case; camel deprecated
-    if not isinstance(url, str) or url.split("://", 1)[0] not in ("ws", "wss"):
+    if not isinstance(url, str) or not _ws_url_ok(url):  # (one without a host failed as an "unexpected error")
         raise BrokerError(f"upstox feed authorize: no websocket URL in the reply ({_short(repr(url), 80)})")
     return url
 
@@ -8548,6 +8560,10 @@ class TTConnect:
             value = cfg.get(key, urls[key])
             if not isinstance(value, str) or (value and not value.split("://", 1)[0] in ("http", "https", "ws", "wss")):
                 raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL, got {value!r}")
+            if (value or spec["urls"][key]) and key.endswith("ws_url") and not _ws_url_ok(value):
+                # refused here: on the feed's thread it would be retried (and logged) forever
+                raise ConfigurationError(f"config {key!r} must be a ws:// or wss:// URL with a host (and a port "
+                                         f"up to 65535), got {value!r}")
             urls[key] = value.rstrip("/") if key.endswith("root_url") else value
         for follower, leader in spec["url_follows"].items():
             if follower not in cfg and leader in cfg and not sandbox:
@@ -9337,6 +9353,8 @@ class TTConnect:
         items = _instrument_list(instruments)
         if on_tick is not None and not callable(on_tick):
             raise ConfigurationError("on_tick must be a callable taking a Tick")
+        if on_order_update is not None:  # checked before subscribing: a refusal must leave no feed behind
+            self._check_order_handler(on_order_update)
         streamer = self._stream()
         if on_tick is None and streamer.on_tick is None:
             raise ConfigurationError("subscribe needs on_tick=<callable taking a Tick> the first time")
@@ -9352,13 +9370,16 @@ class TTConnect:
 
     def on_order_update(self, handler: Callable[[Order], Any]) -> None:
         """Call ``handler`` with a canonical ``Order`` whenever the broker reports a change."""
+        self._check_order_handler(handler)
+        streamer = self._stream()
+        streamer.on_order = handler
+        streamer.watch_orders()
+
+    def _check_order_handler(self, handler: Any) -> None:
         if not callable(handler):
             raise ConfigurationError("on_order_update needs a callable taking an Order")
         if not self._spec["has"]["order_updates"]:
             raise UnsupportedFeatureError(f"{self.broker} has no order-update stream through ttconnect")
-        streamer = self._stream()
-        streamer.on_order = handler
-        streamer.watch_orders()
 
     def stream_stats(self) -> Dict[str, Any]:
         """Ticks, frames (and dropped ones), reconnects, handler errors, last error, last frame time."""
@@ -9676,12 +9697,14 @@ class _Connection:
         websocket = _websocket_module()
 
         streamer = self.streamer
+        now = streamer.ctx.monotonic
         attempt = 0
         while not self._stop.is_set():
             ws = None
+            opened: Optional[float] = None
             try:
                 ws = self._open(websocket)
-                attempt = 0
+                opened = now()
                 self._read(ws, websocket)
             except (OSError, websocket.WebSocketException, TTConnectError) as exc:
                 if not self._stop.is_set():
@@ -9703,6 +9726,11 @@ class _Connection:
                     _quietly_shut(ws)
             if self._stop.is_set():
                 return
+            # The delay starts over only after a connection that held (a silence period): one let in
+            # and dropped at once (a connection limit, a refused subscription) must not be retried
+            # at the first delay forever.
+            if opened is not None and now() - opened >= streamer.silence:
+                attempt = 0
             delay = streamer.backoff(attempt)
             attempt += 1
             streamer.count("reconnects")
@@ -9904,11 +9932,14 @@ class _Streamer:
         self._ensure_market()
 
     def unsubscribe(self, instruments: Sequence[Instrument]) -> None:
+        # Every key first, as subscribe does: an instrument that does not resolve must change
+        # nothing (dropped from the book one by one, the earlier ones were never unsubscribed).
+        key = self.spec["hooks"]["stream_key"]
+        keys = [key(instrument, self.ctx.resolve(instrument)) for instrument in instruments]
         with self.lock:
             gone = []
-            for instrument in instruments:
-                token = self.ctx.resolve(instrument)
-                item = self.subscriptions.pop(self.spec["hooks"]["stream_key"](instrument, token), None)
+            for k in keys:
+                item = self.subscriptions.pop(k, None)
                 if item is not None:
                     gone.append(item)
             self._retarget()
@@ -9993,6 +10024,9 @@ class _Streamer:
         return delay * (0.5 + self._random.random() / 2)  # jitter: reconnecting clients spread out
 
     def failed(self, name: str, message: str) -> None:
+        # A refused upgrade's text carries the reply body, which a proxy may fill with the request
+        # line (a feed URL may hold the access token): scrubbed like the broker's own error frames.
+        message = _scrub(message, [secret for sent in list(self.secrets.values()) for secret in sent])
         self.stats["last_error"] = f"{name}: {message}"
         log.warning("%s %s stream: %s", self.broker, name, message)
         self.changed()
