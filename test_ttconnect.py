@@ -4566,7 +4566,8 @@ def test_unsubscribe_with_an_unknown_instrument_changes_nothing(tmp_path: Path, 
 
 
 def test_kite_order_updates_and_errors_arrive_as_text(tmp_path: Path, day_clock: FakeClock, clients: list,
-                                                      ws_server: WsServer) -> None:
+                                                      ws_server: WsServer, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="ttconnect")
     kite = kite_feed(clients, tmp_path, day_clock, ws_server)
     orders: "queue.Queue[tt.Order]" = queue.Queue()
     kite.on_order_update(orders.put)
@@ -4576,8 +4577,11 @@ def test_kite_order_updates_and_errors_arrive_as_text(tmp_path: Path, day_clock:
     order = orders.get(timeout=3)
     assert (order.id, order.status, str(order.instrument), order.average_price) == (
         "1993505823145369600", tt.OrderStatus.COMPLETE, "NSE:SBIN", 790.0)
+    ws_server.send(json.dumps({"type": "message", "data": "maintenance tonight " + "x" * 100_000}).encode(), opcode=1)
     ws_server.send(json.dumps({"type": "error", "data": "Invalid token"}).encode(), opcode=1)
     assert stream_event(kite, lambda s: "Invalid token" in (s["last_error"] or ""))
+    said = [r.getMessage() for r in caplog.records if "broker message" in r.getMessage()]
+    assert len(said) == 1 and "maintenance tonight xxx" in said[0] and len(said[0]) < 300  # one log line, cut short
 
 
 def test_close_returns_fast_and_leaves_no_thread(tmp_path: Path, day_clock: FakeClock, clients: list,

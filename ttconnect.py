@@ -10096,8 +10096,7 @@ class _Streamer:
         kind, data = parse(text)
         if kind in ("error", "message"):
             data = _scrub(str(data), [secret for sent in list(self.secrets.values()) for secret in sent])
-            if kind == "error":
-                data = _short(data, 200)
+            data = _short(data, 200)  # a log line, whatever the broker sent
         if kind == "order":
             try:
                 order = self.ctx.order(data)
