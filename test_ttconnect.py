@@ -4005,6 +4005,7 @@ def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock:
     ({"acess_token": "x"}, "did you mean 'access_token'"),
     ({"timeout": float("nan")}, "'timeout' must be a positive number"),
     ({"timeout": float("inf")}, "'timeout' must be a positive number"),
+    ({"timeout": 1e10}, "'timeout' must be a positive number of seconds up to 3600, got 10000000000.0"),  # was a raw OverflowError
     ({"rate_limits": {"ordrs": 5}}, "unknown class 'ordrs'; zerodha's classes are default, orders"),
     ({"rate_limits": {"orders": float("nan")}}, "positive finite"),
     ({"stream_silence_timeout": 0}, "stream_silence_timeout"),

@@ -8264,6 +8264,7 @@ _GENERAL_KEYS = frozenset({
 })
 
 
+_MAX_TIMEOUT = 3600.0  # seconds: the longest config 'timeout' of one HTTP call
 _CLOCK_SPAN = (946684800.0, 4102444800.0)  # what a clock may say: 2000-01-01 to 2100-01-01 (UTC)
 _CLOCK_SPAN_MS = (946684800000, 4102444800000)  # the same, in epoch milliseconds
 
@@ -8433,8 +8434,11 @@ class TTConnect:
         if self._on_stale not in ("fail", "warn"):
             raise ConfigurationError(f"config 'on_stale' must be 'fail' or 'warn', got {self._on_stale!r}")
         timeout = cfg.get("timeout", 7.0)
-        if not _finite_positive(timeout):
-            raise ConfigurationError(f"config 'timeout' must be a positive number of seconds, got {timeout!r}")
+        # Bounded: sockets and the deadline thread's waits refuse a timeout past ~1e9 s with a raw
+        # OverflowError, at the first request; no REST call is worth waiting an hour for.
+        if not _finite_positive(timeout) or timeout > _MAX_TIMEOUT:
+            raise ConfigurationError(f"config 'timeout' must be a positive number of seconds up to {_MAX_TIMEOUT:g}, "
+                                     f"got {timeout!r}")
         retries = cfg.get("max_retries", 2)
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ConfigurationError(f"config 'max_retries' must be a whole number from 0 to 10, got {retries!r}")
