@@ -4008,6 +4008,7 @@ def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock:
     ({"timeout": 1e10}, "'timeout' must be a positive number of seconds up to 3600, got 10000000000.0"),  # was a raw OverflowError
     ({"rate_limits": {"ordrs": 5}}, "unknown class 'ordrs'; zerodha's classes are default, orders"),
     ({"rate_limits": {"orders": float("nan")}}, "positive finite"),
+    ({"rate_limits": {"orders": [(1e308, 1.0)]}}, "allows over 1,000,000 calls per window"),  # was a raw OverflowError
     ({"stream_silence_timeout": 0}, "stream_silence_timeout"),
     ({"pin": "1234"}, "zerodha has no login with config 'pin'"),
     ({"access_token": "tok\r\nX-Evil: 1"}, "control character"),
