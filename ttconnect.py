@@ -8305,6 +8305,17 @@ def _clock_option(clock: Any) -> Callable[[], float]:
     return read
 
 
+def _url_host(url: str) -> str:
+    """The host a URL names ("" for none, or one that cannot be parsed: "http://[::1" would make
+    every request raise a raw ValueError, "http://" fail as a retried network error)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
 def _known_keys(spec: BrokerSpec) -> frozenset:
     keys = set(spec["urls"]) | set(spec["options"])
     for flow in spec["auth"]:
@@ -8537,8 +8548,9 @@ class TTConnect:
             urls.update(spec["sandbox_urls"])
         for key in spec["urls"]:
             value = cfg.get(key, urls[key])
-            if not isinstance(value, str) or (value and not value.split("://", 1)[0] in ("http", "https", "ws", "wss")):
-                raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL, got {value!r}")
+            if not isinstance(value, str) or (value and not (value.split("://", 1)[0] in ("http", "https", "ws", "wss")
+                                                             and _url_host(value))):
+                raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL with a host, got {value!r}")
             urls[key] = value.rstrip("/") if key.endswith("root_url") else value
         for follower, leader in spec["url_follows"].items():
             if follower not in cfg and leader in cfg and not sandbox:
