@@ -1432,6 +1432,24 @@ def test_angel_requests_log_in_with_totp_and_carry_its_headers(tmp_path: Path, d
         assert "Authorization" not in login.headers
 
 
+@pytest.mark.parametrize("option, value", [("client_local_ip", 5), ("mac_address", "00:11\n"), ("client_public_ip", ["1.2.3.4"])])
+def test_angel_address_options_that_no_header_takes_are_refused(option: str, value: Any, tmp_path: Path,
+                                                                day_clock: FakeClock, clients: list) -> None:
+    """An int raised a raw TypeError inside requests; a newline failed as a retried NetworkError."""
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, **{option: value})
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(tt.ConfigurationError, match=f"config '{option}' must be printable ASCII text"):
+            angel.get_profile()
+        assert len(rs.calls) == 0
+    kept = rest_client(clients, "angelone", tmp_path / "ok", day_clock, client_local_ip="10.0.0.7")
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_profile")
+        kept.get_profile()
+        assert api.calls("get_profile")[0].request.headers["X-ClientLocalIP"] == "10.0.0.7"
+
+
 def test_angel_place_modify_cancel_share_one_budget(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     angel = rest_client(clients, "angelone", tmp_path, day_clock)
     routes = {spec.rate for name, spec in tt._ANGELONE["routes"].items() if name in ("place_order", "modify_order", "cancel_order")}

@@ -3582,14 +3582,26 @@ def _angelone_mac() -> str:
     return _MAC_ADDRESS[0]
 
 
+def _angelone_header_option(config: Mapping[str, Any], key: str) -> str:
+    """An address option as its header carries it ("" when not set). Options are not credentials,
+    so nothing checked them: an int raised a raw TypeError in requests, a newline a NetworkError."""
+    value = config.get(key)
+    if not value:
+        return ""
+    if not (isinstance(value, str) and value.isascii() and value.isprintable()):
+        raise ConfigurationError(f"config {key!r} must be printable ASCII text (it is sent as a header), got "
+                                 f"{_short(repr(value), 60)}")
+    return value
+
+
 def _angelone_headers(config: Mapping[str, Any], session: Optional[SessionData], route: _Route) -> Dict[str, str]:
     # AngelOne requires these on every call but does not validate the address values
     # (https://smartapi.angelbroking.com/docs/User).
     headers = {
         "Content-Type": "application/json", "Accept": "application/json", "X-UserType": "USER", "X-SourceID": "WEB",
-        "X-ClientLocalIP": config.get("client_local_ip") or "127.0.0.1",
-        "X-ClientPublicIP": config.get("client_public_ip") or "127.0.0.1",
-        "X-MACAddress": config.get("mac_address") or _angelone_mac(),
+        "X-ClientLocalIP": _angelone_header_option(config, "client_local_ip") or "127.0.0.1",
+        "X-ClientPublicIP": _angelone_header_option(config, "client_public_ip") or "127.0.0.1",
+        "X-MACAddress": _angelone_header_option(config, "mac_address") or _angelone_mac(),
         "X-PrivateKey": config.get("api_key") or "",
     }
     if session is not None:
