@@ -7149,6 +7149,27 @@ def test_cancel_and_modify_refuse_a_reply_about_another_order(broker: Case, acti
         assert api.calls("cancel_order") == [] and api.calls("modify_order") == []
 
 
+def test_get_order_and_its_history_refuse_a_reply_about_another_order(broker: Case, tmp_path: Path,
+                                                                      day_clock: FakeClock, clients: list) -> None:
+    """The one-order reply (or history) named order B for order A: B's state came back as A's."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    knows_order(client, broker, f"{broker.current_route}.json", broker.placed_id)
+    other = broker.placed_id[:-4] + "9999"
+    routes = {broker.current_route} | ({"get_order_history"} if broker.spec["has"]["order_history"] else set())
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        for route in routes:
+            api.on(route, body=broker.payload(f"{route}.json").replace(broker.placed_id, other))
+        expect(tt.BrokerError, lambda: client.get_order(broker.placed_id), f"asked for order {broker.placed_id}",
+               f"answered with order {other}")
+        if broker.spec["has"]["order_history"]:
+            expect(tt.BrokerError, lambda: client.get_order_history(broker.placed_id),
+                   f"asked for the history of order {broker.placed_id}", f"states of order {other}")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, broker).on(broker.current_route)
+        assert client.get_order(broker.placed_id).id == broker.placed_id  # its own reply still reads
+
+
 @pytest.mark.parametrize("now", ["CANCELLED", "COMPLETE"])
 def test_a_cancel_resent_after_a_timeout_and_refused_reads_what_the_order_is(now: str, tmp_path: Path,
                                                                              day_clock: FakeClock,

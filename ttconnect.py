@@ -8889,9 +8889,17 @@ class TTConnect:
     def get_order(self, order_id: str) -> Order:
         """Return the current state of one order."""
         order_id = self._order_id(order_id)
+        order = self._current_order(order_id)
+        if order.id != order_id:  # a reply about another order must not pass for this one's state
+            raise BrokerError(f"{self.broker}: asked for order {order_id}, the broker answered with order {order.id}; "
+                              "check the order book")
+        return order
+
+    def _current_order(self, order_id: str) -> Order:
+        """The broker's answer for one order, whichever order it names (callers check the id)."""
         routes, hooks = self._spec["routes"], self._spec["hooks"]
         if "get_order" not in routes and self._spec["has"]["order_history"]:
-            return self.get_order_history(order_id)[-1]
+            return self._history(order_id)[-1]
         if "get_order" in routes:
             if "order_ref" not in hooks:
                 return self._execute("get_order", order_id)
@@ -8908,6 +8916,14 @@ class TTConnect:
         order_id = self._order_id(order_id)
         if not self._spec["has"]["order_history"]:
             return [self.get_order(order_id)]
+        history = self._history(order_id)
+        others = sorted({state.id for state in history} - {order_id})
+        if others:  # another order's states must not pass for this one's
+            raise BrokerError(f"{self.broker}: asked for the history of order {order_id}, the broker answered with "
+                              f"states of order {', '.join(others)}; check the order book")
+        return history
+
+    def _history(self, order_id: str) -> List[Order]:
         history = self._execute("get_order_history", order_id)
         if not history:
             raise OrderNotFoundError(f"{self.broker} has no order {order_id} today")
@@ -9123,7 +9139,7 @@ class TTConnect:
 
     def _live_order(self, order_id: str, action: str) -> Order:
         order_id = self._order_id(order_id)
-        order = self.get_order(order_id)
+        order = self._current_order(order_id)
         if order.id != order_id:  # acting on it would change another order
             raise BrokerError(f"{self.broker}: asked for order {order_id}, the broker answered with order {order.id}; "
                               f"nothing was {action}: check the order book")
