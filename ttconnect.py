@@ -8252,6 +8252,8 @@ class _Auth:
                     fresh = renew(self._call, self.config, old, self._clock())
                 except AuthenticationError as exc:
                     log.info("%s token renewal refused (%s); logging in again", self.spec["id"], exc.broker_code)
+                except BrokerError as exc:  # a garbled or failed renewal (no token, a 5xx page): the login still may work
+                    log.warning("%s token renewal failed (%s); logging in again", self.spec["id"], _fault(exc))
             if fresh is None:
                 self._require(self.flow.needs)
                 assert self.flow.obtain is not None
