@@ -1042,6 +1042,9 @@ def check_reply(spec: Any, route: str, resp: Any) -> Any:
     (200, '{"status": false, "message": "Internal Error", "errorcode": "AB2001", "data": null}', {}, tt.BrokerError, "AB2001"),
     (200, '{"message": "IP not allowed", "data": null}', {}, tt.BrokerError, "without a status"),
     (200, '["not", "an", "envelope"]', {}, tt.BrokerError, "unexpected JSON body"),
+    (401, "", {}, tt.AuthenticationError, "HTTP 401 (unauthorized) with an empty body"),  # was an empty-body BrokerError
+    (401, "<html><h1>401 Authorization Required</h1></html>", {}, tt.AuthenticationError,
+     "HTTP 401 (unauthorized) with a non-JSON body: <html>"),
 ])
 def test_non_json_and_odd_bodies_become_clear_errors(status: int, body: str, headers: Dict[str, str], expected: type, words: str) -> None:
     with pytest.raises(tt.TTConnectError) as info:
@@ -3342,6 +3345,26 @@ def test_angel_garbled_renewal_falls_back_to_a_full_login(body: Any, status: int
         jwt = json.loads(fixture_text("angelone", "login.json"))["data"]["jwtToken"]
         assert api.calls("get_orders")[1].request.headers["Authorization"] == f"Bearer {jwt}"
     assert "token renewal failed (BrokerError); logging in again" in caplog.text and "LEAK-SECRET" not in caplog.text
+
+
+def test_a_401_without_json_is_an_auth_failure_recovered_or_explained(tmp_path: Path, day_clock: FakeClock,
+                                                                       clients: list) -> None:
+    """A gateway's bare 401 was a BrokerError: auto auth did not log in again, manual gave no hint."""
+    angel = rest_client(clients, "angelone", tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_orders", body="", status=401)
+        api.on("renew_token")
+        api.on("get_orders")
+        assert len(angel.get_orders()) == 6
+        assert len(api.calls("renew_token")) == 1 and len(api.calls("get_orders")) == 2
+    upstox = rest_client(clients, "upstox", tmp_path / "upstox", day_clock)
+    with responses.RequestsMock() as rs:
+        MockApi(rs, "upstox").on("get_funds", body="<html><h1>401 Authorization Required</h1></html>", status=401)
+        exc = expect(tt.AuthenticationError, upstox.get_funds, "upstox get_funds: HTTP 401 (unauthorized)",
+                     "Upstox access tokens die at 03:30 IST")
+        assert exc.retryable is False and len(rs.calls) == 1
 
 
 def test_a_relogin_without_login_credentials_names_them(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:

@@ -2832,6 +2832,11 @@ def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response", 
             err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(_scrub(text, sent), 80)}); slow down and retry",
                                                  http_status=resp.status)
             unread = False  # refused, not processed
+        elif resp.status == 401:  # HTTP's own "unauthorized" (a gateway's page, or no body): the session was refused
+            err = AuthenticationError(f"{where}: HTTP 401 (unauthorized) with "
+                                      + (f"a non-JSON body: {_short(_scrub(text, sent), 80)}" if text.strip() else "an empty body"),
+                                      http_status=resp.status)
+            unread = False  # refused, not processed
         elif not text.strip():
             err = BrokerError(f"{where}: empty response body with HTTP {resp.status}", http_status=resp.status,
                               retryable=resp.status >= 500)
