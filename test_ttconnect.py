@@ -7195,6 +7195,39 @@ def test_cancel_and_modify_refuse_a_reply_about_another_order(broker: Case, acti
         assert api.calls("cancel_order") == [] and api.calls("modify_order") == []
 
 
+def _odd_sums(broker: str, funds: Dict[str, Any], trades: Dict[str, Any]) -> None:
+    """Funds of 1234.55 available + 100.10 used, and a fill of 7 at 1234.35, in the broker's fields."""
+    row = trades["data"][0]
+    if broker == "angelone":
+        funds["data"].update(net="1234.55", utiliseddebits="100.1")
+        row.update(fillsize="7", fillprice="1234.35")
+        row.pop("tradevalue", None)  # not given: computed
+    elif broker == "zerodha":
+        equity = funds["data"]["equity"]
+        equity.update(net=1234.55, utilised={**equity["utilised"], "debits": 100.1})
+        row.update(quantity=7, average_price=1234.35)
+    else:
+        funds["data"]["equity"].update(available_margin=1234.55, used_margin=100.1)
+        row.update(quantity=7, average_price=1234.35)
+
+
+@pytest.mark.parametrize("broker_id", ["zerodha", "angelone", "upstox"])
+def test_sums_computed_from_broker_figures_are_whole_paise(broker_id: str, tmp_path: Path, day_clock: FakeClock,
+                                                           clients: list) -> None:
+    """Fund.total and Trade.trade_value were 1334.6499999999999 and 8640.449999999999 on Kite and
+    AngelOne (int(x * 100) a paisa short), 1334.65 and 8640.45 on Upstox for the same figures."""
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    funds, trades = json.loads(case.payload("get_funds.json")), json.loads(case.payload("get_trades.json"))
+    _odd_sums(broker_id, funds, trades)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, case)
+        api.on("get_funds", body=funds)
+        api.on("get_trades", body=trades)
+        assert client.get_funds().total == 1334.65
+        assert client.get_trades()[0].trade_value == 8640.45
+
+
 def test_get_order_and_its_history_refuse_a_reply_about_another_order(broker: Case, tmp_path: Path,
                                                                       day_clock: FakeClock, clients: list) -> None:
     """The one-order reply (or history) named order B for order A: B's state came back as A's."""

@@ -3086,7 +3086,7 @@ def _zerodha_funds(ctx: _Ctx, data: Any) -> Fund:
     available, utilised = _object(equity.get("available") or {}), _object(equity.get("utilised") or {})
     net, debits = _required_num(equity, "net"), _num_at(utilised, "debits") or 0.0
     return Fund(
-        available=net, used=debits, total=net + debits, collateral=_num_at(available, "collateral"),
+        available=net, used=debits, total=_paise(net + debits), collateral=_num_at(available, "collateral"),
         m2m_unrealized=_num_at(utilised, "m2m_unrealised"), m2m_realized=_num_at(utilised, "m2m_realised"),
         utilised_debits=debits, raw=data,
     )
@@ -3141,7 +3141,7 @@ def _zerodha_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
     return Trade(
         trade_id=_str_field(row, "trade_id"), order_id=_str_field(row, "order_id"),
         instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
-        side=_mapped(_KITE_SIDE_OF, row, "transaction_type"), qty=qty, avg_price=price, trade_value=qty * price,
+        side=_mapped(_KITE_SIDE_OF, row, "transaction_type"), qty=qty, avg_price=price, trade_value=_paise(qty * price),
         product=_KITE_PRODUCT_OF.get(row.get("product")),
         timestamp=_ist(row.get("fill_timestamp")) or _ist(row.get("exchange_timestamp")), raw=row,
     )
@@ -3690,7 +3690,7 @@ def _angelone_profile(ctx: _Ctx, data: Any) -> Profile:
 def _angelone_funds(ctx: _Ctx, data: Any) -> Fund:
     data = _object(data)
     available, debits = _required_num(data, "net"), _num_at(data, "utiliseddebits") or 0.0
-    return Fund(available=available, used=debits, total=available + debits, collateral=_num_at(data, "collateral"),
+    return Fund(available=available, used=debits, total=_paise(available + debits), collateral=_num_at(data, "collateral"),
                 m2m_unrealized=_num_at(data, "m2munrealized"), m2m_realized=_num_at(data, "m2mrealized"),
                 utilised_debits=debits, raw=data)
 
@@ -3710,7 +3710,7 @@ def _angelone_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
 def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
     pnl = _num_at(row, "pnl")
     if pnl is None and (row.get("realised") is not None or row.get("unrealised") is not None):
-        pnl = (_num_at(row, "realised") or 0.0) + (_num_at(row, "unrealised") or 0.0)
+        pnl = _paise((_num_at(row, "realised") or 0.0) + (_num_at(row, "unrealised") or 0.0))
     avg = _num_at(row, "avgnetprice") or _num_at(row, "netprice") or 0.0
     return Position(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
                     qty=_int_at(row, "netqty"), avg_price=avg, ltp=_num_at(row, "ltp"), pnl=pnl,
@@ -3766,7 +3766,7 @@ def _angelone_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
     return Trade(trade_id=_str_field(row, "fillid"), order_id=_str_field(row, "orderid"),
                  instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
                  side=_mapped(_ANGEL_SIDE_OF, row, "transactiontype"), qty=qty, avg_price=price,
-                 trade_value=_num_at(row, "tradevalue") or qty * price,
+                 trade_value=_num_at(row, "tradevalue") or _paise(qty * price),
                  product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), timestamp=stamp, raw=row)
 
 
