@@ -3401,13 +3401,15 @@ def _write_session(path: Path, **fields: Any) -> None:
     path.write_text(json.dumps(base))
 
 
-@pytest.mark.parametrize("content", ["expired", "corrupt"])
+@pytest.mark.parametrize("content", ["expired", "corrupt", "expiry-past-the-rule"])
 def test_expired_or_corrupt_session_file_means_a_fresh_login(content: str, tmp_path: Path, day_clock: FakeClock,
                                                             clients: list, caplog: Any) -> None:
     angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
     path = tmp_path / "angelone_session.json"
     if content == "expired":
         _write_session(path)
+    elif content == "expiry-past-the-rule":  # obtained yesterday, so dead at midnight, whatever the file says
+        _write_session(path, expires_at="2030-01-01T00:00:00+05:30")
     else:
         path.write_text('{"broker": "angelone", "access_tok')
     caplog.set_level(logging.DEBUG, logger="ttconnect")

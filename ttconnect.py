@@ -8139,7 +8139,13 @@ class _Auth:
         """True for a stored session that is unexpired and this account's."""
         if session is None or session.broker != self.spec["id"] or session.expires_at is None:
             return False
-        if session.expires_at.timestamp() <= self._clock():
+        now = self._clock()
+        if session.expires_at.timestamp() <= now:
+            return False
+        # A stored expiry past the broker's rule (an edited file, an application's store keeping its
+        # own TTL) does not keep a session alive that the broker ended at its daily cut.
+        if session.obtained_at is not None and \
+                _session_expiry(session.obtained_at, self.spec["session_expiry"]).timestamp() <= now:
             return False
         app = self.config.get(self.flow.app) if self.flow.app else None
         if app and session.app_key != app:
