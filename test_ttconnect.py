@@ -3850,6 +3850,40 @@ def test_kill_switches_cover_pending_orders_and_unloaded_segments(broker: Case, 
     assert any("close it in the broker's app" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("repeat", ["same", "other-qty"])
+def test_kill_switches_act_once_on_a_row_listed_twice(broker: Case, repeat: str, tmp_path: Path, day_clock: FakeClock,
+                                                      clients: list) -> None:
+    """A position listed twice was closed twice (two offsetting orders: the position flipped), an
+    order listed twice was cancelled and reported twice."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    orders = json.loads(broker.payload("get_orders.json"))
+    book = at(orders, broker.book_rows)
+    book.append(dict(book[0]))
+    positions = json.loads(broker.payload("get_positions.json"))
+    rows = at(positions, broker.position_rows)
+    copy = dict(rows[0])
+    if repeat == "other-qty":  # which quantity is true is not known: closed once, reported for a look
+        qty_key = broker.spec["row_fields"]["position_qty"]
+        copy[qty_key] = type(copy[qty_key])(int(copy[qty_key]) * 2)
+    rows.append(copy)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("get_orders", body=orders)
+        api.on("get_positions", body=positions)
+        api.on("cancel_order")
+        api.on("place_order")
+        cancelled, failed = client.cancel_all_orders()
+        assert cancelled == [broker.order_ids[0], broker.order_ids[2], broker.order_ids[4]] and failed == []
+        assert len(api.calls("cancel_order")) == 3
+        first = client.get_positions()[0].instrument
+        placed, failed = client.close_all_positions()
+        bodies = [broker.body(c.request) for c in api.calls("place_order")]
+    assert len(bodies) == 2 and len(placed) == 2  # the option once, and the future
+    assert [{key: body.get(key) for key in fields} for body, fields in zip(bodies, broker.close_bodies)] == list(
+        broker.close_bodies)
+    assert failed == ([] if repeat == "same" else [str(first)])
+
+
 def test_a_sale_out_of_holdings_is_no_short_and_is_never_bought_back(broker: Case, tmp_path: Path,
                                                                      day_clock: FakeClock, clients: list) -> None:
     client = contract_client(clients, broker, tmp_path, day_clock)

@@ -9222,17 +9222,20 @@ class TTConnect:
         fields). Returns (cancelled ids, ids whose cancel failed).
         """
         skipped: List[Mapping[str, Any]] = []
-        live = [(o.id, o.raw) for o in self.get_orders(skipped) if o.status in _LIVE_STATUSES]
+        live: Dict[str, Mapping[str, Any]] = {}  # by id: an order the book lists twice is cancelled (and reported) once
+        for order in self.get_orders(skipped):
+            if order.status in _LIVE_STATUSES:
+                live.setdefault(order.id, order.raw)
         id_field = self._spec["row_fields"]["order_id"]
         raw_status = self._spec["hooks"]["raw_status"]
         for row in skipped:
             try:
                 if raw_status(row) in _LIVE_STATUSES:
-                    live.append((_str_field(row, id_field), row))
+                    live.setdefault(_str_field(row, id_field), row)
             except (_Malformed, TypeError, ValueError, AttributeError) as exc:
                 log.warning("%s: an order row without a usable id or status was left alone (%s)", self.broker, _why(exc))
         cancelled, failed = [], []
-        for order_id, raw in live:
+        for order_id, raw in live.items():
             try:
                 cancelled.append(self._cancel(order_id, raw))
             except TTConnectError as exc:
@@ -9251,9 +9254,18 @@ class TTConnect:
         """
         placed, failed = [], []
         skipped: List[Mapping[str, Any]] = []
+        closed: Dict[Tuple[Instrument, Optional[ProductType]], int] = {}  # (instrument, product) -> qty closed
         for pos in self.get_positions(skipped):
             if not pos.qty:
                 continue  # a sale out of holdings: nothing is open
+            key = (pos.instrument, pos.product)
+            if key in closed and pos.product is not None:  # one net position per instrument and product: a repeat is no second one
+                log.warning("%s: position %s %s is listed twice (qty %d and %d); it was closed once", self.broker,
+                            pos.instrument, pos.product.value if pos.product else "", closed[key], pos.qty)
+                if pos.qty != closed[key]:  # which quantity is true is not known: the user must look
+                    failed.append(str(pos.instrument))
+                continue
+            closed[key] = pos.qty
             side = Side.SELL if pos.qty > 0 else Side.BUY
             try:
                 if pos.product is None:
