@@ -1453,6 +1453,21 @@ def test_angel_address_options_that_no_header_takes_are_refused(option: str, val
         assert api.calls("get_profile")[0].request.headers["X-ClientLocalIP"] == "10.0.0.7"
 
 
+def test_angel_holdings_without_their_list_are_malformed_not_empty(tmp_path: Path, day_clock: FakeClock,
+                                                                   clients: list) -> None:
+    """A reply holding the totals but no 'holdings' list read as an account with no holdings."""
+    angel = contract_client(clients, ANGELONE, tmp_path, day_clock)
+    reply = json.loads(ANGELONE.payload("get_holdings.json"))
+    del reply["data"]["holdings"]
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ANGELONE).on("get_holdings", body=reply)
+        expect(tt.BrokerError, angel.get_holdings, "angelone get_holdings: malformed reply (field 'holdings' missing)")
+    reply["data"]["holdings"] = None  # an explicit null is an empty list, as everywhere
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ANGELONE).on("get_holdings", body=reply)
+        assert angel.get_holdings() == []
+
+
 def test_angel_place_modify_cancel_share_one_budget(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     angel = rest_client(clients, "angelone", tmp_path, day_clock)
     routes = {spec.rate for name, spec in tt._ANGELONE["routes"].items() if name in ("place_order", "modify_order", "cancel_order")}

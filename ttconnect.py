@@ -3696,7 +3696,11 @@ def _angelone_funds(ctx: _Ctx, data: Any) -> Fund:
 
 
 def _angelone_holding_rows(data: Any) -> Sequence[Any]:
-    return _list_rows(data.get("holdings")) if isinstance(data, Mapping) else _list_rows(data)
+    if not isinstance(data, Mapping):
+        return _list_rows(data)
+    if "holdings" not in data:  # totals without the rows: "no holdings" would be a guess
+        raise _Malformed("field 'holdings' missing")
+    return _list_rows(data["holdings"])
 
 
 def _angelone_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
