@@ -1732,6 +1732,21 @@ def test_upstox_hosts_headers_and_sandbox(tmp_path: Path, day_clock: FakeClock, 
         tt.TTConnect("zerodha", {**CREDS["zerodha"], "cache_dir": str(tmp_path / "d"), "sandbox": True})
 
 
+@pytest.mark.parametrize("errors, cls, code, words", [
+    ({"errorCode": "UDAPI1052", "message": "The order quantity cannot be zero"}, tt.InvalidOrderError, "UDAPI1052",
+     "The order quantity cannot be zero (UDAPI1052, HTTP 400)"),  # one object, not a list of them
+    ("Invalid order request", tt.BrokerError, None, "Invalid order request (no code, HTTP 400)"),  # a bare text
+])
+def test_upstox_errors_of_an_odd_shape_keep_what_the_broker_said(errors: Any, cls: type, code: Optional[str], words: str,
+                                                                tmp_path: Path, day_clock: FakeClock,
+                                                                clients: list) -> None:
+    """Both read as 'no message (no code)'."""
+    upstox = contract_client(clients, UPSTOX, tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        MockApi(rs, UPSTOX).on("get_funds", body={"status": "error", "errors": errors}, status=400)
+        assert expect(cls, upstox.get_funds, f"upstox get_funds: {words}").broker_code == code
+
+
 def test_upstox_history_and_a_funds_rejection(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     client = rest_client(clients, "upstox", tmp_path, day_clock)
     with responses.RequestsMock() as rs:

@@ -4229,9 +4229,12 @@ def _upstox_envelope(status: int, body: Dict[str, Any]) -> _Reply:
     if status < 400 and body.get("status") == "success":
         return _Reply(True, body.get("data"), "", "")
     errors = body.get("errors")
+    if isinstance(errors, Mapping):  # one error object where a list of them is documented
+        errors = [errors]
     first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], Mapping) else {}
     code = str(first.get("error_code") or first.get("errorCode") or "")
-    return _Reply(False, None, code, str(first.get("message") or body.get("message") or "no message"))
+    said = errors if isinstance(errors, str) else None  # a bare text is still what the broker said
+    return _Reply(False, None, code, str(first.get("message") or said or body.get("message") or "no message"))
 
 
 def _upstox_token_envelope(status: int, body: Dict[str, Any]) -> _Reply:
