@@ -6479,6 +6479,26 @@ def test_a_stored_session_for_another_app_is_not_reused_for_a_single_use_code(tm
         assert api.calls("get_profile")[0].request.headers["Authorization"] == f"token kitekey01:{KITE_LOGIN['access_token']}"
 
 
+@pytest.mark.parametrize("whose, words", [
+    ({"app_key": "otherkey01"}, "it was made with another 'api_key'"),
+    ({"broker": "upstox"}, "it is for broker 'upstox'"),
+])
+def test_a_stored_session_of_another_app_is_named_so_not_expired(whose: Dict[str, Any], words: str, tmp_path: Path,
+                                                                 day_clock: FakeClock, clients: list) -> None:
+    """With no token in the config, another app's unexpired session was reported as 'the session has expired'."""
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "zerodha_session.json").write_text(json.dumps({
+        "broker": "zerodha", "mode": "manual", "access_token": "other-app-SECRET", "refresh_token": None,
+        "feed_token": None, "obtained_at": "2026-11-23T09:00:00+05:30", "expires_at": "2026-11-24T06:00:00+05:30",
+        "user_id": "AB1234", "app_key": "kitekey01", **whose}))
+    kite = open_client(clients, "zerodha", tmp_path, day_clock, KITE_CSV, api_key="kitekey01", cache_session=True)
+    with responses.RequestsMock() as rs:
+        exc = expect(tt.AuthenticationError, kite.get_profile, "the stored zerodha session (", "zerodha_session.json) is "
+                     "not this account's: " + words, "log in at https://kite.zerodha.com/connect/login")
+        assert len(rs.calls) == 0
+    assert "expired" not in str(exc) and "SECRET" not in str(exc)
+
+
 class _Vault:
     """A session store an application brings; each test makes one method misbehave."""
 

@@ -8188,9 +8188,25 @@ class _Auth:
             session = SessionData(broker=self.spec["id"], mode=flow.mode, access_token=config_token, obtained_at=now,
                                   **extra)
             return self._save(session)
+        whose = self._whose(stored) if stored is not None and self._session is None else ""
+        if whose:  # not "expired": the user changed accounts or apps, and should know the file is not theirs
+            raise AuthenticationError(f"the stored {self.spec['id']} session ({self._store_name()}) is not this "
+                                      f"account's: {whose}; {self.hint()}")
         if self._session is not None or stored is not None:
             raise AuthenticationError(f"the {self.spec['id']} session has expired; {self.hint()}")
         raise ConfigurationError(f"{self.spec['id']} needs a session: {self.hint()}")
+
+    def _whose(self, session: SessionData) -> str:
+        """Why a stored session is another broker's, app's or account's ("" when it is this one's)."""
+        if session.broker != self.spec["id"]:
+            return f"it is for broker {_short(session.broker, 20)!r}"
+        app = self.config.get(self.flow.app) if self.flow.app else None
+        if app and session.app_key != app:
+            return f"it was made with another {self.flow.app!r}"
+        user = self.config.get(self.flow.user) if self.flow.user else None
+        if user and session.user_id != user:
+            return f"it is another {self.flow.user!r}'s"
+        return ""
 
     def _save(self, session: SessionData) -> SessionData:
         session = self._completed(session)
