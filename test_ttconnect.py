@@ -3431,7 +3431,7 @@ def _write_session(path: Path, **fields: Any) -> None:
     path.write_text(json.dumps(base))
 
 
-@pytest.mark.parametrize("content", ["expired", "corrupt", "expiry-past-the-rule"])
+@pytest.mark.parametrize("content", ["expired", "corrupt", "expiry-past-the-rule", "token-with-a-line-break"])
 def test_expired_or_corrupt_session_file_means_a_fresh_login(content: str, tmp_path: Path, day_clock: FakeClock,
                                                             clients: list, caplog: Any) -> None:
     angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
@@ -3440,6 +3440,9 @@ def test_expired_or_corrupt_session_file_means_a_fresh_login(content: str, tmp_p
         _write_session(path)
     elif content == "expiry-past-the-rule":  # obtained yesterday, so dead at midnight, whatever the file says
         _write_session(path, expires_at="2030-01-01T00:00:00+05:30")
+    elif content == "token-with-a-line-break":  # unexpired, but no header takes it: each call was a retried NetworkError
+        _write_session(path, access_token="old-jwt-SECRET\r\nX-Evil: 1", obtained_at="2026-11-23T09:00:00+05:30",
+                       expires_at="2026-11-24T00:00:00+05:30")
     else:
         path.write_text('{"broker": "angelone", "access_tok')
     caplog.set_level(logging.DEBUG, logger="ttconnect")

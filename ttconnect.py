@@ -8043,7 +8043,9 @@ def _usable_session(session: Any) -> bool:
     def aware(stamp: Any) -> bool:
         return stamp is None or (isinstance(stamp, _dt.datetime) and stamp.tzinfo is not None)
 
+    # the token goes into a header: a line break or non-ASCII text (a damaged file) could not be sent
     return (isinstance(session, SessionData) and isinstance(session.access_token, str) and bool(session.access_token)
+            and session.access_token.isascii() and session.access_token.isprintable()
             and isinstance(session.broker, str) and aware(session.obtained_at) and aware(session.expires_at))
 
 
@@ -8227,7 +8229,7 @@ class _Auth:
             return None
         if session is None or _usable_session(session):
             return session
-        log.warning("%s: %s returned a %s, not a SessionData with a token and timezone-aware times; logging in "
+        log.warning("%s: %s returned a %s, not a SessionData with a sendable token and timezone-aware times; logging in "
                     "afresh", self.spec["id"], self._store_name(), type(session).__name__)
         return None
 
