@@ -1042,6 +1042,9 @@ def check_reply(spec: Any, route: str, resp: Any) -> Any:
     (200, '{"status": false, "message": "Internal Error", "errorcode": "AB2001", "data": null}', {}, tt.BrokerError, "AB2001"),
     (200, '{"message": "IP not allowed", "data": null}', {}, tt.BrokerError, "without a status"),
     (200, '["not", "an", "envelope"]', {}, tt.BrokerError, "unexpected JSON body"),
+    (401, "", {}, tt.AuthenticationError, "HTTP 401 (unauthorized) with an empty body"),  # was an empty-body BrokerError
+    (401, "<html><h1>401 Authorization Required</h1></html>", {}, tt.AuthenticationError,
+     "HTTP 401 (unauthorized) with a non-JSON body: <html>"),
 ])
 def test_non_json_and_odd_bodies_become_clear_errors(status: int, body: str, headers: Dict[str, str], expected: type, words: str) -> None:
     with pytest.raises(tt.TTConnectError) as info:
@@ -1432,6 +1435,39 @@ def test_angel_requests_log_in_with_totp_and_carry_its_headers(tmp_path: Path, d
         assert "Authorization" not in login.headers
 
 
+@pytest.mark.parametrize("option, value", [("client_local_ip", 5), ("mac_address", "00:11\n"), ("client_public_ip", ["1.2.3.4"])])
+def test_angel_address_options_that_no_header_takes_are_refused(option: str, value: Any, tmp_path: Path,
+                                                                day_clock: FakeClock, clients: list) -> None:
+    """An int raised a raw TypeError inside requests; a newline failed as a retried NetworkError."""
+    angel = rest_client(clients, "angelone", tmp_path, day_clock, **{option: value})
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        with pytest.raises(tt.ConfigurationError, match=f"config '{option}' must be printable ASCII text"):
+            angel.get_profile()
+        assert len(rs.calls) == 0
+    kept = rest_client(clients, "angelone", tmp_path / "ok", day_clock, client_local_ip="10.0.0.7")
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_profile")
+        kept.get_profile()
+        assert api.calls("get_profile")[0].request.headers["X-ClientLocalIP"] == "10.0.0.7"
+
+
+def test_angel_holdings_without_their_list_are_malformed_not_empty(tmp_path: Path, day_clock: FakeClock,
+                                                                   clients: list) -> None:
+    """A reply holding the totals but no 'holdings' list read as an account with no holdings."""
+    angel = contract_client(clients, ANGELONE, tmp_path, day_clock)
+    reply = json.loads(ANGELONE.payload("get_holdings.json"))
+    del reply["data"]["holdings"]
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ANGELONE).on("get_holdings", body=reply)
+        expect(tt.BrokerError, angel.get_holdings, "angelone get_holdings: malformed reply (field 'holdings' missing)")
+    reply["data"]["holdings"] = None  # an explicit null is an empty list, as everywhere
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ANGELONE).on("get_holdings", body=reply)
+        assert angel.get_holdings() == []
+
+
 def test_angel_place_modify_cancel_share_one_budget(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     angel = rest_client(clients, "angelone", tmp_path, day_clock)
     routes = {spec.rate for name, spec in tt._ANGELONE["routes"].items() if name in ("place_order", "modify_order", "cancel_order")}
@@ -1694,6 +1730,21 @@ def test_upstox_hosts_headers_and_sandbox(tmp_path: Path, day_clock: FakeClock, 
     assert sandbox._urls["root_url"] == "https://api.upstox.com"
     with pytest.raises(tt.UnsupportedFeatureError, match="zerodha has no sandbox"):
         tt.TTConnect("zerodha", {**CREDS["zerodha"], "cache_dir": str(tmp_path / "d"), "sandbox": True})
+
+
+@pytest.mark.parametrize("errors, cls, code, words", [
+    ({"errorCode": "UDAPI1052", "message": "The order quantity cannot be zero"}, tt.InvalidOrderError, "UDAPI1052",
+     "The order quantity cannot be zero (UDAPI1052, HTTP 400)"),  # one object, not a list of them
+    ("Invalid order request", tt.BrokerError, None, "Invalid order request (no code, HTTP 400)"),  # a bare text
+])
+def test_upstox_errors_of_an_odd_shape_keep_what_the_broker_said(errors: Any, cls: type, code: Optional[str], words: str,
+                                                                tmp_path: Path, day_clock: FakeClock,
+                                                                clients: list) -> None:
+    """Both read as 'no message (no code)'."""
+    upstox = contract_client(clients, UPSTOX, tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        MockApi(rs, UPSTOX).on("get_funds", body={"status": "error", "errors": errors}, status=400)
+        assert expect(cls, upstox.get_funds, f"upstox get_funds: {words}").broker_code == code
 
 
 def test_upstox_history_and_a_funds_rejection(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
@@ -3302,6 +3353,52 @@ def test_angel_refused_renewal_falls_back_to_a_full_login(tmp_path: Path, day_cl
         assert len(api.calls("login")) == 2 and len(api.calls("get_orders")) == 2
 
 
+@pytest.mark.parametrize("body, status", [
+    ({"status": True, "message": "SUCCESS", "errorcode": "", "data": {"feedToken": "f"}}, 200),  # no jwtToken
+    ({"status": True, "message": "SUCCESS", "errorcode": "", "data": ""}, 200),
+    ({"status": True, "message": "SUCCESS", "errorcode": "", "data": {"jwtToken": 7, "feedToken": "LEAK-SECRET-feed"}}, 200),
+    ("<html><body>502 Bad Gateway</body></html>", 502),
+])
+def test_angel_garbled_renewal_falls_back_to_a_full_login(body: Any, status: int, tmp_path: Path, day_clock: FakeClock,
+                                                          clients: list, caplog: Any) -> None:
+    """A renewal that said success without a token (or failed with a gateway page) was the caller's
+    BrokerError, though auto auth can log in by itself. What it held is never logged."""
+    caplog.set_level(logging.DEBUG)
+    angel = rest_client(clients, "angelone", tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_orders", fixture="error.AG8001.json")
+        api.on("renew_token", body=body, status=status)
+        api.on("login")
+        api.on("get_orders")
+        assert len(angel.get_orders()) == 6
+        assert len(api.calls("renew_token")) == 1 and len(api.calls("login")) == 2 and len(api.calls("get_orders")) == 2
+        jwt = json.loads(fixture_text("angelone", "login.json"))["data"]["jwtToken"]
+        assert api.calls("get_orders")[1].request.headers["Authorization"] == f"Bearer {jwt}"
+    assert "token renewal failed (BrokerError); logging in again" in caplog.text and "LEAK-SECRET" not in caplog.text
+
+
+def test_a_401_without_json_is_an_auth_failure_recovered_or_explained(tmp_path: Path, day_clock: FakeClock,
+                                                                       clients: list) -> None:
+    """A gateway's bare 401 was a BrokerError: auto auth did not log in again, manual gave no hint."""
+    angel = rest_client(clients, "angelone", tmp_path, day_clock)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, "angelone")
+        api.on("login")
+        api.on("get_orders", body="", status=401)
+        api.on("renew_token")
+        api.on("get_orders")
+        assert len(angel.get_orders()) == 6
+        assert len(api.calls("renew_token")) == 1 and len(api.calls("get_orders")) == 2
+    upstox = rest_client(clients, "upstox", tmp_path / "upstox", day_clock)
+    with responses.RequestsMock() as rs:
+        MockApi(rs, "upstox").on("get_funds", body="<html><h1>401 Authorization Required</h1></html>", status=401)
+        exc = expect(tt.AuthenticationError, upstox.get_funds, "upstox get_funds: HTTP 401 (unauthorized)",
+                     "Upstox access tokens die at 03:30 IST")
+        assert exc.retryable is False and len(rs.calls) == 1
+
+
 def test_a_relogin_without_login_credentials_names_them(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     tmp_path.mkdir(exist_ok=True)
     _write_session(tmp_path / "angelone_session.json", obtained_at="2026-11-23T09:00:00+05:30",
@@ -3336,13 +3433,18 @@ def _write_session(path: Path, **fields: Any) -> None:
     path.write_text(json.dumps(base))
 
 
-@pytest.mark.parametrize("content", ["expired", "corrupt"])
+@pytest.mark.parametrize("content", ["expired", "corrupt", "expiry-past-the-rule", "token-with-a-line-break"])
 def test_expired_or_corrupt_session_file_means_a_fresh_login(content: str, tmp_path: Path, day_clock: FakeClock,
                                                             clients: list, caplog: Any) -> None:
     angel = rest_client(clients, "angelone", tmp_path, day_clock, cache_session=True)
     path = tmp_path / "angelone_session.json"
     if content == "expired":
         _write_session(path)
+    elif content == "expiry-past-the-rule":  # obtained yesterday, so dead at midnight, whatever the file says
+        _write_session(path, expires_at="2030-01-01T00:00:00+05:30")
+    elif content == "token-with-a-line-break":  # unexpired, but no header takes it: each call was a retried NetworkError
+        _write_session(path, access_token="old-jwt-SECRET\r\nX-Evil: 1", obtained_at="2026-11-23T09:00:00+05:30",
+                       expires_at="2026-11-24T00:00:00+05:30")
     else:
         path.write_text('{"broker": "angelone", "access_tok')
     caplog.set_level(logging.DEBUG, logger="ttconnect")
@@ -3783,6 +3885,40 @@ def test_kill_switches_cover_pending_orders_and_unloaded_segments(broker: Case, 
     assert any("close it in the broker's app" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("repeat", ["same", "other-qty"])
+def test_kill_switches_act_once_on_a_row_listed_twice(broker: Case, repeat: str, tmp_path: Path, day_clock: FakeClock,
+                                                      clients: list) -> None:
+    """A position listed twice was closed twice (two offsetting orders: the position flipped), an
+    order listed twice was cancelled and reported twice."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    orders = json.loads(broker.payload("get_orders.json"))
+    book = at(orders, broker.book_rows)
+    book.append(dict(book[0]))
+    positions = json.loads(broker.payload("get_positions.json"))
+    rows = at(positions, broker.position_rows)
+    copy = dict(rows[0])
+    if repeat == "other-qty":  # which quantity is true is not known: closed once, reported for a look
+        qty_key = broker.spec["row_fields"]["position_qty"]
+        copy[qty_key] = type(copy[qty_key])(int(copy[qty_key]) * 2)
+    rows.append(copy)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("get_orders", body=orders)
+        api.on("get_positions", body=positions)
+        api.on("cancel_order")
+        api.on("place_order")
+        cancelled, failed = client.cancel_all_orders()
+        assert cancelled == [broker.order_ids[0], broker.order_ids[2], broker.order_ids[4]] and failed == []
+        assert len(api.calls("cancel_order")) == 3
+        first = client.get_positions()[0].instrument
+        placed, failed = client.close_all_positions()
+        bodies = [broker.body(c.request) for c in api.calls("place_order")]
+    assert len(bodies) == 2 and len(placed) == 2  # the option once, and the future
+    assert [{key: body.get(key) for key in fields} for body, fields in zip(bodies, broker.close_bodies)] == list(
+        broker.close_bodies)
+    assert failed == ([] if repeat == "same" else [str(first)])
+
+
 def test_a_sale_out_of_holdings_is_no_short_and_is_never_bought_back(broker: Case, tmp_path: Path,
                                                                      day_clock: FakeClock, clients: list) -> None:
     client = contract_client(clients, broker, tmp_path, day_clock)
@@ -4007,8 +4143,12 @@ def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock:
     ({"acess_token": "x"}, "did you mean 'access_token'"),
     ({"timeout": float("nan")}, "'timeout' must be a positive number"),
     ({"timeout": float("inf")}, "'timeout' must be a positive number"),
+    ({"timeout": 1e10}, "'timeout' must be a positive number of seconds up to 3600, got 10000000000.0"),  # was a raw OverflowError
     ({"rate_limits": {"ordrs": 5}}, "unknown class 'ordrs'; zerodha's classes are default, orders"),
     ({"rate_limits": {"orders": float("nan")}}, "positive finite"),
+    ({"rate_limits": {"orders": [(1e308, 1.0)]}}, "allows over 1,000,000 calls per window"),  # was a raw OverflowError
+    ({"root_url": "http://[::1"}, "config 'root_url' must be an http(s):// or ws(s):// URL with a host"),  # a raw ValueError
+    ({"root_url": "http://"}, "config 'root_url' must be an http(s):// or ws(s):// URL with a host, got 'http://'"),
     ({"stream_silence_timeout": 0}, "stream_silence_timeout"),
     ({"ws_url": "http://127.0.0.1:9/"}, "config 'ws_url' must be a ws:// or wss:// URL with a host"),  # never connects
     ({"ws_url": "ws://127.0.0.1:99999/"}, "config 'ws_url' must be a ws:// or wss:// URL with a host (and a port"),
@@ -6437,6 +6577,26 @@ def test_a_stored_session_for_another_app_is_not_reused_for_a_single_use_code(tm
         assert api.calls("get_profile")[0].request.headers["Authorization"] == f"token kitekey01:{KITE_LOGIN['access_token']}"
 
 
+@pytest.mark.parametrize("whose, words", [
+    ({"app_key": "otherkey01"}, "it was made with another 'api_key'"),
+    ({"broker": "upstox"}, "it is for broker 'upstox'"),
+])
+def test_a_stored_session_of_another_app_is_named_so_not_expired(whose: Dict[str, Any], words: str, tmp_path: Path,
+                                                                 day_clock: FakeClock, clients: list) -> None:
+    """With no token in the config, another app's unexpired session was reported as 'the session has expired'."""
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "zerodha_session.json").write_text(json.dumps({
+        "broker": "zerodha", "mode": "manual", "access_token": "other-app-SECRET", "refresh_token": None,
+        "feed_token": None, "obtained_at": "2026-11-23T09:00:00+05:30", "expires_at": "2026-11-24T06:00:00+05:30",
+        "user_id": "AB1234", "app_key": "kitekey01", **whose}))
+    kite = open_client(clients, "zerodha", tmp_path, day_clock, KITE_CSV, api_key="kitekey01", cache_session=True)
+    with responses.RequestsMock() as rs:
+        exc = expect(tt.AuthenticationError, kite.get_profile, "the stored zerodha session (", "zerodha_session.json) is "
+                     "not this account's: " + words, "log in at https://kite.zerodha.com/connect/login")
+        assert len(rs.calls) == 0
+    assert "expired" not in str(exc) and "SECRET" not in str(exc)
+
+
 class _Vault:
     """A session store an application brings; each test makes one method misbehave."""
 
@@ -7132,10 +7292,7 @@ BAD_SESSION_REPLIES = [
     pytest.param("angelone", "login", ok_body("angelone", None), "payload is NoneType", id="angel-login-data-null"),
     pytest.param("angelone", "login", ok_body("angelone", {"jwtToken": [LEAK], "refreshToken": "r", "feedToken": "f"}),
                  "'jwtToken' is of type list", id="angel-login-jwt-a-list"),
-    pytest.param("angelone", "renew_token", ok_body("angelone", ""), "payload is str", id="angel-renew-data-empty"),
-    pytest.param("angelone", "renew_token", ok_body("angelone", {"jwtToken": 7, "feedToken": LEAK}), "'jwtToken' is of type int",
-                 id="angel-renew-jwt-a-number"),
-]
+]  # a renewal's: test_angel_garbled_renewal_falls_back_to_a_full_login
 
 
 @pytest.mark.parametrize("broker_id, route, reply, words", BAD_SESSION_REPLIES)
@@ -7220,6 +7377,60 @@ def test_cancel_and_modify_refuse_a_reply_about_another_order(broker: Case, acti
         expect(tt.BrokerError, call, f"asked for order {broker.placed_id}", f"answered with order {other}",
                {"cancel": "nothing was cancelled", "modify": "nothing was modified"}[action])
         assert api.calls("cancel_order") == [] and api.calls("modify_order") == []
+
+
+def _odd_sums(broker: str, funds: Dict[str, Any], trades: Dict[str, Any]) -> None:
+    """Funds of 1234.55 available + 100.10 used, and a fill of 7 at 1234.35, in the broker's fields."""
+    row = trades["data"][0]
+    if broker == "angelone":
+        funds["data"].update(net="1234.55", utiliseddebits="100.1")
+        row.update(fillsize="7", fillprice="1234.35")
+        row.pop("tradevalue", None)  # not given: computed
+    elif broker == "zerodha":
+        equity = funds["data"]["equity"]
+        equity.update(net=1234.55, utilised={**equity["utilised"], "debits": 100.1})
+        row.update(quantity=7, average_price=1234.35)
+    else:
+        funds["data"]["equity"].update(available_margin=1234.55, used_margin=100.1)
+        row.update(quantity=7, average_price=1234.35)
+
+
+@pytest.mark.parametrize("broker_id", ["zerodha", "angelone", "upstox"])
+def test_sums_computed_from_broker_figures_are_whole_paise(broker_id: str, tmp_path: Path, day_clock: FakeClock,
+                                                           clients: list) -> None:
+    """Fund.total and Trade.trade_value were 1334.6499999999999 and 8640.449999999999 on Kite and
+    AngelOne (int(x * 100) a paisa short), 1334.65 and 8640.45 on Upstox for the same figures."""
+    case = CASE[broker_id]
+    client = contract_client(clients, case, tmp_path, day_clock)
+    funds, trades = json.loads(case.payload("get_funds.json")), json.loads(case.payload("get_trades.json"))
+    _odd_sums(broker_id, funds, trades)
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, case)
+        api.on("get_funds", body=funds)
+        api.on("get_trades", body=trades)
+        assert client.get_funds().total == 1334.65
+        assert client.get_trades()[0].trade_value == 8640.45
+
+
+def test_get_order_and_its_history_refuse_a_reply_about_another_order(broker: Case, tmp_path: Path,
+                                                                      day_clock: FakeClock, clients: list) -> None:
+    """The one-order reply (or history) named order B for order A: B's state came back as A's."""
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    knows_order(client, broker, f"{broker.current_route}.json", broker.placed_id)
+    other = broker.placed_id[:-4] + "9999"
+    routes = {broker.current_route} | ({"get_order_history"} if broker.spec["has"]["order_history"] else set())
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        for route in routes:
+            api.on(route, body=broker.payload(f"{route}.json").replace(broker.placed_id, other))
+        expect(tt.BrokerError, lambda: client.get_order(broker.placed_id), f"asked for order {broker.placed_id}",
+               f"answered with order {other}")
+        if broker.spec["has"]["order_history"]:
+            expect(tt.BrokerError, lambda: client.get_order_history(broker.placed_id),
+                   f"asked for the history of order {broker.placed_id}", f"states of order {other}")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        MockApi(rs, broker).on(broker.current_route)
+        assert client.get_order(broker.placed_id).id == broker.placed_id  # its own reply still reads
 
 
 @pytest.mark.parametrize("now", ["CANCELLED", "COMPLETE"])
@@ -7692,12 +7903,15 @@ def test_close_ends_an_upstox_feed_stuck_in_its_authorize_call(tmp_path: Path, d
     try:
         client = upstox_feed(clients, tmp_path, day_clock, root_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
         client.subscribe(SBIN, on_tick=lambda t: None, mode="ltp")
-        accepted.get(timeout=10)  # the authorize request is out, its reply never comes
+        # the authorize request is out, its reply never comes; the server's end is held open (dropped,
+        # it closed at once, and the client saw the connection end and tried again before close())
+        held = accepted.get(timeout=10)
         started = time.monotonic()
         client.close()
         assert not _feed_threads(client)
         assert time.monotonic() - started < 5.0  # one attempt's own timeout is 7 s; a loaded machine is slow
         assert accepted.qsize() == 0  # not tried again after close()
+        held.close()
     finally:
         listener.close()
 

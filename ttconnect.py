@@ -2844,6 +2844,11 @@ def _check_reply(spec: BrokerSpec, name: str, route: _Route, resp: "_Response", 
             err: TTConnectError = RateLimitError(f"{where}: rate limited (HTTP {resp.status}: {_short(_scrub(text, sent), 80)}); slow down and retry",
                                                  http_status=resp.status)
             unread = False  # refused, not processed
+        elif resp.status == 401:  # HTTP's own "unauthorized" (a gateway's page, or no body): the session was refused
+            err = AuthenticationError(f"{where}: HTTP 401 (unauthorized) with "
+                                      + (f"a non-JSON body: {_short(_scrub(text, sent), 80)}" if text.strip() else "an empty body"),
+                                      http_status=resp.status)
+            unread = False  # refused, not processed
         elif not text.strip():
             err = BrokerError(f"{where}: empty response body with HTTP {resp.status}", http_status=resp.status,
                               retryable=resp.status >= 500)
@@ -3093,7 +3098,7 @@ def _zerodha_funds(ctx: _Ctx, data: Any) -> Fund:
     available, utilised = _object(equity.get("available") or {}), _object(equity.get("utilised") or {})
     net, debits = _required_num(equity, "net"), _num_at(utilised, "debits") or 0.0
     return Fund(
-        available=net, used=debits, total=net + debits, collateral=_num_at(available, "collateral"),
+        available=net, used=debits, total=_paise(net + debits), collateral=_num_at(available, "collateral"),
         m2m_unrealized=_num_at(utilised, "m2m_unrealised"), m2m_realized=_num_at(utilised, "m2m_realised"),
         utilised_debits=debits, raw=data,
     )
@@ -3148,7 +3153,7 @@ def _zerodha_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
     return Trade(
         trade_id=_str_field(row, "trade_id"), order_id=_str_field(row, "order_id"),
         instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
-        side=_mapped(_KITE_SIDE_OF, row, "transaction_type"), qty=qty, avg_price=price, trade_value=qty * price,
+        side=_mapped(_KITE_SIDE_OF, row, "transaction_type"), qty=qty, avg_price=price, trade_value=_paise(qty * price),
         product=_KITE_PRODUCT_OF.get(row.get("product")),
         timestamp=_ist(row.get("fill_timestamp")) or _ist(row.get("exchange_timestamp")), raw=row,
     )
@@ -3594,14 +3599,26 @@ def _angelone_mac() -> str:
     return _MAC_ADDRESS[0]
 
 
+def _angelone_header_option(config: Mapping[str, Any], key: str) -> str:
+    """An address option as its header carries it ("" when not set). Options are not credentials,
+    so nothing checked them: an int raised a raw TypeError in requests, a newline a NetworkError."""
+    value = config.get(key)
+    if not value:
+        return ""
+    if not (isinstance(value, str) and value.isascii() and value.isprintable()):
+        raise ConfigurationError(f"config {key!r} must be printable ASCII text (it is sent as a header), got "
+                                 f"{_short(repr(value), 60)}")
+    return value
+
+
 def _angelone_headers(config: Mapping[str, Any], session: Optional[SessionData], route: _Route) -> Dict[str, str]:
     # AngelOne requires these on every call but does not validate the address values
     # (https://smartapi.angelbroking.com/docs/User).
     headers = {
         "Content-Type": "application/json", "Accept": "application/json", "X-UserType": "USER", "X-SourceID": "WEB",
-        "X-ClientLocalIP": config.get("client_local_ip") or "127.0.0.1",
-        "X-ClientPublicIP": config.get("client_public_ip") or "127.0.0.1",
-        "X-MACAddress": config.get("mac_address") or _angelone_mac(),
+        "X-ClientLocalIP": _angelone_header_option(config, "client_local_ip") or "127.0.0.1",
+        "X-ClientPublicIP": _angelone_header_option(config, "client_public_ip") or "127.0.0.1",
+        "X-MACAddress": _angelone_header_option(config, "mac_address") or _angelone_mac(),
         "X-PrivateKey": config.get("api_key") or "",
     }
     if session is not None:
@@ -3685,13 +3702,17 @@ def _angelone_profile(ctx: _Ctx, data: Any) -> Profile:
 def _angelone_funds(ctx: _Ctx, data: Any) -> Fund:
     data = _object(data)
     available, debits = _required_num(data, "net"), _num_at(data, "utiliseddebits") or 0.0
-    return Fund(available=available, used=debits, total=available + debits, collateral=_num_at(data, "collateral"),
+    return Fund(available=available, used=debits, total=_paise(available + debits), collateral=_num_at(data, "collateral"),
                 m2m_unrealized=_num_at(data, "m2munrealized"), m2m_realized=_num_at(data, "m2mrealized"),
                 utilised_debits=debits, raw=data)
 
 
 def _angelone_holding_rows(data: Any) -> Sequence[Any]:
-    return _list_rows(data.get("holdings")) if isinstance(data, Mapping) else _list_rows(data)
+    if not isinstance(data, Mapping):
+        return _list_rows(data)
+    if "holdings" not in data:  # totals without the rows: "no holdings" would be a guess
+        raise _Malformed("field 'holdings' missing")
+    return _list_rows(data["holdings"])
 
 
 def _angelone_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
@@ -3705,7 +3726,7 @@ def _angelone_holding(ctx: _Ctx, row: Mapping[str, Any]) -> Holding:
 def _angelone_position(ctx: _Ctx, row: Mapping[str, Any]) -> Position:
     pnl = _num_at(row, "pnl")
     if pnl is None and (row.get("realised") is not None or row.get("unrealised") is not None):
-        pnl = (_num_at(row, "realised") or 0.0) + (_num_at(row, "unrealised") or 0.0)
+        pnl = _paise((_num_at(row, "realised") or 0.0) + (_num_at(row, "unrealised") or 0.0))
     avg = _num_at(row, "avgnetprice") or _num_at(row, "netprice") or 0.0
     return Position(instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
                     qty=_int_at(row, "netqty"), avg_price=avg, ltp=_num_at(row, "ltp"), pnl=pnl,
@@ -3761,7 +3782,7 @@ def _angelone_trade(ctx: _Ctx, row: Mapping[str, Any]) -> Trade:
     return Trade(trade_id=_str_field(row, "fillid"), order_id=_str_field(row, "orderid"),
                  instrument=ctx.instrument(_field(row, "exchange"), _field(row, "tradingsymbol")),
                  side=_mapped(_ANGEL_SIDE_OF, row, "transactiontype"), qty=qty, avg_price=price,
-                 trade_value=_num_at(row, "tradevalue") or qty * price,
+                 trade_value=_num_at(row, "tradevalue") or _paise(qty * price),
                  product=_ANGEL_PRODUCT_OF.get(row.get("producttype")), timestamp=stamp, raw=row)
 
 
@@ -4220,9 +4241,12 @@ def _upstox_envelope(status: int, body: Dict[str, Any]) -> _Reply:
     if status < 400 and body.get("status") == "success":
         return _Reply(True, body.get("data"), "", "")
     errors = body.get("errors")
+    if isinstance(errors, Mapping):  # one error object where a list of them is documented
+        errors = [errors]
     first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], Mapping) else {}
     code = str(first.get("error_code") or first.get("errorCode") or "")
-    return _Reply(False, None, code, str(first.get("message") or body.get("message") or "no message"))
+    said = errors if isinstance(errors, str) else None  # a bare text is still what the broker said
+    return _Reply(False, None, code, str(first.get("message") or said or body.get("message") or "no message"))
 
 
 def _upstox_token_envelope(status: int, body: Dict[str, Any]) -> _Reply:
@@ -8045,7 +8069,9 @@ def _usable_session(session: Any) -> bool:
     def aware(stamp: Any) -> bool:
         return stamp is None or (isinstance(stamp, _dt.datetime) and stamp.tzinfo is not None)
 
+    # the token goes into a header: a line break or non-ASCII text (a damaged file) could not be sent
     return (isinstance(session, SessionData) and isinstance(session.access_token, str) and bool(session.access_token)
+            and session.access_token.isascii() and session.access_token.isprintable()
             and isinstance(session.broker, str) and aware(session.obtained_at) and aware(session.expires_at))
 
 
@@ -8148,7 +8174,13 @@ class _Auth:
         """True for a stored session that is unexpired and this account's."""
         if session is None or session.broker != self.spec["id"] or session.expires_at is None:
             return False
-        if session.expires_at.timestamp() <= self._clock():
+        now = self._clock()
+        if session.expires_at.timestamp() <= now:
+            return False
+        # A stored expiry past the broker's rule (an edited file, an application's store keeping its
+        # own TTL) does not keep a session alive that the broker ended at its daily cut.
+        if session.obtained_at is not None and \
+                _session_expiry(session.obtained_at, self.spec["session_expiry"]).timestamp() <= now:
             return False
         app = self.config.get(self.flow.app) if self.flow.app else None
         if app and session.app_key != app:
@@ -8184,9 +8216,25 @@ class _Auth:
             session = SessionData(broker=self.spec["id"], mode=flow.mode, access_token=config_token, obtained_at=now,
                                   **extra)
             return self._save(session)
+        whose = self._whose(stored) if stored is not None and self._session is None else ""
+        if whose:  # not "expired": the user changed accounts or apps, and should know the file is not theirs
+            raise AuthenticationError(f"the stored {self.spec['id']} session ({self._store_name()}) is not this "
+                                      f"account's: {whose}; {self.hint()}")
         if self._session is not None or stored is not None:
             raise AuthenticationError(f"the {self.spec['id']} session has expired; {self.hint()}")
         raise ConfigurationError(f"{self.spec['id']} needs a session: {self.hint()}")
+
+    def _whose(self, session: SessionData) -> str:
+        """Why a stored session is another broker's, app's or account's ("" when it is this one's)."""
+        if session.broker != self.spec["id"]:
+            return f"it is for broker {_short(session.broker, 20)!r}"
+        app = self.config.get(self.flow.app) if self.flow.app else None
+        if app and session.app_key != app:
+            return f"it was made with another {self.flow.app!r}"
+        user = self.config.get(self.flow.user) if self.flow.user else None
+        if user and session.user_id != user:
+            return f"it is another {self.flow.user!r}'s"
+        return ""
 
     def _save(self, session: SessionData) -> SessionData:
         session = self._completed(session)
@@ -8207,7 +8255,7 @@ class _Auth:
             return None
         if session is None or _usable_session(session):
             return session
-        log.warning("%s: %s returned a %s, not a SessionData with a token and timezone-aware times; logging in "
+        log.warning("%s: %s returned a %s, not a SessionData with a sendable token and timezone-aware times; logging in "
                     "afresh", self.spec["id"], self._store_name(), type(session).__name__)
         return None
 
@@ -8266,6 +8314,8 @@ class _Auth:
                     fresh = renew(self._call, self.config, old, self._clock())
                 except AuthenticationError as exc:
                     log.info("%s token renewal refused (%s); logging in again", self.spec["id"], exc.broker_code)
+                except BrokerError as exc:  # a garbled or failed renewal (no token, a 5xx page): the login still may work
+                    log.warning("%s token renewal failed (%s); logging in again", self.spec["id"], _fault(exc))
             if fresh is None:
                 self._require(self.flow.needs)
                 assert self.flow.obtain is not None
@@ -8290,6 +8340,8 @@ _GENERAL_KEYS = frozenset({
 })
 
 
+_MAX_TIMEOUT = 3600.0  # seconds: the longest config 'timeout' of one HTTP call
+_MAX_RATE_CALLS = 1_000_000  # calls per window in config 'rate_limits'
 _CLOCK_SPAN = (946684800.0, 4102444800.0)  # what a clock may say: 2000-01-01 to 2100-01-01 (UTC)
 _CLOCK_SPAN_MS = (946684800000, 4102444800000)  # the same, in epoch milliseconds
 
@@ -8327,6 +8379,17 @@ def _clock_option(clock: Any) -> Callable[[], float]:
 
     read()
     return read
+
+
+def _url_host(url: str) -> str:
+    """The host a URL names ("" for none, or one that cannot be parsed: "http://[::1" would make
+    every request raise a raw ValueError, "http://" fail as a retried network error)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
 
 
 def _known_keys(spec: BrokerSpec) -> frozenset:
@@ -8459,8 +8522,11 @@ class TTConnect:
         if self._on_stale not in ("fail", "warn"):
             raise ConfigurationError(f"config 'on_stale' must be 'fail' or 'warn', got {self._on_stale!r}")
         timeout = cfg.get("timeout", 7.0)
-        if not _finite_positive(timeout):
-            raise ConfigurationError(f"config 'timeout' must be a positive number of seconds, got {timeout!r}")
+        # Bounded: sockets and the deadline thread's waits refuse a timeout past ~1e9 s with a raw
+        # OverflowError, at the first request; no REST call is worth waiting an hour for.
+        if not _finite_positive(timeout) or timeout > _MAX_TIMEOUT:
+            raise ConfigurationError(f"config 'timeout' must be a positive number of seconds up to {_MAX_TIMEOUT:g}, "
+                                     f"got {timeout!r}")
         retries = cfg.get("max_retries", 2)
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ConfigurationError(f"config 'max_retries' must be a whole number from 0 to 10, got {retries!r}")
@@ -8558,8 +8624,9 @@ class TTConnect:
             urls.update(spec["sandbox_urls"])
         for key in spec["urls"]:
             value = cfg.get(key, urls[key])
-            if not isinstance(value, str) or (value and not value.split("://", 1)[0] in ("http", "https", "ws", "wss")):
-                raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL, got {value!r}")
+            if not isinstance(value, str) or (value and not (value.split("://", 1)[0] in ("http", "https", "ws", "wss")
+                                                             and (key.endswith("ws_url") or _url_host(value)))):
+                raise ConfigurationError(f"config {key!r} must be an http(s):// or ws(s):// URL with a host, got {value!r}")
             if (value or spec["urls"][key]) and key.endswith("ws_url") and not _ws_url_ok(value):
                 # refused here: on the feed's thread it would be retried (and logged) forever
                 raise ConfigurationError(f"config {key!r} must be a ws:// or wss:// URL with a host (and a port "
@@ -8598,6 +8665,9 @@ class TTConnect:
             if any(n < 1 for n, _ in parsed):
                 raise ConfigurationError(f"config 'rate_limits'[{name!r}] allows under one call per window ({value!r}); "
                                          "for one call every 2 s pass [(1, 2.0)]")
+            if any(n > _MAX_RATE_CALLS for n, _ in parsed):  # the limiter keeps that many stamps: 1e308 is no deque size
+                raise ConfigurationError(f"config 'rate_limits'[{name!r}] allows over {_MAX_RATE_CALLS:,} calls per "
+                                         f"window ({_short(repr(value), 60)}); no broker takes that many")
             limits[name] = [(int(n), float(per)) for n, per in parsed]
         return limits
 
@@ -8887,9 +8957,17 @@ class TTConnect:
     def get_order(self, order_id: str) -> Order:
         """Return the current state of one order."""
         order_id = self._order_id(order_id)
+        order = self._current_order(order_id)
+        if order.id != order_id:  # a reply about another order must not pass for this one's state
+            raise BrokerError(f"{self.broker}: asked for order {order_id}, the broker answered with order {order.id}; "
+                              "check the order book")
+        return order
+
+    def _current_order(self, order_id: str) -> Order:
+        """The broker's answer for one order, whichever order it names (callers check the id)."""
         routes, hooks = self._spec["routes"], self._spec["hooks"]
         if "get_order" not in routes and self._spec["has"]["order_history"]:
-            return self.get_order_history(order_id)[-1]
+            return self._history(order_id)[-1]
         if "get_order" in routes:
             if "order_ref" not in hooks:
                 return self._execute("get_order", order_id)
@@ -8906,6 +8984,14 @@ class TTConnect:
         order_id = self._order_id(order_id)
         if not self._spec["has"]["order_history"]:
             return [self.get_order(order_id)]
+        history = self._history(order_id)
+        others = sorted({state.id for state in history} - {order_id})
+        if others:  # another order's states must not pass for this one's
+            raise BrokerError(f"{self.broker}: asked for the history of order {order_id}, the broker answered with "
+                              f"states of order {', '.join(others)}; check the order book")
+        return history
+
+    def _history(self, order_id: str) -> List[Order]:
         history = self._execute("get_order_history", order_id)
         if not history:
             raise OrderNotFoundError(f"{self.broker} has no order {order_id} today")
@@ -9121,7 +9207,7 @@ class TTConnect:
 
     def _live_order(self, order_id: str, action: str) -> Order:
         order_id = self._order_id(order_id)
-        order = self.get_order(order_id)
+        order = self._current_order(order_id)
         if order.id != order_id:  # acting on it would change another order
             raise BrokerError(f"{self.broker}: asked for order {order_id}, the broker answered with order {order.id}; "
                               f"nothing was {action}: check the order book")
@@ -9191,17 +9277,20 @@ class TTConnect:
         fields). Returns (cancelled ids, ids whose cancel failed).
         """
         skipped: List[Mapping[str, Any]] = []
-        live = [(o.id, o.raw) for o in self.get_orders(skipped) if o.status in _LIVE_STATUSES]
+        live: Dict[str, Mapping[str, Any]] = {}  # by id: an order the book lists twice is cancelled (and reported) once
+        for order in self.get_orders(skipped):
+            if order.status in _LIVE_STATUSES:
+                live.setdefault(order.id, order.raw)
         id_field = self._spec["row_fields"]["order_id"]
         raw_status = self._spec["hooks"]["raw_status"]
         for row in skipped:
             try:
                 if raw_status(row) in _LIVE_STATUSES:
-                    live.append((_str_field(row, id_field), row))
+                    live.setdefault(_str_field(row, id_field), row)
             except (_Malformed, TypeError, ValueError, AttributeError) as exc:
                 log.warning("%s: an order row without a usable id or status was left alone (%s)", self.broker, _why(exc))
         cancelled, failed = [], []
-        for order_id, raw in live:
+        for order_id, raw in live.items():
             try:
                 cancelled.append(self._cancel(order_id, raw))
             except TTConnectError as exc:
@@ -9220,9 +9309,18 @@ class TTConnect:
         """
         placed, failed = [], []
         skipped: List[Mapping[str, Any]] = []
+        closed: Dict[Tuple[Instrument, Optional[ProductType]], int] = {}  # (instrument, product) -> qty closed
         for pos in self.get_positions(skipped):
             if not pos.qty:
                 continue  # a sale out of holdings: nothing is open
+            key = (pos.instrument, pos.product)
+            if key in closed and pos.product is not None:  # one net position per instrument and product: a repeat is no second one
+                log.warning("%s: position %s %s is listed twice (qty %d and %d); it was closed once", self.broker,
+                            pos.instrument, pos.product.value if pos.product else "", closed[key], pos.qty)
+                if pos.qty != closed[key]:  # which quantity is true is not known: the user must look
+                    failed.append(str(pos.instrument))
+                continue
+            closed[key] = pos.qty
             side = Side.SELL if pos.qty > 0 else Side.BUY
             try:
                 if pos.product is None:
