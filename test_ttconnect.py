@@ -7939,6 +7939,10 @@ BAD_CONFIGS = [
     pytest.param({"stream_silence_timeout": float("nan")}, "'stream_silence_timeout'", id="stream-silence-nan"),
     pytest.param({"stream_reconnect_delay": float("inf")}, "'stream_reconnect_delay'", id="stream-reconnect-inf"),
     pytest.param({"stream_connect_timeout": 0}, "'stream_connect_timeout'", id="stream-connect-0"),
+    # 1e10 s overflowed the socket's timeout on the feed's thread (OverflowError, never seen by the user)
+    pytest.param({"stream_connect_timeout": 1e10}, "'stream_connect_timeout' must be a positive number of seconds up to 3600",
+                 id="stream-connect-1e10"),
+    pytest.param({"stream_silence_timeout": 3601}, "'stream_silence_timeout'", id="stream-silence-over-an-hour"),
     pytest.param({"acess_token": "kite-access-SECRET-1"}, "did you mean 'access_token'", id="key-typo"),
     pytest.param({1: "x"}, "keys must be strings", id="key-not-a-string"),
     pytest.param({"access_token": "kite-access-SECRET-1\r\nX-Injected: 1"}, "control character",
@@ -9082,7 +9086,7 @@ def test_prices_that_is_another_paper_client_is_refused(tmp_path: Path, clients:
 
 @pytest.mark.parametrize("key, value, words", [
     ("tick_interval", 0, "tick_interval"), ("tick_interval", float("nan"), "tick_interval"),
-    ("tick_interval", True, "tick_interval"), ("market_hours", 1, "market_hours"),
+    ("tick_interval", True, "tick_interval"), ("tick_interval", 1e10, "tick_interval"), ("market_hours", 1, "market_hours"),
     ("replay_speed", float("nan"), "replay_speed"), ("replay_speed", "fast", "replay_speed"),
 ])
 def test_odd_feed_options_are_refused(key: str, value: Any, words: str, tmp_path: Path, clients: list,

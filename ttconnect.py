@@ -10231,9 +10231,12 @@ class _Streamer:
 
 
 def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    """A config duration: positive seconds, up to an hour (a socket or a wait of ~1e10 s raises
+    OverflowError, on the feed's thread where the user would never see it)."""
     value = cfg.get(key, default)
-    if not _finite_positive(value):
-        raise ConfigurationError(f"config {key!r} must be a positive number of seconds, got {value!r}")
+    if not _finite_positive(value) or value > _MAX_TIMEOUT:
+        raise ConfigurationError(f"config {key!r} must be a positive number of seconds up to {_MAX_TIMEOUT:g}, "
+                                 f"got {value!r}")
     return float(value)
 
 # ============================================================================
