@@ -4,6 +4,7 @@ server bound to 127.0.0.1, and time is injected."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime as dt
@@ -8308,10 +8309,6 @@ def _upstox_overruns() -> List[Any]:
 
     return [
         pytest.param(pb_feed_response({"NSE_FO|52207": pb_field(1, b"\x09"), **after}), "LTPC", id="ltpc-of-one-byte"),
-        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(2, pb_field(1, b"\x08") + pb_field(1, quote))),
-                     "Quote", id="depth-quote-of-one-byte"),
-        pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(2, pb_field(1, quote[:-4]) + pb_field(1, quote))),
-                     "Quote", id="depth-quote-cut-in-its-ask-price"),
         pytest.param(with_market(pb_field(1, pb_ltpc(120.5)) + pb_field(4, pb_field(1, candle[:-5])
                                                                          + pb_field(1, candle))),
                      "OHLC", id="day-candle-cut-in-its-low"),
@@ -8322,6 +8319,33 @@ def _upstox_overruns() -> List[Any]:
                                                                                       + pb_field(2, 2))),
                      "segment status", id="market-info-status-key-alone"),
     ]
+
+
+def _upstox_depth_overruns() -> List[Any]:
+    """Full frames whose depth holds a Quote shorter than its fields, a good Quote after it."""
+    quote = pb_field(1, 65) + pb_field(2, 120.45) + pb_field(3, 130) + pb_field(4, 120.5)
+    after = {"NSE_EQ|INE062A01020": pb_field(1, pb_ltpc(801.05))}
+
+    def with_depth(depth: bytes) -> bytes:
+        return pb_feed_response({"NSE_FO|52207": pb_full(pb_field(1, pb_ltpc(120.5)) + pb_field(2, depth)), **after})
+
+    return [pytest.param(with_depth(pb_field(1, b"\x08") + pb_field(1, quote)), id="depth-quote-of-one-byte"),
+            pytest.param(with_depth(pb_field(1, quote[:-4]) + pb_field(1, quote)), id="depth-quote-cut-in-its-ask-price")]
+
+
+@pytest.mark.parametrize("frame", _upstox_depth_overruns())
+def test_upstox_a_depth_that_cannot_be_read_is_empty_and_the_ticks_stay(frame: bytes, caplog: Any) -> None:
+    # The depth is read when a tick's depth is (most strategies read the price only): a Quote
+    # shorter than its fields no longer borrows the next level's key as its quantity, and the
+    # tick keeps what the frame's checked fields say.
+    targets = {"NSE_FO|52207": (NIFTY_CE, "full"), "NSE_EQ|INE062A01020": (SBIN, "ltp")}
+    ce, sbin = upstox_decode(frame, targets)
+    assert (ce.instrument, ce.ltp, sbin.instrument, sbin.ltp) == (NIFTY_CE, 120.5, SBIN, 801.05)
+    with caplog.at_level(logging.WARNING, logger="ttconnect"):
+        assert (ce.bids, ce.asks) == ((), ())
+    assert [r.getMessage() for r in caplog.records] == [
+        "upstox stream: a tick's market depth could not be read (a Quote field runs past its message); it has none"]
+    assert ce == pickle.loads(pickle.dumps(ce)) and hash(ce) == hash(copy.deepcopy(ce))  # read once, then plain
 
 
 @pytest.mark.parametrize("frame, what", _upstox_overruns())

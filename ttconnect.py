@@ -4640,6 +4640,53 @@ def _upstox_depth(buf: bytes, pos: int, end: int) -> Tuple[Tuple[Any, ...], Tupl
     return tuple(bids), tuple(asks), 1.0
 
 
+class _UpstoxDepth:
+    """A tick's depth as the frame holds it (a MarketLevel's bytes), read on first use: a
+    strategy that reads the price only never pays for it (reading it is a third of a full
+    frame's decode). It stands in for the depth tuple, (bids, asks, 1.0): indexing, unpacking,
+    equality, hashing and pickling see that tuple. A depth that cannot be read is empty, with a
+    warning: the tick's other fields were read and checked with the frame."""
+
+    __slots__ = ("_frame", "_start", "_stop", "_read")
+
+    def __init__(self, frame: bytes, start: int, stop: int) -> None:
+        self._frame, self._start, self._stop = frame, start, stop
+        self._read: Optional[Tuple[Tuple[Any, ...], Tuple[Any, ...], float]] = None
+
+    def _levels(self) -> Tuple[Tuple[Any, ...], Tuple[Any, ...], float]:
+        read = self._read
+        if read is None:
+            try:
+                read = _upstox_depth(self._frame, self._start, self._stop)
+            except (_FrameError, IndexError, struct.error) as exc:
+                log.warning("upstox stream: a tick's market depth could not be read (%s); it has none",
+                            exc if isinstance(exc, _FrameError) else exc.__class__.__name__)
+                read = ((), (), 1.0)
+            self._read = read  # the frame stays: another thread may be reading it now
+        return read
+
+    def __getitem__(self, index: int) -> Any:
+        return self._levels()[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._levels())
+
+    def __len__(self) -> int:
+        return 3
+
+    def __eq__(self, other: Any) -> bool:
+        return self._levels() == (other._levels() if isinstance(other, _UpstoxDepth) else other)
+
+    def __hash__(self) -> int:
+        return hash(self._levels())
+
+    def __repr__(self) -> str:
+        return repr(self._levels())
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return tuple, (self._levels(),)  # a copy or a pickle holds the plain tuple
+
+
 def _upstox_day_ohlc(buf: bytes, pos: int, end: int) -> Tuple[Optional[float], Optional[float], Optional[float]]:
     """MarketOHLC: the open, high and low of today's candle (interval "1d"); I1/I30 skipped."""
     while pos < end:
@@ -4744,7 +4791,7 @@ def _upstox_market(instrument: Instrument, mode: str, buf: bytes, pos: int, end:
         elif key == 0x12:
             start, pos = _pb_length(buf, pos, end)
             if mode == "full":
-                depth = _upstox_depth(buf, start, pos)
+                depth = _UpstoxDepth(buf, start, pos)  # read when the tick's depth is
         elif key == 0x22:
             start, pos = _pb_length(buf, pos, end)
             o, h, lo = _upstox_day_ohlc(buf, start, pos)
@@ -4860,6 +4907,8 @@ def _upstox_market_info(buf: bytes, pos: int, end: int, now_ms: int) -> Dict[str
 
 def _upstox_decode(data: bytes, instruments: Mapping[Any, Any], out: List[Any]) -> None:
     """Decode one ``FeedResponse`` frame into ``out``; raise _FrameError if it is malformed."""
+    if type(data) is not bytes:  # the ticks' depth keeps the frame (read later): a buffer may be reused
+        data = bytes(data)
     try:
         _upstox_feed_response(data, instruments, out)
     except (IndexError, struct.error, UnicodeDecodeError) as exc:
