@@ -8321,6 +8321,18 @@ def _upstox_overruns() -> List[Any]:
     ]
 
 
+def test_upstox_a_nan_or_infinite_quantity_is_unknown_and_the_frame_stays() -> None:
+    # int(nan) raised ValueError: the frame, with every other instrument's tick, was dropped
+    targets = {"NSE_FO|52207": (NIFTY_CE, "full"), "NSE_EQ|INE062A01020": (SBIN, "ltp"),
+               "NSE_FO|52208": (NIFTY_CE, "quote")}
+    odd = pb_market_ff(pb_ltpc(120.5, cp=118.0), tbq=float("nan"), tsq=363009.0, oi=float("inf"))
+    ce, sbin, quote = upstox_decode(pb_feed_response({"NSE_FO|52207": pb_full(odd), "NSE_EQ|INE062A01020": pb_field(
+        1, pb_ltpc(801.05)), "NSE_FO|52208": pb_full(odd)}), targets)
+    assert (ce.ltp, ce.buy_qty, ce.sell_qty, ce.oi) == (120.5, None, 363009, None)
+    assert (quote.mode, quote.buy_qty, quote.sell_qty) == ("quote", None, 363009)
+    assert (sbin.instrument, sbin.ltp) == (SBIN, 801.05)
+
+
 def _upstox_depth_overruns() -> List[Any]:
     """Full frames whose depth holds a Quote shorter than its fields, a good Quote after it."""
     quote = pb_field(1, 65) + pb_field(2, 120.45) + pb_field(3, 130) + pb_field(4, 120.5)

@@ -4824,10 +4824,19 @@ def _upstox_market(instrument: Instrument, mode: str, buf: bytes, pos: int, end:
     if pos > end:
         raise _FrameError("a MarketFullFeed field runs past its message")
     change = (ltp - cp) * 100 / cp if cp else None
+    try:
+        buy, sell, held = int(tbq), int(tsq), int(oi)  # doubles on the wire
+    except (ValueError, OverflowError):  # a NaN or an infinity: that figure is unknown, the frame is not lost
+        buy, sell, held = _pb_count(tbq), _pb_count(tsq), _pb_count(oi)
     if mode == "quote":  # what a quote tick carries on every broker: no depth, no OI, no times
-        return _TickBuilder(instrument, "quote", ltp, ltq, atp, vtt, int(tbq), int(tsq), o, h, lo, cp or None, change)
-    return _TickBuilder(instrument, "full", ltp, ltq, atp, vtt, int(tbq), int(tsq), o, h, lo, cp or None, change,
-                        int(oi), None, None, ltt / 1000, now_ms / 1000, depth)
+        return _TickBuilder(instrument, "quote", ltp, ltq, atp, vtt, buy, sell, o, h, lo, cp or None, change)
+    return _TickBuilder(instrument, "full", ltp, ltq, atp, vtt, buy, sell, o, h, lo, cp or None, change,
+                        held, None, None, ltt / 1000, now_ms / 1000, depth)
+
+
+def _pb_count(value: float) -> Optional[int]:
+    """A quantity sent as a double, None where it is NaN or infinite."""
+    return int(value) if value - value == 0 else None  # inf - inf and NaN - NaN are NaN
 
 
 def _upstox_index(instrument: Instrument, mode: str, buf: bytes, pos: int, end: int, now_ms: int) -> Any:
@@ -4872,7 +4881,7 @@ def _upstox_first_level(instrument: Instrument, mode: str, buf: bytes, pos: int,
         raise _FrameError("a FirstLevelWithGreeks field runs past its message")
     change = (ltp - cp) * 100 / cp if cp else None
     return _TickBuilder(instrument, "full", ltp, ltq, None, vtt, None, None, None, None, None, cp or None, change,
-                        int(oi), None, None, 0, 0, depth)
+                        _pb_count(oi), None, None, 0, 0, depth)
 
 
 _UPSTOX_MARKET_STATUS = ("PRE_OPEN_START", "PRE_OPEN_END", "NORMAL_OPEN", "NORMAL_CLOSE", "CLOSING_START", "CLOSING_END")
