@@ -4824,6 +4824,9 @@ def _upstox_market(instrument: Instrument, mode: str, buf: bytes, pos: int, end:
     if pos > end:
         raise _FrameError("a MarketFullFeed field runs past its message")
     change = (ltp - cp) * 100 / cp if cp else None
+    buy: Optional[int]
+    sell: Optional[int]
+    held: Optional[int]
     try:
         buy, sell, held = int(tbq), int(tsq), int(oi)  # doubles on the wire
     except (ValueError, OverflowError):  # a NaN or an infinity: that figure is unknown, the frame is not lost
