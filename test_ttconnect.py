@@ -3039,6 +3039,30 @@ def test_paper_random_prices_fill_resting_orders_over_the_path_they_took(tmp_pat
     assert client.get_trades()[0].timestamp == dt.datetime.fromtimestamp(first.at, tt.IST)
 
 
+def test_paper_a_resting_order_fills_the_same_whenever_the_client_next_looks(tmp_path: Path, clients: list) -> None:
+    """An order placed on Friday evening works in Monday's session; its fill is the path's, so a
+    client that looks again on Sunday evening (over two days later) sees the fill one that
+    looked after an hour saw. Matching only the last two days of so long a gap missed it."""
+    placed = ist(2026, 12, 4, 16, 0)  # a Friday, after the close
+    fills = []
+    for run, looks in (("often", [ist(2026, 12, 4, 17, 0), ist(2026, 12, 6, 17, 0)]), ("once", [ist(2026, 12, 6, 17, 0)])):
+        clock = FakeClock(placed)
+        client = paper_client(clients, tmp_path / run, clock)
+        source = client._local.source
+        start = source.quote("NSE:SBIN", clock())
+        low = min(source.quote("NSE:SBIN", clock() + 0.25 * k).ask for k in range(1, 14401))  # the hour's lowest ask
+        assert low < start.ask
+        order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=low / 100)
+        assert client.get_order(order_id).status is tt.OrderStatus.OPEN
+        for when in looks:
+            clock.set(when)
+            order = client.get_order(order_id)
+        fills.append((order.status, order.average_price, order.updated_at))
+        client.close()
+    assert fills[0][:2] == (tt.OrderStatus.COMPLETE, low / 100) and fills[0][2] < ist(2026, 12, 4, 17, 0)
+    assert fills[1] == fills[0]
+
+
 def test_paper_streams_random_ticks_and_order_updates(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
     client = paper_client(clients, tmp_path, paper_clock, tick_interval=0.01)
     ce = paper_option(client)

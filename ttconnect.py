@@ -6686,7 +6686,7 @@ class _PaperRandomSource:
     step over every price since they were last matched."""
 
     feed = "random"
-    _MAX_SCAN = 2 * _PAPER_DAY  # a longer gap is matched over its last two days only
+    _MAX_SCAN = 2 * _PAPER_DAY  # a gap up to this long is matched as it is; a longer one, from the session's start
 
     def __init__(self, engine: "_PaperEngine", seed: Any) -> None:
         self.engine = engine
@@ -6747,7 +6747,14 @@ class _PaperRandomSource:
             start = engine._scanned.get(token)
             if start is None:
                 start = _paper_step(min(o["updated_at"] for o in book.orders.values()) / 1000)
-            start = max(start, end - self._MAX_SCAN)
+            if start < end - self._MAX_SCAN:
+                # No working order predates the previous session's close (the roll cancels them all):
+                # matched from there, none of its path is missed. Two days alone skipped the weekend
+                # of an order placed on Friday evening when the client next looked on Monday, so its
+                # fill depended on when the client looked.
+                day = _dt.date.fromisoformat(engine.day)
+                opened = _paper_at(_paper_expiry_day(day - _dt.timedelta(days=1)), _PAPER_CLOSE)
+                start = max(start, _paper_step(opened) - 1)
             for k in range(start + 1, end + 1):
                 quote = self.quote_at(token, k)
                 if book.moves(quote):
