@@ -2991,6 +2991,23 @@ def test_paper_square_off_at_1520_and_the_day_roll(tmp_path: Path, clients: list
     assert (pos.qty, pos.sold_from_holdings, pos.pnl) == (0, 7, 35.0)
 
 
+def test_paper_square_off_is_at_the_last_price_not_the_bid_or_ask(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 15, 0))
+    client = paper_client(clients, tmp_path, clock)  # random prices: the bid and ask are a tick either side
+    client.place_order(PAPER_SBIN, 10, "BUY", "MIS", "MARKET")
+    client.place_order(PAPER_ITC, 20, "SELL", "MIS", "MARKET")
+    at = ist(2026, 12, 2, 15, 20).timestamp()
+    sbin, itc = (client._local.source.quote(token, at) for token in ("NSE:SBIN", "NSE:ITC"))
+    assert sbin.bid < sbin.ltp < sbin.ask and itc.bid < itc.ltp < itc.ask
+    clock.set(ist(2026, 12, 2, 15, 21))
+    squared = {str(o.instrument): (o.side, o.qty, o.average_price) for o in client.get_orders() if o.tag == "mis"}
+    assert squared == {"NSE:SBIN": (tt.Side.SELL, 10, sbin.ltp / 100), "NSE:ITC": (tt.Side.BUY, 20, itc.ltp / 100)}
+    opened = {str(o.instrument): o.average_price for o in client.get_orders() if o.tag != "mis"}
+    assert client.get_positions() == []  # flat
+    realised = 10 * (sbin.ltp / 100 - opened["NSE:SBIN"]) + 20 * (opened["NSE:ITC"] - itc.ltp / 100)
+    assert client.get_funds().m2m_realized == round(realised, 2)
+
+
 def test_paper_expired_contracts_settle_at_the_roll(tmp_path: Path, clients: list, scripted: str) -> None:
     clock = FakeClock(ist(2026, 12, 8, 10, 0))  # a Tuesday: the weekly expiry
     client = paper_client(clients, tmp_path, clock, prices=scripted)
@@ -9519,7 +9536,7 @@ def test_the_square_off_after_weeks_away_is_exact_and_fast(tmp_path: Path, clien
     funds = again.get_funds()
     assert time.monotonic() - began < 3.0
     square_off = source.quote("NSE:SBIN", ist(2026, 12, 2, 15, 20).timestamp())
-    expected_cash = 1000000 * 100 - 7 * sbin_ask + 10 * (square_off.bid - sbin_ask)
+    expected_cash = 1000000 * 100 - 7 * sbin_ask + 10 * (square_off.ltp - sbin_ask)  # squared off at the last price
     assert round(funds.total * 100) == expected_cash
     assert round(funds.used * 100) == -(-12 * 65 * fut_ask // 100)
     for order_id in (mis, cnc, resting):  # as at a real broker, the order book is today's

@@ -6099,7 +6099,7 @@ class _PaperEngine:
                                     pos.instrument)
                         average = _div_round(abs(pos.cost), abs(pos.qty))
                         settle, why = _PaperQuote(average, average, average, at), why + " at the average price"
-                    self._close_position(pos, settle, at, why, settle=True)
+                    self._close_position(pos, settle, at, why)
                 if pos.product == _P_CNC:
                     if pos.qty:
                         qty, cost = self.holdings.get(pos.instrument, (0, 0))
@@ -6259,16 +6259,16 @@ class _PaperEngine:
         order["blocked"] = 0
         self._finish(order, _P_COMPLETE, message, at, filled=order["qty"], average=price)
 
-    def _close_position(self, pos: _PaperPosition, quote: _PaperQuote, at: float, why: str,
-                        settle: bool = False) -> None:
-        """Offset a position with a filled MARKET order: at the bid or ask (the square-off), or
-        at the settlement price, ``quote.ltp``, when a contract expires (``settle``)."""
+    def _close_position(self, pos: _PaperPosition, quote: _PaperQuote, at: float, why: str) -> None:
+        """Offset a position with a filled MARKET order at ``quote.ltp``: the last price at the
+        15:20 square-off (the documented rule; the bid or ask is a tick away on paper, so a long
+        and a short squared off at once had differed by two ticks), or the settlement price when
+        a contract expires."""
         side = _P_SELL if pos.qty > 0 else _P_BUY
         order = self._new_order(pos.instrument, side, abs(pos.qty), _P_MARKET, pos.product, None, None,
                                 why.split()[0].lower(), "DAY", at)
         self._record(order, _P_OPEN, why)
-        price = quote.ltp if settle else quote.bid if side == _P_SELL else quote.ask
-        self._fill(order, price, at, why)
+        self._fill(order, quote.ltp, at, why)
 
     # -- orders -----------------------------------------------------------------------------
 
