@@ -2991,6 +2991,47 @@ def test_paper_square_off_at_1520_and_the_day_roll(tmp_path: Path, clients: list
     assert (pos.qty, pos.sold_from_holdings, pos.pnl) == (0, 7, 35.0)
 
 
+def test_paper_day_roll_over_a_weekend_and_a_holiday(tmp_path: Path, clients: list, scripted: str) -> None:
+    """Friday's close makes the day's delivery buys holdings and ends its DAY orders; an order
+    placed on Saturday belongs to the next trading session, Tuesday (Monday 26 January 2026 is
+    Republic Day): no square-off on the holiday, Tuesday's at 15:20."""
+    clock = FakeClock(ist(2026, 1, 23, 15, 0))  # a Friday
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 5, "BUY", "CNC", "MARKET")
+    friday_limit = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=850.0)
+    clock.set(ist(2026, 1, 24, 10, 0))  # Saturday
+    assert client.get_orders() == []  # the DAY order ended with Friday's session
+    with pytest.raises(tt.OrderNotFoundError):
+        client.get_order(friday_limit)
+    assert [(h.instrument, h.qty, h.avg_price) for h in client.get_holdings()] == [(PAPER_SBIN, 5, 900.0)]
+    mis = client.place_order(PAPER_SBIN, 3, "BUY", "MIS", "MARKET")
+    assert mis.startswith("260127")  # Tuesday's session
+    clock.set(ist(2026, 1, 26, 16, 0))  # the holiday, after 15:20: nothing happens
+    assert [(p.product, p.qty) for p in client.get_positions()] == [(tt.ProductType.MIS, 3)]
+    push(client, PAPER_SBIN, 910.0)
+    clock.set(ist(2026, 1, 27, 15, 20))
+    assert client.get_positions() == []
+    (squared,) = [o for o in client.get_orders() if o.tag == "mis"]
+    assert (squared.side, squared.qty, squared.average_price) == (tt.Side.SELL, 3, 910.0)
+    assert client.get_funds().m2m_realized == 30.0
+
+
+def test_paper_market_hours_refuse_weekends_holidays_and_the_close(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 1, 27, 9, 15))
+    client = paper_client(clients, tmp_path, clock, market_hours=True)
+    for when, taken in ((ist(2026, 1, 27, 9, 14, 59), False), (ist(2026, 1, 27, 9, 15), True),
+                        (ist(2026, 1, 27, 15, 29, 59), True), (ist(2026, 1, 27, 15, 30), False),
+                        (ist(2026, 1, 24, 10, 0), False), (ist(2026, 1, 26, 10, 0), False)):  # Saturday; Republic Day
+        clock.set(when)
+        if taken:
+            assert client.get_order(client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET")).status is \
+                tt.OrderStatus.COMPLETE
+        else:
+            with pytest.raises(tt.OrderError, match="the market is closed"):
+                client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET")
+
+
 def test_paper_square_off_is_at_the_last_price_not_the_bid_or_ask(tmp_path: Path, clients: list) -> None:
     clock = FakeClock(ist(2026, 12, 2, 15, 0))
     client = paper_client(clients, tmp_path, clock)  # random prices: the bid and ask are a tick either side
@@ -8996,6 +9037,44 @@ CHILD = textwrap.dedent("""
     client.close()
     print(json.dumps({"ids": ids, "errors": errors}), flush=True)
 """)
+
+
+KILLED_CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import ttconnect as tt, datetime as dt
+    now = dt.datetime(2026, 12, 2, 10, 0, tzinfo=tt.IST).timestamp()
+    client = tt.TTConnect("paper", cache_dir=sys.argv[1], clock=lambda: now)
+    sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+    while True:  # until killed: each id is printed once place_order has returned it
+        print(client.place_order(sbin, 1, "BUY", "MIS", "MARKET"), flush=True)
+""")
+
+
+def test_a_process_killed_mid_update_loses_no_order_it_reported(tmp_path: Path, clients: list) -> None:
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(tmp_path), str(HERE)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        reported = [proc.stdout.readline().strip() for _ in range(40)]
+        proc.send_signal(signal.SIGKILL)  # mid-way through the next order, as like as not
+        proc.wait(10)
+        reported += proc.stdout.read().split()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    now = ist(2026, 12, 2, 10, 0).timestamp()
+    again = open_paper(clients, tmp_path, lambda: now)
+    book = {o.id: o for o in again.get_orders()}
+    assert all(i in book for i in reported) and len(book) - len(reported) in (0, 1)  # the last may have gone in
+    assert {o.status for o in book.values()} == {COMPLETE}
+    (pos,) = again.get_positions()
+    assert pos.qty == len(book) == len(again.get_trades())  # every order whole: its trade and position with it
+    cost = sum(round(t.avg_price * 100) for t in again.get_trades())
+    assert round(pos.avg_price * len(book) * 100) == cost
 
 
 def test_two_processes_on_one_account_never_overspend_or_share_ids(tmp_path: Path, clients: list) -> None:
