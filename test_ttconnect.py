@@ -10985,6 +10985,21 @@ def test_cli_environment_variables_of_other_tools_are_ignored_and_typos_refused(
         assert cli(["funds"], tmp_path, env={other: "x"}).returncode == 0
 
 
+def test_cli_rate_limits_from_the_environment_are_read_as_json(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    """Any config key may come from TTCONNECT_<KEY>: rate_limits, a mapping, was taken as text and
+    refused ('must map an endpoint class...') whatever it said."""
+    monkeypatch.setenv("TTCONNECT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TTCONNECT_RATE_LIMITS", '{"default": [[5, 1.0], [100, 60.0]]}')
+    assert tt.main(["--json", "funds"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 1000000.0
+    monkeypatch.setenv("TTCONNECT_RATE_LIMITS", '{"defualt": 5}')  # read, and its class checked by name
+    assert tt.main(["funds"]) == 3
+    assert "'defualt'" in capsys.readouterr().err
+    monkeypatch.setenv("TTCONNECT_RATE_LIMITS", "{default: 5}")
+    assert tt.main(["funds"]) == 3
+    assert "TTCONNECT_RATE_LIMITS must be a JSON object such as" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, value, words", [
     ("TTCONNECT_SEED", "9" * 5000, "TTCONNECT_SEED has 5000 digits, more than an int seed may have"),  # int(): ValueError
     ("TTCONNECT_CAPITAL", "[" * 100000, "TTCONNECT_CAPITAL must be a number or true/false, got '[[["),  # RecursionError

@@ -10260,11 +10260,12 @@ _CLI_EXIT_HELP = """exit codes:
   4  the broker refused: an order, an unknown order id, insufficient funds, a rate limit
   5  network: the broker could not be reached
 """
-# TTCONNECT_<KEY> values are text, but for these keys, which JSON reads (numbers, true/false)
+# TTCONNECT_<KEY> values are text, but for these keys, which JSON reads (numbers, true/false;
+# rate_limits an object, as in a --config file: as text it was refused as no mapping)
 _CLI_TYPED_KEYS = frozenset({
     "timeout", "max_retries", "capital", "seed", "market_hours", "replay_speed", "tick_interval", "cache_session",
     "sandbox", "stream_silence_timeout", "stream_connect_timeout", "stream_reconnect_delay",
-    "stream_reconnect_max_delay",
+    "stream_reconnect_max_delay", "rate_limits",
 })
 
 
@@ -10460,8 +10461,9 @@ def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
                 try:
                     typed = json.loads(value)
                 except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
-                    raise _CliError(f"environment variable {name} must be a number or true/false, got "
-                                    f"{_short(repr(value), 60)}", 3) from None
+                    shape = "a JSON object such as {\"orders\": 5}" if key == "rate_limits" else "a number or true/false"
+                    raise _CliError(f"environment variable {name} must be {shape}, got {_short(repr(value), 60)}",
+                                    3) from None
                 if key == "market_hours" and typed in (0, 1) and not isinstance(typed, bool):
                     typed = bool(typed)  # TTCONNECT_MARKET_HOURS=1, as shells say it
             cfg[key] = typed
