@@ -3188,6 +3188,28 @@ def test_paper_a_recorded_tick_file_replays_into_the_same_fills(tmp_path: Path, 
     assert [r[1] for r in runs[0]] == [890.05, 890.05, 905.05]  # at the ask the path first offered
 
 
+def test_paper_full_ticks_of_a_cheap_option_bid_nothing_at_zero_and_replay_with_their_depth(
+        tmp_path: Path, clients: list) -> None:
+    """A far out-of-the-money option at one tick: its full ticks bid one level, not four more at
+    0.00 with quantities (no one bids nothing), which made a recording of them replay without
+    depth ('impossible depth'), so a MARKET buy filled at the last price, not the ask it had."""
+    clock = FakeClock(ist(2026, 12, 7, 10, 0))
+    client = paper_client(clients, tmp_path, clock)
+    ce = tt.Option(exchange="NFO", symbol="NIFTY", expiry=client.expiries("NIFTY")[0], strike=25850, option_type="CE")
+    (tick,) = client._local.source.ticks({client.resolve(ce): "full"}, clock())
+    assert tick.ltp == 0.05 and [(b.price, b.qty) for b in tick.bids] == [(0.05, 195)]
+    assert [(a.price, a.qty) for a in tick.asks] == [(0.1, 130), (0.15, 260), (0.2, 390), (0.25, 520), (0.3, 650)]
+    client.close()
+    path = tmp_path / "ticks.jsonl"
+    path.write_text(json.dumps(tt._tick_record(tick, clock())) + "\n")
+    replay = paper_client(clients, tmp_path, clock, prices=str(path), account="replay")
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    replay.subscribe(ce, on_tick=ticks.put, mode="full")
+    assert ticks.get(timeout=10).asks[0].price == 0.1
+    order = replay.get_order(replay.place_order(ce, 65, "BUY", "NRML", "MARKET"))
+    assert (order.status, order.average_price) == (tt.OrderStatus.COMPLETE, 0.1)  # the recorded ask
+
+
 def test_paper_runs_the_same_strategy_as_a_real_broker(tmp_path: Path, clients: list, paper_clock: FakeClock,
                                                        scripted: str) -> None:
     """The cross-broker contract on paper: the strategy code of section 6z, unchanged, gives the

@@ -6792,7 +6792,10 @@ class _PaperRandomSource:
                 if mode == "full":
                     lot = max(1, self.engine.info(token)[2])
                     step = quote.ask - quote.ltp
-                    bids = tuple(v for i in range(5) for v in (lot * (3 + 2 * i), max(0, quote.bid - i * step), 1 + i))
+                    # Bid levels only down to one tick: a level at 0.00 holding a quantity (as a cheap
+                    # option's had) is no bid, and a recorded tick with one was replayed without depth
+                    bids = tuple(v for i in range(5) if quote.bid - i * step > 0
+                                 for v in (lot * (3 + 2 * i), quote.bid - i * step, 1 + i))
                     asks = tuple(v for i in range(5) for v in (lot * (2 + 2 * i), quote.ask + i * step, 1 + i))
                     depth = (bids, asks, 100.0)
                 tick = _TickBuilder(self.engine.info(token)[0], mode, ltp, None, None, None, None, None, None, None,
