@@ -3103,7 +3103,8 @@ def test_paper_a_resting_order_fills_the_same_whenever_the_client_next_looks(tmp
     looked after an hour saw. Matching only the last two days of so long a gap missed it."""
     placed = ist(2026, 12, 4, 16, 0)  # a Friday, after the close
     fills = []
-    for run, looks in (("often", [ist(2026, 12, 4, 17, 0), ist(2026, 12, 6, 17, 0)]), ("once", [ist(2026, 12, 6, 17, 0)])):
+    for run, looks in (("often", [ist(2026, 12, 4, 17, 0), ist(2026, 12, 6, 17, 0)]),
+                       ("once", [ist(2026, 12, 6, 17, 0)])):
         clock = FakeClock(placed)
         client = paper_client(clients, tmp_path / run, clock)
         source = client._local.source
