@@ -2992,6 +2992,64 @@ def test_paper_square_off_at_1520_and_the_day_roll(tmp_path: Path, clients: list
     assert (pos.qty, pos.sold_from_holdings, pos.pnl) == (0, 7, 35.0)
 
 
+def test_paper_day_roll_over_a_weekend_and_a_holiday(tmp_path: Path, clients: list, scripted: str) -> None:
+    """Friday's close makes the day's delivery buys holdings and ends its DAY orders; an order
+    placed on Saturday belongs to the next trading session, Tuesday (Monday 26 January 2026 is
+    Republic Day): no square-off on the holiday, Tuesday's at 15:20."""
+    clock = FakeClock(ist(2026, 1, 23, 15, 0))  # a Friday
+    client = paper_client(clients, tmp_path, clock, prices=scripted)
+    push(client, PAPER_SBIN, 900.0)
+    client.place_order(PAPER_SBIN, 5, "BUY", "CNC", "MARKET")
+    friday_limit = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=850.0)
+    clock.set(ist(2026, 1, 24, 10, 0))  # Saturday
+    assert client.get_orders() == []  # the DAY order ended with Friday's session
+    with pytest.raises(tt.OrderNotFoundError):
+        client.get_order(friday_limit)
+    assert [(h.instrument, h.qty, h.avg_price) for h in client.get_holdings()] == [(PAPER_SBIN, 5, 900.0)]
+    mis = client.place_order(PAPER_SBIN, 3, "BUY", "MIS", "MARKET")
+    assert mis.startswith("260127")  # Tuesday's session
+    clock.set(ist(2026, 1, 26, 16, 0))  # the holiday, after 15:20: nothing happens
+    assert [(p.product, p.qty) for p in client.get_positions()] == [(tt.ProductType.MIS, 3)]
+    push(client, PAPER_SBIN, 910.0)
+    clock.set(ist(2026, 1, 27, 15, 20))
+    assert client.get_positions() == []
+    (squared,) = [o for o in client.get_orders() if o.tag == "mis"]
+    assert (squared.side, squared.qty, squared.average_price) == (tt.Side.SELL, 3, 910.0)
+    assert client.get_funds().m2m_realized == 30.0
+
+
+def test_paper_market_hours_refuse_weekends_holidays_and_the_close(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 1, 27, 9, 15))
+    client = paper_client(clients, tmp_path, clock, market_hours=True)
+    for when, taken in ((ist(2026, 1, 27, 9, 14, 59), False), (ist(2026, 1, 27, 9, 15), True),
+                        (ist(2026, 1, 27, 15, 29, 59), True), (ist(2026, 1, 27, 15, 30), False),
+                        (ist(2026, 1, 24, 10, 0), False), (ist(2026, 1, 26, 10, 0), False)):  # Saturday; Republic Day
+        clock.set(when)
+        if taken:
+            assert client.get_order(client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET")).status is \
+                tt.OrderStatus.COMPLETE
+        else:
+            with pytest.raises(tt.OrderError, match="the market is closed"):
+                client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET")
+
+
+def test_paper_square_off_is_at_the_last_price_not_the_bid_or_ask(tmp_path: Path, clients: list) -> None:
+    clock = FakeClock(ist(2026, 12, 2, 15, 0))
+    client = paper_client(clients, tmp_path, clock)  # random prices: the bid and ask are a tick either side
+    client.place_order(PAPER_SBIN, 10, "BUY", "MIS", "MARKET")
+    client.place_order(PAPER_ITC, 20, "SELL", "MIS", "MARKET")
+    at = ist(2026, 12, 2, 15, 20).timestamp()
+    sbin, itc = (client._local.source.quote(token, at) for token in ("NSE:SBIN", "NSE:ITC"))
+    assert sbin.bid < sbin.ltp < sbin.ask and itc.bid < itc.ltp < itc.ask
+    clock.set(ist(2026, 12, 2, 15, 21))
+    squared = {str(o.instrument): (o.side, o.qty, o.average_price) for o in client.get_orders() if o.tag == "mis"}
+    assert squared == {"NSE:SBIN": (tt.Side.SELL, 10, sbin.ltp / 100), "NSE:ITC": (tt.Side.BUY, 20, itc.ltp / 100)}
+    opened = {str(o.instrument): o.average_price for o in client.get_orders() if o.tag != "mis"}
+    assert client.get_positions() == []  # flat
+    realised = 10 * (sbin.ltp / 100 - opened["NSE:SBIN"]) + 20 * (opened["NSE:ITC"] - itc.ltp / 100)
+    assert client.get_funds().m2m_realized == round(realised, 2)
+
+
 def test_paper_expired_contracts_settle_at_the_roll(tmp_path: Path, clients: list, scripted: str) -> None:
     clock = FakeClock(ist(2026, 12, 8, 10, 0))  # a Tuesday: the weekly expiry
     client = paper_client(clients, tmp_path, clock, prices=scripted)
@@ -3038,6 +3096,31 @@ def test_paper_random_prices_fill_resting_orders_over_the_path_they_took(tmp_pat
     order = client.get_order(order_id)
     assert (order.status, order.average_price) == (tt.OrderStatus.COMPLETE, low / 100)
     assert client.get_trades()[0].timestamp == dt.datetime.fromtimestamp(first.at, tt.IST)
+
+
+def test_paper_a_resting_order_fills_the_same_whenever_the_client_next_looks(tmp_path: Path, clients: list) -> None:
+    """An order placed on Friday evening works in Monday's session; its fill is the path's, so a
+    client that looks again on Sunday evening (over two days later) sees the fill one that
+    looked after an hour saw. Matching only the last two days of so long a gap missed it."""
+    placed = ist(2026, 12, 4, 16, 0)  # a Friday, after the close
+    fills = []
+    for run, looks in (("often", [ist(2026, 12, 4, 17, 0), ist(2026, 12, 6, 17, 0)]),
+                       ("once", [ist(2026, 12, 6, 17, 0)])):
+        clock = FakeClock(placed)
+        client = paper_client(clients, tmp_path / run, clock)
+        source = client._local.source
+        start = source.quote("NSE:SBIN", clock())
+        low = min(source.quote("NSE:SBIN", clock() + 0.25 * k).ask for k in range(1, 14401))  # the hour's lowest ask
+        assert low < start.ask
+        order_id = client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=low / 100)
+        assert client.get_order(order_id).status is tt.OrderStatus.OPEN
+        for when in looks:
+            clock.set(when)
+            order = client.get_order(order_id)
+        fills.append((order.status, order.average_price, order.updated_at))
+        client.close()
+    assert fills[0][:2] == (tt.OrderStatus.COMPLETE, low / 100) and fills[0][2] < ist(2026, 12, 4, 17, 0)
+    assert fills[1] == fills[0]
 
 
 def test_paper_streams_random_ticks_and_order_updates(tmp_path: Path, clients: list, paper_clock: FakeClock) -> None:
@@ -3105,6 +3188,28 @@ def test_paper_a_recorded_tick_file_replays_into_the_same_fills(tmp_path: Path, 
         client.close()
     assert runs[0] == runs[1]
     assert [r[1] for r in runs[0]] == [890.05, 890.05, 905.05]  # at the ask the path first offered
+
+
+def test_paper_full_ticks_of_a_cheap_option_bid_nothing_at_zero_and_replay_with_their_depth(
+        tmp_path: Path, clients: list) -> None:
+    """A far out-of-the-money option at one tick: its full ticks bid one level, not four more at
+    0.00 with quantities (no one bids nothing), which made a recording of them replay without
+    depth ('impossible depth'), so a MARKET buy filled at the last price, not the ask it had."""
+    clock = FakeClock(ist(2026, 12, 7, 10, 0))
+    client = paper_client(clients, tmp_path, clock)
+    ce = tt.Option(exchange="NFO", symbol="NIFTY", expiry=client.expiries("NIFTY")[0], strike=25850, option_type="CE")
+    (tick,) = client._local.source.ticks({client.resolve(ce): "full"}, clock())
+    assert tick.ltp == 0.05 and [(b.price, b.qty) for b in tick.bids] == [(0.05, 195)]
+    assert [(a.price, a.qty) for a in tick.asks] == [(0.1, 130), (0.15, 260), (0.2, 390), (0.25, 520), (0.3, 650)]
+    client.close()
+    path = tmp_path / "ticks.jsonl"
+    path.write_text(json.dumps(tt._tick_record(tick, clock())) + "\n")
+    replay = paper_client(clients, tmp_path, clock, prices=str(path), account="replay")
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    replay.subscribe(ce, on_tick=ticks.put, mode="full")
+    assert ticks.get(timeout=10).asks[0].price == 0.1
+    order = replay.get_order(replay.place_order(ce, 65, "BUY", "NRML", "MARKET"))
+    assert (order.status, order.average_price) == (tt.OrderStatus.COMPLETE, 0.1)  # the recorded ask
 
 
 def test_paper_runs_the_same_strategy_as_a_real_broker(tmp_path: Path, clients: list, paper_clock: FakeClock,
@@ -8993,6 +9098,44 @@ CHILD = textwrap.dedent("""
 """)
 
 
+KILLED_CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import ttconnect as tt, datetime as dt
+    now = dt.datetime(2026, 12, 2, 10, 0, tzinfo=tt.IST).timestamp()
+    client = tt.TTConnect("paper", cache_dir=sys.argv[1], clock=lambda: now)
+    sbin = tt.Equity(exchange="NSE", symbol="SBIN")
+    while True:  # until killed: each id is printed once place_order has returned it
+        print(client.place_order(sbin, 1, "BUY", "MIS", "MARKET"), flush=True)
+""")
+
+
+def test_a_process_killed_mid_update_loses_no_order_it_reported(tmp_path: Path, clients: list) -> None:
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(tmp_path), str(HERE)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        reported = [proc.stdout.readline().strip() for _ in range(40)]
+        proc.send_signal(signal.SIGKILL)  # mid-way through the next order, as like as not
+        proc.wait(10)
+        reported += proc.stdout.read().split()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    now = ist(2026, 12, 2, 10, 0).timestamp()
+    again = open_paper(clients, tmp_path, lambda: now)
+    book = {o.id: o for o in again.get_orders()}
+    assert all(i in book for i in reported) and len(book) - len(reported) in (0, 1)  # the last may have gone in
+    assert {o.status for o in book.values()} == {COMPLETE}
+    (pos,) = again.get_positions()
+    assert pos.qty == len(book) == len(again.get_trades())  # every order whole: its trade and position with it
+    cost = sum(round(t.avg_price * 100) for t in again.get_trades())
+    assert round(pos.avg_price * len(book) * 100) == cost
+
+
 def test_two_processes_on_one_account_never_overspend_or_share_ids(tmp_path: Path, clients: list) -> None:
     now = ist(2026, 12, 2, 10, 0).timestamp()
     parent = open_paper(clients, tmp_path, lambda: now, capital=50000)
@@ -9531,7 +9674,7 @@ def test_the_square_off_after_weeks_away_is_exact_and_fast(tmp_path: Path, clien
     funds = again.get_funds()
     assert time.monotonic() - began < 3.0
     square_off = source.quote("NSE:SBIN", ist(2026, 12, 2, 15, 20).timestamp())
-    expected_cash = 1000000 * 100 - 7 * sbin_ask + 10 * (square_off.bid - sbin_ask)
+    expected_cash = 1000000 * 100 - 7 * sbin_ask + 10 * (square_off.ltp - sbin_ask)  # squared off at the last price
     assert round(funds.total * 100) == expected_cash
     assert round(funds.used * 100) == -(-12 * 65 * fut_ask // 100)
     for order_id in (mis, cnc, resting):  # as at a real broker, the order book is today's
@@ -10899,6 +11042,21 @@ def test_cli_environment_variables_of_other_tools_are_ignored_and_typos_refused(
         assert done.returncode == 3 and f"did you mean {near}?" in done.stderr
     for other in ("TTCONNECT_API_SECRET_FILE", "TTCONNECT_MARKET_HOURS_TZ"):  # another tool's names: not typos
         assert cli(["funds"], tmp_path, env={other: "x"}).returncode == 0
+
+
+def test_cli_rate_limits_from_the_environment_are_read_as_json(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    """Any config key may come from TTCONNECT_<KEY>: rate_limits, a mapping, was taken as text and
+    refused ('must map an endpoint class...') whatever it said."""
+    monkeypatch.setenv("TTCONNECT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TTCONNECT_RATE_LIMITS", '{"default": [[5, 1.0], [100, 60.0]]}')
+    assert tt.main(["--json", "funds"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 1000000.0
+    monkeypatch.setenv("TTCONNECT_RATE_LIMITS", '{"defualt": 5}')  # read, and its class checked by name
+    assert tt.main(["funds"]) == 3
+    assert "'defualt'" in capsys.readouterr().err
+    monkeypatch.setenv("TTCONNECT_RATE_LIMITS", "{default: 5}")
+    assert tt.main(["funds"]) == 3
+    assert "TTCONNECT_RATE_LIMITS must be a JSON object such as" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, value, words", [

@@ -6160,7 +6160,7 @@ class _PaperEngine:
                                     pos.instrument)
                         average = _div_round(abs(pos.cost), abs(pos.qty))
                         settle, why = _PaperQuote(average, average, average, at), why + " at the average price"
-                    self._close_position(pos, settle, at, why, settle=True)
+                    self._close_position(pos, settle, at, why)
                 if pos.product == _P_CNC:
                     if pos.qty:
                         qty, cost = self.holdings.get(pos.instrument, (0, 0))
@@ -6320,16 +6320,16 @@ class _PaperEngine:
         order["blocked"] = 0
         self._finish(order, _P_COMPLETE, message, at, filled=order["qty"], average=price)
 
-    def _close_position(self, pos: _PaperPosition, quote: _PaperQuote, at: float, why: str,
-                        settle: bool = False) -> None:
-        """Offset a position with a filled MARKET order: at the bid or ask (the square-off), or
-        at the settlement price, ``quote.ltp``, when a contract expires (``settle``)."""
+    def _close_position(self, pos: _PaperPosition, quote: _PaperQuote, at: float, why: str) -> None:
+        """Offset a position with a filled MARKET order at ``quote.ltp``: the last price at the
+        15:20 square-off (the documented rule; the bid or ask is a tick away on paper, so a long
+        and a short squared off at once had differed by two ticks), or the settlement price when
+        a contract expires."""
         side = _P_SELL if pos.qty > 0 else _P_BUY
         order = self._new_order(pos.instrument, side, abs(pos.qty), _P_MARKET, pos.product, None, None,
                                 why.split()[0].lower(), "DAY", at)
         self._record(order, _P_OPEN, why)
-        price = quote.ltp if settle else quote.bid if side == _P_SELL else quote.ask
-        self._fill(order, price, at, why)
+        self._fill(order, quote.ltp, at, why)
 
     # -- orders -----------------------------------------------------------------------------
 
@@ -6747,7 +6747,7 @@ class _PaperRandomSource:
     step over every price since they were last matched."""
 
     feed = "random"
-    _MAX_SCAN = 2 * _PAPER_DAY  # a longer gap is matched over its last two days only
+    _MAX_SCAN = 2 * _PAPER_DAY  # a gap up to this long is matched as it is; a longer one, from the session's start
 
     def __init__(self, engine: "_PaperEngine", seed: Any) -> None:
         self.engine = engine
@@ -6808,7 +6808,14 @@ class _PaperRandomSource:
             start = engine._scanned.get(token)
             if start is None:
                 start = _paper_step(min(o["updated_at"] for o in book.orders.values()) / 1000)
-            start = max(start, end - self._MAX_SCAN)
+            if start < end - self._MAX_SCAN:
+                # No working order predates the previous session's close (the roll cancels them all):
+                # matched from there, none of its path is missed. Two days alone skipped the weekend
+                # of an order placed on Friday evening when the client next looked on Monday, so its
+                # fill depended on when the client looked.
+                day = _dt.date.fromisoformat(engine.day)
+                opened = _paper_at(_paper_expiry_day(day - _dt.timedelta(days=1)), _PAPER_CLOSE)
+                start = max(start, _paper_step(opened) - 1)
             for k in range(start + 1, end + 1):
                 quote = self.quote_at(token, k)
                 if book.moves(quote):
@@ -6846,7 +6853,10 @@ class _PaperRandomSource:
                 if mode == "full":
                     lot = max(1, self.engine.info(token)[2])
                     step = quote.ask - quote.ltp
-                    bids = tuple(v for i in range(5) for v in (lot * (3 + 2 * i), max(0, quote.bid - i * step), 1 + i))
+                    # Bid levels only down to one tick: a level at 0.00 holding a quantity (as a cheap
+                    # option's had) is no bid, and a recorded tick with one was replayed without depth
+                    bids = tuple(v for i in range(5) if quote.bid - i * step > 0
+                                 for v in (lot * (3 + 2 * i), quote.bid - i * step, 1 + i))
                     asks = tuple(v for i in range(5) for v in (lot * (2 + 2 * i), quote.ask + i * step, 1 + i))
                     depth = (bids, asks, 100.0)
                 tick = _TickBuilder(self.engine.info(token)[0], mode, ltp, None, None, None, None, None, None, None,
@@ -10314,11 +10324,12 @@ _CLI_EXIT_HELP = """exit codes:
   4  the broker refused: an order, an unknown order id, insufficient funds, a rate limit
   5  network: the broker could not be reached
 """
-# TTCONNECT_<KEY> values are text, but for these keys, which JSON reads (numbers, true/false)
+# TTCONNECT_<KEY> values are text, but for these keys, which JSON reads (numbers, true/false;
+# rate_limits an object, as in a --config file: as text it was refused as no mapping)
 _CLI_TYPED_KEYS = frozenset({
     "timeout", "max_retries", "capital", "seed", "market_hours", "replay_speed", "tick_interval", "cache_session",
     "sandbox", "stream_silence_timeout", "stream_connect_timeout", "stream_reconnect_delay",
-    "stream_reconnect_max_delay",
+    "stream_reconnect_max_delay", "rate_limits",
 })
 
 
@@ -10514,8 +10525,9 @@ def _cli_config(args: Any) -> Tuple[str, Dict[str, Any]]:
                 try:
                     typed = json.loads(value)
                 except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
-                    raise _CliError(f"environment variable {name} must be a number or true/false, got "
-                                    f"{_short(repr(value), 60)}", 3) from None
+                    shape = "a JSON object such as {\"orders\": 5}" if key == "rate_limits" else "a number or true/false"
+                    raise _CliError(f"environment variable {name} must be {shape}, got {_short(repr(value), 60)}",
+                                    3) from None
                 if key == "market_hours" and typed in (0, 1) and not isinstance(typed, bool):
                     typed = bool(typed)  # TTCONNECT_MARKET_HOURS=1, as shells say it
             cfg[key] = typed
