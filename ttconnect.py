@@ -7669,10 +7669,10 @@ class _Response:
 
 
 class _Watch:
-    __slots__ = ("deadline", "conn", "expired")
+    __slots__ = ("deadline", "conn", "expired", "done")
 
     def __init__(self, deadline: float) -> None:
-        self.deadline, self.conn, self.expired = deadline, None, False
+        self.deadline, self.conn, self.expired, self.done = deadline, None, False, False
 
 
 class _Watchdog:
@@ -7716,6 +7716,7 @@ class _Watchdog:
         self._current.watch = None
         with self._cond:
             self._armed.pop(id(watch), None)
+            watch.done = True
         return watch.expired
 
     @staticmethod
@@ -7745,7 +7746,8 @@ class _Watchdog:
     def close(self) -> None:
         """End every call in progress at once, and the thread."""
         with self._cond:
-            for watch in self._armed.values():
+            ending = list(self._armed.values())
+            for watch in ending:
                 self._end(watch)
             self._armed.clear()
             thread, self._thread = self._thread, None
@@ -7755,6 +7757,18 @@ class _Watchdog:
             thread.join(1.0)
         with self._cond:
             self._stop = False  # a later call starts a new thread
+        # A call whose connection was lent but not yet connected had no socket to shut: it would
+        # send and wait out its timeout (a feed's authorize held close() for 7 s). Shut each as
+        # soon as its socket exists, for up to a second.
+        late = [w for w in ending if getattr(w.conn, "sock", None) is None]
+        give_up = time.monotonic() + 1.0
+        while late and time.monotonic() < give_up:
+            time.sleep(0.005)
+            for watch in list(late):
+                if watch.done or getattr(watch.conn, "sock", None) is not None:
+                    if not watch.done:
+                        self._end(watch)
+                    late.remove(watch)
 
 
 def _watched_adapter(requests: Any, watchdog: _Watchdog) -> Any:
