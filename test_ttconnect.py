@@ -5587,6 +5587,29 @@ def test_cli_login_stores_a_session_later_commands_use(tmp_path: Path, fake_kite
     assert cli(["login"], tmp_path).stdout.strip() == "paper needs no login"
 
 
+def test_cli_login_takes_the_pasted_redirect_address_and_refuses_one_without_the_code(tmp_path: Path,
+                                                                                     fake_kite: Any) -> None:
+    url, handler = fake_kite
+    handler.replies[("POST", "/session/token")] = (200, fixture_text("zerodha", "login.json").encode())
+    handler.replies[("GET", "/user/profile")] = (200, fixture_text("zerodha", "get_profile.json").encode())
+    config = kite_cli_config(tmp_path, url, api_secret="kite-secret-7")
+    pasted = "https://app.example/cb?action=login&type=login&status=success&request_token=req-token-42\n"
+    done = cli(["login", "--config", str(config)], tmp_path, stdin=pasted)
+    assert done.returncode == 0, done.stderr
+    logins = [s[2] for s in handler.seen if s[1] == "/session/token"]
+    assert len(logins) == 1 and "request_token=req-token-42&" in logins[0]  # the token, not the whole address
+    assert "req-token-42" not in done.stdout + done.stderr
+    cancelled = cli(["login", "--config", str(config), "--cache-dir", str(tmp_path / "other")], tmp_path,
+                    stdin="https://app.example/cb?action=login&status=cancelled\n")
+    assert cancelled.returncode == 3 and "Traceback" not in cancelled.stderr
+    assert "the pasted address has no 'request_token' (its query has action, status)" in cancelled.stderr
+    assert len([s for s in handler.seen if s[1] == "/session/token"]) == 1  # nothing sent for it
+    upstox = next(f for f in tt._BROKERS["upstox"]["auth"] if f.single_use)
+    param = upstox.redirect_param or upstox.single_use
+    assert tt._cli_pasted_code(" https://app.example/up?code=Qc1Ig&state=s1 \n", param, "L") == "Qc1Ig"
+    assert tt._cli_pasted_code("Qc1Ig\n", param, "L") == "Qc1Ig"
+
+
 
 # ============================================================================
 # 11.1 The README: its Quickstart, its first example and its snippets' types

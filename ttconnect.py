@@ -2248,6 +2248,7 @@ class _Flow(NamedTuple):
     obtain: Optional[Callable[..., SessionData]] = None  # login / code exchange; None: the token is given
     token: str = ""  # config key holding a ready session token
     single_use: str = ""  # config key of a single-use code: exchanged once, at init
+    redirect_param: str = ""  # the login redirect's query parameter carrying that code (when named otherwise)
     session_keys: Mapping[str, str] = _NO_ARGS  # SessionData field <- config key (feed tokens...)
     user: str = ""  # config key naming the account: a stored session must be that account's
     signs: Tuple[str, ...] = ()  # config keys every signed call needs besides the session (an app key)
@@ -5007,7 +5008,8 @@ _UPSTOX: BrokerSpec = _broker(
         _Flow("access_token", AuthMode.MANUAL, needs=("access_token",), trigger=("access_token",),
               token="access_token", app="api_key"),
         _Flow("auth_code", AuthMode.MANUAL, needs=("api_key", "api_secret", "redirect_uri", "auth_code"),
-              trigger=("auth_code",), obtain=_upstox_exchange_code, single_use="auth_code", app="api_key"),
+              trigger=("auth_code",), obtain=_upstox_exchange_code, single_use="auth_code", app="api_key",
+              redirect_param="code"),
     ),
     session_expiry=(3, 30),
     routes={
@@ -10815,11 +10817,12 @@ def _cli_login(broker: str, cfg: Dict[str, Any], out: _CliOut) -> int:
     _cli_ask_missing(broker, {k: v for k, v in cfg.items()})
     url = TTConnect.login_url(broker, cfg)
     print(f"1. Log in at {url}", file=sys.stderr)
-    print(f"2. Paste the '{flow.single_use}' from the address the broker sends you back to:", file=sys.stderr)
+    param = flow.redirect_param or flow.single_use
+    print(f"2. Paste the address the broker sends you back to (or its '{param}' value):", file=sys.stderr)
     import getpass
 
     code = getpass.getpass(f"{flow.single_use}: ") if sys.stdin.isatty() else sys.stdin.readline()
-    code = code.strip()
+    code = _cli_pasted_code(code, param, url)
     if not code:
         raise _CliError(f"no {flow.single_use} given", 3)
     for key in flow.needs:
@@ -10830,6 +10833,26 @@ def _cli_login(broker: str, cfg: Dict[str, Any], out: _CliOut) -> int:
     print(f"logged in as {profile.user_id}; the session is stored in the cache dir for today", file=sys.stderr)
     out.emit(profile)
     return 0
+
+
+def _cli_pasted_code(text: str, param: str, login_url: str) -> str:
+    """The single-use code in what was pasted: the code alone, or the whole redirect address (people
+    copy the address bar). That address sent as the code was refused as 'invalid or expired'."""
+    from urllib.parse import parse_qs, urlsplit
+
+    code = text.strip()
+    if "://" not in code and not code.startswith("?") and f"{param}=" not in code:
+        return code  # the value alone: codes hold no '?' and no 'name='
+    query = urlsplit(code).query if "?" in code else code
+    fields = parse_qs(query, keep_blank_values=True)
+    values = {v.strip() for v in fields.get(param, ()) if v.strip()}
+    if len(values) == 1:
+        return values.pop()
+    # name the fields, never their values: the address may carry other tokens
+    has = f"its query has {', '.join(sorted(fields))}" if fields else "it has no query"
+    what = "two different" if values else "no"
+    raise _CliError(f"the pasted address has {what} '{param}' ({has}): the login did not complete or the address "
+                    f"was cut; log in again at {login_url} and paste the whole address you are sent back to", 3)
 
 
 def _cli_paper_reset(broker: str, cfg: Mapping[str, Any], args: Any) -> int:
