@@ -10433,6 +10433,28 @@ def test_paper_accounts_sharing_a_live_source_all_get_its_prices(tmp_path: Path,
     assert live._price_streamer is None and not feed.snapshot()["connected"]
 
 
+def test_a_live_tick_without_a_price_fills_nothing(tmp_path: Path, clients: list, day_clock: FakeClock,
+                                                  ws_server: WsServer, monkeypatch: Any) -> None:
+    """Kite sends ltp 0 for a contract not traded yet today: that is no price. It fired a stop-loss
+    SELL and filled it, and the next MARKET BUY, at 0.00."""
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    bought = paper.place_order(PAPER_SBIN, 2, "BUY", "CNC", "LIMIT", price=893.0)
+    feed = live._price_streamer
+    assert feed is not None and feed.wait_for(lambda: feed.snapshot()["connected"], 3)
+    ws_server.send(kite_frame(kite_packet(779521, 44, ltp=892.0, close=890.0)))
+    assert feed.wait_for(lambda: paper.get_order(bought).status is tt.OrderStatus.COMPLETE, 3)
+    stop = paper.place_order(PAPER_SBIN, 2, "SELL", "CNC", "SL_M", trigger_price=880.0)
+    ws_server.send(kite_frame(kite_packet(779521, 184, ltp=0.0, close=890.0, bids=[], asks=[])))
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=891.5)))  # after the empty one: once it is seen, so was that
+    assert feed.wait_for(lambda: paper._local._quotes[paper.resolve(PAPER_SBIN)].ltp == 89150, 3)
+    assert paper.get_order(stop).status is tt.OrderStatus.TRIGGER_PENDING
+    market = paper.get_order(paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET"))
+    assert (market.status, market.average_price) == (tt.OrderStatus.COMPLETE, 891.5)
+    assert paper.get_funds().available == 1_000_000 - 2 * 892.0 - 891.5
+
+
 def test_a_live_source_whose_client_is_closed_refuses_every_order_that_needs_its_price(
         tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer) -> None:
     live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)

@@ -7106,6 +7106,9 @@ def _downgraded(tick: Tick, mode: str) -> Tick:
     return lesser
 
 
+_PAPER_NO_PRICE = float("inf")  # a live tick's ltp must be above 0 and below this (NaN is neither)
+
+
 class _PaperLiveSource:
     """Prices from a live client of a real broker: its ticks move the paper orders (virtual money)."""
 
@@ -7144,6 +7147,10 @@ class _PaperLiveSource:
 
     def _on_tick(self, tick: Tick) -> None:
         engine = self.engine
+        if not 0 < tick.ltp < _PAPER_NO_PRICE:
+            # Kite sends ltp 0 for a contract not traded yet today (and a garbled feed may send
+            # less, or NaN): no price at all, yet it filled a stop or a MARKET order at 0.00
+            return
         token = str(tick.instrument)
         if token not in engine._infos and not engine._known(token):
             return
