@@ -10455,6 +10455,31 @@ def test_a_live_tick_without_a_price_fills_nothing(tmp_path: Path, clients: list
     assert paper.get_funds().available == 1_000_000 - 2 * 892.0 - 891.5
 
 
+def test_a_contract_the_live_source_does_not_list_is_refused_on_the_callers_thread(
+        tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer, monkeypatch: Any) -> None:
+    """Paper's bundled contracts are not all the live broker's: subscribing one failed on the feed's
+    thread, the paper feed retried its connect forever and no instrument got a tick; an order was
+    told to 'refresh the instrument master'."""
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    unlisted = paper.option_chain("NIFTY", "2026-12-08")[0]
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    with pytest.raises(tt.InstrumentNotFoundError, match=rf"^{re.escape(str(unlisted))} has no live price: paper's "
+                       "price source, the zerodha client, does not list it"):
+        paper.subscribe([PAPER_SBIN, unlisted], on_tick=ticks.put, mode="quote")
+    with pytest.raises(tt.InstrumentNotFoundError, match="has no live price"):
+        paper.place_order(unlisted, 65, "BUY", "NRML", "LIMIT", price=100.0)
+    assert paper.get_orders() == [] and paper.stream_stats()["subscriptions"] == 0
+    paper.subscribe([PAPER_SBIN], on_tick=ticks.put, mode="quote")
+    feed = live._price_streamer
+    assert feed is not None and feed.wait_for(lambda: feed.snapshot()["connected"], 3)
+    assert paper._streamer is not None and paper._streamer.wait_for(lambda: paper.stream_stats()["connected"], 3)
+    ws_server.send(kite_frame(kite_packet(779521, 44, ltp=892.0, close=890.0)))
+    assert ticks.get(timeout=3).ltp == 892.0
+    assert paper.stream_stats()["reconnects"] == 0
+
+
 def test_a_live_source_whose_client_is_closed_refuses_every_order_that_needs_its_price(
         tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer) -> None:
     live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)

@@ -2290,6 +2290,7 @@ if TYPE_CHECKING:  # pragma: no cover
         stream_key: Callable[[Instrument, str], Any]  # a subscription's key, as the frames name it
         stream_target: Callable[[Instrument, str], Any]  # what the decoder gets per key (default: the instrument)
         stream_limits: Callable[[Sequence[_Sub]], Optional[str]]  # why these subscriptions are too many, if so
+        stream_watch: Callable[[Any, str], None]  # on the subscriber's thread: the feed can carry this token
         stream_subscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
         stream_unsubscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
         stream_decode: Callable[[bytes, Mapping[Any, Instrument], List[Tick]], None]
@@ -7125,8 +7126,15 @@ class _PaperLiveSource:
 
     def watch(self, token: str) -> None:
         if token not in self._watched:
-            # a feed of its own: the live client's subscriptions and on_tick stay the user's
-            self.live._price_feed(self._on_tick).subscribe([self.engine.info(token)[0]], "full", None)
+            instrument = self.engine.info(token)[0]
+            try:
+                # a feed of its own: the live client's subscriptions and on_tick stay the user's
+                self.live._price_feed(self._on_tick).subscribe([instrument], "full", None)
+            except InstrumentNotFoundError as exc:  # paper lists it, the live broker does not (bundled contracts)
+                raise InstrumentNotFoundError(
+                    f"{instrument} has no live price: paper's price source, the {self.live.broker} client, does not "
+                    f"list it ({exc}); trade what that broker lists (paper config instruments='db', with the live "
+                    "client's cache_dir)") from exc
             self._watched.add(token)  # once subscribed: a refusal (a closed live client) is met again next time
 
     def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
@@ -7475,6 +7483,13 @@ def _paper_stream_key(instrument: Instrument, token: str) -> str:
     return token
 
 
+def _paper_stream_watch(local: "_PaperEngine", token: str) -> None:
+    """A live price source must carry what is subscribed, checked here: refused on the feed's
+    thread, the paper feed failed its connect and retried forever, every instrument's ticks lost."""
+    if local.source.feed == "live":
+        local.source.watch(token)
+
+
 def _paper_subscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
     import json
 
@@ -7540,6 +7555,7 @@ _PAPER: BrokerSpec = _broker(
         "stream_socket": _paper_socket,
         "stream_connect": _paper_stream_connect,
         "stream_key": _paper_stream_key,
+        "stream_watch": _paper_stream_watch,
         "stream_subscribe": _paper_subscribe,
         "stream_unsubscribe": _paper_unsubscribe,
         "stream_decode": _paper_decode,
@@ -10004,8 +10020,11 @@ class _Streamer:
 
     def subscribe(self, instruments: Sequence[Instrument], mode: str, on_tick: Optional[Callable[[Tick], Any]]) -> None:
         items = []
+        watch = self.spec["hooks"].get("stream_watch")
         for instrument in instruments:
             token = self.ctx.resolve(instrument)  # local: an unknown instrument never reaches the feed
+            if watch is not None:
+                watch(self.ctx.local, token)
             items.append((self.spec["hooks"]["stream_key"](instrument, token), (instrument, token, mode)))
         with self.lock:
             self._check_open()
