@@ -10491,6 +10491,31 @@ def test_a_live_source_whose_client_is_closed_refuses_every_order_that_needs_its
     assert paper.get_orders() == []
 
 
+def test_a_live_source_closed_after_its_prices_came_fills_nothing_at_its_last_price(
+        tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer, monkeypatch: Any) -> None:
+    """Closed once it had given SBIN a price, the live client's last price was used for good: MARKET
+    orders filled at it (hours stale), and a subscribe took no price, silently."""
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    bought = paper.place_order(PAPER_SBIN, 2, "BUY", "CNC", "LIMIT", price=893.0)
+    resting = paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0)
+    feed = live._price_streamer
+    assert feed is not None and feed.wait_for(lambda: feed.snapshot()["connected"], 3)
+    ws_server.send(kite_frame(kite_packet(779521, 44, ltp=892.0, close=890.0)))
+    assert feed.wait_for(lambda: paper.get_order(bought).status is tt.OrderStatus.COMPLETE, 3)
+    live.close()
+    for order_type, price in (("MARKET", None), ("LIMIT", 880.0)):
+        with pytest.raises(tt.ConfigurationError, match="this zerodha client is closed"):
+            paper.place_order(PAPER_SBIN, 1, "SELL", "CNC", order_type, price=price)
+    with pytest.raises(tt.ConfigurationError, match="this zerodha client is closed"):
+        paper.subscribe(PAPER_SBIN, on_tick=lambda tick: None)
+    assert [o.id for o in paper.get_orders()] == [bought, resting]
+    assert paper.cancel_order(resting) == resting  # what it holds stays the user's to manage
+    assert [(p.qty, p.avg_price, p.ltp) for p in paper.get_positions()] == [(2, 892.0, None)]
+    assert paper.get_funds().available == 1_000_000 - 2 * 892.0
+
+
 # ============================================================================
 # H. The feed, threads and the client's lifecycle
 # ============================================================================

@@ -7125,6 +7125,7 @@ class _PaperLiveSource:
         self.live._price_feed_release(self._on_tick)  # the live client is the caller's: it stays open
 
     def watch(self, token: str) -> None:
+        self.live._open()  # a closed live client: refused by name, watched before or not (no price comes any more)
         if token not in self._watched:
             instrument = self.engine.info(token)[0]
             try:
@@ -7138,6 +7139,8 @@ class _PaperLiveSource:
             self._watched.add(token)  # once subscribed: a refusal (a closed live client) is met again next time
 
     def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
+        if self.live._closed:  # its feed is gone: its last price is no price now (MARKET orders filled at it)
+            return None
         return self.engine._quotes.get(token)
 
     settlement = quote
