@@ -5587,6 +5587,22 @@ def test_cli_login_stores_a_session_later_commands_use(tmp_path: Path, fake_kite
     assert cli(["login"], tmp_path).stdout.strip() == "paper needs no login"
 
 
+@pytest.mark.parametrize("extra, words", [
+    ({"api_secret": "kite-secret-7", "access_token": "old-access-SECRET"},
+     "the config gives 'access_token', and commands would use it instead of the session login makes: remove it"),
+    ({}, "zerodha login needs 'api_secret' in the config (or as TTCONNECT_API_SECRET) to exchange the code"),
+], ids=["a config token", "no api_secret"])
+def test_cli_login_refuses_a_config_it_cannot_complete_before_the_browser_step(
+        extra: Dict[str, str], words: str, tmp_path: Path, fake_kite: Any) -> None:
+    """Both were refused only once the user had logged in and pasted the request_token, which works
+    once: the login was spent for nothing."""
+    url, handler = fake_kite
+    done = cli(["login", "--config", str(kite_cli_config(tmp_path, url, **extra))], tmp_path, stdin="req-token-42\n")
+    assert done.returncode == 3 and done.stderr.startswith(f"error: {words}")  # the first thing said
+    assert "Log in at" not in done.stderr and "old-access-SECRET" not in done.stderr
+    assert [s for s in handler.seen if s[1] == "/session/token"] == []
+
+
 def test_cli_login_takes_the_pasted_redirect_address_and_refuses_one_without_the_code(tmp_path: Path,
                                                                                      fake_kite: Any) -> None:
     url, handler = fake_kite

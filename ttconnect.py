@@ -10845,6 +10845,16 @@ def _cli_login(broker: str, cfg: Dict[str, Any], out: _CliOut) -> int:
         return 0
     _cli_ask_missing(broker, {k: v for k, v in cfg.items()})
     url = TTConnect.login_url(broker, cfg)
+    # Refused before the browser step, not after it: the pasted code works once, for minutes
+    tokens = [k for f in spec["auth"] if f is not flow for k in f.trigger if cfg.get(k)]
+    if tokens:
+        raise _CliError(f"the config gives {', '.join(repr(k) for k in tokens)}, and commands would use it instead of "
+                        f"the session login makes: remove it (from the config file or TTCONNECT_"
+                        f"{tokens[0].upper()}), then run login", 3)
+    lacking = [k for k in flow.needs if k != flow.single_use and not cfg.get(k)]
+    if lacking and not sys.stdin.isatty():  # on a terminal they are asked for
+        raise _CliError(f"{broker} login needs {', '.join(repr(k) for k in lacking)} in the config (or as "
+                        f"TTCONNECT_{lacking[0].upper()}) to exchange the code", 3)
     print(f"1. Log in at {url}", file=sys.stderr)
     param = flow.redirect_param or flow.single_use
     print(f"2. Paste the address the broker sends you back to (or its '{param}' value):", file=sys.stderr)
