@@ -10948,6 +10948,20 @@ def test_order_updates_right_after_registering_are_not_lost(tmp_path: Path, clie
         updates.get(timeout=0.3)  # each change once
 
 
+def test_cli_stream_record_after_a_cut_line_keeps_every_new_tick(tmp_path: Path) -> None:
+    """A recording killed mid-line (kill -9, a full disk) and appended to: the first new tick was
+    glued to the cut line, and replay skipped both."""
+    record = tmp_path / "ticks.jsonl"
+    record.write_text('{"instrument": "NSE:SBIN", "ts": 17961')
+    done = cli(["stream", "NSE:SBIN", "--seconds", "0.5", "--record", str(record), "--json"], tmp_path,
+               env={"TTCONNECT_TICK_INTERVAL": "0.05"})
+    assert done.returncode == 0, done.stderr
+    shown = [json.loads(line)["ltp"] for line in done.stdout.splitlines()]
+    lines = record.read_text().splitlines()
+    assert lines[0] == '{"instrument": "NSE:SBIN", "ts": 17961' and len(shown) >= 3
+    assert [json.loads(line)["ltp"] for line in lines[1:]] == shown
+
+
 def test_cli_stream_faults_are_one_line_errors(tmp_path: Path) -> None:
     done = cli(["stream", "NSE:SBIN", "--seconds", "1", "--record", str(tmp_path / "no" / "such" / "x.jsonl")],
                tmp_path)

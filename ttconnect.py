@@ -10771,6 +10771,8 @@ def _cli_stream(client: "TTConnect", args: Any, out: _CliOut) -> int:
     try:
         # line-buffered: a line is in the file once its tick is shown (a kill -9 loses at most a part line)
         record = open(args.record, "a", encoding="utf-8", buffering=1) if args.record else None
+        if record is not None and _cli_ends_mid_line(args.record):
+            record.write("\n")  # ends the part line: the first tick of this run was glued to it, both lost
     except OSError as exc:
         raise _CliError(f"--record {args.record}: cannot write it ({exc.strerror or exc})", 2) from None
     live = sys.stdout.isatty() and not out.as_json
@@ -10802,6 +10804,17 @@ def _cli_stream(client: "TTConnect", args: Any, out: _CliOut) -> int:
         if record is not None:
             record.close()
     return 0
+
+
+def _cli_ends_mid_line(path: str) -> bool:
+    """A regular file whose last line is cut (a recording killed mid-write: kill -9, a full disk)."""
+    if not os.path.isfile(path):
+        return False  # a pipe or a device: nothing to look back at
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _cli_tick_line(tick: Tick) -> str:
