@@ -10532,6 +10532,22 @@ def test_a_live_source_closed_after_its_prices_came_fills_nothing_at_its_last_pr
     assert paper.get_funds().available == 1_000_000 - 2 * 892.0
 
 
+def test_the_paper_feed_reconnects_after_its_live_source_is_closed(tmp_path: Path, clients: list,
+                                                                   day_clock: FakeClock, ws_server: WsServer) -> None:
+    """Its reconnect greets with every subscription: watched again on the feed's thread, a closed
+    live client failed the connect, and the feed retried it for good (order updates lost too)."""
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    paper.subscribe(PAPER_SBIN, on_tick=lambda tick: None)
+    streamer = paper._streamer
+    assert streamer is not None and streamer.wait_for(lambda: paper.stream_stats()["connected"], 3)
+    live.close()
+    for sock in list(paper._local.sockets):
+        sock.abort()  # the connection ends: the streamer reconnects
+    assert streamer.wait_for(lambda: paper.stream_stats()["reconnects"] == 1 and paper.stream_stats()["connected"], 3)
+    assert "zerodha client is closed" not in (paper.stream_stats()["last_error"] or "")
+
+
 # ============================================================================
 # H. The feed, threads and the client's lifecycle
 # ============================================================================

@@ -7296,9 +7296,7 @@ class _PaperSocket:
             for token in request.get("unsubscribe", ()):
                 self.subs.pop(token, None)
             for token in request.get("subscribe", ()):
-                self.subs[token] = request["mode"]
-                if self.engine.source.feed == "live":
-                    self.engine.source.watch(token)
+                self.subs[token] = request["mode"]  # a live source watches it already: _paper_stream_watch
             self._wake.notify_all()
 
     def ping(self, payload: str = "") -> None:
