@@ -10388,6 +10388,34 @@ def test_a_live_source_first_price_is_used_as_soon_as_it_arrives(tmp_path: Path,
     assert time.monotonic() - began < 1.0
 
 
+def test_a_live_tick_with_a_garbled_touch_trades_at_its_last_price(tmp_path: Path, clients: list,
+                                                                   paper_clock: FakeClock) -> None:
+    """A depth level below 0 (a signed feed's garbage) was taken as the touch: a MARKET SELL filled at
+    -500.00; a NaN one (a float feed's) raised in the feed, and the tick was lost."""
+    live = open_client(clients, "zerodha", tmp_path / "zerodha", FakeClock(ist(2026, 11, 21, 10, 0)), KITE_CSV)
+    listeners: List[Any] = []
+
+    class FakeFeed:
+        def __init__(self, listener: Any) -> None:
+            listeners.append(listener)
+
+        def subscribe(self, instruments: List[Any], mode: str, on_tick: Any) -> None:
+            pass
+
+    live._price_feed = FakeFeed  # type: ignore[assignment]
+    client = paper_client(clients, tmp_path / "paper", paper_clock, prices=live)
+    client._local.source.watch(client.resolve(PAPER_SBIN))
+    for bid, ask in ((-50000, 89300), (float("nan"), float("nan"))):
+        tick = tt._TickBuilder(PAPER_SBIN, "full", 892.0, _depth=((10, bid, 1), (10, ask, 1), 100.0))
+        tick.__class__ = tt.Tick
+        listeners[0](tick)
+        sold = client.get_order(client.place_order(PAPER_SBIN, 1, "SELL", "MIS", "MARKET"))
+        assert (sold.status, sold.average_price) == (tt.OrderStatus.COMPLETE, 892.0)
+    bought = client.get_order(client.place_order(PAPER_SBIN, 2, "BUY", "MIS", "MARKET"))
+    assert bought.average_price == 892.0 and sum(p.qty for p in client.get_positions()) == 0
+    assert client.get_funds().available == 1_000_000  # sold and bought back at 892.00: nothing made or lost
+
+
 def test_a_live_price_source_leaves_the_live_clients_own_feed_alone(tmp_path: Path, clients: list,
                                                                      day_clock: FakeClock, ws_server: WsServer,
                                                                      monkeypatch: Any) -> None:

@@ -6672,14 +6672,19 @@ def _paper_source(cfg: Mapping[str, Any], engine: "_PaperEngine") -> Any:
                              f"a tick file, got {prices!r}")
 
 
+_PAPER_NO_PRICE = float("inf")  # a live price must be above 0 and below this (NaN is neither)
+
+
 def _quote_of_tick(tick: Tick, at: float) -> _PaperQuote:
     ltp = int(round(tick.ltp * 100))
     bid = ask = ltp
     if tick._depth:
         bids, asks, div = tick._depth
-        if bids and bids[1]:
+        # an empty level is 0; a garbled one (below 0, NaN from a float feed: no comparison holds)
+        # is no touch either: a MARKET SELL filled at a bid of -500.00, and NaN raised, losing the tick
+        if bids and bids[1] > 0:
             bid = int(round(bids[1] / div * 100))
-        if asks and asks[1]:
+        if asks and asks[1] > 0:
             ask = int(round(asks[1] / div * 100))
     return _PaperQuote(ltp, bid, ask, at, tick)
 
@@ -7105,9 +7110,6 @@ def _downgraded(tick: Tick, mode: str) -> Tick:
                               tick.buy_qty, tick.sell_qty, tick.open, tick.high, tick.low, tick.close, tick.change)
     lesser.__class__ = Tick
     return lesser
-
-
-_PAPER_NO_PRICE = float("inf")  # a live tick's ltp must be above 0 and below this (NaN is neither)
 
 
 class _PaperLiveSource:
