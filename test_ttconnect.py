@@ -10632,10 +10632,51 @@ def test_close_racing_an_order_is_a_typed_error(tmp_path: Path, clients: list) -
 
     client = open_paper(clients, tmp_path, clock)
     armed["client"] = client
-    with pytest.raises(tt.ConfigurationError, match="closed"):
+    # said so, not "the paper account file cannot be used (...closed database); ... move the file aside"
+    with pytest.raises(tt.ConfigurationError, match="^this paper client is closed; create a new TTConnect"):
         client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
     again = open_paper(clients, tmp_path, lambda: now)
     assert again.get_orders() == []  # not half-placed
+
+
+def test_a_call_waiting_on_a_close_by_another_thread_is_told_the_client_is_closed(tmp_path: Path, clients: list,
+                                                                                    paper_clock: FakeClock) -> None:
+    """It was told the account file 'cannot be used (Cannot operate on a closed database); ... move the
+    file aside to start the account afresh': advice to throw the account away."""
+    client = paper_client(clients, tmp_path, paper_clock)
+    engine = client._local
+    main = threading.current_thread()
+
+    class AnnouncedLock:  # says when another thread starts waiting for the engine's lock
+        def __init__(self, lock: Any) -> None:
+            self.lock, self.waiting = lock, threading.Event()
+
+        def __enter__(self) -> Any:
+            if threading.current_thread() is not main:
+                self.waiting.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return self.lock.__exit__(*exc)
+
+    engine.lock = lock = AnnouncedLock(engine.lock)
+    errors: "queue.Queue[BaseException]" = queue.Queue()
+
+    def call() -> None:
+        try:
+            client.get_funds()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.put(exc)
+
+    with lock:
+        waiter = threading.Thread(target=call)
+        waiter.start()
+        assert lock.waiting.wait(5)
+        client.close()  # this thread holds the lock: the call waits on, past its own closed check
+    waiter.join(5)
+    error = errors.get(timeout=1)
+    assert isinstance(error, tt.ConfigurationError)
+    assert str(error) == "this paper client is closed; create a new TTConnect to use it again"
 
 
 def test_a_thread_storm_with_the_feed_running_stays_exact(tmp_path: Path, clients: list,

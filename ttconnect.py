@@ -5754,6 +5754,7 @@ class _PaperEngine:
         self.source = _paper_source(cfg, self)
         self.path = os.path.join(local.cache_dir, f"paper_{self.account}.db")
         self.lock = threading.RLock()
+        self.closed = False  # set under the lock: a call waiting for it then finds the file closed
         self.sockets: List["_PaperSocket"] = []
         self._infos: Dict[str, Tuple[Instrument, Optional[Instrument], int, float]] = {}
         self._books: Dict[str, _PaperBook] = {}
@@ -5986,6 +5987,7 @@ class _PaperEngine:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             for sock in list(self.sockets):
                 sock.abort()
             self.source.close()
@@ -6329,6 +6331,8 @@ class _PaperEngine:
         """The payload of route ``name`` (rows shaped like the paper section's parsers read)."""
         try:
             with self.lock:
+                if self.closed:  # by another thread while this call waited: not a damaged file (move it aside?)
+                    raise ConfigurationError("this paper client is closed; create a new TTConnect to use it again")
                 self._fresh = False
                 for _ in range(_PAPER_RETRIES):
                     seq, fresh = self._seq, self._fresh
