@@ -5693,6 +5693,45 @@ def test_cli_login_stores_a_session_later_commands_use(tmp_path: Path, fake_kite
     assert cli(["login"], tmp_path).stdout.strip() == "paper needs no login"
 
 
+@pytest.mark.parametrize("extra, words", [
+    ({"api_secret": "kite-secret-7", "access_token": "old-access-SECRET"},
+     "the config gives 'access_token', and commands would use it instead of the session login makes: remove it"),
+    ({}, "zerodha login needs 'api_secret' in the config (or as TTCONNECT_API_SECRET) to exchange the code"),
+], ids=["a config token", "no api_secret"])
+def test_cli_login_refuses_a_config_it_cannot_complete_before_the_browser_step(
+        extra: Dict[str, str], words: str, tmp_path: Path, fake_kite: Any) -> None:
+    """Both were refused only once the user had logged in and pasted the request_token, which works
+    once: the login was spent for nothing."""
+    url, handler = fake_kite
+    done = cli(["login", "--config", str(kite_cli_config(tmp_path, url, **extra))], tmp_path, stdin="req-token-42\n")
+    assert done.returncode == 3 and done.stderr.startswith(f"error: {words}")  # the first thing said
+    assert "Log in at" not in done.stderr and "old-access-SECRET" not in done.stderr
+    assert [s for s in handler.seen if s[1] == "/session/token"] == []
+
+
+def test_cli_login_takes_the_pasted_redirect_address_and_refuses_one_without_the_code(tmp_path: Path,
+                                                                                     fake_kite: Any) -> None:
+    url, handler = fake_kite
+    handler.replies[("POST", "/session/token")] = (200, fixture_text("zerodha", "login.json").encode())
+    handler.replies[("GET", "/user/profile")] = (200, fixture_text("zerodha", "get_profile.json").encode())
+    config = kite_cli_config(tmp_path, url, api_secret="kite-secret-7")
+    pasted = "https://app.example/cb?action=login&type=login&status=success&request_token=req-token-42\n"
+    done = cli(["login", "--config", str(config)], tmp_path, stdin=pasted)
+    assert done.returncode == 0, done.stderr
+    logins = [s[2] for s in handler.seen if s[1] == "/session/token"]
+    assert len(logins) == 1 and "request_token=req-token-42&" in logins[0]  # the token, not the whole address
+    assert "req-token-42" not in done.stdout + done.stderr
+    cancelled = cli(["login", "--config", str(config), "--cache-dir", str(tmp_path / "other")], tmp_path,
+                    stdin="https://app.example/cb?action=login&status=cancelled\n")
+    assert cancelled.returncode == 3 and "Traceback" not in cancelled.stderr
+    assert "the pasted address has no 'request_token' (its query has action, status)" in cancelled.stderr
+    assert len([s for s in handler.seen if s[1] == "/session/token"]) == 1  # nothing sent for it
+    upstox = next(f for f in tt._BROKERS["upstox"]["auth"] if f.single_use)
+    param = upstox.redirect_param or upstox.single_use
+    assert tt._cli_pasted_code(" https://app.example/up?code=Qc1Ig&state=s1 \n", param, "L") == "Qc1Ig"
+    assert tt._cli_pasted_code("Qc1Ig\n", param, "L") == "Qc1Ig"
+
+
 
 # ============================================================================
 # 11.1 The README: its Quickstart, its first example and its snippets' types
@@ -10528,6 +10567,34 @@ def test_a_live_source_first_price_is_used_as_soon_as_it_arrives(tmp_path: Path,
     assert time.monotonic() - began < 1.0
 
 
+def test_a_live_tick_with_a_garbled_touch_trades_at_its_last_price(tmp_path: Path, clients: list,
+                                                                   paper_clock: FakeClock) -> None:
+    """A depth level below 0 (a signed feed's garbage) was taken as the touch: a MARKET SELL filled at
+    -500.00; a NaN one (a float feed's) raised in the feed, and the tick was lost."""
+    live = open_client(clients, "zerodha", tmp_path / "zerodha", FakeClock(ist(2026, 11, 21, 10, 0)), KITE_CSV)
+    listeners: List[Any] = []
+
+    class FakeFeed:
+        def __init__(self, listener: Any) -> None:
+            listeners.append(listener)
+
+        def subscribe(self, instruments: List[Any], mode: str, on_tick: Any) -> None:
+            pass
+
+    live._price_feed = FakeFeed  # type: ignore[assignment]
+    client = paper_client(clients, tmp_path / "paper", paper_clock, prices=live)
+    client._local.source.watch(client.resolve(PAPER_SBIN))
+    for bid, ask in ((-50000, 89300), (float("nan"), float("nan"))):
+        tick = tt._TickBuilder(PAPER_SBIN, "full", 892.0, _depth=((10, bid, 1), (10, ask, 1), 100.0))
+        tick.__class__ = tt.Tick
+        listeners[0](tick)
+        sold = client.get_order(client.place_order(PAPER_SBIN, 1, "SELL", "MIS", "MARKET"))
+        assert (sold.status, sold.average_price) == (tt.OrderStatus.COMPLETE, 892.0)
+    bought = client.get_order(client.place_order(PAPER_SBIN, 2, "BUY", "MIS", "MARKET"))
+    assert bought.average_price == 892.0 and sum(p.qty for p in client.get_positions()) == 0
+    assert client.get_funds().available == 1_000_000  # sold and bought back at 892.00: nothing made or lost
+
+
 def test_a_live_price_source_leaves_the_live_clients_own_feed_alone(tmp_path: Path, clients: list,
                                                                      day_clock: FakeClock, ws_server: WsServer,
                                                                      monkeypatch: Any) -> None:
@@ -10589,6 +10656,53 @@ def test_paper_accounts_sharing_a_live_source_all_get_its_prices(tmp_path: Path,
     assert live._price_streamer is None and not feed.snapshot()["connected"]
 
 
+def test_a_live_tick_without_a_price_fills_nothing(tmp_path: Path, clients: list, day_clock: FakeClock,
+                                                  ws_server: WsServer, monkeypatch: Any) -> None:
+    """Kite sends ltp 0 for a contract not traded yet today: that is no price. It fired a stop-loss
+    SELL and filled it, and the next MARKET BUY, at 0.00."""
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    bought = paper.place_order(PAPER_SBIN, 2, "BUY", "CNC", "LIMIT", price=893.0)
+    feed = live._price_streamer
+    assert feed is not None and feed.wait_for(lambda: feed.snapshot()["connected"], 3)
+    ws_server.send(kite_frame(kite_packet(779521, 44, ltp=892.0, close=890.0)))
+    assert feed.wait_for(lambda: paper.get_order(bought).status is tt.OrderStatus.COMPLETE, 3)
+    stop = paper.place_order(PAPER_SBIN, 2, "SELL", "CNC", "SL_M", trigger_price=880.0)
+    ws_server.send(kite_frame(kite_packet(779521, 184, ltp=0.0, close=890.0, bids=[], asks=[])))
+    ws_server.send(kite_frame(kite_packet(779521, 8, ltp=891.5)))  # after the empty one: once it is seen, so was that
+    assert feed.wait_for(lambda: paper._local._quotes[paper.resolve(PAPER_SBIN)].ltp == 89150, 3)
+    assert paper.get_order(stop).status is tt.OrderStatus.TRIGGER_PENDING
+    market = paper.get_order(paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "MARKET"))
+    assert (market.status, market.average_price) == (tt.OrderStatus.COMPLETE, 891.5)
+    assert paper.get_funds().available == 1_000_000 - 2 * 892.0 - 891.5
+
+
+def test_a_contract_the_live_source_does_not_list_is_refused_on_the_callers_thread(
+        tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer, monkeypatch: Any) -> None:
+    """Paper's bundled contracts are not all the live broker's: subscribing one failed on the feed's
+    thread, the paper feed retried its connect forever and no instrument got a tick; an order was
+    told to 'refresh the instrument master'."""
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    unlisted = paper.option_chain("NIFTY", "2026-12-08")[0]
+    ticks: "queue.Queue[tt.Tick]" = queue.Queue()
+    with pytest.raises(tt.InstrumentNotFoundError, match=rf"^{re.escape(str(unlisted))} has no live price: paper's "
+                       "price source, the zerodha client, does not list it"):
+        paper.subscribe([PAPER_SBIN, unlisted], on_tick=ticks.put, mode="quote")
+    with pytest.raises(tt.InstrumentNotFoundError, match="has no live price"):
+        paper.place_order(unlisted, 65, "BUY", "NRML", "LIMIT", price=100.0)
+    assert paper.get_orders() == [] and paper.stream_stats()["subscriptions"] == 0
+    paper.subscribe([PAPER_SBIN], on_tick=ticks.put, mode="quote")
+    feed = live._price_streamer
+    assert feed is not None and feed.wait_for(lambda: feed.snapshot()["connected"], 3)
+    assert paper._streamer is not None and paper._streamer.wait_for(lambda: paper.stream_stats()["connected"], 3)
+    ws_server.send(kite_frame(kite_packet(779521, 44, ltp=892.0, close=890.0)))
+    assert ticks.get(timeout=3).ltp == 892.0
+    assert paper.stream_stats()["reconnects"] == 0
+
+
 def test_a_live_source_whose_client_is_closed_refuses_every_order_that_needs_its_price(
         tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer) -> None:
     live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
@@ -10598,6 +10712,47 @@ def test_a_live_source_whose_client_is_closed_refuses_every_order_that_needs_its
         with pytest.raises(tt.ConfigurationError, match="this zerodha client is closed"):
             paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=893.0)
     assert paper.get_orders() == []
+
+
+def test_a_live_source_closed_after_its_prices_came_fills_nothing_at_its_last_price(
+        tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer, monkeypatch: Any) -> None:
+    """Closed once it had given SBIN a price, the live client's last price was used for good: MARKET
+    orders filled at it (hours stale), and a subscribe took no price, silently."""
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    bought = paper.place_order(PAPER_SBIN, 2, "BUY", "CNC", "LIMIT", price=893.0)
+    resting = paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=800.0)
+    feed = live._price_streamer
+    assert feed is not None and feed.wait_for(lambda: feed.snapshot()["connected"], 3)
+    ws_server.send(kite_frame(kite_packet(779521, 44, ltp=892.0, close=890.0)))
+    assert feed.wait_for(lambda: paper.get_order(bought).status is tt.OrderStatus.COMPLETE, 3)
+    live.close()
+    for order_type, price in (("MARKET", None), ("LIMIT", 880.0)):
+        with pytest.raises(tt.ConfigurationError, match="this zerodha client is closed"):
+            paper.place_order(PAPER_SBIN, 1, "SELL", "CNC", order_type, price=price)
+    with pytest.raises(tt.ConfigurationError, match="this zerodha client is closed"):
+        paper.subscribe(PAPER_SBIN, on_tick=lambda tick: None)
+    assert [o.id for o in paper.get_orders()] == [bought, resting]
+    assert paper.cancel_order(resting) == resting  # what it holds stays the user's to manage
+    assert [(p.qty, p.avg_price, p.ltp) for p in paper.get_positions()] == [(2, 892.0, None)]
+    assert paper.get_funds().available == 1_000_000 - 2 * 892.0
+
+
+def test_the_paper_feed_reconnects_after_its_live_source_is_closed(tmp_path: Path, clients: list,
+                                                                   day_clock: FakeClock, ws_server: WsServer) -> None:
+    """Its reconnect greets with every subscription: watched again on the feed's thread, a closed
+    live client failed the connect, and the feed retried it for good (order updates lost too)."""
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    paper.subscribe(PAPER_SBIN, on_tick=lambda tick: None)
+    streamer = paper._streamer
+    assert streamer is not None and streamer.wait_for(lambda: paper.stream_stats()["connected"], 3)
+    live.close()
+    for sock in list(paper._local.sockets):
+        sock.abort()  # the connection ends: the streamer reconnects
+    assert streamer.wait_for(lambda: paper.stream_stats()["reconnects"] == 1 and paper.stream_stats()["connected"], 3)
+    assert "zerodha client is closed" not in (paper.stream_stats()["last_error"] or "")
 
 
 # ============================================================================
@@ -10656,10 +10811,51 @@ def test_close_racing_an_order_is_a_typed_error(tmp_path: Path, clients: list) -
 
     client = open_paper(clients, tmp_path, clock)
     armed["client"] = client
-    with pytest.raises(tt.ConfigurationError, match="closed"):
+    # said so, not "the paper account file cannot be used (...closed database); ... move the file aside"
+    with pytest.raises(tt.ConfigurationError, match="^this paper client is closed; create a new TTConnect"):
         client.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=500.0)
     again = open_paper(clients, tmp_path, lambda: now)
     assert again.get_orders() == []  # not half-placed
+
+
+def test_a_call_waiting_on_a_close_by_another_thread_is_told_the_client_is_closed(tmp_path: Path, clients: list,
+                                                                                    paper_clock: FakeClock) -> None:
+    """It was told the account file 'cannot be used (Cannot operate on a closed database); ... move the
+    file aside to start the account afresh': advice to throw the account away."""
+    client = paper_client(clients, tmp_path, paper_clock)
+    engine = client._local
+    main = threading.current_thread()
+
+    class AnnouncedLock:  # says when another thread starts waiting for the engine's lock
+        def __init__(self, lock: Any) -> None:
+            self.lock, self.waiting = lock, threading.Event()
+
+        def __enter__(self) -> Any:
+            if threading.current_thread() is not main:
+                self.waiting.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return self.lock.__exit__(*exc)
+
+    engine.lock = lock = AnnouncedLock(engine.lock)
+    errors: "queue.Queue[BaseException]" = queue.Queue()
+
+    def call() -> None:
+        try:
+            client.get_funds()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.put(exc)
+
+    with lock:
+        waiter = threading.Thread(target=call)
+        waiter.start()
+        assert lock.waiting.wait(5)
+        client.close()  # this thread holds the lock: the call waits on, past its own closed check
+    waiter.join(5)
+    error = errors.get(timeout=1)
+    assert isinstance(error, tt.ConfigurationError)
+    assert str(error) == "this paper client is closed; create a new TTConnect to use it again"
 
 
 def test_a_thread_storm_with_the_feed_running_stays_exact(tmp_path: Path, clients: list,
@@ -11014,6 +11210,20 @@ def test_order_updates_right_after_registering_are_not_lost(tmp_path: Path, clie
     assert [(o.id, o.status) for o in got] == [(order_id, OPEN), (order_id, COMPLETE)]
     with pytest.raises(queue.Empty):
         updates.get(timeout=0.3)  # each change once
+
+
+def test_cli_stream_record_after_a_cut_line_keeps_every_new_tick(tmp_path: Path) -> None:
+    """A recording killed mid-line (kill -9, a full disk) and appended to: the first new tick was
+    glued to the cut line, and replay skipped both."""
+    record = tmp_path / "ticks.jsonl"
+    record.write_text('{"instrument": "NSE:SBIN", "ts": 17961')
+    done = cli(["stream", "NSE:SBIN", "--seconds", "0.5", "--record", str(record), "--json"], tmp_path,
+               env={"TTCONNECT_TICK_INTERVAL": "0.05"})
+    assert done.returncode == 0, done.stderr
+    shown = [json.loads(line)["ltp"] for line in done.stdout.splitlines()]
+    lines = record.read_text().splitlines()
+    assert lines[0] == '{"instrument": "NSE:SBIN", "ts": 17961' and len(shown) >= 3
+    assert [json.loads(line)["ltp"] for line in lines[1:]] == shown
 
 
 def test_cli_stream_faults_are_one_line_errors(tmp_path: Path) -> None:

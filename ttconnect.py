@@ -2248,6 +2248,7 @@ class _Flow(NamedTuple):
     obtain: Optional[Callable[..., SessionData]] = None  # login / code exchange; None: the token is given
     token: str = ""  # config key holding a ready session token
     single_use: str = ""  # config key of a single-use code: exchanged once, at init
+    redirect_param: str = ""  # the login redirect's query parameter carrying that code (when named otherwise)
     session_keys: Mapping[str, str] = _NO_ARGS  # SessionData field <- config key (feed tokens...)
     user: str = ""  # config key naming the account: a stored session must be that account's
     signs: Tuple[str, ...] = ()  # config keys every signed call needs besides the session (an app key)
@@ -2289,6 +2290,7 @@ if TYPE_CHECKING:  # pragma: no cover
         stream_key: Callable[[Instrument, str], Any]  # a subscription's key, as the frames name it
         stream_target: Callable[[Instrument, str], Any]  # what the decoder gets per key (default: the instrument)
         stream_limits: Callable[[Sequence[_Sub]], Optional[str]]  # why these subscriptions are too many, if so
+        stream_watch: Callable[[Any, str], None]  # on the subscriber's thread: the feed can carry this token
         stream_subscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
         stream_unsubscribe: Callable[[Sequence[_Sub]], List[Union[str, bytes]]]
         stream_decode: Callable[[bytes, Mapping[Any, Instrument], List[Tick]], None]
@@ -5068,7 +5070,8 @@ _UPSTOX: BrokerSpec = _broker(
         _Flow("access_token", AuthMode.MANUAL, needs=("access_token",), trigger=("access_token",),
               token="access_token", app="api_key"),
         _Flow("auth_code", AuthMode.MANUAL, needs=("api_key", "api_secret", "redirect_uri", "auth_code"),
-              trigger=("auth_code",), obtain=_upstox_exchange_code, single_use="auth_code", app="api_key"),
+              trigger=("auth_code",), obtain=_upstox_exchange_code, single_use="auth_code", app="api_key",
+              redirect_param="code"),
     ),
     session_expiry=(3, 30),
     routes={
@@ -5812,6 +5815,7 @@ class _PaperEngine:
         self.source = _paper_source(cfg, self)
         self.path = os.path.join(local.cache_dir, f"paper_{self.account}.db")
         self.lock = threading.RLock()
+        self.closed = False  # set under the lock: a call waiting for it then finds the file closed
         self.sockets: List["_PaperSocket"] = []
         self._infos: Dict[str, Tuple[Instrument, Optional[Instrument], int, float]] = {}
         self._books: Dict[str, _PaperBook] = {}
@@ -6044,6 +6048,7 @@ class _PaperEngine:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             for sock in list(self.sockets):
                 sock.abort()
             self.source.close()
@@ -6387,6 +6392,8 @@ class _PaperEngine:
         """The payload of route ``name`` (rows shaped like the paper section's parsers read)."""
         try:
             with self.lock:
+                if self.closed:  # by another thread while this call waited: not a damaged file (move it aside?)
+                    raise ConfigurationError("this paper client is closed; create a new TTConnect to use it again")
                 self._fresh = False
                 for _ in range(_PAPER_RETRIES):
                     seq, fresh = self._seq, self._fresh
@@ -6730,14 +6737,19 @@ def _paper_source(cfg: Mapping[str, Any], engine: "_PaperEngine") -> Any:
                              f"a tick file, got {prices!r}")
 
 
+_PAPER_NO_PRICE = float("inf")  # a live price must be above 0 and below this (NaN is neither)
+
+
 def _quote_of_tick(tick: Tick, at: float) -> _PaperQuote:
     ltp = int(round(tick.ltp * 100))
     bid = ask = ltp
     if tick._depth:
         bids, asks, div = tick._depth
-        if bids and bids[1]:
+        # an empty level is 0; a garbled one (below 0, NaN from a float feed: no comparison holds)
+        # is no touch either: a MARKET SELL filled at a bid of -500.00, and NaN raised, losing the tick
+        if bids and bids[1] > 0:
             bid = int(round(bids[1] / div * 100))
-        if asks and asks[1]:
+        if asks and asks[1] > 0:
             ask = int(round(asks[1] / div * 100))
     return _PaperQuote(ltp, bid, ask, at, tick)
 
@@ -7190,12 +7202,22 @@ class _PaperLiveSource:
         self.live._price_feed_release(self._on_tick)  # the live client is the caller's: it stays open
 
     def watch(self, token: str) -> None:
+        self.live._open()  # a closed live client: refused by name, watched before or not (no price comes any more)
         if token not in self._watched:
-            # a feed of its own: the live client's subscriptions and on_tick stay the user's
-            self.live._price_feed(self._on_tick).subscribe([self.engine.info(token)[0]], "full", None)
+            instrument = self.engine.info(token)[0]
+            try:
+                # a feed of its own: the live client's subscriptions and on_tick stay the user's
+                self.live._price_feed(self._on_tick).subscribe([instrument], "full", None)
+            except InstrumentNotFoundError as exc:  # paper lists it, the live broker does not (bundled contracts)
+                raise InstrumentNotFoundError(
+                    f"{instrument} has no live price: paper's price source, the {self.live.broker} client, does not "
+                    f"list it ({exc}); trade what that broker lists (paper config instruments='db', with the live "
+                    "client's cache_dir)") from exc
             self._watched.add(token)  # once subscribed: a refusal (a closed live client) is met again next time
 
     def quote(self, token: str, at: float) -> Optional[_PaperQuote]:
+        if self.live._closed:  # its feed is gone: its last price is no price now (MARKET orders filled at it)
+            return None
         return self.engine._quotes.get(token)
 
     settlement = quote
@@ -7213,6 +7235,10 @@ class _PaperLiveSource:
 
     def _on_tick(self, tick: Tick) -> None:
         engine = self.engine
+        if not 0 < tick.ltp < _PAPER_NO_PRICE:
+            # Kite sends ltp 0 for a contract not traded yet today (and a garbled feed may send
+            # less, or NaN): no price at all, yet it filled a stop or a MARKET order at 0.00
+            return
         token = str(tick.instrument)
         if token not in engine._infos and not engine._known(token):
             return
@@ -7347,9 +7373,7 @@ class _PaperSocket:
             for token in request.get("unsubscribe", ()):
                 self.subs.pop(token, None)
             for token in request.get("subscribe", ()):
-                self.subs[token] = request["mode"]
-                if self.engine.source.feed == "live":
-                    self.engine.source.watch(token)
+                self.subs[token] = request["mode"]  # a live source watches it already: _paper_stream_watch
             self._wake.notify_all()
 
     def ping(self, payload: str = "") -> None:
@@ -7537,6 +7561,13 @@ def _paper_stream_key(instrument: Instrument, token: str) -> str:
     return token
 
 
+def _paper_stream_watch(local: "_PaperEngine", token: str) -> None:
+    """A live price source must carry what is subscribed, checked here: refused on the feed's
+    thread, the paper feed failed its connect and retried forever, every instrument's ticks lost."""
+    if local.source.feed == "live":
+        local.source.watch(token)
+
+
 def _paper_subscribe(items: Sequence[_Sub]) -> List[Union[str, bytes]]:
     import json
 
@@ -7602,6 +7633,7 @@ _PAPER: BrokerSpec = _broker(
         "stream_socket": _paper_socket,
         "stream_connect": _paper_stream_connect,
         "stream_key": _paper_stream_key,
+        "stream_watch": _paper_stream_watch,
         "stream_subscribe": _paper_subscribe,
         "stream_unsubscribe": _paper_unsubscribe,
         "stream_decode": _paper_decode,
@@ -10080,8 +10112,11 @@ class _Streamer:
 
     def subscribe(self, instruments: Sequence[Instrument], mode: str, on_tick: Optional[Callable[[Tick], Any]]) -> None:
         items = []
+        watch = self.spec["hooks"].get("stream_watch")
         for instrument in instruments:
             token = self.ctx.resolve(instrument)  # local: an unknown instrument never reaches the feed
+            if watch is not None:
+                watch(self.ctx.local, token)
             items.append((self.spec["hooks"]["stream_key"](instrument, token), (instrument, token, mode)))
         with self.lock:
             self._check_open()
@@ -10827,6 +10862,8 @@ def _cli_stream(client: "TTConnect", args: Any, out: _CliOut) -> int:
     try:
         # line-buffered: a line is in the file once its tick is shown (a kill -9 loses at most a part line)
         record = open(args.record, "a", encoding="utf-8", buffering=1) if args.record else None
+        if record is not None and _cli_ends_mid_line(args.record):
+            record.write("\n")  # ends the part line: the first tick of this run was glued to it, both lost
     except OSError as exc:
         raise _CliError(f"--record {args.record}: cannot write it ({exc.strerror or exc})", 2) from None
     live = sys.stdout.isatty() and not out.as_json
@@ -10858,6 +10895,17 @@ def _cli_stream(client: "TTConnect", args: Any, out: _CliOut) -> int:
         if record is not None:
             record.close()
     return 0
+
+
+def _cli_ends_mid_line(path: str) -> bool:
+    """A regular file whose last line is cut (a recording killed mid-write: kill -9, a full disk)."""
+    if not os.path.isfile(path):
+        return False  # a pipe or a device: nothing to look back at
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _cli_tick_line(tick: Tick) -> str:
@@ -10901,12 +10949,23 @@ def _cli_login(broker: str, cfg: Dict[str, Any], out: _CliOut) -> int:
         return 0
     _cli_ask_missing(broker, {k: v for k, v in cfg.items()})
     url = TTConnect.login_url(broker, cfg)
+    # Refused before the browser step, not after it: the pasted code works once, for minutes
+    tokens = [k for f in spec["auth"] if f is not flow for k in f.trigger if cfg.get(k)]
+    if tokens:
+        raise _CliError(f"the config gives {', '.join(repr(k) for k in tokens)}, and commands would use it instead of "
+                        f"the session login makes: remove it (from the config file or TTCONNECT_"
+                        f"{tokens[0].upper()}), then run login", 3)
+    lacking = [k for k in flow.needs if k != flow.single_use and not cfg.get(k)]
+    if lacking and not sys.stdin.isatty():  # on a terminal they are asked for
+        raise _CliError(f"{broker} login needs {', '.join(repr(k) for k in lacking)} in the config (or as "
+                        f"TTCONNECT_{lacking[0].upper()}) to exchange the code", 3)
     print(f"1. Log in at {url}", file=sys.stderr)
-    print(f"2. Paste the '{flow.single_use}' from the address the broker sends you back to:", file=sys.stderr)
+    param = flow.redirect_param or flow.single_use
+    print(f"2. Paste the address the broker sends you back to (or its '{param}' value):", file=sys.stderr)
     import getpass
 
     code = getpass.getpass(f"{flow.single_use}: ") if sys.stdin.isatty() else sys.stdin.readline()
-    code = code.strip()
+    code = _cli_pasted_code(code, param, url)
     if not code:
         raise _CliError(f"no {flow.single_use} given", 3)
     for key in flow.needs:
@@ -10917,6 +10976,26 @@ def _cli_login(broker: str, cfg: Dict[str, Any], out: _CliOut) -> int:
     print(f"logged in as {profile.user_id}; the session is stored in the cache dir for today", file=sys.stderr)
     out.emit(profile)
     return 0
+
+
+def _cli_pasted_code(text: str, param: str, login_url: str) -> str:
+    """The single-use code in what was pasted: the code alone, or the whole redirect address (people
+    copy the address bar). That address sent as the code was refused as 'invalid or expired'."""
+    from urllib.parse import parse_qs, urlsplit
+
+    code = text.strip()
+    if "://" not in code and not code.startswith("?") and f"{param}=" not in code:
+        return code  # the value alone: codes hold no '?' and no 'name='
+    query = urlsplit(code).query if "?" in code else code
+    fields = parse_qs(query, keep_blank_values=True)
+    values = {v.strip() for v in fields.get(param, ()) if v.strip()}
+    if len(values) == 1:
+        return values.pop()
+    # name the fields, never their values: the address may carry other tokens
+    has = f"its query has {', '.join(sorted(fields))}" if fields else "it has no query"
+    what = "two different" if values else "no"
+    raise _CliError(f"the pasted address has {what} '{param}' ({has}): the login did not complete or the address "
+                    f"was cut; log in again at {login_url} and paste the whole address you are sent back to", 3)
 
 
 def _cli_paper_reset(broker: str, cfg: Mapping[str, Any], args: Any) -> int:
