@@ -8400,7 +8400,7 @@ class _Auth:
             try:
                 session = flow.obtain(self._call, self.config, self._clock())
             except AuthenticationError as exc:  # a used or stale code: say how to get a fresh one
-                raise AuthenticationError(f"{exc.message}. A {flow.single_use} works once, for minutes: "
+                raise AuthenticationError(f"{exc.message}. The {flow.single_use} works once, for minutes: "
                                           f"{self.hint()}", broker_code=exc.broker_code,
                                           http_status=exc.http_status) from None
             self._install(self._save(dataclasses.replace(session, source=source)))
