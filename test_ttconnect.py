@@ -10633,6 +10633,21 @@ def test_a_live_price_source_leaves_the_live_clients_own_feed_alone(tmp_path: Pa
     assert live._price_streamer is None  # its last listener gone, paper's connection is closed
 
 
+def test_a_live_tick_in_flight_as_the_paper_client_closes_is_dropped_quietly(
+        tmp_path: Path, clients: list, day_clock: FakeClock, ws_server: WsServer, monkeypatch: Any, caplog: Any) -> None:
+    # it reached the closed account file and logged "the account file is busy (Cannot operate on a closed database)"
+    monkeypatch.setattr(tt._PaperLiveSource, "_WAIT", 0.01)
+    live = kite_feed(clients, tmp_path / "zerodha", day_clock, ws_server)
+    paper = paper_client(clients, tmp_path / "paper", FakeClock(ist(2026, 12, 2, 10, 0)), prices=live)
+    paper.place_order(PAPER_SBIN, 1, "BUY", "CNC", "LIMIT", price=893.0)  # a working order the tick would reach
+    source = paper._local.source
+    paper.close()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="ttconnect"):
+        source._on_tick(tt.Tick(instrument=PAPER_SBIN, mode="ltp", ltp=880.0))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_paper_accounts_sharing_a_live_source_all_get_its_prices(tmp_path: Path, clients: list,
                                                                  day_clock: FakeClock, ws_server: WsServer,
                                                                  monkeypatch: Any) -> None:

@@ -7235,6 +7235,8 @@ class _PaperLiveSource:
 
     def _on_tick(self, tick: Tick) -> None:
         engine = self.engine
+        if engine.closed:
+            return
         if not 0 < tick.ltp < _PAPER_NO_PRICE:
             # Kite sends ltp 0 for a contract not traded yet today (and a garbled feed may send
             # less, or NaN): no price at all, yet it filled a stop or a MARKET order at 0.00
@@ -7247,6 +7249,8 @@ class _PaperLiveSource:
             engine._quotes[token] = quote
             self._arrived.notify_all()
         with engine.lock:
+            if engine.closed:  # a tick in flight as the paper client closed: its account file is shut
+                return
             engine.on_quote(token, quote)
             for sock in list(engine.sockets):
                 sock.live_tick(token, tick)
