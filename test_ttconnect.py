@@ -8750,6 +8750,24 @@ def test_no_secret_leaks_from_a_refused_request_token_exchange(tmp_path: Path, d
     _assert_no_secret(["kite-api-SECRET-77", "req-TOKEN-seven-77", checksum], _texts(caplog, [exc]))
 
 
+def test_no_pin_or_totp_leaks_from_a_login_page_that_echoes_the_form(tmp_path: Path, day_clock: FakeClock,
+                                                                      clients: list, caplog: Any) -> None:
+    # values under 8 characters were never blanked: a 4-digit PIN and a 6-digit TOTP came back whole
+    import pyotp
+
+    caplog.set_level(logging.DEBUG)
+    code = pyotp.TOTP(TOTP_SECRET).at(day_clock())
+    page = f"<html>500: bad request clientcode=A123456 password=4321 totp={code} (order 94321012)</html>"
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        rs.get(URLS["angelone"], body=ANGEL_JSON)
+        MockApi(rs, "angelone").on("login", body=page, status=500)
+        angel = kept(clients, "angelone", {"cache_dir": str(tmp_path), **CREDS["angelone"]}, clock=day_clock,
+                     sleep=day_clock.sleep)
+        exc = expect(tt.BrokerError, angel.get_profile, "angelone login")
+    assert "password=*** totp=***" in exc.message and "order 94321012" in exc.message  # digits inside a word stay
+    _assert_no_secret(["4321 ", code, TOTP_SECRET], _texts(caplog, [exc]))
+
+
 def test_a_refused_request_token_says_how_to_get_a_fresh_one(tmp_path: Path, day_clock: FakeClock,
                                                              clients: list) -> None:
     creds = {"api_key": "kitekey01", "api_secret": "kite-api-SECRET", "request_token": "req-TOKEN-used-twice"}

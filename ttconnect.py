@@ -8077,9 +8077,20 @@ def _never_sent(exc: BaseException) -> bool:
     return False
 
 
+class _LoginValue(str):
+    """A value sent to log in (a PIN, a TOTP, a one-time code): blanked from replies however short."""
+
+
 def _scrub(text: str, secrets: Iterable[str]) -> str:
-    """Blank out what was sent in headers (tokens, keys) from an error's text."""
+    """Blank out what was sent (tokens, keys, login values) from an error's text. Values under 8
+    characters are left (an exchange, a quantity), except login values of 4 or more, blanked
+    where they stand alone (a 4-digit PIN, not the same digits inside an order id)."""
     for value in secrets:
+        if isinstance(value, _LoginValue) and 4 <= len(value) < 8:
+            import re
+
+            text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])", "***", text)
+            continue
         for part in {value, *str(value).replace(":", " ").split()}:
             if len(part) >= 8:
                 text = text.replace(part, "***").replace(repr(part)[1:-1], "***")
@@ -8932,8 +8943,8 @@ class TTConnect:
                                        body if route.encoding == "json" else None)
         # A reply can echo the request (a proxy's error page listing its headers, a login
         # form's fields): nothing that was sent is quoted back.
-        sent = [*headers.values(), *(v for v in (body.values() if isinstance(body, Mapping) else ())
-                                     if isinstance(v, str))]
+        sent = [*headers.values(), *((v if route.signed else _LoginValue(v))
+                                     for v in (body.values() if isinstance(body, Mapping) else ()) if isinstance(v, str))]
         try:
             return _check_reply(self._spec, name, route, resp, sent)
         except TTConnectError as exc:
