@@ -4253,6 +4253,7 @@ def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock:
     ({"rate_limits": {"ordrs": 5}}, "unknown class 'ordrs'; zerodha's classes are default, orders"),
     ({"rate_limits": {"orders": float("nan")}}, "positive finite"),
     ({"rate_limits": {"orders": [(1e308, 1.0)]}}, "allows over 1,000,000 calls per window"),  # was a raw OverflowError
+    ({"rate_limits": {"orders": [(3000, 1e300)]}}, "has a window over 86400 s (a day)"),  # a raw OverflowError at the 3001st call
     ({"root_url": "http://[::1"}, "config 'root_url' must be an http(s):// or ws(s):// URL with a host"),  # a raw ValueError
     ({"root_url": "http://"}, "config 'root_url' must be an http(s):// or ws(s):// URL with a host, got 'http://'"),
     ({"stream_silence_timeout": 0}, "stream_silence_timeout"),

@@ -8459,6 +8459,7 @@ _GENERAL_KEYS = frozenset({
 
 _MAX_TIMEOUT = 3600.0  # seconds: the longest config 'timeout' of one HTTP call
 _MAX_RATE_CALLS = 1_000_000  # calls per window in config 'rate_limits'
+_MAX_RATE_WINDOW = 86400.0  # seconds: the longest window in config 'rate_limits' (a broker's daily order limit)
 _CLOCK_SPAN = (946684800.0, 4102444800.0)  # what a clock may say: 2000-01-01 to 2100-01-01 (UTC)
 _CLOCK_SPAN_MS = (946684800000, 4102444800000)  # the same, in epoch milliseconds
 
@@ -8785,6 +8786,9 @@ class TTConnect:
             if any(n > _MAX_RATE_CALLS for n, _ in parsed):  # the limiter keeps that many stamps: 1e308 is no deque size
                 raise ConfigurationError(f"config 'rate_limits'[{name!r}] allows over {_MAX_RATE_CALLS:,} calls per "
                                          f"window ({_short(repr(value), 60)}); no broker takes that many")
+            if any(per > _MAX_RATE_WINDOW for _, per in parsed):  # the limiter sleeps to the window's end: 1e300 s overflows
+                raise ConfigurationError(f"config 'rate_limits'[{name!r}] has a window over {_MAX_RATE_WINDOW:g} s (a day) "
+                                         f"({_short(repr(value), 60)}); a broker's longest limit is per day")
             limits[name] = [(int(n), float(per)) for n, per in parsed]
         return limits
 
