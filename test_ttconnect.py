@@ -5733,6 +5733,18 @@ def test_cli_login_takes_the_pasted_redirect_address_and_refuses_one_without_the
     assert tt._cli_pasted_code("Qc1Ig\n", param, "L") == "Qc1Ig"
 
 
+@pytest.mark.parametrize("pasted, words", [
+    ("https://127.0.0.1/callback/req-SECRET-42", "(it has no query)"),  # was read whole as its query, and named
+    ("https://127.0.0.1/", "(it has no query)"),
+    ("https://127.0.0.1/?req-SECRET-42", "(its query names no field)"),  # a value without a name is no field name
+])
+def test_cli_login_refusing_a_pasted_address_shows_nothing_of_it(pasted: str, words: str) -> None:
+    with pytest.raises(tt._CliError) as refused:
+        tt._cli_pasted_code(pasted, "request_token", "https://kite.example/login")
+    assert words in str(refused.value) and "SECRET" not in str(refused.value)
+    assert "127.0.0.1" not in str(refused.value)
+
+
 
 # ============================================================================
 # 11.1 The README: its Quickstart, its first example and its snippets' types

@@ -10985,18 +10985,22 @@ def _cli_login(broker: str, cfg: Dict[str, Any], out: _CliOut) -> int:
 def _cli_pasted_code(text: str, param: str, login_url: str) -> str:
     """The single-use code in what was pasted: the code alone, or the whole redirect address (people
     copy the address bar). That address sent as the code was refused as 'invalid or expired'."""
-    from urllib.parse import parse_qs, urlsplit
+    from urllib.parse import parse_qs, unquote_plus, urlsplit
 
     code = text.strip()
     if "://" not in code and not code.startswith("?") and f"{param}=" not in code:
         return code  # the value alone: codes hold no '?' and no 'name='
-    query = urlsplit(code).query if "?" in code else code
+    # the query alone: an address without one was read whole as its query, so its path (which may
+    # hold a code) was named as a field in the refusal
+    query = urlsplit(code).query if "?" in code else "" if "://" in code else code
     fields = parse_qs(query, keep_blank_values=True)
     values = {v.strip() for v in fields.get(param, ()) if v.strip()}
     if len(values) == 1:
         return values.pop()
-    # name the fields, never their values: the address may carry other tokens
-    has = f"its query has {', '.join(sorted(fields))}" if fields else "it has no query"
+    # name the fields, never their values: the address may carry other tokens (a part without
+    # '=' is a value, not a name)
+    names = sorted({unquote_plus(part.split("=", 1)[0]) for part in query.split("&") if "=" in part})
+    has = f"its query has {', '.join(names)}" if names else "it has no query" if not query else "its query names no field"
     what = "two different" if values else "no"
     raise _CliError(f"the pasted address has {what} '{param}' ({has}): the login did not complete or the address "
                     f"was cut; log in again at {login_url} and paste the whole address you are sent back to", 3)
