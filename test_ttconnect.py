@@ -4253,6 +4253,7 @@ def test_close_never_raises_even_when_the_socket_does(tmp_path: Path, day_clock:
     ({"rate_limits": {"ordrs": 5}}, "unknown class 'ordrs'; zerodha's classes are default, orders"),
     ({"rate_limits": {"orders": float("nan")}}, "positive finite"),
     ({"rate_limits": {"orders": [(1e308, 1.0)]}}, "allows over 1,000,000 calls per window"),  # was a raw OverflowError
+    ({"rate_limits": {"orders": [(3000, 1e300)]}}, "has a window over 86400 s (a day)"),  # a raw OverflowError at the 3001st call
     ({"root_url": "http://[::1"}, "config 'root_url' must be an http(s):// or ws(s):// URL with a host"),  # a raw ValueError
     ({"root_url": "http://"}, "config 'root_url' must be an http(s):// or ws(s):// URL with a host, got 'http://'"),
     ({"stream_silence_timeout": 0}, "stream_silence_timeout"),
@@ -5730,6 +5731,18 @@ def test_cli_login_takes_the_pasted_redirect_address_and_refuses_one_without_the
     param = upstox.redirect_param or upstox.single_use
     assert tt._cli_pasted_code(" https://app.example/up?code=Qc1Ig&state=s1 \n", param, "L") == "Qc1Ig"
     assert tt._cli_pasted_code("Qc1Ig\n", param, "L") == "Qc1Ig"
+
+
+@pytest.mark.parametrize("pasted, words", [
+    ("https://127.0.0.1/callback/req-SECRET-42", "(it has no query)"),  # was read whole as its query, and named
+    ("https://127.0.0.1/", "(it has no query)"),
+    ("https://127.0.0.1/?req-SECRET-42", "(its query names no field)"),  # a value without a name is no field name
+])
+def test_cli_login_refusing_a_pasted_address_shows_nothing_of_it(pasted: str, words: str) -> None:
+    with pytest.raises(tt._CliError) as refused:
+        tt._cli_pasted_code(pasted, "request_token", "https://kite.example/login")
+    assert words in str(refused.value) and "SECRET" not in str(refused.value)
+    assert "127.0.0.1" not in str(refused.value)
 
 
 

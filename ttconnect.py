@@ -8474,6 +8474,7 @@ _GENERAL_KEYS = frozenset({
 
 _MAX_TIMEOUT = 3600.0  # seconds: the longest config 'timeout' of one HTTP call
 _MAX_RATE_CALLS = 1_000_000  # calls per window in config 'rate_limits'
+_MAX_RATE_WINDOW = 86400.0  # seconds: the longest window in config 'rate_limits' (a broker's daily order limit)
 _CLOCK_SPAN = (946684800.0, 4102444800.0)  # what a clock may say: 2000-01-01 to 2100-01-01 (UTC)
 _CLOCK_SPAN_MS = (946684800000, 4102444800000)  # the same, in epoch milliseconds
 
@@ -8800,6 +8801,9 @@ class TTConnect:
             if any(n > _MAX_RATE_CALLS for n, _ in parsed):  # the limiter keeps that many stamps: 1e308 is no deque size
                 raise ConfigurationError(f"config 'rate_limits'[{name!r}] allows over {_MAX_RATE_CALLS:,} calls per "
                                          f"window ({_short(repr(value), 60)}); no broker takes that many")
+            if any(per > _MAX_RATE_WINDOW for _, per in parsed):  # the limiter sleeps to the window's end: 1e300 s overflows
+                raise ConfigurationError(f"config 'rate_limits'[{name!r}] has a window over {_MAX_RATE_WINDOW:g} s (a day) "
+                                         f"({_short(repr(value), 60)}); a broker's longest limit is per day")
             limits[name] = [(int(n), float(per)) for n, per in parsed]
         return limits
 
@@ -10996,18 +11000,22 @@ def _cli_login(broker: str, cfg: Dict[str, Any], out: _CliOut) -> int:
 def _cli_pasted_code(text: str, param: str, login_url: str) -> str:
     """The single-use code in what was pasted: the code alone, or the whole redirect address (people
     copy the address bar). That address sent as the code was refused as 'invalid or expired'."""
-    from urllib.parse import parse_qs, urlsplit
+    from urllib.parse import parse_qs, unquote_plus, urlsplit
 
     code = text.strip()
     if "://" not in code and not code.startswith("?") and f"{param}=" not in code:
         return code  # the value alone: codes hold no '?' and no 'name='
-    query = urlsplit(code).query if "?" in code else code
+    # the query alone: an address without one was read whole as its query, so its path (which may
+    # hold a code) was named as a field in the refusal
+    query = urlsplit(code).query if "?" in code else "" if "://" in code else code
     fields = parse_qs(query, keep_blank_values=True)
     values = {v.strip() for v in fields.get(param, ()) if v.strip()}
     if len(values) == 1:
         return values.pop()
-    # name the fields, never their values: the address may carry other tokens
-    has = f"its query has {', '.join(sorted(fields))}" if fields else "it has no query"
+    # name the fields, never their values: the address may carry other tokens (a part without
+    # '=' is a value, not a name)
+    names = sorted({unquote_plus(part.split("=", 1)[0]) for part in query.split("&") if "=" in part})
+    has = f"its query has {', '.join(names)}" if names else "it has no query" if not query else "its query names no field"
     what = "two different" if values else "no"
     raise _CliError(f"the pasted address has {what} '{param}' ({has}): the login did not complete or the address "
                     f"was cut; log in again at {login_url} and paste the whole address you are sent back to", 3)
