@@ -8078,13 +8078,13 @@ def _never_sent(exc: BaseException) -> bool:
 
 
 class _LoginValue(str):
-    """A value sent to log in (a PIN, a TOTP, a one-time code): blanked from replies however short."""
+    """A value sent to log in (a short password, a one-time code): blanked from replies however short."""
 
 
 def _scrub(text: str, secrets: Iterable[str]) -> str:
     """Blank out what was sent (tokens, keys, login values) from an error's text. Values under 8
     characters are left (an exchange, a quantity), except login values of 4 or more, blanked
-    where they stand alone (a 4-digit PIN, not the same digits inside an order id)."""
+    where they stand alone (a 4-digit password, not the same digits inside an order id)."""
     for value in secrets:
         if isinstance(value, _LoginValue) and 4 <= len(value) < 8:
             import re
