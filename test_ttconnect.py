@@ -4166,6 +4166,36 @@ def test_a_reused_tag_never_resolves_to_an_older_order(broker: Case, tmp_path: P
     assert sent[0].startswith("my-strategy-") and len(sent[0]) == len("my-strategy") + 5
 
 
+def test_an_unreadable_book_row_with_the_sent_tag_is_never_taken_for_not_placed(broker: Case, tmp_path: Path,
+                                                                                day_clock: FakeClock, clients: list) -> None:
+    # The order went through, but its row in the book has a malformed number: the row is left
+    # out of get_orders, and "most likely not placed" would invite placing it twice.
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    sent: List[str] = []
+
+    def lost(request: Any) -> Any:
+        sent.append(broker.body(request)[broker.tag_key])
+        raise requests.exceptions.ReadTimeout("read timed out")
+
+    def book(request: Any) -> Any:
+        payload = json.loads(_book_with(broker, sent, dt.datetime.fromtimestamp(day_clock(), tt.IST)))
+        row = at(payload, broker.book_rows)[0]
+        for key, value in row.items():
+            if key not in (broker.id_field, broker.tag_field) and isinstance(value, (int, float)) or \
+                    isinstance(value, str) and value.replace(".", "").isdigit() and key != broker.id_field:
+                row[key] = "n/a"
+        return 200, {}, json.dumps(payload)
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("place_order", callback=lost)
+        api.on("get_orders", callback=book)
+        with pytest.raises(tt.OrderError, match="could not be read, so it was most likely placed. Do NOT place") as info:
+            client.place_order(SBIN, 5, "SELL", "CNC", "MARKET")
+        assert len(api.calls("place_order")) == 1
+    assert info.value.placed_ids == [broker.order_ids[0]] and info.value.retryable is False
+
+
 def test_a_place_reply_without_an_order_id_is_resolved_by_the_tag(broker: Case, tmp_path: Path, day_clock: FakeClock,
                                                                   clients: list) -> None:
     client = contract_client(clients, broker, tmp_path, day_clock)

@@ -9313,10 +9313,23 @@ class TTConnect:
         for attempt in range(4):
             if attempt:
                 self._sleep(_backoff(attempt - 1))
+            skipped: List[Mapping[str, Any]] = []
             try:
-                orders = self.get_orders()
+                orders = self.get_orders(skipped)
             except TTConnectError as exc:
                 log.warning("%s order book look-up failed (%s)", self.broker, exc.__class__.__name__)
+                read = False
+                continue
+            # A row left out as unreadable may be this very order: absence is then no evidence.
+            unread = [row for row in skipped if req.tag in row.values()]
+            if unread:
+                row_id = unread[0].get(self._spec["row_fields"]["order_id"])
+                ids = [str(row_id)] if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) else []
+                raise OrderError(
+                    f"{what}; the order book lists an order tagged {req.tag!r} ({', '.join(ids) or 'no id'}) that "
+                    "could not be read, so it was most likely placed. Do NOT place it again before checking the "
+                    "order book", placed_ids=ids, retryable=False) from cause
+            if skipped and not orders:  # every row unreadable (or outside the loaded segments): not a real read
                 read = False
                 continue
             read = True
