@@ -7089,6 +7089,13 @@ KILL_ORDERS = [
                                                 filledshares="abc"), "270000000000002",
                  id="angel-open-order-filled-qty-unreadable"),
     pytest.param("zerodha", lambda: ["not", "an", "order"], None, id="kite-row-a-list"),
+    # a live order whose id is missing: it cannot be cancelled, and is reported (not passed over)
+    pytest.param("zerodha", lambda: _first_row("zerodha", "get_orders", order_id=None), "NFO:NIFTY26NOV23500CE",
+                 id="kite-open-order-id-null"),
+    pytest.param("angelone", lambda: _first_row("angelone", "get_orders", orderid=""), "NFO:NIFTY24NOV2623500CE",
+                 id="angel-open-order-id-empty"),
+    pytest.param("upstox", lambda: _first_row("upstox", "get_orders", order_id=_DROP), "NFO:NIFTY26NOV23500CE",
+                 id="upstox-open-order-id-missing"),
 ]
 
 

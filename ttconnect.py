@@ -9423,22 +9423,29 @@ class TTConnect:
         """Cancel every order still working (pending, open, partly filled, trigger-pending).
 
         Orders in segments ttconnect does not load are cancelled too (from the broker's own
-        fields). Returns (cancelled ids, ids whose cancel failed).
+        fields). Returns (cancelled ids, ids whose cancel failed); a working order whose row has no
+        usable id is in the second list as ``EXCHANGE:broker symbol`` (cancel it in the broker's app).
         """
         skipped: List[Mapping[str, Any]] = []
         live: Dict[str, Mapping[str, Any]] = {}  # by id: an order the book lists twice is cancelled (and reported) once
         for order in self.get_orders(skipped):
             if order.status in _LIVE_STATUSES:
                 live.setdefault(order.id, order.raw)
-        id_field = self._spec["row_fields"]["order_id"]
+        fields = self._spec["row_fields"]
         raw_status = self._spec["hooks"]["raw_status"]
+        cancelled: List[str] = []
+        failed: List[str] = []
         for row in skipped:
             try:
                 if raw_status(row) in _LIVE_STATUSES:
-                    live.setdefault(_str_field(row, id_field), row)
+                    live.setdefault(_str_field(row, fields["order_id"]), row)
             except (_Malformed, TypeError, ValueError, AttributeError) as exc:
-                log.warning("%s: an order row without a usable id or status was left alone (%s)", self.broker, _why(exc))
-        cancelled, failed = [], []
+                # A working order that cannot be addressed is still working: reported, not
+                # passed over (an empty failed list tells the caller everything is cancelled).
+                label = f"{row.get(fields['exchange'])}:{row.get(fields['symbol'])}"
+                log.warning("%s: an order row without a usable id or status (%s) could not be cancelled; cancel %s "
+                            "in the broker's app", self.broker, _why(exc), label)
+                failed.append(label)
         for order_id, raw in live.items():
             try:
                 cancelled.append(self._cancel(order_id, raw))
