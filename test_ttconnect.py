@@ -1231,6 +1231,29 @@ def test_kite_autoslice_children_that_fail_are_reported(tmp_path: Path, day_cloc
     assert tt._zerodha_placed(None, ["1", "2"]) == ["1", "2"]  # the pre-2026 reply: a bare list  # type: ignore[arg-type]
 
 
+def test_kite_autoslice_refused_in_part_never_says_no_unit_was_placed(tmp_path: Path, day_clock: FakeClock,
+                                                                      clients: list) -> None:
+    # Two of the broker's slices went through: "the remaining 5265 units were not" would have the
+    # caller place all of it again.
+    kite = rest_client(clients, "zerodha", tmp_path, day_clock)
+    refusal = json.dumps({"status": "error", "error_type": "InputException", "data": None,
+                          "message": "The order quantity 5265 (81 lots) is higher than the maximum quantity of 1755 "
+                                     "(27 lots) allowed by the exchanges."})
+    part = {"status": "success", "data": {"order_id": "2000000000000000101", "children": [
+        {"order_id": "2000000000000000102"},
+        {"error": {"code": 400, "error_type": "InputException", "message": "Insufficient funds"}}]}}
+    with responses.RequestsMock() as rs:
+        api = MockApi(rs, ZERODHA)
+        api.on("place_order", body=refusal, status=400)
+        api.on("place_order", body=part)
+        with pytest.raises(tt.OrderError) as info:
+            kite.place_order(NIFTY_CE, 5265, "BUY", "NRML", "MARKET", slice=True)
+        assert len(api.calls("place_order")) == 2
+    assert info.value.placed_ids == ["2000000000000000101", "2000000000000000102"]
+    assert "only part of the remaining 5265 units was placed" in str(info.value)
+    assert "units were not" not in str(info.value)
+
+
 def test_kite_margin_can_consider_positions_on_request(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     kite = rest_client(clients, "zerodha", tmp_path / "k", day_clock)
     angel = rest_client(clients, "angelone", tmp_path / "a", day_clock)

@@ -9252,10 +9252,13 @@ class TTConnect:
                 placed.extend(self._place(part))
             except TTConnectError as exc:
                 done = [*placed, *getattr(exc, "placed_ids", [])]
+                # A part the broker sliced itself may be placed in part (some of its orders went
+                # through): how many of those units were not is then unknown, never "all of them".
+                rest = (f"only part of the remaining {remaining} units was placed (check the order book for how much)"
+                        if len(done) > len(placed) else f"the remaining {remaining} units were not")
                 raise OrderError(
                     f"{req.side.value} {req.qty} {req.instrument}: {len(done)} order(s) were placed ({', '.join(done) or 'none'}) "
-                    f"and the remaining {remaining} units were not: {exc}", placed_ids=done,
-                    broker_code=exc.broker_code) from exc
+                    f"and {rest}: {exc}", placed_ids=done, broker_code=exc.broker_code) from exc
             remaining -= qty
         return placed
 
