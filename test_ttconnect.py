@@ -4189,6 +4189,28 @@ def test_a_reused_tag_never_resolves_to_an_older_order(broker: Case, tmp_path: P
     assert sent[0].startswith("my-strategy-") and len(sent[0]) == len("my-strategy") + 5
 
 
+def test_two_orders_carrying_the_sent_tag_are_both_reported(broker: Case, tmp_path: Path, day_clock: FakeClock,
+                                                            clients: list) -> None:
+    # The one request reached the broker twice (a proxy retried it): returning one id would hide
+    # the second order.
+    client = contract_client(clients, broker, tmp_path, day_clock)
+    sent: List[str] = []
+
+    def lost(request: Any) -> Any:
+        sent.append(broker.body(request)[broker.tag_key])
+        raise requests.exceptions.ReadTimeout("read timed out")
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, broker)
+        api.on("place_order", callback=lost)
+        api.on("get_orders", callback=lambda request: (200, {}, _book_with(
+            broker, sent * 2, dt.datetime.fromtimestamp(day_clock(), tt.IST))))
+        with pytest.raises(tt.OrderError, match="lists 2 orders tagged .*more than once") as info:
+            client.place_order(SBIN, 5, "SELL", "CNC", "MARKET")
+        assert len(api.calls("place_order")) == 1
+    assert info.value.placed_ids == list(broker.order_ids[:2]) and info.value.retryable is False
+
+
 def test_an_unreadable_book_row_with_the_sent_tag_is_never_taken_for_not_placed(broker: Case, tmp_path: Path,
                                                                                 day_clock: FakeClock, clients: list) -> None:
     # The order went through, but its row in the book has a malformed number: the row is left

@@ -9340,6 +9340,13 @@ class TTConnect:
             # A natively sliced order is found once its slices add up to it (they may still be listing).
             if found and (not req.native_slice or sum(order.qty for order in found) == req.qty):
                 ids = [order.id for order in found] if req.native_slice else [found[0].id]
+                others = sorted({order.id for order in found} - {found[0].id}) if not req.native_slice else []
+                if others:  # the one request reached the broker twice (a proxy's retry): both must be known
+                    ids = [found[0].id, *others]
+                    raise OrderError(
+                        f"{what}; the order book lists {len(ids)} orders tagged {req.tag!r}: {', '.join(ids)}. The "
+                        "request reached the broker more than once; cancel the extra order(s) or offset them",
+                        placed_ids=ids, retryable=False) from cause
                 log.info("%s order with tag %s was placed: %s", self.broker, req.tag, ", ".join(ids))
                 return ids
         if found:
