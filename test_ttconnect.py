@@ -1254,6 +1254,28 @@ def test_kite_autoslice_refused_in_part_never_says_no_unit_was_placed(tmp_path: 
     assert "units were not" not in str(info.value)
 
 
+def test_kite_an_unreadable_latest_state_never_lets_an_older_one_pass_for_current(tmp_path: Path, day_clock: FakeClock,
+                                                                                  clients: list) -> None:
+    # Kite's current state is its history's last: left out as malformed, the OPEN state before it
+    # passed for current, and a COMPLETE order was modified and cancelled.
+    kite = contract_client(clients, ZERODHA, tmp_path, day_clock)
+    payload = json.loads(ZERODHA.payload("get_order_history.json"))
+    payload["data"].append({**payload["data"][-1], "status": "COMPLETE", "filled_quantity": 65, "pending_quantity": 0,
+                            "average_price": "n/a"})
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
+        api = MockApi(rs, ZERODHA)
+        api.on("get_order_history", body=json.dumps(payload))
+        api.on("modify_order")
+        api.on("cancel_order")
+        for call in (lambda: kite.get_order(ZERODHA.placed_id), lambda: kite.get_order_history(ZERODHA.placed_id),
+                     lambda: kite.modify_order(ZERODHA.placed_id, price=121.0),
+                     lambda: kite.cancel_order(ZERODHA.placed_id)):
+            with pytest.raises(tt.BrokerError, match="1 of the 5 states of order 1993504512367362048 could not be "
+                                                     "read .*average_price.*current state is unknown"):
+                call()
+        assert api.calls("modify_order") == [] and api.calls("cancel_order") == []
+
+
 def test_kite_margin_can_consider_positions_on_request(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     kite = rest_client(clients, "zerodha", tmp_path / "k", day_clock)
     angel = rest_client(clients, "angelone", tmp_path / "a", day_clock)

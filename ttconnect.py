@@ -9128,10 +9128,25 @@ class TTConnect:
         return history
 
     def _history(self, order_id: str) -> List[Order]:
-        history = self._execute("get_order_history", order_id)
+        skipped: List[Mapping[str, Any]] = []
+        history = self._execute("get_order_history", order_id, skipped=skipped)
+        if skipped:  # a state left out may be the latest: an older one must not pass for the order's current state
+            raise BrokerError(f"{self.broker} get_order_history: {len(skipped)} of the {len(skipped) + len(history)} "
+                              f"states of order {order_id} could not be read ({self._unreadable(skipped[-1])}); its "
+                              "current state is unknown: check the order book")
         if not history:
             raise OrderNotFoundError(f"{self.broker} has no order {order_id} today")
         return history
+
+    def _unreadable(self, row: Mapping[str, Any]) -> str:
+        """Why an order-history row was left out (read again: only on this error path)."""
+        parser = self._route("get_order_history").row
+        try:
+            if parser is not None:
+                parser(self._ctx, row)
+        except Exception as exc:  # noqa: BLE001 - whatever the parser refused, for the message
+            return _why(exc)
+        return "unknown"
 
     @staticmethod
     def _order_id(order_id: Any) -> str:
