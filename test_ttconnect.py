@@ -3756,6 +3756,29 @@ def test_a_stored_session_is_used_only_for_its_own_account(tmp_path: Path, day_c
         assert len(rs.calls) == 1
 
 
+def test_a_refused_client_never_clears_another_clients_stored_session(tmp_path: Path, day_clock: FakeClock,
+                                                                      clients: list) -> None:
+    first = open_client(clients, "zerodha", tmp_path, day_clock, KITE_CSV, api_key="kitekey01", access_token="tok-A",
+                        cache_session=True)
+    second = open_client(clients, "zerodha", tmp_path, day_clock, None, api_key="kitekey02", access_token="tok-B",
+                         cache_session=True)
+    path = tmp_path / "zerodha_session.json"
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ZERODHA).on("get_funds")
+        first.get_funds()
+        second.get_funds()  # the file now holds the second client's session
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ZERODHA).on("get_funds", fixture="error.token_exception.json", status=403)
+        with pytest.raises(tt.AuthenticationError):
+            first.get_funds()
+    assert json.loads(path.read_text())["access_token"] == "tok-B"  # not the refused one's: kept
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ZERODHA).on("get_funds", fixture="error.token_exception.json", status=403)
+        with pytest.raises(tt.AuthenticationError):
+            second.get_funds()
+    assert not path.exists()  # the refused session itself is forgotten
+
+
 def test_a_request_token_from_another_login_is_exchanged_anew(tmp_path: Path, day_clock: FakeClock, clients: list) -> None:
     config = {"api_key": "kitekey01", "api_secret": "kite-api-SECRET", "request_token": "req-TOKEN-1",
               "cache_dir": str(tmp_path), "cache_session": True}

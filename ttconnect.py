@@ -8432,11 +8432,7 @@ class _Auth:
             if self.generation != generation:
                 return True  # another thread already replaced the session
             if self.mode is not AuthMode.AUTO:
-                try:
-                    self.store.clear()
-                except Exception as exc:  # noqa: BLE001 - the refusal below is what the caller must see
-                    log.warning("%s: could not clear the refused session from %s (%s)", self.spec["id"],
-                                self._store_name(), _fault(exc))
+                self._clear_refused()
                 return False
             old = self._session
             renew = self.spec["hooks"].get("renew")
@@ -8454,6 +8450,20 @@ class _Auth:
                 fresh = self.flow.obtain(self._call, self.config, self._clock())
             self._install(self._save(fresh))
             return True
+
+    def _clear_refused(self) -> None:
+        """Forget the refused session in the store, and only that one: another client on the same
+        cache dir (another account or app of this broker) may have saved its own working session
+        there since, and must not lose it to this client's refusal."""
+        refused = self._session
+        stored = self._stored()
+        if stored is None or refused is None or stored.access_token != refused.access_token:
+            return
+        try:
+            self.store.clear()
+        except Exception as exc:  # noqa: BLE001 - the refusal the caller gets is what matters
+            log.warning("%s: could not clear the refused session from %s (%s)", self.spec["id"],
+                        self._store_name(), _fault(exc))
 
     def hint(self) -> str:
         return self.spec["hooks"]["reauth_hint"](self.config, self.login_url)
