@@ -283,6 +283,22 @@ def test_master_rows_are_counted_skipped_and_malformed(tmp_path: Path, clock: Fa
     assert kite.resolve(tt.Equity(exchange="NSE", symbol="INFY")) == "408065"
 
 
+def test_with_several_clients_each_record_names_its_broker(tmp_path: Path, clock: FakeClock, clients: list,
+                                                            caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="ttconnect")
+    kite = open_client(clients, "zerodha", tmp_path, clock, KITE_CSV, **CREDS["zerodha"])
+    angel = open_client(clients, "angelone", tmp_path, clock, ANGEL_JSON)
+    with responses.RequestsMock() as rs:
+        MockApi(rs, ZERODHA).on("get_funds")
+        kite.get_funds()
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "skipped malformed row" in m] == [
+        "zerodha instrument master: skipped malformed row 18: NIFTY26NOV23700CE: could not convert string to float: 'abc'",
+        "angelone instrument master: skipped malformed row 19: ValueError: day is out of range for month"]
+    assert any(m.startswith("zerodha GET /user/margins -> 200 in ") for m in messages)
+    assert angel.broker == "angelone"
+
+
 @pytest.mark.parametrize("symbol, token, instrument", [
     ("NIFTY26NOVFUT", "13355010", tt.Future(exchange="NFO", symbol="NIFTY", expiry="2026-11-24")),
     # the options table is keyed by the chain: a repeated option is filed once too

@@ -1280,11 +1280,12 @@ def _is_busy(exc: BaseException) -> bool:
 class _LoadStats:
     """What one master load did: rows filed, rows skipped by segment, malformed rows."""
 
-    __slots__ = ("rows", "duplicates", "malformed", "skipped")
+    __slots__ = ("rows", "duplicates", "malformed", "skipped", "broker")
 
-    def __init__(self) -> None:
+    def __init__(self, broker: str = "") -> None:
         self.rows = self.duplicates = self.malformed = 0
         self.skipped: Dict[str, int] = {}
+        self.broker = broker  # named in its warnings: several clients may load masters in one process
 
     def skip(self, segment: str) -> None:
         self.skipped[segment] = self.skipped.get(segment, 0) + 1
@@ -1292,7 +1293,7 @@ class _LoadStats:
     def bad(self, line: int, reason: str) -> None:
         self.malformed += 1
         if self.malformed <= 5:
-            log.warning("instrument master: skipped malformed row %d: %s", line, reason)
+            log.warning("%s instrument master: skipped malformed row %d: %s", self.broker or "a", line, reason)
 
 
 # The row every broker's master parser yields (its spec's ``master.parse``), always 13 values:
@@ -1395,8 +1396,9 @@ class _Loader:
         their keys are equal, so each would resolve to the token of whichever row came first."""
         self.stats.malformed += 1
         kinds = {"I": "an index", "E": "an equity"}
-        log.warning("instrument master: %s:%s is listed as %s (token %s) and as %s (token %s); the two would share one "
-                    "instrument id, so the second row was skipped as malformed", row[1], row[2], kinds[first[0]],
+        log.warning("%s instrument master: %s:%s is listed as %s (token %s) and as %s (token %s); the two would share "
+                    "one instrument id, so the second row was skipped as malformed", self.stats.broker or "a", row[1],
+                    row[2], kinds[first[0]],
                     first[1], kinds[row[0]], row[6])
 
     def _underlying(self, underlyings: Dict[Tuple[str, str], int], row: _MasterRow) -> int:
@@ -2044,7 +2046,7 @@ class _Instruments:
                     _remove_quietly(os.path.join(self.cache_dir, name))
                 except OSError as exc:
                     log.warning("could not remove stale %s (%s)", name, exc.__class__.__name__)
-        stats = _LoadStats()
+        stats = _LoadStats(self.broker)
         started = time.perf_counter()
         refreshed_at = _dt.datetime.fromtimestamp(self._clock(), IST)
         if self.master.build is not None:
@@ -7843,7 +7845,8 @@ class _Transport:
     (its headers included: see _Watchdog).
     """
 
-    def __init__(self, timeout: float, max_retries: int, sleep: Callable[[float], None]) -> None:
+    def __init__(self, timeout: float, max_retries: int, sleep: Callable[[float], None], broker: str = "") -> None:
+        self.broker = broker  # named in its records: a process may hold several brokers' clients
         self.timeout = timeout
         self.max_retries = max_retries
         self.sleep = sleep
@@ -7923,7 +7926,8 @@ class _Transport:
             err.maybe_sent = True  # type: ignore[attr-defined]
             raise err
         if log.isEnabledFor(10):  # logging.DEBUG
-            log.debug("%s %s -> %d in %.1f ms", method, _path_of(url), resp.status_code, (time.monotonic() - started) * 1e3)
+            log.debug("%s %s %s -> %d in %.1f ms", self.broker, method, _path_of(url), resp.status_code,
+                      (time.monotonic() - started) * 1e3)
         # Decoded here: Response.text would guess the charset (slowly) when none is declared. A
         # REST reply is JSON, which is UTF-8 (RFC 8259) whatever the Content-Type says (requests
         # reads text/plain without a charset as latin-1); a byte-order mark some gateways add is dropped.
@@ -7980,7 +7984,8 @@ class _Transport:
                     raise NetworkError(f"download of {_path_of(url)} failed{cut}: {exc.__class__.__name__}: "
                                        f"{_short(_scrub(str(exc), headers.values()))}") from None
                 delay = _backoff(attempt)
-                log.warning("download of %s failed (%s); retrying in %.1f s", _path_of(url), exc.__class__.__name__, delay)
+                log.warning("%s download of %s failed (%s); retrying in %.1f s", self.broker, _path_of(url),
+                            exc.__class__.__name__, delay)
                 self.sleep(delay)
                 attempt += 1
 
@@ -8686,7 +8691,7 @@ class TTConnect:
             if missing:
                 raise ConfigurationError(f"{self.broker} auth_mode '{flow.mode.value}' needs config "
                                          f"{', '.join(repr(k) for k in missing)}")
-        self._transport = _Transport(float(timeout), retries, self._sleep)
+        self._transport = _Transport(float(timeout), retries, self._sleep, self.broker)
         self._limiter = _RateLimiter(self._rate_limits_option(cfg), self._clock, self._sleep)
         self._auth = _Auth(spec, flow, cfg, self._session_store_option(cfg), self._clock, self._hook_call,
                            self._urls["login_url"])
