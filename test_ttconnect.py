@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import enum
 import errno
+import gc
 import gzip
 import hashlib
 import http.server
@@ -8142,6 +8143,27 @@ def test_the_deadline_watch_ends_with_the_call_and_its_thread_with_the_client(tm
         assert not [t.name for t in threading.enumerate() if t.name == "ttconnect-deadline"]
     finally:
         server.close()
+
+
+def test_a_client_dropped_without_close_leaves_no_deadline_thread(tmp_path: Path, day_clock: FakeClock) -> None:
+    """The deadline thread kept its watchdog (and itself) alive forever: a dashboard or notebook
+    that dropped clients without close() gained one idle thread per client."""
+    def dropped_client(n: int) -> threading.Thread:
+        opened: list = []
+        kite = open_client(opened, "zerodha", tmp_path, day_clock, None if n else KITE_CSV, **CREDS["zerodha"])
+        with responses.RequestsMock() as rs:
+            MockApi(rs, ZERODHA).on("get_funds")
+            kite.get_funds()
+        thread = kite._transport._watchdog._thread
+        assert thread is not None and thread.is_alive()
+        return thread
+
+    threads = [dropped_client(n) for n in range(3)]
+    gc.collect()
+    for thread in threads:
+        thread.join(2.0)
+    assert [t.is_alive() for t in threads] == [False, False, False]
+    assert tt._validation_store() is None
 
 
 def test_an_upstox_feed_error_frame_is_scrubbed_before_it_is_shortened(tmp_path: Path, day_clock: FakeClock,

@@ -7781,6 +7781,14 @@ class _Watchdog:
                 self._wake_at = min((w.deadline for w in self._armed.values()), default=float("inf"))
                 self._cond.wait(None if self._wake_at == float("inf") else self._wake_at - now)
 
+    def stop(self) -> None:
+        """End the thread without waiting for it (for a transport collected unclosed: its finalizer
+        may run on any thread, this one included, so it cannot join)."""
+        with self._cond:
+            self._stop = True
+            self._thread = None
+            self._cond.notify()
+
     def close(self) -> None:
         """End every call in progress at once, and the thread."""
         with self._cond:
@@ -7854,6 +7862,9 @@ class _Transport:
         self._proxy_cache: Dict[str, Dict[str, str]] = {}
         self._lock = threading.Lock()
         self._watchdog = _Watchdog()
+        # The deadline thread holds the watchdog, not this transport: a client dropped without
+        # close() (a notebook cell run again) would leave one idle thread behind per client.
+        weakref.finalize(self, self._watchdog.stop).atexit = False
 
     def session(self) -> "requests.Session":
         with self._lock:
