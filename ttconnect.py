@@ -7864,7 +7864,7 @@ class _Transport:
         self._watchdog = _Watchdog()
         # The deadline thread holds the watchdog, not this transport: a client dropped without
         # close() (a notebook cell run again) would leave one idle thread behind per client.
-        weakref.finalize(self, self._watchdog.stop).atexit = False
+        weakref.finalize(self, self._watchdog.stop)
 
     def session(self) -> "requests.Session":
         with self._lock:
