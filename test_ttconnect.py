@@ -4226,15 +4226,20 @@ def test_concurrent_calls_from_threads(broker: Case, tmp_path: Path, day_clock: 
     assert len(out) == 12 and sum(1 for o in out if isinstance(o, tt.Fund)) == 3
 
 
+def _place_lost_after_sending(case: Case, tags: List[str]) -> Callable[[Any], Any]:
+    """A place_order callback whose reply never comes (a read timeout): the request reached the
+    broker; its tag is kept in ``tags``."""
+    def lost(request: Any) -> Any:
+        tags.append(case.body(request)[case.tag_key])
+        raise requests.exceptions.ReadTimeout("read timed out")
+    return lost
+
+
 def test_a_reused_tag_never_resolves_to_an_older_order(broker: Case, tmp_path: Path, day_clock: FakeClock,
                                                        clients: list) -> None:
     client = contract_client(clients, broker, tmp_path, day_clock)
     sent: List[str] = []
-
-    def lost(request: Any) -> Any:
-        sent.append(broker.body(request)[broker.tag_key])
-        raise requests.exceptions.ReadTimeout("read timed out")
-
+    lost = _place_lost_after_sending(broker, sent)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
         api = MockApi(rs, broker)
         api.on("place_order", callback=lost)
@@ -4257,11 +4262,7 @@ def test_two_orders_carrying_the_sent_tag_are_both_reported(broker: Case, tmp_pa
     # the second order.
     client = contract_client(clients, broker, tmp_path, day_clock)
     sent: List[str] = []
-
-    def lost(request: Any) -> Any:
-        sent.append(broker.body(request)[broker.tag_key])
-        raise requests.exceptions.ReadTimeout("read timed out")
-
+    lost = _place_lost_after_sending(broker, sent)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
         api = MockApi(rs, broker)
         api.on("place_order", callback=lost)
@@ -4279,11 +4280,7 @@ def test_an_unreadable_book_row_with_the_sent_tag_is_never_taken_for_not_placed(
     # out of get_orders, and "most likely not placed" would invite placing it twice.
     client = contract_client(clients, broker, tmp_path, day_clock)
     sent: List[str] = []
-
-    def lost(request: Any) -> Any:
-        sent.append(broker.body(request)[broker.tag_key])
-        raise requests.exceptions.ReadTimeout("read timed out")
-
+    lost = _place_lost_after_sending(broker, sent)
     def book(request: Any) -> Any:
         payload = json.loads(_book_with(broker, sent, dt.datetime.fromtimestamp(day_clock(), tt.IST)))
         row = at(payload, broker.book_rows)[0]
@@ -7638,10 +7635,7 @@ def test_a_natively_sliced_order_whose_reply_is_lost_is_found_slice_by_slice(
     client = contract_client(clients, case, tmp_path, day_clock)
     assert client._instruments.freeze_qty(NIFTY_CE) == 1800
     tags: List[str] = []
-
-    def lost(request: Any) -> Any:
-        tags.append(case.body(request)[case.tag_key])
-        raise requests.exceptions.ReadTimeout("read timed out")
+    lost = _place_lost_after_sending(case, tags)
 
     def book(request: Any) -> Any:
         return 200, {}, _sliced_book(case, tags[0], listed, dt.datetime.fromtimestamp(day_clock(), tt.IST))
