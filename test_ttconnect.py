@@ -4226,23 +4226,24 @@ def test_concurrent_calls_from_threads(broker: Case, tmp_path: Path, day_clock: 
     assert len(out) == 12 and sum(1 for o in out if isinstance(o, tt.Fund)) == 3
 
 
-def _place_lost_after_sending(case: Case, tags: List[str]) -> Callable[[Any], Any]:
-    """A place_order callback whose reply never comes (a read timeout): the request reached the
-    broker; its tag is kept in ``tags``."""
+def _api_losing_places(rs: Any, case: Case, tags: List[str]) -> MockApi:
+    """The broker's mocked API whose place_order reply never comes (a read timeout): the request
+    reached the broker; each one's tag is kept in ``tags``."""
     def lost(request: Any) -> Any:
         tags.append(case.body(request)[case.tag_key])
         raise requests.exceptions.ReadTimeout("read timed out")
-    return lost
+
+    api = MockApi(rs, case)
+    api.on("place_order", callback=lost)
+    return api
 
 
 def test_a_reused_tag_never_resolves_to_an_older_order(broker: Case, tmp_path: Path, day_clock: FakeClock,
                                                        clients: list) -> None:
     client = contract_client(clients, broker, tmp_path, day_clock)
     sent: List[str] = []
-    lost = _place_lost_after_sending(broker, sent)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
-        api = MockApi(rs, broker)
-        api.on("place_order", callback=lost)
+        api = _api_losing_places(rs, broker, sent)
 
         def book(request: Any) -> Any:  # an OLDER order (09:20) carries the sent tag
             payload = json.loads(broker.payload("get_orders.json"))
@@ -4262,10 +4263,8 @@ def test_two_orders_carrying_the_sent_tag_are_both_reported(broker: Case, tmp_pa
     # the second order.
     client = contract_client(clients, broker, tmp_path, day_clock)
     sent: List[str] = []
-    lost = _place_lost_after_sending(broker, sent)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
-        api = MockApi(rs, broker)
-        api.on("place_order", callback=lost)
+        api = _api_losing_places(rs, broker, sent)
         api.on("get_orders", callback=lambda request: (200, {}, _book_with(
             broker, sent * 2, dt.datetime.fromtimestamp(day_clock(), tt.IST))))
         with pytest.raises(tt.OrderError, match="lists 2 orders tagged .*more than once") as info:
@@ -4280,7 +4279,7 @@ def test_an_unreadable_book_row_with_the_sent_tag_is_never_taken_for_not_placed(
     # out of get_orders, and "most likely not placed" would invite placing it twice.
     client = contract_client(clients, broker, tmp_path, day_clock)
     sent: List[str] = []
-    lost = _place_lost_after_sending(broker, sent)
+
     def book(request: Any) -> Any:
         payload = json.loads(_book_with(broker, sent, dt.datetime.fromtimestamp(day_clock(), tt.IST)))
         row = at(payload, broker.book_rows)[0]
@@ -4291,8 +4290,7 @@ def test_an_unreadable_book_row_with_the_sent_tag_is_never_taken_for_not_placed(
         return 200, {}, json.dumps(payload)
 
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
-        api = MockApi(rs, broker)
-        api.on("place_order", callback=lost)
+        api = _api_losing_places(rs, broker, sent)
         api.on("get_orders", callback=book)
         with pytest.raises(tt.OrderError, match="could not be read, so it was most likely placed. Do NOT place") as info:
             client.place_order(SBIN, 5, "SELL", "CNC", "MARKET")
@@ -7635,14 +7633,12 @@ def test_a_natively_sliced_order_whose_reply_is_lost_is_found_slice_by_slice(
     client = contract_client(clients, case, tmp_path, day_clock)
     assert client._instruments.freeze_qty(NIFTY_CE) == 1800
     tags: List[str] = []
-    lost = _place_lost_after_sending(case, tags)
 
     def book(request: Any) -> Any:
         return 200, {}, _sliced_book(case, tags[0], listed, dt.datetime.fromtimestamp(day_clock(), tt.IST))
 
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rs:
-        api = MockApi(rs, case)
-        api.on("place_order", callback=lost)
+        api = _api_losing_places(rs, case, tags)
         api.on("get_orders", callback=book)
         place = lambda: client.place_order(NIFTY_CE, 3900, "BUY", "NRML", "LIMIT", price=120.5, slice=True)
         if len(listed) == 3:
